@@ -1,0 +1,32 @@
+# One command each: `make demo` runs the main job on built-in demo checkpoints, `make test` runs the tests.
+# Both create the virtual environment on first use (torch==2.13.0 first, then the package and its extras).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO   ?= demo
+
+.PHONY: venv demo test bench bench-speed clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m mergekit_lite.demo $(DEMO)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+bench: bench-speed
+
+bench-speed: $(STAMP)
+	$(BIN)/python benchmarks/bench_speed.py
+
+clean:
+	rm -rf $(DEMO) .pytest_cache build *.egg-info
