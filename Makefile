@@ -12,13 +12,14 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m mergekit_lite.demo $(DEMO)
+	$(BIN)/python -m mergekit_lite.demo build $(DEMO)
+	$(BIN)/mergekit-lite run recipes/task_arithmetic.yml $(DEMO)/merged --force
+	$(BIN)/python -m mergekit_lite.demo load $(DEMO)/merged
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -1,0 +1,32 @@
+"""mergekit-lite: task vectors, masks and model merging that stream one tensor at a time."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from .engine import Plan, plan, run
+from .errors import CheckpointError, MergeKitLiteError, OutputError, RecipeError
+from .methods import METHODS, MergeMethod, get_method
+from .recipe import Recipe
+from .taskvector import LazyStateDict, TaskVector
+
+__all__ = [
+    "__version__",
+    "Checkpoint",
+    "CheckpointError",
+    "LazyStateDict",
+    "METHODS",
+    "MergeKitLiteError",
+    "MergeMethod",
+    "OutputError",
+    "Plan",
+    "Recipe",
+    "RecipeError",
+    "TaskVector",
+    "TensorInfo",
+    "get_method",
+    "open_checkpoint",
+    "plan",
+    "run",
+]

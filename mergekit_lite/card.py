@@ -1,0 +1,39 @@
+"""The model card (README.md) written beside a merged checkpoint: front matter for the hub, and the recipe."""
+
+from __future__ import annotations
+
+import yaml
+
+from . import __version__
+from .recipe import Recipe
+
+
+def model_card(recipe: Recipe) -> str:
+    """A README.md with YAML front matter (base_model, tags, library_name) and the recipe that made the model."""
+    front = {
+        "base_model": recipe.base_model,
+        "tags": ["merge", "mergekit-lite", recipe.merge_method],
+        "library_name": "transformers",
+    }
+    params, model_params = recipe.resolved_parameters()
+    rows = "\n".join(
+        f"| {name} | `{entry.model}` | "
+        + ", ".join(f"{k}={v}" for k, v in own.items())
+        + " |"
+        for name, entry, own in zip(recipe.model_names, recipe.models, model_params)
+    )
+    settings = ", ".join(f"{k}={v}" for k, v in params.items() if recipe.method.param(k) and not recipe.method.param(k).per_model)
+    return (
+        "---\n"
+        + yaml.safe_dump(front, sort_keys=False)
+        + "---\n\n"
+        + f"# Merged model\n\n"
+        + f"Made with mergekit-lite {__version__} using **{recipe.merge_method}**: {recipe.method.summary}\n"
+        + (f"Method reference: {recipe.method.paper}\n" if recipe.method.paper else "")
+        + f"\nBase model: `{recipe.base_model}`. Method parameters: {settings or 'defaults'}.\n\n"
+        + "| task | model | parameters |\n|---|---|---|\n"
+        + rows
+        + "\n\n## Recipe\n\n```yaml\n"
+        + recipe.to_yaml()
+        + "```\n"
+    )

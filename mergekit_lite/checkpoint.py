@@ -1,0 +1,375 @@
+"""Lazy checkpoint reading: names, shapes and dtypes from headers up front; tensor bytes on demand.
+
+Reads Hugging Face folders (model.safetensors, sharded safetensors with an index, legacy
+pytorch_model.bin and its sharded index), a single .safetensors/.bin file, or a hub id resolved
+through huggingface_hub's cache (honouring HF_HUB_OFFLINE). Pickles are only ever loaded with
+``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import CheckpointError
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+}
+
+#: Files worth fetching from a hub repository: weights, configs, tokenizer files.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+#: Names of input-embedding tensors that a tied ``lm_head.weight`` stands for.
+_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What the header says about one tensor."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype.is_floating_point
+
+
+def split_revision(ref: str) -> tuple[str, str | None]:
+    """Split ``org/name@revision`` into its parts (local paths that exist are never split)."""
+    if "@" in ref and not os.path.exists(ref):
+        name, _, revision = ref.rpartition("@")
+        return name, revision or None
+    return ref, None
+
+
+def looks_like_hub_id(ref: str) -> bool:
+    """True for ``org/name`` strings that could name a hub repository (not ./x, /x or x/y/z)."""
+    return bool(_HUB_ID.match(ref)) and not ref.startswith(".")
+
+
+def resolve_reference(ref: str) -> Path:
+    """Turn a recipe's model reference into a local path: an existing path, or a hub id from the cache/hub."""
+    name, revision = split_revision(ref)
+    path = Path(name).expanduser()
+    if path.exists():
+        if revision:
+            raise CheckpointError(f"{ref}: a revision (@{revision}) only applies to hub ids, but {name} is a local path")
+        return path
+    if not looks_like_hub_id(name):
+        raise CheckpointError(f"{ref}: no such file or folder, and not a hub id of the form org/name[@revision]")
+    return _download_from_hub(name, revision)
+
+
+def _download_from_hub(repo_id: str, revision: str | None) -> Path:
+    """Resolve a hub repository to its local snapshot folder (the cache first; offline mode is honoured)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
+    except LocalEntryNotFoundError as exc:
+        raise CheckpointError(
+            f"{repo_id}{'@' + revision if revision else ''}: not a local path and not in the Hugging Face cache "
+            "(offline or unreachable hub); download it first or give a local folder"
+        ) from exc
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{repo_id}: could not fetch from the hub: {str(exc).splitlines()[0]}") from exc
+    return Path(folder)
+
+
+class Checkpoint:
+    """One checkpoint opened lazily. ``names``/``info`` come from headers; ``get`` reads one tensor."""
+
+    def __init__(self, ref: str, folder: Path | None, shards: dict[str, Path], config: dict[str, Any] | None):
+        self.ref = ref
+        self.folder = folder
+        self.config = config
+        self._shard_of: dict[str, Path] = {}
+        self._infos: dict[str, TensorInfo] = {}
+        self._handles: dict[Path, Any] = {}
+        self._load_headers(shards)
+        self._aliases = self._tied_aliases()
+
+    # -- opening ---------------------------------------------------------------------------
+    def _load_headers(self, shards: dict[str, Path]) -> None:
+        """Read every shard's header; ``shards`` maps a tensor name to its file ('*' = every tensor of the file)."""
+        files = sorted(set(shards.values()), key=str)
+        for file in files:
+            if not file.is_file():
+                raise CheckpointError(f"{file}: shard listed in the index of {self.ref} is missing; re-download the checkpoint")
+            reader = _open_weight_file(file)
+            self._handles[file] = reader
+            for name in reader.keys():
+                listed = shards.get(name, shards.get("*"))
+                if listed is not None and listed != file:
+                    continue  # the index says this tensor lives in another shard
+                if name in self._infos:
+                    raise CheckpointError(f"{file}: tensor {name} also appears in {self._shard_of[name]}; the checkpoint is inconsistent")
+                self._infos[name] = reader.info(name)
+                self._shard_of[name] = file
+        missing = [n for n in shards if n != "*" and n not in self._infos]
+        if missing:
+            raise CheckpointError(
+                f"{self.ref}: the index lists {len(missing)} tensor(s) not found in their shards (e.g. {missing[0]}); re-download the checkpoint"
+            )
+
+    def _tied_aliases(self) -> dict[str, str]:
+        """Map ``lm_head.weight`` to the input embedding when the config ties them and the file omits it."""
+        if "lm_head.weight" in self._infos:
+            return {}
+        if not (self.config or {}).get("tie_word_embeddings", False):
+            return {}
+        embeddings = [n for n in self._infos if n.endswith(_EMBEDDING_SUFFIXES)]
+        return {"lm_head.weight": embeddings[0]} if len(embeddings) == 1 else {}
+
+    @property
+    def ties_embeddings(self) -> bool:
+        return bool((self.config or {}).get("tie_word_embeddings", False))
+
+    # -- querying --------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        """Tensor names stored in the checkpoint, in file order."""
+        return list(self._infos)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._infos or name in self._aliases
+
+    def info(self, name: str) -> TensorInfo:
+        real = self._aliases.get(name, name)
+        if real not in self._infos:
+            raise CheckpointError(f"{self.ref}: has no tensor {name}")
+        info = self._infos[real]
+        return TensorInfo(name, info.dtype, info.shape)
+
+    def file_of(self, name: str) -> Path:
+        return self._shard_of[self._aliases.get(name, name)]
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor from disk (CPU, stored dtype)."""
+        real = self._aliases.get(name, name)
+        file = self._shard_of.get(real)
+        if file is None:
+            raise CheckpointError(f"{self.ref}: has no tensor {name}")
+        try:
+            return self._handles[file].get(real)
+        except (SafetensorError, RuntimeError, OSError) as exc:
+            raise CheckpointError(f"{file}: could not read tensor {real}: {exc}; the file may be truncated or corrupt") from exc
+
+    @property
+    def weight_files(self) -> list[Path]:
+        return sorted(self._handles, key=str)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(i.nbytes for i in self._infos.values())
+
+    def close(self) -> None:
+        for reader in self._handles.values():
+            reader.close()
+        self._handles.clear()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.ref!r}, {len(self._infos)} tensors)"
+
+
+# -- weight file readers ------------------------------------------------------------------------
+class _SafetensorsFile:
+    """Header-first reader over one .safetensors file (safe_open reads only the header until asked)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self._handle = safe_open(str(path), framework="pt", device="cpu")
+            self._keys = list(self._handle.keys())
+            self._infos = {}
+            for name in self._keys:
+                view = self._handle.get_slice(name)
+                dtype = SAFETENSORS_DTYPES.get(view.get_dtype())
+                if dtype is None:
+                    raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {view.get_dtype()}")
+                self._infos[name] = TensorInfo(name, dtype, tuple(view.get_shape()))
+        except SafetensorError as exc:
+            raise CheckpointError(f"{path}: not a valid safetensors file ({exc}); it may be truncated or corrupt, download it again") from exc
+        _check_data_size(path, self._infos.values())
+
+    def keys(self) -> list[str]:
+        return self._keys
+
+    def info(self, name: str) -> TensorInfo:
+        return self._infos[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handle.get_tensor(name)
+
+    def close(self) -> None:
+        self._handle = None
+
+
+def _check_data_size(path: Path, infos: Any) -> None:
+    """Refuse a file shorter than its header promises (a truncated download), before any tensor is read."""
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+    needed = 8 + header_len + sum(i.nbytes for i in infos)
+    actual = path.stat().st_size
+    if actual < needed:
+        raise CheckpointError(f"{path}: file is truncated ({actual} bytes, header promises {needed}); download it again")
+
+
+class _TorchFile:
+    """Reader over a legacy pytorch_model.bin, unpickled with weights_only=True and memory-mapped when possible."""
+
+    def __init__(self, path: Path):
+        import pickle
+
+        self.path = path
+        try:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc) and "zip" not in str(exc):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)  # pre-1.6 format: cannot be mapped
+        except pickle.UnpicklingError as exc:
+            first = str(exc).splitlines()[0]
+            raise CheckpointError(f"{path}: refused to unpickle (weights_only=True allows plain tensors only): {first}") from exc
+        except (RuntimeError, EOFError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({str(exc).splitlines()[0]}); it may be truncated or corrupt") from exc
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{path}: expected a mapping of tensor names to tensors")
+        self._state: dict[str, torch.Tensor] = state
+
+    def keys(self) -> list[str]:
+        return list(self._state)
+
+    def info(self, name: str) -> TensorInfo:
+        t = self._state[name]
+        return TensorInfo(name, t.dtype, tuple(t.shape))
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._state[name].clone()
+
+    def close(self) -> None:
+        self._state = {}
+
+
+def _open_weight_file(path: Path) -> _SafetensorsFile | _TorchFile:
+    if path.suffix == ".safetensors":
+        return _SafetensorsFile(path)
+    return _TorchFile(path)
+
+
+# -- entry point --------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def _index_shards(index_path: Path) -> dict[str, Path]:
+    """Map each tensor of a sharded checkpoint's index to its shard file, refusing paths outside the folder."""
+    index = _read_json(index_path)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_path}: has no 'weight_map'; the index is not a Hugging Face index file")
+    folder = index_path.parent.resolve()
+    shards: dict[str, Path] = {}
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or not file or os.path.isabs(file) or ".." in Path(file).parts or "/" in file or "\\" in file:
+            raise CheckpointError(f"{index_path}: tensor {name} points at {file!r}, which is not a file name inside the checkpoint folder")
+        shards[name] = folder / file
+    return shards
+
+
+def _folder_shards(folder: Path) -> dict[str, Path]:
+    """Find the weights of a Hugging Face folder, preferring safetensors over legacy .bin."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index_name).is_file():
+            return _index_shards(folder / index_name)
+    for file_name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / file_name).is_file():
+            return {"*": folder / file_name}
+    singles = sorted(folder.glob("*.safetensors"))
+    if len(singles) == 1:
+        return {"*": singles[0]}
+    raise CheckpointError(
+        f"{folder}: not a checkpoint folder (no model.safetensors, model.safetensors.index.json or pytorch_model.bin)"
+    )
+
+
+def open_checkpoint(ref: str | os.PathLike[str]) -> Checkpoint:
+    """Open a checkpoint lazily from a folder, a weight file or a hub id (``org/name[@revision]``)."""
+    ref = str(ref)
+    path = resolve_reference(ref)
+    if path.is_dir():
+        folder: Path | None = path
+        shards = _folder_shards(path)
+    elif path.suffix in (".safetensors", ".bin", ".pt", ".pth"):
+        folder = path.parent
+        shards = {"*": path}
+    else:
+        raise CheckpointError(f"{ref}: not a checkpoint (expected a folder, a .safetensors or a .bin file)")
+    config_path = folder / "config.json" if folder else None
+    config = _read_json(config_path) if config_path and config_path.is_file() else None
+    try:
+        return Checkpoint(ref, folder, shards, config)
+    except CheckpointError:
+        raise
+    except OSError as exc:
+        raise CheckpointError(f"{ref}: cannot read: {exc}") from exc
+
+
+def iter_tensors(checkpoint: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` one at a time, in file order."""
+    for name in checkpoint.names:
+        yield name, checkpoint.get(name)

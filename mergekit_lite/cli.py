@@ -1,0 +1,156 @@
+"""Command line: parses arguments, calls the Python API, turns errors into one line and exit code 2."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any, Callable
+
+import click
+
+from . import __version__
+from .errors import MergeKitLiteError
+
+RECIPE_HELP = """
+\b
+A recipe is YAML, with mergekit's key names:
+  merge_method: task_arithmetic        # see `mergekit-lite methods`
+  base_model: path/or/org-name[@revision]
+  models:
+    - model: path/or/org-name[@revision]
+      name: my-task                    # optional; default: folder or repo name
+      parameters: {weight: 1.0}        # per-model parameters
+  parameters: {lambda: 1.0}            # method parameters
+  dtype: float32                       # compute dtype (float32 | float64)
+  out_dtype: bfloat16                  # default: the base model's dtype
+  tokenizer_source: base               # base | <a model's name> | none
+  include: ["model.layers.*"]          # optional globs: only these are merged
+  exclude: ["*.embed_tokens.*"]        # globs never merged (copied from base)
+  output: {shard_size: 5GB}
+
+Relative paths are resolved from the current folder. Examples are in recipes/.
+"""
+
+
+def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Print user errors as one line (no traceback) and exit 2; Ctrl-C exits 130 with nothing written."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MergeKitLiteError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: no output was written", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", "-V", prog_name="mergekit-lite")
+def main() -> None:
+    """Merge fine-tuned checkpoints of one base model through their task vectors.
+
+    \b
+    Typical use:
+      mergekit-lite validate recipe.yml          # check recipe and inputs (headers only)
+      mergekit-lite run recipe.yml out/ --dry-run  # what would happen, and the memory it needs
+      mergekit-lite run recipe.yml out/          # write a Hugging Face checkpoint to out/
+      mergekit-lite methods                      # methods and their parameters
+    """
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--dry-run", is_flag=True, help="Print the plan (tensors, bytes to read and write, estimated peak memory) and write nothing.")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists (only once the new output is complete).")
+@click.option("--device", default="cpu", show_default=True, help="Where the arithmetic runs: cpu, cuda or cuda:N. Results are the same.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar; print only the output path.")
+@friendly_errors
+def run(recipe: str, out_dir: str, dry_run: bool, force: bool, device: str, quiet: bool) -> None:
+    """Merge as RECIPE says and write a Hugging Face checkpoint to OUT_DIR.
+
+    The output (sharded safetensors + index, config.json, generation config, tokenizer files,
+    README.md model card) is built in a temporary folder beside OUT_DIR and moved into place only
+    when complete: a failed or interrupted run leaves no partial output. Every input is checked from
+    its headers before any weights are read.
+    """
+    from .engine import execute, plan, resolve_device
+    from .recipe import Recipe
+    from .writer import AtomicFolder
+
+    parsed = Recipe.from_yaml(recipe)
+    resolve_device(device)
+    if not dry_run:
+        AtomicFolder(out_dir, force=force).check()
+    the_plan = plan(parsed)
+    try:
+        if dry_run:
+            click.echo(the_plan.summary())
+            click.echo(f"output:        {out_dir} (dry run: nothing written)")
+            return
+        path = execute(the_plan, out_dir, force=force, device=device, progress=not quiet)
+    finally:
+        the_plan.close()
+    if quiet:
+        click.echo(str(path))
+    else:
+        click.echo(f"wrote {path}")
+        click.echo(f"load it with: AutoModelForCausalLM.from_pretrained({str(path)!r})")
+
+
+run.epilog = RECIPE_HELP
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@friendly_errors
+def validate(recipe: str) -> None:
+    """Check RECIPE and that every input exists and is compatible, reading headers only.
+
+    Exits 0 and prints a summary when the recipe would run; otherwise prints the problem (which
+    file, tensor or recipe field, and what to do) and exits 2.
+    """
+    from .engine import plan
+    from .recipe import Recipe
+
+    parsed = Recipe.from_yaml(recipe)
+    the_plan = plan(parsed)
+    try:
+        merged = sum(1 for j in the_plan.jobs if j.merge)
+        click.echo(
+            f"ok: {parsed.merge_method} over {len(the_plan.models)} model(s); "
+            f"{len(the_plan.jobs)} tensors ({merged} merged), {the_plan.bytes_to_write / 1e6:.1f} MB to write"
+        )
+    finally:
+        the_plan.close()
+
+
+validate.epilog = RECIPE_HELP
+
+
+@main.command()
+@click.argument("name", required=False)
+@friendly_errors
+def methods(name: str | None) -> None:
+    """List the merge methods and their parameters (or one method's, by NAME)."""
+    from .methods import METHODS, get_method
+
+    chosen = [get_method(name)] if name else [METHODS[k] for k in sorted(METHODS)]
+    for method in chosen:
+        click.echo(f"{method.name}: {method.summary}")
+        if method.paper:
+            click.echo(f"  paper: {method.paper}")
+        for p in method.params:
+            where = "per model or global" if p.per_model else "global"
+            choices = f" one of {'|'.join(p.choices)};" if p.choices else ""
+            click.echo(f"  {p.name} ({p.kind.__name__}, default {p.default!r}, {where});{choices} {p.doc}")
+        click.echo("")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,303 @@
+"""The engine: plans a recipe against the checkpoints' headers, then streams tensors through its method.
+
+The only module that knows about both the math (methods) and the I/O (checkpoint, writer).
+Everything that can be checked from headers is checked before any tensor data is read.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import sys
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from tqdm import tqdm
+
+from .card import model_card
+from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from .errors import CheckpointError, MergeKitLiteError, OutputError
+from .methods import MergeMethod, TensorContext
+from .recipe import Recipe
+from .writer import TOKENIZER_FILES, AtomicFolder, ShardedSafetensorsWriter, copy_support_files, write_config
+
+#: Rough resident size of the interpreter with torch imported, for the dry-run estimate.
+INTERPRETER_BYTES = 450 * 2**20
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One output tensor: merged from every model, or copied from the base."""
+
+    out: TensorInfo
+    merge: bool
+
+    @property
+    def name(self) -> str:
+        return self.out.name
+
+
+@dataclass
+class Plan:
+    """What a run will do, known from headers alone: which tensors, bytes to read and write, memory."""
+
+    recipe: Recipe
+    base: Checkpoint
+    models: list[Checkpoint]
+    jobs: list[TensorJob]
+    params: dict[str, Any]
+    model_params: list[dict[str, Any]]
+    compute_dtype: torch.dtype
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def method(self) -> MergeMethod:
+        return self.recipe.method
+
+    @property
+    def bytes_to_write(self) -> int:
+        return sum(job.out.nbytes for job in self.jobs)
+
+    @property
+    def bytes_to_read(self) -> int:
+        total = 0
+        for job in self.jobs:
+            total += self.base.info(job.name).nbytes
+            if job.merge:
+                total += sum(m.info(job.name).nbytes for m in self.models)
+        return total
+
+    @property
+    def largest_merged(self) -> TensorInfo | None:
+        merged = [job.out for job in self.jobs if job.merge]
+        return max(merged, key=lambda i: i.numel, default=None)
+
+    @property
+    def peak_memory_estimate(self) -> int:
+        """Interpreter + working copies of the largest merged tensor in the compute dtype + one stored copy."""
+        largest = self.largest_merged
+        if largest is None:
+            return INTERPRETER_BYTES + max((j.out.nbytes for j in self.jobs), default=0)
+        copies = self.method.working_copies(len(self.models))
+        return INTERPRETER_BYTES + largest.numel * (copies * self.compute_dtype.itemsize + 4)
+
+    def summary(self) -> str:
+        merged = sum(1 for j in self.jobs if j.merge)
+        copied = len(self.jobs) - merged
+        largest = self.largest_merged
+        lines = [
+            f"method:        {self.method.name} ({self.method.summary})",
+            f"base:          {self.base.ref}",
+            f"models:        {len(self.models)} ({', '.join(self.recipe.model_names)})",
+            f"tensors:       {len(self.jobs)} ({merged} merged, {copied} copied from the base)",
+            f"bytes to read: {_human(self.bytes_to_read)}",
+            f"bytes to write:{_human(self.bytes_to_write):>9} in {len(_shard_groups(self))} shard(s)",
+            f"largest merged tensor: {largest.name} {list(largest.shape)}" if largest else "largest merged tensor: none",
+            f"peak memory (estimate): {_human(self.peak_memory_estimate)}",
+            f"compute dtype: {str(self.compute_dtype).removeprefix('torch.')}",
+        ]
+        return "\n".join(lines)
+
+    def close(self) -> None:
+        self.base.close()
+        for m in self.models:
+            m.close()
+
+
+def _shard_groups(plan: Plan) -> list[Any]:
+    from .writer import plan_shards
+
+    return plan_shards((j.out for j in plan.jobs), plan.recipe.output.shard_size)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n} B"
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def selected(name: str, include: list[str] | None, exclude: list[str]) -> bool:
+    """Whether the recipe's include/exclude globs select this tensor for merging."""
+    if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
+        return False
+    return not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+
+
+def plan(recipe: Recipe) -> Plan:
+    """Open every checkpoint's header and check them against each other; read no tensor data."""
+    params, model_params = recipe.resolved_parameters()
+    with ExitStack() as stack:
+        base = open_checkpoint(recipe.base_model)
+        stack.callback(base.close)
+        models = []
+        for entry in recipe.models:
+            ckpt = open_checkpoint(entry.model)
+            stack.callback(ckpt.close)
+            models.append(ckpt)
+        out_dtype = dtype_from_name(recipe.output_dtype) if recipe.output_dtype else None
+        jobs = build_jobs(recipe, base, models, out_dtype)
+        stack.pop_all()
+    return Plan(recipe, base, models, jobs, params, model_params, dtype_from_name(recipe.compute_dtype))
+
+
+def build_jobs(recipe: Recipe, base: Checkpoint, models: list[Checkpoint], out_dtype: torch.dtype | None) -> list[TensorJob]:
+    """Decide, per base tensor, whether it is merged or copied, and check every model has it with the same shape."""
+    jobs = []
+    for name in base.names:
+        info = base.info(name)
+        merge = info.is_float and selected(name, recipe.include, recipe.exclude)
+        if merge:
+            for entry, ckpt in zip(recipe.models, models):
+                if name not in ckpt:
+                    raise CheckpointError(
+                        f"{entry.model}: has no tensor {name} (the base has it); use 'exclude' to copy it from the base instead"
+                    )
+                other = ckpt.info(name)
+                if other.shape != info.shape:
+                    raise CheckpointError(
+                        f"{entry.model}: tensor {name} has shape {list(other.shape)}, the base has {list(info.shape)}; "
+                        "the models are not fine-tunes of the same architecture"
+                    )
+                if not other.is_float:
+                    raise CheckpointError(f"{entry.model}: tensor {name} is {other.dtype}, the base's is {info.dtype}")
+        dtype = out_dtype if (out_dtype is not None and info.is_float) else info.dtype
+        jobs.append(TensorJob(TensorInfo(name, dtype, info.shape), merge))
+    base_names = set(base.names)
+    for entry, ckpt in zip(recipe.models, models):
+        extra = [
+            n
+            for n in ckpt.names
+            if n not in base_names and selected(n, recipe.include, recipe.exclude) and not (n == "lm_head.weight" and base.ties_embeddings)
+        ]
+        if extra:
+            raise CheckpointError(
+                f"{entry.model}: has {len(extra)} tensor(s) the base lacks (e.g. {extra[0]}); "
+                "check the base model, or list them under 'exclude' to drop them"
+            )
+    return jobs
+
+
+def resolve_device(device: str) -> torch.device:
+    """'cpu', 'cuda' or 'cuda:N', refusing CUDA when it is not available."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise MergeKitLiteError(f"--device: {device!r} is not a device; use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MergeKitLiteError("--device cuda: no CUDA device is available on this machine; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise MergeKitLiteError(f"--device: {device!r} is not supported; use cpu or cuda")
+    return dev
+
+
+def merge_tensor(plan: Plan, job: TensorJob, device: torch.device) -> torch.Tensor:
+    """Compute one output tensor: θ_0 + λ · method(τ_1..τ_T), in the compute dtype, cast to the output dtype."""
+    stored = plan.base.get(job.name)
+    if not job.merge:
+        return stored.to(job.out.dtype) if stored.dtype != job.out.dtype else stored
+    base = stored.to(device=device, dtype=plan.compute_dtype)
+    del stored
+
+    def deltas() -> Iterator[torch.Tensor]:
+        for ckpt in plan.models:
+            yield ckpt.get(job.name).to(device=device, dtype=plan.compute_dtype).sub_(base)
+
+    ctx = TensorContext(job.name, plan.recipe.model_names, plan.params, plan.model_params, plan.stats)
+    merged = plan.method.merge(deltas(), ctx)
+    out = base.add_(merged, alpha=plan.params["lambda"])
+    return out.to(device="cpu", dtype=job.out.dtype)
+
+
+def write_checkpoint(
+    out_dir: str | os.PathLike[str],
+    jobs: list[TensorInfo],
+    produce: Callable[[TensorInfo], torch.Tensor],
+    *,
+    support_from: Checkpoint | None,
+    tokenizer_from: Checkpoint | None,
+    card: str | None,
+    out_dtype: torch.dtype | None,
+    shard_size: int,
+    force: bool = False,
+    progress: bool = True,
+    description: str = "merging",
+) -> Path:
+    """Write a Hugging Face checkpoint atomically, producing tensors one at a time in ``jobs`` order."""
+    folder = AtomicFolder(out_dir, force=force)
+    total = sum(j.nbytes for j in jobs)
+    with folder as tmp:
+        writer = ShardedSafetensorsWriter(tmp, jobs, shard_size)
+        try:
+            with tqdm(total=total, unit="B", unit_scale=True, desc=description, file=sys.stderr, disable=not progress, leave=False) as bar:
+                for info in jobs:
+                    writer.write(info.name, produce(info))
+                    bar.update(info.nbytes)
+            writer.close()
+        finally:
+            writer.abort()
+        try:
+            if support_from is not None:
+                write_config(support_from.config, tmp, out_dtype)
+                copy_support_files(support_from.folder, tmp, ["generation_config.json"])
+            if tokenizer_from is not None:
+                copy_support_files(tokenizer_from.folder, tmp, TOKENIZER_FILES)
+            if card is not None:
+                (tmp / "README.md").write_text(card, encoding="utf-8")
+        except OSError as exc:
+            raise OutputError(f"{out_dir}: could not write support files: {exc}") from exc
+    return folder.destination
+
+
+def execute(plan: Plan, out_dir: str | os.PathLike[str], *, force: bool = False, device: str = "cpu", progress: bool = True) -> Path:
+    """Run a plan: stream every tensor through the method into a new checkpoint folder."""
+    dev = resolve_device(device)
+    recipe = plan.recipe
+    if recipe.tokenizer_source == "none":
+        tokenizer_from = None
+    elif recipe.tokenizer_source == "base":
+        tokenizer_from = plan.base
+    else:
+        tokenizer_from = plan.models[recipe.model_names.index(recipe.tokenizer_source)]
+    jobs = {job.name: job for job in plan.jobs}
+    out_dtype = dtype_from_name(recipe.output_dtype) if recipe.output_dtype else None
+    return write_checkpoint(
+        out_dir,
+        [job.out for job in plan.jobs],
+        lambda info: merge_tensor(plan, jobs[info.name], dev),
+        support_from=plan.base,
+        tokenizer_from=tokenizer_from,
+        card=model_card(recipe),
+        out_dtype=out_dtype,
+        shard_size=recipe.output.shard_size,
+        force=force,
+        progress=progress,
+    )
+
+
+def run(
+    recipe: Recipe | str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    device: str = "cpu",
+    progress: bool = True,
+) -> Path:
+    """Merge as the recipe says and write a Hugging Face checkpoint to ``out_dir``; returns its path."""
+    if not isinstance(recipe, Recipe):
+        recipe = Recipe.from_yaml(recipe)
+    AtomicFolder(out_dir, force=force).check()
+    resolve_device(device)
+    the_plan = plan(recipe)
+    try:
+        return execute(the_plan, out_dir, force=force, device=device, progress=progress)
+    finally:
+        the_plan.close()

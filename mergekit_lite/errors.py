@@ -1,0 +1,19 @@
+"""Typed errors. Each message names the file, tensor or recipe field, what was found, and what to do."""
+
+from __future__ import annotations
+
+
+class MergeKitLiteError(Exception):
+    """Any failure a user can cause; the CLI prints it on one line and exits with code 2."""
+
+
+class RecipeError(MergeKitLiteError):
+    """The recipe is malformed or asks for something unsupported."""
+
+
+class CheckpointError(MergeKitLiteError):
+    """A checkpoint is missing, unreadable, corrupt, or incompatible with the others."""
+
+
+class OutputError(MergeKitLiteError):
+    """The output location cannot be written (exists without --force, disk full, ...)."""

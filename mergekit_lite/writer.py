@@ -1,0 +1,259 @@
+"""Writing outputs: streaming sharded safetensors, support files, model card; all inside an atomic folder.
+
+Every output tensor's name, dtype and shape are known before the merge starts, so each shard's
+header is written first and tensor bytes are appended as they are computed: memory never holds a
+shard. The output is built in a temporary folder beside the destination and renamed into place
+only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Iterable
+
+import torch
+
+from .checkpoint import SAFETENSORS_DTYPES, TensorInfo
+from .errors import OutputError
+
+_DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+
+#: Tokenizer files copied from the tokenizer source when present.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+@dataclass
+class _Shard:
+    file_name: str
+    tensors: list[TensorInfo]
+    header: bytes
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+def plan_shards(infos: Iterable[TensorInfo], shard_size: int) -> list[list[TensorInfo]]:
+    """Group tensors, in order, into shards of at most ``shard_size`` bytes (a larger tensor gets a shard of its own)."""
+    shards: list[list[TensorInfo]] = []
+    current: list[TensorInfo] = []
+    size = 0
+    for info in infos:
+        if current and size + info.nbytes > shard_size:
+            shards.append(current)
+            current, size = [], 0
+        current.append(info)
+        size += info.nbytes
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def safetensors_header(tensors: list[TensorInfo], metadata: dict[str, str] | None = None) -> bytes:
+    """The 8-byte length and JSON header of a safetensors file holding ``tensors`` in this order."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    offset = 0
+    for info in tensors:
+        if info.dtype not in _DTYPE_CODES:
+            raise OutputError(f"tensor {info.name}: dtype {info.dtype} cannot be stored in safetensors")
+        header[info.name] = {"dtype": _DTYPE_CODES[info.dtype], "shape": list(info.shape), "data_offsets": [offset, offset + info.nbytes]}
+        offset += info.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as safetensors does
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardedSafetensorsWriter:
+    """Writes tensors, in the planned order, straight into pre-headed safetensors shards."""
+
+    def __init__(self, folder: Path, infos: list[TensorInfo], shard_size: int, prefix: str = "model", metadata: dict[str, str] | None = None):
+        self.folder = Path(folder)
+        groups = plan_shards(infos, shard_size)
+        count = len(groups)
+        self.shards = [
+            _Shard(
+                f"{prefix}.safetensors" if count == 1 else f"{prefix}-{i + 1:05d}-of-{count:05d}.safetensors",
+                group,
+                safetensors_header(group, metadata),
+            )
+            for i, group in enumerate(groups)
+        ]
+        self.prefix = prefix
+        self._order = [(s, t) for s in self.shards for t in s.tensors]
+        self._next = 0
+        self._file: BinaryIO | None = None
+        self._open_shard: _Shard | None = None
+
+    @property
+    def total_size(self) -> int:
+        return sum(s.nbytes for s in self.shards)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor; it must be the one the plan expects, with the planned dtype and shape."""
+        if self._next >= len(self._order):
+            raise OutputError(f"tensor {name}: more tensors written than planned")
+        shard, info = self._order[self._next]
+        if name != info.name or tensor.dtype != info.dtype or tuple(tensor.shape) != info.shape:
+            raise OutputError(
+                f"tensor {name}: expected {info.name} {info.dtype} {list(info.shape)}, got {tensor.dtype} {list(tensor.shape)}"
+            )
+        if shard is not self._open_shard:
+            self._start(shard)
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._write_bytes(data)
+        self._next += 1
+        if self._next == len(self._order) or self._order[self._next][0] is not shard:
+            self._finish_shard()
+
+    def _start(self, shard: _Shard) -> None:
+        self._finish_shard()
+        self._file = open(self.folder / shard.file_name, "wb")
+        self._open_shard = shard
+        self._write_bytes(shard.header)
+
+    def _write_bytes(self, data: Any) -> None:
+        assert self._file is not None
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            raise OutputError(f"{self._file.name}: write failed: {exc.strerror or exc}") from exc
+
+    def _finish_shard(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError as exc:
+                raise OutputError(f"{self._file.name}: write failed: {exc.strerror or exc}") from exc
+            self._file = None
+            self._open_shard = None
+
+    def close(self) -> None:
+        """Finish the last shard (and shards with no tensors at all), then write the index if sharded."""
+        self._finish_shard()
+        if self._next != len(self._order):
+            raise OutputError(f"only {self._next} of {len(self._order)} planned tensors were written")
+        for shard in self.shards:
+            if not shard.tensors:
+                (self.folder / shard.file_name).write_bytes(shard.header)
+        if len(self.shards) > 1:
+            index = {
+                "metadata": {"total_size": self.total_size},
+                "weight_map": {t.name: s.file_name for s in self.shards for t in s.tensors},
+            }
+            write_json(self.folder / f"{self.prefix}.safetensors.index.json", index)
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def write_json(path: Path, data: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.write("\n")
+
+
+class AtomicFolder:
+    """A temporary folder beside ``destination`` that replaces it only when the block completes.
+
+    An existing destination is refused unless ``force``; on any failure the temporary folder is
+    removed and the destination is left as it was.
+    """
+
+    PREFIX = ".mergekit-lite-tmp-"
+
+    def __init__(self, destination: str | os.PathLike[str], force: bool = False):
+        self.destination = Path(destination).absolute()
+        self.force = force
+        self.path: Path | None = None
+
+    def check(self) -> None:
+        """Fail early if the destination cannot be used."""
+        dest = self.destination
+        if dest.exists() and not self.force:
+            raise OutputError(f"{dest}: already exists; pass --force to replace it (or choose another output folder)")
+        if dest.exists() and not dest.is_dir():
+            raise OutputError(f"{dest}: exists and is not a folder; refusing to replace it")
+        if not dest.parent.is_dir():
+            raise OutputError(f"{dest.parent}: the parent folder of the output does not exist")
+        if not os.access(dest.parent, os.W_OK):
+            raise OutputError(f"{dest.parent}: not writable")
+
+    def __enter__(self) -> Path:
+        self.check()
+        self.path = Path(tempfile.mkdtemp(prefix=f"{self.PREFIX}{self.destination.name}-", dir=self.destination.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.path, 0o777 & ~umask)  # mkdtemp makes 0700; the output should look like any folder
+        return self.path
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        assert self.path is not None
+        if exc_type is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        try:
+            self._replace()
+        except BaseException:
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise
+
+    def _replace(self) -> None:
+        assert self.path is not None
+        dest = self.destination
+        old: Path | None = None
+        if dest.exists():
+            if not self.force:
+                raise OutputError(f"{dest}: appeared while the merge ran; pass --force to replace it")
+            old = Path(tempfile.mkdtemp(prefix=f"{self.PREFIX}old-{dest.name}-", dir=dest.parent))
+            os.rename(dest, old / dest.name)
+        os.rename(self.path, dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def copy_support_files(source: Path | None, destination: Path, names: Iterable[str]) -> list[str]:
+    """Copy the named files that exist in ``source`` (config, tokenizer, ...) and return what was copied."""
+    copied = []
+    if source is None:
+        return copied
+    for name in names:
+        src = source / name
+        if src.is_file():
+            shutil.copyfile(src, destination / name)
+            copied.append(name)
+    return copied
+
+
+def write_config(config: dict[str, Any] | None, destination: Path, dtype: torch.dtype | None) -> None:
+    """Write the base's config.json with the output dtype recorded (both spellings transformers reads)."""
+    if config is None:
+        return
+    config = dict(config)
+    if dtype is not None:
+        name = str(dtype).removeprefix("torch.")
+        if "dtype" in config or "torch_dtype" not in config:
+            config["dtype"] = name
+        if "torch_dtype" in config:
+            config["torch_dtype"] = name
+    write_json(destination / "config.json", config)

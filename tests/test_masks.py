@@ -1,0 +1,633 @@
+"""Tests for mergekit_lite.masks against plain references written from docs METHODS.md.
+
+References here are deliberately naive (Python loops, full sorts) and share no code with the
+module under test; hand-computed cases pin every edge rule the spec names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mergekit_lite.masks import (
+    breadcrumbs,
+    breadcrumbs_mask,
+    consensus_mask,
+    dare,
+    dare_mask,
+    disjoint_merge,
+    elect_sign,
+    generator_for,
+    keep_count,
+    kth_largest_magnitude,
+    magnitude_mask,
+    majority_sign_count,
+    tall_mask,
+    task_arithmetic,
+    ties_merge,
+    topk_mask,
+)
+
+F64 = torch.float64
+INF = math.inf
+FAST = settings(max_examples=40, deadline=None)
+
+
+def t64(values) -> torch.Tensor:
+    return torch.tensor(values, dtype=F64)
+
+
+def randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+# ----------------------------------------------------------------------------- plain references
+
+
+def ref_kth_largest(values: list[float], k: int) -> float:
+    return sorted((abs(v) for v in values), reverse=True)[k - 1]
+
+
+def ref_trim(values: list[float], density: float | None, threshold: float | None = None) -> list[float]:
+    """Keep |v| >= k-th largest magnitude (full sort), k = floor(density * n); ties kept."""
+    if threshold is None:
+        k = math.floor(density * len(values))
+        threshold = INF if k == 0 else ref_kth_largest(values, k)
+    return [v if threshold != INF and abs(v) >= threshold else 0.0 for v in values]
+
+
+def ref_ties(
+    deltas: list[list[float]],
+    density: float,
+    weights: list[float],
+    mode: str,
+    fallback: float | None = None,
+    thresholds: list[float] | None = None,
+) -> list[float]:
+    """TIES on flat lists, entry by entry, as METHODS.md states it."""
+    T, n = len(deltas), len(deltas[0])
+    trimmed = [ref_trim(deltas[t], density, None if thresholds is None else thresholds[t]) for t in range(T)]
+    v = [[weights[t] * trimmed[t][i] for i in range(n)] for t in range(T)]
+    sums = []
+    for i in range(n):
+        s = 0.0
+        for t in range(T):
+            s += v[t][i]
+        sums.append(s)
+    gamma = [(s > 0) - (s < 0) for s in sums]
+    if fallback is None:
+        majority = sum(gamma)
+    else:
+        majority = fallback
+    fill = 1 if majority > 0 else -1
+    gamma = [g if g != 0 else fill for g in gamma]
+    out = []
+    for i in range(n):
+        part = [t for t in range(T) if v[t][i] != 0 and (v[t][i] > 0) == (gamma[i] > 0)]
+        if not part:
+            out.append(0.0)
+        elif mode == "sum":
+            out.append(sum(v[t][i] for t in part))
+        elif mode == "max":
+            best = max(part, key=lambda t: abs(v[t][i]))
+            out.append(v[best][i])
+        else:
+            den = sum(weights[t] for t in part)
+            out.append(sum(v[t][i] for t in part) / (den if den != 0 else 1.0))
+    return out
+
+
+def ref_band(values: list[float], start: int, stop: int) -> list[bool]:
+    """Entries ranked [start, stop) by |v| descending, ties to the lower index first."""
+    order = sorted(range(len(values)), key=lambda i: (-abs(values[i]), i))
+    keep = set(order[start:stop])
+    return [i in keep for i in range(len(values))]
+
+
+def ref_breadcrumbs_rows(x: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    n = x.shape[-1]
+    n_top, target = math.floor(n * gamma), math.floor(n * density)
+    rows = [ref_band(row, n_top, min(n_top + target, n)) for row in x.reshape(-1, n).tolist()]
+    return torch.tensor(rows, dtype=torch.bool).reshape(x.shape)
+
+
+def mergekit_outliers_mask(x: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Small reimplementation of mergekit's sparsify.magnitude_outliers (mask part, quirks included)."""
+    if density >= 1:
+        return torch.ones(x.shape, dtype=torch.bool)
+    n = x.numel()
+    target = int(density * n)
+    n_top = int(gamma * n)
+    n_bot = n - target - n_top
+    if n_bot < 0:
+        n_top += n_bot
+        n_bot = 0
+    ascending = torch.sort(x.abs().reshape(-1), descending=False).indices
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[ascending[n_bot:-n_top]] = True  # n_top == 0 -> [n_bot:-0] -> empty slice
+    return mask.reshape(x.shape)
+
+
+def ties_reference_code(trimmed: torch.Tensor, mode: str) -> torch.Tensor:
+    """Reimplementation of the TIES paper's resolve_sign + disjoint_merge (unit weights)."""
+    sign = torch.sign(trimmed.sum(dim=0))
+    sign[sign == 0] = torch.sign(sign.sum())
+    keep = torch.where(sign.unsqueeze(0) > 0, trimmed > 0, trimmed < 0)
+    sel = trimmed * keep
+    if mode == "mean":
+        return sel.sum(dim=0) / torch.clamp((sel != 0).sum(dim=0).to(sel.dtype), min=1)
+    if mode == "sum":
+        return sel.sum(dim=0)
+    return sel.abs().max(dim=0)[0] * sign
+
+
+# dyadic values make every sum exact, so sign elections cannot differ by rounding order
+dyadic = st.integers(-12, 12).map(lambda i: i / 4)
+mixed = st.one_of(dyadic, st.floats(-10, 10, allow_nan=False, width=64))
+
+
+# ----------------------------------------------------------------------------- kth / keep_count / topk
+
+
+@FAST
+@given(st.lists(mixed, min_size=1, max_size=30), st.data())
+def test_kth_largest_matches_descending_sort(values, data):
+    k = data.draw(st.integers(1, len(values)))
+    got = kth_largest_magnitude(t64(values), k)
+    assert got.dim() == 0
+    assert got.item() == ref_kth_largest(values, k)
+
+
+def test_kth_largest_on_2d_and_0d():
+    x = t64([[3.0, -9.0], [0.5, 4.0]])
+    assert [kth_largest_magnitude(x, k).item() for k in (1, 2, 3, 4)] == [9.0, 4.0, 3.0, 0.5]
+    assert kth_largest_magnitude(t64(-2.5), 1).item() == 2.5
+
+
+@pytest.mark.parametrize("k", [0, 5, -1])
+def test_kth_largest_rejects_k_out_of_range(k):
+    with pytest.raises(ValueError, match="k must be"):
+        kth_largest_magnitude(t64([1.0, 2.0, 3.0, 4.0]), k)
+
+
+def test_keep_count_is_floor_of_float_product():
+    assert keep_count(100, 0.29) == 28  # 0.29 * 100 == 28.999999999999996 in floats
+    assert keep_count(10, 0.3) == 3
+    assert keep_count(3, 1 / 3) == 1  # (1/3) * 3 rounds to exactly 1.0
+    assert keep_count(7, 0.0) == 0
+    assert keep_count(7, 1.0) == 7
+    assert keep_count(0, 0.5) == 0
+
+
+@FAST
+@given(st.integers(0, 10_000), st.floats(0, 1))
+def test_keep_count_matches_reference_int_product(n, density):
+    # the TIES reference's int(n * K) and mergekit's int(density * n)
+    assert keep_count(n, density) == int(density * n)
+    assert 0 <= keep_count(n, density) <= n
+
+
+@pytest.mark.parametrize("density", [-0.1, 1.5, float("nan")])
+def test_keep_count_rejects_bad_density(density):
+    with pytest.raises(ValueError, match=r"density must be in \[0, 1\]"):
+        keep_count(10, density)
+
+
+def test_topk_mask_keeps_ties_at_threshold():
+    x = t64([3.0, -2.0, 2.0, 1.0, 2.0, 0.0])
+    # density 0.5 -> k = 3; the 3rd largest magnitude is 2, shared by three entries: all kept
+    assert topk_mask(x, 0.5).tolist() == [True, True, True, False, True, False]
+
+
+def test_topk_mask_zero_k_keeps_nothing_and_full_density_keeps_all():
+    x = t64([[1.0, -5.0], [0.0, 2.0]])
+    assert not topk_mask(x, 0.2).any()  # floor(0.8) = 0
+    assert not topk_mask(x, 0.0).any()
+    assert topk_mask(x, 1.0).all()  # zeros included: threshold is the smallest magnitude
+    assert topk_mask(x, 0.5).tolist() == [[False, True], [False, True]]
+
+
+@FAST
+@given(st.lists(mixed, min_size=1, max_size=40), st.floats(0, 1))
+def test_topk_mask_matches_full_sort_reference(values, density):
+    got = topk_mask(t64(values), density).tolist()
+    k = math.floor(density * len(values))
+    want = [False] * len(values) if k == 0 else [abs(v) >= ref_kth_largest(values, k) for v in values]
+    assert got == want
+    assert sum(got) >= k
+
+
+@FAST
+@given(st.lists(st.floats(-100, 100, allow_nan=False), min_size=1, max_size=40, unique_by=abs), st.floats(0, 1))
+def test_topk_mask_keeps_exactly_k_when_magnitudes_distinct(values, density):
+    mask = topk_mask(t64(values), density)
+    assert int(mask.sum()) == math.floor(density * len(values))
+
+
+def test_magnitude_mask_threshold_rules():
+    x = t64([1.0, -2.0, 3.0, INF, 0.0])
+    assert magnitude_mask(x, 2.0).tolist() == [False, True, True, True, False]
+    assert magnitude_mask(x, t64(3.0)).tolist() == [False, False, True, True, False]
+    assert not magnitude_mask(x, INF).any()  # +inf keeps nothing, not even inf entries
+    assert not magnitude_mask(x, t64(INF)).any()
+    assert magnitude_mask(x, 0.0).all()
+
+
+def test_magnitude_mask_equals_topk_with_its_threshold():
+    x = randn(7, 9, seed=3)
+    thr = kth_largest_magnitude(x, 13)
+    assert torch.equal(magnitude_mask(x, thr), topk_mask(x, 13 / 63 + 1e-12))
+
+
+# ----------------------------------------------------------------------------- sign election
+
+
+def test_elect_sign_uses_mass_not_vote_count():
+    # two small positives outvoted by one large negative: the sum decides
+    d = t64([[1.0], [1.0], [-5.0]])
+    assert elect_sign(d).tolist() == [-1.0]
+
+
+def test_elect_sign_zero_sums_take_fallback_or_majority():
+    d = t64([[1.0, -1.0, 2.0, 3.0], [-1.0, 1.0, 1.0, 0.0]])  # sums 0, 0, 3, 3
+    assert elect_sign(d).tolist() == [1.0, 1.0, 1.0, 1.0]  # majority +1
+    assert elect_sign(d, fallback=-1.0).tolist() == [-1.0, -1.0, 1.0, 1.0]
+    assert elect_sign(d, fallback=1.0).tolist() == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_elect_sign_majority_zero_becomes_minus_one():
+    d = t64([[2.0, -3.0, 1.0], [0.0, 0.0, -1.0]])  # sums 2, -3, 0 -> gammas +1, -1, 0 -> majority 0
+    assert elect_sign(d).tolist() == [1.0, -1.0, -1.0]
+    assert elect_sign(d, fallback=0.0).tolist() == [1.0, -1.0, -1.0]
+    assert elect_sign(d, fallback=1.0).tolist() == [1.0, -1.0, 1.0]
+    # the reference's where(sign > 0, t > 0, t < 0) with sign 0 selects the same (negative) entries
+    assert elect_sign(torch.zeros(2, 3, dtype=F64)).tolist() == [-1.0, -1.0, -1.0]
+
+
+def test_elect_sign_shape_and_dtype():
+    d = randn(3, 4, 5, seed=1).float()
+    s = elect_sign(d)
+    assert s.shape == (4, 5) and s.dtype == torch.float32
+    assert set(s.unique().tolist()) <= {-1.0, 1.0}
+
+
+def test_majority_sign_count_is_exact_int64():
+    d = t64([[2.0, -3.0, 1.0, 4.0], [0.0, 0.0, -1.0, 1.0]])  # signs +1, -1, 0, +1
+    c = majority_sign_count(d)
+    assert c.dtype == torch.int64 and c.dim() == 0 and c.item() == 1
+    # model-wide majority: add per-tensor counts, the sign of the total is the fallback
+    other = t64([[-1.0, -1.0], [-1.0, -2.0]])
+    total = majority_sign_count(d) + majority_sign_count(other)
+    assert total.item() == -1
+
+
+# ----------------------------------------------------------------------------- disjoint merge / TIES
+
+
+def test_disjoint_merge_hand_case():
+    d = t64([[2.0, -1.0, 0.0, 3.0], [4.0, 2.0, -1.0, -3.0], [-1.0, -3.0, 0.0, 0.0]])
+    sign = t64([1.0, -1.0, 1.0, -1.0])
+    assert disjoint_merge(d, sign, mode="mean").tolist() == [3.0, -2.0, 0.0, -3.0]
+    assert disjoint_merge(d, sign, mode="sum").tolist() == [6.0, -4.0, 0.0, -3.0]
+    assert disjoint_merge(d, sign, mode="max").tolist() == [4.0, -3.0, 0.0, -3.0]
+
+
+def test_disjoint_merge_weighted_mean_divides_by_participant_weights():
+    d = t64([[1.0, 1.0], [3.0, -2.0]])
+    w = t64([2.0, 0.5])
+    sign = t64([1.0, 1.0])
+    # entry 0: v = 2, 1.5 -> (3.5) / (2.5); entry 1: v = 2, -1 -> only task 0 agrees -> 2 / 2
+    assert disjoint_merge(d, sign, w, "mean").tolist() == [3.5 / 2.5, 1.0]
+    # a negative weight flips the task's sign before the agreement test
+    w2 = t64([1.0, -1.0])
+    assert disjoint_merge(d, t64([-1.0, 1.0]), w2, "sum").tolist() == [-3.0, 3.0]
+
+
+@FAST
+@given(st.integers(1, 4), st.integers(1, 12), st.data())
+def test_disjoint_mean_unit_weights_is_mean_of_nonzero_agreeing(T, n, data):
+    vals = data.draw(st.lists(st.lists(dyadic, min_size=n, max_size=n), min_size=T, max_size=T))
+    sign = data.draw(st.lists(st.sampled_from([-1.0, 1.0]), min_size=n, max_size=n))
+    got = disjoint_merge(t64(vals), t64(sign), mode="mean").tolist()
+    for i in range(n):
+        agree = [vals[t][i] for t in range(T) if vals[t][i] != 0 and (vals[t][i] > 0) == (sign[i] > 0)]
+        assert got[i] == (sum(agree) / len(agree) if agree else 0.0)
+
+
+@pytest.mark.parametrize("mode", ["mean", "sum", "max"])
+def test_ties_merge_matches_loop_reference_random(mode):
+    T, shape = 4, (5, 6)
+    d = randn(T, *shape, seed=11)
+    w = t64([1.0, 0.5, 2.0, 1.5])
+    got = ties_merge(d, 0.3, w, mode)
+    want = ref_ties(d.reshape(T, -1).tolist(), 0.3, w.tolist(), mode)
+    torch.testing.assert_close(got.reshape(-1), t64(want), rtol=1e-12, atol=1e-12)
+
+
+@FAST
+@given(
+    st.integers(1, 4),
+    st.integers(1, 10),
+    st.sampled_from(["mean", "sum", "max"]),
+    st.floats(0, 1),
+    st.sampled_from([None, 1.0, -1.0]),
+    st.data(),
+)
+def test_ties_merge_matches_loop_reference_property(T, n, mode, density, fallback, data):
+    vals = data.draw(st.lists(st.lists(dyadic, min_size=n, max_size=n), min_size=T, max_size=T))
+    weights = data.draw(st.lists(st.sampled_from([1.0, 0.5, 2.0, -1.0, 0.0]), min_size=T, max_size=T))
+    got = ties_merge(t64(vals), density, t64(weights), mode, fallback).tolist()
+    assert got == ref_ties(vals, density, weights, mode, fallback)
+
+
+@pytest.mark.parametrize("mode", ["mean", "sum", "max"])
+def test_ties_unit_weights_equals_reference_code(mode):
+    d = randn(3, 40, seed=5)
+    trimmed = torch.stack([torch.where(topk_mask(d[t], 0.2), d[t], 0.0) for t in range(3)])
+    torch.testing.assert_close(ties_merge(d, 0.2, mode=mode), ties_reference_code(trimmed, mode))
+
+
+def test_ties_model_scope_thresholds():
+    d = randn(3, 4, 5, seed=7)
+    thr = torch.stack([kth_largest_magnitude(d[t], 6) for t in range(3)])
+    per_tensor = ties_merge(d, 6 / 20, mode="sum")
+    assert torch.equal(ties_merge(d, 0.5, mode="sum", thresholds=thr), per_tensor)  # density ignored
+    # a task whose model-wide threshold is +inf (k = 0) contributes nothing
+    thr_inf = thr.clone()
+    thr_inf[1] = INF
+    want = ref_ties(d.reshape(3, -1).tolist(), 0.5, [1.0] * 3, "mean", 1.0, thr_inf.tolist())
+    got = ties_merge(d, 0.5, mode="mean", fallback=1.0, thresholds=thr_inf)
+    torch.testing.assert_close(got.reshape(-1), t64(want), rtol=1e-12, atol=1e-12)
+
+
+@FAST
+@given(st.integers(1, 4), st.integers(1, 10), st.booleans(), st.data())
+def test_ties_density_one_sum_same_sign_is_task_arithmetic(T, n, negative, data):
+    mag = st.floats(0, 50, allow_nan=False)
+    vals = data.draw(st.lists(st.lists(mag, min_size=n, max_size=n), min_size=T, max_size=T))
+    weights = data.draw(st.lists(st.floats(0.01, 3), min_size=T, max_size=T))
+    d = -t64(vals) if negative else t64(vals)
+    w = t64(weights)
+    torch.testing.assert_close(ties_merge(d, 1.0, w, "sum"), task_arithmetic(d, w), rtol=1e-12, atol=1e-12)
+
+
+def test_ties_and_disjoint_validate_arguments():
+    d = randn(2, 3)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        ties_merge(d, 0.5, mode="median")
+    with pytest.raises(ValueError, match=r"density must be in \[0, 1\]"):
+        ties_merge(d, 1.2)
+    with pytest.raises(ValueError, match="weights must have shape"):
+        ties_merge(d, 0.5, weights=t64([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match="thresholds must have shape"):
+        ties_merge(d, 0.5, thresholds=t64([1.0]))
+    with pytest.raises(ValueError, match="sign must have the shape"):
+        disjoint_merge(d, t64([1.0, 1.0]))
+    with pytest.raises(ValueError, match="deltas must be stacked"):
+        elect_sign(t64(1.0))
+
+
+# ----------------------------------------------------------------------------- DARE
+
+
+def test_dare_mask_is_torch_bernoulli_on_cpu_and_thread_independent():
+    g = torch.Generator().manual_seed(1234)
+    want = torch.bernoulli(torch.full((64, 33), 0.3, dtype=F64), generator=g).bool()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = dare_mask((64, 33), 0.3, torch.Generator().manual_seed(1234))
+        torch.set_num_threads(max(2, threads))
+        many = dare_mask(torch.Size([64, 33]), 0.3, torch.Generator().manual_seed(1234))
+    finally:
+        torch.set_num_threads(threads)
+    assert one.dtype == torch.bool
+    assert torch.equal(one, want) and torch.equal(many, want)
+
+
+def test_dare_rescales_survivors_and_zeroes_the_rest():
+    x = randn(50, 20, seed=2)
+    mask = dare_mask(x.shape, 0.25, generator_for(0, "m", "w"))
+    out = dare(x, 0.25, generator_for(0, "m", "w"))
+    assert torch.equal(out[mask], x[mask] / 0.25)
+    assert torch.equal(out[~mask], torch.zeros_like(x[~mask]))
+    plain = dare(x, 0.25, generator_for(0, "m", "w"), rescale=False)
+    assert torch.equal(plain, torch.where(mask, x, 0.0))
+
+
+def test_dare_density_zero_drops_all_without_nan_and_one_is_identity():
+    x = t64([[1.0, -1e300], [3.0, 0.0]])
+    out = dare(x, 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(out, torch.zeros_like(x)) and not out.isnan().any()
+    assert not dare_mask((3, 3), 0.0, torch.Generator()).any()
+    same = dare(x, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(same, x) and same is not x
+    assert dare_mask((3, 3), 1.0, torch.Generator()).all()
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 2**40), st.text(max_size=8), st.text(max_size=8), st.text(max_size=8), st.floats(0.05, 0.95))
+def test_dare_with_generator_for_is_reproducible_and_order_independent(seed, model, name_a, name_b, density):
+    xa, xb = randn(30, seed=1), randn(4, 5, seed=2)
+    first_a = dare(xa, density, generator_for(seed, model, name_a))
+    first_b = dare(xb, density, generator_for(seed, model, name_b))
+    # other order, and the same generator object is not shared: results identical
+    second_b = dare(xb, density, generator_for(seed, model, name_b))
+    second_a = dare(xa, density, generator_for(seed, model, name_a))
+    assert torch.equal(first_a, second_a) and torch.equal(first_b, second_b)
+
+
+def test_generator_for_seed_is_sha256_formula_and_distinct_per_tensor():
+    digest = hashlib.sha256("7\0model-a\0layers.0.weight".encode()).digest()
+    expected = int.from_bytes(digest[:8], "big") & (2**63 - 1)
+    g = generator_for(7, "model-a", "layers.0.weight")
+    assert g.initial_seed() == expected and g.device.type == "cpu"
+    masks = {
+        key: dare_mask((256,), 0.5, generator_for(*key))
+        for key in [(7, "model-a", "w"), (7, "model-b", "w"), (8, "model-a", "w"), (7, "model-a", "v")]
+    }
+    values = list(masks.values())
+    assert all(not torch.equal(values[i], values[j]) for i in range(4) for j in range(i + 1, 4))
+
+
+def test_dare_is_unbiased_statistically():
+    x = randn(1_000_000, seed=9).float()
+    density = 0.3
+    mask = dare_mask(x.shape, density, generator_for(1, "m", "big"))
+    out = dare(x, density, generator_for(1, "m", "big"))
+    assert abs(mask.double().mean().item() - density) < 0.005  # sd ~ 0.0005
+    # E[dare(x)] = x  <=>  sum(dare(x) * x) / sum(x^2) ~ 1 (sd ~ 0.0026 here)
+    ratio = (out.double() * x.double()).sum() / (x.double() ** 2).sum()
+    assert abs(ratio.item() - 1.0) < 0.02
+    const = dare(torch.full((1_000_000,), 2.0), density, generator_for(2, "m", "c"))
+    assert abs(const.double().mean().item() - 2.0) < 0.02
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_dare_same_on_cuda_as_on_cpu():
+    x = randn(100, 70, seed=4)
+    cpu = dare(x, 0.4, generator_for(3, "m", "t"))
+    gpu = dare(x.cuda(), 0.4, generator_for(3, "m", "t"))
+    assert gpu.device.type == "cuda" and torch.equal(gpu.cpu(), cpu)
+
+
+def test_dare_validates_arguments():
+    with pytest.raises(ValueError, match=r"density must be in \[0, 1\]"):
+        dare(randn(3), -0.5, torch.Generator())
+    with pytest.raises(ValueError, match=r"density must be in \[0, 1\]"):
+        dare_mask((3,), 2.0, torch.Generator())
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        generator_for("7", "m", "t")  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- Model Breadcrumbs
+
+
+def test_breadcrumbs_row_hand_case():
+    x = t64([5.0, -4.0, 3.0, 2.0, 1.0, 0.5, 0.1, 0.0, 6.0, -7.0])
+    # n = 10: drop floor(2.0) = 2 largest (-7, 6), keep floor(3.0) = 3 next (5, -4, 3)
+    assert breadcrumbs(x, 0.3, 0.2).tolist() == [5.0, -4.0, 3.0] + [0.0] * 7
+
+
+def test_breadcrumbs_ties_rank_lower_index_first():
+    x = t64([[1.0, -1.0, 1.0, 1.0], [2.0, 2.0, 2.0, -2.0]])
+    # per row: drop 1 (index 0), keep 2 (indices 1, 2)
+    want = [[False, True, True, False]] * 2
+    assert breadcrumbs_mask(x, 0.5, 0.25).tolist() == want
+    assert breadcrumbs_mask(x, 0.25, 0.125, scope="tensor").tolist() == [[False] * 4, [True, True, False, False]]
+
+
+def test_breadcrumbs_0d_unmasked_and_1d_is_one_row():
+    s = t64(3.5)
+    for scope in ("row", "tensor"):
+        m = breadcrumbs_mask(s, 0.1, 0.5, scope)
+        assert m.shape == () and bool(m)
+        assert breadcrumbs(s, 0.0, 1.0, scope).item() == 3.5
+    v = randn(40, seed=8)
+    assert torch.equal(breadcrumbs_mask(v, 0.3, 0.05), ref_breadcrumbs_rows(v, 0.3, 0.05))
+    assert torch.equal(breadcrumbs_mask(v, 0.3, 0.05), breadcrumbs_mask(v, 0.3, 0.05, "tensor"))
+    assert int(breadcrumbs_mask(v, 0.3, 0.05).sum()) == 12
+
+
+def test_breadcrumbs_row_is_per_last_dim_row():
+    x = randn(3, 4, 50, seed=6)
+    got = breadcrumbs_mask(x, 0.15, 0.04)
+    assert torch.equal(got, ref_breadcrumbs_rows(x, 0.15, 0.04))
+    assert got.sum(dim=-1).eq(7).all()  # floor(50 * 0.15) = 7 per row
+
+
+def test_breadcrumbs_row_counts_exceeding_n_keep_what_remains():
+    x = t64([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0])
+    # floor(10 * 0.5) = 5 dropped (10..6), floor(10 * 0.7) = 7 wanted, only 5 remain
+    assert breadcrumbs_mask(x, 0.7, 0.5).tolist() == [True] * 5 + [False] * 5
+    assert breadcrumbs_mask(x, 1.0, 0.0).all()
+    assert breadcrumbs_mask(x, 1.0, 0.2).tolist() == [True] * 8 + [False] * 2
+
+
+def test_breadcrumbs_tensor_scope_gamma_floor_zero_does_not_zero_tensor():
+    x = randn(10, seed=12)
+    # floor(10 * 0.05) = 0: mergekit's indices[n_bot:-0] keeps nothing
+    assert not mergekit_outliers_mask(x, 0.3, 0.05).any()
+    ours = breadcrumbs_mask(x, 0.3, 0.05, scope="tensor")
+    assert ours.tolist() == ref_band(x.tolist(), 0, 3)
+    assert int(ours.sum()) == 3
+
+
+def test_breadcrumbs_tensor_scope_reduces_n_top_like_mergekit():
+    x = t64([[1.0, 2.0, 3.0, 4.0, 5.0], [6.0, 7.0, 8.0, 9.0, 10.0]])
+    # n = 10, target 7, n_top 5 -> n_top cut to 3: keep the 7 smallest
+    ours = breadcrumbs_mask(x, 0.7, 0.5, scope="tensor")
+    assert ours.reshape(-1).tolist() == [True] * 7 + [False] * 3
+    assert torch.equal(ours, mergekit_outliers_mask(x, 0.7, 0.5))
+    assert breadcrumbs_mask(x, 1.0, 0.5, scope="tensor").all()  # density >= 1: unchanged
+
+
+@FAST
+@given(st.integers(1, 6), st.integers(1, 30), st.floats(0, 0.99), st.floats(0.01, 0.5), st.integers(0, 10**6))
+def test_breadcrumbs_tensor_scope_matches_mergekit_when_top_nonzero(rows, cols, density, gamma, seed):
+    x = randn(rows, cols, seed=seed)  # continuous values: magnitudes distinct, sort order unambiguous
+    if math.floor(gamma * x.numel()) == 0:
+        return
+    assert torch.equal(breadcrumbs_mask(x, density, gamma, "tensor"), mergekit_outliers_mask(x, density, gamma))
+
+
+@FAST
+@given(st.integers(1, 4), st.integers(1, 25), st.floats(0, 1), st.floats(0, 1), st.data())
+def test_breadcrumbs_row_keeps_exactly_floor_n_density(rows, n, density, gamma, data):
+    vals = data.draw(st.lists(st.lists(mixed, min_size=n, max_size=n), min_size=rows, max_size=rows))
+    x = t64(vals)
+    mask = breadcrumbs_mask(x, density, gamma)
+    assert torch.equal(mask, ref_breadcrumbs_rows(x, density, gamma))
+    n_top, target = math.floor(n * gamma), math.floor(n * density)
+    per_row = mask.sum(dim=-1).tolist()
+    if n_top + target <= n:
+        assert per_row == [target] * rows
+    else:
+        assert per_row == [n - n_top] * rows
+
+
+def test_breadcrumbs_validates_arguments():
+    x = randn(4, 4)
+    with pytest.raises(ValueError, match=r"gamma must be in \[0, 1\]"):
+        breadcrumbs_mask(x, 0.5, 1.5)
+    with pytest.raises(ValueError, match=r"density must be in \[0, 1\]"):
+        breadcrumbs(x, -0.1, 0.1)
+    with pytest.raises(ValueError, match="scope must be one of"):
+        breadcrumbs_mask(x, 0.5, 0.1, scope="column")
+
+
+# ----------------------------------------------------------------------------- TALL-masks, Consensus, TA
+
+
+def test_tall_mask_hand_case_is_strict():
+    tau_t = t64([0.0, 1.0, -2.0, 0.5, 1.0])
+    tau_mtl = t64([0.0, 1.0, 1.0, 3.0, 3.0])
+    # |tau_t| = 0, 1, 2, .5, 1 ; lam * |mtl - t| = 0, 0, 1.5, 1.25, 1.0
+    assert tall_mask(tau_t, tau_mtl, 0.5).tolist() == [False, True, True, False, False]
+    assert tall_mask(tau_t, tau_mtl, 0.0).tolist() == [False, True, True, True, True]
+
+
+@FAST
+@given(st.integers(1, 20), st.floats(0, 2), st.data())
+def test_tall_mask_never_includes_zeros_and_matches_loop(n, lam, data):
+    a = data.draw(st.lists(st.one_of(st.just(0.0), mixed), min_size=n, max_size=n))
+    m = data.draw(st.lists(st.one_of(st.just(0.0), mixed), min_size=n, max_size=n))
+    got = tall_mask(t64(a), t64(m), lam).tolist()
+    assert got == [abs(ai) > lam * abs(mi - ai) for ai, mi in zip(a, m)]
+    assert not any(g for g, ai in zip(got, a) if ai == 0)
+
+
+def test_tall_mask_validates():
+    with pytest.raises(ValueError, match="lam must be"):
+        tall_mask(randn(3), randn(3), -0.1)
+    with pytest.raises(ValueError, match="same shape"):
+        tall_mask(randn(3), randn(4), 0.3)
+
+
+def test_consensus_mask_counts():
+    masks = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)  # counts 3,1,1,0
+    assert consensus_mask(masks, 2).tolist() == [True, False, False, False]
+    assert consensus_mask(masks, 1).tolist() == [True, True, True, False]
+    assert consensus_mask(masks, 0).all()
+    assert not consensus_mask(masks, 4).any()
+    with pytest.raises(ValueError, match="k must be an integer >= 0"):
+        consensus_mask(masks, -1)
+    with pytest.raises(ValueError, match="bool"):
+        consensus_mask(masks.to(torch.int64), 1)
+
+
+def test_task_arithmetic_matches_loop():
+    d = randn(3, 4, 2, seed=13)
+    w = t64([0.5, -1.0, 2.0])
+    want = torch.zeros(4, 2, dtype=F64)
+    for t in range(3):
+        want += w[t] * d[t]
+    torch.testing.assert_close(task_arithmetic(d, w), want)
+    torch.testing.assert_close(task_arithmetic(d), d[0] + d[1] + d[2])
+    assert task_arithmetic(d.float()).dtype == torch.float32
