@@ -242,6 +242,8 @@ def write_checkpoint(
                     writer.write(info.name, produce(info))
                     bar.update(info.nbytes)
             writer.close()
+        except OSError as exc:
+            raise OutputError(f"{out_dir}: failed while writing: {exc.strerror or exc}; nothing was written") from exc
         finally:
             writer.abort()
         try:

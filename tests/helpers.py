@@ -1,0 +1,49 @@
+"""Plain helpers for tests: read checkpoints densely, write recipes, find leftovers."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from mergekit_lite.demo import DEMO_TASKS
+
+
+def load_state(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder, read plainly (safetensors or .bin, sharded or not)."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(f) if f.suffix == ".safetensors" else torch.load(f, weights_only=True))
+    return state
+
+
+def write_recipe(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def ta_recipe(demo: dict[str, Path], **overrides) -> dict:
+    """A task arithmetic recipe over the demo models, as a dict."""
+    data = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(demo["base"]),
+        "models": [{"model": str(demo[t]), "parameters": {"weight": w}} for t, w in zip(DEMO_TASKS, (1.0, 0.5, -0.25))],
+        "parameters": {"lambda": 0.7},
+    }
+    data.update(overrides)
+    return data
+
+
+def leftovers(parent: Path) -> list[str]:
+    """Temporary folders the writer left behind in ``parent`` (there must be none)."""
+    return [p.name for p in Path(parent).iterdir() if p.name.startswith(".mergekit-lite-tmp-")]
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
