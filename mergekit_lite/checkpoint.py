@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from .errors import CheckpointError
 
@@ -190,7 +189,7 @@ class Checkpoint:
             raise CheckpointError(f"{self.ref}: has no tensor {name}")
         try:
             return self._handles[file].get(real)
-        except (SafetensorError, RuntimeError, OSError) as exc:
+        except OSError as exc:
             raise CheckpointError(f"{file}: could not read tensor {real}: {exc}; the file may be truncated or corrupt") from exc
 
     @property
@@ -218,45 +217,100 @@ class Checkpoint:
 
 # -- weight file readers ------------------------------------------------------------------------
 class _SafetensorsFile:
-    """Header-first reader over one .safetensors file (safe_open reads only the header until asked)."""
+    """Header-first reader over one .safetensors file, reading each tensor with pread into fresh memory.
+
+    safetensors' own ``safe_open`` hands out views on a private memory map: the pages it touches stay
+    resident while the file is open (RSS grows with the model; measured: reading 512 MB through it
+    -> +517 MB RSS), and an in-place change to one returned tensor shows up in the next read of the
+    same name. Reading with ``os.preadv`` into a new tensor costs one copy and keeps memory flat.
+    """
+
+    MAX_HEADER = 100 * 2**20  # the safetensors format's own limit
 
     def __init__(self, path: Path):
         self.path = path
+        self._fd: int | None = os.open(path, os.O_RDONLY)
         try:
-            self._handle = safe_open(str(path), framework="pt", device="cpu")
-            self._keys = list(self._handle.keys())
-            self._infos = {}
-            for name in self._keys:
-                view = self._handle.get_slice(name)
-                dtype = SAFETENSORS_DTYPES.get(view.get_dtype())
-                if dtype is None:
-                    raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {view.get_dtype()}")
-                self._infos[name] = TensorInfo(name, dtype, tuple(view.get_shape()))
-        except SafetensorError as exc:
-            raise CheckpointError(f"{path}: not a valid safetensors file ({exc}); it may be truncated or corrupt, download it again") from exc
-        _check_data_size(path, self._infos.values())
+            self._infos, self._offsets, self._data_start = self._parse_header()
+        except BaseException:
+            self.close()
+            raise
+
+    def _fail(self, what: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: not a valid safetensors file ({what}); it may be truncated or corrupt, download it again")
+
+    def _parse_header(self) -> tuple[dict[str, TensorInfo], dict[str, tuple[int, int]], int]:
+        assert self._fd is not None
+        size = os.fstat(self._fd).st_size
+        head = os.pread(self._fd, 8, 0)
+        if len(head) < 8:
+            raise self._fail("file shorter than the 8-byte header length")
+        header_len = int.from_bytes(head, "little")
+        if header_len > self.MAX_HEADER or 8 + header_len > size:
+            raise self._fail(f"header length {header_len} is larger than the file ({size} bytes); the file is truncated")
+        try:
+            header = json.loads(os.pread(self._fd, header_len, 8))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise self._fail(f"header is not valid JSON: {exc}") from None
+        if not isinstance(header, dict):
+            raise self._fail("header is not a JSON object")
+        header.pop("__metadata__", None)
+        data_start = 8 + header_len
+        data_size = size - data_start
+        infos: dict[str, TensorInfo] = {}
+        offsets: dict[str, tuple[int, int]] = {}
+        for name, entry in header.items():
+            try:
+                dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+                shape = tuple(entry["shape"])
+                begin, end = entry["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise self._fail(f"entry for tensor {name} is malformed") from None
+            ints = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (*shape, begin, end))
+            if not ints:
+                raise self._fail(f"entry for tensor {name} has an invalid shape or offsets")
+            info = TensorInfo(name, dtype, shape)
+            if end - begin != info.nbytes:
+                raise self._fail(f"tensor {name}: offsets [{begin}, {end}] do not match shape {list(shape)} of {entry['dtype']}")
+            if end > data_size:
+                raise CheckpointError(
+                    f"{self.path}: file is truncated (tensor {name} ends at byte {data_start + end}, the file has {size}); download it again"
+                )
+            infos[name], offsets[name] = info, (begin, end)
+        covered = 0
+        for begin, end in sorted(offsets.values()):
+            if begin != covered:
+                raise self._fail("tensor data offsets overlap or leave gaps")
+            covered = end
+        return infos, offsets, data_start
 
     def keys(self) -> list[str]:
-        return self._keys
+        return list(self._infos)
 
     def info(self, name: str) -> TensorInfo:
         return self._infos[name]
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handle.get_tensor(name)
+        info = self._infos[name]
+        begin, _ = self._offsets[name]
+        tensor = torch.empty(info.shape, dtype=info.dtype)
+        if info.nbytes == 0:
+            return tensor
+        if self._fd is None:
+            raise CheckpointError(f"{self.path}: already closed")
+        buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        position, done = self._data_start + begin, 0
+        while done < info.nbytes:
+            n = os.preadv(self._fd, [buffer[done:]], position + done)
+            if n <= 0:
+                raise CheckpointError(f"{self.path}: file ended while reading tensor {name}; it was truncated after opening")
+            done += n
+        return tensor
 
     def close(self) -> None:
-        self._handle = None
-
-
-def _check_data_size(path: Path, infos: Any) -> None:
-    """Refuse a file shorter than its header promises (a truncated download), before any tensor is read."""
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-    needed = 8 + header_len + sum(i.nbytes for i in infos)
-    actual = path.stat().st_size
-    if actual < needed:
-        raise CheckpointError(f"{path}: file is truncated ({actual} bytes, header promises {needed}); download it again")
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class _TorchFile:

@@ -500,7 +500,17 @@ def test_breadcrumbs_ties_rank_lower_index_first():
     # per row: drop 1 (index 0), keep 2 (indices 1, 2)
     want = [[False, True, True, False]] * 2
     assert breadcrumbs_mask(x, 0.5, 0.25).tolist() == want
-    assert breadcrumbs_mask(x, 0.25, 0.125, scope="tensor").tolist() == [[False] * 4, [True, True, False, False]]
+    # whole tensor, n = 8: the four 2s outrank the 1s; drop 1 (index 4), keep 2 (indices 5, 6)
+    assert breadcrumbs_mask(x, 0.25, 0.125, scope="tensor").tolist() == [[False] * 4, want[0]]
+
+
+def test_breadcrumbs_tie_breaking_on_large_tie_heavy_tensors():
+    # an unstable sort orders equal magnitudes arbitrarily at this size; the rule must still hold
+    x = torch.randint(-2, 3, (3, 2000), generator=torch.Generator().manual_seed(0)).to(F64)
+    assert torch.equal(breadcrumbs_mask(x, 0.3, 0.1), ref_breadcrumbs_rows(x, 0.3, 0.1))
+    n = x.numel()
+    want = ref_band(x.reshape(-1).tolist(), math.floor(0.1 * n), math.floor(0.1 * n) + math.floor(0.3 * n))
+    assert breadcrumbs_mask(x, 0.3, 0.1, scope="tensor").reshape(-1).tolist() == want
 
 
 def test_breadcrumbs_0d_unmasked_and_1d_is_one_row():
