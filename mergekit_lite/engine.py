@@ -94,7 +94,7 @@ class Plan:
             f"models:        {len(self.models)} ({', '.join(self.recipe.model_names)})",
             f"tensors:       {len(self.jobs)} ({merged} merged, {copied} copied from the base)",
             f"bytes to read: {_human(self.bytes_to_read)}",
-            f"bytes to write:{_human(self.bytes_to_write):>9} in {len(_shard_groups(self))} shard(s)",
+            f"bytes to write: {_human(self.bytes_to_write)} in {len(_shard_groups(self))} shard(s)",
             f"largest merged tensor: {largest.name} {list(largest.shape)}" if largest else "largest merged tensor: none",
             f"peak memory (estimate): {_human(self.peak_memory_estimate)}",
             f"compute dtype: {str(self.compute_dtype).removeprefix('torch.')}",
