@@ -20,7 +20,7 @@ from tqdm import tqdm
 from .card import model_card
 from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from .errors import CheckpointError, MergeKitLiteError, OutputError
-from .methods import MergeMethod, TensorContext
+from .methods import MergeMethod, TaskVectorSource, TensorContext
 from .recipe import Recipe
 from .writer import TOKENIZER_FILES, AtomicFolder, ShardedSafetensorsWriter, copy_support_files, write_config
 
@@ -62,7 +62,18 @@ class Plan:
         return sum(job.out.nbytes for job in self.jobs)
 
     @property
+    def passes(self) -> int:
+        """How many times the inputs are read: 1, plus the passes of model-wide statistics."""
+        return self.method.passes(self.params, self.compute_dtype)
+
+    @property
     def bytes_to_read(self) -> int:
+        """Bytes read from the inputs over all passes (statistics passes read the merged tensors again)."""
+        merged = sum(self.base.info(j.name).nbytes + sum(m.info(j.name).nbytes for m in self.models) for j in self.jobs if j.merge)
+        return self.bytes_per_pass + (self.passes - 1) * merged
+
+    @property
+    def bytes_per_pass(self) -> int:
         total = 0
         for job in self.jobs:
             total += self.base.info(job.name).nbytes
@@ -93,7 +104,7 @@ class Plan:
             f"base:          {self.base.ref}",
             f"models:        {len(self.models)} ({', '.join(self.recipe.model_names)})",
             f"tensors:       {len(self.jobs)} ({merged} merged, {copied} copied from the base)",
-            f"bytes to read: {_human(self.bytes_to_read)}",
+            f"bytes to read: {_human(self.bytes_to_read)}" + (f" ({self.passes} passes over the inputs)" if self.passes > 1 else ""),
             f"bytes to write: {_human(self.bytes_to_write)} in {len(_shard_groups(self))} shard(s)",
             f"largest merged tensor: {largest.name} {list(largest.shape)}" if largest else "largest merged tensor: none",
             f"peak memory (estimate): {_human(self.peak_memory_estimate)}",
@@ -217,6 +228,40 @@ def merge_tensor(plan: Plan, job: TensorJob, device: torch.device) -> torch.Tens
     return out.to(device="cpu", dtype=job.out.dtype)
 
 
+class EngineSource(TaskVectorSource):
+    """Passes over the merged tensors' task vectors, for methods that need model-wide statistics."""
+
+    def __init__(self, plan: Plan, device: torch.device, progress: bool = True):
+        self.plan = plan
+        self.device = device
+        self.progress = progress
+        self.compute_dtype = plan.compute_dtype
+        self.jobs = [job for job in plan.jobs if job.merge]
+        self.total_numel = sum(job.out.numel for job in self.jobs)
+
+    def tensors(self, description: str, tasks: Any = None) -> Iterator[tuple[str, Iterator[tuple[int, torch.Tensor]]]]:
+        plan, device, dtype = self.plan, self.device, self.compute_dtype
+        chosen = list(range(len(plan.models))) if tasks is None else list(tasks)
+        total = sum(plan.base.info(j.name).nbytes + sum(plan.models[t].info(j.name).nbytes for t in chosen) for j in self.jobs)
+        with tqdm(total=total, unit="B", unit_scale=True, desc=description, file=sys.stderr, disable=not self.progress, leave=False) as bar:
+            for job in self.jobs:
+                base = plan.base.get(job.name).to(device=device, dtype=dtype)
+
+                def deltas(name: str = job.name, base: torch.Tensor = base) -> Iterator[tuple[int, torch.Tensor]]:
+                    for t in chosen:
+                        yield t, plan.models[t].get(name).to(device=device, dtype=dtype).sub_(base)
+
+                yield job.name, deltas()
+                bar.update(plan.base.info(job.name).nbytes + sum(plan.models[t].info(job.name).nbytes for t in chosen))
+
+
+def compute_statistics(plan: Plan, device: torch.device, progress: bool = True) -> dict[str, Any]:
+    """Run the method's model-wide statistics passes (if any) and keep the result on the plan."""
+    if plan.method.statistics is not None and not plan.stats:
+        plan.stats = plan.method.statistics(EngineSource(plan, device, progress), plan.params, plan.model_params) or {}
+    return plan.stats
+
+
 def write_checkpoint(
     out_dir: str | os.PathLike[str],
     jobs: list[TensorInfo],
@@ -269,6 +314,7 @@ def execute(plan: Plan, out_dir: str | os.PathLike[str], *, force: bool = False,
         tokenizer_from = plan.base
     else:
         tokenizer_from = plan.models[recipe.model_names.index(recipe.tokenizer_source)]
+    compute_statistics(plan, dev, progress)
     jobs = {job.name: job for job in plan.jobs}
     out_dtype = dtype_from_name(recipe.output_dtype) if recipe.output_dtype else None
     return write_checkpoint(

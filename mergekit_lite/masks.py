@@ -2,7 +2,7 @@
 
 Pure functions on torch tensors (no file I/O, no globals). All arithmetic happens in the dtype of
 the inputs: callers pass float32 or float64 and cast the result back themselves. Formulas,
-defaults and the reference code's quirks are described in docs METHODS.md; each function says
+defaults and the reference code's quirks are described in METHODS.md; each function says
 where it follows or departs from the reference.
 """
 

@@ -71,7 +71,7 @@ class TensorContext:
     stats: dict[str, Any] = field(default_factory=dict)  # model-wide statistics from pass 0, if any
 
     def weights(self, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
-        return torch.tensor([p["weight"] for p in self.model_params], dtype=dtype, device=device)
+        return torch.tensor([p.get("weight", 1.0) for p in self.model_params], dtype=dtype, device=device)
 
 
 MergeFn = Callable[[Iterable[torch.Tensor], TensorContext], torch.Tensor]
@@ -88,6 +88,10 @@ class MergeMethod:
     paper: str = ""
     #: working copies of the largest tensor (in the compute dtype) held at once, for K models
     working_copies: Callable[[int], int] = lambda k: 4
+    #: model-wide statistics computed in extra passes before the merge (None: not needed)
+    statistics: Callable[["TaskVectorSource", dict[str, Any], list[dict[str, Any]]], dict[str, Any]] | None = None
+    #: how many times the inputs are read, for the plan
+    passes: Callable[[dict[str, Any], torch.dtype], int] = lambda params, dtype: 1
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -168,5 +172,279 @@ register(
         merge=_merge_task_arithmetic,
         paper="https://arxiv.org/abs/2212.04089",
         working_copies=lambda k: 3,
+    )
+)
+
+
+# -- helpers shared by the methods below ----------------------------------------------------------
+def stack_deltas(deltas: Iterable[torch.Tensor], count: int) -> torch.Tensor:
+    """Gather the task vectors of one tensor into one [T, ...] tensor without holding a second copy."""
+    stacked: torch.Tensor | None = None
+    for i, delta in enumerate(deltas):
+        if stacked is None:
+            stacked = torch.empty((count, *delta.shape), dtype=delta.dtype, device=delta.device)
+        stacked[i] = delta
+        del delta
+    assert stacked is not None, "at least one model is required"
+    return stacked
+
+
+def _weights_for(ctx: TensorContext, like: torch.Tensor) -> torch.Tensor:
+    return ctx.weights(like.dtype, like.device)
+
+
+class TaskVectorSource:
+    """What a method's model-wide statistics see: passes over every merged tensor's task vectors.
+
+    Implemented by the engine; each call of ``tensors`` is one full read of the checkpoints.
+    """
+
+    total_numel: int  # entries per task over all merged tensors
+    compute_dtype: torch.dtype
+
+    def tensors(self, description: str, tasks: Sequence[int] | None = None) -> Iterable[tuple[str, Iterable[tuple[int, torch.Tensor]]]]:
+        raise NotImplementedError
+
+
+def ties_model_statistics(source: TaskVectorSource, density: float, weights: Sequence[float]) -> dict[str, Any]:
+    """The reference's model-wide TIES quantities, exactly, in bounded memory.
+
+    thresholds[t]: the k-th largest |τ_t| over the whole model, k = ⌊density·n⌋ (radix select,
+    2 passes for float32, up to 4 for float64); majority: sign of Σ over the model of the elected
+    signs γ (one more pass), the sign that entries with a zero sum take.
+    """
+    from .masks import keep_count, majority_sign_count
+    from .select import KthLargestMagnitude
+
+    k = keep_count(source.total_numel, density)
+    selectors = [KthLargestMagnitude(k, source.compute_dtype) for _ in weights]
+    while not all(s.done for s in selectors):
+        pending = [t for t, s in enumerate(selectors) if not s.done]
+        for _, deltas in source.tensors("TIES thresholds", pending):
+            for t, delta in deltas:
+                selectors[t].observe(delta)
+        for t in pending:
+            selectors[t].end_pass()
+    thresholds = [s.value for s in selectors]
+    count = 0
+    for _, deltas in source.tensors("TIES majority sign"):
+        total: torch.Tensor | None = None
+        for t, delta in deltas:
+            term = delta.masked_fill_(delta.abs() < thresholds[t], 0).mul_(weights[t])
+            total = term if total is None else total.add_(term)
+        if total is not None:
+            count += int(majority_sign_count(total.unsqueeze(0)))
+    return {"thresholds": thresholds, "majority": 1.0 if count > 0 else -1.0}
+
+
+# -- TIES ---------------------------------------------------------------------------------------
+DENSITY_TIES = Param("density", float, 0.2, "Fraction of each task vector kept by magnitude (top-k), k = ⌊density·n⌋.", minimum=0, maximum=1)
+SCOPE_TIES = Param(
+    "scope", str, "model", "Where the trim threshold is computed: model (the paper's, one per task over the whole model) or tensor (mergekit's).",
+    choices=("model", "tensor"),
+)
+MERGE_MODE = Param("merge", str, "mean", "Disjoint merge of the entries that agree with the elected sign.", choices=("mean", "sum", "max"))
+NORMALIZE = Param("normalize", bool, True, "mergekit's flag: false turns the disjoint mean into a sum (merge: sum).")
+
+
+def _merge_mode(ctx: TensorContext) -> str:
+    return ctx.params["merge"] if ctx.params.get("normalize", True) else "sum"
+
+
+def _merge_ties(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+    from .masks import ties_merge
+
+    stacked = stack_deltas(deltas, len(ctx.model_params))
+    weights = _weights_for(ctx, stacked)
+    if ctx.params["scope"] == "model":
+        thresholds = torch.tensor(ctx.stats["thresholds"], dtype=stacked.dtype, device=stacked.device)
+        return ties_merge(stacked, ctx.params["density"], weights, _merge_mode(ctx), ctx.stats["majority"], thresholds)
+    # mergekit's per-tensor semantics: a zero sum counts as positive
+    return ties_merge(stacked, ctx.params["density"], weights, _merge_mode(ctx), fallback=1.0)
+
+
+def _ties_stats(source: TaskVectorSource, params: dict[str, Any], model_params: list[dict[str, Any]]) -> dict[str, Any]:
+    if params["scope"] != "model":
+        return {}
+    return ties_model_statistics(source, params["density"], [p["weight"] for p in model_params])
+
+
+def _ties_passes(params: dict[str, Any], dtype: torch.dtype) -> int:
+    if params.get("scope") != "model":
+        return 1
+    return 1 + (2 if dtype == torch.float32 else 4) + 1
+
+
+register(
+    MergeMethod(
+        name="ties",
+        summary="TIES: trim each τ_t to its top-density magnitudes, elect signs by summed mass, disjoint mean (Yadav et al., 2023).",
+        params=(DENSITY_TIES, SCOPE_TIES, MERGE_MODE, NORMALIZE, *COMMON),
+        merge=_merge_ties,
+        paper="https://arxiv.org/abs/2306.01708",
+        working_copies=lambda k: 4 * k + 2,
+        statistics=_ties_stats,
+        passes=_ties_passes,
+    )
+)
+
+
+# -- DARE ---------------------------------------------------------------------------------------
+DENSITY_DARE = Param("density", float, 0.1, "Keep probability of each entry (drop p = 1 − density); the paper's p = 0.9.", minimum=0, maximum=1)
+RESCALE = Param("rescale", bool, True, "Rescale the survivors by 1/density so the expected task vector is unchanged.")
+SEED = Param("seed", int, 0, "Seed; each (seed, model, tensor) has its own generator, so results do not depend on order or device.")
+
+
+def _dare_all(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> Iterable[torch.Tensor]:
+    from .masks import dare, generator_for
+
+    for name, params, delta in zip(ctx.model_names, ctx.model_params, deltas):
+        yield dare(delta, params["density"], generator_for(ctx.params["seed"], name, ctx.name), rescale=ctx.params["rescale"])
+
+
+def _merge_dare_linear(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+    return _merge_task_arithmetic(_dare_all(deltas, ctx), ctx)
+
+
+def _merge_dare_ties(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+    from .masks import disjoint_merge, elect_sign
+
+    stacked = stack_deltas(_dare_all(deltas, ctx), len(ctx.model_params))
+    weights = _weights_for(ctx, stacked)
+    sign = elect_sign(stacked * weights.view(-1, *([1] * (stacked.dim() - 1))), fallback=1.0)
+    return disjoint_merge(stacked, sign, weights, _merge_mode(ctx))
+
+
+DENSITY_DARE_PER_MODEL = Param(DENSITY_DARE.name, float, DENSITY_DARE.default, DENSITY_DARE.doc, per_model=True, minimum=0, maximum=1)
+
+register(
+    MergeMethod(
+        name="dare_linear",
+        summary="DARE: drop each entry of τ_t with probability p, rescale by 1/(1−p), then task arithmetic (Yu et al., 2024).",
+        params=(DENSITY_DARE_PER_MODEL, RESCALE, SEED, *COMMON),
+        merge=_merge_dare_linear,
+        paper="https://arxiv.org/abs/2311.03099",
+        working_copies=lambda k: 4,
+    )
+)
+register(
+    MergeMethod(
+        name="dare_ties",
+        summary="DARE drop-and-rescale, then TIES sign election and disjoint merge (mergekit's dare_ties).",
+        params=(DENSITY_DARE_PER_MODEL, RESCALE, SEED, MERGE_MODE, NORMALIZE, *COMMON),
+        merge=_merge_dare_ties,
+        paper="https://arxiv.org/abs/2311.03099",
+        working_copies=lambda k: 3 * k + 2,
+    )
+)
+
+
+# -- Model Breadcrumbs --------------------------------------------------------------------------
+DENSITY_BC = Param("density", float, 0.15, "β: fraction of each row kept after the outliers are removed.", per_model=True, minimum=0, maximum=1)
+GAMMA_BC = Param("gamma", float, 0.006, "γ: fraction of the largest magnitudes (outliers) removed per row.", per_model=True, minimum=0, maximum=1)
+SCOPE_BC = Param(
+    "scope", str, "row", "Ranking per row along the last dimension (row, the reference) or over the whole tensor (tensor, mergekit).",
+    choices=("row", "tensor"),
+)
+
+
+def _breadcrumbs_all(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> Iterable[torch.Tensor]:
+    from .masks import breadcrumbs
+
+    for params, delta in zip(ctx.model_params, deltas):
+        yield breadcrumbs(delta, params["density"], params["gamma"], ctx.params["scope"])
+
+
+def _merge_breadcrumbs(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+    return _merge_task_arithmetic(_breadcrumbs_all(deltas, ctx), ctx)
+
+
+def _merge_breadcrumbs_ties(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+    from .masks import disjoint_merge, elect_sign
+
+    stacked = stack_deltas(_breadcrumbs_all(deltas, ctx), len(ctx.model_params))
+    weights = _weights_for(ctx, stacked)
+    sign = elect_sign(stacked * weights.view(-1, *([1] * (stacked.dim() - 1))), fallback=1.0)
+    return disjoint_merge(stacked, sign, weights, _merge_mode(ctx))
+
+
+register(
+    MergeMethod(
+        name="breadcrumbs",
+        summary="Model Breadcrumbs: per row, drop the top-γ outliers and keep the next β fraction of τ_t, then sum (Davari & Belilovsky, 2023).",
+        params=(DENSITY_BC, GAMMA_BC, SCOPE_BC, *COMMON),
+        merge=_merge_breadcrumbs,
+        paper="https://arxiv.org/abs/2312.06795",
+        working_copies=lambda k: 6,
+    )
+)
+register(
+    MergeMethod(
+        name="breadcrumbs_ties",
+        summary="Breadcrumbs masks, then TIES sign election and disjoint merge (mergekit's breadcrumbs_ties).",
+        params=(DENSITY_BC, GAMMA_BC, SCOPE_BC, MERGE_MODE, NORMALIZE, *COMMON),
+        merge=_merge_breadcrumbs_ties,
+        paper="https://arxiv.org/abs/2312.06795",
+        working_copies=lambda k: 3 * k + 4,
+    )
+)
+
+
+# -- TALL masks and Consensus -------------------------------------------------------------------
+AGGREGATE = Param(
+    "aggregate", str, "task_arithmetic", "How τ_MTL is built: task_arithmetic (Σ τ_t) or ties (density 0.2, sum, model scope).",
+    choices=("task_arithmetic", "ties"),
+)
+TALL_LAMBDA = Param("tall_lambda", float, 0.4, "λ_t of the TALL mask |τ_t| > λ_t·|τ_MTL − τ_t| (the paper picks from 0.2…0.6).", per_model=True, minimum=0)
+CONSENSUS_K = Param("consensus_k", int, 2, "Keep weights used by at least k tasks (1 drops catastrophic, 2 also selfish ones).", minimum=0)
+TALL_TIES_DENSITY = 0.2
+
+
+def multitask_vector(stacked: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
+    """τ_MTL for TALL masks: Σ_t τ_t, or TIES with density 0.2 and sum over model-scope thresholds."""
+    from .masks import ties_merge
+
+    if ctx.params["aggregate"] == "task_arithmetic":
+        return stacked.sum(dim=0)
+    thresholds = torch.tensor(ctx.stats["thresholds"], dtype=stacked.dtype, device=stacked.device)
+    return ties_merge(stacked, TALL_TIES_DENSITY, None, "sum", ctx.stats["majority"], thresholds)
+
+
+def tall_masks_for(stacked: torch.Tensor, tau_mtl: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
+    """The T TALL masks of one tensor, [T, ...] bool."""
+    from .masks import tall_mask
+
+    return torch.stack([tall_mask(stacked[t], tau_mtl, p["tall_lambda"]) for t, p in enumerate(ctx.model_params)])
+
+
+def _merge_consensus(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+    from .masks import consensus_mask
+
+    stacked = stack_deltas(deltas, len(ctx.model_params))
+    tau_mtl = multitask_vector(stacked, ctx)
+    keep = consensus_mask(tall_masks_for(stacked, tau_mtl, ctx), ctx.params["consensus_k"])
+    return tau_mtl.masked_fill_(~keep, 0)
+
+
+def _aggregate_stats(source: TaskVectorSource, params: dict[str, Any], model_params: list[dict[str, Any]]) -> dict[str, Any]:
+    if params["aggregate"] != "ties":
+        return {}
+    return ties_model_statistics(source, TALL_TIES_DENSITY, [1.0] * len(model_params))
+
+
+def _aggregate_passes(params: dict[str, Any], dtype: torch.dtype) -> int:
+    return _ties_passes({"scope": "model" if params.get("aggregate") == "ties" else "tensor"}, dtype)
+
+
+register(
+    MergeMethod(
+        name="consensus",
+        summary="Consensus merging: keep the weights of τ_MTL that ≥ k tasks' TALL masks use (Wang et al., 2024).",
+        params=(AGGREGATE, CONSENSUS_K, TALL_LAMBDA, LAMBDA, INT8_MASK),
+        merge=_merge_consensus,
+        paper="https://arxiv.org/abs/2405.07813",
+        working_copies=lambda k: 3 * k + 3,
+        statistics=_aggregate_stats,
+        passes=_aggregate_passes,
     )
 )
