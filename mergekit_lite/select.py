@@ -38,6 +38,7 @@ from __future__ import annotations
 import operator
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 
 __all__ = ["COLLECT_LIMIT", "KthLargestMagnitude", "kth_largest_magnitude_streaming"]
@@ -56,7 +57,15 @@ _CPU_CHUNK = 1 << 20
 _DEVICE_CHUNK = 1 << 24
 
 _INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64}
+_NP_INT = {torch.int32: np.int32, torch.int64: np.int64}
 _NBITS = {torch.float32: 32, torch.float64: 64}
+
+
+def _filled(value: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Small fixed-size bookkeeping is done with numpy (single-threaded): torch's thread pool
+    # costs more than the work on 65,536 entries, a lot more on a busy machine.
+    t = torch.from_numpy(np.full(_HIST_LEN, value, dtype=_NP_INT[dtype]))
+    return t if device.type == "cpu" else t.to(device)
 
 
 def _bits_to_float(bits: int, dtype: torch.dtype) -> float:
@@ -105,6 +114,7 @@ class KthLargestMagnitude:
         self._total: int | None = None
         self._nan: int | None = None
         self._passes = 0
+        self._ones: dict[torch.device, torch.Tensor] = {}
         self._value: float | None = float("inf") if k == 0 else None
         self._reset_pass_state()
 
@@ -208,26 +218,33 @@ class KthLargestMagnitude:
         if picked.numel():
             self._gathered.append(picked.to("cpu"))
 
+    def _one(self, device: torch.device) -> torch.Tensor:
+        one = self._ones.get(device)
+        if one is None:
+            one = self._ones[device] = torch.ones(1, dtype=torch.int64, device=device)
+        return one
+
     def _histogram(self, bits: torch.Tensor) -> None:
         shift = self._known_shift - _DIGIT_BITS
         track = shift > 0  # at the last digit the histogram alone gives the exact answer
         if self._hist is None:
             dev = bits.device
-            self._hist = torch.zeros(_HIST_LEN, dtype=torch.int64, device=dev)
+            self._hist = _filled(0, torch.int64, dev)
             if track:
-                top = torch.iinfo(self._int_dtype).max
-                self._bin_min = torch.full((_HIST_LEN,), top, dtype=self._int_dtype, device=dev)
-                self._bin_max = torch.full((_HIST_LEN,), -1, dtype=self._int_dtype, device=dev)
+                self._bin_min = _filled(torch.iinfo(self._int_dtype).max, self._int_dtype, dev)
+                self._bin_max = _filled(-1, self._int_dtype, dev)
         elif bits.device != self._hist.device:
             bits = bits.to(self._hist.device)
-        key = bits >> shift if shift else bits.clone()
+        # (at shift 0 nothing else reads bits: reuse the buffer, it is our own copy)
+        key = bits >> shift if shift else bits
         # Relative to the prefix: candidates -> 1..65536, below (and NaN) -> 0, above -> 65537.
         # Clamp before subtracting so nothing overflows.
         base = self._prefix << _DIGIT_BITS
         key.clamp_(base - 1, base + _NBINS)
         key -= base - 1
         key = key.to(torch.int64)
-        self._hist += torch.bincount(key, minlength=_HIST_LEN)
+        # scatter_add_ of a broadcast 1 (O(chunk), no 65,536-bin temporary per call)
+        self._hist.scatter_add_(0, key, self._one(key.device).expand(key.numel()))
         if track:
             self._bin_min.scatter_reduce_(0, key, bits, reduce="amin")
             self._bin_max.scatter_reduce_(0, key, bits, reduce="amax")
@@ -253,9 +270,9 @@ class KthLargestMagnitude:
 
     def _end_histogram_pass(self) -> None:
         if self._hist is None:
-            hist = torch.zeros(_HIST_LEN, dtype=torch.int64)
+            hist = np.zeros(_HIST_LEN, dtype=np.int64)
         else:
-            hist = self._hist.to("cpu")
+            hist = self._hist.cpu().numpy()
         real = hist[1 : _NBINS + 1]
         seen = int(real.sum())
         first = self._candidates is None
@@ -274,8 +291,8 @@ class KthLargestMagnitude:
         self._passes += 1
 
         # counts_ge[b] = number of candidates whose digit is >= b.
-        counts_ge = real.flip(0).cumsum(0).flip(0)
-        b = int((counts_ge >= self._rank).sum()) - 1
+        counts_ge = np.cumsum(real[::-1])[::-1]
+        b = int(np.count_nonzero(counts_ge >= self._rank)) - 1
         count = int(real[b])
         self._rank -= int(counts_ge[b]) - count
         self._candidates = count
@@ -295,12 +312,13 @@ class KthLargestMagnitude:
             self._collect = True
 
     def _end_collect_pass(self) -> None:
-        cand = torch.cat(self._gathered) if self._gathered else torch.zeros(0, dtype=self._int_dtype)
-        if cand.numel() != self._candidates:
-            raise self._mismatch(cand.numel())
+        parts = [g.numpy() for g in self._gathered]
+        cand = np.concatenate(parts) if parts else np.zeros(0, dtype=_NP_INT[self._int_dtype])
+        if cand.size != self._candidates:
+            raise self._mismatch(cand.size)
         self._passes += 1
-        top = torch.topk(cand, self._rank).values
-        self._value = _bits_to_float(int(top[-1]), self._dtype)
+        pos = cand.size - self._rank  # ascending position of the rank-th largest
+        self._value = _bits_to_float(int(np.partition(cand, pos)[pos]), self._dtype)
 
 
 def kth_largest_magnitude_streaming(
