@@ -134,6 +134,41 @@ validate.epilog = RECIPE_HELP
 
 
 @main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON (overall, per layer, per tensor).")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Also draw them into this PNG file (needs matplotlib).")
+@click.option("--tall-lambda", type=float, help="λ of the TALL masks for every task (default: the recipe's tall_lambda, else 0.4).")
+@click.option("--aggregate", type=click.Choice(["task_arithmetic", "ties"]), help="How τ_MTL is built (default: the recipe's, else task_arithmetic).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@friendly_errors
+def masks(recipe: str, as_json: bool, plot: str | None, tall_lambda: float | None, aggregate: str | None, device: str, quiet: bool) -> None:
+    """Statistics of the TALL masks of RECIPE's models: which weights each task uses.
+
+    For every weight, count how many tasks' masks m_t = |τ_t| > λ_t·|τ_MTL − τ_t| contain it.
+    Prints the histogram of those counts (0..T) overall and per layer, the catastrophic (used by
+    no task) and selfish (used by one task) fractions, each task's mask density, and the pairwise
+    overlap of the masks. Reads each input once; writes nothing but the optional plot.
+    """
+    import json
+
+    from .engine import mask_statistics
+    from .recipe import Recipe
+
+    if tall_lambda is not None and (tall_lambda < 0 or tall_lambda != tall_lambda):
+        raise click.BadParameter("must be a number >= 0", param_hint="--tall-lambda")
+    stats = mask_statistics(Recipe.from_yaml(recipe), device=device, progress=not quiet, aggregate=aggregate, tall_lambda=tall_lambda)
+    if plot:
+        stats.plot(plot, title=f"TALL masks of {recipe}")
+    if as_json:
+        click.echo(json.dumps(stats.as_dict(), indent=2))
+    else:
+        click.echo(stats.report())
+        if plot:
+            click.echo(f"\nplot written to {plot}")
+
+
+@main.command()
 @click.argument("name", required=False)
 @friendly_errors
 def methods(name: str | None) -> None:

@@ -12,7 +12,7 @@ import sys
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -23,6 +23,9 @@ from .errors import CheckpointError, MergeKitLiteError, OutputError
 from .methods import MergeMethod, TaskVectorSource, TensorContext
 from .recipe import Recipe
 from .writer import TOKENIZER_FILES, AtomicFolder, ShardedSafetensorsWriter, copy_support_files, write_config
+
+if TYPE_CHECKING:
+    from .stats import MaskStats
 
 #: Rough resident size of the interpreter with torch imported, for the dry-run estimate.
 INTERPRETER_BYTES = 450 * 2**20
@@ -347,5 +350,41 @@ def run(
     the_plan = plan(recipe)
     try:
         return execute(the_plan, out_dir, force=force, device=device, progress=progress)
+    finally:
+        the_plan.close()
+
+
+def mask_statistics(
+    recipe: Recipe,
+    *,
+    device: str = "cpu",
+    progress: bool = True,
+    aggregate: str | None = None,
+    tall_lambda: float | None = None,
+) -> "MaskStats":
+    """TALL-mask statistics for the recipe's models, streamed one tensor at a time.
+
+    Uses the recipe's ``aggregate`` and ``tall_lambda`` when its method has them (consensus),
+    else task arithmetic and λ = 0.4; the arguments override both.
+    """
+    from .methods import multitask_vector, stack_deltas, tall_masks_for, ties_model_statistics
+    from .stats import MaskStats
+
+    dev = resolve_device(device)
+    the_plan = plan(recipe)
+    try:
+        count = len(the_plan.models)
+        params = {"aggregate": aggregate or the_plan.params.get("aggregate", "task_arithmetic")}
+        if params["aggregate"] not in ("task_arithmetic", "ties"):
+            raise MergeKitLiteError(f"--aggregate: {params['aggregate']!r} is not task_arithmetic or ties")
+        model_params = [{"tall_lambda": tall_lambda if tall_lambda is not None else p.get("tall_lambda", 0.4)} for p in the_plan.model_params]
+        source = EngineSource(the_plan, dev, progress)
+        stats = ties_model_statistics(source, 0.2, [1.0] * count) if params["aggregate"] == "ties" else {}
+        result = MaskStats(recipe.model_names)
+        for name, deltas in source.tensors("TALL masks"):
+            stacked = stack_deltas((d for _, d in deltas), count)
+            ctx = TensorContext(name, recipe.model_names, params, model_params, stats)
+            result.add(name, tall_masks_for(stacked, multitask_vector(stacked, ctx), ctx).cpu())
+        return result
     finally:
         the_plan.close()

@@ -1,0 +1,172 @@
+"""Mask statistics: how many tasks use each weight, per tensor, per layer and overall; and a plot.
+
+Accumulated one tensor at a time (``MaskStats.add``), so a whole model's masks are never held.
+Catastrophic weights are used by no task (count 0), selfish ones by exactly one (count 1).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+def layer_of(name: str) -> str:
+    """'model.layers.3.mlp.up_proj.weight' -> 'layer 3'; tensors outside the blocks -> 'other'."""
+    match = _LAYER.search(name)
+    return f"layer {int(match.group(1))}" if match else "other"
+
+
+@dataclass
+class Counts:
+    """Counters for one group of weights (a tensor, a layer, or the whole model)."""
+
+    tasks: int
+    histogram: list[int] = field(default_factory=list)  # histogram[c] = weights used by exactly c tasks
+    used: list[int] = field(default_factory=list)  # used[t] = weights in task t's mask
+    overlap: list[list[int]] = field(default_factory=list)  # overlap[i][j] = weights in both masks i and j
+
+    def __post_init__(self) -> None:
+        self.histogram = self.histogram or [0] * (self.tasks + 1)
+        self.used = self.used or [0] * self.tasks
+        self.overlap = self.overlap or [[0] * self.tasks for _ in range(self.tasks)]
+
+    def add(self, histogram: list[int], used: list[int], overlap: list[list[int]]) -> None:
+        self.histogram = [a + b for a, b in zip(self.histogram, histogram)]
+        self.used = [a + b for a, b in zip(self.used, used)]
+        self.overlap = [[a + b for a, b in zip(r1, r2)] for r1, r2 in zip(self.overlap, overlap)]
+
+    @property
+    def total(self) -> int:
+        return sum(self.histogram)
+
+    def fraction(self, count: int) -> float:
+        return self.histogram[count] / self.total if self.total else 0.0
+
+    @property
+    def density(self) -> list[float]:
+        return [u / self.total if self.total else 0.0 for u in self.used]
+
+    def jaccard(self, i: int, j: int) -> float:
+        union = self.used[i] + self.used[j] - self.overlap[i][j]
+        return self.overlap[i][j] / union if union else 0.0
+
+    def as_dict(self, names: list[str]) -> dict[str, Any]:
+        return {
+            "weights": self.total,
+            "histogram": self.histogram,
+            "catastrophic_fraction": self.fraction(0),
+            "selfish_fraction": self.fraction(1) if self.tasks >= 1 else 0.0,
+            "density": dict(zip(names, self.density)),
+            "overlap_jaccard": {f"{names[i]}|{names[j]}": self.jaccard(i, j) for i in range(self.tasks) for j in range(i + 1, self.tasks)},
+        }
+
+
+def mask_counts(masks: torch.Tensor) -> tuple[list[int], list[int], list[list[int]]]:
+    """Histogram of tasks per weight, weights per task, and pairwise intersections of [T, ...] bool masks."""
+    tasks = masks.shape[0]
+    flat = masks.reshape(tasks, -1)
+    per_weight = flat.sum(0, dtype=torch.int64)
+    histogram = torch.bincount(per_weight, minlength=tasks + 1).tolist()
+    as_float = flat.to(torch.float64)
+    overlap = (as_float @ as_float.T).round().to(torch.int64).tolist()
+    used = [overlap[t][t] for t in range(tasks)]
+    return histogram, used, overlap
+
+
+class MaskStats:
+    """Mask statistics for named tasks, added tensor by tensor."""
+
+    def __init__(self, task_names: list[str]):
+        self.task_names = list(task_names)
+        tasks = len(task_names)
+        self.overall = Counts(tasks)
+        self.layers: dict[str, Counts] = {}
+        self.tensors: dict[str, Counts] = {}
+
+    def add(self, name: str, masks: torch.Tensor) -> None:
+        """Count one tensor's masks ([T, ...] bool)."""
+        histogram, used, overlap = mask_counts(masks)
+        tasks = len(self.task_names)
+        for group in (self.overall, self.layers.setdefault(layer_of(name), Counts(tasks)), self.tensors.setdefault(name, Counts(tasks))):
+            group.add(histogram, used, overlap)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "tasks": self.task_names,
+            "overall": self.overall.as_dict(self.task_names),
+            "layers": {k: v.as_dict(self.task_names) for k, v in self.layers.items()},
+            "tensors": {k: v.as_dict(self.task_names) for k, v in self.tensors.items()},
+        }
+
+    def report(self) -> str:
+        """A plain-text table: overall and per layer, then each task's density."""
+        tasks = len(self.task_names)
+        header = f"{'group':<14}{'weights':>12}" + "".join(f"{f'{c} tasks':>10}" for c in range(tasks + 1)) + f"{'catastr.':>10}{'selfish':>10}"
+        lines = ["How many tasks' TALL masks use each weight (fractions of the group's weights):", header]
+        for label, counts in [("overall", self.overall), *sorted(self.layers.items(), key=lambda kv: _layer_key(kv[0]))]:
+            row = f"{label:<14}{counts.total:>12,}" + "".join(f"{counts.fraction(c):>10.3f}" for c in range(tasks + 1))
+            lines.append(row + f"{counts.fraction(0):>10.3f}{counts.fraction(1):>10.3f}")
+        lines.append("")
+        lines.append("Task densities (fraction of weights in each task's mask):")
+        for name, density in zip(self.task_names, self.overall.density):
+            lines.append(f"  {name:<24}{density:.4f}")
+        if tasks > 1:
+            lines.append("")
+            lines.append("Pairwise overlap (Jaccard index of two tasks' masks):")
+            for i in range(tasks):
+                for j in range(i + 1, tasks):
+                    lines.append(f"  {self.task_names[i]} & {self.task_names[j]}: {self.overall.jaccard(i, j):.4f}")
+        return "\n".join(lines)
+
+    def plot(self, path: str | Path, title: str = "TALL mask statistics") -> Path:
+        """A PNG with the overall histogram, the per-layer breakdown and each task's density."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            from .errors import MergeKitLiteError
+
+            raise MergeKitLiteError("--plot needs matplotlib: pip install 'mergekit-lite[plot]' (or pip install matplotlib)") from None
+        tasks = len(self.task_names)
+        layers = sorted(self.layers, key=_layer_key)
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [1, 2, 1]})
+        counts = list(range(tasks + 1))
+        colours = plt.cm.viridis([c / max(tasks, 1) for c in counts])
+        axes[0].bar(counts, [self.overall.fraction(c) for c in counts], color=colours)
+        axes[0].set_xlabel("number of tasks using the weight")
+        axes[0].set_ylabel("fraction of weights")
+        axes[0].set_title("overall")
+        axes[0].set_xticks(counts)
+        bottom = [0.0] * len(layers)
+        for c in counts:
+            values = [self.layers[l].fraction(c) for l in layers]
+            axes[1].bar(range(len(layers)), values, bottom=bottom, color=colours[c], label=f"{c} task{'s' if c != 1 else ''}")
+            bottom = [b + v for b, v in zip(bottom, values)]
+        axes[1].set_xticks(range(len(layers)))
+        axes[1].set_xticklabels(layers, rotation=60, ha="right", fontsize=8)
+        axes[1].set_ylabel("fraction of weights")
+        axes[1].set_title("per layer (0 = catastrophic, 1 = selfish)")
+        axes[1].legend(fontsize=7, ncol=2)
+        axes[2].barh(range(tasks), self.overall.density, color="tab:blue")
+        axes[2].set_yticks(range(tasks))
+        axes[2].set_yticklabels(self.task_names, fontsize=8)
+        axes[2].set_xlabel("mask density")
+        axes[2].set_title("per task")
+        fig.suptitle(title)
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        return path
+
+
+def _layer_key(label: str) -> tuple[int, int]:
+    return (0, int(label.split()[1])) if label.startswith("layer ") else (1, 0)
