@@ -5,8 +5,9 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from .collection import Collection
 from .engine import Plan, plan, run
-from .errors import CheckpointError, MergeKitLiteError, OutputError, RecipeError
+from .errors import CheckpointError, CollectionError, MergeKitLiteError, OutputError, RecipeError
 from .methods import METHODS, MergeMethod, get_method
 from .recipe import Recipe
 from .taskvector import LazyStateDict, TaskVector
@@ -15,6 +16,8 @@ __all__ = [
     "__version__",
     "Checkpoint",
     "CheckpointError",
+    "Collection",
+    "CollectionError",
     "LazyStateDict",
     "METHODS",
     "MergeKitLiteError",

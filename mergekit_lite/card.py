@@ -8,7 +8,7 @@ from . import __version__
 from .recipe import Recipe
 
 
-def model_card(recipe: Recipe) -> str:
+def model_card(recipe: Recipe, notes: str = "") -> str:
     """A README.md with YAML front matter (base_model, tags, library_name) and the recipe that made the model."""
     front = {
         "base_model": recipe.base_model,
@@ -31,6 +31,7 @@ def model_card(recipe: Recipe) -> str:
         + f"Made with mergekit-lite {__version__} using **{recipe.merge_method}**: {recipe.method.summary}\n"
         + (f"Method reference: {recipe.method.paper}\n" if recipe.method.paper else "")
         + f"\nBase model: `{recipe.base_model}`. Method parameters: {settings or 'defaults'}.\n\n"
+        + (f"{notes}\n\n" if notes else "")
         + "| task | model | parameters |\n|---|---|---|\n"
         + rows
         + "\n\n## Recipe\n\n```yaml\n"

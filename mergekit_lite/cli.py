@@ -98,6 +98,10 @@ def run(recipe: str, out_dir: str, dry_run: bool, force: bool, device: str, quie
         the_plan.close()
     if quiet:
         click.echo(str(path))
+    elif parsed.method.output == "collection":
+        click.echo(f"wrote collection {path} ({len(parsed.models)} tasks)")
+        click.echo(f"inspect it with: mergekit-lite inspect {path}")
+        click.echo(f"extract a task with: mergekit-lite extract {path} {parsed.model_names[0]} OUT_DIR")
     else:
         click.echo(f"wrote {path}")
         click.echo(f"load it with: AutoModelForCausalLM.from_pretrained({str(path)!r})")
@@ -166,6 +170,85 @@ def masks(recipe: str, as_json: bool, plot: str | None, tall_lambda: float | Non
         click.echo(stats.report())
         if plot:
             click.echo(f"\nplot written to {plot}")
+
+
+@main.command()
+@click.argument("collection", type=click.Path(file_okay=False))
+@click.argument("args", nargs=-1, metavar="TASK OUT_DIR | --all OUT_DIR")
+@click.option("--all", "all_tasks", is_flag=True, help="Extract every task into OUT_DIR/<task>/.")
+@click.option("--force", is_flag=True, help="Replace existing output folders.")
+@click.option("--base", "base", help="Where the base model is now, if it moved since compression (its SHA-256 is checked).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar; print only the output paths.")
+@friendly_errors
+def extract(collection: str, args: tuple[str, ...], all_tasks: bool, force: bool, base: str | None, quiet: bool) -> None:
+    """Write one task of a TALL-masks COLLECTION back as a Hugging Face checkpoint.
+
+    The task's weights are θ_0 + m_t ⊙ τ_MTL; its original config, generation config and
+    tokenizer files are copied. Only the task's own mask file is read (with τ_MTL and the base),
+    each checked against its SHA-256 first. `--all` extracts every task into OUT_DIR/<task>/.
+    """
+    from .collection import Collection
+    from .errors import MergeKitLiteError
+
+    if all_tasks and len(args) != 1 or not all_tasks and len(args) != 2:
+        raise MergeKitLiteError("usage: mergekit-lite extract COLLECTION TASK OUT_DIR, or mergekit-lite extract COLLECTION --all OUT_DIR")
+    coll = Collection.open(collection, base=base)
+    if all_tasks:
+        from pathlib import Path
+
+        out_root = Path(args[0])
+        out_root.mkdir(parents=True, exist_ok=True)
+        targets = [(entry["name"], out_root / entry["stem"]) for entry in coll.manifest["tasks"]]
+    else:
+        targets = [(args[0], args[1])]
+        coll.task(args[0])
+    for task, out in targets:
+        path = coll.extract(task, out, force=force, progress=not quiet)
+        click.echo(str(path) if quiet else f"wrote {task} to {path}")
+
+
+@main.command()
+@click.argument("collection", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+@click.option("--verify", is_flag=True, help="Also check the SHA-256 of every file (reads the whole collection and a referenced base).")
+@friendly_errors
+def inspect(collection: str, as_json: bool, verify: bool) -> None:
+    """Show what a TALL-masks COLLECTION holds: tasks, λ, mask densities, size and ratio.
+
+    Sizes: the collection's files on disk, plus the referenced base's weights when the base is not
+    embedded, beside the bytes of the original fine-tuned checkpoints. Opening checks the manifest's
+    own checksum and every file's size; --verify checks every file's SHA-256 too.
+    """
+    import json
+
+    from .collection import Collection
+
+    coll = Collection.open(collection)
+    checked = coll.verify() if verify else None
+    info = coll.summary()
+    if checked is not None:
+        info["verified_files"] = checked
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    mb = 1e6
+    base = info["base"]
+    click.echo(f"collection {info['path']} (format version {info['format_version']}, {info['created_by']})")
+    click.echo(f"base: {base['reference']} ({'embedded' if base['embedded'] else 'referenced, checked by SHA-256'})")
+    click.echo(f"τ_MTL: {info['aggregate']}, stored as {info['mtl_dtype']}")
+    click.echo(f"{'task':<24}{'λ':>6}{'density':>10}{'rel. error':>12}{'original MB':>14}")
+    for t in info["tasks"]:
+        click.echo(f"{t['name']:<24}{t['tall_lambda']:>6}{t['density']:>10.4f}{t['relative_error']:>12.4f}{t['original_bytes'] / mb:>14.1f}")
+    click.echo(
+        f"on disk: {info['bytes_on_disk'] / mb:.1f} MB"
+        + ("" if base["embedded"] else f" + base {base['bytes'] / mb:.1f} MB")
+        + f"; original checkpoints: {info['original_bytes'] / mb:.1f} MB; ratio {info['ratio']:.2f}x"
+    )
+    stats = info["mask_stats"]
+    click.echo(f"weights used by no task (catastrophic): {stats['catastrophic_fraction']:.4f}; by one (selfish): {stats['selfish_fraction']:.4f}")
+    click.echo(f"tasks per weight (0..T): {stats['histogram']}")
+    if checked is not None:
+        click.echo(f"verified: SHA-256 of {checked} files ok")
 
 
 @main.command()

@@ -213,21 +213,25 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def merge_tensor(plan: Plan, job: TensorJob, device: torch.device) -> torch.Tensor:
-    """Compute one output tensor: θ_0 + λ · method(τ_1..τ_T), in the compute dtype, cast to the output dtype."""
-    stored = plan.base.get(job.name)
-    if not job.merge:
-        return stored.to(job.out.dtype) if stored.dtype != job.out.dtype else stored
-    base = stored.to(device=device, dtype=plan.compute_dtype)
-    del stored
+def merged_delta(plan: Plan, job: TensorJob, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The base tensor (compute dtype, on ``device``) and the method's merged task vector for it, before λ."""
+    base = plan.base.get(job.name).to(device=device, dtype=plan.compute_dtype)
 
     def deltas() -> Iterator[torch.Tensor]:
         for ckpt in plan.models:
             yield ckpt.get(job.name).to(device=device, dtype=plan.compute_dtype).sub_(base)
 
     ctx = TensorContext(job.name, plan.recipe.model_names, plan.params, plan.model_params, plan.stats)
-    merged = plan.method.merge(deltas(), ctx)
-    out = base.add_(merged, alpha=plan.params["lambda"])
+    return base, plan.method.merge(deltas(), ctx)
+
+
+def merge_tensor(plan: Plan, job: TensorJob, device: torch.device, lam: float | None = None) -> torch.Tensor:
+    """Compute one output tensor: θ_0 + λ · method(τ_1..τ_T), in the compute dtype, cast to the output dtype."""
+    if not job.merge:
+        stored = plan.base.get(job.name)
+        return stored.to(job.out.dtype) if stored.dtype != job.out.dtype else stored
+    base, merged = merged_delta(plan, job, device)
+    out = base.add_(merged, alpha=plan.params["lambda"] if lam is None else lam)
     return out.to(device="cpu", dtype=job.out.dtype)
 
 
@@ -278,6 +282,7 @@ def write_checkpoint(
     force: bool = False,
     progress: bool = True,
     description: str = "merging",
+    extra_files: Path | None = None,
 ) -> Path:
     """Write a Hugging Face checkpoint atomically, producing tensors one at a time in ``jobs`` order."""
     folder = AtomicFolder(out_dir, force=force)
@@ -300,6 +305,8 @@ def write_checkpoint(
                 copy_support_files(support_from.folder, tmp, ["generation_config.json"])
             if tokenizer_from is not None:
                 copy_support_files(tokenizer_from.folder, tmp, TOKENIZER_FILES)
+            if extra_files is not None:
+                copy_support_files(extra_files, tmp, sorted(p.name for p in extra_files.iterdir() if p.is_file()))
             if card is not None:
                 (tmp / "README.md").write_text(card, encoding="utf-8")
         except OSError as exc:
@@ -308,8 +315,23 @@ def write_checkpoint(
 
 
 def execute(plan: Plan, out_dir: str | os.PathLike[str], *, force: bool = False, device: str = "cpu", progress: bool = True) -> Path:
-    """Run a plan: stream every tensor through the method into a new checkpoint folder."""
+    """Run a plan: stream every tensor through the method into a new checkpoint (or collection) folder."""
+    from .evaluate import lambda_grid
+
     dev = resolve_device(device)
+    if plan.method.output == "collection":
+        from .collection import compress
+
+        return compress(plan, out_dir, force=force, device=device, progress=progress)
+    compute_statistics(plan, dev, progress)
+    grid = lambda_grid(plan)
+    if grid is not None:
+        return _execute_with_lambda_search(plan, out_dir, grid, force=force, device=dev, progress=progress)
+    jobs = {job.name: job for job in plan.jobs}
+    return _write_merged(plan, out_dir, lambda info: merge_tensor(plan, jobs[info.name], dev), model_card(plan.recipe), force, progress)
+
+
+def _write_merged(plan: Plan, out_dir: str | os.PathLike[str], produce: Callable[[TensorInfo], torch.Tensor], card: str, force: bool, progress: bool) -> Path:
     recipe = plan.recipe
     if recipe.tokenizer_source == "none":
         tokenizer_from = None
@@ -317,21 +339,60 @@ def execute(plan: Plan, out_dir: str | os.PathLike[str], *, force: bool = False,
         tokenizer_from = plan.base
     else:
         tokenizer_from = plan.models[recipe.model_names.index(recipe.tokenizer_source)]
-    compute_statistics(plan, dev, progress)
-    jobs = {job.name: job for job in plan.jobs}
     out_dtype = dtype_from_name(recipe.output_dtype) if recipe.output_dtype else None
     return write_checkpoint(
         out_dir,
         [job.out for job in plan.jobs],
-        lambda info: merge_tensor(plan, jobs[info.name], dev),
+        produce,
         support_from=plan.base,
         tokenizer_from=tokenizer_from,
-        card=model_card(recipe),
+        card=card,
         out_dtype=out_dtype,
         shard_size=recipe.output.shard_size,
         force=force,
         progress=progress,
     )
+
+
+def _execute_with_lambda_search(
+    plan: Plan, out_dir: str | os.PathLike[str], grid: list[float], *, force: bool, device: torch.device, progress: bool
+) -> Path:
+    """Merge once into a scratch file, pick λ with the evaluator, then write θ_0 + λ·merged."""
+    from .evaluate import load_evaluator, search_merge_lambda, temporary_folder
+
+    assert plan.recipe.evaluator is not None
+    evaluator = load_evaluator(plan.recipe.evaluator)
+    AtomicFolder(out_dir, force=force).check()
+    merged_jobs = [job for job in plan.jobs if job.merge]
+    with temporary_folder(out_dir) as scratch:
+        folder = Path(scratch)
+        writer = ShardedSafetensorsWriter(folder, [TensorInfo(j.name, plan.compute_dtype, j.out.shape) for j in merged_jobs], 2**62, prefix="merged")
+        try:
+            total = sum(j.out.nbytes for j in merged_jobs)
+            with tqdm(total=total, unit="B", unit_scale=True, desc="merging", file=sys.stderr, disable=not progress, leave=False) as bar:
+                for job in merged_jobs:
+                    writer.write(job.name, merged_delta(plan, job, device)[1].cpu())
+                    bar.update(job.out.nbytes)
+            writer.close()
+        finally:
+            writer.abort()
+        delta = Checkpoint("merged task vector", folder, {n: folder / f for n, f in writer.shard_of.items()}, None)
+        try:
+            lam, scores = search_merge_lambda(evaluator, plan, delta, grid, progress)
+            jobs = {job.name: job for job in plan.jobs}
+
+            def produce(info: TensorInfo) -> torch.Tensor:
+                job = jobs[info.name]
+                if not job.merge:
+                    return merge_tensor(plan, job, device)
+                out = plan.base.get(job.name).to(plan.compute_dtype).add_(delta.get(job.name), alpha=lam)
+                return out.to(job.out.dtype)
+
+            table = ", ".join(f"λ={k}: {v:.4g}" for k, v in scores.items())
+            notes = f"λ = {lam} was chosen by the evaluator `{plan.recipe.evaluator}` (mean score over the tasks; {table})."
+            return _write_merged(plan, out_dir, produce, model_card(plan.recipe, notes), force, progress)
+        finally:
+            delta.close()
 
 
 def run(

@@ -17,3 +17,7 @@ class CheckpointError(MergeKitLiteError):
 
 class OutputError(MergeKitLiteError):
     """The output location cannot be written (exists without --force, disk full, ...)."""
+
+
+class CollectionError(MergeKitLiteError):
+    """A compressed collection is incomplete, corrupted, or asked for something it does not hold."""

@@ -28,9 +28,17 @@ class Param:
     choices: tuple[str, ...] | None = None
     minimum: float | None = None
     maximum: float | None = None
+    #: a list of values is a search grid, tried with the recipe's evaluator
+    searchable: bool = False
+    #: the grid searched when an evaluator is given and the recipe sets no value
+    default_grid: tuple[float, ...] | None = None
 
     def check(self, value: Any, where: str) -> Any:
         """Validate and normalise one value; raise RecipeError naming ``where`` otherwise."""
+        if self.searchable and isinstance(value, list):
+            if not value:
+                raise RecipeError(f"{where}: a search grid needs at least one value")
+            return [self.check(v, f"{where}[{i}]") for i, v in enumerate(value)]
         if isinstance(value, (list, dict)):
             raise RecipeError(
                 f"{where}: lists and filtered values (mergekit 'gradients') are not supported yet; give a single value"
@@ -92,6 +100,8 @@ class MergeMethod:
     statistics: Callable[["TaskVectorSource", dict[str, Any], list[dict[str, Any]]], dict[str, Any]] | None = None
     #: how many times the inputs are read, for the plan
     passes: Callable[[dict[str, Any], torch.dtype], int] = lambda params, dtype: 1
+    #: what the method writes: a merged Hugging Face checkpoint, or a compressed collection
+    output: str = "model"
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -147,6 +157,11 @@ def get_method(name: str) -> MergeMethod:
 # -- shared parameters ---------------------------------------------------------------------------
 WEIGHT = Param("weight", float, 1.0, "Per-model weight w_t multiplying its task vector (negative forgets a task).", per_model=True)
 LAMBDA = Param("lambda", float, 1.0, "Scaling coefficient λ of the combined task vector: θ = θ_0 + λ·merged.")
+#: λ for the methods whose papers search it on validation data (a list is a grid for the evaluator)
+LAMBDA_SEARCHABLE = Param(
+    "lambda", float, 1.0, "Scaling coefficient λ: θ = θ_0 + λ·merged. A list is a grid searched with the recipe's evaluator.",
+    searchable=True, default_grid=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+)
 INT8_MASK = Param(
     "int8_mask", bool, False, "Accepted for mergekit compatibility: a memory flag there; masks here are always bool, so it changes nothing."
 )
@@ -168,7 +183,7 @@ register(
     MergeMethod(
         name="task_arithmetic",
         summary="θ = θ_0 + λ · Σ_t w_t τ_t (Ilharco et al., 2023).",
-        params=COMMON,
+        params=(WEIGHT, LAMBDA_SEARCHABLE, INT8_MASK),
         merge=_merge_task_arithmetic,
         paper="https://arxiv.org/abs/2212.04089",
         working_copies=lambda k: 3,
@@ -395,7 +410,10 @@ AGGREGATE = Param(
     "aggregate", str, "task_arithmetic", "How τ_MTL is built: task_arithmetic (Σ τ_t) or ties (density 0.2, sum, model scope).",
     choices=("task_arithmetic", "ties"),
 )
-TALL_LAMBDA = Param("tall_lambda", float, 0.4, "λ_t of the TALL mask |τ_t| > λ_t·|τ_MTL − τ_t| (the paper picks from 0.2…0.6).", per_model=True, minimum=0)
+TALL_LAMBDA = Param(
+    "tall_lambda", float, 0.4, "λ_t of the TALL mask |τ_t| > λ_t·|τ_MTL − τ_t|; a list is a grid searched per task with the evaluator (the paper: 0.2…0.6).",
+    per_model=True, minimum=0, searchable=True, default_grid=(0.2, 0.3, 0.4, 0.5, 0.6),
+)
 CONSENSUS_K = Param("consensus_k", int, 2, "Keep weights used by at least k tasks (1 drops catastrophic, 2 also selfish ones).", minimum=0)
 TALL_TIES_DENSITY = 0.2
 
@@ -440,11 +458,38 @@ register(
     MergeMethod(
         name="consensus",
         summary="Consensus merging: keep the weights of τ_MTL that ≥ k tasks' TALL masks use (Wang et al., 2024).",
-        params=(AGGREGATE, CONSENSUS_K, TALL_LAMBDA, LAMBDA, INT8_MASK),
+        params=(AGGREGATE, CONSENSUS_K, TALL_LAMBDA, LAMBDA_SEARCHABLE, INT8_MASK),
         merge=_merge_consensus,
         paper="https://arxiv.org/abs/2405.07813",
         working_copies=lambda k: 3 * k + 3,
         statistics=_aggregate_stats,
         passes=_aggregate_passes,
+    )
+)
+
+
+# -- TALL-masks compression (writes a collection, not a merged model) -----------------------------
+MTL_DTYPE = Param(
+    "mtl_dtype", str, "auto", "Stored dtype of τ_MTL: auto (float32, or float64 for float64 models; see docs/collection-format.md) or a dtype.",
+    choices=("auto", "float32", "float64", "bfloat16", "float16"),
+)
+EMBED_BASE = Param("embed_base", bool, False, "Store the base weights inside the collection instead of a reference (path/hub id + SHA-256).")
+
+
+def _no_merge(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+    raise RecipeError("merge_method: tall_masks writes a collection; it has no merged model")
+
+
+register(
+    MergeMethod(
+        name="tall_masks",
+        summary="TALL-masks compression: base + τ_MTL + one bit per weight per task; extract any fine-tune again (Wang et al., 2024).",
+        params=(AGGREGATE, TALL_LAMBDA, MTL_DTYPE, EMBED_BASE, INT8_MASK),
+        merge=_no_merge,
+        paper="https://arxiv.org/abs/2405.07813",
+        working_copies=lambda k: 3 * k + 3,
+        statistics=_aggregate_stats,
+        passes=_aggregate_passes,
+        output="collection",
     )
 )

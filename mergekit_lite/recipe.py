@@ -84,6 +84,7 @@ class Recipe(_Strict):
     include: list[str] | None = None
     exclude: list[str] = Field(default_factory=list)
     output: OutputOptions = Field(default_factory=OutputOptions)
+    evaluator: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
@@ -138,7 +139,14 @@ class Recipe(_Strict):
         for i, entry in enumerate(self.models):
             if "+" in entry.model and not os.path.exists(entry.model):
                 raise RecipeError(f"models[{i}].model: 'model+lora' references are not supported yet; merge the LoRA first")
-        self.method.resolve(self.parameters, [m.parameters for m in self.models])
+        params, per_model = self.method.resolve(self.parameters, [m.parameters for m in self.models])
+        if self.evaluator is None:
+            for where, values in [("parameters", params), *((f"models[{i}].parameters", p) for i, p in enumerate(per_model))]:
+                for key, value in values.items():
+                    if isinstance(value, list):
+                        raise RecipeError(f"{where}.{key}: a list of values is a search grid and needs 'evaluator: module:function'")
+        if self.method.output == "collection" and (self.include is not None or self.exclude):
+            raise RecipeError("include/exclude: a collection stores every tensor of every model; remove include/exclude")
         seen: dict[str, int] = {}
         for i, name in enumerate(self.model_names):
             if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:

@@ -8,6 +8,7 @@ only when complete.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -102,6 +103,9 @@ class ShardedSafetensorsWriter:
         self._next = 0
         self._file: BinaryIO | None = None
         self._open_shard: _Shard | None = None
+        self._hash: Any = None
+        #: SHA-256 and size of every finished shard, computed while writing (no read-back)
+        self.digests: dict[str, tuple[str, int]] = {}
 
     @property
     def total_size(self) -> int:
@@ -128,12 +132,14 @@ class ShardedSafetensorsWriter:
         self._finish_shard()
         self._file = open(self.folder / shard.file_name, "wb")
         self._open_shard = shard
+        self._hash = hashlib.sha256()
         self._write_bytes(shard.header)
 
     def _write_bytes(self, data: Any) -> None:
         assert self._file is not None
         try:
             self._file.write(data)
+            self._hash.update(data)
         except OSError as exc:
             raise OutputError(f"{self._file.name}: write failed: {exc.strerror or exc}") from exc
 
@@ -143,6 +149,8 @@ class ShardedSafetensorsWriter:
                 self._file.close()
             except OSError as exc:
                 raise OutputError(f"{self._file.name}: write failed: {exc.strerror or exc}") from exc
+            assert self._open_shard is not None
+            self.digests[self._open_shard.file_name] = (self._hash.hexdigest(), len(self._open_shard.header) + self._open_shard.nbytes)
             self._file = None
             self._open_shard = None
 
@@ -154,12 +162,22 @@ class ShardedSafetensorsWriter:
         for shard in self.shards:
             if not shard.tensors:
                 (self.folder / shard.file_name).write_bytes(shard.header)
+                self.digests[shard.file_name] = (hashlib.sha256(shard.header).hexdigest(), len(shard.header))
         if len(self.shards) > 1:
             index = {
                 "metadata": {"total_size": self.total_size},
                 "weight_map": {t.name: s.file_name for s in self.shards for t in s.tensors},
             }
-            write_json(self.folder / f"{self.prefix}.safetensors.index.json", index)
+            write_json(self.folder / self.index_name, index)
+
+    @property
+    def index_name(self) -> str:
+        return f"{self.prefix}.safetensors.index.json"
+
+    @property
+    def shard_of(self) -> dict[str, str]:
+        """Which file each tensor is written to."""
+        return {t.name: s.file_name for s in self.shards for t in s.tensors}
 
     def abort(self) -> None:
         if self._file is not None:
@@ -230,6 +248,15 @@ class AtomicFolder:
         os.rename(self.path, dest)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def sha256_file(path: Path, chunk: int = 16 * 2**20) -> str:
+    """SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def copy_support_files(source: Path | None, destination: Path, names: Iterable[str]) -> list[str]:

@@ -1,0 +1,441 @@
+"""Compressed collections of fine-tunes (TALL-masks): write, open, verify, extract, inspect.
+
+A collection stores the base (embedded, or referenced with the SHA-256 of its weight files),
+the multi-task vector τ_MTL, and one bit per weight per task; task t comes back as
+θ̂_t = θ_0 + m_t ⊙ τ_MTL. The format is described in docs/collection-format.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from . import __version__
+from .bitpack import pack_bits, packed_size, unpack_bits
+from .checkpoint import Checkpoint, TensorInfo, open_checkpoint, resolve_reference
+from .errors import CheckpointError, CollectionError, OutputError
+from .methods import TensorContext, multitask_vector, stack_deltas, suggest
+from .masks import tall_mask
+from .stats import MaskStats
+from .writer import (
+    TOKENIZER_FILES,
+    AtomicFolder,
+    ShardedSafetensorsWriter,
+    copy_support_files,
+    sha256_file,
+    write_json,
+)
+
+FORMAT = "mergekit-lite-collection"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+MANIFEST_CHECKSUM = "manifest.json.sha256"
+SUPPORT_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def task_file_stem(index: int, name: str) -> str:
+    """A file-name-safe, unique stem for a task: its index and a sanitised name (no separators, no '..')."""
+    clean = _UNSAFE.sub("_", name).strip("._") or "task"
+    return f"{index:03d}-{clean[:64]}"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def resolve_mtl_dtype(choice: str, jobs: list[TensorInfo]) -> torch.dtype:
+    """'auto' stores τ_MTL in float32 (float64 if the model is float64); see docs/collection-format.md."""
+    if choice != "auto":
+        return getattr(torch, choice)
+    return torch.float64 if any(j.dtype == torch.float64 for j in jobs) else torch.float32
+
+
+# -- writing ------------------------------------------------------------------------------------
+def compress(plan: Any, out_dir: str | os.PathLike[str], *, force: bool = False, device: str = "cpu", progress: bool = True) -> Path:
+    """Write the recipe's models as a TALL-masks collection into ``out_dir`` (atomically)."""
+    from .engine import EngineSource, compute_statistics, resolve_device
+    from .evaluate import load_evaluator, search_tall_lambdas
+
+    dev = resolve_device(device)
+    recipe = plan.recipe
+    names = recipe.model_names
+    count = len(names)
+    stems = [task_file_stem(i, n) for i, n in enumerate(names)]
+    compute_statistics(plan, dev, progress)
+    merged = [plan.base.info(job.name) for job in plan.jobs if job.merge]
+    base_infos = {job.name: plan.base.info(job.name) for job in plan.jobs}
+    mtl_dtype = resolve_mtl_dtype(plan.params["mtl_dtype"], [base_infos[i.name] for i in merged])
+    grids = [p["tall_lambda"] if isinstance(p["tall_lambda"], list) else None for p in plan.model_params]
+    evaluator = load_evaluator(recipe.evaluator) if recipe.evaluator else None
+    if evaluator is not None:  # an evaluator with no grid given searches the paper's grid
+        given = {"tall_lambda"} & (set(recipe.parameters) | {k for m in recipe.models for k in m.parameters})
+        if not given:
+            grids = [list(plan.method.param("tall_lambda").default_grid)] * count
+    searching = any(g is not None for g in grids)
+    ctx_params = {"aggregate": plan.params["aggregate"]}
+
+    folder = AtomicFolder(out_dir, force=force)
+    with folder as tmp:
+        (tmp / "masks").mkdir()
+        tau_writer = ShardedSafetensorsWriter(tmp, [TensorInfo(i.name, mtl_dtype, i.shape) for i in merged], recipe.output.shard_size, prefix="tau_mtl")
+        source = EngineSource(plan, dev, progress)
+        lambdas = [p["tall_lambda"] for p in plan.model_params]
+        scores: list[dict[str, float] | None] = [None] * count
+        tau_reader: Checkpoint | None = None
+        if searching:
+            # phase 1: τ_MTL only; then each task's λ by the evaluator on its reconstruction
+            for name, deltas in source.tensors("τ_MTL"):
+                stacked = stack_deltas((d for _, d in deltas), count)
+                ctx = TensorContext(name, names, ctx_params, plan.model_params, plan.stats)
+                tau_writer.write(name, multitask_vector(stacked, ctx).to(mtl_dtype).cpu())
+            tau_writer.close()
+            tau_reader = Checkpoint("τ_MTL", tmp, {n: tmp / f for n, f in tau_writer.shard_of.items()}, None)
+            assert evaluator is not None
+            lambdas, scores = search_tall_lambdas(
+                evaluator, plan, tau_reader, grids, lambdas, dev, progress
+            )
+        mask_writers = [
+            ShardedSafetensorsWriter(tmp / "masks", [TensorInfo(i.name, torch.uint8, (packed_size(i.numel),)) for i in merged], 2**62, prefix=stem)
+            for stem in stems
+        ]
+        stats = MaskStats(names)
+        error = [0.0] * count
+        norm = [0.0] * count
+        try:
+            for name, deltas in source.tensors("TALL masks" if searching else "compressing"):
+                stacked = stack_deltas((d for _, d in deltas), count)
+                if tau_reader is None:
+                    ctx = TensorContext(name, names, ctx_params, plan.model_params, plan.stats)
+                    stored = multitask_vector(stacked, ctx).to(mtl_dtype)
+                    tau_writer.write(name, stored.cpu())
+                else:
+                    stored = tau_reader.get(name).to(dev)
+                tau = stored.to(stacked.dtype)  # masks are built from the τ_MTL that extraction will use
+                masks = torch.stack([tall_mask(stacked[t], tau, lambdas[t]) for t in range(count)])
+                for t in range(count):
+                    mask_writers[t].write(name, pack_bits(masks[t]).cpu())
+                    error[t] += float((torch.where(masks[t], tau, 0) - stacked[t]).double().square().sum())
+                    norm[t] += float(stacked[t].double().square().sum())
+                stats.add(name, masks.cpu())
+            if tau_reader is None:
+                tau_writer.close()
+            else:
+                tau_reader.close()
+            for w in mask_writers:
+                w.close()
+        finally:
+            tau_writer.abort()
+            for w in mask_writers:
+                w.abort()
+        files: dict[str, dict[str, Any]] = {}
+        for file_name, (digest, size) in tau_writer.digests.items():
+            files[file_name] = {"sha256": digest, "size": size}
+        if len(tau_writer.shards) > 1:
+            files[tau_writer.index_name] = _file_entry(tmp / tau_writer.index_name)
+        for stem, w in zip(stems, mask_writers):
+            for file_name, (digest, size) in w.digests.items():
+                files[f"masks/{file_name}"] = {"sha256": digest, "size": size}
+        base_entry = _store_base(plan, recipe, tmp, files)
+        tasks = []
+        for t, (name, stem, ckpt, entry) in enumerate(zip(names, stems, plan.models, recipe.models)):
+            copied = []
+            if ckpt.folder is not None:
+                (tmp / "tasks" / stem).mkdir(parents=True)
+                copied = copy_support_files(ckpt.folder, tmp / "tasks" / stem, SUPPORT_FILES)
+                for f in copied:
+                    files[f"tasks/{stem}/{f}"] = _file_entry(tmp / "tasks" / stem / f)
+            dtypes = {i.name: _dtype_name(ckpt.info(i.name).dtype) for i in merged if ckpt.info(i.name).dtype != base_infos[i.name].dtype}
+            tasks.append(
+                {
+                    "name": name,
+                    "stem": stem,
+                    "source": entry.model,
+                    "tall_lambda": lambdas[t],
+                    "lambda_scores": scores[t],
+                    "mask_file": f"masks/{stem}.safetensors",
+                    "density": stats.overall.density[t],
+                    "relative_error": (error[t] / norm[t]) ** 0.5 if norm[t] else 0.0,
+                    "original_bytes": ckpt.nbytes,
+                    "support_files": copied,
+                    "dtypes": dtypes,
+                }
+            )
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created_by": f"mergekit-lite {__version__}",
+            "aggregate": plan.params["aggregate"],
+            "mtl_dtype": _dtype_name(mtl_dtype),
+            "mask_bit_order": "big",
+            "base": base_entry,
+            "tasks": tasks,
+            "tensors": [
+                {"name": job.name, "dtype": _dtype_name(base_infos[job.name].dtype), "shape": list(job.out.shape), "stored": job.merge}
+                for job in plan.jobs
+            ],
+            "tau_mtl": {"files": sorted(tau_writer.digests), "index": tau_writer.index_name if len(tau_writer.shards) > 1 else None, "weight_map": tau_writer.shard_of},
+            "mask_stats": {"overall": stats.overall.as_dict(names), "layers": {k: v.as_dict(names) for k, v in stats.layers.items()}},
+            "files": files,
+            "recipe": recipe.to_yaml(),
+        }
+        write_json(tmp / MANIFEST, manifest)
+        (tmp / MANIFEST_CHECKSUM).write_text(sha256_file(tmp / MANIFEST) + "\n", encoding="ascii")
+    return folder.destination
+
+
+def _file_entry(path: Path) -> dict[str, Any]:
+    return {"sha256": sha256_file(path), "size": path.stat().st_size}
+
+
+def _store_base(plan: Any, recipe: Any, tmp: Path, files: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Embed the base's weight and support files, or record where it is and the SHA-256 of its weights."""
+    base: Checkpoint = plan.base
+    if plan.params["embed_base"]:
+        (tmp / "base").mkdir()
+        for path in base.weight_files:
+            shutil.copyfile(path, tmp / "base" / path.name)
+            files[f"base/{path.name}"] = _file_entry(tmp / "base" / path.name)
+        index = next((p for p in (base.folder or Path()).glob("*.index.json")), None) if base.folder else None
+        if index is not None and len(base.weight_files) > 1:
+            shutil.copyfile(index, tmp / "base" / index.name)
+            files[f"base/{index.name}"] = _file_entry(tmp / "base" / index.name)
+        for f in copy_support_files(base.folder, tmp / "base", SUPPORT_FILES):
+            files[f"base/{f}"] = _file_entry(tmp / "base" / f)
+        return {"embedded": True, "path": "base", "reference": recipe.base_model}
+    local = Path(recipe.base_model).expanduser()
+    return {
+        "embedded": False,
+        "reference": recipe.base_model,
+        "resolved_path": str(local.resolve()) if local.exists() else None,
+        "weight_files": {p.name: _file_entry(p) for p in base.weight_files},
+    }
+
+
+# -- reading ------------------------------------------------------------------------------------
+class Collection:
+    """An opened collection. ``open`` checks the manifest and every file's presence and size; the
+    SHA-256 of a file is checked when it is first used (``verify()`` checks them all)."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], base_override: str | None = None):
+        self.path = path
+        self.manifest = manifest
+        self.base_override = base_override
+        self._verified: set[str] = set()
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], base: str | None = None) -> "Collection":
+        """Open a collection folder; ``base`` points at the base model if it moved since compression."""
+        folder = Path(path)
+        manifest_path = folder / MANIFEST
+        if not folder.is_dir():
+            raise CollectionError(f"{folder}: no such collection folder")
+        if not manifest_path.is_file():
+            raise CollectionError(f"{folder}: not a collection ({MANIFEST} is missing)")
+        try:
+            expected = (folder / MANIFEST_CHECKSUM).read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            raise CollectionError(f"{folder / MANIFEST_CHECKSUM}: missing or unreadable; the collection is incomplete") from None
+        if sha256_file(manifest_path) != expected:
+            raise CollectionError(f"{manifest_path}: SHA-256 does not match {MANIFEST_CHECKSUM}; the manifest was changed or corrupted")
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CollectionError(f"{manifest_path}: not valid JSON ({exc})") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise CollectionError(f"{manifest_path}: not a mergekit-lite collection manifest")
+        version = manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CollectionError(f"{manifest_path}: format version {version!r}; this mergekit-lite reads version {FORMAT_VERSION}, upgrade it")
+        collection = cls(folder, manifest, base)
+        collection._check_files()
+        return collection
+
+    def _check_files(self) -> None:
+        for rel, entry in self.manifest["files"].items():
+            path = self._inside(rel)
+            if not path.is_file():
+                raise CollectionError(f"{path}: missing from the collection; it is incomplete")
+            if path.stat().st_size != entry["size"]:
+                raise CollectionError(f"{path}: has {path.stat().st_size} bytes, the manifest says {entry['size']}; the file is truncated or was changed")
+
+    def _inside(self, rel: str) -> Path:
+        """A manifest path, refused if it would point outside the collection folder."""
+        parts = Path(rel).parts
+        if os.path.isabs(rel) or ".." in parts or not parts:
+            raise CollectionError(f"{self.path / MANIFEST}: file entry {rel!r} points outside the collection")
+        return self.path / rel
+
+    def _verify_file(self, rel: str) -> None:
+        if rel in self._verified:
+            return
+        entry = self.manifest["files"].get(rel)
+        if entry is None:
+            raise CollectionError(f"{self.path / MANIFEST}: lists no checksum for {rel}")
+        if sha256_file(self._inside(rel)) != entry["sha256"]:
+            raise CollectionError(f"{self.path / rel}: SHA-256 does not match the manifest; the file is corrupted or was changed")
+        self._verified.add(rel)
+
+    def verify(self) -> int:
+        """Check the SHA-256 of every file (and of a referenced base's weights); returns the number of files checked."""
+        for rel in self.manifest["files"]:
+            self._verify_file(rel)
+        if not self.manifest["base"]["embedded"]:
+            self.base_checkpoint().close()
+        return len(self.manifest["files"])
+
+    # -- contents --------------------------------------------------------------------------
+    @property
+    def tasks(self) -> list[str]:
+        return [t["name"] for t in self.manifest["tasks"]]
+
+    def task(self, name: str) -> dict[str, Any]:
+        for entry in self.manifest["tasks"]:
+            if entry["name"] == name:
+                return entry
+        raise CollectionError(f"{self.path}: no task {name!r}{suggest(name, self.tasks)} (tasks: {', '.join(self.tasks)})")
+
+    def base_checkpoint(self) -> Checkpoint:
+        """The base model: embedded, or the reference (or --base) checked against the recorded SHA-256."""
+        base = self.manifest["base"]
+        if base["embedded"]:
+            for rel in self.manifest["files"]:
+                if rel.startswith("base/"):
+                    self._verify_file(rel)
+            return open_checkpoint(self._inside(base["path"]))
+        candidates = [self.base_override] if self.base_override else [base.get("resolved_path"), base["reference"]]
+        ref = next((c for c in candidates if c and (Path(c).exists() or c == base["reference"])), base["reference"])
+        try:
+            ckpt = open_checkpoint(ref)
+        except CheckpointError as exc:
+            raise CollectionError(f"base model of {self.path} is not available ({exc}); pass --base PATH to where it is now") from None
+        recorded = base["weight_files"]
+        found = {p.name: p for p in ckpt.weight_files}
+        if set(found) != set(recorded):
+            ckpt.close()
+            raise CollectionError(f"base model {ref}: has weight files {sorted(found)}, the collection was made from {sorted(recorded)}; it changed")
+        key = ("base", str(ref))
+        if key not in self._verified:
+            for name, entry in recorded.items():
+                if found[name].stat().st_size != entry["size"] or sha256_file(found[name]) != entry["sha256"]:
+                    ckpt.close()
+                    raise CollectionError(f"base model {ref}: {name} changed since the collection was made (SHA-256 differs); restore it or compress again")
+            self._verified.add(key)
+        return ckpt
+
+    def load_state_dict(self, task: str) -> "TaskStateDict":
+        """θ̂_task as a lazy state dict (each tensor computed on access from base, τ_MTL and the task's mask)."""
+        entry = self.task(task)
+        tau_files = list(self.manifest["tau_mtl"]["files"])
+        for rel in [*tau_files, entry["mask_file"]]:
+            self._verify_file(rel)
+        base = self.base_checkpoint()
+        tau = Checkpoint("τ_MTL", self.path, {n: self._inside(f) for n, f in self.manifest["tau_mtl"]["weight_map"].items()}, None)
+        mask = open_checkpoint(self._inside(entry["mask_file"]))
+        return TaskStateDict(self, entry, base, tau, mask)
+
+    def extract(self, task: str, out_dir: str | os.PathLike[str], *, force: bool = False, progress: bool = True, shard_size: int = 5 * 10**9) -> Path:
+        """Write θ̂_task as a Hugging Face checkpoint with the task's own config and tokenizer files."""
+        from .engine import write_checkpoint
+
+        entry = self.task(task)
+        AtomicFolder(out_dir, force=force).check()
+        state = self.load_state_dict(task)
+        try:
+            support = self._inside(f"tasks/{entry['stem']}") if entry["support_files"] else None
+            for f in entry["support_files"]:
+                self._verify_file(f"tasks/{entry['stem']}/{f}")
+            card = (
+                f"---\nbase_model: {json.dumps(self.manifest['base']['reference'])}\ntags: [mergekit-lite, tall-masks]\nlibrary_name: transformers\n---\n\n"
+                f"# {task}\n\nReconstructed from the TALL-masks collection `{self.path.name}` as θ_0 + m_t ⊙ τ_MTL "
+                f"(λ_t = {entry['tall_lambda']}, mask density {entry['density']:.4f}, relative error "
+                f"‖θ̂_t − θ_t‖/‖θ_t − θ_0‖ = {entry['relative_error']:.4f}). Original: `{entry['source']}`.\n"
+            )
+            return write_checkpoint(
+                out_dir,
+                state.infos,
+                lambda info: state[info.name],
+                support_from=None,
+                tokenizer_from=None,
+                card=card,
+                out_dtype=None,
+                shard_size=shard_size,
+                force=force,
+                progress=progress,
+                description=f"extracting {task}",
+                extra_files=support,
+            )
+        finally:
+            state.close()
+
+    # -- reporting -------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """The mask statistics recorded at compression (overall and per layer)."""
+        return self.manifest["mask_stats"]
+
+    def summary(self) -> dict[str, Any]:
+        """What `mergekit-lite inspect` shows: tasks, λ, densities, bytes on disk and the ratio."""
+        m = self.manifest
+        on_disk = sum(e["size"] for e in m["files"].values()) + (self.path / MANIFEST).stat().st_size
+        base_bytes = sum(e["size"] for e in m["base"].get("weight_files", {}).values())
+        originals = sum(t["original_bytes"] for t in m["tasks"])
+        with_base = on_disk + base_bytes
+        return {
+            "path": str(self.path),
+            "format_version": m["format_version"],
+            "created_by": m["created_by"],
+            "aggregate": m["aggregate"],
+            "mtl_dtype": m["mtl_dtype"],
+            "base": {k: v for k, v in m["base"].items() if k != "weight_files"} | {"bytes": base_bytes if not m["base"]["embedded"] else None},
+            "tasks": [
+                {k: t[k] for k in ("name", "tall_lambda", "density", "relative_error", "original_bytes", "lambda_scores", "source")}
+                for t in m["tasks"]
+            ],
+            "bytes_on_disk": on_disk,
+            "bytes_with_base": with_base,
+            "original_bytes": originals,
+            "ratio": originals / with_base if with_base else None,
+            "mask_stats": m["mask_stats"]["overall"],
+        }
+
+
+class TaskStateDict(Mapping):
+    """θ̂_t = θ_0 + m_t ⊙ τ_MTL, one tensor at a time, in the task's original dtypes."""
+
+    def __init__(self, collection: Collection, entry: dict[str, Any], base: Checkpoint, tau: Checkpoint, mask: Checkpoint):
+        self.collection = collection
+        self.entry = entry
+        self.base, self.tau, self.mask = base, tau, mask
+        self._tensors = {t["name"]: t for t in collection.manifest["tensors"]}
+        self.infos = [TensorInfo(t["name"], getattr(torch, entry["dtypes"].get(t["name"], t["dtype"])), tuple(t["shape"])) for t in collection.manifest["tensors"]]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        spec = self._tensors[name]
+        stored = self.base.get(name)
+        if not spec["stored"]:
+            return stored
+        tau = self.tau.get(name)
+        compute = torch.float64 if tau.dtype == torch.float64 else torch.float32
+        try:
+            keep = unpack_bits(self.mask.get(name), tau.shape)
+        except ValueError as exc:
+            raise CollectionError(f"{self.mask.ref}: mask of {name} is malformed ({exc})") from None
+        out = stored.to(compute).add_(torch.where(keep, tau.to(compute), 0))
+        return out.to(getattr(torch, self.entry["dtypes"].get(name, spec["dtype"])))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def close(self) -> None:
+        for c in (self.base, self.tau, self.mask):
+            c.close()

@@ -1,0 +1,187 @@
+"""The evaluator hook: a user's ``module:function`` scores reconstructed or merged models, and
+the tool picks, per task, the TALL-mask λ (or, for consensus and task arithmetic, the merge λ)
+from a grid, as the papers do on validation data.
+
+The function is called as ``function(task_name, state)`` where ``state`` is a read-only mapping
+of tensor names to tensors computed on access (with ``state.save_pretrained(folder)`` for
+evaluators that want a checkpoint folder); it returns a number, higher is better.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from tqdm import tqdm
+
+from .checkpoint import Checkpoint, TensorInfo
+from .errors import MergeKitLiteError, RecipeError
+
+Evaluator = Callable[[str, Mapping], float]
+
+
+def load_evaluator(spec: str) -> Evaluator:
+    """Import ``module:function`` (the current folder is searched first)."""
+    module_name, _, function_name = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise RecipeError(f"evaluator: cannot import module {module_name!r} ({exc}); is it on PYTHONPATH or in the current folder?") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise RecipeError(f"evaluator: module {module_name!r} has no function {function_name!r}")
+    return function
+
+
+def score(evaluator: Evaluator, task: str, state: Mapping) -> float:
+    """Call the evaluator and insist on a finite number."""
+    try:
+        value = evaluator(task, state)
+    except MergeKitLiteError:
+        raise
+    except Exception as exc:  # the user's code: report it as one line naming the evaluator
+        raise MergeKitLiteError(f"evaluator failed on task {task!r}: {type(exc).__name__}: {exc}") from exc
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise MergeKitLiteError(f"evaluator returned {value!r} for task {task!r}; it must return a number (higher is better)") from None
+    if math.isnan(number):
+        raise MergeKitLiteError(f"evaluator returned NaN for task {task!r}")
+    return number
+
+
+class ComputedStateDict(Mapping):
+    """A state dict whose tensors are computed on access by ``compute(name)``."""
+
+    def __init__(self, infos: list[TensorInfo], compute: Callable[[str], torch.Tensor], support: Checkpoint | None = None):
+        self.infos = infos
+        self._names = [i.name for i in infos]
+        self._compute = compute
+        self.support = support
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._compute(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def save_pretrained(self, out_dir: str | os.PathLike[str], *, force: bool = False, progress: bool = False) -> Path:
+        """Write these tensors as a Hugging Face checkpoint (config and tokenizer from ``support``)."""
+        from .engine import write_checkpoint
+
+        return write_checkpoint(
+            out_dir, self.infos, lambda info: self[info.name].to(info.dtype), support_from=self.support, tokenizer_from=self.support,
+            card=None, out_dtype=None, shard_size=5 * 10**9, force=force, progress=progress,
+        )
+
+
+def best(grid: list[float], scores: list[float]) -> float:
+    """The grid value with the highest score (the first, i.e. the earliest listed, among equals)."""
+    return grid[max(range(len(grid)), key=lambda i: (scores[i], -i))]
+
+
+def search_tall_lambdas(
+    evaluator: Evaluator,
+    plan: Any,
+    tau: Checkpoint,
+    grids: list[list[float] | None],
+    lambdas: list[Any],
+    device: torch.device,
+    progress: bool,
+) -> tuple[list[float], list[dict[str, float] | None]]:
+    """Per task with a grid, score θ_0 + m_t(λ) ⊙ τ_MTL for each λ and keep the best."""
+    from .masks import tall_mask
+
+    names = plan.recipe.model_names
+    chosen = list(lambdas)
+    all_scores: list[dict[str, float] | None] = [None] * len(names)
+    jobs = {job.name: job for job in plan.jobs}
+    todo = [(t, lam) for t, grid in enumerate(grids) if grid is not None for lam in grid]
+    with tqdm(total=len(todo), desc="λ search", unit="eval", file=sys.stderr, disable=not progress, leave=False) as bar:
+        for t, grid in enumerate(grids):
+            if grid is None:
+                continue
+            model = plan.models[t]
+            infos = [TensorInfo(j.name, model.info(j.name).dtype if j.merge else plan.base.info(j.name).dtype, j.out.shape) for j in plan.jobs]
+
+            def compute(name: str, lam: float = 0.0, model: Checkpoint = model) -> torch.Tensor:
+                stored = plan.base.get(name)
+                if not jobs[name].merge:
+                    return stored
+                dtype = plan.compute_dtype
+                base = stored.to(device=device, dtype=dtype)
+                tau_t = model.get(name).to(device=device, dtype=dtype).sub_(base)
+                mtl = tau.get(name).to(device=device, dtype=dtype)
+                out = base.add_(torch.where(tall_mask(tau_t, mtl, lam), mtl, 0))
+                return out.to(device="cpu", dtype=model.info(name).dtype)
+
+            results = []
+            for lam in grid:
+                bar.set_postfix_str(f"{names[t]} λ={lam}")
+                state = ComputedStateDict(infos, lambda name, lam=lam: compute(name, lam), support=model)
+                results.append(score(evaluator, names[t], state))
+                bar.update(1)
+            chosen[t] = best(grid, results)
+            all_scores[t] = {str(lam): s for lam, s in zip(grid, results)}
+    return chosen, all_scores
+
+
+def lambda_grid(plan: Any) -> list[float] | None:
+    """The merge λ grid to search, or None: a list in the recipe, or the default grid when an evaluator is set and λ is not."""
+    param = plan.method.param("lambda")
+    if param is None or not param.searchable:
+        return None
+    value = plan.params["lambda"]
+    if isinstance(value, list):
+        return value
+    if plan.recipe.evaluator and "lambda" not in plan.recipe.parameters:
+        return list(param.default_grid)
+    return None
+
+
+def search_merge_lambda(
+    evaluator: Evaluator, plan: Any, delta: Checkpoint, grid: list[float], progress: bool
+) -> tuple[float, dict[str, float]]:
+    """Score θ_0 + λ·merged for each λ (mean of the evaluator over the recipe's tasks); keep the best."""
+    names = plan.recipe.model_names
+    jobs = {job.name: job for job in plan.jobs}
+    infos = [job.out for job in plan.jobs]
+
+    def compute(name: str, lam: float) -> torch.Tensor:
+        stored = plan.base.get(name)
+        if not jobs[name].merge:
+            return stored.to(jobs[name].out.dtype)
+        out = stored.to(plan.compute_dtype).add_(delta.get(name).to(plan.compute_dtype), alpha=lam)
+        return out.to(jobs[name].out.dtype)
+
+    results = []
+    with tqdm(total=len(grid) * len(names), desc="λ search", unit="eval", file=sys.stderr, disable=not progress, leave=False) as bar:
+        for lam in grid:
+            state = ComputedStateDict(infos, lambda name, lam=lam: compute(name, lam), support=plan.base)
+            total = 0.0
+            for name in names:
+                bar.set_postfix_str(f"λ={lam} {name}")
+                total += score(evaluator, name, state)
+                bar.update(1)
+            results.append(total / len(names))
+    return best(grid, results), {str(lam): s for lam, s in zip(grid, results)}
+
+
+def temporary_folder(beside: str | os.PathLike[str]) -> tempfile.TemporaryDirectory:
+    """A scratch folder next to the output (same disk), removed afterwards."""
+    parent = Path(beside).absolute().parent
+    return tempfile.TemporaryDirectory(prefix=".mergekit-lite-tmp-scratch-", dir=parent)
