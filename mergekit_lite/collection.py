@@ -122,8 +122,8 @@ def compress(plan: Any, out_dir: str | os.PathLike[str], *, force: bool = False,
                 masks = torch.stack([tall_mask(stacked[t], tau, lambdas[t]) for t in range(count)])
                 for t in range(count):
                     mask_writers[t].write(name, pack_bits(masks[t]).cpu())
-                    error[t] += float((torch.where(masks[t], tau, 0) - stacked[t]).double().square().sum())
-                    norm[t] += float(stacked[t].double().square().sum())
+                    error[t] += float(torch.linalg.vector_norm(torch.where(masks[t], tau, 0).sub_(stacked[t]))) ** 2
+                    norm[t] += float(torch.linalg.vector_norm(stacked[t])) ** 2
                 stats.add(name, masks.cpu())
             if tau_reader is None:
                 tau_writer.close()
