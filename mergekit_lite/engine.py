@@ -213,13 +213,25 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def read_for_merge(ckpt: Checkpoint, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Read one input tensor in the compute dtype, refusing NaN/Inf (they would poison every merged weight)."""
+    tensor = ckpt.get(name).to(device=device, dtype=dtype)
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise CheckpointError(
+            f"{ckpt.file_of(name)}: tensor {name} has {bad} NaN/Inf value(s); refusing to merge it "
+            "(fix the checkpoint, or list the tensor under 'exclude' to copy it from the base)"
+        )
+    return tensor
+
+
 def merged_delta(plan: Plan, job: TensorJob, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The base tensor (compute dtype, on ``device``) and the method's merged task vector for it, before λ."""
-    base = plan.base.get(job.name).to(device=device, dtype=plan.compute_dtype)
+    base = read_for_merge(plan.base, job.name, device, plan.compute_dtype)
 
     def deltas() -> Iterator[torch.Tensor]:
         for ckpt in plan.models:
-            yield ckpt.get(job.name).to(device=device, dtype=plan.compute_dtype).sub_(base)
+            yield read_for_merge(ckpt, job.name, device, plan.compute_dtype).sub_(base)
 
     ctx = TensorContext(job.name, plan.recipe.model_names, plan.params, plan.model_params, plan.stats)
     return base, plan.method.merge(deltas(), ctx)
@@ -252,11 +264,11 @@ class EngineSource(TaskVectorSource):
         total = sum(plan.base.info(j.name).nbytes + sum(plan.models[t].info(j.name).nbytes for t in chosen) for j in self.jobs)
         with tqdm(total=total, unit="B", unit_scale=True, desc=description, file=sys.stderr, disable=not self.progress, leave=False) as bar:
             for job in self.jobs:
-                base = plan.base.get(job.name).to(device=device, dtype=dtype)
+                base = read_for_merge(plan.base, job.name, device, dtype)
 
                 def deltas(name: str = job.name, base: torch.Tensor = base) -> Iterator[tuple[int, torch.Tensor]]:
                     for t in chosen:
-                        yield t, plan.models[t].get(name).to(device=device, dtype=dtype).sub_(base)
+                        yield t, read_for_merge(plan.models[t], name, device, dtype).sub_(base)
 
                 yield job.name, deltas()
                 bar.update(plan.base.info(job.name).nbytes + sum(plan.models[t].info(job.name).nbytes for t in chosen))

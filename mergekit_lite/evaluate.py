@@ -183,5 +183,8 @@ def search_merge_lambda(
 
 def temporary_folder(beside: str | os.PathLike[str]) -> tempfile.TemporaryDirectory:
     """A scratch folder next to the output (same disk), removed afterwards."""
-    parent = Path(beside).absolute().parent
-    return tempfile.TemporaryDirectory(prefix=".mergekit-lite-tmp-scratch-", dir=parent)
+    from .writer import AtomicFolder
+
+    dest = Path(beside).absolute()
+    # named like AtomicFolder's work folders (with our pid), so a later run removes it if we are killed
+    return tempfile.TemporaryDirectory(prefix=f"{AtomicFolder.PREFIX}{dest.name}.{os.getpid()}.scratch.", dir=dest.parent)

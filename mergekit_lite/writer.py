@@ -195,7 +195,9 @@ class AtomicFolder:
     """A temporary folder beside ``destination`` that replaces it only when the block completes.
 
     An existing destination is refused unless ``force``; on any failure the temporary folder is
-    removed and the destination is left as it was.
+    removed and the destination is left as it was. Temporary folders carry the writer's pid, so a
+    later run removes those whose process died (a SIGKILL, a power cut) and, if a run died in the
+    instant between moving the old output aside and moving the new one in, puts the old one back.
     """
 
     PREFIX = ".mergekit-lite-tmp-"
@@ -205,9 +207,35 @@ class AtomicFolder:
         self.force = force
         self.path: Path | None = None
 
+    @property
+    def _work_prefix(self) -> str:
+        return f"{self.PREFIX}{self.destination.name}.{os.getpid()}."
+
+    def cleanup_stale(self) -> list[Path]:
+        """Remove temporary folders of dead runs for this destination; restore an old output left aside."""
+        dest, parent = self.destination, self.destination.parent
+        removed: list[Path] = []
+        if not parent.is_dir():
+            return removed
+        work, old = f"{self.PREFIX}{dest.name}.", f"{self.PREFIX}old.{dest.name}."
+        for entry in parent.iterdir():
+            for prefix, is_old in ((old, True), (work, False)):
+                if not entry.name.startswith(prefix):
+                    continue
+                pid = entry.name[len(prefix) :].split(".")[0]
+                if not pid.isdigit() or _alive(int(pid)):
+                    break
+                if is_old and not dest.exists() and (entry / dest.name).is_dir():
+                    os.rename(entry / dest.name, dest)  # the new output never arrived: keep the old one
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+                break
+        return removed
+
     def check(self) -> None:
-        """Fail early if the destination cannot be used."""
+        """Fail early if the destination cannot be used (after cleaning up after dead runs)."""
         dest = self.destination
+        self.cleanup_stale()
         if dest.exists() and not self.force:
             raise OutputError(f"{dest}: already exists; pass --force to replace it (or choose another output folder)")
         if dest.exists() and not dest.is_dir():
@@ -219,7 +247,10 @@ class AtomicFolder:
 
     def __enter__(self) -> Path:
         self.check()
-        self.path = Path(tempfile.mkdtemp(prefix=f"{self.PREFIX}{self.destination.name}-", dir=self.destination.parent))
+        try:
+            self.path = Path(tempfile.mkdtemp(prefix=self._work_prefix, dir=self.destination.parent))
+        except OSError as exc:
+            raise OutputError(f"{self.destination.parent}: cannot create a temporary folder: {exc.strerror or exc}") from exc
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(self.path, 0o777 & ~umask)  # mkdtemp makes 0700; the output should look like any folder
@@ -243,11 +274,22 @@ class AtomicFolder:
         if dest.exists():
             if not self.force:
                 raise OutputError(f"{dest}: appeared while the merge ran; pass --force to replace it")
-            old = Path(tempfile.mkdtemp(prefix=f"{self.PREFIX}old-{dest.name}-", dir=dest.parent))
+            old = Path(tempfile.mkdtemp(prefix=f"{self.PREFIX}old.{dest.name}.{os.getpid()}.", dir=dest.parent))
             os.rename(dest, old / dest.name)
         os.rename(self.path, dest)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this pid exists (a reused pid counts as alive: never remove a live run's folder)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def sha256_file(path: Path, chunk: int = 16 * 2**20) -> str:
