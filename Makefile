@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo
 
-.PHONY: venv demo test bench bench-speed clean
+.PHONY: venv demo test bench bench-speed bench-quality bench-collection bench-load clean
 
 venv: $(STAMP)
 
@@ -24,10 +24,19 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
-bench: bench-speed
+bench: bench-speed bench-quality bench-collection bench-load
 
 bench-speed: $(STAMP)
 	$(BIN)/python benchmarks/bench_speed.py
+
+bench-quality: $(STAMP)
+	$(BIN)/python benchmarks/quality/run.py
+
+bench-collection: $(STAMP)
+	$(BIN)/python benchmarks/bench_collection.py
+
+bench-load: $(STAMP)
+	$(BIN)/python benchmarks/bench_load.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache build *.egg-info
