@@ -62,6 +62,10 @@ class Plan:
 
     @property
     def bytes_to_write(self) -> int:
+        """The merged checkpoint's tensor bytes; for a collection, τ_MTL (float32) plus one bit per weight per task."""
+        if self.method.output == "collection":
+            merged = [j.out.numel for j in self.jobs if j.merge]
+            return sum(4 * n + len(self.models) * ((n + 7) // 8) for n in merged)
         return sum(job.out.nbytes for job in self.jobs)
 
     @property
