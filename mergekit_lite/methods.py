@@ -321,13 +321,18 @@ def _merge_dare_linear(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> to
     return _merge_task_arithmetic(_dare_all(deltas, ctx), ctx)
 
 
-def _merge_dare_ties(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+def sign_consensus_merge(sparsified: Iterable[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+    """TIES steps 2–3 over already sparsified task vectors (mergekit's dare_ties/breadcrumbs_ties: a zero sum counts as +)."""
     from .masks import disjoint_merge, elect_sign
 
-    stacked = stack_deltas(_dare_all(deltas, ctx), len(ctx.model_params))
+    stacked = stack_deltas(sparsified, len(ctx.model_params))
     weights = _weights_for(ctx, stacked)
     sign = elect_sign(stacked * weights.view(-1, *([1] * (stacked.dim() - 1))), fallback=1.0)
     return disjoint_merge(stacked, sign, weights, _merge_mode(ctx))
+
+
+def _merge_dare_ties(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+    return sign_consensus_merge(_dare_all(deltas, ctx), ctx)
 
 
 DENSITY_DARE_PER_MODEL = Param(DENSITY_DARE.name, float, DENSITY_DARE.default, DENSITY_DARE.doc, per_model=True, minimum=0, maximum=1)
@@ -375,12 +380,7 @@ def _merge_breadcrumbs(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> to
 
 
 def _merge_breadcrumbs_ties(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
-    from .masks import disjoint_merge, elect_sign
-
-    stacked = stack_deltas(_breadcrumbs_all(deltas, ctx), len(ctx.model_params))
-    weights = _weights_for(ctx, stacked)
-    sign = elect_sign(stacked * weights.view(-1, *([1] * (stacked.dim() - 1))), fallback=1.0)
-    return disjoint_merge(stacked, sign, weights, _merge_mode(ctx))
+    return sign_consensus_merge(_breadcrumbs_all(deltas, ctx), ctx)
 
 
 register(
