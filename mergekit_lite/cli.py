@@ -27,8 +27,11 @@ A recipe is YAML, with mergekit's key names:
   include: ["model.layers.*"]          # optional globs: only these are merged
   exclude: ["*.embed_tokens.*"]        # globs never merged (copied from base)
   output: {shard_size: 5GB}
+  evaluator: my_module:score           # optional: picks λ from a grid (a list)
 
-Relative paths are resolved from the current folder. Examples are in recipes/.
+merge_method: tall_masks writes a compressed collection instead of a merged
+model (see `mergekit-lite extract` and `inspect`). Relative paths are resolved
+from the current folder. Examples are in recipes/.
 """
 
 
@@ -72,7 +75,7 @@ def main() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; print only the output path.")
 @friendly_errors
 def run(recipe: str, out_dir: str, dry_run: bool, force: bool, device: str, quiet: bool) -> None:
-    """Merge as RECIPE says and write a Hugging Face checkpoint to OUT_DIR.
+    """Merge as RECIPE says and write a Hugging Face checkpoint (or collection) to OUT_DIR.
 
     The output (sharded safetensors + index, config.json, generation config, tokenizer files,
     README.md model card) is built in a temporary folder beside OUT_DIR and moved into place only
