@@ -220,7 +220,8 @@ def resolve_device(device: str) -> torch.device:
 def read_for_merge(ckpt: Checkpoint, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Read one input tensor in the compute dtype, refusing NaN/Inf (they would poison every merged weight)."""
     tensor = ckpt.get(name).to(device=device, dtype=dtype)
-    if not bool(torch.isfinite(tensor).all()):
+    # one reduction, no temporary: any NaN/Inf makes the sum non-finite (finite sums are confirmed exactly)
+    if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
         raise CheckpointError(
             f"{ckpt.file_of(name)}: tensor {name} has {bad} NaN/Inf value(s); refusing to merge it "

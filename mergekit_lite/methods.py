@@ -173,8 +173,7 @@ def _merge_task_arithmetic(deltas: Iterable[torch.Tensor], ctx: TensorContext) -
     """Σ_t w_t τ_t, accumulated one task vector at a time so only one is held at once."""
     total: torch.Tensor | None = None
     for params, delta in zip(ctx.model_params, deltas):
-        term = delta.mul_(params["weight"])
-        total = term if total is None else total.add_(term)
+        total = delta.mul_(params["weight"]) if total is None else total.add_(delta, alpha=params["weight"])
     assert total is not None, "at least one model is required"
     return total
 
