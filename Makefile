@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo
 
-.PHONY: venv demo test bench bench-speed bench-quality bench-collection bench-load clean
+.PHONY: venv demo test fuzz bench bench-speed bench-quality bench-collection bench-load clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# Seeded robustness fuzzer (tests/robustness/fuzz.py): a few minutes; prints a table per input kind, fails on any FAILED.
+fuzz: $(STAMP)
+	$(BIN)/python tests/robustness/fuzz.py --seed 0 --examples 1500
 
 bench: bench-speed bench-quality bench-collection bench-load
 

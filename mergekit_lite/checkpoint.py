@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import unicodedata
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,6 +39,8 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "U64": torch.uint64,
 }
 
+_SUPPORTED_DTYPES = frozenset(SAFETENSORS_DTYPES.values())
+
 #: Files worth fetching from a hub repository: weights, configs, tokenizer files.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
@@ -44,6 +48,82 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.jinja
 _EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+#: Largest dimension, element count or byte offset a header may state (torch and file offsets are signed 64-bit).
+_MAX_INT64 = 2**63 - 1
+#: Most dimensions a header may give a tensor (real ones have 0-5; a million would take minutes to check).
+_MAX_DIMS = 1024
+
+
+def _bounded_nbytes(shape: tuple[int, ...], itemsize: int) -> int | None:
+    """Bytes of a tensor of ``shape``, or None when beyond ``_MAX_INT64`` (stops early: never a huge product)."""
+    if 0 in shape:
+        return 0
+    total = itemsize
+    for d in shape:
+        total *= d
+        if total > _MAX_INT64:
+            return None
+    return total
+
+
+def _show(value: object) -> str:
+    """A name, reference or path for a one-line message: line breaks, control characters and lone
+    surrogates (which cannot be printed) are escaped as ``\\n``, ``\\x00``, ``\\ud800``."""
+    text = str(value)
+    bad = ("Cc", "Cs", "Zl", "Zp")
+    if all(unicodedata.category(c) not in bad for c in text):
+        return text
+    return "".join(c if unicodedata.category(c) not in bad else repr(c)[1:-1] for c in text)
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message, escaped and shortened for a one-line error."""
+    lines = str(exc).strip().splitlines()
+    text = _show(lines[0] if lines else type(exc).__name__)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _exists(path: Path) -> bool:
+    """``path.exists()``, but a path the OS cannot even look up (name too long, ...) is an error naming it."""
+    try:
+        return path.exists()
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{_show(path)}: cannot be looked up ({_first_line(exc)})") from None
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{_show(path)}: cannot be looked up ({_first_line(exc)})") from None
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` hook: a key given twice would silently keep only the last entry."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {_show(key)!r} appears twice")
+        out[key] = value
+    return out
+
+
+def _loads(text: str | bytes, *, unique_keys: bool = True) -> Any:
+    """``json.loads`` that refuses duplicate keys (unless ``unique_keys`` is false); every failure is a
+    ValueError with a one-line message.
+
+    Besides JSONDecodeError, the json module raises RecursionError for deeply nested input and
+    ValueError for integers of more than 4300 digits; both are turned into ValueError here.
+    """
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys if unique_keys else None)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 text (byte {exc.start})") from None
+    except ValueError as exc:  # JSONDecodeError, duplicate keys, huge integers
+        raise ValueError(_first_line(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -86,13 +166,16 @@ def looks_like_hub_id(ref: str) -> bool:
 def resolve_reference(ref: str) -> Path:
     """Turn a recipe's model reference into a local path: an existing path, or a hub id from the cache/hub."""
     name, revision = split_revision(ref)
-    path = Path(name).expanduser()
-    if path.exists():
+    try:
+        path = Path(name).expanduser()
+    except RuntimeError:  # ~user of a user that does not exist
+        path = Path(name)
+    if _exists(path):
         if revision:
-            raise CheckpointError(f"{ref}: a revision (@{revision}) only applies to hub ids, but {name} is a local path")
+            raise CheckpointError(f"{_show(ref)}: a revision (@{_show(revision)}) only applies to hub ids, but {_show(name)} is a local path")
         return path
     if not looks_like_hub_id(name):
-        raise CheckpointError(f"{ref}: no such file or folder, and not a hub id of the form org/name[@revision]")
+        raise CheckpointError(f"{_show(ref)}: no such file or folder, and not a hub id of the form org/name[@revision]")
     return _download_from_hub(name, revision)
 
 
@@ -105,11 +188,11 @@ def _download_from_hub(repo_id: str, revision: str | None) -> Path:
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
     except LocalEntryNotFoundError as exc:
         raise CheckpointError(
-            f"{repo_id}{'@' + revision if revision else ''}: not a local path and not in the Hugging Face cache "
+            f"{_show(repo_id)}{'@' + _show(revision) if revision else ''}: not a local path and not in the Hugging Face cache "
             "(offline or unreachable hub); download it first or give a local folder"
         ) from exc
     except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{repo_id}: could not fetch from the hub: {str(exc).splitlines()[0]}") from exc
+        raise CheckpointError(f"{_show(repo_id)}: could not fetch from the hub: {_first_line(exc)}") from exc
     return Path(folder)
 
 
@@ -131,8 +214,10 @@ class Checkpoint:
         """Read every shard's header; ``shards`` maps a tensor name to its file ('*' = every tensor of the file)."""
         files = sorted(set(shards.values()), key=str)
         for file in files:
-            if not file.is_file():
-                raise CheckpointError(f"{file}: shard listed in the index of {self.ref} is missing; re-download the checkpoint")
+            if not _is_file(file):
+                if _exists(file):
+                    raise CheckpointError(f"{_show(file)}: not a regular file (a folder, pipe or device); a weight file of {_show(self.ref)} must be a file")
+                raise CheckpointError(f"{_show(file)}: shard listed in the index of {_show(self.ref)} is missing; re-download the checkpoint")
             reader = _open_weight_file(file)
             self._handles[file] = reader
             for name in reader.keys():
@@ -140,13 +225,16 @@ class Checkpoint:
                 if listed is not None and listed != file:
                     continue  # the index says this tensor lives in another shard
                 if name in self._infos:
-                    raise CheckpointError(f"{file}: tensor {name} also appears in {self._shard_of[name]}; the checkpoint is inconsistent")
+                    raise CheckpointError(
+                        f"{_show(file)}: tensor {_show(name)} also appears in {_show(self._shard_of[name])}; the checkpoint is inconsistent"
+                    )
                 self._infos[name] = reader.info(name)
                 self._shard_of[name] = file
         missing = [n for n in shards if n != "*" and n not in self._infos]
         if missing:
             raise CheckpointError(
-                f"{self.ref}: the index lists {len(missing)} tensor(s) not found in their shards (e.g. {missing[0]}); re-download the checkpoint"
+                f"{_show(self.ref)}: the index lists {len(missing)} tensor(s) not found in their shards (e.g. {_show(missing[0])}); "
+                "re-download the checkpoint"
             )
 
     def _tied_aliases(self) -> dict[str, str]:
@@ -174,7 +262,7 @@ class Checkpoint:
     def info(self, name: str) -> TensorInfo:
         real = self._aliases.get(name, name)
         if real not in self._infos:
-            raise CheckpointError(f"{self.ref}: has no tensor {name}")
+            raise CheckpointError(f"{_show(self.ref)}: has no tensor {_show(name)}")
         info = self._infos[real]
         return TensorInfo(name, info.dtype, info.shape)
 
@@ -186,11 +274,11 @@ class Checkpoint:
         real = self._aliases.get(name, name)
         file = self._shard_of.get(real)
         if file is None:
-            raise CheckpointError(f"{self.ref}: has no tensor {name}")
+            raise CheckpointError(f"{_show(self.ref)}: has no tensor {_show(name)}")
         try:
             return self._handles[file].get(real)
         except OSError as exc:
-            raise CheckpointError(f"{file}: could not read tensor {real}: {exc}; the file may be truncated or corrupt") from exc
+            raise CheckpointError(f"{_show(file)}: could not read tensor {_show(real)}: {_first_line(exc)}; the file may be truncated or corrupt") from exc
 
     @property
     def weight_files(self) -> list[Path]:
@@ -229,7 +317,11 @@ class _SafetensorsFile:
 
     def __init__(self, path: Path):
         self.path = path
-        self._fd: int | None = os.open(path, os.O_RDONLY)
+        self._fd: int | None = None
+        try:
+            self._fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise CheckpointError(f"{_show(path)}: cannot be opened ({_first_line(exc)})") from exc
         try:
             self._infos, self._offsets, self._data_start = self._parse_header()
         except BaseException:
@@ -237,7 +329,7 @@ class _SafetensorsFile:
             raise
 
     def _fail(self, what: str) -> CheckpointError:
-        return CheckpointError(f"{self.path}: not a valid safetensors file ({what}); it may be truncated or corrupt, download it again")
+        return CheckpointError(f"{_show(self.path)}: not a valid safetensors file ({what}); it may be truncated or corrupt, download it again")
 
     def _parse_header(self) -> tuple[dict[str, TensorInfo], dict[str, tuple[int, int]], int]:
         assert self._fd is not None
@@ -248,33 +340,50 @@ class _SafetensorsFile:
         header_len = int.from_bytes(head, "little")
         if header_len > self.MAX_HEADER or 8 + header_len > size:
             raise self._fail(f"header length {header_len} is larger than the file ({size} bytes); the file is truncated")
+        raw = os.pread(self._fd, header_len, 8)
+        if len(raw) != header_len:
+            raise self._fail(f"header is {header_len} bytes but only {len(raw)} could be read")
         try:
-            header = json.loads(os.pread(self._fd, header_len, 8))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            header = _loads(raw)
+        except ValueError as exc:
             raise self._fail(f"header is not valid JSON: {exc}") from None
         if not isinstance(header, dict):
             raise self._fail("header is not a JSON object")
-        header.pop("__metadata__", None)
+        metadata = header.pop("__metadata__", None)
+        if metadata is not None and not isinstance(metadata, dict):
+            raise self._fail("__metadata__ is not a JSON object")
         data_start = 8 + header_len
         data_size = size - data_start
         infos: dict[str, TensorInfo] = {}
         offsets: dict[str, tuple[int, int]] = {}
         for name, entry in header.items():
-            try:
-                dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-                shape = tuple(entry["shape"])
-                begin, end = entry["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise self._fail(f"entry for tensor {name} is malformed") from None
-            ints = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (*shape, begin, end))
+            shown = _show(name)
+            if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str) or not isinstance(entry.get("shape"), list):
+                raise self._fail(f"entry for tensor {shown} is malformed")
+            if entry["dtype"] not in SAFETENSORS_DTYPES:
+                raise self._fail(f"tensor {shown} has dtype {_show(entry['dtype'])[:40]!r}, which is not a safetensors dtype")
+            span = entry.get("data_offsets")
+            if not isinstance(span, list) or len(span) != 2:
+                raise self._fail(f"entry for tensor {shown} is malformed")
+            if len(entry["shape"]) > _MAX_DIMS:
+                raise self._fail(f"tensor {shown} has {len(entry['shape'])} dimensions (at most {_MAX_DIMS})")
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = tuple(entry["shape"])
+            begin, end = span
+            ints = all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= _MAX_INT64 for v in (*shape, begin, end))
             if not ints:
-                raise self._fail(f"entry for tensor {name} has an invalid shape or offsets")
+                raise self._fail(f"entry for tensor {shown} has an invalid shape or offsets")
             info = TensorInfo(name, dtype, shape)
-            if end - begin != info.nbytes:
-                raise self._fail(f"tensor {name}: offsets [{begin}, {end}] do not match shape {list(shape)} of {entry['dtype']}")
+            nbytes = _bounded_nbytes(shape, dtype.itemsize)
+            if nbytes is None:
+                raise self._fail(f"tensor {shown}: shape {_show(list(shape[:8]))[:200]}{'...' if len(shape) > 8 else ''} is too large to exist")
+            if end - begin != nbytes:
+                raise self._fail(
+                    f"tensor {shown}: offsets [{begin}, {end}] do not match shape {_show(list(shape[:8]))[:200]}{'...' if len(shape) > 8 else ''} of {entry['dtype']}"
+                )
             if end > data_size:
                 raise CheckpointError(
-                    f"{self.path}: file is truncated (tensor {name} ends at byte {data_start + end}, the file has {size}); download it again"
+                    f"{_show(self.path)}: file is truncated (tensor {shown} ends at byte {data_start + end}, the file has {size}); download it again"
                 )
             infos[name], offsets[name] = info, (begin, end)
         covered = 0
@@ -297,13 +406,13 @@ class _SafetensorsFile:
         if info.nbytes == 0:
             return tensor
         if self._fd is None:
-            raise CheckpointError(f"{self.path}: already closed")
+            raise CheckpointError(f"{_show(self.path)}: already closed")
         buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
         position, done = self._data_start + begin, 0
         while done < info.nbytes:
             n = os.preadv(self._fd, [buffer[done:]], position + done)
             if n <= 0:
-                raise CheckpointError(f"{self.path}: file ended while reading tensor {name}; it was truncated after opening")
+                raise CheckpointError(f"{_show(self.path)}: file ended while reading tensor {_show(name)}; it was truncated after opening")
             done += n
         return tensor
 
@@ -320,22 +429,37 @@ class _TorchFile:
         import pickle
 
         self.path = path
+        shown = _show(path)
         try:
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as exc:
-                if "mmap" not in str(exc) and "zip" not in str(exc):
-                    raise
-                state = torch.load(path, map_location="cpu", weights_only=True)  # pre-1.6 format: cannot be mapped
+            with warnings.catch_warnings():
+                # torch warns (on stderr) about pickle protocols and storages of odd files before failing;
+                # the failure itself is reported below, on one line
+                warnings.simplefilter("ignore", UserWarning)
+                try:
+                    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as exc:
+                    if "mmap" not in str(exc) and "zip" not in str(exc):
+                        raise
+                    state = torch.load(path, map_location="cpu", weights_only=True)  # pre-1.6 format: cannot be mapped
         except pickle.UnpicklingError as exc:
-            first = str(exc).splitlines()[0]
-            raise CheckpointError(f"{path}: refused to unpickle (weights_only=True allows plain tensors only): {first}") from exc
-        except (RuntimeError, EOFError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({str(exc).splitlines()[0]}); it may be truncated or corrupt") from exc
+            raise CheckpointError(f"{shown}: refused to unpickle (weights_only=True allows plain tensors only): {_first_line(exc)}") from exc
+        except MemoryError:
+            raise CheckpointError(f"{shown}: not a readable PyTorch checkpoint (it asks for more memory than there is); it may be corrupt") from None
+        except Exception as exc:  # noqa: BLE001 - a corrupt pickle or zip raises nearly anything (EOFError, IndexError, KeyError, ...)
+            detail = _first_line(exc)
+            detail = type(exc).__name__ if detail == type(exc).__name__ else f"{type(exc).__name__}: {detail}"
+            raise CheckpointError(f"{shown}: not a readable PyTorch checkpoint ({detail}); it may be truncated or corrupt") from exc
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise CheckpointError(f"{path}: expected a mapping of tensor names to tensors")
+            raise CheckpointError(f"{shown}: expected a mapping of tensor names to tensors")
+        for name, tensor in state.items():
+            if not isinstance(name, str):
+                raise CheckpointError(f"{shown}: tensor names must be text, found the key {_show(repr(name))[:80]}")
+            if tensor.layout != torch.strided or tensor.is_quantized:
+                raise CheckpointError(f"{shown}: tensor {_show(name)} is {'quantized' if tensor.is_quantized else str(tensor.layout)}; only dense tensors can be merged")
+            if tensor.dtype not in _SUPPORTED_DTYPES:
+                raise CheckpointError(f"{shown}: tensor {_show(name)} has dtype {tensor.dtype}, which cannot be merged or stored in safetensors")
         self._state: dict[str, torch.Tensor] = state
 
     def keys(self) -> list[str]:
@@ -352,6 +476,9 @@ class _TorchFile:
         self._state = {}
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
 def _open_weight_file(path: Path) -> _SafetensorsFile | _TorchFile:
     if path.suffix == ".safetensors":
         return _SafetensorsFile(path)
@@ -359,14 +486,16 @@ def _open_weight_file(path: Path) -> _SafetensorsFile | _TorchFile:
 
 
 # -- entry point --------------------------------------------------------------------------------
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(path: Path, *, unique_keys: bool = True) -> dict[str, Any]:
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+        with open(path, "rb") as f:
+            data = _loads(f.read(), unique_keys=unique_keys)
+    except OSError as exc:
+        raise CheckpointError(f"{_show(path)}: cannot be read ({_first_line(exc)})") from exc
+    except ValueError as exc:
+        raise CheckpointError(f"{_show(path)}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+        raise CheckpointError(f"{_show(path)}: expected a JSON object")
     return data
 
 
@@ -375,12 +504,19 @@ def _index_shards(index_path: Path) -> dict[str, Path]:
     index = _read_json(index_path)
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"{index_path}: has no 'weight_map'; the index is not a Hugging Face index file")
+        raise CheckpointError(f"{_show(index_path)}: has no 'weight_map' mapping; the index is not a Hugging Face index file")
     folder = index_path.parent.resolve()
     shards: dict[str, Path] = {}
     for name, file in weight_map.items():
-        if not isinstance(file, str) or not file or os.path.isabs(file) or ".." in Path(file).parts or "/" in file or "\\" in file:
-            raise CheckpointError(f"{index_path}: tensor {name} points at {file!r}, which is not a file name inside the checkpoint folder")
+        if (
+            not isinstance(file, str) or not file or file in (".", "..") or os.path.isabs(file)
+            or "/" in file or "\\" in file or "\0" in file
+        ):
+            raise CheckpointError(
+                f"{_show(index_path)}: tensor {_show(name)} points at {_show(repr(file))[:200]}, which is not a file name inside the checkpoint folder"
+            )
+        if not file.endswith(_WEIGHT_SUFFIXES):
+            raise CheckpointError(f"{_show(index_path)}: tensor {_show(name)} points at {_show(repr(file))[:200]}, which is not a weight file")
         shards[name] = folder / file
     return shards
 
@@ -388,16 +524,16 @@ def _index_shards(index_path: Path) -> dict[str, Path]:
 def _folder_shards(folder: Path) -> dict[str, Path]:
     """Find the weights of a Hugging Face folder, preferring safetensors over legacy .bin."""
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (folder / index_name).is_file():
+        if _is_file(folder / index_name):
             return _index_shards(folder / index_name)
     for file_name in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / file_name).is_file():
+        if _is_file(folder / file_name):
             return {"*": folder / file_name}
     singles = sorted(folder.glob("*.safetensors"))
     if len(singles) == 1:
         return {"*": singles[0]}
     raise CheckpointError(
-        f"{folder}: not a checkpoint folder (no model.safetensors, model.safetensors.index.json or pytorch_model.bin)"
+        f"{_show(folder)}: not a checkpoint folder (no model.safetensors, model.safetensors.index.json or pytorch_model.bin)"
     )
 
 
@@ -412,15 +548,16 @@ def open_checkpoint(ref: str | os.PathLike[str]) -> Checkpoint:
         folder = path.parent
         shards = {"*": path}
     else:
-        raise CheckpointError(f"{ref}: not a checkpoint (expected a folder, a .safetensors or a .bin file)")
+        raise CheckpointError(f"{_show(ref)}: not a checkpoint (expected a folder, a .safetensors or a .bin file)")
     config_path = folder / "config.json" if folder else None
-    config = _read_json(config_path) if config_path and config_path.is_file() else None
+    # config.json is read as transformers reads it (a repeated key keeps the last value); weight indexes must be unambiguous
+    config = _read_json(config_path, unique_keys=False) if config_path and _is_file(config_path) else None
     try:
         return Checkpoint(ref, folder, shards, config)
     except CheckpointError:
         raise
     except OSError as exc:
-        raise CheckpointError(f"{ref}: cannot read: {exc}") from exc
+        raise CheckpointError(f"{_show(ref)}: cannot read: {_first_line(exc)}") from exc
 
 
 def iter_tensors(checkpoint: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:

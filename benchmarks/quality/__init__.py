@@ -1,0 +1,1 @@
+"""Merge-quality benchmark of mergekit-lite (TALL-masks protocol); run with benchmarks/quality/run.py."""
