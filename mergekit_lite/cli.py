@@ -178,7 +178,7 @@ def masks(recipe: str, as_json: bool, plot: str | None, tall_lambda: float | Non
 @main.command()
 @click.argument("collection", type=click.Path(file_okay=False))
 @click.argument("args", nargs=-1, metavar="TASK OUT_DIR | --all OUT_DIR")
-@click.option("--all", "all_tasks", is_flag=True, help="Extract every task into OUT_DIR/<task>/.")
+@click.option("--all", "all_tasks", is_flag=True, help="Extract every task into OUT_DIR/NNN-<task>/ (all or none).")
 @click.option("--force", is_flag=True, help="Replace existing output folders.")
 @click.option("--base", "base", help="Where the base model is now, if it moved since compression (its SHA-256 is checked).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; print only the output paths.")
@@ -188,7 +188,8 @@ def extract(collection: str, args: tuple[str, ...], all_tasks: bool, force: bool
 
     The task's weights are θ_0 + m_t ⊙ τ_MTL; its original config, generation config and
     tokenizer files are copied. Only the task's own mask file is read (with τ_MTL and the base),
-    each checked against its SHA-256 first. `--all` extracts every task into OUT_DIR/<task>/.
+    each checked against its SHA-256 first. `--all` extracts every task into OUT_DIR/NNN-<task>/
+    (NNN = the task's index; the name made file-safe), all or none.
     """
     from .collection import Collection
     from .errors import MergeKitLiteError
@@ -196,18 +197,20 @@ def extract(collection: str, args: tuple[str, ...], all_tasks: bool, force: bool
     if all_tasks and len(args) != 1 or not all_tasks and len(args) != 2:
         raise MergeKitLiteError("usage: mergekit-lite extract COLLECTION TASK OUT_DIR, or mergekit-lite extract COLLECTION --all OUT_DIR")
     coll = Collection.open(collection, base=base)
-    if all_tasks:
-        from pathlib import Path
-
-        out_root = Path(args[0])
-        out_root.mkdir(parents=True, exist_ok=True)
-        targets = [(entry["name"], out_root / entry["stem"]) for entry in coll.manifest["tasks"]]
-    else:
-        targets = [(args[0], args[1])]
+    if not all_tasks:
         coll.task(args[0])
-    for task, out in targets:
-        path = coll.extract(task, out, force=force, progress=not quiet)
-        click.echo(str(path) if quiet else f"wrote {task} to {path}")
+        path = coll.extract(args[0], args[1], force=force, progress=not quiet)
+        click.echo(str(path) if quiet else f"wrote {args[0]} to {path}")
+        return
+    from .writer import AtomicFolder
+
+    folder = AtomicFolder(args[0], force=force)
+    with folder as tmp:  # all tasks or none: a failure in any task leaves no OUT_DIR
+        for entry in coll.manifest["tasks"]:
+            coll.extract(entry["name"], tmp / entry["stem"], progress=not quiet)
+    for entry in coll.manifest["tasks"]:
+        path = folder.destination / entry["stem"]
+        click.echo(str(path) if quiet else f"wrote {entry['name']} to {path}")
 
 
 @main.command()

@@ -8,6 +8,7 @@ the multi-task vector τ_MTL, and one bit per weight per task; task t comes back
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -220,6 +221,72 @@ def _store_base(plan: Any, recipe: Any, tmp: Path, files: dict[str, dict[str, An
 
 
 # -- reading ------------------------------------------------------------------------------------
+_STEM = re.compile(r"^\d{3}-[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_REL = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+_HEX = re.compile(r"^[0-9a-f]{64}$")
+_DTYPES = {"float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool", "uint16", "uint32", "uint64", "float8_e4m3fn", "float8_e5m2"}
+
+
+def _check_manifest(m: Any, where: Path) -> None:
+    """Refuse a manifest whose keys or types are not what this version writes (an edited one may lie)."""
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise CollectionError(f"{where}: invalid manifest: {what}")
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63
+
+    def is_num(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    def rel_ok(v: Any) -> bool:
+        return isinstance(v, str) and len(v) < 240 and bool(_REL.match(v)) and ".." not in v.split("/")
+
+    files = m.get("files")
+    need(isinstance(files, dict), "'files' must be an object")
+    for rel, entry in files.items():
+        need(rel_ok(rel), f"file entry {rel!r} is not a relative path inside the collection")
+        need(isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and bool(_HEX.match(entry["sha256"])) and is_int(entry.get("size")), f"file entry {rel!r} needs sha256 and size")
+    tasks = m.get("tasks")
+    need(isinstance(tasks, list) and len(tasks) > 0, "'tasks' must be a non-empty list")
+    stems = set()
+    for i, t in enumerate(tasks):
+        need(isinstance(t, dict), f"tasks[{i}] must be an object")
+        need(isinstance(t.get("name"), str) and t["name"].isprintable() and 0 < len(t["name"]) < 1000, f"tasks[{i}].name must be printable text")
+        need(isinstance(t.get("stem"), str) and bool(_STEM.match(t["stem"])) and t["stem"] not in stems, f"tasks[{i}].stem is not a safe, unique file stem")
+        stems.add(t["stem"])
+        need(t.get("mask_file") == f"masks/{t['stem']}.safetensors" and t["mask_file"] in files, f"tasks[{i}].mask_file must be masks/<stem>.safetensors and listed in files")
+        need(all(is_num(t.get(k)) for k in ("tall_lambda", "density", "relative_error")) and is_int(t.get("original_bytes")), f"tasks[{i}] has non-numeric λ, density, error or size")
+        need(isinstance(t.get("support_files"), list) and all(isinstance(f, str) and f in SUPPORT_FILES and f"tasks/{t['stem']}/{f}" in files for f in t["support_files"]), f"tasks[{i}].support_files lists unknown files")
+        need(isinstance(t.get("dtypes"), dict) and all(isinstance(k, str) and v in _DTYPES for k, v in t["dtypes"].items()), f"tasks[{i}].dtypes is invalid")
+        need("lambda_scores" in t and (t["lambda_scores"] is None or isinstance(t["lambda_scores"], dict)), f"tasks[{i}].lambda_scores is invalid")
+        need(isinstance(t.get("source"), str), f"tasks[{i}].source must be text")
+    tensors = m.get("tensors")
+    need(isinstance(tensors, list), "'tensors' must be a list")
+    for i, t in enumerate(tensors):
+        need(isinstance(t, dict) and isinstance(t.get("name"), str) and t.get("dtype") in _DTYPES and isinstance(t.get("stored"), bool), f"tensors[{i}] is invalid")
+        need(isinstance(t.get("shape"), list) and len(t["shape"]) <= 64 and all(is_int(d) and d < 2**40 for d in t["shape"]), f"tensors[{i}].shape is invalid")
+    tau = m.get("tau_mtl")
+    need(isinstance(tau, dict) and isinstance(tau.get("files"), list) and all(isinstance(f, str) and f in files for f in tau["files"]), "'tau_mtl.files' must list files of the collection")
+    need(isinstance(tau.get("weight_map"), dict) and all(isinstance(k, str) and v in tau["files"] for k, v in tau["weight_map"].items()), "'tau_mtl.weight_map' must map tensors to τ_MTL files")
+    base = m.get("base")
+    need(isinstance(base, dict) and isinstance(base.get("embedded"), bool) and isinstance(base.get("reference"), str), "'base' needs embedded and reference")
+    if base["embedded"]:
+        need(base.get("path") == "base", "'base.path' must be 'base'")
+    else:
+        wf = base.get("weight_files")
+        need(isinstance(wf, dict) and all(isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("sha256"), str) and is_int(v.get("size")) for k, v in wf.items()), "'base.weight_files' is invalid")
+        need(base.get("resolved_path") is None or isinstance(base["resolved_path"], str), "'base.resolved_path' must be text")
+    for key in ("aggregate", "mtl_dtype", "created_by", "recipe"):
+        need(isinstance(m.get(key), str), f"'{key}' must be text")
+    stats = m.get("mask_stats")
+    need(isinstance(stats, dict) and isinstance(stats.get("overall"), dict), "'mask_stats.overall' is missing")
+    overall = stats["overall"]
+    need(isinstance(overall.get("histogram"), list) and all(is_int(v) for v in overall["histogram"]), "'mask_stats.overall.histogram' is invalid")
+    need(is_num(overall.get("catastrophic_fraction")) and is_num(overall.get("selfish_fraction")), "'mask_stats.overall' fractions are invalid")
+
+
 class Collection:
     """An opened collection. ``open`` checks the manifest and every file's presence and size; the
     SHA-256 of a file is checked when it is first used (``verify()`` checks them all)."""
@@ -254,6 +321,7 @@ class Collection:
         version = manifest.get("format_version")
         if version != FORMAT_VERSION:
             raise CollectionError(f"{manifest_path}: format version {version!r}; this mergekit-lite reads version {FORMAT_VERSION}, upgrade it")
+        _check_manifest(manifest, manifest_path)
         collection = cls(folder, manifest, base)
         collection._check_files()
         return collection
@@ -261,7 +329,7 @@ class Collection:
     def _check_files(self) -> None:
         for rel, entry in self.manifest["files"].items():
             path = self._inside(rel)
-            if not path.is_file():
+            if not path.is_file() and not path.is_symlink():
                 raise CollectionError(f"{path}: missing from the collection; it is incomplete")
             if path.stat().st_size != entry["size"]:
                 raise CollectionError(f"{path}: has {path.stat().st_size} bytes, the manifest says {entry['size']}; the file is truncated or was changed")
@@ -271,7 +339,16 @@ class Collection:
         parts = Path(rel).parts
         if os.path.isabs(rel) or ".." in parts or not parts:
             raise CollectionError(f"{self.path / MANIFEST}: file entry {rel!r} points outside the collection")
-        return self.path / rel
+        path = self.path / rel
+        root = self.path.resolve()
+        for part in [path, *path.parents]:
+            if part == self.path:
+                break
+            if part.is_symlink():
+                raise CollectionError(f"{path}: is a symbolic link; a collection holds plain files only (copy it without links)")
+        if not path.resolve().is_relative_to(root):
+            raise CollectionError(f"{path}: resolves outside the collection")
+        return path
 
     def _verify_file(self, rel: str) -> None:
         if rel in self._verified:

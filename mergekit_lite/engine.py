@@ -325,7 +325,7 @@ def write_checkpoint(
             if extra_files is not None:
                 copy_support_files(extra_files, tmp, sorted(p.name for p in extra_files.iterdir() if p.is_file()))
             if card is not None:
-                (tmp / "README.md").write_text(card, encoding="utf-8")
+                (tmp / "README.md").write_text(card, encoding="utf-8", errors="backslashreplace")
         except OSError as exc:
             raise OutputError(f"{out_dir}: could not write support files: {exc}") from exc
     return folder.destination

@@ -166,7 +166,7 @@ class Watch:
 
     @staticmethod
     def _inside(path: str, roots: list[str]) -> bool:
-        return any(path == r or path.startswith(r + os.sep) for r in roots)
+        return any(path.startswith(r[:-1]) if r.endswith("*") else (path == r or path.startswith(r + os.sep)) for r in roots)
 
     def _path(self, value: Any) -> str | None:
         if isinstance(value, int) or value is None:
@@ -1306,7 +1306,8 @@ class CollectionCli(Kind):
         command = rng.choice(["extract-all", "extract", "inspect"])
         if command == "extract-all":
             args = ["extract", str(folder), "--all", str(out), "-q"]
-            self.watch.write_ok = [str(out)]  # OUT/<task> for every task: nothing beside OUT
+            # OUT/<stem> for every task, built in OUT's own temporary sibling (all or none): nothing else beside OUT
+            self.watch.write_ok = [str(out), str(outs / ".mergekit-lite-tmp-out.") + "*"]
         elif command == "extract":
             args = ["extract", str(folder), rng.choice(["math", "code", "chat", "nope"]), str(out), "-q"]
         else:

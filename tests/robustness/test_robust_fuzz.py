@@ -51,8 +51,7 @@ def test_fuzz_kind_has_no_failures(sandbox, kind, count):
 @pytest.mark.parametrize("kind", ["collection-manifest", "collection-cli"])
 def test_tampered_collections_never_write_outside_or_run_code(sandbox, kind):
     """What holds today for tampered collections: nothing is written outside the output folder through
-    the Python API, no pickle runs, no temporary folder is left. (Reads through symlinks, crashes and
-    leftovers of `extract --all` are known defects, see the xfail tests below.)"""
+    the Python API, no pickle runs, no temporary folder is left (the stricter no-failure tests follow)."""
     report = fuzz.run_kind(kind, SEED, 40, sandbox)
     serious = [
         f for f in report.failures
@@ -62,15 +61,11 @@ def test_tampered_collections_never_write_outside_or_run_code(sandbox, kind):
     assert not serious, describe(report, serious)
 
 
-@pytest.mark.xfail(strict=True, reason="collection.py: a tampered manifest (checksum fixed) crashes with KeyError/TypeError/... "
-                   "tracebacks, puts manifest strings raw into messages, and follows symlinks out of the folder")
 def test_fuzz_collection_api_has_no_failures(sandbox):
     report = fuzz.run_kind("collection-manifest", SEED, 60, sandbox)
     assert not report.failures, describe(report, report.failures)
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py `extract --all` writes under OUT_DIR/<stem> for any stem the manifest has "
-                   "(../, absolute) and leaves OUT_DIR behind on failure; inspect/extract crash on wrong-typed manifests")
 def test_fuzz_collection_cli_has_no_failures(sandbox):
     report = fuzz.run_kind("collection-cli", SEED, 60, sandbox)
     assert not report.failures, describe(report, report.failures)
