@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 from mergekit_lite.demo import build_demo, finetune_like  # noqa: E402
 
 WORK = ROOT / "benchmarks" / "work" / "load"
@@ -32,14 +33,14 @@ CLI = ROOT / ".venv" / "bin" / "mergekit-lite"
 
 
 def timed(args: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of one child process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if status != 0:
-        raise SystemExit(f"failed: {' '.join(args)}\n{proc.stderr.read().decode()}")
-    return wall, usage.ru_maxrss / 1024
+    """Wall seconds and peak RSS (MiB) of one child process, started from bench_speed's small launcher
+    (a child forked from this process would report this process's own RSS as its peak)."""
+    from bench_speed import run_child
+
+    result = run_child(args)
+    if result.rc != 0:
+        raise SystemExit(f"failed: {' '.join(args)}\n{result.stderr}")
+    return result.wall, result.maxrss_kib / 1024
 
 
 def many_models(k: int) -> tuple[Path, list[Path]]:
