@@ -8,13 +8,14 @@ from . import __version__
 from .recipe import Recipe
 
 
+def front_matter(base_model: str, tags: list[str]) -> str:
+    """The hub's YAML front matter (base_model, tags, library_name), safely quoted."""
+    data = {"base_model": base_model, "tags": tags, "library_name": "transformers"}
+    return "---\n" + yaml.safe_dump(data, sort_keys=False, allow_unicode=True) + "---\n\n"
+
+
 def model_card(recipe: Recipe, notes: str = "") -> str:
     """A README.md with YAML front matter (base_model, tags, library_name) and the recipe that made the model."""
-    front = {
-        "base_model": recipe.base_model,
-        "tags": ["merge", "mergekit-lite", recipe.merge_method],
-        "library_name": "transformers",
-    }
     params, model_params = recipe.resolved_parameters()
     rows = "\n".join(
         f"| {name} | `{entry.model}` | "
@@ -24,10 +25,8 @@ def model_card(recipe: Recipe, notes: str = "") -> str:
     )
     settings = ", ".join(f"{k}={v}" for k, v in params.items() if recipe.method.param(k) and not recipe.method.param(k).per_model)
     return (
-        "---\n"
-        + yaml.safe_dump(front, sort_keys=False)
-        + "---\n\n"
-        + f"# Merged model\n\n"
+        front_matter(recipe.base_model, ["merge", "mergekit-lite", recipe.merge_method])
+        + "# Merged model\n\n"
         + f"Made with mergekit-lite {__version__} using **{recipe.merge_method}**: {recipe.method.summary}\n"
         + (f"Method reference: {recipe.method.paper}\n" if recipe.method.paper else "")
         + f"\nBase model: `{recipe.base_model}`. Method parameters: {settings or 'defaults'}.\n\n"

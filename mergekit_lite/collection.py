@@ -20,6 +20,7 @@ import torch
 
 from . import __version__
 from .bitpack import pack_bits, packed_size, unpack_bits
+from .card import front_matter
 from .checkpoint import Checkpoint, TensorInfo, open_checkpoint, resolve_reference
 from .errors import CheckpointError, CollectionError, OutputError
 from .methods import TensorContext, multitask_vector, stack_deltas, suggest
@@ -430,7 +431,8 @@ class Collection:
             for f in entry["support_files"]:
                 self._verify_file(f"tasks/{entry['stem']}/{f}")
             card = (
-                f"---\nbase_model: {json.dumps(self.manifest['base']['reference'])}\ntags: [mergekit-lite, tall-masks]\nlibrary_name: transformers\n---\n\n"
+                front_matter(self.manifest["base"]["reference"], ["mergekit-lite", "tall-masks"])
+                +
                 f"# {task}\n\nReconstructed from the TALL-masks collection `{self.path.name}` as θ_0 + m_t ⊙ τ_MTL "
                 f"(λ_t = {entry['tall_lambda']}, mask density {entry['density']:.4f}, relative error "
                 f"‖θ̂_t − θ_t‖/‖θ_t − θ_0‖ = {entry['relative_error']:.4f}). Original: `{entry['source']}`.\n"

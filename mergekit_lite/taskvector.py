@@ -160,7 +160,9 @@ class LazyStateDict(Mapping):
             TensorInfo(n, out_dtype if (out_dtype is not None and self.base.info(n).is_float) else self.base.info(n).dtype, self.base.info(n).shape)
             for n in self.base.names
         ]
-        card = f"---\nbase_model: {self.base.ref}\ntags: [merge, mergekit-lite]\nlibrary_name: transformers\n---\n\n# Merged model\n\n{self.task_vector!r} applied with scale {self.scale:g}.\n"
+        from .card import front_matter
+
+        card = front_matter(self.base.ref, ["merge", "mergekit-lite"]) + f"# Merged model\n\n{self.task_vector!r} applied with scale {self.scale:g}.\n"
         return write_checkpoint(
             out_dir,
             infos,
