@@ -391,6 +391,8 @@ class _SafetensorsFile:
             if begin != covered:
                 raise self._fail("tensor data offsets overlap or leave gaps")
             covered = end
+        if covered != data_size:  # the format: the byte buffer is entirely indexed (no polyglot files)
+            raise self._fail(f"{data_size - covered} bytes after the last tensor's data are not covered by the header")
         return infos, offsets, data_start
 
     def keys(self) -> list[str]:

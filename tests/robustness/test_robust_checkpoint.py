@@ -74,7 +74,8 @@ E = lambda dtype="F32", shape=(2,), offsets=(0, 8): {"dtype": dtype, "shape": li
         ({"a\nb": E()}, b"\0" * 8, "ok"),
         ([1, 2, 3], b"", "not a JSON object"),
         ({}, b"", "ok"),
-        ({"a": E()}, b"\0" * 8 + b"trailing", "ok"),
+        ({"a": E()}, b"\0" * 8 + b"trailing", "8 bytes after the last tensor's data"),  # was: accepted (safetensors refuses it)
+        ({}, b"\0" * 8, "8 bytes after the last tensor's data"),
     ],
 )
 def test_safetensors_header_lies(tmp_path, header, body, expect):

@@ -138,7 +138,9 @@ def test_api_stem_is_never_an_output_path(coll, tmp_path, fixtures):
     save(coll, data)
     (tmp_path / "out").mkdir()
     result, violations, new = guarded(tmp_path, fixtures, lambda: use(coll, tmp_path / "out", "math"), [coll, fixtures.base], [tmp_path / "out"])
+    assert result.startswith(f"{coll / 'manifest.json'}: invalid manifest: ") and "tasks[0].stem" in result, result
     assert not violations and not new, (result, violations, new)
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_stale_checksum_is_refused(coll, tmp_path):
@@ -165,7 +167,11 @@ def test_cli_extract_all_never_writes_outside_out_dir(coll, tmp_path, stem):
     before = tree(tmp_path)
     result = cli("extract", str(coll), "--all", str(tmp_path / "outs" / "all"), "-q")
     outside = {p for p in tree(tmp_path) - before if not p.startswith("outs")}
-    assert result.exit_code in (0, 2) and not outside, (result.output, outside)
+    assert not outside, (result.output, outside)
+    # the stem is not a safe file stem: refused with one line naming the manifest and the field, nothing written
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    assert result.stderr.splitlines() == [f"error: {coll / 'manifest.json'}: invalid manifest: tasks[0].stem is not a safe, unique file stem"], result.stderr
+    assert list((tmp_path / "outs").iterdir()) == []
 
 
 def test_cli_extract_all_leaves_no_output_on_failure(coll, tmp_path):
@@ -198,48 +204,57 @@ def _delete(path: list):
     return edit
 
 
-WRONG_TYPES = {
-    "files is a list": _set(["files"], []),  # AttributeError: 'list' object has no attribute 'items'
-    "files missing": _delete(["files"]),  # KeyError: 'files'
-    "file entry without size": _delete(["files", "tau_mtl.safetensors", "size"]),  # KeyError: 'size'
-    "file entry is a string": _set(["files", "tau_mtl.safetensors"], "x"),  # TypeError: string indices must be integers
-    "tasks missing": _delete(["tasks"]),  # KeyError: 'tasks'
-    "task is a string": _set(["tasks", 0], "x"),  # TypeError
-    "task without name": _delete(["tasks", 0, "name"]),  # KeyError: 'name'
-    "tensor dtype 'save'": _set(["tensors", 1, "dtype"], "save"),  # AttributeError: 'function' object has no attribute 'itemsize'
-    "tensor dtype 5": _set(["tensors", 1, "dtype"], 5),  # TypeError: attribute name must be string
-    "tensor shape null": _set(["tensors", 1, "shape"], None),  # TypeError: 'NoneType' object is not iterable
-    "tensor without stored": _delete(["tensors", 1, "stored"]),  # KeyError: 'stored'
-    "task dtypes is a list": _set(["tasks", 0, "dtypes"], []),  # AttributeError: 'list' object has no attribute 'get'
-    "task density is text": _set(["tasks", 0, "density"], "x"),  # ValueError: Unknown format code 'f'
-    "task without support_files": _delete(["tasks", 0, "support_files"]),  # KeyError: 'support_files'
-    "base missing": _delete(["base"]),  # KeyError: 'base'
-    "base weight_files is a list": _set(["base", "weight_files"], []),  # AttributeError: 'list' object has no attribute 'values'
-    "base reference is a number": _set(["base"], {"embedded": False, "reference": 5, "resolved_path": None, "weight_files": {}}),  # TypeError
-    "mask_stats missing": _delete(["mask_stats"]),  # KeyError: 'mask_stats'
-    "file name too long": _set(["files", "x" * 300], {"sha256": "0", "size": 1}),  # OSError: File name too long
-    "task name a lone surrogate": _set(["tasks", 0, "name"], "\ud800"),  # UnicodeEncodeError writing README.md (engine.py)
+WRONG_TYPES = {  # what: (edit, the field the refusal must name)
+    "files is a list": (_set(["files"], []), "'files'"),  # AttributeError: 'list' object has no attribute 'items'
+    "files missing": (_delete(["files"]), "'files'"),  # KeyError: 'files'
+    "file entry without size": (_delete(["files", "tau_mtl.safetensors", "size"]), "'tau_mtl.safetensors'"),  # KeyError: 'size'
+    "file entry is a string": (_set(["files", "tau_mtl.safetensors"], "x"), "'tau_mtl.safetensors'"),  # TypeError: string indices must be integers
+    "tasks missing": (_delete(["tasks"]), "'tasks'"),  # KeyError: 'tasks'
+    "task is a string": (_set(["tasks", 0], "x"), "tasks[0]"),  # TypeError
+    "task without name": (_delete(["tasks", 0, "name"]), "tasks[0].name"),  # KeyError: 'name'
+    "tensor dtype 'save'": (_set(["tensors", 1, "dtype"], "save"), "tensors[1]"),  # AttributeError: 'function' object has no attribute 'itemsize'
+    "tensor dtype 5": (_set(["tensors", 1, "dtype"], 5), "tensors[1]"),  # TypeError: attribute name must be string
+    "tensor shape null": (_set(["tensors", 1, "shape"], None), "tensors[1].shape"),  # TypeError: 'NoneType' object is not iterable
+    "tensor without stored": (_delete(["tensors", 1, "stored"]), "tensors[1]"),  # KeyError: 'stored'
+    "task dtypes is a list": (_set(["tasks", 0, "dtypes"], []), "tasks[0].dtypes"),  # AttributeError: 'list' object has no attribute 'get'
+    "task density is text": (_set(["tasks", 0, "density"], "x"), "tasks[0]"),  # ValueError: Unknown format code 'f'
+    "task without support_files": (_delete(["tasks", 0, "support_files"]), "tasks[0].support_files"),  # KeyError: 'support_files'
+    "base missing": (_delete(["base"]), "'base'"),  # KeyError: 'base'
+    "base weight_files is a list": (_set(["base", "weight_files"], []), "'base.weight_files'"),  # AttributeError: 'list' object has no attribute 'values'
+    "base reference is a number": (_set(["base"], {"embedded": False, "reference": 5, "resolved_path": None, "weight_files": {}}), "'base'"),  # TypeError
+    "mask_stats missing": (_delete(["mask_stats"]), "'mask_stats.overall'"),  # KeyError: 'mask_stats'
+    "file name too long": (_set(["files", "x" * 300], {"sha256": "0", "size": 1}), "'" + "x" * 300 + "'"),  # OSError: File name too long
+    "task name a lone surrogate": (_set(["tasks", 0, "name"], "\ud800"), "tasks[0].name"),  # UnicodeEncodeError writing README.md (engine.py)
 }
+
+
+def refused_naming(coll: Path, result: str, field: str) -> None:
+    """``result`` is a refusal (not 'ok') that names the manifest file and the offending field."""
+    assert result.startswith(f"{coll / 'manifest.json'}: invalid manifest: "), result
+    assert field in result, (field, result)
 
 
 @pytest.mark.parametrize("what", list(WRONG_TYPES))
 def test_wrong_typed_manifest_is_a_clean_error(coll, tmp_path, what):
     """Reproducer: edit the manifest as named, fix manifest.json.sha256, then Collection.open(c).summary() / extract."""
-    data = manifest(coll)
-    WRONG_TYPES[what](data)
-    save(coll, data)
-    (tmp_path / "out").mkdir()
-    use(coll, tmp_path / "out")  # raises something other than MergeKitLiteError today
-
-
-@pytest.mark.parametrize("edit", [_set(["tasks", 0, "support_files"], ["a\nb"]), _set(["tasks", 0, "stem"], "a\nb")])
-def test_manifest_strings_stay_on_one_line(coll, tmp_path, edit):
-    """Reproducer: tasks[0].support_files = ['a\\nb'] (checksum fixed) -> 'lists no checksum for tasks/000-math/a<newline>b'."""
+    edit, field = WRONG_TYPES[what]
     data = manifest(coll)
     edit(data)
     save(coll, data)
     (tmp_path / "out").mkdir()
-    use(coll, tmp_path / "out")  # the assertion inside use() fails on the two-line message
+    refused_naming(coll, use(coll, tmp_path / "out"), field)  # was: something other than MergeKitLiteError
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("field", ["support_files", "stem"])
+def test_manifest_strings_stay_on_one_line(coll, tmp_path, field):
+    """Reproducer: tasks[0].support_files = ['a\\nb'] (checksum fixed) -> 'lists no checksum for tasks/000-math/a<newline>b'."""
+    data = manifest(coll)
+    data["tasks"][0][field] = ["a\nb"] if field == "support_files" else "a\nb"
+    save(coll, data)
+    (tmp_path / "out").mkdir()
+    result = use(coll, tmp_path / "out")  # the assertion inside use() fails on a two-line message
+    refused_naming(coll, result, f"tasks[0].{field}")
 
 
 @pytest.mark.parametrize("rel", ["masks/000-math.safetensors", "tasks/000-math/config.json", "tau_mtl.safetensors"])
@@ -259,6 +274,8 @@ def test_symlinks_inside_the_collection_are_not_followed_outside(coll, tmp_path,
     with fuzz.watching(watch):
         result = use(coll, tmp_path / "out")
     assert not any("outside" in v for v in watch.violations), (result, watch.violations)
+    assert result == f"{coll / rel}: is a symbolic link; a collection holds plain files only (copy it without links)", result
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_cli_inspect_on_wrong_typed_manifest_exits_2(coll):
@@ -267,4 +284,8 @@ def test_cli_inspect_on_wrong_typed_manifest_exits_2(coll):
     data["tasks"][0]["density"] = "x"
     save(coll, data)
     result = cli("inspect", str(coll))
-    assert result.exit_code == 2 and result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {coll / 'manifest.json'}: invalid manifest: tasks[0] "), result.stderr
