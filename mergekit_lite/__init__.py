@@ -5,12 +5,13 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
-from .collection import Collection
-from .engine import Plan, plan, run
+from .api import Plan, plan, run
 from .errors import CheckpointError, CollectionError, MergeKitLiteError, OutputError, RecipeError
 from .methods import METHODS, MergeMethod, get_method
+from .products import Collection
 from .recipe import Recipe
-from .taskvector import LazyStateDict, TaskVector
+from .statedict import LazyStateDict
+from .taskvector import TaskVector
 
 __all__ = [
     "__version__",

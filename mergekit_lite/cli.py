@@ -52,6 +52,12 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _warn(recipe: Any) -> None:
+    """Print the recipe's non-fatal notes, one ``warning:`` line each."""
+    for warning in recipe.warnings:
+        click.echo(f"warning: {warning}", err=True)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "--version", "-V", prog_name="mergekit-lite")
 def main() -> None:
@@ -82,14 +88,14 @@ def run(recipe: str, out_dir: str, dry_run: bool, force: bool, device: str, quie
     when complete: a failed or interrupted run leaves no partial output. Every input is checked from
     its headers before any weights are read.
     """
-    from .engine import execute, plan, resolve_device
+    from .api import execute, plan, prepare_output, resolve_device
     from .recipe import Recipe
-    from .writer import AtomicFolder
 
     parsed = Recipe.from_yaml(recipe)
+    _warn(parsed)
     resolve_device(device)
     if not dry_run:
-        AtomicFolder(out_dir, force=force).check()
+        prepare_output(out_dir, force)
     the_plan = plan(parsed)
     try:
         if dry_run:
@@ -122,10 +128,20 @@ def validate(recipe: str) -> None:
     Exits 0 and prints a summary when the recipe would run; otherwise prints the problem (which
     file, tensor or recipe field, and what to do) and exits 2.
     """
-    from .engine import plan
+    from .api import plan
+    from .errors import RecipeError
     from .recipe import Recipe
 
-    parsed = Recipe.from_yaml(recipe)
+    try:
+        parsed = Recipe.from_yaml(recipe)
+    except RecipeError as exc:
+        if len(exc.problems) > 1:
+            click.echo(f"error: {len(exc.problems)} problems in the recipe:", err=True)
+            for problem in exc.problems:
+                click.echo(f"  - {problem}", err=True)
+            sys.exit(2)
+        raise
+    _warn(parsed)
     the_plan = plan(parsed)
     try:
         merged = sum(1 for j in the_plan.jobs if j.merge)
@@ -159,7 +175,7 @@ def masks(recipe: str, as_json: bool, plot: str | None, tall_lambda: float | Non
     """
     import json
 
-    from .engine import mask_statistics
+    from .products import mask_statistics
     from .recipe import Recipe
 
     if tall_lambda is not None and (tall_lambda < 0 or tall_lambda != tall_lambda):
@@ -191,7 +207,7 @@ def extract(collection: str, args: tuple[str, ...], all_tasks: bool, force: bool
     each checked against its SHA-256 first. `--all` extracts every task into OUT_DIR/NNN-<task>/
     (NNN = the task's index; the name made file-safe), all or none.
     """
-    from .collection import Collection
+    from .products import Collection
     from .errors import MergeKitLiteError
 
     if all_tasks and len(args) != 1 or not all_tasks and len(args) != 2:
@@ -227,7 +243,7 @@ def inspect(collection: str, as_json: bool, verify: bool) -> None:
     """
     import json
 
-    from .collection import Collection
+    from .products import Collection
 
     coll = Collection.open(collection)
     checked = coll.verify() if verify else None

@@ -8,7 +8,11 @@ class MergeKitLiteError(Exception):
 
 
 class RecipeError(MergeKitLiteError):
-    """The recipe is malformed or asks for something unsupported."""
+    """The recipe is malformed or asks for something unsupported; ``problems`` lists every problem found."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = problems if problems is not None else [message]
 
 
 class CheckpointError(MergeKitLiteError):

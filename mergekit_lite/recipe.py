@@ -15,26 +15,28 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from .errors import RecipeError
-from .methods import get_method, suggest
+from .units import MAX_SIZE, parse_size  # noqa: F401  (parse_size is part of this module's API)
+from .methods import METHODS, get_method, suggest
+from .params import check_setting, is_search, resolve
 
 #: mergekit keys that have no equivalent here yet, with what to do instead.
 UNSUPPORTED_KEYS = {
-    "slices": "layer slices are not supported yet; merge whole models with 'models:'",
     "modules": "per-module recipes are not supported yet; use include/exclude patterns",
     "tokenizer": "tokenizer merging is not supported yet; use tokenizer_source: base | <model name> | none",
     "chat_template": "chat templates are not supported yet; the base model's tokenizer files are copied as they are",
 }
 
+#: parameter names of mergekit's methods (also those we do not implement yet), recognised when misplaced at the top level
+MERGEKIT_PARAMETER_NAMES = frozenset(
+    {"weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "int8_mask", "t", "scale", "filter_wise", "select_topk", "nuslerp_flatten", "nuslerp_row_wise", "max_iter", "tol"}
+)
+
 COMPUTE_DTYPES = ("float32", "float64")
 STORAGE_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-#: Largest shard size accepted (a file offset must fit in a signed 64-bit integer).
-MAX_SIZE = 2**63 - 1
 #: Largest magnitude of an integer recipe value; beyond it no float or 64-bit integer holds it.
 MAX_INT = 2**63 - 1
 #: Characters that must never appear in a reference or a name: they break lines, or cannot be encoded.
@@ -43,27 +45,6 @@ _BAD_CATEGORIES = ("Cc", "Cs", "Zl", "Zp")
 MAX_DEPTH = 64
 #: How many values (keys, items, scalars; YAML aliases expanded) a recipe may hold: real ones hold hundreds.
 MAX_VALUES = 20_000
-
-
-def parse_size(value: int | str) -> int:
-    """Bytes from ``5GB`` (decimal, as Hugging Face uses), ``512MiB`` (binary) or a plain integer."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a size like 5GB, got {value!r}")
-    if isinstance(value, int):
-        size = value
-    else:
-        match = _SIZE.match(str(value)) if isinstance(value, (str, float)) else None
-        if not match:
-            raise ValueError(f"expected a size like 5GB or 500MB, got {safe_repr(value)}")
-        try:
-            size = int(Decimal(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
-        except (InvalidOperation, ValueError, OverflowError):
-            raise ValueError(f"expected a size like 5GB or 500MB, got {safe_repr(value)}") from None
-    if size <= 0:
-        raise ValueError(f"must be a positive size, got {safe_repr(value)}")
-    if size > MAX_SIZE:
-        raise ValueError(f"must be at most {MAX_SIZE} bytes, got {safe_repr(value)}")
-    return size
 
 
 def one_line(text: str) -> str:
@@ -90,11 +71,36 @@ class _Strict(BaseModel):
 
 
 class ModelEntry(_Strict):
-    """One fine-tuned model of the recipe."""
+    """One model of the recipe (``models:``)."""
 
     model: str = Field(min_length=1)
     name: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class SliceSource(_Strict):
+    """One input of a slice: layers [start, end) of a model, with parameters for them."""
+
+    model: str = Field(min_length=1)
+    layer_range: tuple[int, int]
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if value[0] < 0 or value[1] <= value[0]:
+            raise ValueError(f"expected [start, end) with 0 <= start < end, got {list(value)}")
+        return value
+
+
+class SliceEntry(_Strict):
+    """One output slice (``slices:``): its sources' layers are merged into consecutive output layers."""
+
+    sources: list[SliceSource] = Field(min_length=1)
+    base_model: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    #: declared by mergekit 0.1.5 and unused there; accepted with a warning
+    residual_weight: float | None = None
 
 
 class OutputOptions(_Strict):
@@ -112,8 +118,9 @@ class Recipe(_Strict):
     """A validated recipe. Build it with ``Recipe.from_yaml(path)`` or ``Recipe.from_dict(data)``."""
 
     merge_method: str
-    base_model: str = Field(min_length=1)
-    models: list[ModelEntry] = Field(min_length=1)
+    base_model: str | None = Field(default=None, min_length=1)
+    models: list[ModelEntry] | None = Field(default=None, min_length=1)
+    slices: list[SliceEntry] | None = Field(default=None, min_length=1)
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: Literal["float32", "float64", "float16", "bfloat16"] = "float32"
     out_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
@@ -122,11 +129,13 @@ class Recipe(_Strict):
     exclude: list[str] = Field(default_factory=list)
     output: OutputOptions = Field(default_factory=OutputOptions)
     evaluator: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    #: non-fatal notes about the recipe (a misplaced mergekit key that has no effect, ...)
+    _warnings: list[str] = PrivateAttr(default_factory=list)
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: Any, source: str = "recipe") -> "Recipe":
-        """Validate a parsed recipe; every error is one RecipeError naming ``source`` and the key path."""
+        """Validate a parsed recipe; every problem is reported in one RecipeError naming ``source`` and the key path."""
         source = one_line(str(source))
         if not isinstance(data, dict):
             raise RecipeError(f"{source}: expected a mapping of recipe keys (merge_method, base_model, models, ...)")
@@ -136,16 +145,27 @@ class Recipe(_Strict):
         problem = _check_structure(data)
         if problem:
             raise RecipeError(f"{source}: {problem}")
+        data, warnings = _drop_misplaced_parameters(data)
+        if "merge_method" in data and isinstance(data["merge_method"], str):
+            try:
+                get_method(data["merge_method"])
+            except RecipeError as exc:  # an unknown method is the first thing to say
+                raise RecipeError(one_line(f"{source}: {exc}")) from None
         try:
             recipe = cls.model_validate(data)
         except ValidationError as exc:
-            raise RecipeError(f"{source}: {_describe(exc)}") from None
+            problems = [one_line(f"{source}: {p}") for p in _describe_all(exc)]
+            raise RecipeError(problems[0] + _more(problems), problems=problems) from None
         except RecursionError:  # pragma: no cover - _check_structure bounds the depth first
             raise RecipeError(f"{source}: nested too deeply to be a recipe") from None
-        try:
-            recipe.check()
-        except RecipeError as exc:
-            raise RecipeError(one_line(f"{source}: {exc}")) from None
+        problems = [one_line(f"{source}: {p}") for p in recipe.problems()]
+        if problems:
+            raise RecipeError(problems[0] + _more(problems), problems=problems)
+        recipe._warnings.extend(one_line(f"{source}: {w}") for w in warnings)
+        if recipe.slices:
+            for i, sl in enumerate(recipe.slices):
+                if sl.residual_weight is not None:
+                    recipe._warnings.append(f"{source}: slices[{i}].residual_weight has no effect (mergekit 0.1.5 does not use it either)")
         return recipe
 
     @classmethod
@@ -190,36 +210,95 @@ class Recipe(_Strict):
         return yaml.safe_dump(data, sort_keys=False)
 
     # -- semantic checks ---------------------------------------------------------------------
-    def check(self) -> None:
-        """Checks that need more than types: method parameters, names, tokenizer source."""
-        for where, text in [("base_model", self.base_model), *((f"models[{i}].model", m.model) for i, m in enumerate(self.models))]:
+    def problems(self) -> list[str]:
+        """Every problem that needs more than types (method parameters, names, inputs), all at once."""
+        method = get_method(self.merge_method)
+        problems: list[str] = []
+        if (self.models is None) == (self.slices is None):
+            problems.append("models/slices: give either 'models:' (whole models) or 'slices:' (layer ranges), not both or neither")
+        refs = [("base_model", self.base_model)] if self.base_model is not None else []
+        refs += [(f"models[{i}].model", m.model) for i, m in enumerate(self.models or [])]
+        refs += [(f"slices[{i}].sources[{j}].model", s.model) for i, sl in enumerate(self.slices or []) for j, s in enumerate(sl.sources)]
+        refs += [(f"slices[{i}].base_model", sl.base_model) for i, sl in enumerate(self.slices or []) if sl.base_model is not None]
+        for where, text in refs:
             if not text.strip() or _has_bad_characters(text):
-                raise RecipeError(f"{where}: {safe_repr(text)} is not a usable path or hub id (empty, or has control characters)")
-        for i, entry in enumerate(self.models):
-            if "+" in entry.model and not os.path.exists(entry.model):
-                raise RecipeError(f"models[{i}].model: 'model+lora' references are not supported yet; merge the LoRA first")
-        params, per_model = self.method.resolve(self.parameters, [m.parameters for m in self.models])
+                problems.append(f"{where}: {safe_repr(text)} is not a usable path or hub id (empty, or has control characters)")
+            elif "+" in text and not os.path.exists(text):
+                problems.append(f"{where}: 'model+lora' references are not supported yet; merge the LoRA into the model first")
+        if method.base == "required":
+            slices_without = [i for i, sl in enumerate(self.slices or []) if sl.base_model is None]
+            if self.base_model is None and (self.models is not None or slices_without):
+                problems.append(f"base_model: {method.name} needs a base model (it {'merges task vectors θ_t − θ_0' if method.inputs == 'task_vectors' else 'interpolates from the base'}); add 'base_model:'")
+        problems += self._parameter_problems(method)
+        if self.models is not None:
+            problems += self._count_problems(method, [m.model for m in self.models], "models")
+        for i, sl in enumerate(self.slices or []):
+            lengths = {s.layer_range[1] - s.layer_range[0] for s in sl.sources}
+            if len(lengths) > 1:
+                problems.append(f"slices[{i}].sources: every source of a slice needs the same number of layers, got {sorted(lengths)}")
+            problems += self._count_problems(method, [s.model for s in sl.sources], f"slices[{i}].sources", sl.base_model or self.base_model)
+        if self.slices is not None and (method.statistics is not None or method.output == "collection"):
+            problems.append(f"slices: {method.name} works on whole models; use 'models:'")
         if self.evaluator is None:
-            for where, values in [("parameters", params), *((f"models[{i}].parameters", p) for i, p in enumerate(per_model))]:
-                for key, value in values.items():
-                    if isinstance(value, list):
-                        raise RecipeError(f"{where}.{key}: a list of values is a search grid and needs 'evaluator: module:function'")
-        if self.method.output == "collection" and (self.include is not None or self.exclude):
-            raise RecipeError("include/exclude: a collection stores every tensor of every model; remove include/exclude")
+            for where, key in self._searches():
+                problems.append(f"{where}.{key}: {{search: [...]}} is a search grid and needs 'evaluator: module:function'")
+        if method.output == "collection" and (self.include is not None or self.exclude):
+            problems.append("include/exclude: a collection stores every tensor of every model; remove include/exclude")
         seen: dict[str, int] = {}
-        for i, name in enumerate(self.model_names):
+        for i, name in enumerate(self.model_names if self.models is not None else []):
             if not name or name in (".", "..") or "/" in name or "\\" in name or _has_bad_characters(name):
-                raise RecipeError(f"models[{i}].name: {safe_repr(name)} is not a usable name (no separators or control characters, not empty)")
-            if name in seen:
-                raise RecipeError(
-                    f"models[{i}].name: {name!r} is already the name of models[{seen[name]}]; give each model a distinct 'name:'"
-                )
+                problems.append(f"models[{i}].name: {safe_repr(name)} is not a usable name (no separators or control characters, not empty)")
+            elif name in seen:
+                problems.append(f"models[{i}].name: {name!r} is already the name of models[{seen[name]}]; give each model a distinct 'name:'")
             seen[name] = i
         if self.tokenizer_source not in ("base", "none", *self.model_names):
             options = ["base", "none", *self.model_names]
-            raise RecipeError(
-                f"tokenizer_source: {self.tokenizer_source!r} is not base, none or a model name{suggest(self.tokenizer_source, options)}"
-            )
+            problems.append(f"tokenizer_source: {self.tokenizer_source!r} is not base, none or a model name{suggest(self.tokenizer_source, options)}")
+        return problems
+
+    def _count_problems(self, method: Any, refs: list[str], where: str, base: str | None = None) -> list[str]:
+        """Too few or too many inputs for the method (counted as the method counts them)."""
+        base = base if base is not None else self.base_model
+        if method.inputs == "task_vectors":
+            count = sum(1 for r in refs if r != base)
+            what = "models besides the base"
+        else:
+            count = len(refs) + (1 if base is not None and method.base != "unused" and base not in refs else 0)
+            what = "models (the base included)" if method.base != "unused" else "models"
+        if count < method.min_models or (method.max_models is not None and count > method.max_models):
+            return [f"{where}: {method.name} takes {method.model_count} {what}, got {count}"]
+        return []
+
+    def _parameter_levels(self) -> list[tuple[str, dict[str, Any], bool]]:
+        """(where, parameters, per-model level?) for every ``parameters:`` mapping of the recipe."""
+        levels = [("parameters", self.parameters, False)]
+        levels += [(f"models[{i}].parameters", m.parameters, True) for i, m in enumerate(self.models or [])]
+        for i, sl in enumerate(self.slices or []):
+            levels.append((f"slices[{i}].parameters", sl.parameters, False))
+            levels += [(f"slices[{i}].sources[{j}].parameters", s.parameters, True) for j, s in enumerate(sl.sources)]
+        return levels
+
+    def _parameter_problems(self, method: Any) -> list[str]:
+        names = [p.name for p in method.params]
+        problems = []
+        for where, params, per_model in self._parameter_levels():
+            for key, value in params.items():
+                param = method.param(key)
+                if param is None:
+                    problems.append(f"{where}.{key}: {method.name} has no parameter {key!r}{suggest(str(key), names)}")
+                elif per_model and not param.per_model:
+                    problems.append(f"{where}.{key}: {key!r} applies to the whole merge; move it to the top-level parameters")
+                else:
+                    problems += check_setting(param, value, f"{where}.{key}")
+        return problems
+
+    def _searches(self) -> list[tuple[str, str]]:
+        return [(where, key) for where, params, _ in self._parameter_levels() for key, value in params.items() if is_search(value)]
+
+    @property
+    def warnings(self) -> list[str]:
+        """Non-fatal notes found while reading the recipe (printed by the CLI as ``warning:`` lines)."""
+        return list(self._warnings)
 
     @property
     def method(self):  # -> MergeMethod (annotation avoided: pydantic would treat it as a field type)
@@ -227,8 +306,11 @@ class Recipe(_Strict):
 
     @property
     def model_names(self) -> list[str]:
-        """Each model's task name: its ``name`` or the last part of its path/repo id."""
-        return [m.name if m.name is not None else default_name(m.model) for m in self.models]
+        """Each model's task name: its ``name`` or the last part of its path/repo id (slices: each distinct source model)."""
+        if self.models is not None:
+            return [m.name if m.name is not None else default_name(m.model) for m in self.models]
+        refs = list(dict.fromkeys(s.model for sl in self.slices or [] for s in sl.sources))
+        return [default_name(r) for r in refs]
 
     @property
     def compute_dtype(self) -> str:
@@ -243,7 +325,9 @@ class Recipe(_Strict):
         return self.dtype if self.dtype not in COMPUTE_DTYPES else None
 
     def resolved_parameters(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        return self.method.resolve(self.parameters, [m.parameters for m in self.models])
+        """The parameters of the whole merge and of each model, before any per-tensor gradient or filter."""
+        models = self.models or []
+        return resolve(self.method, [self.parameters], [[m.parameters, self.parameters] for m in models], "", [""] * len(models), 0.0)
 
 
 def default_name(reference: str) -> str:
@@ -261,13 +345,18 @@ def default_name(reference: str) -> str:
 _LEVEL_FIELDS = {
     (): Recipe.model_fields,
     ("models",): ModelEntry.model_fields,
+    ("slices",): SliceEntry.model_fields,
+    ("slices", "sources"): SliceSource.model_fields,
     ("output",): OutputOptions.model_fields,
 }
 
 
-def _describe(exc: ValidationError) -> str:
-    """Turn pydantic's report into one line: the key path, what is wrong, and a suggestion."""
-    error = exc.errors()[0]
+def _describe_all(exc: ValidationError) -> list[str]:
+    """pydantic's report as one line per problem: the key path, what is wrong, and a suggestion."""
+    return [_describe_error(error) for error in exc.errors()]
+
+
+def _describe_error(error: Any) -> str:
     loc = error["loc"]
     path = _loc_path(loc)
     if error["type"] == "extra_forbidden":
@@ -282,8 +371,26 @@ def _describe(exc: ValidationError) -> str:
         message = message[len("Value error, ") :]
     got = error.get("input")
     detail = "" if isinstance(got, (dict, list)) or got is None or " got " in message else f" (got {safe_repr(got)})"
-    more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
-    return one_line(f"{path}: {message}{detail}{more}")
+    return one_line(f"{path}: {message}{detail}")
+
+
+def _more(problems: list[str]) -> str:
+    return f" (and {len(problems) - 1} more problem(s); `mergekit-lite validate` lists them all)" if len(problems) > 1 else ""
+
+
+def _drop_misplaced_parameters(data: dict[Any, Any]) -> tuple[dict[Any, Any], list[str]]:
+    """Remove top-level keys that are merge parameters (``normalize: true`` beside ``parameters:``, as
+    published configs have): mergekit ignores them, so they run with a warning saying where they belong.
+    A key that is neither a recipe key nor a parameter name stays, and pydantic reports it as unknown."""
+    known = set(Recipe.model_fields)
+    parameter_names = {p.name for m in METHODS.values() for p in m.params} | MERGEKIT_PARAMETER_NAMES
+    kept, warnings = {}, []
+    for key, value in data.items():
+        if isinstance(key, str) and key not in known and key in parameter_names:
+            warnings.append(f"{key}: has no effect at the top level (mergekit ignores it too); it belongs under 'parameters:'")
+            continue
+        kept[key] = value
+    return kept, warnings
 
 
 def _loc_path(loc: tuple[Any, ...]) -> str:
@@ -316,8 +423,8 @@ def _check_structure(data: Any) -> str | None:
             return f"{_loc_path(loc)}: the number {safe_repr(value)} is too large (at most {MAX_INT} in magnitude)"
         if isinstance(value, float) and not math.isfinite(value) and loc[-1:] == ("shard_size",):
             return f"{_loc_path(loc)}: expected a size like 5GB, got {safe_repr(value)}"
-        if isinstance(value, (list, tuple)) and _in_parameters(loc) and any(isinstance(v, (list, tuple, dict, set)) for v in value):
-            return f"{_loc_path(loc)}: a list of values (a search grid) holds plain numbers, not lists or mappings"
+        if isinstance(value, (list, tuple)) and _in_parameters(loc) and any(isinstance(v, (list, tuple, set)) for v in value):
+            return f"{_loc_path(loc)}: a gradient holds plain values and a filter list {{filter, value}} entries, not lists"
         if isinstance(value, dict):
             stack.extend((v, (*loc, k)) for k, v in reversed(list(value.items())))
         elif isinstance(value, (list, tuple, set, frozenset)):

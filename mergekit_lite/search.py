@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from tqdm import tqdm
 
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import MergeKitLiteError, RecipeError
+from .progress import progress_bar
+from .statedict import LazyStateDict
 
 Evaluator = Callable[[str, Mapping], float]
 
@@ -59,36 +60,6 @@ def score(evaluator: Evaluator, task: str, state: Mapping) -> float:
     return number
 
 
-class ComputedStateDict(Mapping):
-    """A state dict whose tensors are computed on access by ``compute(name)``."""
-
-    def __init__(self, infos: list[TensorInfo], compute: Callable[[str], torch.Tensor], support: Checkpoint | None = None):
-        self.infos = infos
-        self._names = [i.name for i in infos]
-        self._compute = compute
-        self.support = support
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self._names:
-            raise KeyError(name)
-        return self._compute(name)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-    def save_pretrained(self, out_dir: str | os.PathLike[str], *, force: bool = False, progress: bool = False) -> Path:
-        """Write these tensors as a Hugging Face checkpoint (config and tokenizer from ``support``)."""
-        from .engine import write_checkpoint
-
-        return write_checkpoint(
-            out_dir, self.infos, lambda info: self[info.name].to(info.dtype), support_from=self.support, tokenizer_from=self.support,
-            card=None, out_dtype=None, shard_size=5 * 10**9, force=force, progress=progress,
-        )
-
-
 def best(grid: list[float], scores: list[float]) -> float:
     """The grid value with the highest score (the first, i.e. the earliest listed, among equals)."""
     return grid[max(range(len(grid)), key=lambda i: (scores[i], -i))]
@@ -104,14 +75,14 @@ def search_tall_lambdas(
     progress: bool,
 ) -> tuple[list[float], list[dict[str, float] | None]]:
     """Per task with a grid, score θ_0 + m_t(λ) ⊙ τ_MTL for each λ and keep the best."""
-    from .masks import tall_mask
+    from .ops import tall_mask
 
-    names = plan.recipe.model_names
+    names = plan.model_names
     chosen = list(lambdas)
     all_scores: list[dict[str, float] | None] = [None] * len(names)
     jobs = {job.name: job for job in plan.jobs}
     todo = [(t, lam) for t, grid in enumerate(grids) if grid is not None for lam in grid]
-    with tqdm(total=len(todo), desc="λ search", unit="eval", file=sys.stderr, disable=not progress, leave=False) as bar:
+    with progress_bar(len(todo), "λ search", progress, unit="eval") as bar:
         for t, grid in enumerate(grids):
             if grid is None:
                 continue
@@ -132,7 +103,7 @@ def search_tall_lambdas(
             results = []
             for lam in grid:
                 bar.set_postfix_str(f"{names[t]} λ={lam}")
-                state = ComputedStateDict(infos, lambda name, lam=lam: compute(name, lam), support=model)
+                state = LazyStateDict(infos, lambda name, lam=lam: compute(name, lam), support=model)
                 results.append(score(evaluator, names[t], state))
                 bar.update(1)
             chosen[t] = best(grid, results)
@@ -157,7 +128,7 @@ def search_merge_lambda(
     evaluator: Evaluator, plan: Any, delta: Checkpoint, grid: list[float], progress: bool
 ) -> tuple[float, dict[str, float]]:
     """Score θ_0 + λ·merged for each λ (mean of the evaluator over the recipe's tasks); keep the best."""
-    names = plan.recipe.model_names
+    names = plan.model_names
     jobs = {job.name: job for job in plan.jobs}
     infos = [job.out for job in plan.jobs]
 
@@ -169,9 +140,9 @@ def search_merge_lambda(
         return out.to(jobs[name].out.dtype)
 
     results = []
-    with tqdm(total=len(grid) * len(names), desc="λ search", unit="eval", file=sys.stderr, disable=not progress, leave=False) as bar:
+    with progress_bar(len(grid) * len(names), "λ search", progress, unit="eval") as bar:
         for lam in grid:
-            state = ComputedStateDict(infos, lambda name, lam=lam: compute(name, lam), support=plan.base)
+            state = LazyStateDict(infos, lambda name, lam=lam: compute(name, lam), support=plan.base)
             total = 0.0
             for name in names:
                 bar.set_postfix_str(f"λ={lam} {name}")

@@ -15,7 +15,7 @@ import torch
 
 from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from .errors import CheckpointError
-from .recipe import parse_size
+from .statedict import LazyStateDict
 
 CheckpointLike = Union[Checkpoint, str, os.PathLike]
 
@@ -99,7 +99,18 @@ class TaskVector(Mapping):
                 raise CheckpointError(f"{b.ref}: has no tensor {name}, which the task vector changes")
             if b.info(name).shape != self._terms[0][1].info(name).shape:
                 raise CheckpointError(f"{b.ref}: tensor {name} has another shape than in the task vector")
-        return LazyStateDict(b, self, scale)
+        from .card import front_matter
+
+        tv, scale = self, float(scale)
+
+        def compute(name: str) -> torch.Tensor:
+            stored = b.get(name)
+            if name not in tv:
+                return stored
+            return stored.to(tv.dtype).add_(tv[name], alpha=scale).to(stored.dtype)
+
+        card = front_matter(b.ref, ["merge", "mergekit-lite"]) + f"# Merged model\n\n{self!r} applied with scale {scale:g}.\n"
+        return LazyStateDict([b.info(n) for n in b.names], compute, support=b, card=card)
 
 
 def _float_names(ft: Checkpoint, base: Checkpoint) -> list[str]:
@@ -115,63 +126,3 @@ def _float_names(ft: Checkpoint, base: Checkpoint) -> list[str]:
             raise CheckpointError(f"{ft.ref}: tensor {name} has shape {list(ft.info(name).shape)}, the base has {list(info.shape)}")
         names.append(name)
     return names
-
-
-class LazyStateDict(Mapping):
-    """A state dict whose tensors are computed on access: base + scale · task vector."""
-
-    def __init__(self, base: Checkpoint, task_vector: TaskVector, scale: float):
-        self.base = base
-        self.task_vector = task_vector
-        self.scale = float(scale)
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        stored = self.base.get(name)
-        if name not in self.task_vector:
-            return stored
-        merged = stored.to(self.task_vector.dtype).add_(self.task_vector[name], alpha=self.scale)
-        return merged.to(stored.dtype)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.base.names)
-
-    def __len__(self) -> int:
-        return len(self.base.names)
-
-    def info(self, name: str) -> TensorInfo:
-        return self.base.info(name)
-
-    def save_pretrained(
-        self,
-        out_dir: str | os.PathLike[str],
-        *,
-        shard_size: int | str = "5GB",
-        out_dtype: torch.dtype | None = None,
-        force: bool = False,
-        progress: bool = True,
-    ) -> Path:
-        """Write a Hugging Face checkpoint (sharded safetensors, config, tokenizer) streaming one tensor at a time."""
-        from .engine import write_checkpoint
-
-        def produce(info: TensorInfo) -> torch.Tensor:
-            return self[info.name].to(info.dtype)
-
-        infos = [
-            TensorInfo(n, out_dtype if (out_dtype is not None and self.base.info(n).is_float) else self.base.info(n).dtype, self.base.info(n).shape)
-            for n in self.base.names
-        ]
-        from .card import front_matter
-
-        card = front_matter(self.base.ref, ["merge", "mergekit-lite"]) + f"# Merged model\n\n{self.task_vector!r} applied with scale {self.scale:g}.\n"
-        return write_checkpoint(
-            out_dir,
-            infos,
-            produce,
-            support_from=self.base,
-            tokenizer_from=self.base,
-            card=card,
-            out_dtype=out_dtype,
-            shard_size=parse_size(shard_size),
-            force=force,
-            progress=progress,
-        )

@@ -16,12 +16,13 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable
+from typing import Any, BinaryIO, Callable, Iterable
 
 import torch
 
-from .checkpoint import SAFETENSORS_DTYPES, TensorInfo
+from .checkpoint import SAFETENSORS_DTYPES, Checkpoint, TensorInfo
 from .errors import OutputError
+from .progress import progress_bar
 
 _DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 
@@ -314,11 +315,11 @@ def copy_support_files(source: Path | None, destination: Path, names: Iterable[s
     return copied
 
 
-def write_config(config: dict[str, Any] | None, destination: Path, dtype: torch.dtype | None) -> None:
-    """Write the base's config.json with the output dtype recorded (both spellings transformers reads)."""
+def write_config(config: dict[str, Any] | None, destination: Path, dtype: torch.dtype | None, updates: dict[str, Any] | None = None) -> None:
+    """Write the base's config.json with the output dtype recorded (both spellings transformers reads) and ``updates`` applied."""
     if config is None:
         return
-    config = dict(config)
+    config = {**config, **(updates or {})}
     if dtype is not None:
         name = str(dtype).removeprefix("torch.")
         if "dtype" in config or "torch_dtype" not in config:
@@ -326,3 +327,49 @@ def write_config(config: dict[str, Any] | None, destination: Path, dtype: torch.
         if "torch_dtype" in config:
             config["torch_dtype"] = name
     write_json(destination / "config.json", config)
+
+
+def write_checkpoint(
+    out_dir: str | os.PathLike[str],
+    jobs: list[TensorInfo],
+    produce: Callable[[TensorInfo], torch.Tensor],
+    *,
+    support_from: Checkpoint | None,
+    tokenizer_from: Checkpoint | None,
+    card: str | None,
+    out_dtype: torch.dtype | None,
+    shard_size: int,
+    force: bool = False,
+    progress: bool = True,
+    description: str = "merging",
+    extra_files: Path | None = None,
+    config_updates: dict[str, Any] | None = None,
+) -> Path:
+    """Write a Hugging Face checkpoint atomically, producing tensors one at a time in ``jobs`` order."""
+    folder = AtomicFolder(out_dir, force=force)
+    total = sum(j.nbytes for j in jobs)
+    with folder as tmp:
+        writer = ShardedSafetensorsWriter(tmp, jobs, shard_size)
+        try:
+            with progress_bar(total, description, progress) as bar:
+                for info in jobs:
+                    writer.write(info.name, produce(info))
+                    bar.update(info.nbytes)
+            writer.close()
+        except OSError as exc:
+            raise OutputError(f"{out_dir}: failed while writing: {exc.strerror or exc}; nothing was written") from exc
+        finally:
+            writer.abort()
+        try:
+            if support_from is not None:
+                write_config(support_from.config, tmp, out_dtype, config_updates)
+                copy_support_files(support_from.folder, tmp, ["generation_config.json"])
+            if tokenizer_from is not None:
+                copy_support_files(tokenizer_from.folder, tmp, TOKENIZER_FILES)
+            if extra_files is not None:
+                copy_support_files(extra_files, tmp, sorted(p.name for p in extra_files.iterdir() if p.is_file()))
+            if card is not None:
+                (tmp / "README.md").write_text(card, encoding="utf-8", errors="backslashreplace")
+        except OSError as exc:
+            raise OutputError(f"{out_dir}: could not write support files: {exc}") from exc
+    return folder.destination

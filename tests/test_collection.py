@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import mergekit_lite
 from mergekit_lite import Collection, CollectionError, Recipe
-from mergekit_lite.bitpack import packed_size
+from mergekit_lite.ops.bitpack import packed_size
 from mergekit_lite.cli import main
 from mergekit_lite.demo import DEMO_TASKS, build_demo, finetune_like
 
@@ -86,22 +86,44 @@ def test_extract_loads_in_transformers_with_task_files(demo, tmp_path):
 
 
 def test_lazy_state_dict_and_stats(demo, tmp_path):
-    coll = Collection.open(compress(demo, tmp_path))
+    """The lazy state dict is θ_0 + m ⊙ τ_MTL and the recorded statistics count the mask bits,
+    both recomputed here from the files (read with safetensors, masks unpacked with numpy)."""
+    path = compress(demo, tmp_path)
+    base = load_file(demo["base"] / "model.safetensors")
+    stored = load_file(path / "tau_mtl.safetensors")
+    assert set(stored) == set(base)  # every demo tensor is float, so every one is merged
+    masks = {
+        task: {n: unpack_reference(packed, base[n].shape) for n, packed in load_file(path / "masks" / f"{t:03d}-{task}.safetensors").items()}
+        for t, task in enumerate(DEMO_TASKS)
+    }
+    coll = Collection.open(path)
     assert coll.tasks == list(DEMO_TASKS)
     state = coll.load_state_dict("math")
     try:
-        extracted = load_state(coll.extract("math", tmp_path / "m", progress=False))
-        for n in extracted:
-            assert torch.equal(state[n], extracted[n])
+        assert set(state) == set(base) and len(state) == len(base)
+        for n, b in base.items():
+            want = b + torch.where(masks["math"][n], stored[n], torch.zeros(()))
+            assert state[n].dtype == b.dtype and torch.equal(state[n], want), n
     finally:
         state.close()
     stats = coll.stats()["overall"]
-    assert sum(stats["histogram"]) == sum(t.numel() for t in load_state(demo["base"]).values())
+    total = sum(t.numel() for t in base.values())
+    per_weight = {n: sum(masks[task][n].to(torch.int64) for task in DEMO_TASKS) for n in base}
+    histogram = [sum(int((per_weight[n] == c).sum()) for n in base) for c in range(len(DEMO_TASKS) + 1)]
+    assert stats["weights"] == total
+    assert stats["histogram"] == histogram
+    assert sum(histogram) == total and histogram[0] < total  # the masks are neither empty nor trivially full
+    assert stats["catastrophic_fraction"] == pytest.approx(histogram[0] / total, abs=1e-12)
+    assert stats["selfish_fraction"] == pytest.approx(histogram[1] / total, abs=1e-12)
+    used = {task: sum(int(m.sum()) for m in masks[task].values()) for task in DEMO_TASKS}
     assert set(stats["density"]) == set(DEMO_TASKS)
+    for task in DEMO_TASKS:
+        assert 0 < used[task] < total
+        assert stats["density"][task] == pytest.approx(used[task] / total, abs=1e-12), task
 
 
 def test_extract_reads_only_its_own_mask(demo, tmp_path, monkeypatch):
-    from mergekit_lite import collection as collection_module
+    from mergekit_lite.products import collection as collection_module
 
     coll_path = compress(demo, tmp_path)
     read: list[str] = []
@@ -266,7 +288,7 @@ def test_tall_lambda_search_picks_the_best_grid_point(demo, tmp_path, monkeypatc
     my_eval.TARGETS.update({t: load_state(demo[t]) for t in DEMO_TASKS})
     data = tall_recipe(demo).model_dump()
     data["evaluator"] = "my_eval:closeness"
-    data["parameters"] = {"tall_lambda": [0.2, 0.4, 0.6]}
+    data["parameters"] = {"tall_lambda": {"search": [0.2, 0.4, 0.6]}}
     coll = mergekit_lite.run(Recipe.from_dict(data), tmp_path / "coll", progress=False)
     base = load_state(demo["base"])
     mtl = {n: sum(load_state(demo[t])[n] - base[n] for t in DEMO_TASKS) for n in base}

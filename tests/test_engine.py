@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -160,19 +162,52 @@ def test_sharding_boundaries(demo, tmp_path, shard_size):
     AutoModelForCausalLM.from_pretrained(out)
 
 
+def safetensors_header(path: Path) -> dict[str, dict]:
+    """The tensor entries of a .safetensors file, read plainly: an 8-byte little-endian length, then JSON."""
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + length])
+    header.pop("__metadata__", None)
+    return header
+
+
 def test_dry_run_plan(demo):
+    """The printed plan states the tensor count and bytes that the checkpoint files themselves give."""
+    headers = {m: safetensors_header(demo[m] / "model.safetensors") for m in ("base", *DEMO_TASKS)}
+    data_bytes = {m: sum(e["data_offsets"][1] - e["data_offsets"][0] for e in h.values()) for m, h in headers.items()}
+    for m, h in headers.items():  # the files hold nothing but their tensors' data
+        assert data_bytes[m] == (demo[m] / "model.safetensors").stat().st_size - 8 - int.from_bytes((demo[m] / "model.safetensors").read_bytes()[:8], "little")
+    count = len(headers["base"])
+    assert count == 21  # demo Llama: embed, 2 layers x 9, norm, lm_head
+    assert all(e["dtype"] == "F32" for h in headers.values() for e in h.values())
+    to_write = data_bytes["base"]
+    to_read = sum(data_bytes.values())  # one pass: base + three fine-tunes, every tensor merged
+    assert (to_write, to_read) == (558336, 2233344)
+    largest = max(math.prod(e["shape"]) for e in headers["base"].values())
+    largest_names = {n for n, e in headers["base"].items() if math.prod(e["shape"]) == largest}
+
     the_plan = mergekit_lite.plan(Recipe.from_dict(ta_recipe(demo)))
     try:
-        base = load_state(demo["base"])
-        assert len(the_plan.jobs) == len(base)
-        nbytes = sum(t.numel() * t.element_size() for t in base.values())
-        assert the_plan.bytes_to_write == nbytes
-        assert the_plan.bytes_to_read == 4 * nbytes  # base + three fine-tunes, every tensor is float
-        largest = max(t.numel() for t in base.values())
-        assert the_plan.peak_memory_estimate > largest * 4
-        assert "tensors:" in the_plan.summary()
+        assert len(the_plan.jobs) == count
+        assert {j.name for j in the_plan.jobs} == set(headers["base"])
+        assert all(j.merge for j in the_plan.jobs)
+        assert the_plan.bytes_to_write == to_write
+        assert the_plan.bytes_to_read == to_read
+        assert the_plan.peak_memory_estimate > largest * 4 * 2  # at least one working copy and one stored copy
+        lines = dict(line.split(":", 1) for line in the_plan.summary().splitlines())
+        lines = {k.strip(): v.strip() for k, v in lines.items()}
     finally:
         the_plan.close()
+    assert lines["method"].startswith("task_arithmetic ")
+    assert lines["base"] == str(demo["base"])
+    assert lines["models"] == "3 (math, code, chat)"
+    assert re.fullmatch(rf"{count} \({count} merged, 0 copied\b.*", lines["tensors"]), lines["tensors"]
+    assert lines["bytes to read"] == f"{to_read / 1e6:.1f} MB" == "2.2 MB"  # one pass: no "passes" note
+    assert re.fullmatch(rf"{to_write / 1e3:.1f} KB in 1 shard\b.*", lines["bytes to write"]), lines["bytes to write"]
+    assert lines["bytes to write"].startswith("558.3 KB ")
+    name, shape = lines["largest merged tensor"].split(" ", 1)
+    assert name in largest_names and json.loads(shape) == headers["base"][name]["shape"]
+    assert lines["compute dtype"] == "float32"
 
 
 def test_lambda_zero_gives_base(demo, tmp_path):
@@ -196,10 +231,10 @@ def test_run_from_yaml_path_and_force(demo, tmp_path):
 
 def test_failure_mid_merge_leaves_nothing(demo, tmp_path, monkeypatch):
     """An error while tensors are being written removes the temporary folder; an old output survives."""
-    from mergekit_lite import engine
+    from mergekit_lite.products import merged
 
     calls = {"n": 0}
-    real = engine.merge_tensor
+    real = merged.compute_tensor
 
     def flaky(plan, job, device):
         calls["n"] += 1
@@ -207,7 +242,7 @@ def test_failure_mid_merge_leaves_nothing(demo, tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         return real(plan, job, device)
 
-    monkeypatch.setattr(engine, "merge_tensor", flaky)
+    monkeypatch.setattr(merged, "compute_tensor", flaky)
     with pytest.raises(mergekit_lite.OutputError, match="No space left"):
         mergekit_lite.run(Recipe.from_dict(ta_recipe(demo)), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()

@@ -1,10 +1,8 @@
-"""Tests for mergekit_lite.select: exact streaming k-th largest magnitude (radix select)."""
+"""Tests for mergekit_lite.ops.select: exact streaming k-th largest magnitude (radix select)."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import pathlib
 import weakref
 import zlib
 
@@ -13,14 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-try:
-    from mergekit_lite import select as sel_mod
-except Exception:  # pragma: no cover - the package __init__ pulls in sibling modules
-    # select.py imports nothing from the package; test it on its own if a sibling is broken.
-    _path = pathlib.Path(__file__).resolve().parents[1] / "mergekit_lite" / "select.py"
-    _spec = importlib.util.spec_from_file_location("mergekit_lite_select_standalone", _path)
-    sel_mod = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sel_mod)
+from mergekit_lite.ops import select as sel_mod
 
 KthLargestMagnitude = sel_mod.KthLargestMagnitude
 kth_largest_magnitude_streaming = sel_mod.kth_largest_magnitude_streaming

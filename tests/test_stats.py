@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from mergekit_lite.cli import main
 from mergekit_lite.demo import DEMO_TASKS
-from mergekit_lite.stats import MaskStats, layer_of, mask_counts
+from mergekit_lite.products.mask_stats import MaskStats, layer_of, mask_counts
 
 from helpers import load_state, ta_recipe, write_recipe
 

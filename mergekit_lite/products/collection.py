@@ -12,21 +12,25 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
-from . import __version__
-from .bitpack import pack_bits, packed_size, unpack_bits
-from .card import front_matter
-from .checkpoint import Checkpoint, TensorInfo, open_checkpoint, resolve_reference
-from .errors import CheckpointError, CollectionError, OutputError
-from .methods import TensorContext, multitask_vector, stack_deltas, suggest
-from .masks import tall_mask
-from .stats import MaskStats
-from .writer import (
+from .. import __version__
+from ..ops.bitpack import pack_bits, packed_size, unpack_bits
+from ..card import front_matter
+from ..checkpoint import Checkpoint, TensorInfo, open_checkpoint, resolve_reference
+from ..errors import CheckpointError, CollectionError, OutputError
+from ..execute import TaskVectorPasses, compute_statistics, register_product, resolve_device
+from ..methods import TensorContext, suggest
+from ..methods.tall import multitask_vector
+from ..methods.task_arithmetic import stack_deltas
+from ..search import load_evaluator, search_tall_lambdas
+from ..statedict import LazyStateDict
+from ..ops import tall_mask
+from .mask_stats import MaskStats
+from ..writer import (
     TOKENIZER_FILES,
     AtomicFolder,
     ShardedSafetensorsWriter,
@@ -63,12 +67,9 @@ def resolve_mtl_dtype(choice: str, jobs: list[TensorInfo]) -> torch.dtype:
 # -- writing ------------------------------------------------------------------------------------
 def compress(plan: Any, out_dir: str | os.PathLike[str], *, force: bool = False, device: str = "cpu", progress: bool = True) -> Path:
     """Write the recipe's models as a TALL-masks collection into ``out_dir`` (atomically)."""
-    from .engine import EngineSource, compute_statistics, resolve_device
-    from .evaluate import load_evaluator, search_tall_lambdas
-
     dev = resolve_device(device)
     recipe = plan.recipe
-    names = recipe.model_names
+    names = plan.model_names
     count = len(names)
     stems = [task_file_stem(i, n) for i, n in enumerate(names)]
     compute_statistics(plan, dev, progress)
@@ -78,7 +79,7 @@ def compress(plan: Any, out_dir: str | os.PathLike[str], *, force: bool = False,
     grids = [p["tall_lambda"] if isinstance(p["tall_lambda"], list) else None for p in plan.model_params]
     evaluator = load_evaluator(recipe.evaluator) if recipe.evaluator else None
     if evaluator is not None:  # an evaluator with no grid given searches the paper's grid
-        given = {"tall_lambda"} & (set(recipe.parameters) | {k for m in recipe.models for k in m.parameters})
+        given = {"tall_lambda"} & (set(recipe.parameters) | {k for m in recipe.models or [] for k in m.parameters})
         if not given:
             grids = [list(plan.method.param("tall_lambda").default_grid)] * count
     searching = any(g is not None for g in grids)
@@ -88,7 +89,7 @@ def compress(plan: Any, out_dir: str | os.PathLike[str], *, force: bool = False,
     with folder as tmp:
         (tmp / "masks").mkdir()
         tau_writer = ShardedSafetensorsWriter(tmp, [TensorInfo(i.name, mtl_dtype, i.shape) for i in merged], recipe.output.shard_size, prefix="tau_mtl")
-        source = EngineSource(plan, dev, progress)
+        source = TaskVectorPasses(plan, dev, progress)
         lambdas = [p["tall_lambda"] for p in plan.model_params]
         scores: list[dict[str, float] | None] = [None] * count
         tau_reader: Checkpoint | None = None
@@ -147,7 +148,7 @@ def compress(plan: Any, out_dir: str | os.PathLike[str], *, force: bool = False,
                 files[f"masks/{file_name}"] = {"sha256": digest, "size": size}
         base_entry = _store_base(plan, recipe, tmp, files)
         tasks = []
-        for t, (name, stem, ckpt, entry) in enumerate(zip(names, stems, plan.models, recipe.models)):
+        for t, (name, stem, ckpt, entry) in enumerate(zip(names, stems, plan.models, [m for m in recipe.models if m.model != recipe.base_model])):
             copied = []
             if ckpt.folder is not None:
                 (tmp / "tasks" / stem).mkdir(parents=True)
@@ -408,8 +409,8 @@ class Collection:
             self._verified.add(key)
         return ckpt
 
-    def load_state_dict(self, task: str) -> "TaskStateDict":
-        """θ̂_task as a lazy state dict (each tensor computed on access from base, τ_MTL and the task's mask)."""
+    def load_state_dict(self, task: str) -> LazyStateDict:
+        """θ̂_task = θ_0 + m_t ⊙ τ_MTL as a lazy state dict (each tensor computed on access), in the task's dtypes."""
         entry = self.task(task)
         tau_files = list(self.manifest["tau_mtl"]["files"])
         for rel in [*tau_files, entry["mask_file"]]:
@@ -417,12 +418,28 @@ class Collection:
         base = self.base_checkpoint()
         tau = Checkpoint("τ_MTL", self.path, {n: self._inside(f) for n, f in self.manifest["tau_mtl"]["weight_map"].items()}, None)
         mask = open_checkpoint(self._inside(entry["mask_file"]))
-        return TaskStateDict(self, entry, base, tau, mask)
+        specs = {t["name"]: t for t in self.manifest["tensors"]}
+
+        def dtype_of(name: str) -> torch.dtype:
+            return getattr(torch, entry["dtypes"].get(name, specs[name]["dtype"]))
+
+        def compute(name: str) -> torch.Tensor:
+            stored = base.get(name)
+            if not specs[name]["stored"]:
+                return stored
+            tau_t = tau.get(name)
+            dtype = torch.float64 if tau_t.dtype == torch.float64 else torch.float32
+            try:
+                keep = unpack_bits(mask.get(name), tau_t.shape)
+            except ValueError as exc:
+                raise CollectionError(f"{mask.ref}: mask of {name} is malformed ({exc})") from None
+            return stored.to(dtype).add_(torch.where(keep, tau_t.to(dtype), 0)).to(dtype_of(name))
+
+        infos = [TensorInfo(n, dtype_of(n), tuple(t["shape"])) for n, t in specs.items()]
+        return LazyStateDict(infos, compute, owned=(base, tau, mask))
 
     def extract(self, task: str, out_dir: str | os.PathLike[str], *, force: bool = False, progress: bool = True, shard_size: int = 5 * 10**9) -> Path:
         """Write θ̂_task as a Hugging Face checkpoint with the task's own config and tokenizer files."""
-        from .engine import write_checkpoint
-
         entry = self.task(task)
         AtomicFolder(out_dir, force=force).check()
         state = self.load_state_dict(task)
@@ -430,26 +447,14 @@ class Collection:
             support = self._inside(f"tasks/{entry['stem']}") if entry["support_files"] else None
             for f in entry["support_files"]:
                 self._verify_file(f"tasks/{entry['stem']}/{f}")
-            card = (
+            state.card = (
                 front_matter(self.manifest["base"]["reference"], ["mergekit-lite", "tall-masks"])
-                +
-                f"# {task}\n\nReconstructed from the TALL-masks collection `{self.path.name}` as θ_0 + m_t ⊙ τ_MTL "
+                + f"# {task}\n\nReconstructed from the TALL-masks collection `{self.path.name}` as θ_0 + m_t ⊙ τ_MTL "
                 f"(λ_t = {entry['tall_lambda']}, mask density {entry['density']:.4f}, relative error "
                 f"‖θ̂_t − θ_t‖/‖θ_t − θ_0‖ = {entry['relative_error']:.4f}). Original: `{entry['source']}`.\n"
             )
-            return write_checkpoint(
-                out_dir,
-                state.infos,
-                lambda info: state[info.name],
-                support_from=None,
-                tokenizer_from=None,
-                card=card,
-                out_dtype=None,
-                shard_size=shard_size,
-                force=force,
-                progress=progress,
-                description=f"extracting {task}",
-                extra_files=support,
+            return state.save_pretrained(
+                out_dir, shard_size=shard_size, force=force, progress=progress, description=f"extracting {task}", extra_files=support
             )
         finally:
             state.close()
@@ -485,36 +490,4 @@ class Collection:
         }
 
 
-class TaskStateDict(Mapping):
-    """θ̂_t = θ_0 + m_t ⊙ τ_MTL, one tensor at a time, in the task's original dtypes."""
-
-    def __init__(self, collection: Collection, entry: dict[str, Any], base: Checkpoint, tau: Checkpoint, mask: Checkpoint):
-        self.collection = collection
-        self.entry = entry
-        self.base, self.tau, self.mask = base, tau, mask
-        self._tensors = {t["name"]: t for t in collection.manifest["tensors"]}
-        self.infos = [TensorInfo(t["name"], getattr(torch, entry["dtypes"].get(t["name"], t["dtype"])), tuple(t["shape"])) for t in collection.manifest["tensors"]]
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        spec = self._tensors[name]
-        stored = self.base.get(name)
-        if not spec["stored"]:
-            return stored
-        tau = self.tau.get(name)
-        compute = torch.float64 if tau.dtype == torch.float64 else torch.float32
-        try:
-            keep = unpack_bits(self.mask.get(name), tau.shape)
-        except ValueError as exc:
-            raise CollectionError(f"{self.mask.ref}: mask of {name} is malformed ({exc})") from None
-        out = stored.to(compute).add_(torch.where(keep, tau.to(compute), 0))
-        return out.to(getattr(torch, self.entry["dtypes"].get(name, spec["dtype"])))
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors)
-
-    def __len__(self) -> int:
-        return len(self._tensors)
-
-    def close(self) -> None:
-        for c in (self.base, self.tau, self.mask):
-            c.close()
+register_product("collection", compress)

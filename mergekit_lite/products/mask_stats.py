@@ -13,6 +13,14 @@ from typing import Any
 
 import torch
 
+from ..errors import MergeKitLiteError
+from ..execute import TaskVectorPasses, resolve_device
+from ..methods import TensorContext
+from ..methods.tall import TALL_TIES_DENSITY, multitask_vector, tall_masks_for
+from ..methods.task_arithmetic import stack_deltas, ties_model_statistics
+from ..plan import plan as make_plan
+from ..recipe import Recipe
+
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
@@ -132,7 +140,6 @@ class MaskStats:
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError:
-            from .errors import MergeKitLiteError
 
             raise MergeKitLiteError("--plot needs matplotlib: pip install 'mergekit-lite[plot]' (or pip install matplotlib)") from None
         tasks = len(self.task_names)
@@ -170,3 +177,36 @@ class MaskStats:
 
 def _layer_key(label: str) -> tuple[int, int]:
     return (0, int(label.split()[1])) if label.startswith("layer ") else (1, 0)
+
+
+def mask_statistics(
+    recipe: Recipe,
+    *,
+    device: str = "cpu",
+    progress: bool = True,
+    aggregate: str | None = None,
+    tall_lambda: float | None = None,
+) -> MaskStats:
+    """TALL-mask statistics for the recipe's models, streamed one tensor at a time.
+
+    Uses the recipe's ``aggregate`` and ``tall_lambda`` when its method has them (consensus),
+    else task arithmetic and λ = 0.4; the arguments override both.
+    """
+    dev = resolve_device(device)
+    the_plan = make_plan(recipe)
+    try:
+        count = len(the_plan.models)
+        params = {"aggregate": aggregate or the_plan.params.get("aggregate", "task_arithmetic")}
+        if params["aggregate"] not in ("task_arithmetic", "ties"):
+            raise MergeKitLiteError(f"--aggregate: {params['aggregate']!r} is not task_arithmetic or ties")
+        model_params = [{"tall_lambda": tall_lambda if tall_lambda is not None else p.get("tall_lambda", 0.4)} for p in the_plan.model_params]
+        source = TaskVectorPasses(the_plan, dev, progress)
+        stats = ties_model_statistics(source, [TALL_TIES_DENSITY] * count, [1.0] * count) if params["aggregate"] == "ties" else {}
+        result = MaskStats(the_plan.model_names)
+        for name, deltas in source.tensors("TALL masks"):
+            stacked = stack_deltas((d for _, d in deltas), count)
+            ctx = TensorContext(name, the_plan.model_names, params, model_params, stats)
+            result.add(name, tall_masks_for(stacked, multitask_vector(stacked, ctx), ctx).cpu())
+        return result
+    finally:
+        the_plan.close()

@@ -31,6 +31,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import pickle
 import random
 import shutil
@@ -792,7 +793,10 @@ def cli_result(label: str, result: Any, out: Path | None, never: Path | None = N
     if result.exit_code == 2:
         lines = stderr.strip("\n").split("\n") if stderr else []
         usage = "Usage:" in stderr and "Error:" in stderr  # click's own argument errors
-        if not usage and (len(lines) != 1 or not lines[0].startswith("error: ") or not one_line(lines[0])):
+        lines = [ln for ln in lines if not ln.startswith("warning: ")]  # non-fatal notes come before the error
+        # `validate` lists every problem: a header line, then one "  - " line per problem
+        listed = len(lines) > 2 and re.fullmatch(r"error: \d+ problems in the recipe:", lines[0]) and all(ln.startswith("  - ") and one_line(ln) for ln in lines[1:])
+        if not usage and not listed and (len(lines) != 1 or not lines[0].startswith("error: ") or not one_line(lines[0])):
             return Result(FAILED, label, "multi-line", f"stderr is not one 'error:' line: {stderr[:300]!r}")
         if out is not None and out.exists():
             return Result(FAILED, label, "leftover", f"output folder {out.name} exists after exit 2: {stderr.strip()[:200]}")

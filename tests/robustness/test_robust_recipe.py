@@ -201,14 +201,14 @@ def test_deeply_nested_or_cyclic_structure_is_an_error_not_recursion():
     """Was: RecursionError out of the search-grid check of a searchable parameter."""
     grid: list = [0.1]
     grid.append(grid)
-    assert "plain numbers" in error({**BASE, "parameters": {"lambda": _nest(5000, 1.0, True)}})
-    assert "plain numbers" in error({**BASE, "parameters": {"lambda": grid}})
+    assert "plain values" in error({**BASE, "parameters": {"lambda": _nest(5000, 1.0, True)}})
+    assert "plain values" in error({**BASE, "parameters": {"lambda": grid}})
     assert "levels deep" in error({**BASE, "include": _nest(5000, "x", True)})
 
 
 def test_nested_search_grid_is_refused():
     """Was: accepted, [[0.1]] passed as a search grid of lists."""
-    assert "plain numbers" in error({**BASE, "merge_method": "consensus", "parameters": {"lambda": [[0.1], [0.2]]}, "evaluator": "m:f"})
+    assert "plain values" in error({**BASE, "merge_method": "consensus", "parameters": {"lambda": [[0.1], [0.2]]}, "evaluator": "m:f"})
 
 
 def test_huge_shard_size_is_an_error_not_overflow():
@@ -264,7 +264,7 @@ def test_yaml_alias_bomb_is_refused_quickly():
     start = time.perf_counter()
     message = error(text=text)
     assert time.perf_counter() - start < 5
-    assert "more than" in message or "plain numbers" in message or "unknown key" in message
+    assert "more than" in message or "plain values" in message or "unknown key" in message
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,126 @@
+"""The local executor: reads each job's input tensors, runs the method, hands results to a product.
+
+It knows the plan and the method declarations, never the products: they register by name
+(``PRODUCTS``) and the top-level ``run`` picks the one the method declares.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from .checkpoint import Checkpoint
+from .errors import CheckpointError, MergeKitLiteError, RecipeError
+from .methods import TensorContext
+from .plan import Plan, TensorJob, TensorRef
+from .progress import progress_bar
+
+#: output kind (a method's ``output``) → function(plan, out_dir, force=, device=, progress=) writing it
+PRODUCTS: dict[str, Callable[..., Path]] = {}
+
+
+def register_product(kind: str, write: Callable[..., Path]) -> None:
+    PRODUCTS[kind] = write
+
+
+def resolve_device(device: str) -> torch.device:
+    """'cpu', 'cuda' or 'cuda:N', refusing CUDA when it is not available."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise MergeKitLiteError(f"--device: {device!r} is not a device; use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MergeKitLiteError("--device cuda: no CUDA device is available on this machine; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise MergeKitLiteError(f"--device: {device!r} is not supported; use cpu or cuda")
+    return dev
+
+
+def read_for_merge(ckpt: Checkpoint, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Read one input tensor in the compute dtype, refusing NaN/Inf (they would poison every merged weight)."""
+    tensor = ckpt.get(name).to(device=device, dtype=dtype)
+    # one reduction, no temporary: any NaN/Inf makes the sum non-finite (finite sums are confirmed exactly)
+    if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise CheckpointError(
+            f"{ckpt.file_of(name)}: tensor {name} has {bad} NaN/Inf value(s); refusing to merge it "
+            "(fix the checkpoint, or list the tensor under 'exclude' to copy it from the base)"
+        )
+    return tensor
+
+
+def _read(plan: Plan, ref: TensorRef, device: torch.device) -> torch.Tensor:
+    return read_for_merge(plan.checkpoints[ref.source], ref.name, device, plan.compute_dtype)
+
+
+def context(plan: Plan, job: TensorJob) -> TensorContext:
+    return TensorContext(job.name, list(job.model_names), job.params, list(job.model_params), plan.stats, job.base_index)
+
+
+def merged_task_vector(plan: Plan, job: TensorJob, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(θ_0, combine(τ_1..τ_T)) of a task-vector method's job, before λ (for the λ search)."""
+    assert job.base is not None and plan.method.combine is not None
+    base = _read(plan, job.base, device)
+    deltas = (_read(plan, ref, device).sub_(base) for ref in job.inputs)
+    return base, plan.method.combine(deltas, context(plan, job))
+
+
+def compute_tensor(plan: Plan, job: TensorJob, device: torch.device) -> torch.Tensor:
+    """One output tensor, on the CPU in its output dtype: copied, or the method's result."""
+    if not job.merge:
+        stored = plan.checkpoints[job.inputs[0].source].get(job.inputs[0].name)
+        return stored.to(job.out.dtype) if stored.dtype != job.out.dtype else stored
+    base = _read(plan, job.base, device) if job.base is not None else None
+    models = (_read(plan, ref, device) for ref in job.inputs)
+    try:
+        out = plan.method.output_tensor(base, models, context(plan, job))
+    except ValueError as exc:  # a kernel's argument check: a parameter value this tensor cannot take
+        raise RecipeError(f"tensor {job.name}: {exc}") from None
+    return out.to(device="cpu", dtype=job.out.dtype)
+
+
+class TaskVectorPasses:
+    """Passes over the merged tensors' task vectors, for methods that need model-wide statistics."""
+
+    def __init__(self, plan: Plan, device: torch.device, progress: bool = True):
+        self.plan = plan
+        self.device = device
+        self.progress = progress
+        self.compute_dtype = plan.compute_dtype
+        self.jobs = [job for job in plan.jobs if job.merge]
+        self.total_numel = sum(job.out.numel for job in self.jobs)
+
+    def tensors(self, description: str, tasks: Sequence[int] | None = None) -> Iterator[tuple[str, Iterator[tuple[int, torch.Tensor]]]]:
+        """Per merged tensor: its name and (task index, τ_task) for the chosen tasks, read lazily."""
+        plan, device = self.plan, self.device
+        chosen = list(range(len(plan.models))) if tasks is None else list(tasks)
+        total = sum(plan.info(j.base).nbytes + sum(plan.info(j.inputs[t]).nbytes for t in chosen) for j in self.jobs if j.base)
+        with progress_bar(total, description, self.progress) as bar:
+            for job in self.jobs:
+                assert job.base is not None
+                base = _read(plan, job.base, device)
+
+                def deltas(job: TensorJob = job, base: torch.Tensor = base) -> Iterator[tuple[int, torch.Tensor]]:
+                    for t in chosen:
+                        yield t, _read(plan, job.inputs[t], device).sub_(base)
+
+                yield job.name, deltas()
+                bar.update(plan.info(job.base).nbytes + sum(plan.info(job.inputs[t]).nbytes for t in chosen))
+
+
+def compute_statistics(plan: Plan, device: torch.device, progress: bool = True) -> dict[str, Any]:
+    """Run the method's model-wide statistics passes (if any) and keep the result on the plan."""
+    if plan.method.statistics is not None and not plan.stats:
+        plan.stats = plan.method.statistics(TaskVectorPasses(plan, device, progress), plan.params, plan.model_params) or {}
+    return plan.stats
+
+
+def execute(plan: Plan, out_dir: str | os.PathLike[str], *, force: bool = False, device: str = "cpu", progress: bool = True) -> Path:
+    """Run a plan into ``out_dir`` with the product its method declares (a merged model, a collection, ...)."""
+    write = PRODUCTS.get(plan.method.output)
+    if write is None:  # pragma: no cover - every declared output has a product
+        raise MergeKitLiteError(f"no product writes {plan.method.output!r} outputs")
+    return write(plan, out_dir, force=force, device=device, progress=progress)

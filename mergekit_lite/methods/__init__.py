@@ -1,0 +1,10 @@
+"""Merge methods, each declared once (see ``base.MergeMethod``) and registered by name.
+
+Importing this package registers every method: the task-arithmetic family, the weight-space
+methods and our TALL/Consensus methods.
+"""
+
+from . import task_arithmetic, tall, weights  # noqa: F401  (registration)
+from .base import ALIASES, METHODS, MergeMethod, Param, TensorContext, get_method, register, suggest
+
+__all__ = ["ALIASES", "METHODS", "MergeMethod", "Param", "TensorContext", "get_method", "register", "suggest"]

@@ -1,0 +1,179 @@
+"""What a merge method is: its parameters, what it consumes, how it computes one output tensor.
+
+Each method is declared once; the recipe schema, the plan, ``--dry-run``, ``methods NAME`` and the
+model card read the declaration. A method's function is pure math on tensors: it never sees a file.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Literal
+
+import torch
+
+from ..errors import RecipeError
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter a method accepts, with its type, default and help text."""
+
+    name: str
+    kind: type
+    default: Any
+    doc: str
+    #: may be given per model (models[i].parameters, slice sources); the global value is then the default
+    per_model: bool = False
+    choices: tuple[str, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    #: ``{search: [...]}`` is a grid searched with the recipe's evaluator
+    searchable: bool = False
+    #: the grid searched when an evaluator is given and the recipe sets no value
+    default_grid: tuple[float, ...] | None = None
+    #: may vary per tensor (a gradient or filter list); False for values needed model-wide
+    per_tensor: bool = True
+
+    def check(self, value: Any, where: str) -> Any:
+        """Validate and normalise one scalar value; raise RecipeError naming ``where`` otherwise."""
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise RecipeError(f"{where}: expected true or false, got {value!r}")
+            return value
+        if self.kind in (int, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise RecipeError(f"{where}: expected a number, got {value!r}")
+            if self.kind is int and not float(value).is_integer():
+                raise RecipeError(f"{where}: expected a whole number, got {value!r}")
+            if value != value or value in (float("inf"), float("-inf")):
+                raise RecipeError(f"{where}: expected a finite number, got {value!r}")
+            if self.minimum is not None and value < self.minimum:
+                raise RecipeError(f"{where}: must be >= {self.minimum}, got {value!r}")
+            if self.maximum is not None and value > self.maximum:
+                raise RecipeError(f"{where}: must be <= {self.maximum}, got {value!r}")
+            return self.kind(value)
+        if self.kind is str:
+            if not isinstance(value, str):
+                raise RecipeError(f"{where}: expected text, got {value!r}")
+            if self.choices and value not in self.choices:
+                raise RecipeError(f"{where}: {value!r} is not one of {', '.join(self.choices)}{suggest(value, self.choices)}")
+            return value
+        return value
+
+
+@dataclass
+class TensorContext:
+    """What a method may know about the output tensor it computes, beyond the tensors themselves."""
+
+    name: str
+    model_names: list[str]
+    params: dict[str, Any]  # the method's global parameters, resolved for this tensor
+    model_params: list[dict[str, Any]]  # per input model, resolved for this tensor
+    stats: dict[str, Any] = field(default_factory=dict)  # model-wide statistics from extra passes, if any
+    #: weight-space methods: which of the inputs is the base model (None: the base is not an input)
+    base_index: int | None = None
+
+    def weights(self, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+        return torch.tensor([p.get("weight", 1.0) for p in self.model_params], dtype=dtype, device=device)
+
+
+#: task-vector methods: the task vectors of one tensor (read lazily, in model order) → one merged task vector
+CombineFn = Callable[[Iterable[torch.Tensor], TensorContext], torch.Tensor]
+#: weight-space methods: the inputs' tensors (read lazily, the base among them at ctx.base_index) → the output tensor
+ComputeFn = Callable[[Iterator[torch.Tensor], TensorContext], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A merge method: name, help, parameters, what it consumes, and the function for one output tensor.
+
+    ``inputs == "task_vectors"``: the method's ``combine`` sees τ_t = θ_t − θ_0 of the non-base
+    inputs and the output is θ_0 + λ · combine(τ); the base is required. ``inputs == "weights"``:
+    ``compute`` sees the inputs' weights themselves (the base among them, if the recipe has one)
+    and returns the output tensor; ``base`` says whether a base is needed.
+    """
+
+    name: str
+    summary: str
+    params: tuple[Param, ...]
+    inputs: Literal["task_vectors", "weights"] = "task_vectors"
+    combine: CombineFn | None = None
+    compute: ComputeFn | None = None
+    base: Literal["required", "optional", "unused"] = "required"
+    min_models: int = 1
+    max_models: int | None = None
+    paper: str = ""
+    #: working copies of the largest tensor (in the compute dtype) held at once, for K models
+    working_copies: Callable[[int], int] = lambda k: 4
+    #: model-wide statistics computed in extra passes before the merge (None: not needed)
+    statistics: Callable[[Any, dict[str, Any], list[dict[str, Any]]], dict[str, Any]] | None = None
+    #: how many times the inputs are read, for the plan
+    passes: Callable[[dict[str, Any], torch.dtype], int] = lambda params, dtype: 1
+    #: what the method writes: a merged Hugging Face checkpoint, or a compressed collection
+    output: str = "model"
+    #: another name this method is known by (shown by ``methods``)
+    aliases: tuple[str, ...] = ()
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    @property
+    def model_count(self) -> str:
+        """'exactly 2', 'at least 1', '1 to 3' — for messages and help."""
+        if self.max_models == self.min_models:
+            return f"exactly {self.min_models}"
+        if self.max_models is None:
+            return f"at least {self.min_models}"
+        return f"{self.min_models} to {self.max_models}"
+
+    def output_tensor(self, base: torch.Tensor | None, models: Iterator[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+        """The output tensor in the compute dtype (``base`` and ``models`` already in it).
+
+        Task-vector methods get the base apart and the non-base models; weight-space methods get
+        every input in ``models`` (the base at ``ctx.base_index``) and ``base`` is None.
+        """
+        if self.inputs == "weights":
+            assert self.compute is not None
+            return self.compute(models, ctx)
+        assert self.combine is not None and base is not None
+        merged = self.combine((m.sub_(base) for m in models), ctx)
+        return base.add_(merged, alpha=ctx.params.get("lambda", 1.0))
+
+
+def suggest(word: str, options: Iterable[str]) -> str:
+    """'; did you mean X?' for the closest option, or ''."""
+    match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+METHODS: dict[str, MergeMethod] = {}
+#: alias → the method it names
+ALIASES: dict[str, str] = {}
+
+
+def register(method: MergeMethod) -> MergeMethod:
+    METHODS[method.name] = method
+    for alias in method.aliases:
+        ALIASES[alias] = method.name
+    return method
+
+
+def get_method(name: str) -> MergeMethod:
+    if name in ALIASES:
+        return METHODS[ALIASES[name]]
+    if name not in METHODS:
+        raise RecipeError(f"merge_method: unknown method {name!r}{suggest_method(name)} (available: {', '.join(sorted(METHODS))})")
+    return METHODS[name]
+
+
+#: methods whose names differ by a prefix but are different algorithms: a suggestion must say so
+def suggest_method(name: str) -> str:
+    """A close method name, saying plainly when it is a different algorithm (linear ≠ dare_linear)."""
+    match = difflib.get_close_matches(name, list(METHODS), n=1, cutoff=0.6)
+    if not match:
+        return ""
+    other = match[0]
+    if other.endswith(name) or name.endswith(other) or other.startswith(name) or name.startswith(other):
+        return f"; {other!r} exists but is a different algorithm ({METHODS[other].summary})"
+    return f"; did you mean {other!r}?"

@@ -1,0 +1,104 @@
+"""TALL masks and Consensus merging (Wang et al., ICML 2024): our own methods, following the paper.
+
+consensus keeps the entries of τ_MTL that at least k tasks' TALL masks use; tall_masks writes a
+compressed collection (base + τ_MTL + one bit per weight per task) instead of a merged model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+from ..errors import RecipeError
+from ..ops import consensus_mask, tall_mask, ties_merge
+from .base import MergeMethod, Param, TensorContext, register
+from .task_arithmetic import INT8_MASK, LAMBDA, WEIGHT, stack_deltas, ties_model_statistics, ties_passes
+
+AGGREGATE = Param(
+    "aggregate", str, "task_arithmetic", "How τ_MTL is built: task_arithmetic (Σ τ_t) or ties (density 0.2, sum, model scope).",
+    choices=("task_arithmetic", "ties"), per_tensor=False,
+)
+TALL_LAMBDA = Param(
+    "tall_lambda", float, 0.4, "λ_t of the TALL mask |τ_t| > λ_t·|τ_MTL − τ_t|; {search: [...]} searches a grid per task with the evaluator (the paper: 0.2…0.6).",
+    per_model=True, minimum=0, searchable=True, default_grid=(0.2, 0.3, 0.4, 0.5, 0.6), per_tensor=False,
+)
+CONSENSUS_K = Param("consensus_k", int, 2, "Keep weights used by at least k tasks (1 drops catastrophic, 2 also selfish ones).", minimum=0)
+TALL_TIES_DENSITY = 0.2
+
+
+def multitask_vector(stacked: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
+    """τ_MTL for TALL masks: Σ_t τ_t, or TIES with density 0.2 and sum over model-scope thresholds."""
+    if ctx.params["aggregate"] == "task_arithmetic":
+        return stacked.sum(dim=0)
+    thresholds = torch.tensor(ctx.stats["thresholds"], dtype=stacked.dtype, device=stacked.device)
+    return ties_merge(stacked, TALL_TIES_DENSITY, None, "sum", ctx.stats["majority"], thresholds)
+
+
+def tall_masks_for(stacked: torch.Tensor, tau_mtl: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
+    """The T TALL masks of one tensor, [T, ...] bool."""
+    return torch.stack([tall_mask(stacked[t], tau_mtl, p["tall_lambda"]) for t, p in enumerate(ctx.model_params)])
+
+
+def _weighted(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> Iterable[torch.Tensor]:
+    for p, delta in zip(ctx.model_params, deltas):
+        yield delta if p.get("weight", 1.0) == 1.0 else delta.mul_(p["weight"])
+
+
+def _combine_consensus(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+    stacked = stack_deltas(_weighted(deltas, ctx), len(ctx.model_params))
+    tau_mtl = multitask_vector(stacked, ctx)
+    keep = consensus_mask(tall_masks_for(stacked, tau_mtl, ctx), ctx.params["consensus_k"])
+    return tau_mtl.masked_fill_(~keep, 0)
+
+
+def aggregate_statistics(source: Any, params: dict[str, Any], model_params: list[dict[str, Any]]) -> dict[str, Any]:
+    """Model-wide TIES thresholds when τ_MTL is built with TIES (density 0.2 for every task)."""
+    if params["aggregate"] != "ties":
+        return {}
+    weights = [p.get("weight", 1.0) for p in model_params]
+    return ties_model_statistics(source, [TALL_TIES_DENSITY] * len(model_params), weights)
+
+
+def aggregate_passes(params: dict[str, Any], dtype: torch.dtype) -> int:
+    return ties_passes({"scope": "model" if params.get("aggregate") == "ties" else "tensor"}, dtype)
+
+
+register(
+    MergeMethod(
+        name="consensus",
+        summary="Consensus merging: keep the weights of τ_MTL that ≥ k tasks' TALL masks use (Wang et al., 2024).",
+        params=(AGGREGATE, CONSENSUS_K, TALL_LAMBDA, WEIGHT, LAMBDA, INT8_MASK),
+        combine=_combine_consensus,
+        paper="https://arxiv.org/abs/2405.07813",
+        working_copies=lambda k: 3 * k + 3,
+        statistics=aggregate_statistics,
+        passes=aggregate_passes,
+        aliases=("consensus_ta", "consensus_ties"),
+    )
+)
+
+MTL_DTYPE = Param(
+    "mtl_dtype", str, "auto", "Stored dtype of τ_MTL: auto (float32, or float64 for float64 models; see docs/collection-format.md) or a dtype.",
+    choices=("auto", "float32", "float64", "bfloat16", "float16"), per_tensor=False,
+)
+EMBED_BASE = Param("embed_base", bool, False, "Store the base weights inside the collection instead of a reference (path/hub id + SHA-256).", per_tensor=False)
+
+
+def _no_merge(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+    raise RecipeError("merge_method: tall_masks writes a collection; it has no merged model")
+
+
+register(
+    MergeMethod(
+        name="tall_masks",
+        summary="TALL-masks compression: base + τ_MTL + one bit per weight per task; extract any fine-tune again (Wang et al., 2024).",
+        params=(AGGREGATE, TALL_LAMBDA, MTL_DTYPE, EMBED_BASE, INT8_MASK),
+        combine=_no_merge,
+        paper="https://arxiv.org/abs/2405.07813",
+        working_copies=lambda k: 3 * k + 3,
+        statistics=aggregate_statistics,
+        passes=aggregate_passes,
+        output="collection",
+    )
+)

@@ -1,0 +1,284 @@
+"""The task-arithmetic family as one implementation: a sparsifier × a combiner, as data.
+
+task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs and breadcrumbs_ties differ only in
+which entries of each τ_t survive (none | magnitude | random | magnitude_outliers) and whether a
+sign election picks the entries that are combined. Under mergekit's names the defaults and
+rules are mergekit 0.1.5's; the papers' variants are one key away (``scope``, ``rescale_rule``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from ..ops import (
+    breadcrumbs_mask,
+    dare_mask,
+    disjoint_merge,
+    elect_sign,
+    generator_for,
+    keep_count,
+    magnitude_mask,
+    majority_sign_count,
+    rescale_l1,
+    topk_count_mask,
+)
+from .base import MergeMethod, Param, TensorContext, register
+
+# -- parameters (names and defaults as mergekit 0.1.5 declares them) -------------------------------
+WEIGHT = Param("weight", float, 1.0, "Per-model weight w_t multiplying its task vector (negative forgets a task).", per_model=True)
+LAMBDA = Param(
+    "lambda", float, 1.0, "Scaling coefficient λ of the combined task vector: θ = θ_0 + λ·merged. {search: [...]} searches a grid with the evaluator.",
+    searchable=True, default_grid=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+)
+INT8_MASK = Param("int8_mask", bool, False, "Accepted for mergekit configs: a memory flag there; masks here are always bool, so it changes nothing.")
+DENSITY = Param("density", float, 1.0, "Fraction of each task vector kept (mergekit's default 1.0 keeps everything).", per_model=True, minimum=0, maximum=1)
+GAMMA = Param("gamma", float, 0.01, "Fraction of the largest magnitudes (outliers) removed before the density is kept.", per_model=True, minimum=0, maximum=1)
+SEED = Param("seed", int, 0, "Seed; each (seed, model, tensor) has its own generator, so results do not depend on order or device.", per_tensor=False)
+MERGE_MODE = Param(
+    "merge", str, "mean", "Disjoint merge of the entries that agree with the elected sign: mean (normalize: true), sum, or max (the paper's variant).",
+    choices=("mean", "sum", "max"),
+)
+RESCALE_RULE = Param(
+    "rescale_rule", str, "l1", "How survivors are rescaled when rescale is true: l1 (mergekit: match the task vector's L1 norm) or density (the DARE paper: 1/density).",
+    choices=("l1", "density"),
+)
+TIES_SCOPE = Param(
+    "scope", str, "tensor", "Where the trim keeps its top-density entries: tensor (mergekit, exactly ⌊density·n⌋ per tensor) or model (the paper: one threshold per task over the whole model).",
+    choices=("tensor", "model"), per_tensor=False,
+)
+BREADCRUMBS_SCOPE = Param(
+    "scope", str, "tensor", "Ranking over the whole tensor (tensor, mergekit) or per row along the last dimension (row, the paper's code).",
+    choices=("tensor", "row"),
+)
+
+
+def normalize_param(default: bool) -> Param:
+    return Param("normalize", bool, default, "Divide by the sum of the weights that contribute to each entry (mergekit's flag).")
+
+
+def rescale_param(default: bool) -> Param:
+    return Param("rescale", bool, default, "Rescale the survivors of the sparsifier (see rescale_rule).")
+
+
+# -- sparsifiers: (τ_t, its resolved parameters, context, model index) → sparsified τ_t -------------
+Sparsifier = Callable[[torch.Tensor, dict[str, Any], TensorContext, int], torch.Tensor]
+
+
+def _rescaled(original: torch.Tensor, kept: torch.Tensor, density: float, ctx: TensorContext) -> torch.Tensor:
+    if not ctx.params.get("rescale", False):
+        return kept
+    if ctx.params.get("rescale_rule", "l1") == "density":
+        return kept.div_(density)
+    return rescale_l1(original, kept)
+
+
+def _masked(delta: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return torch.where(keep, delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
+
+
+def sparsify_magnitude(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContext, t: int) -> torch.Tensor:
+    """TIES trim: per tensor, exactly max(1, ⌊density·n⌋) largest |τ| (mergekit); model scope: |τ| ≥ the task's model-wide threshold."""
+    density = p["density"]
+    if ctx.params.get("scope") == "model":
+        return _masked(delta, magnitude_mask(delta, ctx.stats["thresholds"][t]))
+    if density >= 1:
+        return delta
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros_like(delta)
+    kept = _masked(delta, topk_count_mask(delta, max(1, keep_count(delta.numel(), density))))
+    return _rescaled(delta, kept, density, ctx)
+
+
+def sparsify_random(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContext, t: int) -> torch.Tensor:
+    """DARE: keep each entry with probability density, from a generator per (seed, model, tensor)."""
+    density = p["density"]
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    generator = generator_for(ctx.params["seed"], ctx.model_names[t], ctx.name)
+    kept = _masked(delta, dare_mask(delta.shape, density, generator).to(delta.device))
+    return _rescaled(delta, kept, density, ctx)
+
+
+def sparsify_outliers(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContext, t: int) -> torch.Tensor:
+    """Model Breadcrumbs: drop the top-γ magnitudes, keep the next ⌊density·n⌋ (per tensor, or per row)."""
+    density = p["density"]
+    scope = ctx.params.get("scope", "tensor")
+    if density >= 1 and scope == "tensor":
+        return delta  # mergekit keeps the whole tensor at density 1, outliers included
+    kept = _masked(delta, breadcrumbs_mask(delta, density, p["gamma"], scope))
+    return _rescaled(delta, kept, density, ctx)
+
+
+def no_sparsify(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContext, t: int) -> torch.Tensor:
+    return delta
+
+
+# -- combiners --------------------------------------------------------------------------------
+def _weights(ctx: TensorContext) -> list[float]:
+    return [p.get("weight", 1.0) for p in ctx.model_params]
+
+
+def combine_sum(sparsified: Iterable[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+    """Σ_t w_t τ̂_t, one task vector held at a time; with normalize, divided by Σ_t w_t (|Σw| < 1e-8: by 1)."""
+    weights = _weights(ctx)
+    total: torch.Tensor | None = None
+    for w, delta in zip(weights, sparsified):
+        total = delta.mul_(w) if total is None else total.add_(delta, alpha=w)
+    assert total is not None, "at least one model is required"
+    divisor = sum(weights)
+    if ctx.params.get("normalize", False) and abs(divisor) >= 1e-8:
+        total.div_(divisor)
+    return total
+
+
+def stack_deltas(deltas: Iterable[torch.Tensor], count: int) -> torch.Tensor:
+    """Gather the task vectors of one tensor into one [T, ...] tensor without holding a second copy."""
+    stacked: torch.Tensor | None = None
+    for i, delta in enumerate(deltas):
+        if stacked is None:
+            stacked = torch.empty((count, *delta.shape), dtype=delta.dtype, device=delta.device)
+        stacked[i] = delta
+        del delta
+    assert stacked is not None, "at least one model is required"
+    return stacked
+
+
+def merge_mode(ctx: TensorContext) -> str:
+    """mean | sum | max; mergekit's ``normalize: false`` turns the mean into a sum."""
+    mode = ctx.params.get("merge", "mean")
+    return mode if mode == "max" or ctx.params.get("normalize", True) else "sum"
+
+
+def combine_sign_consensus(sparsified: Iterable[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+    """TIES election and disjoint merge: γ = sign(Σ_t w_t τ̂_t), then the entries agreeing with γ.
+
+    A zero sum counts as positive (mergekit), or takes the model-wide majority sign at model scope.
+    """
+    stacked = stack_deltas(sparsified, len(ctx.model_params))
+    weights = ctx.weights(stacked.dtype, stacked.device)
+    fallback = ctx.stats.get("majority", 1.0) if ctx.params.get("scope") == "model" else 1.0
+    sign = elect_sign(stacked * weights.view(-1, *([1] * (stacked.dim() - 1))), fallback=fallback)
+    return disjoint_merge(stacked, sign, weights, merge_mode(ctx))
+
+
+def family_combine(sparsify: Sparsifier, consensus: bool) -> Callable[[Iterable[torch.Tensor], TensorContext], torch.Tensor]:
+    """The combine function of one member of the family: sparsify each τ_t, then sum or elect signs."""
+
+    def combine(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+        sparsified = (sparsify(d, p, ctx, t) for t, (d, p) in enumerate(zip(deltas, ctx.model_params)))
+        return combine_sign_consensus(sparsified, ctx) if consensus else combine_sum(sparsified, ctx)
+
+    return combine
+
+
+# -- model-wide TIES statistics (scope: model) --------------------------------------------------
+def ties_model_statistics(source: Any, densities: Sequence[float], weights: Sequence[float]) -> dict[str, Any]:
+    """The paper's model-wide TIES quantities, exactly, in bounded memory.
+
+    thresholds[t]: the k-th largest |τ_t| over the whole model, k = ⌊density_t·n⌋ (radix select,
+    2 passes for float32, up to 4 for float64); majority: sign of Σ over the model of the elected
+    signs γ (one more pass), the sign that entries with a zero sum take.
+    """
+    from ..ops.select import KthLargestMagnitude
+
+    selectors = [KthLargestMagnitude(keep_count(source.total_numel, d), source.compute_dtype) for d in densities]
+    while not all(s.done for s in selectors):
+        pending = [t for t, s in enumerate(selectors) if not s.done]
+        for _, deltas in source.tensors("TIES thresholds", pending):
+            for t, delta in deltas:
+                selectors[t].observe(delta)
+        for t in pending:
+            selectors[t].end_pass()
+    thresholds = [s.value for s in selectors]
+    count = 0
+    for _, deltas in source.tensors("TIES majority sign"):
+        total: torch.Tensor | None = None
+        for t, delta in deltas:
+            term = delta.masked_fill_(delta.abs() < thresholds[t], 0).mul_(weights[t])
+            total = term if total is None else total.add_(term)
+        if total is not None:
+            count += int(majority_sign_count(total.unsqueeze(0)))
+    return {"thresholds": thresholds, "majority": 1.0 if count > 0 else -1.0}
+
+
+def _ties_stats(source: Any, params: dict[str, Any], model_params: list[dict[str, Any]]) -> dict[str, Any]:
+    if params.get("scope") != "model":
+        return {}
+    return ties_model_statistics(source, [p["density"] for p in model_params], [p["weight"] for p in model_params])
+
+
+def ties_passes(params: dict[str, Any], dtype: torch.dtype) -> int:
+    if params.get("scope") != "model":
+        return 1
+    return 1 + (2 if dtype == torch.float32 else 4) + 1
+
+
+# -- the family ----------------------------------------------------------------------------------
+COMMON = (WEIGHT, LAMBDA, INT8_MASK)
+
+register(
+    MergeMethod(
+        name="task_arithmetic",
+        summary="θ = θ_0 + λ · Σ_t w_t τ_t (Ilharco et al., 2023).",
+        params=(normalize_param(False), *COMMON),
+        combine=family_combine(no_sparsify, consensus=False),
+        paper="https://arxiv.org/abs/2212.04089",
+        working_copies=lambda k: 3,
+    )
+)
+register(
+    MergeMethod(
+        name="ties",
+        summary="TIES: trim each τ_t to its top-density magnitudes, elect signs by summed mass, disjoint mean (Yadav et al., 2023).",
+        params=(DENSITY, TIES_SCOPE, normalize_param(True), rescale_param(False), MERGE_MODE, *COMMON),
+        combine=family_combine(sparsify_magnitude, consensus=True),
+        paper="https://arxiv.org/abs/2306.01708",
+        working_copies=lambda k: 4 * k + 2,
+        statistics=_ties_stats,
+        passes=ties_passes,
+    )
+)
+register(
+    MergeMethod(
+        name="dare_linear",
+        summary="DARE: drop each entry of τ_t with probability 1 − density and rescale, then task arithmetic (Yu et al., 2024).",
+        params=(DENSITY, normalize_param(False), rescale_param(True), RESCALE_RULE, SEED, *COMMON),
+        combine=family_combine(sparsify_random, consensus=False),
+        paper="https://arxiv.org/abs/2311.03099",
+        working_copies=lambda k: 4,
+    )
+)
+register(
+    MergeMethod(
+        name="dare_ties",
+        summary="DARE drop-and-rescale, then TIES sign election and disjoint merge (mergekit's dare_ties).",
+        params=(DENSITY, normalize_param(False), rescale_param(True), RESCALE_RULE, SEED, MERGE_MODE, *COMMON),
+        combine=family_combine(sparsify_random, consensus=True),
+        paper="https://arxiv.org/abs/2311.03099",
+        working_copies=lambda k: 3 * k + 2,
+    )
+)
+register(
+    MergeMethod(
+        name="breadcrumbs",
+        summary="Model Breadcrumbs: drop the top-γ outliers and keep the next density fraction of τ_t, then sum (Davari & Belilovsky, 2023).",
+        params=(DENSITY, GAMMA, BREADCRUMBS_SCOPE, normalize_param(False), rescale_param(False), *COMMON),
+        combine=family_combine(sparsify_outliers, consensus=False),
+        paper="https://arxiv.org/abs/2312.06795",
+        working_copies=lambda k: 6,
+    )
+)
+register(
+    MergeMethod(
+        name="breadcrumbs_ties",
+        summary="Breadcrumbs masks, then TIES sign election and disjoint merge (mergekit's breadcrumbs_ties).",
+        params=(DENSITY, GAMMA, BREADCRUMBS_SCOPE, normalize_param(False), rescale_param(False), MERGE_MODE, *COMMON),
+        combine=family_combine(sparsify_outliers, consensus=True),
+        paper="https://arxiv.org/abs/2312.06795",
+        working_copies=lambda k: 3 * k + 4,
+    )
+)

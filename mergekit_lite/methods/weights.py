@@ -1,0 +1,83 @@
+"""Weight-space methods: they combine the models' weights themselves, not task vectors.
+
+linear (a weighted average; no base needed), passthrough (one model's tensor, optionally
+scaled; slices stack layers with it) and slerp (spherical interpolation between the base and
+one other model). Names, parameters and defaults are mergekit 0.1.5's.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from ..errors import RecipeError
+from ..ops import slerp, weighted_average
+from .base import MergeMethod, Param, TensorContext, register
+
+LINEAR_WEIGHT = Param("weight", float, 1.0, "Per-model weight w_i of the average.", per_model=True)
+LINEAR_NORMALIZE = Param("normalize", bool, True, "Divide by the sum of the weights (a weight sum of 0 divides by 1).")
+SCALE = Param("scale", float, 1.0, "Multiplies the tensor passed through (per model; e.g. 0 to zero a layer's output projection).", per_model=True)
+SLERP_T = Param("t", float, 0.5, "Interpolation factor: 0 gives the base model, 1 the other model.")
+
+
+def _linear(models: Iterator[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+    tensors = list(models)
+    return weighted_average(tensors, [p["weight"] for p in ctx.model_params], ctx.params["normalize"])
+
+
+def _passthrough(models: Iterator[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+    tensor = next(iter(models))
+    scale = ctx.model_params[0]["scale"]
+    return tensor if scale == 1.0 else tensor.mul_(scale)
+
+
+def _slerp(models: Iterator[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+    tensors = list(models)
+    if len(tensors) == 1:  # only one model has this tensor: it passes through, as mergekit does
+        return tensors[0]
+    if ctx.base_index is None or len(tensors) != 2:
+        raise RecipeError(f"tensor {ctx.name}: slerp needs the base model and exactly one other model")
+    base = tensors[ctx.base_index]
+    other = tensors[1 - ctx.base_index]
+    return slerp(ctx.params["t"], base, other)
+
+
+register(
+    MergeMethod(
+        name="linear",
+        summary="Weighted average of the models' weights, Σ w_i θ_i / Σ w_i (model soups; Wortsman et al., 2022).",
+        params=(LINEAR_WEIGHT, LINEAR_NORMALIZE),
+        inputs="weights",
+        compute=_linear,
+        base="optional",
+        paper="https://arxiv.org/abs/2203.05482",
+        working_copies=lambda k: k + 1,
+    )
+)
+register(
+    MergeMethod(
+        name="passthrough",
+        summary="Copies one model's tensors unchanged (times scale); with slices, stacks layers of several models.",
+        params=(SCALE,),
+        inputs="weights",
+        compute=_passthrough,
+        base="unused",
+        max_models=1,
+        working_copies=lambda k: 1,
+    )
+)
+register(
+    MergeMethod(
+        name="slerp",
+        summary="Spherical interpolation between the base model (t = 0) and one other model (t = 1), per tensor.",
+        params=(SLERP_T,),
+        inputs="weights",
+        compute=_slerp,
+        base="required",
+        min_models=2,
+        max_models=2,
+        paper="https://en.wikipedia.org/wiki/Slerp",
+        working_copies=lambda k: 4,
+    )
+)

@@ -1,0 +1,52 @@
+"""Pure tensor math: sparsifiers, combiners, TALL/consensus masks, streaming k-th selection, bit packing.
+
+No file I/O and no knowledge of recipes: everything here takes tensors and numbers.
+"""
+
+from .combine import (
+    SLERP_DOT_THRESHOLD,
+    disjoint_merge,
+    elect_sign,
+    majority_sign_count,
+    slerp,
+    task_arithmetic,
+    ties_merge,
+    weighted_average,
+)
+from .sparsify import (
+    breadcrumbs,
+    breadcrumbs_mask,
+    dare,
+    dare_mask,
+    generator_for,
+    keep_count,
+    kth_largest_magnitude,
+    magnitude_mask,
+    rescale_l1,
+    topk_count_mask,
+    topk_mask,
+)
+from .tall import consensus_mask, tall_mask
+
+__all__ = [
+    "SLERP_DOT_THRESHOLD",
+    "breadcrumbs",
+    "breadcrumbs_mask",
+    "consensus_mask",
+    "dare",
+    "dare_mask",
+    "disjoint_merge",
+    "elect_sign",
+    "generator_for",
+    "keep_count",
+    "kth_largest_magnitude",
+    "magnitude_mask",
+    "majority_sign_count",
+    "slerp",
+    "tall_mask",
+    "task_arithmetic",
+    "ties_merge",
+    "rescale_l1",
+    "topk_count_mask",
+    "topk_mask",
+]

@@ -1,0 +1,161 @@
+"""Combiners: how sparsified task vectors (or weights) become one tensor (sign election, disjoint merge, sums).
+
+Pure functions on tensors; arithmetic in the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .checks import _check_fraction, _check_mode, _check_stacked, _task_weights
+from .sparsify import magnitude_mask, topk_mask
+
+
+def elect_sign(deltas: Tensor, fallback: float | None = None) -> Tensor:
+    """TIES sign election: +1/-1 per entry, the sign of the summed values over tasks ("mass").
+
+    deltas is [T, ...], already trimmed and weighted. Entries whose sum is exactly 0 take
+    `fallback` (the model-wide majority sign, computed by the caller from majority_sign_count),
+    or, if None, this tensor's majority sign(sum(gamma)). A fallback or majority of 0 becomes -1:
+    the reference's torch.where(sign > 0, t > 0, t < 0) treats a 0 sign as negative. Any other
+    fallback value is reduced to its sign. Returns a tensor of deltas' dtype, shape deltas[0].
+    """
+    _check_stacked("deltas", deltas)
+    gamma = torch.sign(deltas.sum(dim=0))
+    zero = gamma == 0
+    if fallback is None:
+        majority = int((gamma > 0).sum()) - int((gamma < 0).sum())
+    else:
+        majority = float(fallback)
+        if math.isnan(majority):
+            raise ValueError("fallback must be +1, -1 (or 0, read as -1) or None, got nan")
+    fill = 1.0 if majority > 0 else -1.0
+    return torch.where(zero, torch.full_like(gamma, fill), gamma)
+
+
+def majority_sign_count(deltas: Tensor) -> Tensor:
+    """sum over entries of sign(sum over T of deltas), exact, as an int64 0-d tensor.
+
+    One tensor's contribution to the model-wide majority sign; a caller adds these over all
+    tensors of a model and passes the sign of the total as elect_sign's fallback.
+    """
+    _check_stacked("deltas", deltas)
+    s = deltas.sum(dim=0)
+    return (s > 0).sum(dtype=torch.int64) - (s < 0).sum(dtype=torch.int64)
+
+
+def disjoint_merge(
+    deltas: Tensor,
+    sign: Tensor,
+    weights: Tensor | None = None,
+    mode: str = "mean",
+) -> Tensor:
+    """TIES disjoint merge of trimmed, NOT yet weighted deltas [T, ...] given the elected sign.
+
+    Entry (t, i) participates iff v = w_t*delta[t, i] != 0 and v agrees with sign[i] (sign read as
+    the reference does: > 0 positive, anything else negative). mean: sum of participating v /
+    sum of their w_t (mergekit's normalize: true; with unit weights the reference's mean over
+    non-zero agreeing entries), 0 where none participate; where mixed-sign weights of the
+    participants sum to exactly 0 the divisor is 1, as in mergekit. sum: sum of participating v.
+    max: the participating v of largest |v| (abs max times sign, as the reference).
+    """
+    _check_stacked("deltas", deltas)
+    _check_mode(mode)
+    if sign.shape != deltas.shape[1:]:
+        raise ValueError(
+            f"sign must have the shape of one task's delta {tuple(deltas.shape[1:])}, got {tuple(sign.shape)}"
+        )
+    w = _task_weights(weights, deltas)
+    v = w * deltas
+    positive = (sign > 0).unsqueeze(0)
+    part = torch.where(positive, v > 0, v < 0)
+    selected = torch.where(part, v, torch.zeros((), dtype=v.dtype, device=v.device))
+    if mode == "sum":
+        return selected.sum(dim=0)
+    if mode == "max":
+        idx = selected.abs().argmax(dim=0, keepdim=True)
+        return selected.gather(0, idx).squeeze(0)
+    divisor = (w * part).sum(dim=0)
+    divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    return selected.sum(dim=0) / divisor
+
+
+def ties_merge(
+    deltas: Tensor,
+    density: float,
+    weights: Tensor | None = None,
+    mode: str = "mean",
+    fallback: float | None = None,
+    thresholds: Tensor | None = None,
+) -> Tensor:
+    """TIES on one tensor: trim each task, weight, elect sign, disjoint merge; returns the merged delta.
+
+    Trim is per tensor (topk_mask with `density`) unless `thresholds` [T] is given: then task t
+    keeps |delta_t| >= thresholds[t] (model-scope thresholds; `density` is only validated).
+    Weights multiply after trimming and before election, as mergekit does. No lambda applied.
+    """
+    _check_stacked("deltas", deltas)
+    _check_fraction("density", density)
+    _check_mode(mode)
+    t = deltas.shape[0]
+    if thresholds is not None:
+        thr = torch.as_tensor(thresholds, dtype=deltas.dtype, device=deltas.device)
+        if thr.shape != (t,):
+            raise ValueError(f"thresholds must have shape [T] = [{t}], got {tuple(thr.shape)}")
+        masks = [magnitude_mask(deltas[i], thr[i]) for i in range(t)]
+    else:
+        masks = [topk_mask(deltas[i], density) for i in range(t)]
+    zero = torch.zeros((), dtype=deltas.dtype, device=deltas.device)
+    trimmed = torch.stack([torch.where(m, deltas[i], zero) for i, m in enumerate(masks)])
+    w = _task_weights(weights, deltas)
+    sign = elect_sign(w * trimmed, fallback)
+    return disjoint_merge(trimmed, sign, w.reshape(t), mode)
+
+
+def task_arithmetic(deltas: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Weighted sum of task vectors, sum_t w_t * delta_t (weights default to 1); no alpha applied."""
+    _check_stacked("deltas", deltas)
+    return (_task_weights(weights, deltas) * deltas).sum(dim=0)
+
+
+def weighted_average(tensors: Sequence[Tensor], weights: Sequence[float], normalize: bool = True) -> Tensor:
+    """Σ_i w_i x_i, divided by Σ_i w_i when ``normalize`` (a zero weight sum divides by 1), as mergekit's linear."""
+    if not tensors:
+        raise ValueError("weighted_average needs at least one tensor")
+    total = torch.zeros_like(tensors[0])
+    for x, w in zip(tensors, weights):
+        total.add_(x, alpha=float(w))
+    if normalize:
+        divisor = float(sum(weights))
+        if abs(divisor) >= 1e-8:
+            total.div_(divisor)
+    return total
+
+
+#: |cos| above which SLERP falls back to linear interpolation (the vectors are nearly colinear).
+SLERP_DOT_THRESHOLD = 0.9995
+
+
+def slerp(t: float, v0: Tensor, v1: Tensor, dot_threshold: float = SLERP_DOT_THRESHOLD, eps: float = 1e-8) -> Tensor:
+    """Spherical interpolation between v0 (t = 0) and v1 (t = 1), treating each tensor as one vector.
+
+    The angle is measured between the normalised tensors; when |cos| > dot_threshold the vectors
+    are nearly colinear and the result is the linear interpolation (1 − t)·v0 + t·v1.
+    """
+    n0 = torch.linalg.vector_norm(v0)
+    n1 = torch.linalg.vector_norm(v1)
+    u0 = v0 / n0 if float(n0) > eps else v0
+    u1 = v1 / n1 if float(n1) > eps else v1
+    dot = float((u0 * u1).sum())
+    if abs(dot) > dot_threshold:
+        return torch.lerp(v0, v1, float(t)) if v0.is_floating_point() else (1 - t) * v0 + t * v1
+    theta_0 = math.acos(dot)
+    sin_theta_0 = math.sin(theta_0)
+    theta_t = theta_0 * t
+    s0 = math.sin(theta_0 - theta_t) / sin_theta_0
+    s1 = math.sin(theta_t) / sin_theta_0
+    return v0 * s0 + v1 * s1

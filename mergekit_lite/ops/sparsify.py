@@ -1,0 +1,190 @@
+"""Sparsifiers: which entries of a task vector survive (TIES top-k, DARE, Model Breadcrumbs).
+
+Pure functions on tensors; arithmetic in the input dtype. METHODS.md gives the formulas and the
+reference quirks each function follows or departs from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .checks import _check_fraction
+
+BREADCRUMBS_SCOPES = ("row", "tensor")
+
+
+def kth_largest_magnitude(x: Tensor, k: int) -> Tensor:
+    """The k-th largest |x| over all entries, as a 0-d tensor (1 <= k <= numel).
+
+    Uses torch.kthvalue on |x| (the (n-k+1)-th smallest), a selection, never a full sort.
+    """
+    n = x.numel()
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        raise ValueError(f"k must be an integer in [1, numel] = [1, {n}], got {k!r}")
+    return torch.kthvalue(x.detach().reshape(-1).abs(), n - k + 1).values
+
+
+def keep_count(n: int, density: float) -> int:
+    """Number of entries to keep out of n: floor(density * n), clamped to [0, n].
+
+    The product is the float product `density * n` floored exactly (as the TIES reference's
+    `int(n * K)` and mergekit's `int(density * n)` do), with no epsilon: 0.29 * 100 == 28.999...
+    gives 28, the same count the reference tools keep.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be an integer >= 0, got {n!r}")
+    d = _check_fraction("density", density)
+    return min(max(math.floor(d * n), 0), n)
+
+
+def topk_mask(x: Tensor, density: float) -> Tensor:
+    """Bool mask of exactly k = keep_count(numel, density) entries of largest |x| (see ``topk_count_mask``)."""
+    return topk_count_mask(x, keep_count(x.numel(), density))
+
+
+def topk_count_mask(x: Tensor, k: int) -> Tensor:
+    """Bool mask of exactly k entries of largest |x| (mergekit's TIES trim keeps exactly k).
+
+    Entries tied at the threshold are taken in index order (lowest flat index first), so the
+    result is deterministic; k <= 0 keeps nothing. A selection (kthvalue), never a full sort.
+    """
+    n = x.numel()
+    if k <= 0:
+        return torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+    if k >= n:
+        return torch.ones(x.shape, dtype=torch.bool, device=x.device)
+    mag = x.detach().abs()
+    threshold = kth_largest_magnitude(x, k)
+    keep = mag > threshold
+    missing = k - int(keep.sum())
+    if missing > 0:
+        tied = (mag == threshold).reshape(-1)
+        keep |= (tied & (tied.cumsum(0) <= missing)).reshape(x.shape)
+    return keep
+
+
+def rescale_l1(original: Tensor, masked: Tensor, eps: float = 1e-7) -> Tensor:
+    """``masked`` scaled so its L1 norm equals ``original``'s (mergekit's ``rescale``); unchanged when either norm < eps."""
+    before = float(original.abs().sum())
+    after = float(masked.abs().sum())
+    if before < eps or after < eps:
+        return masked
+    return masked.mul_(before / after)
+
+
+def magnitude_mask(x: Tensor, threshold: float | Tensor) -> Tensor:
+    """Bool mask |x| >= threshold, for a threshold computed elsewhere (e.g. model-wide TIES scope).
+
+    The threshold is converted to x's dtype (a threshold selected from values of that dtype is
+    exactly representable). threshold = +inf keeps nothing, even entries that are themselves inf.
+    """
+    thr = torch.as_tensor(threshold, dtype=x.dtype, device=x.device)
+    return (x.abs() >= thr) & (thr != math.inf)
+
+
+def dare_mask(shape: torch.Size | tuple[int, ...], density: float, generator: torch.Generator) -> Tensor:
+    """Bool keep-mask, each entry kept with probability `density` (drop probability p = 1 - density).
+
+    Drawn on CPU with torch.bernoulli (in place on a bool tensor, float64 probability), so the
+    mask depends only on the generator state, not on the device, dtype or thread count; it equals
+    torch.bernoulli(torch.full(shape, density, dtype=torch.float64), generator=generator).bool().
+    density 0 and 1 return all-False / all-True without drawing (each generator serves one tensor).
+    """
+    d = _check_fraction("density", density)
+    if generator.device.type != "cpu":
+        raise ValueError(f"generator must be a CPU torch.Generator, got one on {generator.device}")
+    shape = torch.Size(shape)
+    if d == 0.0:
+        return torch.zeros(shape, dtype=torch.bool)
+    if d == 1.0:
+        return torch.ones(shape, dtype=torch.bool)
+    p = torch.tensor(d, dtype=torch.float64)
+    return torch.empty(shape, dtype=torch.bool).bernoulli_(p, generator=generator)
+
+
+def dare(x: Tensor, density: float, generator: torch.Generator, rescale: bool = True) -> Tensor:
+    """DARE: drop entries of x with probability 1 - density, rescale survivors by 1 / density.
+
+    density == 0 (p = 1) drops everything with no division; density == 1 returns a copy of x and
+    draws nothing. rescale=False only masks.
+    """
+    d = _check_fraction("density", density)
+    if d == 0.0:
+        return torch.zeros_like(x)
+    if d == 1.0:
+        return x.clone()
+    mask = dare_mask(x.shape, d, generator).to(x.device)
+    kept = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return kept / d if rescale else kept
+
+
+def generator_for(seed: int, model: str, tensor_name: str) -> torch.Generator:
+    """CPU generator seeded from sha256(f"{seed}\\0{model}\\0{tensor_name}") (first 8 bytes, 63 bits).
+
+    One stream per (seed, model, tensor), so draws do not depend on processing order, threads
+    or device.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    digest = hashlib.sha256(f"{seed}\0{model}\0{tensor_name}".encode("utf-8")).digest()
+    value = int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+    return torch.Generator(device="cpu").manual_seed(value)
+
+
+# ----------------------------------------------------------------------------- Model Breadcrumbs
+
+
+def _band_mask(mag: Tensor, start: int, stop: int) -> Tensor:
+    """Bool mask of the entries ranked [start, stop) along the last dim by magnitude, descending.
+
+    Stable sort: among equal magnitudes the lower index ranks first.
+    """
+    n = mag.shape[-1]
+    order = torch.sort(mag, dim=-1, descending=True, stable=True).indices
+    band = torch.zeros(n, dtype=torch.bool, device=mag.device)
+    band[start:stop] = True
+    out = torch.zeros(mag.shape, dtype=torch.bool, device=mag.device)
+    return out.scatter_(-1, order, band.expand(mag.shape))
+
+
+def breadcrumbs_mask(x: Tensor, density: float, gamma: float, scope: str = "row") -> Tensor:
+    """Model Breadcrumbs keep-mask: drop the floor(n*gamma) largest |x|, keep the floor(n*density) next.
+
+    scope "row" (the reference): per row along the last dim, n = row length; if the two counts
+    exceed n, keep what remains below the dropped top. scope "tensor" (mergekit): one ranking over
+    the flattened tensor; density >= 1 keeps all; if n_top + target > n, n_top is cut to
+    n - target, as mergekit does; but where floor(gamma*n) == 0 we keep the floor(n*density)
+    largest (mergekit's slice indices[n_bot:-0] zeroes the whole tensor). 0-d tensors are left
+    unmasked (all True) in both scopes. Ties rank by lower index first (stable sort).
+    """
+    d = _check_fraction("density", density)
+    g = _check_fraction("gamma", gamma)
+    if scope not in BREADCRUMBS_SCOPES:
+        raise ValueError(f"scope must be one of {{row, tensor}}, got {scope!r}")
+    if x.dim() == 0:
+        return torch.ones((), dtype=torch.bool, device=x.device)
+    if x.numel() == 0:
+        return torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+    mag = x.detach().abs()
+    if scope == "row":
+        n = x.shape[-1]
+        n_top = keep_count(n, g)
+        target = keep_count(n, d)
+        return _band_mask(mag, n_top, min(n_top + target, n))
+    if d >= 1.0:
+        return torch.ones(x.shape, dtype=torch.bool, device=x.device)
+    n = x.numel()
+    target = keep_count(n, d)
+    n_top = min(keep_count(n, g), n - target)
+    return _band_mask(mag.reshape(-1), n_top, n_top + target).reshape(x.shape)
+
+
+def breadcrumbs(x: Tensor, density: float, gamma: float, scope: str = "row") -> Tensor:
+    """x with everything outside breadcrumbs_mask zeroed (no rescaling, as the reference)."""
+    mask = breadcrumbs_mask(x, density, gamma, scope)
+    return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))

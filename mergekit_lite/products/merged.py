@@ -1,0 +1,97 @@
+"""The merged model: every output tensor of the plan streamed into a Hugging Face checkpoint folder.
+
+With an evaluator and a λ grid (task-vector methods), the merged task vector is written once to
+a scratch file, λ is chosen by the evaluator, and θ_0 + λ·merged is written.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..card import model_card
+from ..checkpoint import Checkpoint, TensorInfo
+from ..execute import compute_statistics, compute_tensor, merged_task_vector, register_product, resolve_device
+from ..plan import Plan, dtype_from_name
+from ..progress import progress_bar
+from ..search import lambda_grid, load_evaluator, search_merge_lambda, temporary_folder
+from ..writer import AtomicFolder, ShardedSafetensorsWriter, write_checkpoint
+
+
+def write_merged(plan: Plan, out_dir: str | os.PathLike[str], *, force: bool = False, device: str = "cpu", progress: bool = True) -> Path:
+    """Stream every output tensor of the plan through its method into a new checkpoint folder."""
+    dev = resolve_device(device)
+    compute_statistics(plan, dev, progress)
+    grid = lambda_grid(plan)
+    if grid is not None:
+        return _write_with_lambda_search(plan, out_dir, grid, force=force, device=dev, progress=progress)
+    jobs = {job.name: job for job in plan.jobs}
+    return _write(plan, out_dir, lambda info: compute_tensor(plan, jobs[info.name], dev), model_card(plan.recipe), force, progress)
+
+
+def _write(plan: Plan, out_dir: str | os.PathLike[str], produce: Callable[[TensorInfo], torch.Tensor], card: str, force: bool, progress: bool) -> Path:
+    recipe = plan.recipe
+    if recipe.tokenizer_source == "none":
+        tokenizer_from = None
+    elif recipe.tokenizer_source == "base":
+        tokenizer_from = plan.base if plan.base is not None else plan.config_source
+    else:
+        tokenizer_from = plan.models[plan.model_names.index(recipe.tokenizer_source)]
+    return write_checkpoint(
+        out_dir,
+        [job.out for job in plan.jobs],
+        produce,
+        support_from=plan.config_source,
+        tokenizer_from=tokenizer_from,
+        card=card,
+        out_dtype=dtype_from_name(recipe.output_dtype) if recipe.output_dtype else None,
+        shard_size=recipe.output.shard_size,
+        force=force,
+        progress=progress,
+        config_updates=plan.config_updates,
+    )
+
+
+def _write_with_lambda_search(
+    plan: Plan, out_dir: str | os.PathLike[str], grid: list[float], *, force: bool, device: torch.device, progress: bool
+) -> Path:
+    """Merge once into a scratch file, pick λ with the evaluator, then write θ_0 + λ·merged."""
+    assert plan.recipe.evaluator is not None and plan.base is not None
+    evaluator = load_evaluator(plan.recipe.evaluator)
+    AtomicFolder(out_dir, force=force).check()
+    merged_jobs = [job for job in plan.jobs if job.merge]
+    with temporary_folder(out_dir) as scratch:
+        folder = Path(scratch)
+        writer = ShardedSafetensorsWriter(folder, [TensorInfo(j.name, plan.compute_dtype, j.out.shape) for j in merged_jobs], 2**62, prefix="merged")
+        try:
+            with progress_bar(sum(j.out.nbytes for j in merged_jobs), "merging", progress) as bar:
+                for job in merged_jobs:
+                    writer.write(job.name, merged_task_vector(plan, job, device)[1].cpu())
+                    bar.update(job.out.nbytes)
+            writer.close()
+        finally:
+            writer.abort()
+        delta = Checkpoint("merged task vector", folder, {n: folder / f for n, f in writer.shard_of.items()}, None)
+        try:
+            lam, scores = search_merge_lambda(evaluator, plan, delta, grid, progress)
+            jobs = {job.name: job for job in plan.jobs}
+            base = plan.base
+
+            def produce(info: TensorInfo) -> torch.Tensor:
+                job = jobs[info.name]
+                if not job.merge:
+                    return compute_tensor(plan, job, device)
+                out = base.get(job.name).to(plan.compute_dtype).add_(delta.get(job.name), alpha=lam)
+                return out.to(job.out.dtype)
+
+            table = ", ".join(f"λ={k}: {v:.4g}" for k, v in scores.items())
+            notes = f"λ = {lam} was chosen by the evaluator `{plan.recipe.evaluator}` (mean score over the tasks; {table})."
+            return _write(plan, out_dir, produce, model_card(plan.recipe, notes), force, progress)
+        finally:
+            delta.close()
+
+
+register_product("model", write_merged)
