@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 from . import products  # noqa: F401  (registers the products with the executor)
-from .errors import OutputError
 from .execute import execute, resolve_device
 from .plan import Plan, plan
 from .recipe import Recipe
@@ -14,13 +13,11 @@ from .writer import AtomicFolder
 
 
 def prepare_output(out_dir: str | os.PathLike[str], force: bool) -> None:
-    """Refuse an existing OUT_DIR without --force; create its missing parent folders (as mergekit does)."""
+    """Refuse an unusable OUT_DIR before any work (exists without --force, parent not creatable, not writable).
+
+    A missing parent folder is created when the output is written (as mergekit does), not before.
+    """
     AtomicFolder(out_dir, force=force).check()
-    parent = Path(out_dir).absolute().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"{out_dir}: cannot create its parent folder {parent}: {exc.strerror or exc}") from None
 
 
 def run(

@@ -330,8 +330,10 @@ def _plan_slices(recipe: Recipe, b: _Builder) -> Plan:
 
     def edge_jobs(names: list[str], i: int) -> None:
         sl = recipe.slices[i]  # type: ignore[index]
-        refs = [s.model for s in sl.sources]
-        levels = [[s.parameters, sl.parameters, recipe.parameters] for s in sl.sources]
+        # as mergekit 0.1.5: only as many of the slice's sources as the first slice has
+        sources = sl.sources[: len(recipe.slices[0].sources)]  # type: ignore[index]
+        refs = [s.model for s in sources]
+        levels = [[s.parameters, sl.parameters, recipe.parameters] for s in sources]
         for name in names:
             jobs.append(b.job(name, refs, [name] * len(refs), [default_name(r) for r in refs], sl.base_model or recipe.base_model,
                               [sl.parameters, recipe.parameters], levels, 0.0, f"slices[{i}]"))

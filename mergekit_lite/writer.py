@@ -234,20 +234,37 @@ class AtomicFolder:
         return removed
 
     def check(self) -> None:
-        """Fail early if the destination cannot be used (after cleaning up after dead runs)."""
+        """Fail early if the destination cannot be used (after cleaning up after dead runs).
+
+        A missing parent folder is fine when it can be created (``__enter__`` creates it, as mergekit does).
+        """
         dest = self.destination
+        existing = dest.parent
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if existing != dest.parent:
+            if not existing.is_dir():
+                raise OutputError(f"{existing}: is not a folder, so the output's parent {dest.parent} cannot be created")
+            if not os.access(existing, os.W_OK):
+                raise OutputError(f"{existing}: not writable, so the output's parent {dest.parent} cannot be created")
+            return
         self.cleanup_stale()
         if dest.exists() and not self.force:
             raise OutputError(f"{dest}: already exists; pass --force to replace it (or choose another output folder)")
         if dest.exists() and not dest.is_dir():
             raise OutputError(f"{dest}: exists and is not a folder; refusing to replace it")
         if not dest.parent.is_dir():
-            raise OutputError(f"{dest.parent}: the parent folder of the output does not exist")
+            raise OutputError(f"{dest.parent}: the parent of the output is not a folder")
         if not os.access(dest.parent, os.W_OK):
             raise OutputError(f"{dest.parent}: not writable")
 
     def __enter__(self) -> Path:
         self.check()
+        try:
+            if not self.destination.parent.is_dir():
+                self.destination.parent.mkdir(parents=True)
+        except OSError as exc:
+            raise OutputError(f"{self.destination.parent}: cannot create the output's parent folder: {exc.strerror or exc}") from exc
         try:
             self.path = Path(tempfile.mkdtemp(prefix=self._work_prefix, dir=self.destination.parent))
         except OSError as exc:
