@@ -16,7 +16,7 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -85,7 +85,12 @@ def safetensors_header(tensors: list[TensorInfo], metadata: dict[str, str] | Non
 
 
 class ShardedSafetensorsWriter:
-    """Writes tensors, in the planned order, straight into pre-headed safetensors shards."""
+    """Writes tensors, in any order, straight to their planned offsets in pre-headed safetensors shards.
+
+    Every tensor's shard and offset are known from the plan, so each write lands at its place
+    (``os.pwrite``) and an executor may finish tensors in any order. A shard's SHA-256 is
+    computed while writing when its tensors arrive in order, else read back once when it completes.
+    """
 
     def __init__(self, folder: Path, infos: list[TensorInfo], shard_size: int, prefix: str = "model", metadata: dict[str, str] | None = None):
         self.folder = Path(folder)
@@ -100,12 +105,19 @@ class ShardedSafetensorsWriter:
             for i, group in enumerate(groups)
         ]
         self.prefix = prefix
-        self._order = [(s, t) for s in self.shards for t in s.tensors]
-        self._next = 0
-        self._file: BinaryIO | None = None
-        self._open_shard: _Shard | None = None
-        self._hash: Any = None
-        #: SHA-256 and size of every finished shard, computed while writing (no read-back)
+        #: name → (shard index, byte offset in the file, planned info)
+        self._place: dict[str, tuple[int, int, TensorInfo]] = {}
+        for i, shard in enumerate(self.shards):
+            offset = len(shard.header)
+            for info in shard.tensors:
+                self._place[info.name] = (i, offset, info)
+                offset += info.nbytes
+        self._written: set[str] = set()
+        self._left = [len(s.tensors) for s in self.shards]
+        self._files: dict[int, int] = {}  # open shard → file descriptor
+        self._hashes: dict[int, Any] = {}  # shard → running SHA-256 while its tensors come in order (None once not)
+        self._in_order: dict[int, int] = {}  # shard → how many of its tensors arrived in order so far
+        #: SHA-256 and size of every finished shard
         self.digests: dict[str, tuple[str, int]] = {}
 
     @property
@@ -113,53 +125,68 @@ class ShardedSafetensorsWriter:
         return sum(s.nbytes for s in self.shards)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append the next tensor; it must be the one the plan expects, with the planned dtype and shape."""
-        if self._next >= len(self._order):
-            raise OutputError(f"tensor {name}: more tensors written than planned")
-        shard, info = self._order[self._next]
-        if name != info.name or tensor.dtype != info.dtype or tuple(tensor.shape) != info.shape:
-            raise OutputError(
-                f"tensor {name}: expected {info.name} {info.dtype} {list(info.shape)}, got {tensor.dtype} {list(tensor.shape)}"
-            )
-        if shard is not self._open_shard:
-            self._start(shard)
+        """Write one planned tensor at its offset; it must have the planned dtype and shape, and come once."""
+        if name not in self._place:
+            raise OutputError(f"tensor {name}: not in the plan of this output")
+        if name in self._written:
+            raise OutputError(f"tensor {name}: written twice")
+        index, offset, info = self._place[name]
+        if tensor.dtype != info.dtype or tuple(tensor.shape) != info.shape:
+            raise OutputError(f"tensor {name}: expected {info.dtype} {list(info.shape)}, got {tensor.dtype} {list(tensor.shape)}")
+        fd = self._files.get(index)
+        if fd is None:
+            fd = self._open(index)
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._write_bytes(data)
-        self._next += 1
-        if self._next == len(self._order) or self._order[self._next][0] is not shard:
-            self._finish_shard()
+        self._pwrite(fd, index, memoryview(data), offset)
+        shard = self.shards[index]
+        position = self._in_order[index]
+        if self._hashes[index] is not None and position < len(shard.tensors) and shard.tensors[position].name == name:
+            self._hashes[index].update(data)
+            self._in_order[index] = position + 1
+        else:
+            self._hashes[index] = None
+        self._written.add(name)
+        self._left[index] -= 1
+        if self._left[index] == 0:
+            self._finish(index)
 
-    def _start(self, shard: _Shard) -> None:
-        self._finish_shard()
-        self._file = open(self.folder / shard.file_name, "wb")
-        self._open_shard = shard
-        self._hash = hashlib.sha256()
-        self._write_bytes(shard.header)
-
-    def _write_bytes(self, data: Any) -> None:
-        assert self._file is not None
+    def _open(self, index: int) -> int:
+        shard = self.shards[index]
+        path = self.folder / shard.file_name
         try:
-            self._file.write(data)
-            self._hash.update(data)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         except OSError as exc:
-            raise OutputError(f"{self._file.name}: write failed: {exc.strerror or exc}") from exc
+            raise OutputError(f"{path}: cannot create: {exc.strerror or exc}") from exc
+        self._files[index] = fd
+        self._hashes[index] = hashlib.sha256(shard.header)
+        self._in_order[index] = 0
+        self._pwrite(fd, index, memoryview(shard.header), 0)
+        return fd
 
-    def _finish_shard(self) -> None:
-        if self._file is not None:
-            try:
-                self._file.close()
-            except OSError as exc:
-                raise OutputError(f"{self._file.name}: write failed: {exc.strerror or exc}") from exc
-            assert self._open_shard is not None
-            self.digests[self._open_shard.file_name] = (self._hash.hexdigest(), len(self._open_shard.header) + self._open_shard.nbytes)
-            self._file = None
-            self._open_shard = None
+    def _pwrite(self, fd: int, index: int, data: memoryview, offset: int) -> None:
+        try:
+            while len(data):
+                done = os.pwrite(fd, data, offset)
+                data, offset = data[done:], offset + done
+        except OSError as exc:
+            raise OutputError(f"{self.folder / self.shards[index].file_name}: write failed: {exc.strerror or exc}") from exc
+
+    def _finish(self, index: int) -> None:
+        shard = self.shards[index]
+        fd = self._files.pop(index)
+        try:
+            os.close(fd)
+        except OSError as exc:
+            raise OutputError(f"{self.folder / shard.file_name}: write failed: {exc.strerror or exc}") from exc
+        digest = self._hashes.pop(index)
+        hexdigest = digest.hexdigest() if digest is not None else sha256_file(self.folder / shard.file_name)
+        self.digests[shard.file_name] = (hexdigest, len(shard.header) + shard.nbytes)
 
     def close(self) -> None:
-        """Finish the last shard (and shards with no tensors at all), then write the index if sharded."""
-        self._finish_shard()
-        if self._next != len(self._order):
-            raise OutputError(f"only {self._next} of {len(self._order)} planned tensors were written")
+        """Check every planned tensor was written, write shards with no tensors at all, then the index if sharded."""
+        missing = len(self._place) - len(self._written)
+        if missing:
+            raise OutputError(f"only {len(self._written)} of {len(self._place)} planned tensors were written")
         for shard in self.shards:
             if not shard.tensors:
                 (self.folder / shard.file_name).write_bytes(shard.header)
@@ -181,9 +208,13 @@ class ShardedSafetensorsWriter:
         return {t.name: s.file_name for s in self.shards for t in s.tensors}
 
     def abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        """Close any shard still open (after a failure; the atomic folder removes the files)."""
+        for fd in self._files.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._files.clear()
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -28,15 +28,14 @@ KILLER = textwrap.dedent(
     count = {"n": 0}
 
     if mode == "write":  # SIGKILL in the middle of a shard write
-        real = writer.ShardedSafetensorsWriter._write_bytes
-        def write_bytes(self, data):
+        real = os.pwrite
+        def pwrite(fd, data, offset):
             count["n"] += 1
             if count["n"] == after:
-                self._file.write(bytes(data)[: len(data) // 2])
-                self._file.flush()
+                real(fd, bytes(data)[: len(data) // 2], offset)
                 os.kill(os.getpid(), signal.SIGKILL)
-            return real(self, data)
-        writer.ShardedSafetensorsWriter._write_bytes = write_bytes
+            return real(fd, data, offset)
+        writer.os.pwrite = pwrite
     else:  # SIGKILL between moving the old output aside and moving the new one in
         real_rename = os.rename
         def rename(a, b):
@@ -101,15 +100,15 @@ def test_full_disk_while_writing(demo, tmp_path, monkeypatch):
     from mergekit_lite import writer
 
     calls = {"n": 0}
-    real = writer.ShardedSafetensorsWriter._write_bytes
+    real = writer.os.pwrite
 
-    def failing(self, data):
+    def failing(fd, data, offset):
         calls["n"] += 1
-        if calls["n"] == 4:
-            self._file.write = lambda _d: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
-        return real(self, data)
+        if calls["n"] >= 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
 
-    monkeypatch.setattr(writer.ShardedSafetensorsWriter, "_write_bytes", failing)
+    monkeypatch.setattr(writer.os, "pwrite", failing)
     with pytest.raises(OutputError, match="No space left on device"):
         mergekit_lite.run(Recipe.from_dict(ta_recipe(demo)), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
