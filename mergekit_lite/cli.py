@@ -20,14 +20,19 @@ A recipe is YAML, with mergekit's key names:
     - model: path/or/org-name[@revision]
       name: my-task                    # optional; default: folder or repo name
       parameters: {weight: 1.0}        # per-model parameters
-  parameters: {lambda: 1.0}            # method parameters
+  parameters: {lambda: 1.0}            # method parameters: a value, a list (gradient over
+                                       # the layers), [{filter: mlp, value: 0.5}, {value: 1}]
+  # or, instead of models:, layer slices (frankenmerges, per-slice merges):
+  # slices:
+  #   - sources: [{model: a, layer_range: [0, 24]}]
+  #   - sources: [{model: b, layer_range: [8, 32]}]
   dtype: float32                       # compute dtype (float32 | float64)
   out_dtype: bfloat16                  # default: the base model's dtype
   tokenizer_source: base               # base | <a model's name> | none
   include: ["model.layers.*"]          # optional globs: only these are merged
   exclude: ["*.embed_tokens.*"]        # globs never merged (copied from base)
   output: {shard_size: 5GB}
-  evaluator: my_module:score           # optional: picks λ from a grid (a list)
+  evaluator: my_module:score           # optional: picks λ from {search: [0.2, 0.4, ...]}
 
 merge_method: tall_masks writes a compressed collection instead of a merged
 model (see `mergekit-lite extract` and `inspect`). Relative paths are resolved
@@ -277,19 +282,38 @@ def inspect(collection: str, as_json: bool, verify: bool) -> None:
 @click.argument("name", required=False)
 @friendly_errors
 def methods(name: str | None) -> None:
-    """List the merge methods and their parameters (or one method's, by NAME)."""
-    from .methods import METHODS, get_method
+    """List the merge methods with a one-line summary (or one method's declaration and parameters, by NAME)."""
+    from .methods import ALIASES, METHODS, get_method
 
-    chosen = [get_method(name)] if name else [METHODS[k] for k in sorted(METHODS)]
-    for method in chosen:
-        click.echo(f"{method.name}: {method.summary}")
-        if method.paper:
-            click.echo(f"  paper: {method.paper}")
-        for p in method.params:
-            where = "per model or global" if p.per_model else "global"
-            choices = f" one of {'|'.join(p.choices)};" if p.choices else ""
-            click.echo(f"  {p.name} ({p.kind.__name__}, default {p.default!r}, {where});{choices} {p.doc}")
-        click.echo("")
+    if not name:
+        width = max(len(n) for n in METHODS)
+        for key in sorted(METHODS):
+            click.echo(f"{key.ljust(width)}  {METHODS[key].summary}")
+        aliases = ", ".join(f"{a} → {m}" for a, m in sorted(ALIASES.items()))
+        click.echo(f"\naliases: {aliases}" if aliases else "")
+        click.echo("`mergekit-lite methods NAME` shows a method's parameters, inputs and memory.")
+        return
+    method = get_method(name)
+    click.echo(f"{method.name}: {method.summary}")
+    if method.paper:
+        click.echo(f"  paper: {method.paper}")
+    if method.aliases:
+        click.echo(f"  also known as: {', '.join(method.aliases)}")
+    if method.inputs == "task_vectors":
+        click.echo(f"  inputs: task vectors θ_t − θ_0 of {method.model_count} model(s) besides the base; base_model required")
+        click.echo("  output: θ_0 + λ · merged")
+    else:
+        base = {"required": "base_model required (it is one of the inputs)", "optional": "base_model optional (if given, it is one of the inputs)",
+                "unused": "no base model"}[method.base]
+        click.echo(f"  inputs: the weights of {method.model_count} model(s); {base}")
+    click.echo(f"  writes: {'a merged Hugging Face checkpoint' if method.output == 'model' else 'a compressed collection'}")
+    click.echo(f"  memory: about {method.working_copies(8)} copies of the largest tensor at K = 8 models (compute dtype)")
+    click.echo("  parameters (a value; a list = gradient over layer depth; [{filter, value}, ...] = per tensor name):")
+    for p in method.params:
+        where = "per model or global" if p.per_model else "global"
+        choices = f" one of {'|'.join(p.choices)};" if p.choices else ""
+        fixed = "" if p.per_tensor else " one value for the whole model;"
+        click.echo(f"    {p.name} ({p.kind.__name__}, default {p.default!r}, {where});{choices}{fixed} {p.doc}")
 
 
 if __name__ == "__main__":  # pragma: no cover
