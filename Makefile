@@ -5,8 +5,11 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo
+# mergekit 0.1.5 (LGPL-3.0) in a venv of its own: tests/compat only *runs* it, to compare outputs.
+MK_VENV  ?= .venv-mergekit
+MK_STAMP := $(MK_VENV)/.installed
 
-.PHONY: venv demo test fuzz bench bench-speed bench-quality bench-collection bench-load clean
+.PHONY: venv mergekit-venv demo test compat-report fuzz bench bench-speed bench-quality bench-collection bench-load clean
 
 venv: $(STAMP)
 
@@ -16,13 +19,35 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# torch is pinned first: an unpinned torch would pull a multi-GB CUDA build. If pip cannot install
+# (offline), $(MK_VENV)/.unavailable says so and tests/compat skip with that reason; to retry,
+# delete $(MK_VENV).
+mergekit-venv: $(MK_STAMP)
+
+$(MK_STAMP):
+	@rm -f $(MK_VENV)/.unavailable
+	@if $(PYTHON) -m venv $(MK_VENV) \
+	    && $(MK_VENV)/bin/pip install --quiet torch==2.13.0 \
+	    && $(MK_VENV)/bin/pip install --quiet mergekit==0.1.5; then \
+	  touch $(MK_STAMP); \
+	else \
+	  mkdir -p $(MK_VENV); \
+	  echo "pip could not install torch==2.13.0 and mergekit==0.1.5 (offline?)" > $(MK_VENV)/.unavailable; \
+	  touch $(MK_STAMP); \
+	  echo "warning: no mergekit venv; tests/compat will be skipped (delete $(MK_VENV) to retry)" >&2; \
+	fi
+
 demo: $(STAMP)
 	$(BIN)/python -m mergekit_lite.demo build $(DEMO)
 	$(BIN)/mergekit-lite run recipes/task_arithmetic.yml $(DEMO)/merged --force
 	$(BIN)/python -m mergekit_lite.demo load $(DEMO)/merged
 
-test: $(STAMP)
+test: $(STAMP) $(MK_STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# mergekit vs mergekit-lite on the published configs of tests/compat/configs, as a markdown table.
+compat-report: $(STAMP) $(MK_STAMP)
+	$(BIN)/python tests/compat/corpus_report.py
 
 # Seeded robustness fuzzer (tests/robustness/fuzz.py): a few minutes; prints a table per input kind, fails on any FAILED.
 fuzz: $(STAMP)

@@ -31,7 +31,11 @@ UNSUPPORTED_KEYS = {
 
 #: parameter names of mergekit's methods (also those we do not implement yet), recognised when misplaced at the top level
 MERGEKIT_PARAMETER_NAMES = frozenset(
-    {"weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "int8_mask", "t", "scale", "filter_wise", "select_topk", "nuslerp_flatten", "nuslerp_row_wise", "max_iter", "tol"}
+    {
+        "weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "int8_mask", "t", "scale", "filter_wise",
+        "select_topk", "nuslerp_flatten", "nuslerp_row_wise", "max_iter", "tol", "embed_slerp", "consensus_method",
+        "sparsification_method",
+    }
 )
 
 COMPUTE_DTYPES = ("float32", "float64")
@@ -68,6 +72,12 @@ def safe_repr(value: Any, limit: int = 120) -> str:
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("parameters", mode="before", check_fields=False)
+    @classmethod
+    def _no_parameters(cls, value: Any) -> Any:
+        """``parameters:`` with nothing under it (YAML null) means no parameters, as in mergekit."""
+        return {} if value is None else value
 
 
 class ModelEntry(_Strict):
@@ -161,7 +171,7 @@ class Recipe(_Strict):
         problems = [one_line(f"{source}: {p}") for p in recipe.problems()]
         if problems:
             raise RecipeError(problems[0] + _more(problems), problems=problems)
-        recipe._warnings.extend(one_line(f"{source}: {w}") for w in warnings)
+        recipe._warnings.extend(one_line(f"{source}: {w}") for w in [*warnings, *recipe.notes()])
         if recipe.slices:
             for i, sl in enumerate(recipe.slices):
                 if sl.residual_weight is not None:
@@ -284,13 +294,26 @@ class Recipe(_Strict):
         for where, params, per_model in self._parameter_levels():
             for key, value in params.items():
                 param = method.param(key)
-                if param is None:
+                if param is None and key in MERGEKIT_PARAMETER_NAMES and not suggest(str(key), names):
+                    continue  # reported by notes(): mergekit's name, not this method's — ignored, as mergekit does
+                elif param is None:
                     problems.append(f"{where}.{key}: {method.name} has no parameter {key!r}{suggest(str(key), names)}")
                 elif per_model and not param.per_model:
                     problems.append(f"{where}.{key}: {key!r} applies to the whole merge; move it to the top-level parameters")
                 else:
                     problems += check_setting(param, value, f"{where}.{key}")
         return problems
+
+    def notes(self) -> list[str]:
+        """Non-fatal findings: mergekit parameter names this method does not use (mergekit ignores them too)."""
+        method = get_method(self.merge_method)
+        names = [p.name for p in method.params]
+        found = []
+        for where, params, _ in self._parameter_levels():
+            for key in params:
+                if method.param(key) is None and key in MERGEKIT_PARAMETER_NAMES and not suggest(str(key), names):
+                    found.append(f"{where}.{key}: {method.name} does not use {key!r}; it has no effect (mergekit ignores it too)")
+        return found
 
     def _searches(self) -> list[tuple[str, str]]:
         return [(where, key) for where, params, _ in self._parameter_levels() for key, value in params.items() if is_search(value)]

@@ -239,3 +239,16 @@ def test_lambda_grid_needs_the_search_spelling(deep):
     # a plain list is a gradient over the layers now
     Recipe.from_dict({"merge_method": "task_arithmetic", "base_model": str(deep["a"]), "models": [{"model": str(deep["b"])}],
                       "parameters": {"lambda": [0.2, 0.4]}})
+
+
+def test_mergekit_parameter_this_method_does_not_use_warns_and_typo_errors(deep):
+    recipe = Recipe.from_dict({"merge_method": "slerp", "base_model": str(deep["a"]), "models": [{"model": str(deep["a"])}, {"model": str(deep["b"])}],
+                               "parameters": {"t": 0.5, "embed_slerp": True}})
+    assert recipe.warnings == ["recipe: parameters.embed_slerp: slerp does not use 'embed_slerp'; it has no effect (mergekit ignores it too)"]
+    with pytest.raises(RecipeError, match=r"parameters.tt: slerp has no parameter 'tt'; did you mean 't'\?"):
+        Recipe.from_dict({"merge_method": "slerp", "base_model": str(deep["a"]), "models": [{"model": str(deep["b"])}], "parameters": {"tt": 0.5}})
+
+
+def test_empty_parameters_mean_none(deep):
+    recipe = Recipe.from_text(f"merge_method: linear\nmodels:\n  - model: {deep['a']}\n    parameters:\nparameters:\n")
+    assert recipe.parameters == {} and recipe.models[0].parameters == {}
