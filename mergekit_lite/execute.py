@@ -57,7 +57,7 @@ def _read(plan: Plan, ref: TensorRef, device: torch.device) -> torch.Tensor:
 
 
 def context(plan: Plan, job: TensorJob) -> TensorContext:
-    return TensorContext(job.name, list(job.model_names), job.params, list(job.model_params), plan.stats, job.base_index)
+    return TensorContext(job.name, list(job.model_names), job.params, list(job.model_params), plan.model_statistics, job.base_index)
 
 
 def merged_task_vector(plan: Plan, job: TensorJob, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,9 +113,9 @@ class TaskVectorPasses:
 
 def compute_statistics(plan: Plan, device: torch.device, progress: bool = True) -> dict[str, Any]:
     """Run the method's model-wide statistics passes (if any) and keep the result on the plan."""
-    if plan.method.statistics is not None and not plan.stats:
-        plan.stats = plan.method.statistics(TaskVectorPasses(plan, device, progress), plan.params, plan.model_params) or {}
-    return plan.stats
+    if plan.method.statistics is not None and not plan.model_statistics:
+        plan.model_statistics = plan.method.statistics(TaskVectorPasses(plan, device, progress), plan.params, plan.model_params) or {}
+    return plan.model_statistics
 
 
 def execute(plan: Plan, out_dir: str | os.PathLike[str], *, force: bool = False, device: str = "cpu", progress: bool = True) -> Path:

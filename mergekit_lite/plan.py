@@ -82,7 +82,7 @@ class Plan:
     compute_dtype: torch.dtype
     config_source: Checkpoint | None  # whose config.json / generation config the output carries
     config_updates: dict[str, Any] = field(default_factory=dict)  # e.g. num_hidden_layers after slicing
-    stats: dict[str, Any] = field(default_factory=dict)
+    model_statistics: dict[str, Any] = field(default_factory=dict)  # from the method's extra passes (TIES thresholds, ...)
 
     @property
     def method(self) -> MergeMethod:

@@ -142,6 +142,12 @@ class Recipe(_Strict):
     #: non-fatal notes about the recipe (a misplaced mergekit key that has no effect, ...)
     _warnings: list[str] = PrivateAttr(default_factory=list)
 
+    def __eq__(self, other: object) -> bool:
+        """Recipes are equal when they say the same (the notes found while reading, which name the file, aside)."""
+        return isinstance(other, Recipe) and self.model_dump() == other.model_dump()
+
+    __hash__ = _Strict.__hash__
+
     # -- construction ----------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: Any, source: str = "recipe") -> "Recipe":

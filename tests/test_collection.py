@@ -106,7 +106,7 @@ def test_lazy_state_dict_and_stats(demo, tmp_path):
             assert state[n].dtype == b.dtype and torch.equal(state[n], want), n
     finally:
         state.close()
-    stats = coll.stats()["overall"]
+    stats = coll.mask_stats()["overall"]
     total = sum(t.numel() for t in base.values())
     per_weight = {n: sum(masks[task][n].to(torch.int64) for task in DEMO_TASKS) for n in base}
     histogram = [sum(int((per_weight[n] == c).sum()) for n in base) for c in range(len(DEMO_TASKS) + 1)]

@@ -70,7 +70,7 @@ class TensorContext:
     model_names: list[str]
     params: dict[str, Any]  # the method's global parameters, resolved for this tensor
     model_params: list[dict[str, Any]]  # per input model, resolved for this tensor
-    stats: dict[str, Any] = field(default_factory=dict)  # model-wide statistics from extra passes, if any
+    model_statistics: dict[str, Any] = field(default_factory=dict)  # model-wide quantities from extra passes (TIES thresholds, ...)
     #: weight-space methods: which of the inputs is the base model (None: the base is not an input)
     base_index: int | None = None
 

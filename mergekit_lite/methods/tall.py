@@ -31,8 +31,8 @@ def multitask_vector(stacked: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
     """τ_MTL for TALL masks: Σ_t τ_t, or TIES with density 0.2 and sum over model-scope thresholds."""
     if ctx.params["aggregate"] == "task_arithmetic":
         return stacked.sum(dim=0)
-    thresholds = torch.tensor(ctx.stats["thresholds"], dtype=stacked.dtype, device=stacked.device)
-    return ties_merge(stacked, TALL_TIES_DENSITY, None, "sum", ctx.stats["majority"], thresholds)
+    thresholds = torch.tensor(ctx.model_statistics["thresholds"], dtype=stacked.dtype, device=stacked.device)
+    return ties_merge(stacked, TALL_TIES_DENSITY, None, "sum", ctx.model_statistics["majority"], thresholds)
 
 
 def tall_masks_for(stacked: torch.Tensor, tau_mtl: torch.Tensor, ctx: TensorContext) -> torch.Tensor:

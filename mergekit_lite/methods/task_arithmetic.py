@@ -82,7 +82,7 @@ def sparsify_magnitude(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContex
     """TIES trim: per tensor, exactly max(1, ⌊density·n⌋) largest |τ| (mergekit); model scope: |τ| ≥ the task's model-wide threshold."""
     density = p["density"]
     if ctx.params.get("scope") == "model":
-        return _masked(delta, magnitude_mask(delta, ctx.stats["thresholds"][t]))
+        return _masked(delta, magnitude_mask(delta, ctx.model_statistics["thresholds"][t]))
     if density >= 1:
         return delta
     if density <= 0 or delta.numel() == 0:
@@ -160,7 +160,7 @@ def combine_sign_consensus(sparsified: Iterable[torch.Tensor], ctx: TensorContex
     """
     stacked = stack_deltas(sparsified, len(ctx.model_params))
     weights = ctx.weights(stacked.dtype, stacked.device)
-    fallback = ctx.stats.get("majority", 1.0) if ctx.params.get("scope") == "model" else 1.0
+    fallback = ctx.model_statistics.get("majority", 1.0) if ctx.params.get("scope") == "model" else 1.0
     sign = elect_sign(stacked * weights.view(-1, *([1] * (stacked.dim() - 1))), fallback=fallback)
     return disjoint_merge(stacked, sign, weights, merge_mode(ctx))
 

@@ -97,7 +97,7 @@ def compress(plan: Any, out_dir: str | os.PathLike[str], *, force: bool = False,
             # phase 1: τ_MTL only; then each task's λ by the evaluator on its reconstruction
             for name, deltas in source.tensors("τ_MTL"):
                 stacked = stack_deltas((d for _, d in deltas), count)
-                ctx = TensorContext(name, names, ctx_params, plan.model_params, plan.stats)
+                ctx = TensorContext(name, names, ctx_params, plan.model_params, plan.model_statistics)
                 tau_writer.write(name, multitask_vector(stacked, ctx).to(mtl_dtype).cpu())
             tau_writer.close()
             tau_reader = Checkpoint("τ_MTL", tmp, {n: tmp / f for n, f in tau_writer.shard_of.items()}, None)
@@ -116,7 +116,7 @@ def compress(plan: Any, out_dir: str | os.PathLike[str], *, force: bool = False,
             for name, deltas in source.tensors("TALL masks" if searching else "compressing"):
                 stacked = stack_deltas((d for _, d in deltas), count)
                 if tau_reader is None:
-                    ctx = TensorContext(name, names, ctx_params, plan.model_params, plan.stats)
+                    ctx = TensorContext(name, names, ctx_params, plan.model_params, plan.model_statistics)
                     stored = multitask_vector(stacked, ctx).to(mtl_dtype)
                     tau_writer.write(name, stored.cpu())
                 else:
@@ -460,7 +460,7 @@ class Collection:
             state.close()
 
     # -- reporting -------------------------------------------------------------------------
-    def stats(self) -> dict[str, Any]:
+    def mask_stats(self) -> dict[str, Any]:
         """The mask statistics recorded at compression (overall and per layer)."""
         return self.manifest["mask_stats"]
 
