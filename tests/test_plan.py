@@ -252,3 +252,11 @@ def test_mergekit_parameter_this_method_does_not_use_warns_and_typo_errors(deep)
 def test_empty_parameters_mean_none(deep):
     recipe = Recipe.from_text(f"merge_method: linear\nmodels:\n  - model: {deep['a']}\n    parameters:\nparameters:\n")
     assert recipe.parameters == {} and recipe.models[0].parameters == {}
+
+
+def test_a_mergekit_method_we_lack_is_never_offered_a_look_alike():
+    with pytest.raises(RecipeError) as info:
+        Recipe.from_dict({"merge_method": "della_linear", "base_model": "b", "models": [{"model": "m"}]})
+    message = str(info.value)
+    assert "'della_linear' — a mergekit method that mergekit-lite does not have yet; 'dare_linear' is a different algorithm" in message
+    assert "did you mean" not in message

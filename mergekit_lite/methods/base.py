@@ -167,10 +167,21 @@ def get_method(name: str) -> MergeMethod:
     return METHODS[name]
 
 
-#: methods whose names differ by a prefix but are different algorithms: a suggestion must say so
+#: mergekit 0.1.5's methods, to tell "not implemented here yet" from a typo
+MERGEKIT_METHODS = frozenset({
+    "linear", "slerp", "nuslerp", "multislerp", "karcher", "task_arithmetic", "ties", "dare_ties", "dare_linear",
+    "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "model_stock", "nearswap", "arcee_fusion",
+    "passthrough", "ram", "ramplus_tl",
+})
+
+
 def suggest_method(name: str) -> str:
-    """A close method name, saying plainly when it is a different algorithm (linear ≠ dare_linear)."""
+    """What to say about an unknown method: a mergekit method we lack (never pointing to a look-alike
+    as if it were the same, e.g. della_linear ≠ dare_linear), a typo's closest name, or nothing."""
     match = difflib.get_close_matches(name, list(METHODS), n=1, cutoff=0.6)
+    if name in MERGEKIT_METHODS:
+        other = f"; {match[0]!r} is a different algorithm" if match else ""
+        return f" — a mergekit method that mergekit-lite does not have yet{other}"
     if not match:
         return ""
     other = match[0]
