@@ -4,7 +4,7 @@ Importing this package registers every method: the task-arithmetic family, the w
 methods and our TALL/Consensus methods.
 """
 
-from . import task_arithmetic, tall, weights  # noqa: F401  (registration)
+from . import model_stock, ram, sce, selection, spherical, tall, task_arithmetic, weights  # noqa: F401  (registration)
 from .base import ALIASES, METHODS, MergeMethod, Param, TensorContext, get_method, register, suggest
 
 __all__ = ["ALIASES", "METHODS", "MergeMethod", "Param", "TensorContext", "get_method", "register", "suggest"]
