@@ -283,22 +283,18 @@ def inspect(collection: str, as_json: bool, verify: bool) -> None:
 @friendly_errors
 def methods(name: str | None) -> None:
     """List the merge methods with a one-line summary (or one method's declaration and parameters, by NAME)."""
-    from .methods import ALIASES, METHODS, get_method
+    from .methods import METHODS, get_method
 
     if not name:
         width = max(len(n) for n in METHODS)
         for key in sorted(METHODS):
             click.echo(f"{key.ljust(width)}  {METHODS[key].summary}")
-        aliases = ", ".join(f"{a} → {m}" for a, m in sorted(ALIASES.items()))
-        click.echo(f"\naliases: {aliases}" if aliases else "")
-        click.echo("`mergekit-lite methods NAME` shows a method's parameters, inputs and memory.")
+        click.echo("\n`mergekit-lite methods NAME` shows a method's parameters, inputs and memory.")
         return
     method = get_method(name)
     click.echo(f"{method.name}: {method.summary}")
     if method.paper:
         click.echo(f"  paper: {method.paper}")
-    if method.aliases:
-        click.echo(f"  also known as: {', '.join(method.aliases)}")
     if method.inputs == "task_vectors":
         click.echo(f"  inputs: task vectors θ_t − θ_0 of {method.model_count} model(s) besides the base; base_model required")
         click.echo("  output: θ_0 + λ · merged")

@@ -5,6 +5,6 @@ methods and our TALL/Consensus methods.
 """
 
 from . import model_stock, ram, sce, selection, spherical, tall, task_arithmetic, weights  # noqa: F401  (registration)
-from .base import ALIASES, METHODS, MergeMethod, Param, TensorContext, get_method, register, suggest
+from .base import METHODS, MergeMethod, Param, TensorContext, get_method, register, suggest
 
-__all__ = ["ALIASES", "METHODS", "MergeMethod", "Param", "TensorContext", "get_method", "register", "suggest"]
+__all__ = ["METHODS", "MergeMethod", "Param", "TensorContext", "get_method", "register", "suggest"]

@@ -112,8 +112,6 @@ class MergeMethod:
     passes: Callable[[dict[str, Any], torch.dtype], int] = lambda params, dtype: 1
     #: what the method writes: a merged Hugging Face checkpoint, or a compressed collection
     output: str = "model"
-    #: another name this method is known by (shown by ``methods``)
-    aliases: tuple[str, ...] = ()
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -148,20 +146,14 @@ def suggest(word: str, options: Iterable[str]) -> str:
 
 
 METHODS: dict[str, MergeMethod] = {}
-#: alias → the method it names
-ALIASES: dict[str, str] = {}
 
 
 def register(method: MergeMethod) -> MergeMethod:
     METHODS[method.name] = method
-    for alias in method.aliases:
-        ALIASES[alias] = method.name
     return method
 
 
 def get_method(name: str) -> MergeMethod:
-    if name in ALIASES:
-        return METHODS[ALIASES[name]]
     if name not in METHODS:
         raise RecipeError(f"merge_method: unknown method {name!r}{suggest_method(name)} (available: {', '.join(sorted(METHODS))})")
     return METHODS[name]

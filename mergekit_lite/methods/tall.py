@@ -6,6 +6,7 @@ compressed collection (base + τ_MTL + one bit per weight per task) instead of a
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Iterable
 
 import torch
@@ -64,7 +65,7 @@ def aggregate_passes(params: dict[str, Any], dtype: torch.dtype) -> int:
     return ties_passes({"scope": "model" if params.get("aggregate") == "ties" else "tensor"}, dtype)
 
 
-register(
+CONSENSUS = register(
     MergeMethod(
         name="consensus",
         summary="Consensus merging: keep the weights of τ_MTL that ≥ k tasks' TALL masks use (Wang et al., 2024).",
@@ -74,9 +75,18 @@ register(
         working_copies=lambda k: 3 * k + 3,
         statistics=aggregate_statistics,
         passes=aggregate_passes,
-        aliases=("consensus_ta", "consensus_ties"),
     )
 )
+# the names of mergekit's proposal for this method: the same method with τ_MTL from task arithmetic or TIES by default
+for _name, _aggregate in (("consensus_ta", "task_arithmetic"), ("consensus_ties", "ties")):
+    register(
+        replace(
+            CONSENSUS,
+            name=_name,
+            summary=f"Consensus merging over {'task arithmetic' if _aggregate == 'task_arithmetic' else 'TIES'} (consensus with aggregate: {_aggregate}).",
+            params=tuple(replace(p, default=_aggregate) if p is AGGREGATE else p for p in CONSENSUS.params),
+        )
+    )
 
 MTL_DTYPE = Param(
     "mtl_dtype", str, "auto", "Stored dtype of τ_MTL: auto (float32, or float64 for float64 models; see docs/collection-format.md) or a dtype.",

@@ -15,6 +15,8 @@ import torch
 from ..ops import (
     breadcrumbs_mask,
     dare_mask,
+    della_keep_probabilities,
+    della_mask,
     disjoint_merge,
     elect_sign,
     generator_for,
@@ -41,8 +43,12 @@ MERGE_MODE = Param(
     choices=("mean", "sum", "max"),
 )
 RESCALE_RULE = Param(
-    "rescale_rule", str, "l1", "How survivors are rescaled when rescale is true: l1 (mergekit: match the task vector's L1 norm) or density (the DARE paper: 1/density).",
+    "rescale_rule", str, "l1", "How survivors are rescaled when rescale is true: l1 (mergekit: match the task vector's L1 norm) or density (the papers: divide by the keep probability).",
     choices=("l1", "density"),
+)
+EPSILON = Param(
+    "epsilon", float, 0.15, "DELLA: keep probabilities span density ± epsilon by magnitude rank (density ± epsilon must stay inside (0, 1)).",
+    per_model=True, minimum=0, maximum=1,
 )
 TIES_SCOPE = Param(
     "scope", str, "tensor", "Where the trim keeps its top-density entries: tensor (mergekit, exactly ⌊density·n⌋ per tensor) or model (the paper: one threshold per task over the whole model).",
@@ -111,6 +117,23 @@ def sparsify_outliers(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContext
         return delta  # mergekit keeps the whole tensor at density 1, outliers included
     kept = _masked(delta, breadcrumbs_mask(delta, density, p["gamma"], scope))
     return _rescaled(delta, kept, density, ctx)
+
+
+def sparsify_della(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContext, t: int) -> torch.Tensor:
+    """DELLA's MagPrune: keep each entry with a probability that grows with its magnitude's rank in its row."""
+    density, epsilon = p["density"], p["epsilon"]
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    generator = generator_for(ctx.params["seed"], ctx.model_names[t], ctx.name)
+    keep = della_mask(delta, density, epsilon, generator)
+    kept = _masked(delta, keep)
+    if not ctx.params.get("rescale", False):
+        return kept
+    if ctx.params.get("rescale_rule", "l1") == "density":  # the paper: each survivor divided by its own keep probability
+        return kept.div_(della_keep_probabilities(delta, density, epsilon).to(kept.dtype))
+    return rescale_l1(delta, kept)
 
 
 def no_sparsify(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContext, t: int) -> torch.Tensor:
@@ -280,5 +303,25 @@ register(
         combine=family_combine(sparsify_outliers, consensus=True),
         paper="https://arxiv.org/abs/2312.06795",
         working_copies=lambda k: 3 * k + 4,
+    )
+)
+register(
+    MergeMethod(
+        name="della",
+        summary="DELLA: drop entries with magnitude-ranked probabilities (MagPrune), rescale, then TIES sign election and disjoint mean (Deep et al., 2024).",
+        params=(DENSITY, EPSILON, normalize_param(True), rescale_param(True), RESCALE_RULE, SEED, MERGE_MODE, *COMMON),
+        combine=family_combine(sparsify_della, consensus=True),
+        paper="https://arxiv.org/abs/2406.11617",
+        working_copies=lambda k: 3 * k + 4,
+    )
+)
+register(
+    MergeMethod(
+        name="della_linear",
+        summary="DELLA's MagPrune drop and rescale, then a weighted sum (mergekit's della_linear).",
+        params=(DENSITY, EPSILON, normalize_param(False), rescale_param(True), RESCALE_RULE, SEED, *COMMON),
+        combine=family_combine(sparsify_della, consensus=False),
+        paper="https://arxiv.org/abs/2406.11617",
+        working_copies=lambda k: 6,
     )
 )

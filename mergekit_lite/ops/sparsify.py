@@ -188,3 +188,27 @@ def breadcrumbs(x: Tensor, density: float, gamma: float, scope: str = "row") -> 
     """x with everything outside breadcrumbs_mask zeroed (no rescaling, as the reference)."""
     mask = breadcrumbs_mask(x, density, gamma, scope)
     return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def della_keep_probabilities(x: Tensor, density: float, epsilon: float) -> Tensor:
+    """DELLA's per-entry keep probabilities: within each row (a 1-D tensor is one row), rank |x| from
+    smallest (rank 0) to largest (rank n−1) and map linearly onto [density − ε, density + ε].
+
+    Ties rank by position (stable sort). A row of one entry gets density − ε. Requires
+    0 < density − ε and density + ε < 1 (ValueError otherwise, as mergekit).
+    """
+    if not (density - epsilon > 0 and density + epsilon < 1):
+        raise ValueError(f"epsilon must keep density ± epsilon inside (0, 1); got density {density}, epsilon {epsilon}")
+    rows = x.detach().abs().reshape(1, -1) if x.dim() < 2 else x.detach().abs()
+    n = rows.shape[1]
+    order = torch.argsort(rows, dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(n, device=x.device).expand_as(order))
+    scale = ranks.to(torch.float64) / (n - 1) if n > 1 else torch.zeros(rows.shape, dtype=torch.float64, device=x.device)
+    return ((density - epsilon) + scale * (2 * epsilon)).reshape(x.shape)
+
+
+def della_mask(x: Tensor, density: float, epsilon: float, generator: torch.Generator) -> Tensor:
+    """Bool keep-mask drawn with DELLA's magnitude-ranked probabilities (on the CPU, from ``generator``)."""
+    probs = della_keep_probabilities(x.cpu(), density, epsilon)
+    return torch.bernoulli(probs, generator=generator).bool().to(x.device)

@@ -34,8 +34,6 @@ EXPECTED_FAIL: dict[str, str] = {
     "arcee_fusion--mergekit-example": "method arcee_fusion not implemented",
     "breadcrumbs--ice0.146-17.10-rp": "chat_template refused (not supported yet)",
     "dare_ties--gemma-moon-2-9b-it": "chat_template refused (not supported yet)",
-    "della--absa-german-della-1-08-07-08-02-01": "method della not implemented",
-    "della_linear--nemomix-unleashed-12b": "method della_linear not implemented",
     "karcher--absa-german-karcher-default": "method karcher not implemented",
     "model_stock--1parammyl-8b-modelstock": "method model_stock not implemented",
     "nuslerp--absa-german-nuslerp-50-50": "method nuslerp not implemented",

@@ -1,0 +1,69 @@
+"""DELLA (MagPrune): keep probabilities by magnitude rank, the draw, both rescale rules, and the merge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mergekit_lite
+from mergekit_lite import Recipe
+from mergekit_lite.methods import TensorContext, get_method
+from mergekit_lite.methods.task_arithmetic import sparsify_della
+from mergekit_lite.ops import della_keep_probabilities, generator_for
+
+from helpers import load_state
+from test_plan import tiny_llama
+
+
+def test_keep_probabilities_by_rank_within_each_row():
+    x = torch.tensor([[0.1, -3.0, 2.0], [5.0, 1.0, -1.0]])
+    # row 0 ranks |x| as 0, 2, 1; row 1 as 2, 0, 1 (the tie 1 = |-1| goes to the lower position)
+    want = torch.tensor([[0.3, 0.7, 0.5], [0.7, 0.3, 0.5]], dtype=torch.float64)
+    torch.testing.assert_close(della_keep_probabilities(x, 0.5, 0.2), want)
+    torch.testing.assert_close(della_keep_probabilities(torch.tensor([2.0, -1.0]), 0.5, 0.2), torch.tensor([0.7, 0.3], dtype=torch.float64))
+    assert della_keep_probabilities(torch.tensor([4.0]), 0.5, 0.2).tolist() == [pytest.approx(0.3)]
+    with pytest.raises(ValueError, match="density ± epsilon"):
+        della_keep_probabilities(x, 0.9, 0.15)
+
+
+def _ctx(rule: str, seed: int) -> TensorContext:
+    return TensorContext("w", ["m"], {"seed": seed, "rescale": True, "rescale_rule": rule}, [{"density": 0.4, "epsilon": 0.3}])
+
+
+def test_paper_rescale_is_unbiased_and_mergekit_rescale_keeps_the_l1_norm():
+    torch.manual_seed(0)
+    tau = torch.randn(4, 64)
+    paper = torch.stack([sparsify_della(tau.clone(), {"density": 0.4, "epsilon": 0.3}, _ctx("density", s), 0) for s in range(400)])
+    # E[kept / p] = τ: the mean over 400 draws is within a few standard errors of τ
+    se = (tau.abs() * ((1 / della_keep_probabilities(tau, 0.4, 0.3).float() - 1) / 400) ** 0.5).clamp_min(1e-6)
+    assert float(((paper.mean(0) - tau).abs() / se).max()) < 6
+    l1 = sparsify_della(tau.clone(), {"density": 0.4, "epsilon": 0.3}, _ctx("l1", 1), 0)
+    assert float(l1.abs().sum()) == pytest.approx(float(tau.abs().sum()), rel=1e-5)
+    kept = l1 != 0
+    assert 0.25 < float(kept.float().mean()) < 0.55  # about density of the entries survive
+    # the larger an entry's magnitude rank, the more often it survives
+    big = tau.abs() > tau.abs().median(dim=1, keepdim=True).values
+    assert float((paper != 0)[:, big].float().mean()) > float((paper != 0)[:, ~big].float().mean()) + 0.1
+
+
+def test_della_linear_through_the_api_matches_a_plain_computation(tmp_path):
+    base, ft = tiny_llama(tmp_path / "base", 2, 1), tiny_llama(tmp_path / "ft", 2, 2)
+    recipe = Recipe.from_dict({
+        "merge_method": "della_linear", "base_model": str(base),
+        "models": [{"model": str(ft), "name": "ft", "parameters": {"weight": 0.5, "density": 0.6, "epsilon": 0.2}}],
+        "parameters": {"seed": 3, "rescale_rule": "density"},
+    })
+    out = load_state(mergekit_lite.run(recipe, tmp_path / "out", progress=False))
+    b, f = load_state(base), load_state(ft)
+    for name in b:
+        tau = f[name] - b[name]
+        p = della_keep_probabilities(tau, 0.6, 0.2)
+        keep = torch.bernoulli(p, generator=generator_for(3, "ft", name)).bool()
+        want = b[name] + 0.5 * torch.where(keep, tau / p.float(), 0)
+        torch.testing.assert_close(out[name], want, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_consensus_ta_and_consensus_ties_are_consensus_with_their_aggregate():
+    assert get_method("consensus_ties").param("aggregate").default == "ties"
+    assert get_method("consensus_ta").param("aggregate").default == "task_arithmetic"
+    assert get_method("consensus_ties").combine is get_method("consensus").combine
