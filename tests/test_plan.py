@@ -254,7 +254,10 @@ def test_empty_parameters_mean_none(deep):
     assert recipe.parameters == {} and recipe.models[0].parameters == {}
 
 
-def test_a_mergekit_method_we_lack_is_never_offered_a_look_alike():
+def test_a_mergekit_method_we_lack_is_never_offered_a_look_alike(monkeypatch):
+    from mergekit_lite.methods import METHODS
+
+    monkeypatch.delitem(METHODS, "della_linear")  # as before the catalogue was complete
     with pytest.raises(RecipeError) as info:
         Recipe.from_dict({"merge_method": "della_linear", "base_model": "b", "models": [{"model": "m"}]})
     message = str(info.value)

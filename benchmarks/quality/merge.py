@@ -37,7 +37,7 @@ class MethodSpec:
 METHODS: tuple[MethodSpec, ...] = (
     MethodSpec("Task arithmetic", "task_arithmetic", "task_arithmetic"),
     MethodSpec("TIES", "ties", "ties", {"density": 0.2, "scope": "model", "merge": "mean"}),
-    MethodSpec("DARE-TIES", "dare_ties", "dare_ties", {"density": 0.5, "rescale": True, "seed": 0, "merge": "mean"}),
+    MethodSpec("DARE-TIES", "dare_ties", "dare_ties", {"density": 0.5, "rescale": True, "rescale_rule": "density", "seed": 0, "merge": "mean"}),
     MethodSpec("Breadcrumbs", "breadcrumbs", "breadcrumbs", {"density": 0.15, "gamma": 0.006, "scope": "row"}),
     MethodSpec("Consensus-TA", "consensus_ta", "consensus", {"aggregate": "task_arithmetic", "consensus_k": 2}, tall_from="task_arithmetic"),
     MethodSpec("Consensus-TIES", "consensus_ties", "consensus", {"aggregate": "ties", "consensus_k": 2}, tall_from="ties"),

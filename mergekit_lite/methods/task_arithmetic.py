@@ -39,8 +39,8 @@ DENSITY = Param("density", float, 1.0, "Fraction of each task vector kept (merge
 GAMMA = Param("gamma", float, 0.01, "Fraction of the largest magnitudes (outliers) removed before the density is kept.", per_model=True, minimum=0, maximum=1)
 SEED = Param("seed", int, 0, "Seed; each (seed, model, tensor) has its own generator, so results do not depend on order or device.", per_tensor=False)
 MERGE_MODE = Param(
-    "merge", str, "mean", "Disjoint merge of the entries that agree with the elected sign: mean (normalize: true), sum, or max (the paper's variant).",
-    choices=("mean", "sum", "max"),
+    "merge", str, "auto", "Disjoint merge of the entries that agree with the elected sign: auto (mean when normalize is true, else sum: mergekit), mean, sum, or max (the paper's variant).",
+    choices=("auto", "mean", "sum", "max"),
 )
 RESCALE_RULE = Param(
     "rescale_rule", str, "l1", "How survivors are rescaled when rescale is true: l1 (mergekit: match the task vector's L1 norm) or density (the papers: divide by the keep probability).",
@@ -171,9 +171,11 @@ def stack_deltas(deltas: Iterable[torch.Tensor], count: int) -> torch.Tensor:
 
 
 def merge_mode(ctx: TensorContext) -> str:
-    """mean | sum | max; mergekit's ``normalize: false`` turns the mean into a sum."""
-    mode = ctx.params.get("merge", "mean")
-    return mode if mode == "max" or ctx.params.get("normalize", True) else "sum"
+    """mean | sum | max: an explicit ``merge``, else mergekit's ``normalize`` (true: mean, false: sum)."""
+    mode = ctx.params.get("merge", "auto")
+    if mode != "auto":
+        return mode
+    return "mean" if ctx.params.get("normalize", True) else "sum"
 
 
 def combine_sign_consensus(sparsified: Iterable[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
