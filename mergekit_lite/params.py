@@ -91,14 +91,30 @@ def evaluate_setting(value: Any, tensor_name: str, t: float) -> Any:
     return (1 - frac) * value[i0] + frac * value[i1]
 
 
+def _coerced(param: Param, value: Any) -> Any:
+    """``value`` with every scalar passed through ``param.coerce`` (inside gradients and filter entries too)."""
+    if is_search(value):
+        return {"search": [param.coerce(v) for v in value["search"]]}
+    if isinstance(value, list):
+        return [{**v, "value": _coerced(param, v["value"])} if isinstance(v, dict) else param.coerce(v) for v in value]
+    return param.coerce(value)
+
+
 def resolve_param(param: Param, levels: Iterable[Settings], tensor_name: str, t: float) -> Any:
-    """The first level's value that resolves for this tensor, else the parameter's default."""
+    """The first level's value that resolves for this tensor, else the parameter's default.
+
+    A whole-number parameter whose gradient lands between whole numbers is refused (as mergekit does).
+    """
     for settings in levels:
         if settings is not None and param.name in settings:
-            value = evaluate_setting(settings[param.name], tensor_name, t)
-            if value is not None:
-                numeric = param.kind in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool)
-                return param.kind(value) if numeric else value
+            value = evaluate_setting(_coerced(param, settings[param.name]), tensor_name, t)
+            if value is None:
+                continue
+            if param.kind in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+                if param.kind is int and not float(value).is_integer():
+                    raise RecipeError(f"{param.name}: the gradient gives {value:g} for {tensor_name}; {param.name} takes whole numbers")
+                return param.kind(value)
+            return value
     return param.default
 
 

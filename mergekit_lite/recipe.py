@@ -33,8 +33,9 @@ UNSUPPORTED_KEYS = {
 MERGEKIT_PARAMETER_NAMES = frozenset(
     {
         "weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "int8_mask", "t", "scale", "filter_wise",
-        "select_topk", "nuslerp_flatten", "nuslerp_row_wise", "max_iter", "tol", "embed_slerp", "consensus_method",
-        "sparsification_method",
+        "select_topk", "nuslerp_flatten", "nuslerp_row_wise", "max_iter", "tol", "normalize_weights", "eps", "r", "alpha",
+        # names of older mergekit releases that published configs still carry
+        "embed_slerp", "consensus_method", "sparsification_method",
     }
 )
 
@@ -300,7 +301,7 @@ class Recipe(_Strict):
         for where, params, per_model in self._parameter_levels():
             for key, value in params.items():
                 param = method.param(key)
-                if param is None and key in MERGEKIT_PARAMETER_NAMES and not suggest(str(key), names):
+                if param is None and key in MERGEKIT_PARAMETER_NAMES:
                     continue  # reported by notes(): mergekit's name, not this method's — ignored, as mergekit does
                 elif param is None:
                     problems.append(f"{where}.{key}: {method.name} has no parameter {key!r}{suggest(str(key), names)}")
@@ -313,11 +314,10 @@ class Recipe(_Strict):
     def notes(self) -> list[str]:
         """Non-fatal findings: mergekit parameter names this method does not use (mergekit ignores them too)."""
         method = get_method(self.merge_method)
-        names = [p.name for p in method.params]
         found = []
         for where, params, _ in self._parameter_levels():
             for key in params:
-                if method.param(key) is None and key in MERGEKIT_PARAMETER_NAMES and not suggest(str(key), names):
+                if method.param(key) is None and key in MERGEKIT_PARAMETER_NAMES:
                     found.append(f"{where}.{key}: {method.name} does not use {key!r}; it has no effect (mergekit ignores it too)")
         return found
 

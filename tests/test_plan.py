@@ -263,3 +263,16 @@ def test_a_mergekit_method_we_lack_is_never_offered_a_look_alike(monkeypatch):
     message = str(info.value)
     assert "'della_linear' — a mergekit method that mergekit-lite does not have yet; 'dare_linear' is a different algorithm" in message
     assert "did you mean" not in message
+
+
+def test_yaml_scientific_notation_text_is_a_number_and_int_gradients_must_land_on_whole_numbers(deep, tmp_path):
+    recipe = Recipe.from_text(f"merge_method: linear\nmodels:\n  - model: {deep['a']}\n    parameters: {{weight: 1e-1}}\n  - model: {deep['b']}\n")
+    the_plan = plan(recipe)
+    try:
+        assert the_plan.jobs[0].model_params[0]["weight"] == pytest.approx(0.1)  # YAML 1.1 reads 1e-1 as text
+    finally:
+        the_plan.close()
+    bad = Recipe.from_dict({"merge_method": "consensus", "base_model": str(deep["a"]), "models": [{"model": str(deep["b"])}, {"model": str(deep["c"])}],
+                            "parameters": {"consensus_k": [1, 2]}})
+    with pytest.raises(RecipeError, match="consensus_k: the gradient gives 1.25 for model.layers.1.* takes whole numbers"):
+        plan(bad)

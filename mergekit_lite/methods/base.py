@@ -35,8 +35,20 @@ class Param:
     #: may vary per tensor (a gradient or filter list); False for values needed model-wide
     per_tensor: bool = True
 
+    def coerce(self, value: Any) -> Any:
+        """A numeric parameter's text that reads as a number becomes that number: YAML 1.1 reads ``1e-5``
+        (no dot) as text, and mergekit accepts it as a number, so we do too."""
+        if self.kind in (int, float) and isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                return value
+            return int(number) if self.kind is int and number.is_integer() else number
+        return value
+
     def check(self, value: Any, where: str) -> Any:
         """Validate and normalise one scalar value; raise RecipeError naming ``where`` otherwise."""
+        value = self.coerce(value)
         if self.kind is bool:
             if not isinstance(value, bool):
                 raise RecipeError(f"{where}: expected true or false, got {value!r}")

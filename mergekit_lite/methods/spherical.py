@@ -1,3 +1,137 @@
-"""Spherical methods beyond slerp: nuslerp, multislerp, karcher (mergekit 0.1.5's names and semantics)."""
+"""Spherical methods beyond slerp: nuslerp, multislerp, karcher (mergekit 0.1.5's names and semantics).
+
+All three are weight-space methods: ``compute`` sees every input's tensor, the base among them
+(at ``ctx.base_index``) when the recipe has one. nuslerp and multislerp then work on task vectors
+θ_i − θ_0 and add θ_0 back; karcher treats a base like any other input, as mergekit does.
+The math is in ``ops/spherical.py``.
+"""
 
 from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from ..errors import RecipeError
+from ..ops.spherical import karcher_mean, nuslerp, nuslerp_t, spherical_weighted_mean
+from .base import MergeMethod, Param, TensorContext, register
+
+WEIGHT = Param("weight", float, 1.0, "Per-model weight (the base's is not used); mergekit requires it, we default it to 1.", per_model=True)
+NUSLERP_FLATTEN = Param("nuslerp_flatten", bool, True, "Interpolate each tensor as one vector; false: vector by vector (see nuslerp_row_wise).")
+NUSLERP_ROW_WISE = Param(
+    "nuslerp_row_wise", bool, False,
+    "With nuslerp_flatten false: the vectors run along the first dimension (columns of a [out, in] matrix) "
+    "instead of the last (rows).",
+)
+NORMALIZE_WEIGHTS = Param("normalize_weights", bool, True, "Divide the weights by their sum; false: the output norm is Σ w_i‖x_i‖ rather than a weighted mean of the norms.")
+EPS = Param("eps", float, 1e-8, "Added to each norm before dividing; a weighted mean direction shorter than this has no direction.", minimum=0)
+MAX_ITER = Param("max_iter", int, 10, "Most iterations of the Karcher mean (0: the normalised mean of the directions).", minimum=0)
+TOL = Param("tol", float, 1e-5, "Stop when the tangent step is shorter than this (radians); norms up to it count as zero.", minimum=0)
+
+
+def _split(tensors: list[torch.Tensor], ctx: TensorContext) -> tuple[torch.Tensor | None, list[torch.Tensor], list[float]]:
+    """(base or None, the other inputs in model order, their weights)."""
+    base = tensors[ctx.base_index] if ctx.base_index is not None else None
+    keep = [i for i in range(len(tensors)) if i != ctx.base_index]
+    others = [tensors[i] for i in keep]
+    weights = [float(ctx.model_params[i]["weight"]) for i in keep]
+    return base, others, weights
+
+
+def _nuslerp(models: Iterator[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+    base, others, weights = _split(list(models), ctx)
+    if len(others) != 2:
+        raise RecipeError(f"tensor {ctx.name}: nuslerp takes exactly 2 models besides the base, got {len(others)}")
+    t = nuslerp_t(weights)
+    flatten, row_wise = ctx.params["nuslerp_flatten"], ctx.params["nuslerp_row_wise"]
+    if base is None:
+        return nuslerp(t, others[0], others[1], flatten=flatten, along_first=row_wise)
+    merged = nuslerp(t, others[0].sub_(base), others[1].sub_(base), flatten=flatten, along_first=row_wise)
+    return merged.add_(base)
+
+
+def _multislerp(models: Iterator[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+    count = len(ctx.model_params)
+    base_index = ctx.base_index
+    others = count - (1 if base_index is not None else 0)
+    if others < 1:
+        raise RecipeError(f"tensor {ctx.name}: multislerp needs at least 1 model besides the base")
+    weights = [float(p["weight"]) for i, p in enumerate(ctx.model_params) if i != base_index]
+    if base_index is None:
+        if others == 1:
+            return next(iter(models))
+        return spherical_weighted_mean(models, weights, normalize_weights=ctx.params["normalize_weights"], eps=ctx.params["eps"])
+    # The base is needed before any task vector can be formed: inputs read before it wait for it.
+    waiting: list[torch.Tensor] = []
+    base: torch.Tensor | None = None
+    iterator = iter(models)
+    for i in range(count):
+        tensor = next(iterator)
+        if i == base_index:
+            base = tensor
+            break
+        waiting.append(tensor)
+    assert base is not None
+    if others == 1:  # one model: its tensor as it is (mergekit returns it without interpolating)
+        return waiting[0] if waiting else next(iterator)
+
+    def deltas(base: torch.Tensor = base) -> Iterator[torch.Tensor]:
+        while waiting:  # released one by one as they are consumed
+            yield waiting.pop(0).sub_(base)
+        for tensor in iterator:
+            yield tensor.sub_(base)
+
+    merged = spherical_weighted_mean(deltas(), weights, normalize_weights=ctx.params["normalize_weights"], eps=ctx.params["eps"])
+    return merged.add_(base)
+
+
+def _karcher(models: Iterator[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+    tensors = list(models)
+    alphas = [1.0 / len(tensors)] * len(tensors)
+    return karcher_mean(tensors, alphas, max_iter=ctx.params["max_iter"], tol=ctx.params["tol"])
+
+
+register(
+    MergeMethod(
+        name="nuslerp",
+        summary="Spherical interpolation of two models (or of their task vectors, given a base), t = w_2/(w_1 + w_2); whole tensors or row/column-wise.",
+        params=(WEIGHT, NUSLERP_FLATTEN, NUSLERP_ROW_WISE),
+        inputs="weights",
+        compute=_nuslerp,
+        base="optional",
+        min_models=2,
+        max_models=3,
+        paper="https://en.wikipedia.org/wiki/Slerp",
+        # the two inputs (+ the base), one product for the cosines
+        working_copies=lambda k: k + 1,
+    )
+)
+register(
+    MergeMethod(
+        name="multislerp",
+        summary="Weighted spherical mean of N models (or of their task vectors, given a base): mean direction × weighted mean norm.",
+        params=(WEIGHT, NORMALIZE_WEIGHTS, EPS),
+        inputs="weights",
+        compute=_multislerp,
+        base="optional",
+        min_models=1,
+        paper="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+        # streamed: the running sum, the tensor read and one temporary (+ the base); two models are kept
+        # for the linear fallback; inputs listed before the base wait for it (a base read last: all k)
+        working_copies=lambda k: k + 2,
+    )
+)
+register(
+    MergeMethod(
+        name="karcher",
+        summary="Karcher (Riemannian) mean of the models' directions on the unit sphere, times their mean norm; equal weights, a base is one more input.",
+        params=(MAX_ITER, TOL),
+        inputs="weights",
+        compute=_karcher,
+        base="optional",
+        min_models=1,
+        paper="https://arxiv.org/abs/2603.04972",
+        # k unit vectors, the mean, the tangent and one temporary
+        working_copies=lambda k: k + 3,
+    )
+)
