@@ -247,6 +247,7 @@ class Recipe(_Strict):
             if self.base_model is None and (self.models is not None or slices_without):
                 problems.append(f"base_model: {method.name} needs a base model (it {'merges task vectors θ_t − θ_0' if method.inputs == 'task_vectors' else 'interpolates from the base'}); add 'base_model:'")
         problems += self._parameter_problems(method)
+        problems += self._missing_required(method)
         if self.models is not None:
             problems += self._count_problems(method, [m.model for m in self.models], "models")
         for i, sl in enumerate(self.slices or []):
@@ -254,8 +255,10 @@ class Recipe(_Strict):
             if len(lengths) > 1:
                 problems.append(f"slices[{i}].sources: every source of a slice needs the same number of layers, got {sorted(lengths)}")
             problems += self._count_problems(method, [s.model for s in sl.sources], f"slices[{i}].sources", sl.base_model or self.base_model)
-        if self.slices is not None and (method.statistics is not None or method.output == "collection"):
-            problems.append(f"slices: {method.name} works on whole models; use 'models:'")
+        if self.slices is not None and not problems:
+            whole_model = method.output == "collection" or method.passes(resolve(method, [self.parameters], [], "", [], 0.0)[0], None) > 1
+            if whole_model:  # model-wide statistics (TIES at scope: model, ...) are taken over whole models
+                problems.append(f"slices: {method.name} with these parameters works on whole models (model-wide statistics); use 'models:'")
         if self.evaluator is None:
             for where, key in self._searches():
                 problems.append(f"{where}.{key}: {{search: [...]}} is a search grid and needs 'evaluator: module:function'")
@@ -320,6 +323,20 @@ class Recipe(_Strict):
                 if method.param(key) is None and key in MERGEKIT_PARAMETER_NAMES:
                     found.append(f"{where}.{key}: {method.name} does not use {key!r}; it has no effect (mergekit ignores it too)")
         return found
+
+    def _missing_required(self, method: Any) -> list[str]:
+        """Required parameters (no default) that some merged tensor would not get."""
+        problems = []
+        for param in (p for p in method.params if p.required):
+            everywhere = param.name in self.parameters
+            if not everywhere and param.per_model and self.models is not None:
+                everywhere = all(param.name in m.parameters for m in self.models)
+            if not everywhere and self.slices is not None:
+                everywhere = all(param.name in sl.parameters or (param.per_model and all(param.name in s.parameters for s in sl.sources))
+                                 for sl in self.slices)
+            if not everywhere:
+                problems.append(f"parameters.{param.name}: {method.name} needs {param.name!r} ({param.doc})")
+        return problems
 
     def _searches(self) -> list[tuple[str, str]]:
         return [(where, key) for where, params, _ in self._parameter_levels() for key, value in params.items() if is_search(value)]

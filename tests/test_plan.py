@@ -276,3 +276,10 @@ def test_yaml_scientific_notation_text_is_a_number_and_int_gradients_must_land_o
                             "parameters": {"consensus_k": [1, 2]}})
     with pytest.raises(RecipeError, match="consensus_k: the gradient gives 1.25 for model.layers.1.* takes whole numbers"):
         plan(bad)
+
+
+def test_ties_with_slices_runs_per_tensor_but_not_at_model_scope(deep, tmp_path):
+    slices = [{"sources": [{"model": str(deep["a"]), "layer_range": [0, 5]}, {"model": str(deep["b"]), "layer_range": [0, 5]}]}]
+    Recipe.from_dict({"merge_method": "ties", "base_model": str(deep["a"]), "slices": slices, "parameters": {"density": 0.5}})
+    with pytest.raises(RecipeError, match="slices: ties with these parameters works on whole models"):
+        Recipe.from_dict({"merge_method": "ties", "base_model": str(deep["a"]), "slices": slices, "parameters": {"density": 0.5, "scope": "model"}})

@@ -34,6 +34,8 @@ class Param:
     default_grid: tuple[float, ...] | None = None
     #: may vary per tensor (a gradient or filter list); False for values needed model-wide
     per_tensor: bool = True
+    #: no default: the recipe must give it (mergekit refuses a merge without it too)
+    required: bool = False
 
     def coerce(self, value: Any) -> Any:
         """A numeric parameter's text that reads as a number becomes that number: YAML 1.1 reads ``1e-5``

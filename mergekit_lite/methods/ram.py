@@ -1,3 +1,85 @@
-"""RAM and RAM+ (ram, ramplus_tl): mergekit 0.1.5's reinforced-agent merging methods."""
+"""RAM and RAM+ (ram, ramplus_tl): mergekit 0.1.5's reinforced-agent merging methods.
+
+Both stream the task vectors of a tensor (``ops/ram.py``): memory does not grow with the number
+of models. ``ramplus_tl`` counts shared/unique entries per tensor, as mergekit does; ``scope:
+model`` counts them over the whole model in one extra pass, as the authors' code does.
+"""
 
 from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+from ..ops.ram import ram_accumulate, ram_finish, ramplus_finish, ramplus_scales, unique_counts
+from .base import MergeMethod, Param, TensorContext, register
+
+PAPER = "https://arxiv.org/abs/2601.13572"
+
+EPSILON = Param("epsilon", float, 1e-5, "An entry of τ_t counts as changed when |τ_t| > epsilon (mergekit's default 1e-5, as the authors' code).")
+R = Param("r", float, 0.1, "RAM+ boost: each model's unique entries are multiplied by 1 + r · clamp(ρ, 0, alpha) (mergekit: 0.1; the authors' README: 0.2).")
+ALPHA = Param("alpha", float, 0.2, "Cap on ρ = shared/unique entries of a model in the RAM+ boost (mergekit: 0.2; the authors' code: 1).")
+SCOPE = Param(
+    "scope", str, "tensor",
+    "Where ρ (a model's shared/unique entries) is counted: tensor (mergekit's ramplus_tl) or model (the authors' code: once over the whole model, one extra pass).",
+    choices=("tensor", "model"), per_tensor=False,
+)
+
+
+def ram_combine(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+    return ram_finish(ram_accumulate(deltas, ctx.params["epsilon"]))
+
+
+def ramplus_combine(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+    p = ctx.params
+    state = ram_accumulate(deltas, p["epsilon"], track_owner=True)
+    unique = unique_counts(state)
+    if p.get("scope") == "model":
+        stats = ctx.model_statistics
+        shared, unique = stats["ram_shared"], stats["ram_unique"]
+    else:
+        shared = [a - u for a, u in zip(state.active, unique)]
+    return ramplus_finish(state, ramplus_scales(shared, unique, p["r"], p["alpha"], p["epsilon"]))
+
+
+def ramplus_statistics(source: Any, params: dict[str, Any], model_params: list[dict[str, Any]]) -> dict[str, Any]:
+    """scope: model — each model's shared and unique entries over every merged tensor (one pass)."""
+    if params.get("scope") != "model":
+        return {}
+    epsilon = {job.name: job.params["epsilon"] for job in source.jobs}
+    shared = [0] * len(model_params)
+    unique = [0] * len(model_params)
+    for name, deltas in source.tensors("RAM+ shared/unique counts"):
+        state = ram_accumulate((d for _, d in deltas), epsilon[name], track_owner=True)
+        for t, (a, u) in enumerate(zip(state.active, unique_counts(state))):
+            shared[t] += a - u
+            unique[t] += u
+    return {"ram_shared": shared, "ram_unique": unique}
+
+
+register(
+    MergeMethod(
+        name="ram",
+        summary="RAM: keep the entries only one model changed, average the ones several changed (Yuan et al., 2026).",
+        params=(EPSILON,),
+        combine=ram_combine,
+        paper=PAPER,
+        # base, the running sum, the task vector being read, the int16 count, bool masks and a
+        # conversion temporary: 4.75 measured
+        working_copies=lambda k: 5,
+    )
+)
+register(
+    MergeMethod(
+        name="ramplus_tl",
+        summary="RAM+: RAM with each model's unique entries boosted by its shared/unique ratio, counted per tensor (mergekit) or per model.",
+        params=(R, ALPHA, EPSILON, SCOPE),
+        combine=ramplus_combine,
+        paper=PAPER,
+        # RAM's copies plus the int16 owner map (5.25 measured); at the end a float scale map
+        # replaces the task vector
+        working_copies=lambda k: 6,
+        statistics=ramplus_statistics,
+        passes=lambda params, dtype: 2 if params.get("scope") == "model" else 1,
+    )
+)

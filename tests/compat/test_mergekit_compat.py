@@ -31,12 +31,10 @@ import harness  # noqa: E402
 #: Before the plan of output tensors (commit 274a779) 31 of 34 configs failed (slices, gradients/filters,
 #: per-model density, DARE defaults); what is left needs the method catalogue and tokenizer issues.
 EXPECTED_FAIL: dict[str, str] = {
-    "arcee_fusion--mergekit-example": "method arcee_fusion not implemented",
     "breadcrumbs--ice0.146-17.10-rp": "chat_template refused (not supported yet)",
     "dare_ties--gemma-moon-2-9b-it": "chat_template refused (not supported yet)",
     "multislerp--kansensakura-symbiosis-12b": "`tokenizer:` and chat_template refused (tokenizer issue)",
-    "model_stock--1parammyl-8b-modelstock": "method model_stock not implemented",
-    "sce--l3.3-geneticlemonade-final-70b": "method sce not implemented; `tokenizer:` (union) refused",
+    "sce--l3.3-geneticlemonade-final-70b": "`tokenizer:` (union) refused (tokenizer issue)",
 }
 
 

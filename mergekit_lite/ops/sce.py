@@ -1,0 +1,104 @@
+"""SCE (Select, Calculate, Erase; FuseChat, Wan et al., 2024) on one tensor's stacked task vectors.
+
+Pure functions on tensors; arithmetic in the input dtype. ``sce_merge`` works in place on the
+stack it is given (the caller's [T, ...] buffer) so a tensor costs T copies plus a few.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .checks import _check_stacked
+from .sparsify import topk_count_mask
+
+#: mergekit 0.1.5's rule: below this summed energy, SCE weights fall back to uniform.
+SCE_ENERGY_FLOOR = 1e-6
+#: mergekit 0.1.5's guard on the per-entry divisor of the erase step.
+SCE_DIVISOR_FLOOR = 1e-6
+
+
+def variance_select_count(nonzero: int, fraction: float) -> int:
+    """How many entries the select step keeps: ⌊nonzero · fraction⌋, the product taken in float32.
+
+    mergekit multiplies a 0-d int64 count by the Python float, which torch does in float32; the
+    float32 product can round up to the next integer where the exact product sits just below it
+    (0.29 · 100 → 29, not 28), so this repeats that product to keep the same count.
+    """
+    return int(torch.tensor(nonzero, dtype=torch.int64) * float(fraction))
+
+
+def variance_select_mask(deltas: Tensor, fraction: float) -> Tensor:
+    """SCE's select step: bool mask (shape of one task vector) of the entries of largest variance across tasks.
+
+    The variance is the population variance over the T task vectors; k = ⌊fraction · #(variance ≠ 0)⌋
+    entries are kept (exactly k; ties at the threshold go to the lower flat index). fraction ≥ 1
+    keeps everything, fraction ≤ 0 nothing. With one task every variance is 0, so nothing is kept.
+    """
+    _check_stacked("deltas", deltas)
+    shape = deltas.shape[1:]
+    if fraction >= 1:
+        return torch.ones(shape, dtype=torch.bool, device=deltas.device)
+    if fraction <= 0:
+        return torch.zeros(shape, dtype=torch.bool, device=deltas.device)
+    var = torch.var(deltas, dim=0, unbiased=False)
+    k = variance_select_count(int(torch.count_nonzero(var)), fraction)
+    return topk_count_mask(var, k)
+
+
+def mean_square(x: Tensor, chunk: int = 1 << 20) -> float:
+    """mean(x²) accumulated in float64 over chunks (a float32 dot of 50M entries is off by ~1e-3)."""
+    flat = x.reshape(-1)
+    n = flat.numel()
+    total = 0.0
+    for start in range(0, n, chunk):
+        part = flat[start : start + chunk].double()
+        total += float(torch.dot(part, part))
+    return total / n if n else 0.0
+
+
+def sce_weights(deltas: Tensor, energy_floor: float = SCE_ENERGY_FLOOR) -> Tensor:
+    """SCE's calculate step: η_t = mean(τ_t²) / Σ_s mean(τ_s²), a [T] tensor in the deltas' dtype.
+
+    When Σ_s mean(τ_s²) < ``energy_floor`` (mergekit: 1e-6) or is 0, the weights are uniform 1/T.
+    """
+    _check_stacked("deltas", deltas)
+    t = deltas.shape[0]
+    energy = [mean_square(deltas[i]) for i in range(t)]
+    total = sum(energy)
+    if total == 0 or abs(total) < energy_floor:
+        return torch.full((t,), 1.0 / t, dtype=deltas.dtype, device=deltas.device)
+    return torch.tensor([e / total for e in energy], dtype=deltas.dtype, device=deltas.device)
+
+
+def sce_merge(deltas: Tensor, select_topk: float = 1.0, energy_floor: float = SCE_ENERGY_FLOOR, mode: str = "mean") -> Tensor:
+    """SCE on one tensor: select by variance, weight by energy, erase minority signs; the merged task vector.
+
+    1. select: if select_topk < 1, every τ_t keeps only the entries of ``variance_select_mask``;
+    2. calculate: η = ``sce_weights`` of the selected task vectors;
+    3. erase: γ = sign(Σ_t τ_t) per entry (a zero sum counts as +); entry (t, i) takes part iff τ_t,i
+       is non-zero with the sign γ_i;
+    4. mode "mean" (mergekit): merged_i = Σ_t η_t τ_t,i [takes part] / max(Σ_t η_t [takes part], 1e-6);
+       mode "sum" (the paper): merged_i = Σ_t η_t τ_t,i [takes part].
+
+    ``deltas`` [T, ...] is overwritten (the selected, erased task vectors); returns a new tensor.
+    """
+    _check_stacked("deltas", deltas)
+    if mode not in ("mean", "sum"):
+        raise ValueError(f"mode must be mean or sum, got {mode!r}")
+    if select_topk < 1:
+        keep = variance_select_mask(deltas, select_topk)
+        deltas.mul_(keep)
+        del keep
+    weights = [float(w) for w in sce_weights(deltas, energy_floor)]
+    positive = deltas.sum(dim=0) >= 0
+    merged = torch.zeros_like(deltas[0])
+    divisor = torch.zeros_like(deltas[0]) if mode == "mean" else None
+    for t, w in enumerate(weights):
+        x = deltas[t]
+        agree = torch.where(positive, x > 0, x < 0)
+        merged.add_(x.mul_(agree), alpha=w)
+        if divisor is not None:
+            divisor.add_(agree.to(divisor.dtype), alpha=w)
+        del agree
+    return merged if divisor is None else merged.div_(divisor.clamp_(min=SCE_DIVISOR_FLOOR))
