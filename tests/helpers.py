@@ -47,3 +47,18 @@ def leftovers(parent: Path) -> list[str]:
 def copy_checkpoint(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+def tiny_llama(folder: Path, layers: int, seed: int) -> Path:
+    """A tiny random Llama checkpoint (float32 safetensors + config) with ``layers`` blocks."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=layers, num_attention_heads=2,
+                         num_key_value_heads=1, max_position_embeddings=16, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -11,8 +11,7 @@ from mergekit_lite.methods import TensorContext, get_method
 from mergekit_lite.methods.task_arithmetic import sparsify_della
 from mergekit_lite.ops import della_keep_probabilities, generator_for
 
-from helpers import load_state
-from test_plan import tiny_llama
+from helpers import load_state, tiny_llama
 
 
 def test_keep_probabilities_by_rank_within_each_row():

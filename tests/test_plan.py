@@ -17,22 +17,7 @@ from mergekit_lite.api import plan
 from mergekit_lite.cli import main
 from mergekit_lite.params import evaluate_setting
 
-from helpers import copy_checkpoint, load_state, write_recipe
-
-
-def tiny_llama(folder: Path, layers: int, seed: int) -> Path:
-    """A tiny random Llama checkpoint (float32 safetensors + config) with ``layers`` blocks."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=layers, num_attention_heads=2,
-                         num_key_value_heads=1, max_position_embeddings=16, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.5)
-    model.save_pretrained(folder, safe_serialization=True)
-    return folder
+from helpers import copy_checkpoint, load_state, tiny_llama, write_recipe
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,7 @@ from mergekit_lite.methods import get_method
 from mergekit_lite.ops.ram import ram, ramplus
 from mergekit_lite.ops.sce import sce_merge, sce_weights, variance_select_count, variance_select_mask
 
-from helpers import load_state
-from test_plan import tiny_llama
+from helpers import load_state, tiny_llama
 
 EPS = 1e-5
 
