@@ -32,16 +32,35 @@ class MethodSpec:
     parameters: Mapping[str, Any] = field(default_factory=dict)
     #: consensus: per-task tall_lambda taken from the TALL search of this aggregate
     tall_from: str | None = None
+    #: whether λ is searched on validation; methods without a λ (linear, model_stock, ...) run once
+    searched: bool = True
+    #: whether the recipe names the pretrained backbone as base_model (a linear soup of the fine-tunes does not)
+    with_base: bool = True
 
 
 METHODS: tuple[MethodSpec, ...] = (
     MethodSpec("Task arithmetic", "task_arithmetic", "task_arithmetic"),
     MethodSpec("TIES", "ties", "ties", {"density": 0.2, "scope": "model", "merge": "mean"}),
+    MethodSpec("TIES (mergekit: per tensor)", "ties_tensor", "ties", {"density": 0.2}),
     MethodSpec("DARE-TIES", "dare_ties", "dare_ties", {"density": 0.5, "rescale": True, "rescale_rule": "density", "seed": 0, "merge": "mean"}),
+    MethodSpec("DARE-linear", "dare_linear", "dare_linear", {"density": 0.5, "rescale_rule": "density", "seed": 0}),
     MethodSpec("Breadcrumbs", "breadcrumbs", "breadcrumbs", {"density": 0.15, "gamma": 0.006, "scope": "row"}),
+    MethodSpec("Breadcrumbs-TIES", "breadcrumbs_ties", "breadcrumbs_ties", {"density": 0.15, "gamma": 0.006, "scope": "row", "merge": "mean"}),
+    MethodSpec("DELLA", "della", "della", {"density": 0.5, "epsilon": 0.1, "rescale_rule": "density", "seed": 0}),
+    MethodSpec("DELLA-linear", "della_linear", "della_linear", {"density": 0.5, "epsilon": 0.1, "rescale_rule": "density", "seed": 0}),
+    MethodSpec("SCE", "sce", "sce", {"select_topk": 0.2}, searched=False),
+    MethodSpec("RAM", "ram", "ram", searched=False),
+    MethodSpec("RAM+ (authors' settings)", "ramplus_tl", "ramplus_tl", {"scope": "model", "r": 0.2, "alpha": 1.0}, searched=False),
     MethodSpec("Consensus-TA", "consensus_ta", "consensus", {"aggregate": "task_arithmetic", "consensus_k": 2}, tall_from="task_arithmetic"),
     MethodSpec("Consensus-TIES", "consensus_ties", "consensus", {"aggregate": "ties", "consensus_k": 2}, tall_from="ties"),
+    MethodSpec("Linear (soup of the fine-tunes)", "linear", "linear", searched=False, with_base=False),
+    MethodSpec("Model Stock", "model_stock", "model_stock", searched=False),
+    MethodSpec("Multi-SLERP", "multislerp", "multislerp", searched=False, with_base=False),
+    MethodSpec("Karcher mean", "karcher", "karcher", searched=False, with_base=False),
 )
+
+#: mergekit methods that take exactly two models, so they have no place in an 8-task merge
+TWO_MODEL_METHODS = ("slerp", "nuslerp", "nearswap", "arcee_fusion")
 
 #: recipes whose output θ_0 + τ_MTL gives the multi-task vector of the TALL masks (λ = 1)
 AGGREGATES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -58,7 +77,7 @@ def _portable(path: Path) -> str:
 
 def recipe(
     merge_method: str,
-    base: Path,
+    base: Path | None,
     models: Mapping[str, Path],
     parameters: Mapping[str, Any],
     per_model: Mapping[str, Mapping[str, Any]] | None = None,
@@ -73,7 +92,7 @@ def recipe(
         entries.append(entry)
     out: dict[str, Any] = {
         "merge_method": merge_method,
-        "base_model": _portable(base),
+        **({"base_model": _portable(base)} if base is not None else {}),
         "models": entries,
         "parameters": dict(parameters),
         "dtype": "float32",

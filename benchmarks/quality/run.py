@@ -70,13 +70,15 @@ class Merger:
     def __init__(self, suite: Suite, runs: Path, finetuned_val: dict[str, float], per_model: dict[str, dict[str, dict]]):
         self.suite, self.runs, self.finetuned_val, self.per_model = suite, runs, finetuned_val, per_model
 
-    def recipe_path(self, spec: MethodSpec, lam: float) -> Path:
+    def recipe_path(self, spec: MethodSpec, lam: float | None) -> Path:
         models = {t: self.suite.model_dir(t) for t in self.suite.tasks}
-        data = merge.recipe(spec.merge_method, self.suite.base_dir, models, {**spec.parameters, "lambda": lam}, self.per_model.get(spec.key))
-        return merge.write_recipe(self.runs / "recipes" / f"{spec.key}-{lam:g}.yml", data, f"{spec.label}, lambda = {lam:g} (written by benchmarks/quality/run.py)")
+        params = {**spec.parameters, **({"lambda": lam} if lam is not None else {})}
+        base = self.suite.base_dir if spec.with_base else None
+        data = merge.recipe(spec.merge_method, base, models, params, self.per_model.get(spec.key))
+        return merge.write_recipe(self.runs / "recipes" / f"{spec.key}-{_tag(lam)}.yml", data, f"{spec.label}, lambda = {_tag(lam)} (written by benchmarks/quality/run.py)")
 
-    def out_dir(self, spec: MethodSpec, lam: float) -> Path:
-        return self.runs / "merged" / f"{spec.key}-{lam:g}"
+    def out_dir(self, spec: MethodSpec, lam: float | None) -> Path:
+        return self.runs / "merged" / f"{spec.key}-{_tag(lam)}"
 
     def __call__(self, job: tuple[MethodSpec, float]) -> dict:
         """Merge and score on the validation split; the output stays until ``test`` has been called."""
@@ -86,7 +88,7 @@ class Merger:
         norm = sum(val[t] / self.finetuned_val[t] for t in val) / len(val)
         return {"method": spec.key, "lambda": lam, "val": val, "val_normalized": norm}
 
-    def test(self, spec: MethodSpec, lam: float) -> dict[str, float]:
+    def test(self, spec: MethodSpec, lam: float | None) -> dict[str, float]:
         """Test accuracy of the chosen merge (only the chosen λ is ever scored on test)."""
         return self.suite.accuracies(read_state(self.out_dir(spec, lam)), "test")
 
@@ -96,17 +98,22 @@ def search_lambda(merger: Merger, methods: tuple[MethodSpec, ...], grid: tuple[f
 
     When a method's best λ is the grid's largest, the grid is extended by ``extension``.
     """
-    runs = merge.parallel(merger, [(m, lam) for m in methods for lam in grid], workers)
-    edge = [m for m in methods if _best([r for r in runs if r["method"] == m.key])["lambda"] == max(grid)]
+    runs = merge.parallel(merger, [(m, lam) for m in methods for lam in (grid if m.searched else (None,))], workers)
+    edge = [m for m in methods if m.searched and _best([r for r in runs if r["method"] == m.key])["lambda"] == max(grid)]
     if edge and extension:
         log(f"  best λ at the grid's edge for {', '.join(m.label for m in edge)}: extending to {', '.join(map(str, extension))}")
         runs += merge.parallel(merger, [(m, lam) for m in edge for lam in extension], workers)
-    return {m.key: {"runs": sorted((r for r in runs if r["method"] == m.key), key=lambda r: r["lambda"]),
+    return {m.key: {"runs": sorted((r for r in runs if r["method"] == m.key), key=lambda r: r["lambda"] or 0.0),
                     "best": _best([r for r in runs if r["method"] == m.key])} for m in methods}
 
 
 def _best(runs: list[dict]) -> dict:
-    return max(runs, key=lambda r: (round(r["val_normalized"], 12), -r["lambda"]))
+    return max(runs, key=lambda r: (round(r["val_normalized"], 12), -(r["lambda"] or 0.0)))
+
+
+def _tag(lam: float | None) -> str:
+    """λ in file names and tables; methods without a λ run once, 'fixed'."""
+    return "fixed" if lam is None else f"{lam:g}"
 
 
 # -- TALL -----------------------------------------------------------------------------------------
@@ -209,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             report.Row("Fine-tuned (individual)", ft_test, "one backbone per task", "reference")]
     for m in METHODS:
         best = searched[m.key]["best"]
-        rows.append(report.Row(m.label, best["test"], f"λ = {best['lambda']:g}"))
+        rows.append(report.Row(m.label, best["test"], f"λ = {best['lambda']:g}" if m.searched else "no λ: nothing tuned"))
     for agg, label in (("task_arithmetic", "TALL mask + TA"), ("ties", "TALL mask + TIES")):
         lams = tall_results[agg].lambdas
         rows.append(report.Row(f"{label} (reconstruction)", tall_results[agg].test, "λ_t per task: " + ", ".join(f"{lams[t]:g}" for t in tasks), "tall"))
@@ -240,9 +247,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _curve_table(searched: dict[str, dict]) -> str:
     """Average normalized validation accuracy per method and λ; the chosen λ in bold."""
-    lambdas = sorted({r["lambda"] for m in METHODS for r in searched[m.key]["runs"]})
+    lambdas = sorted({r["lambda"] for m in METHODS if m.searched for r in searched[m.key]["runs"]})
     lines = ["| method | " + " | ".join(f"λ={lam:g}" for lam in lambdas) + " |", "|---|" + "---:|" * len(lambdas)]
-    for m in METHODS:
+    for m in (m for m in METHODS if m.searched):
         scores = {r["lambda"]: 100 * r["val_normalized"] for r in searched[m.key]["runs"]}
         best = searched[m.key]["best"]["lambda"]
         cells = ["" if lam not in scores else f"**{scores[lam]:.1f}**" if lam == best else f"{scores[lam]:.1f}" for lam in lambdas]
@@ -321,8 +328,11 @@ distractor strokes, or procedural textures, at 16x16 pixels. Each task has {prof
 
 {_task_table(tasks)}
 
-Fixed method parameters (not tuned): TIES density 0.2 (model-wide thresholds, disjoint mean); DARE-TIES keep probability 0.5,
-seed 0; Breadcrumbs β = 0.15, γ = 0.006 per row; Consensus k = 2, with each task's λ_t from the TALL search of the same aggregate.
+Fixed method parameters (not tuned): TIES density 0.2 (model-wide thresholds, disjoint mean; the mergekit row: per-tensor
+trim); DARE keep probability 0.5 with the paper's 1/density rescale, seed 0; Breadcrumbs β = 0.15, γ = 0.006 per row; DELLA
+density 0.5, ε = 0.1; SCE select_topk 0.2; RAM defaults; RAM+ the authors' r = 0.2, α = 1, model-wide counts; Consensus k = 2, with each task's λ_t from the TALL search of the same aggregate.
+Linear, Model Stock, Multi-SLERP, the Karcher mean, SCE, RAM and RAM+ have no λ: one run each (linear, Multi-SLERP and Karcher over the
+fine-tunes only, with equal weights). Not in the table: {", ".join(merge.TWO_MODEL_METHODS)}, which take exactly two models.
 """
 
 

@@ -153,7 +153,7 @@ def evaluator_search(suite: Suite, aggregate: str, work: Path) -> dict[str, dict
     Returns, per task, the λ_t the tool chose and its validation score per λ (from the collection's manifest).
     """
     models = {t: suite.model_dir(t) for t in suite.tasks}
-    params = {"aggregate": aggregate, "tall_lambda": list(suite.profile.tall_lambdas)}
+    params = {"aggregate": aggregate, "tall_lambda": {"search": list(suite.profile.tall_lambdas)}}
     recipe = merge.write_recipe(work / "recipes" / f"tall-{aggregate}-search.yml",
                                 merge.recipe("tall_masks", suite.base_dir, models, params, evaluator=EVALUATOR),
                                 "TALL masks with the tool's own λ_t search through the benchmark's evaluator hook")
