@@ -28,7 +28,8 @@ A recipe is YAML, with mergekit's key names:
   #   - sources: [{model: b, layer_range: [8, 32]}]
   dtype: float32                       # compute dtype (float32 | float64)
   out_dtype: bfloat16                  # default: the base model's dtype
-  tokenizer_source: base               # base | <a model's name> | none
+  tokenizer_source: base               # base | <a model's name> | <folder or hub id> | none
+  chat_template: chatml                # auto | chatml, llama3, alpaca, mistral, exaone | "Jinja text"
   include: ["model.layers.*"]          # optional globs: only these are merged
   exclude: ["*.embed_tokens.*"]        # globs never merged (copied from base)
   output: {shard_size: 5GB}
@@ -61,6 +62,15 @@ def _warn(recipe: Any) -> None:
     """Print the recipe's non-fatal notes, one ``warning:`` line each."""
     for warning in recipe.warnings:
         click.echo(f"warning: {warning}", err=True)
+
+
+def _tokenizer(the_plan: Any) -> Any:
+    """The output's tokenizer plan (None for a collection, which keeps each task's own files)."""
+    if the_plan.method.output != "model":
+        return None
+    from .products.tokenizer import tokenizer_plan
+
+    return tokenizer_plan(the_plan)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -103,13 +113,23 @@ def run(recipe: str, out_dir: str, dry_run: bool, force: bool, device: str, quie
         prepare_output(out_dir, force)
     the_plan = plan(parsed)
     try:
+        tokenizer = _tokenizer(the_plan)  # a bad tokenizer_source or chat template fails here, before any weight is read
         if dry_run:
             click.echo(the_plan.summary())
+            if tokenizer is not None:
+                click.echo(f"tokenizer:     {tokenizer.describe()}")
+                for note in tokenizer.notes:
+                    click.echo(f"warning: {note}", err=True)
             click.echo(f"output:        {out_dir} (dry run: nothing written)")
             return
         path = execute(the_plan, out_dir, force=force, device=device, progress=not quiet)
     finally:
         the_plan.close()
+    if tokenizer is not None:
+        for note in tokenizer.notes:
+            click.echo(f"warning: {note}", err=True)
+        if tokenizer.missing:
+            click.echo(f"warning: {path}: no tokenizer: {tokenizer.missing}", err=True)
     if quiet:
         click.echo(str(path))
     elif parsed.method.output == "collection":
@@ -117,8 +137,11 @@ def run(recipe: str, out_dir: str, dry_run: bool, force: bool, device: str, quie
         click.echo(f"inspect it with: mergekit-lite inspect {path}")
         click.echo(f"extract a task with: mergekit-lite extract {path} {parsed.model_names[0]} OUT_DIR")
     else:
+        from .products.tokenizer import loading_hint
+
         click.echo(f"wrote {path}")
-        click.echo(f"load it with: AutoModelForCausalLM.from_pretrained({str(path)!r})")
+        for line in loading_hint(path):
+            click.echo(line)
 
 
 run.epilog = RECIPE_HELP
@@ -149,11 +172,19 @@ def validate(recipe: str) -> None:
     _warn(parsed)
     the_plan = plan(parsed)
     try:
+        tokenizer = _tokenizer(the_plan)
         merged = sum(1 for j in the_plan.jobs if j.merge)
+        if tokenizer is not None:
+            for note in tokenizer.notes:
+                click.echo(f"warning: {note}", err=True)
+            if tokenizer.missing:
+                click.echo(f"warning: the output will have no tokenizer: {tokenizer.missing}", err=True)
         click.echo(
             f"ok: {parsed.merge_method} over {len(the_plan.models)} model(s); "
             f"{len(the_plan.jobs)} tensors ({merged} merged), {the_plan.bytes_to_write / 1e6:.1f} MB to write"
         )
+        if tokenizer is not None:
+            click.echo(f"tokenizer: {tokenizer.describe()}")
     finally:
         the_plan.close()
 
@@ -217,10 +248,15 @@ def extract(collection: str, args: tuple[str, ...], all_tasks: bool, force: bool
 
     if all_tasks and len(args) != 1 or not all_tasks and len(args) != 2:
         raise MergeKitLiteError("usage: mergekit-lite extract COLLECTION TASK OUT_DIR, or mergekit-lite extract COLLECTION --all OUT_DIR")
+    from .products.tokenizer import output_has_tokenizer
+
     coll = Collection.open(collection, base=base)
     if not all_tasks:
         coll.task(args[0])
         path = coll.extract(args[0], args[1], force=force, progress=not quiet)
+        if not output_has_tokenizer(path):
+            click.echo(f"warning: {path}: no tokenizer: task {args[0]!r} was compressed from a folder without tokenizer files; "
+                       "copy them in (e.g. from the base model)", err=True)
         click.echo(str(path) if quiet else f"wrote {args[0]} to {path}")
         return
     from .writer import AtomicFolder
@@ -229,6 +265,10 @@ def extract(collection: str, args: tuple[str, ...], all_tasks: bool, force: bool
     with folder as tmp:  # all tasks or none: a failure in any task leaves no OUT_DIR
         for entry in coll.manifest["tasks"]:
             coll.extract(entry["name"], tmp / entry["stem"], progress=not quiet)
+    without = [e["stem"] for e in coll.manifest["tasks"] if not output_has_tokenizer(folder.destination / e["stem"])]
+    if without:
+        click.echo(f"warning: {folder.destination}: no tokenizer in {', '.join(without)}: their tasks were compressed from folders "
+                   "without tokenizer files; copy them in (e.g. from the base model)", err=True)
     for entry in coll.manifest["tasks"]:
         path = folder.destination / entry["stem"]
         click.echo(str(path) if quiet else f"wrote {entry['name']} to {path}")

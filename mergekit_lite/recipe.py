@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
+from .checkpoint import looks_like_hub_id, split_revision
 from .errors import RecipeError
 from .units import MAX_SIZE, parse_size  # noqa: F401  (parse_size is part of this module's API)
 from .methods import METHODS, get_method, suggest
@@ -25,8 +26,10 @@ from .params import check_setting, is_search, resolve
 #: mergekit keys that have no equivalent here yet, with what to do instead.
 UNSUPPORTED_KEYS = {
     "modules": "per-module recipes are not supported yet; use include/exclude patterns",
-    "tokenizer": "tokenizer merging is not supported yet; use tokenizer_source: base | <model name> | none",
-    "chat_template": "chat templates are not supported yet; the base model's tokenizer files are copied as they are",
+    "tokenizer": (
+        "the tokenizer block (a merged vocabulary, per-token embedding sources) is not supported yet; "
+        "use tokenizer_source: base | <a model's name> | <a folder or hub id> | none"
+    ),
 }
 
 #: parameter names of mergekit's methods (also those we do not implement yet), recognised when misplaced at the top level
@@ -135,7 +138,9 @@ class Recipe(_Strict):
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: Literal["float32", "float64", "float16", "bfloat16"] = "float32"
     out_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
-    tokenizer_source: str = "base"
+    tokenizer_source: str = Field(default="base", min_length=1)
+    #: auto | a built-in template name | Jinja text (see products/tokenizer.py)
+    chat_template: str | None = Field(default=None, min_length=1)
     include: list[str] | None = None
     exclude: list[str] = Field(default_factory=list)
     output: OutputOptions = Field(default_factory=OutputOptions)
@@ -150,6 +155,12 @@ class Recipe(_Strict):
     __hash__ = _Strict.__hash__
 
     # -- construction ----------------------------------------------------------------------------
+    @field_validator("tokenizer_source", mode="before")
+    @classmethod
+    def _default_tokenizer(cls, value: Any) -> Any:
+        """``tokenizer_source:`` with nothing under it means the default (mergekit copies the base's tokenizer too)."""
+        return "base" if value is None else value
+
     @classmethod
     def from_dict(cls, data: Any, source: str = "recipe") -> "Recipe":
         """Validate a parsed recipe; every problem is reported in one RecipeError naming ``source`` and the key path."""
@@ -271,9 +282,40 @@ class Recipe(_Strict):
             elif name in seen:
                 problems.append(f"models[{i}].name: {name!r} is already the name of models[{seen[name]}]; give each model a distinct 'name:'")
             seen[name] = i
-        if self.tokenizer_source not in ("base", "none", *self.model_names):
-            options = ["base", "none", *self.model_names]
-            problems.append(f"tokenizer_source: {self.tokenizer_source!r} is not base, none or a model name{suggest(self.tokenizer_source, options)}")
+        problems += self._tokenizer_problems(method)
+        return problems
+
+    def _tokenizer_problems(self, method: Any) -> list[str]:
+        """tokenizer_source: base | none | a model's name | an existing folder | a hub id (union: not yet); chat_template."""
+        problems = []
+        value = self.tokenizer_source
+        if value == "union":
+            problems.append("tokenizer_source: union (one vocabulary built from every input's tokenizer) is not supported yet; "
+                            "use base, a model's name, a folder or a hub id")
+        elif value not in ("base", "none", *self.model_names):
+            name = split_revision(value)[0]
+            try:
+                exists = os.path.exists(os.path.expanduser(name))
+            except (ValueError, RuntimeError):
+                exists = False
+            if _has_bad_characters(value) or not value.strip():
+                problems.append(f"tokenizer_source: {safe_repr(value)} is not a usable path or hub id (empty, or has control characters)")
+            elif not exists and not looks_like_hub_id(name):
+                options = ["base", "none", *self.model_names]
+                problems.append(
+                    f"tokenizer_source: {safe_repr(value)} is not base, none, a model's name ({', '.join(self.model_names) or 'none'}), "
+                    f"an existing folder or a hub id (org/name){suggest(value, options)}"
+                )
+        if self.chat_template is not None:
+            from .products.tokenizer import chat_template_problem  # here: products imports this module
+
+            problem = chat_template_problem(self.chat_template)
+            if problem:
+                problems.append(problem)
+            elif value == "none":
+                problems.append("chat_template: needs a tokenizer to write it into, but tokenizer_source is none")
+            elif method.output == "collection":
+                problems.append("chat_template: a collection keeps each task's own tokenizer files; remove chat_template")
         return problems
 
     def _count_problems(self, method: Any, refs: list[str], where: str, base: str | None = None) -> list[str]:

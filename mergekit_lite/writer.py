@@ -35,9 +35,11 @@ TOKENIZER_FILES = (
     "tokenizer.model",
     "spiece.model",
     "sentencepiece.bpe.model",
+    "spm.model",
     "vocab.json",
     "vocab.txt",
     "merges.txt",
+    "tekken.json",
     "chat_template.jinja",
     "chat_template.json",
 )
@@ -392,8 +394,12 @@ def write_checkpoint(
     description: str = "merging",
     extra_files: Path | None = None,
     config_updates: dict[str, Any] | None = None,
+    finish: Callable[[Path], Any] | None = None,
 ) -> Path:
-    """Write a Hugging Face checkpoint atomically, producing tensors one at a time in ``jobs`` order."""
+    """Write a Hugging Face checkpoint atomically, producing tensors one at a time in ``jobs`` order.
+
+    ``finish(folder)`` runs after the support files are in the (temporary) folder and before the card
+    (the merged product writes its tokenizer files, chat template and sentence-transformers modules there)."""
     folder = AtomicFolder(out_dir, force=force)
     total = sum(j.nbytes for j in jobs)
     with folder as tmp:
@@ -416,6 +422,8 @@ def write_checkpoint(
                 copy_support_files(tokenizer_from.folder, tmp, TOKENIZER_FILES)
             if extra_files is not None:
                 copy_support_files(extra_files, tmp, sorted(p.name for p in extra_files.iterdir() if p.is_file()))
+            if finish is not None:
+                finish(tmp)
             if card is not None:
                 (tmp / "README.md").write_text(card, encoding="utf-8", errors="backslashreplace")
         except OSError as exc:

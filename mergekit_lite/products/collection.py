@@ -201,6 +201,7 @@ def _file_entry(path: Path) -> dict[str, Any]:
 def _store_base(plan: Any, recipe: Any, tmp: Path, files: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Embed the base's weight and support files, or record where it is and the SHA-256 of its weights."""
     base: Checkpoint = plan.base
+    local = Path(recipe.base_model).expanduser()
     if plan.params["embed_base"]:
         (tmp / "base").mkdir()
         for path in base.weight_files:
@@ -212,8 +213,7 @@ def _store_base(plan: Any, recipe: Any, tmp: Path, files: dict[str, dict[str, An
             files[f"base/{index.name}"] = _file_entry(tmp / "base" / index.name)
         for f in copy_support_files(base.folder, tmp / "base", SUPPORT_FILES):
             files[f"base/{f}"] = _file_entry(tmp / "base" / f)
-        return {"embedded": True, "path": "base", "reference": recipe.base_model}
-    local = Path(recipe.base_model).expanduser()
+        return {"embedded": True, "path": "base", "reference": recipe.base_model, "resolved_path": str(local.resolve()) if local.exists() else None}
     return {
         "embedded": False,
         "reference": recipe.base_model,
@@ -447,11 +447,15 @@ class Collection:
             support = self._inside(f"tasks/{entry['stem']}") if entry["support_files"] else None
             for f in entry["support_files"]:
                 self._verify_file(f"tasks/{entry['stem']}/{f}")
+            base = self.manifest["base"]
+            # the hub id of a base that came from the hub; a local base (resolved to a folder when compressed) only in the body
+            hub_base = None if base.get("resolved_path") else base["reference"]
             state.card = (
-                front_matter(self.manifest["base"]["reference"], ["mergekit-lite", "tall-masks"])
+                front_matter(hub_base, ["mergekit-lite", "tall-masks"])
                 + f"# {task}\n\nReconstructed from the TALL-masks collection `{self.path.name}` as θ_0 + m_t ⊙ τ_MTL "
                 f"(λ_t = {entry['tall_lambda']}, mask density {entry['density']:.4f}, relative error "
-                f"‖θ̂_t − θ_t‖/‖θ_t − θ_0‖ = {entry['relative_error']:.4f}). Original: `{entry['source']}`.\n"
+                f"‖θ̂_t − θ_t‖/‖θ_t − θ_0‖ = {entry['relative_error']:.4f}). Original: `{entry['source']}`. "
+                f"Base model: `{base['reference']}`.\n"
             )
             return state.save_pretrained(
                 out_dir, shard_size=shard_size, force=force, progress=progress, description=f"extracting {task}", extra_files=support

@@ -12,40 +12,43 @@ from typing import Callable
 
 import torch
 
-from ..card import model_card
+from ..card import model_card, output_name
 from ..checkpoint import Checkpoint, TensorInfo
 from ..execute import compute_statistics, compute_tensor, merged_task_vector, register_product, resolve_device
 from ..plan import Plan, dtype_from_name
 from ..progress import progress_bar
 from ..search import lambda_grid, load_evaluator, search_merge_lambda, temporary_folder
 from ..writer import AtomicFolder, ShardedSafetensorsWriter, write_checkpoint
+from .tokenizer import tokenizer_plan, write_tokenizer
 
 
 def write_merged(plan: Plan, out_dir: str | os.PathLike[str], *, force: bool = False, device: str = "cpu", progress: bool = True) -> Path:
     """Stream every output tensor of the plan through its method into a new checkpoint folder."""
     dev = resolve_device(device)
+    tokenizer_plan(plan)  # a bad tokenizer_source or chat template fails before any weight is read
     compute_statistics(plan, dev, progress)
     grid = lambda_grid(plan)
     if grid is not None:
         return _write_with_lambda_search(plan, out_dir, grid, force=force, device=dev, progress=progress)
     jobs = {job.name: job for job in plan.jobs}
-    return _write(plan, out_dir, lambda info: compute_tensor(plan, jobs[info.name], dev), model_card(plan.recipe), force, progress)
+    return _write(plan, out_dir, lambda info: compute_tensor(plan, jobs[info.name], dev), _card(plan, out_dir), force, progress)
+
+
+def _card(plan: Plan, out_dir: str | os.PathLike[str], notes: str = "") -> str:
+    config = plan.config_source.config if plan.config_source is not None else None
+    return model_card(plan.recipe, notes, config=config, tokenizer=tokenizer_plan(plan), name=output_name(out_dir))
 
 
 def _write(plan: Plan, out_dir: str | os.PathLike[str], produce: Callable[[TensorInfo], torch.Tensor], card: str, force: bool, progress: bool) -> Path:
     recipe = plan.recipe
-    if recipe.tokenizer_source == "none":
-        tokenizer_from = None
-    elif recipe.tokenizer_source == "base":
-        tokenizer_from = plan.base if plan.base is not None else plan.config_source
-    else:
-        tokenizer_from = plan.models[plan.model_names.index(recipe.tokenizer_source)]
+    tokenizer = tokenizer_plan(plan)  # resolved before any weight is read: a bad tokenizer_source fails first
     return write_checkpoint(
         out_dir,
         [job.out for job in plan.jobs],
         produce,
         support_from=plan.config_source,
-        tokenizer_from=tokenizer_from,
+        tokenizer_from=None,
+        finish=lambda folder: write_tokenizer(tokenizer, folder),
         card=card,
         out_dtype=dtype_from_name(recipe.output_dtype) if recipe.output_dtype else None,
         shard_size=recipe.output.shard_size,
@@ -89,7 +92,7 @@ def _write_with_lambda_search(
 
             table = ", ".join(f"λ={k}: {v:.4g}" for k, v in scores.items())
             notes = f"λ = {lam} was chosen by the evaluator `{plan.recipe.evaluator}` (mean score over the tasks; {table})."
-            return _write(plan, out_dir, produce, model_card(plan.recipe, notes), force, progress)
+            return _write(plan, out_dir, produce, _card(plan, out_dir, notes), force, progress)
         finally:
             delta.close()
 

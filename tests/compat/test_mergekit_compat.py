@@ -31,10 +31,8 @@ import harness  # noqa: E402
 #: Before the plan of output tensors (commit 274a779) 31 of 34 configs failed (slices, gradients/filters,
 #: per-model density, DARE defaults); what is left needs the method catalogue and tokenizer issues.
 EXPECTED_FAIL: dict[str, str] = {
-    "breadcrumbs--ice0.146-17.10-rp": "chat_template refused (not supported yet)",
-    "dare_ties--gemma-moon-2-9b-it": "chat_template refused (not supported yet)",
-    "multislerp--kansensakura-symbiosis-12b": "`tokenizer:` and chat_template refused (tokenizer issue)",
-    "sce--l3.3-geneticlemonade-final-70b": "`tokenizer:` (union) refused (tokenizer issue)",
+    "multislerp--kansensakura-symbiosis-12b": "the `tokenizer:` block (merged vocabularies) is refused: not supported yet",
+    "sce--l3.3-geneticlemonade-final-70b": "the `tokenizer:` block (union vocabulary) is refused: not supported yet",
 }
 
 

@@ -1,0 +1,490 @@
+"""The tokenizer side of an output: where its tokenizer files come from, its chat template, and the
+sentence-transformers files that keep an embedding model loadable as one.
+
+Nothing here loads a tokenizer: files are copied as they are, and only a chat template (when the
+recipe sets one) is written into them, where transformers reads it: ``chat_template.jinja`` (what
+transformers 5 writes and reads first; 4.x releases read it since late 2024) and the
+``chat_template`` key of ``tokenizer_config.json`` (what older releases read), the same text in both.
+
+``tokenizer_plan(plan)`` decides everything from the inputs' small files before any weight is
+read, so ``validate`` and ``run --dry-run`` can say what the output will hold, and a bad
+``tokenizer_source`` fails before the merge starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import Checkpoint, looks_like_hub_id, split_revision
+from ..errors import CheckpointError, OutputError
+from ..methods import suggest
+from ..recipe import one_line, safe_repr
+from ..writer import TOKENIZER_FILES, copy_support_files, write_json
+
+#: Files that make a folder's tokenizer loadable (tokenizer_config.json alone is not a tokenizer).
+TOKENIZER_MODEL_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "spm.model",
+    "vocab.txt",
+    "vocab.json",
+    "tekken.json",
+)
+
+#: What is fetched from the hub for a tokenizer-only source (no weights).
+TOKENIZER_HUB_PATTERNS = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+#: transformers' folder of named extra chat templates (``additional_chat_templates/<name>.jinja``).
+EXTRA_TEMPLATES_DIR = "additional_chat_templates"
+
+#: sentence-transformers' files at the root of a model folder (plus ``sentence_*_config.json``).
+ST_ROOT_FILES = ("modules.json", "config_sentence_transformers.json")
+_ST_MODULE_CONFIG = re.compile(r"^sentence_[A-Za-z0-9_-]+_config\.json$")
+#: A module folder named in modules.json: relative, plain names only (it becomes a path we write).
+_SAFE_REL = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".h5", ".msgpack")
+#: Bounds on what a module folder may hold (real ones: a config and at most a dense layer's weights).
+_MAX_MODULE_FILES = 64
+_MAX_MODULE_BYTES = 2 * 2**30
+
+# -- chat templates -----------------------------------------------------------------------------
+# mergekit 0.1.5's built-in names, each written here as the prompt format of the model family it is
+# named after (ChatML; Meta's Llama 3; Stanford Alpaca; Mistral-Instruct v0.2; LG's EXAONE 3.0).
+# Where mergekit's files render stray whitespace (llama3: a newline after each turn; alpaca: no
+# blank line before a generation prompt, two leading newlines without a system message; exaone:
+# indentation in the output), these follow the model families' own format instead. Jinja runs with
+# transformers' settings (trim_blocks, lstrip_blocks).
+BUILTIN_CHAT_TEMPLATES: dict[str, str] = {
+    "chatml": (
+        r"{%- for m in messages -%}"
+        r"{{- '<|im_start|>' ~ m['role'] ~ '\n' ~ m['content'] ~ '<|im_end|>\n' -}}"
+        r"{%- endfor -%}"
+        r"{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
+    ),
+    "llama3": (
+        r"{%- for m in messages -%}"
+        r"{%- if loop.first -%}{{- bos_token -}}{%- endif -%}"
+        r"{{- '<|start_header_id|>' ~ m['role'] ~ '<|end_header_id|>\n\n' ~ m['content'] | trim ~ '<|eot_id|>' -}}"
+        r"{%- endfor -%}"
+        r"{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}{%- endif -%}"
+    ),
+    "alpaca": (
+        r"{%- set heads = {'user': '### Instruction:\n', 'user_context': '### Input:\n', 'assistant': '### Response:\n', 'system': ''} -%}"
+        r"{%- set turns = messages | selectattr('role', 'in', heads) | list -%}"
+        r"{%- for m in turns -%}"
+        r"{{- ('' if loop.first else '\n\n') ~ heads[m['role']] ~ m['content'] | trim -}}"
+        r"{%- endfor -%}"
+        r"{%- if add_generation_prompt and (not turns or turns[-1]['role'] != 'assistant') -%}"
+        r"{{- ('\n\n' if turns else '') ~ '### Response:\n' -}}"
+        r"{%- endif -%}"
+    ),
+    "mistral": (
+        r"{%- if messages and messages[0]['role'] == 'system' -%}"
+        r"{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+        r"{%- else -%}{%- set turns = messages -%}{%- endif -%}"
+        r"{{- bos_token -}}"
+        r"{%- for m in turns -%}"
+        r"{%- if (m['role'] == 'user') != (loop.index0 % 2 == 0) or m['role'] not in ('user', 'assistant') -%}"
+        r"{{- raise_exception('mistral template: after an optional system message, the roles must alternate user, assistant, user, ...') -}}"
+        r"{%- elif m['role'] == 'user' -%}"
+        r"{{- ' [INST] ' ~ (system ~ '\n\n' if loop.first and system is defined else '') ~ m['content'] ~ ' [/INST]' -}}"
+        r"{%- else -%}"
+        r"{{- ' ' ~ m['content'] ~ eos_token -}}"
+        r"{%- endif -%}"
+        r"{%- endfor -%}"
+    ),
+    "exaone": (
+        r"{%- for m in messages -%}"
+        r"{%- if loop.first and m['role'] != 'system' -%}{{- '[|system|][|endofturn|]\n' -}}{%- endif -%}"
+        r"{{- '[|' ~ m['role'] ~ '|]' ~ m['content'] ~ ('\n' if m['role'] == 'user' else '[|endofturn|]\n') -}}"
+        r"{%- endfor -%}"
+        r"{%- if add_generation_prompt -%}{{- '[|assistant|]' -}}{%- endif -%}"
+    ),
+}
+
+
+def chat_template_problem(value: str) -> str | None:
+    """What is wrong with a recipe's ``chat_template`` (None when it is usable): ``auto``, a built-in
+    name, or Jinja text (anything with a ``{``, as mergekit tells them apart) that parses."""
+    if value == "auto" or value in BUILTIN_CHAT_TEMPLATES:
+        return None
+    if "{" not in value:
+        names = ["auto", *BUILTIN_CHAT_TEMPLATES]
+        return (f"chat_template: {safe_repr(value, 80)} is not auto, a built-in template ({', '.join(BUILTIN_CHAT_TEMPLATES)}) "
+                f"or Jinja text{suggest(value, names)}")
+    problem = jinja_syntax_problem(value)
+    return f"chat_template: not a valid Jinja template: {problem}" if problem else None
+
+
+def jinja_syntax_problem(text: str) -> str | None:
+    """A syntax error of a chat template, parsed as transformers will (None when it parses, or when jinja2 is absent)."""
+    try:
+        import jinja2
+        from jinja2 import nodes
+        from jinja2.ext import Extension, loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:  # pragma: no cover - jinja2 comes with transformers' chat templates
+        return None
+
+    class _Generation(Extension):
+        """transformers' ``{% generation %}...{% endgeneration %}`` block (marks assistant tokens)."""
+
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body, lineno=lineno)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, loopcontrols])
+    try:
+        env.parse(text)
+    except jinja2.TemplateSyntaxError as exc:
+        return one_line(f"line {exc.lineno}: {exc.message}")
+    return None
+
+
+def read_chat_template(folder: Path | None) -> str | None:
+    """The default chat template of a tokenizer folder, as transformers' AutoTokenizer finds it:
+    ``chat_template.jinja`` first, else ``tokenizer_config.json``'s ``chat_template`` (a text, or a
+    list of named templates whose ``default`` is taken). None when there is none or it cannot be read."""
+    if folder is None:
+        return None
+    try:
+        jinja = folder / "chat_template.jinja"
+        if jinja.is_file():
+            return jinja.read_text(encoding="utf-8")
+        config_path = folder / "tokenizer_config.json"
+        if not config_path.is_file():
+            return None
+        template = json.loads(config_path.read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) and template.strip() else None
+
+
+def vocabulary_size(folder: Path) -> int | None:
+    """How many token ids a tokenizer folder uses (highest id + 1), read from tokenizer.json, vocab.txt or
+    vocab.json (+ added tokens); None when it cannot be told without loading the tokenizer (SentencePiece)."""
+    try:
+        path = folder / "tokenizer.json"
+        if path.is_file():
+            data = json.loads(path.read_text(encoding="utf-8"))
+            vocab = (data.get("model") or {}).get("vocab")
+            ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab))) if isinstance(vocab, list) else []
+            ids += [t.get("id") for t in data.get("added_tokens") or [] if isinstance(t, dict)]
+        elif (folder / "vocab.txt").is_file():
+            with open(folder / "vocab.txt", encoding="utf-8") as f:
+                ids = list(range(sum(1 for _ in f)))
+        elif (folder / "vocab.json").is_file():
+            ids = list(json.loads((folder / "vocab.json").read_text(encoding="utf-8")).values())
+            if (folder / "added_tokens.json").is_file():
+                ids += list(json.loads((folder / "added_tokens.json").read_text(encoding="utf-8")).values())
+        else:
+            return None
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, TypeError):
+        return None
+    ids = [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
+    return max(ids) + 1 if ids else None
+
+
+def has_tokenizer(folder: Path | None) -> bool:
+    """Whether a folder holds a loadable tokenizer's vocabulary (tokenizer.json, a SentencePiece model, vocab files, ...)."""
+    if folder is None:
+        return False
+    try:
+        return any((folder / name).is_file() for name in TOKENIZER_MODEL_FILES) or any(folder.glob("*.tiktoken"))
+    except OSError:
+        return False
+
+
+# -- the plan -----------------------------------------------------------------------------------
+@dataclass
+class TokenizerPlan:
+    """What the output's tokenizer files will be, decided from the inputs' small files alone."""
+
+    source: str                      # tokenizer_source as the recipe says it
+    folder: Path | None              # where tokenizer files are copied from (None: nowhere)
+    shown: str                       # the source for messages: "base model demo/checkpoints/base"
+    chat_template: str | None = None  # text written into the output (None: the source's files as they are)
+    template_from: str = ""          # where the chat template comes from, for messages and the card
+    st_folder: Path | None = None    # sentence-transformers files are carried from here
+    missing: str | None = None       # why the output will have no tokenizer (None: it will have one)
+    notes: list[str] = field(default_factory=list)  # non-fatal findings (warning: lines)
+
+    @property
+    def sentence_transformers(self) -> bool:
+        return self.st_folder is not None
+
+    def describe(self) -> str:
+        """One line for --dry-run, validate and the card."""
+        if self.missing:
+            return f"none ({self.missing})"
+        text = f"from {self.shown}"
+        if self.template_from:
+            text += f"; chat template: {self.template_from}"
+        if self.sentence_transformers:
+            text += "; sentence-transformers modules carried"
+        return text
+
+
+def tokenizer_plan(plan: Any) -> TokenizerPlan:
+    """The output's tokenizer plan for a merge plan (computed once per plan, then remembered on it)."""
+    cached = getattr(plan, "_tokenizer_plan", None)
+    if cached is None:
+        cached = _make_plan(plan)
+        setattr(plan, "_tokenizer_plan", cached)
+    return cached
+
+
+def _input_order(plan: Any) -> list[Checkpoint]:
+    """Every input checkpoint once: the base first, then the others in the recipe's order."""
+    ordered = [plan.base] if plan.base is not None else []
+    ordered += [c for c in plan.checkpoints if c is not plan.base]
+    return ordered
+
+
+def _by_ref(plan: Any, ref: str) -> Checkpoint | None:
+    return next((c for c in plan.checkpoints if c.ref == ref), None)
+
+
+def _make_plan(plan: Any) -> TokenizerPlan:
+    recipe = plan.recipe
+    value = recipe.tokenizer_source
+    ckpt: Checkpoint | None = None
+    folder: Path | None = None
+    if value == "none":
+        tp = TokenizerPlan(value, None, "nowhere", missing="tokenizer_source is none")
+    else:
+        if value == "base":
+            ckpt = plan.base if plan.base is not None else plan.config_source
+            role = "base model" if plan.base is not None else "first model"
+        elif value in recipe.model_names:
+            refs = [m.model for m in recipe.models] if recipe.models is not None else list(dict.fromkeys(s.model for sl in recipe.slices for s in sl.sources))
+            ckpt = _by_ref(plan, refs[recipe.model_names.index(value)])
+            role = f"model {value!r}"
+        else:
+            ckpt = _by_ref(plan, value)
+            role = "input"
+        if ckpt is not None:
+            folder = ckpt.folder
+            shown = f"{role} {one_line(ckpt.ref)}"
+        else:
+            folder = resolve_tokenizer_folder(value)
+            shown = one_line(value) if Path(split_revision(value)[0]).expanduser().exists() else f"{one_line(value)} ({one_line(str(folder))})"
+        tp = TokenizerPlan(value, folder, shown)
+        if not has_tokenizer(folder):
+            tp.missing = (f"{shown} has no tokenizer files ({', '.join(TOKENIZER_MODEL_FILES[:5])}, ...); "
+                          "copy them into the output, or set tokenizer_source to a model, folder or hub id that has them")
+    if not tp.missing and folder is not None and plan.config_source is not None and folder != plan.config_source.folder:
+        rows = (plan.config_source.config or {}).get("vocab_size")
+        tokens = vocabulary_size(folder)
+        if isinstance(rows, int) and not isinstance(rows, bool) and tokens is not None and tokens > rows:
+            tp.notes.append(
+                f"tokenizer_source: {shown} has {tokens} tokens but the model's embeddings have {rows} rows (vocab_size); "
+                "token ids from "
+                f"{rows} on would fail. mergekit-lite copies tokenizer files and does not re-map embeddings to another vocabulary"
+            )
+    template = recipe.chat_template
+    if template is not None:
+        if tp.missing:
+            tp.missing += "; the chat template was not written"
+        else:
+            _plan_chat_template(plan, tp, template)
+    tp.st_folder = _sentence_transformers_folder(plan.config_source, folder)
+    return tp
+
+
+def _plan_chat_template(plan: Any, tp: TokenizerPlan, value: str) -> None:
+    if value == "auto":
+        found = [(c, read_chat_template(c.folder)) for c in _input_order(plan)]
+        found = [(c, t) for c, t in found if t]
+        if not found:
+            tp.notes.append("chat_template: auto: none of the inputs' tokenizers has a chat template; the tokenizer files are copied as they are")
+            return
+        counts = Counter(t.strip() for _, t in found)  # compared without surrounding whitespace, as mergekit does
+        votes = max(counts.values())
+        owner, text = next((c, t) for c, t in found if counts[t.strip()] == votes)  # a tie: the first in input order (base first)
+        tp.template_from = f"auto: the template of {one_line(owner.ref)}, used by {votes} of the {len(found)} inputs that have one"
+        own = read_chat_template(tp.folder)
+        if own is not None and own.strip() == text.strip():
+            tp.template_from += " (the tokenizer source's own: its files are kept as they are)"
+            return  # named extra templates (tool_use, rag, ...) stay too
+        tp.chat_template = text
+    elif value in BUILTIN_CHAT_TEMPLATES:
+        tp.chat_template = BUILTIN_CHAT_TEMPLATES[value]
+        tp.template_from = f"{value} (built-in)"
+    else:
+        tp.chat_template = value
+        tp.template_from = "the recipe's Jinja text"
+    config = tp.folder / "tokenizer_config.json" if tp.folder is not None else None
+    if config is not None and config.is_file():
+        try:
+            data = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise CheckpointError(f"{one_line(str(config))}: cannot be read as JSON ({one_line(str(exc))[:200]}); the chat template cannot be written into it") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{one_line(str(config))}: not a JSON object; the chat template cannot be written into it")
+
+
+def resolve_tokenizer_folder(value: str) -> Path:
+    """A tokenizer_source that is not an input of the merge: an existing folder, or a hub id from the
+    Hugging Face cache (fetched if online: tokenizer and config files only, never weights)."""
+    name, revision = split_revision(value)
+    path = Path(name).expanduser()
+    try:
+        exists = path.exists()
+    except (OSError, ValueError):
+        exists = False
+    if exists:
+        if revision:
+            raise CheckpointError(f"tokenizer_source: {one_line(value)!r}: a revision (@...) only applies to hub ids, but {one_line(name)} is a local path")
+        if not path.is_dir():
+            raise CheckpointError(f"tokenizer_source: {one_line(value)!r} is a file; give the folder that holds the tokenizer files")
+        return path
+    if not looks_like_hub_id(name):
+        raise CheckpointError(f"tokenizer_source: {one_line(value)!r}: no such folder, and not a hub id of the form org/name[@revision]")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, revision=revision, allow_patterns=TOKENIZER_HUB_PATTERNS))
+    except LocalEntryNotFoundError:
+        raise CheckpointError(
+            f"tokenizer_source: {one_line(value)!r}: not a local folder and not in the Hugging Face cache "
+            "(offline or unreachable hub); download it first or give a local folder"
+        ) from None
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise CheckpointError(f"tokenizer_source: {one_line(value)!r}: could not fetch from the hub: {one_line(str(exc))[:200]}") from None
+
+
+def _sentence_transformers_folder(config_source: Checkpoint | None, tokenizer_folder: Path | None) -> Path | None:
+    """Where the sentence-transformers files come from: the config's source (it describes the model's
+    modules), else the tokenizer source; None when neither is a sentence-transformers folder."""
+    for folder in (config_source.folder if config_source is not None else None, tokenizer_folder):
+        if folder is not None and (folder / "modules.json").is_file():
+            return folder
+    return None
+
+
+# -- writing ------------------------------------------------------------------------------------
+def write_tokenizer(tp: TokenizerPlan, out: Path) -> list[str]:
+    """Copy the tokenizer (and sentence-transformers) files into ``out``; write the chat template.
+    Returns the relative paths written. Adds to ``tp.notes`` what it skipped."""
+    written: list[str] = []
+    if tp.folder is not None and not tp.missing:
+        names = [n for n in TOKENIZER_FILES if tp.chat_template is None or n not in ("chat_template.jinja", "chat_template.json")]
+        names += sorted(p.name for p in tp.folder.glob("*.tiktoken") if _SAFE_REL.match(p.name))  # tiktoken vocabularies
+        written += copy_support_files(tp.folder, out, names)
+        extra = tp.folder / EXTRA_TEMPLATES_DIR
+        if tp.chat_template is None and extra.is_dir():
+            (out / EXTRA_TEMPLATES_DIR).mkdir(exist_ok=True)
+            for f in sorted(extra.glob("*.jinja")):
+                if f.is_file() and _SAFE_REL.match(f.name):
+                    shutil.copyfile(f, out / EXTRA_TEMPLATES_DIR / f.name)
+                    written.append(f"{EXTRA_TEMPLATES_DIR}/{f.name}")
+        if tp.chat_template is not None:
+            written += _write_chat_template(tp, out)
+    if tp.st_folder is not None:
+        written += _copy_sentence_transformers(tp, out)
+    return written
+
+
+def _write_chat_template(tp: TokenizerPlan, out: Path) -> list[str]:
+    assert tp.chat_template is not None and tp.folder is not None
+    text = tp.chat_template
+    (out / "chat_template.jinja").write_text(text, encoding="utf-8")
+    written = ["chat_template.jinja"]
+    config = out / "tokenizer_config.json"
+    if config.is_file():
+        data = json.loads(config.read_text(encoding="utf-8"))
+        data["chat_template"] = text
+        write_json(config, data)
+    legacy = tp.folder / "chat_template.json"  # a processor's template (multimodal models): same text
+    if legacy.is_file():
+        try:
+            data = json.loads(legacy.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            data = {}
+        write_json(out / "chat_template.json", {**(data if isinstance(data, dict) else {}), "chat_template": text})
+        written.append("chat_template.json")
+    return written
+
+
+def _copy_sentence_transformers(tp: TokenizerPlan, out: Path) -> list[str]:
+    """modules.json, the root configs, and each module folder it names (the transformer module, at
+    the root, is the merged model itself)."""
+    src = tp.st_folder
+    assert src is not None
+    names = [*ST_ROOT_FILES, *sorted(p.name for p in src.iterdir() if _ST_MODULE_CONFIG.match(p.name))]
+    written = copy_support_files(src, out, names)
+    try:
+        modules = json.loads((src / "modules.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        tp.notes.append(f"{one_line(str(src / 'modules.json'))}: not valid JSON; it was copied as it is, without module folders")
+        return written
+    for module in modules if isinstance(modules, list) else []:
+        rel = module.get("path") if isinstance(module, dict) else None
+        if not isinstance(rel, str) or rel in ("", "."):
+            continue
+        rel = rel.strip("/")
+        if not _SAFE_REL.match(rel) or any(part in ("..", ".") for part in rel.split("/")):
+            tp.notes.append(f"{one_line(str(src / 'modules.json'))}: module path {one_line(rel)!r} is not a plain relative folder; not copied")
+            continue
+        folder = src / rel
+        if not folder.is_dir():
+            continue  # e.g. Normalize, which has no files
+        files = [p for p in sorted(folder.rglob("*")) if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+        if len(files) > _MAX_MODULE_FILES or sum(p.stat().st_size for p in files) > _MAX_MODULE_BYTES:
+            tp.notes.append(f"{one_line(str(folder))}: more than {_MAX_MODULE_FILES} files or {_MAX_MODULE_BYTES >> 30} GiB; the module was not copied")
+            continue
+        weights = []
+        for p in files:
+            inner = p.relative_to(folder).as_posix()
+            if not _SAFE_REL.match(inner):
+                continue
+            target = out / rel / inner
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                shutil.copyfile(p, target)
+            except OSError as exc:
+                raise OutputError(f"{target}: cannot copy the sentence-transformers module file: {exc.strerror or exc}") from exc
+            written.append(f"{rel}/{inner}")
+            if p.name.endswith(_WEIGHT_SUFFIXES):
+                weights.append(inner)
+        if weights:
+            tp.notes.append(f"sentence-transformers module {rel}: its weights ({', '.join(weights)}) are copied from {one_line(str(src))} as they are, not merged")
+    return written
+
+
+def output_has_tokenizer(folder: Path) -> bool:
+    """Whether a written output folder carries a tokenizer."""
+    return has_tokenizer(Path(folder))
+
+
+def loading_hint(folder: str | os.PathLike[str]) -> list[str]:
+    """How to load a written model folder: the transformers Auto class of its config (and SentenceTransformer for those folders)."""
+    from ..card import auto_class
+
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        config = None
+    lines = []
+    if (folder / "modules.json").is_file():
+        lines.append(f"load it with: SentenceTransformer({str(folder)!r})  (sentence-transformers)")
+    lines.append(f"{'or' if lines else 'load it with'}: {auto_class(config)}.from_pretrained({str(folder)!r})")
+    return lines
