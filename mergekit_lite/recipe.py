@@ -19,8 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from .checkpoint import looks_like_hub_id, split_revision
 from .errors import RecipeError
+from .text import MAX_INT, _BAD_CATEGORIES, one_line, safe_repr  # noqa: F401  (one_line, safe_repr: part of this module's API)
 from .units import MAX_SIZE, parse_size  # noqa: F401  (parse_size is part of this module's API)
 from .methods import METHODS, get_method, suggest
+from .chat_templates import chat_template_problem
 from .params import check_setting, is_search, resolve
 
 #: mergekit keys that have no equivalent here yet, with what to do instead.
@@ -45,33 +47,10 @@ MERGEKIT_PARAMETER_NAMES = frozenset(
 COMPUTE_DTYPES = ("float32", "float64")
 STORAGE_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
-#: Largest magnitude of an integer recipe value; beyond it no float or 64-bit integer holds it.
-MAX_INT = 2**63 - 1
-#: Characters that must never appear in a reference or a name: they break lines, or cannot be encoded.
-_BAD_CATEGORIES = ("Cc", "Cs", "Zl", "Zp")
 #: How deep YAML/lists/mappings may nest before a recipe is refused (real recipes nest 3-4 levels).
 MAX_DEPTH = 64
 #: How many values (keys, items, scalars; YAML aliases expanded) a recipe may hold: real ones hold hundreds.
 MAX_VALUES = 20_000
-
-
-def one_line(text: str) -> str:
-    """``text`` with every line break, control character and lone surrogate escaped (\\n, \\x00, \\ud800)."""
-    if all(unicodedata.category(c) not in _BAD_CATEGORIES for c in text):
-        return text
-    return "".join(c if unicodedata.category(c) not in _BAD_CATEGORIES else repr(c)[1:-1] for c in text)
-
-
-def safe_repr(value: Any, limit: int = 120) -> str:
-    """``repr(value)`` for a message: one line, at most ``limit`` characters, never raising."""
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
-        return f"<an integer of {len(str(abs(value))) if value.bit_length() < 10000 else 'thousands of'} digits>"
-    try:
-        text = repr(value)
-    except (ValueError, RecursionError, TypeError):  # huge ints, nesting, odd objects
-        text = f"<{type(value).__name__}>"
-    text = one_line(text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _Strict(BaseModel):
@@ -307,7 +286,6 @@ class Recipe(_Strict):
                     f"an existing folder or a hub id (org/name){suggest(value, options)}"
                 )
         if self.chat_template is not None:
-            from .products.tokenizer import chat_template_problem  # here: products imports this module
 
             problem = chat_template_problem(self.chat_template)
             if problem:
