@@ -3,8 +3,10 @@ format), ``auto``, or Jinja text; and the check of a recipe's ``chat_template`` 
 
 from __future__ import annotations
 
+from typing import Any
+
 from .methods.base import suggest
-from .text import safe_repr
+from .text import one_line, safe_repr
 
 # -- chat templates -----------------------------------------------------------------------------
 # mergekit 0.1.5's built-in names, each written here as the prompt format of the model family it is
@@ -73,3 +75,31 @@ def chat_template_problem(value: str) -> str | None:
                 f"or Jinja text{suggest(value, names)}")
     problem = jinja_syntax_problem(value)
     return f"chat_template: not a valid Jinja template: {problem}" if problem else None
+
+
+def jinja_syntax_problem(text: str) -> str | None:
+    """A syntax error of a chat template, parsed as transformers will (None when it parses, or when jinja2 is absent)."""
+    try:
+        import jinja2
+        from jinja2 import nodes
+        from jinja2.ext import Extension, loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:  # pragma: no cover - jinja2 comes with transformers' chat templates
+        return None
+
+    class _Generation(Extension):
+        """transformers' ``{% generation %}...{% endgeneration %}`` block (marks assistant tokens)."""
+
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body, lineno=lineno)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, loopcontrols])
+    try:
+        env.parse(text)
+    except jinja2.TemplateSyntaxError as exc:
+        return one_line(f"line {exc.lineno}: {exc.message}")
+    return None

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import unicodedata
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from .checkpoint import looks_like_hub_id, split_revision
 from .errors import RecipeError
 from .text import MAX_INT, _BAD_CATEGORIES, one_line, safe_repr  # noqa: F401  (one_line, safe_repr: part of this module's API)
-from .units import MAX_SIZE, parse_size  # noqa: F401  (parse_size is part of this module's API)
+from .units import parse_size  # noqa: F401  (parse_size is part of this module's API)
 from .methods import METHODS, get_method, suggest
 from .chat_templates import chat_template_problem
 from .params import check_setting, is_search, resolve

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Iterator, Union
 
 import torch
 
-from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from .checkpoint import Checkpoint, open_checkpoint
 from .errors import CheckpointError
 from .statedict import LazyStateDict
 

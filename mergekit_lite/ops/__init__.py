@@ -53,4 +53,5 @@ __all__ = [
     "rescale_l1",
     "topk_count_mask",
     "topk_mask",
+    "weighted_average",
 ]

@@ -24,9 +24,8 @@ from typing import Any
 
 from ..checkpoint import Checkpoint, looks_like_hub_id, split_revision
 from ..errors import CheckpointError, OutputError
-from ..methods import suggest
 from ..chat_templates import BUILTIN_CHAT_TEMPLATES
-from ..text import one_line, safe_repr
+from ..text import one_line
 from ..writer import TOKENIZER_FILES, copy_support_files, write_json
 
 #: Files that make a folder's tokenizer loadable (tokenizer_config.json alone is not a tokenizer).
@@ -56,34 +55,6 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".h5", ".msg
 #: Bounds on what a module folder may hold (real ones: a config and at most a dense layer's weights).
 _MAX_MODULE_FILES = 64
 _MAX_MODULE_BYTES = 2 * 2**30
-
-def jinja_syntax_problem(text: str) -> str | None:
-    """A syntax error of a chat template, parsed as transformers will (None when it parses, or when jinja2 is absent)."""
-    try:
-        import jinja2
-        from jinja2 import nodes
-        from jinja2.ext import Extension, loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError:  # pragma: no cover - jinja2 comes with transformers' chat templates
-        return None
-
-    class _Generation(Extension):
-        """transformers' ``{% generation %}...{% endgeneration %}`` block (marks assistant tokens)."""
-
-        tags = {"generation"}
-
-        def parse(self, parser: Any) -> Any:
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return nodes.Scope(body, lineno=lineno)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, loopcontrols])
-    try:
-        env.parse(text)
-    except jinja2.TemplateSyntaxError as exc:
-        return one_line(f"line {exc.lineno}: {exc.message}")
-    return None
-
 
 def read_chat_template(folder: Path | None) -> str | None:
     """The default chat template of a tokenizer folder, as transformers' AutoTokenizer finds it:
