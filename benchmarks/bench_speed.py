@@ -1,22 +1,35 @@
 #!/usr/bin/env python3
-"""Speed and memory benchmark: our CLI against the I/O floor, on synthetic Llama-style checkpoints.
+"""Speed and memory benchmark: our CLI side by side with mergekit 0.1.5, and against the I/O floor, on synthetic Llama-style checkpoints.
 
     .venv/bin/python benchmarks/bench_speed.py                     # every registered method, 40M + 250M, K=4
-    .venv/bin/python benchmarks/bench_speed.py --methods task_arithmetic --k 4 --write
-    .venv/bin/python benchmarks/bench_speed.py --quick             # smoke check: 40M only, 1 repeat
+    .venv/bin/python benchmarks/bench_speed.py --methods task_arithmetic ties --k 4 --write
+    .venv/bin/python benchmarks/bench_speed.py --methods task_arithmetic ties slerp --k 1 4 --quick   # smoke check
+    .venv/bin/python benchmarks/bench_speed.py --no-mergekit       # ours only (the mergekit columns read "—")
 
 What it does, per model size:
   1. builds (once; reused while the configuration is unchanged) a base checkpoint and K fine-tunes
      under ``benchmarks/work/`` -- sharded safetensors + index + config.json, written tensor by
      tensor so building never holds a whole model in memory;
-  2. measures the I/O floor: ``cat`` of every input weight file to /dev/null, plus ``dd`` of one
-     file the size of the merged output (no fsync -- the tool does not fsync either);
-  3. times ``mergekit-lite run RECIPE OUT --force -q`` as a child process (wall time, and the
-     child's peak RSS from ``os.wait4`` in a small launcher process), ``--dry-run`` of the same
-     recipe, and ``mergekit-lite --version`` as interpreter start-up.
-Every measurement is repeated ``--repeats`` times, interleaved, and the median is reported. The
-page cache is warm (inputs are read once before timing starts), for the floor and for our run
-alike. Each timed run first waits (``--wait-quiet``) for other processes to leave the CPUs.
+  2. writes, per (method, K), ONE recipe that both tools read and that means the same to both: only
+     mergekit's keys and parameter names (``MERGEKIT_RECIPES``), ``dtype`` = the model's dtype
+     (mergekit's compute dtype, our output dtype); methods only we have (``consensus*``) get
+     ``BENCH_PARAMS`` and are timed for us alone;
+  3. measures the I/O floor: ``cat`` of every input weight file the recipe reads to /dev/null, plus
+     ``dd`` of one file the size of the merged output (no fsync -- neither tool fsyncs);
+  4. times ``mergekit-lite run RECIPE OUT --force -q`` and ``.venv-mergekit/bin/mergekit-yaml RECIPE
+     OUT --quiet --lazy-unpickle --no-copy-tokenizer --out-shard-size N`` (N: our 5 GB default
+     shard size in parameters of the output dtype; CPU and every other option at mergekit's default)
+     as child processes through the same small launcher (wall time, and the child's peak RSS from
+     ``os.wait4``); also ``--dry-run`` of our run and ``mergekit-lite --version`` as start-up.
+Every measurement is repeated ``--repeats`` times, interleaved -- our run and mergekit's alternate,
+ours first on odd repeats and mergekit first on even ones -- and the median is reported. The page
+cache is warm (inputs are read once before timing starts) for the floor and both tools alike. Each
+timed run first waits (``--wait-quiet``) for other processes to leave the CPUs.
+
+Methods that take exactly one model besides the base (slerp, nearswap, arcee_fusion; passthrough
+takes one model) run at K=1 only and nuslerp (two besides the base) at K=2 only; at other K they
+are skipped with a note. Without ``.venv-mergekit/bin/mergekit-yaml`` (``make mergekit-venv``) only
+our runs are timed, with a note.
 
 See benchmarks/README.md for what the columns mean.
 """
@@ -42,6 +55,10 @@ REPO = Path(__file__).resolve().parent.parent
 VENV = REPO / ".venv"
 VENV_PYTHON = VENV / "bin" / "python"
 CLI = VENV / "bin" / "mergekit-lite"
+MERGEKIT_VENV = REPO / ".venv-mergekit"
+MERGEKIT_CLI = MERGEKIT_VENV / "bin" / "mergekit-yaml"
+#: Our default output shard size in bytes (recipe ``output.shard_size``); mergekit's --out-shard-size counts parameters.
+OUR_SHARD_BYTES = 5 * 10**9
 RESULTS = REPO / "BENCHMARKS.md"
 SECTION = "## Speed and memory"
 INTRO = "# Benchmarks\n\nMeasured results for mergekit-lite; each section is written by a script under `benchmarks/` (see benchmarks/README.md).\n"
@@ -147,7 +164,19 @@ def _llama_config(spec: dict):
 
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-    return LlamaConfig(**spec["config"], **{key: spec["dtype"]})
+    # architectures: mergekit picks its tensor layout from it (a bare LlamaConfig leaves it unset)
+    return LlamaConfig(**spec["config"], architectures=["LlamaForCausalLM"], **{key: spec["dtype"]})
+
+
+def _ensure_architectures(folder: Path) -> None:
+    """Add ``architectures`` to the config.json of a checkpoint built before it was written (the weights are unchanged)."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    if not config.get("architectures"):
+        config = {"architectures": ["LlamaForCausalLM"], **config}
+        tmp = path.with_name("config.json.partial")
+        tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
 
 
 def _shapes(config) -> dict[str, tuple[int, ...]]:
@@ -240,10 +269,12 @@ def build_model(size: str, k: int, work: Path, log) -> Model:
 
         _write_checkpoint(model.base, config, shapes, spec["shard_bytes"], make_base)
         log(f"  done in {time.perf_counter() - t0:.1f}s")
+    _ensure_architectures(model.base)
 
     for i in range(1, k + 1):
         folder = model.finetune(i)
         if (folder / ".complete").exists():
+            _ensure_architectures(folder)
             continue
         log(f"building {size} fine-tune ft{i} in {folder}")
         t0 = time.perf_counter()
@@ -365,16 +396,48 @@ def floor_write(path: Path, nbytes: int) -> float:
     return t
 
 
-#: Parameters that make each method do its real work (mergekit's default density 1.0 would skip the
-#: trim): the papers' settings, as the benchmark has always timed them.
-BENCH_PARAMS = {
-    "task_arithmetic": "{lambda: 0.5}",
-    "ties": "{density: 0.2, scope: model}",
-    "dare_linear": "{density: 0.1}",
-    "dare_ties": "{density: 0.1}",
-    "breadcrumbs": "{density: 0.15, gamma: 0.006, scope: row}",
-    "breadcrumbs_ties": "{density: 0.15, gamma: 0.006, scope: row}",
+@dataclass(frozen=True)
+class Shared:
+    """How to write the one recipe both tools run for a method mergekit 0.1.5 has too."""
+
+    params: str = ""  # method parameters, a YAML flow mapping ("": mergekit's defaults)
+    weight: bool = False  # ``weight: 1.0`` on every model (mergekit requires it where the method has a weight)
+    base: bool = True  # base_model given; False: the K fine-tunes alone (linear/karcher would average a base in)
+    ks: tuple[int, int | None] = (1, None)  # the K (models besides the base) mergekit accepts, inclusive
+
+
+#: One recipe per method that mergekit 0.1.5 and we both read, with only mergekit's parameter names and
+#: mergekit's semantics (per-tensor density for the TIES family): the same work for both tools. Densities
+#: below 1 make the sparsifiers do real work (mergekit's default 1.0 would skip the trim).
+MERGEKIT_RECIPES: dict[str, Shared] = {
+    "task_arithmetic": Shared("{lambda: 0.5}", weight=True),  # the output check expects lambda 0.5
+    "ties": Shared("{density: 0.2}", weight=True),
+    "dare_ties": Shared("{density: 0.1}", weight=True),
+    "dare_linear": Shared("{density: 0.1}", weight=True),
+    "breadcrumbs": Shared("{density: 0.15, gamma: 0.01}", weight=True),
+    "breadcrumbs_ties": Shared("{density: 0.15, gamma: 0.01}", weight=True),
+    "della": Shared("{density: 0.5, epsilon: 0.1}", weight=True),
+    "della_linear": Shared("{density: 0.5, epsilon: 0.1}", weight=True),
+    "linear": Shared(weight=True, base=False),
+    "sce": Shared("{select_topk: 0.2}"),
+    "model_stock": Shared(ks=(2, None)),
+    "karcher": Shared(base=False),
+    "multislerp": Shared(weight=True),
+    "ram": Shared(),
+    "ramplus_tl": Shared(),
+    "slerp": Shared("{t: 0.5}", ks=(1, 1)),
+    "nearswap": Shared("{t: 0.5}", ks=(1, 1)),
+    "arcee_fusion": Shared(ks=(1, 1)),
+    "nuslerp": Shared(weight=True, ks=(2, 2)),  # mergekit: exactly two models besides the base
+    "passthrough": Shared(base=False, ks=(1, 1)),  # one model, no base
 }
+
+#: Methods that draw random masks: ours and mergekit's outputs differ entry by entry, by design.
+RANDOM_METHODS = {"dare_ties", "dare_linear", "della", "della_linear"}
+
+#: Parameters for the methods only we have (no mergekit counterpart; timed for us alone). The
+#: consensus methods' defaults already do their real work.
+BENCH_PARAMS: dict[str, str] = {}
 
 
 def fits(method: str, k: int) -> bool:
@@ -386,38 +449,100 @@ def fits(method: str, k: int) -> bool:
     return m.min_models <= count and (m.max_models is None or count <= m.max_models)
 
 
-def write_recipe(path: Path, method: str, model: Model, k: int) -> None:
-    lines = [f"merge_method: {method}", f"base_model: {json.dumps(str(model.base))}", "models:"]
+def runs_at(method: str, k: int) -> str:
+    """Empty when the method runs with K fine-tunes (in both tools, if mergekit has it); else why it does not."""
+    shared = MERGEKIT_RECIPES.get(method)
+    if shared:
+        lo, hi = shared.ks
+        if k < lo or (hi is not None and k > hi):
+            count = {1: "one model", 2: "two models"}.get(lo, f"{lo} models")
+            if lo == hi:
+                return f"takes exactly {count} {'besides the base' if shared.base else 'and no base'} in mergekit 0.1.5: run at K={lo} only"
+            return f"needs at least {count} besides the base in mergekit 0.1.5"
+    if not fits(method, k):
+        return f"does not take {k} fine-tune(s)"
+    return ""
+
+
+def write_recipe(path: Path, method: str, model: Model, k: int) -> list[Path]:
+    """Write the recipe for (method, K); return the checkpoint folders it reads."""
+    shared = MERGEKIT_RECIPES.get(method)
+    use_base = shared.base if shared else True
+    folders = ([model.base] if use_base else []) + [model.finetune(i) for i in range(1, k + 1)]
+    lines = [f"merge_method: {method}"]
+    if use_base:
+        lines.append(f"base_model: {json.dumps(str(model.base))}")
+    lines.append("models:")
     for i in range(1, k + 1):
         lines.append(f"  - model: {json.dumps(str(model.finetune(i)))}")
-        lines.append(f"    name: ft{i}")
-        if method == "task_arithmetic":
+        if shared and shared.weight:
             lines.append("    parameters: {weight: 1.0}")
-    if method in BENCH_PARAMS:
-        lines.append(f"parameters: {BENCH_PARAMS[method]}")
-    lines += ["dtype: float32", "tokenizer_source: base", ""]
+    params = shared.params if shared else BENCH_PARAMS.get(method, "")
+    if params:
+        lines.append(f"parameters: {params}")
+    # the model's dtype: mergekit computes in it; we compute in float32 and write it
+    lines += [f"dtype: {model.dtype}", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
+    return folders
+
+
+MERGEKIT_FLAGS = ("--quiet", "--lazy-unpickle", "--no-copy-tokenizer")
+
+
+def mergekit_command(recipe: Path, out: Path, model: Model) -> list[str]:
+    """mergekit-yaml on CPU with its default options, except: no progress bars (like our -q), lazy unpickling
+    (a no-op for safetensors), no tokenizer to copy (the synthetic models have none), and our shard size."""
+    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[model.dtype]
+    return [str(MERGEKIT_CLI), str(recipe), str(out), *MERGEKIT_FLAGS, "--out-shard-size", str(OUR_SHARD_BYTES // itemsize)]
+
+
+def mergekit_version() -> str:
+    done = subprocess.run(
+        [str(MERGEKIT_VENV / "bin" / "python"), "-c",
+         "import importlib.metadata as m; print(m.version('mergekit'), m.version('torch'), m.version('transformers'))"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, check=False,
+    )
+    parts = done.stdout.split()
+    return f"mergekit {parts[0]} (torch {parts[1]}, transformers {parts[2]})" if len(parts) == 3 else "mergekit (version unknown)"
+
+
+def _get_tensor(folder: Path, name: str):
+    from safetensors import safe_open
+
+    index_file = folder / "model.safetensors.index.json"
+    if index_file.exists():
+        file = folder / json.loads(index_file.read_text())["weight_map"][name]
+    else:
+        file = folder / "model.safetensors"
+    with safe_open(str(file), framework="pt") as f:
+        return f.get_tensor(name)
+
+
+def compare_outputs(ours: Path, theirs: Path, model: Model, method: str) -> str:
+    """One tensor of our output against mergekit's: ‖ours − mk‖ / ‖mk − θ_0‖ (the change from the base);
+    for random-mask methods, ‖ours − θ_0‖ / ‖mk − θ_0‖ (their masks differ, their sizes should not)."""
+    name = "model.layers.0.self_attn.k_proj.weight"
+    try:
+        base = _get_tensor(model.base, name).double()
+        a = _get_tensor(ours, name).double()
+        b = _get_tensor(theirs, name).double()
+    except Exception as exc:  # noqa: BLE001 - an informational column, never a crash
+        return f"not compared ({type(exc).__name__})"
+    change = (b - base).norm().item()
+    if method in RANDOM_METHODS:
+        return f"norm ratio {(a - base).norm().item() / change:.3f} (random masks)" if change else "no change"
+    return f"{(a - b).norm().item() / change:.1e}" if change else f"{(a - b).norm().item():.1e} (abs.)"
 
 
 def check_task_arithmetic(out: Path, model: Model, k: int) -> str:
     """Spot-check one small tensor of the output against θ_0 + 0.5·Σ(θ_t − θ_0), computed here."""
     import torch
-    from safetensors import safe_open
-
-    def get(folder: Path, name: str) -> torch.Tensor:
-        index_file = folder / "model.safetensors.index.json"
-        if index_file.exists():
-            file = folder / json.loads(index_file.read_text())["weight_map"][name]
-        else:
-            file = folder / "model.safetensors"
-        with safe_open(str(file), framework="pt") as f:
-            return f.get_tensor(name)
 
     name = "model.layers.0.self_attn.k_proj.weight"
-    base = get(model.base, name).float()
-    expect = base + 0.5 * sum(get(model.finetune(i), name).float() - base for i in range(1, k + 1))
-    got = get(out, name)
+    base = _get_tensor(model.base, name).float()
+    expect = base + 0.5 * sum(_get_tensor(model.finetune(i), name).float() - base for i in range(1, k + 1))
+    got = _get_tensor(out, name)
     expect = expect.to(got.dtype).float()
     err = (got.float() - expect).abs().max().item()
     tol = 1e-5 if got.dtype == torch.float32 else 2 * 2**-8 * expect.abs().max().item()
@@ -447,6 +572,15 @@ class Row:
     error: str = ""
     walls: list[float] = field(default_factory=list)
     busy: list[float] = field(default_factory=list)
+    # mergekit's run of the same recipe; ``mk_absent`` says why there is none ("" when it ran)
+    mk_absent: str = ""
+    mk_wall: float = float("nan")
+    mk_rss_mib: float = float("nan")
+    mk_walls: list[float] = field(default_factory=list)
+    mk_busy: list[float] = field(default_factory=list)
+    mk_error: str = ""
+    mk_check: str = ""
+    agree: str = ""
 
     @property
     def floor(self) -> float:
@@ -473,35 +607,53 @@ def fmt_params(n: int) -> str:
 
 
 def tables(rows: list[Row]) -> str:
+    dash = "—"
     out = [
-        "| model | params | dtype | K | method | ours wall (s, median) | floor (s) | ratio ours/floor | ratio (ours − startup)/floor "
-        "| peak RSS (MiB) | largest tensor (MiB) | peak RSS ÷ largest tensor |",
-        "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | K | method | ours wall (s) | mergekit wall (s) | mergekit/ours speed ratio | ours peak RSS (MiB) "
+        "| mergekit peak RSS (MiB) | RSS ratio ours/mergekit | floor (s) | ours/floor |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        m = r.model
-        largest = m.largest[2] / MiB
-        if r.error:
-            out.append(f"| {r.size} | {fmt_params(m.params)} | {m.dtype} | {r.k} | {r.method} | failed: {r.error} | {r.floor:.2f} | | | | {largest:.1f} | |")
-            continue
+        ours_ok = not r.error
+        ours_wall = f"{r.wall:.2f}" if ours_ok else f"failed: {r.error}"
+        ours_rss = f"{r.rss_mib:.0f}" if ours_ok else ""
+        if r.mk_absent:
+            mk_wall = mk_rss = speed = rss_ratio = dash
+        elif r.mk_error:
+            mk_wall, mk_rss, speed, rss_ratio = f"failed: {r.mk_error}", "", "", ""
+        else:
+            mk_wall, mk_rss = f"{r.mk_wall:.2f}", f"{r.mk_rss_mib:.0f}"
+            speed = f"{r.mk_wall / r.wall:.2f}" if ours_ok else ""
+            rss_ratio = f"{r.rss_mib / r.mk_rss_mib:.2f}" if ours_ok else ""
+        vs_floor = f"{r.wall / r.floor:.1f}" if ours_ok else ""
         out.append(
-            f"| {r.size} | {fmt_params(m.params)} | {m.dtype} | {r.k} | {r.method} | {r.wall:.2f} | {r.floor:.2f} "
-            f"| {r.wall / r.floor:.1f} | {(r.wall - r.startup) / r.floor:.1f} | {r.rss_mib:.0f} | {largest:.1f} | {r.rss_mib / largest:.1f} |"
+            f"| {r.size} | {r.k} | {r.method} | {ours_wall} | {mk_wall} | {speed} | {ours_rss} | {mk_rss} | {rss_ratio} "
+            f"| {r.floor:.2f} | {vs_floor} |"
         )
     out += [
         "",
-        "Floor breakdown and start-up (medians; the floor is `cat` of every input weight file to /dev/null plus `dd` of one "
-        "file of the output's size, both with a warm page cache and no fsync):",
+        "Floor breakdown and start-up (medians; the floor is `cat` of every input weight file the recipe reads to /dev/null "
+        "plus `dd` of one file of the output's size, both with a warm page cache and no fsync):",
         "",
         "| model | K | method | read (GB) | read (s) | read (GB/s) | write (GB) | write (s) | start-up `--version` (s) | `--dry-run` (s) "
-        "| ours − start-up (s) | ours, every repeat (s) | other CPU load before each (%) | output check |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
+        "| ours − start-up (s) | (ours − start-up)/floor | ours, every repeat (s) | mergekit, every repeat (s) "
+        "| other CPU load before each run, ours / mergekit (%) | output check | ours vs mergekit, one tensor |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|---|",
     ]
+
+    def pct(xs: list[float]) -> str:
+        return ", ".join(f"{b * 100:.0f}" for b in xs) or dash
+
     for r in rows:
+        mk_walls = ", ".join(f"{w:.2f}" for w in r.mk_walls) or (dash if r.mk_absent else "failed")
+        check = r.check or ("failed" if r.error else "not checked")
+        if r.mk_check:
+            check = f"ours {check}; mergekit {r.mk_check}"
         out.append(
             f"| {r.size} | {r.k} | {r.method} | {r.read_bytes / 1e9:.2f} | {r.read:.3f} | {r.read_bytes / 1e9 / r.read:.1f} | {r.write_bytes / 1e9:.2f} "
-            f"| {r.write:.3f} | {r.startup:.2f} | {r.dry_wall:.2f} | {(r.wall - r.startup):.2f} | {', '.join(f'{w:.2f}' for w in r.walls)} "
-            f"| {', '.join(f'{b * 100:.0f}' for b in r.busy)} | {r.check or ('failed' if r.error else 'not checked')} |"
+            f"| {r.write:.3f} | {r.startup:.2f} | {r.dry_wall:.2f} | {(r.wall - r.startup):.2f} | {(r.wall - r.startup) / r.floor:.1f} "
+            f"| {', '.join(f'{w:.2f}' for w in r.walls) or 'failed'} | {mk_walls} "
+            f"| {pct(r.busy)} / {pct(r.mk_busy)} | {check} | {r.agree or dash} |"
         )
     # memory-vs-size table: one row per size, for the first method/K measured for it
     out += [
@@ -550,8 +702,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--methods", nargs="+", metavar="METHOD",
-        help="methods to time (default: every method registered in mergekit_lite.methods.METHODS that writes a merged model; "
-        "task_arithmetic gets weight 1.0 and lambda 0.5, the others their default parameters)",
+        help="methods to time (default: every method registered in mergekit_lite.methods.METHODS that writes a merged model "
+        "and takes one of the K given; the recipes are in MERGEKIT_RECIPES, mergekit's parameter names only; "
+        "a (method, K) that does not fit is skipped with a note)",
     )
     p.add_argument("--sizes", nargs="+", choices=sorted(SIZES), metavar="SIZE", help=f"model sizes (default: all: {' '.join(SIZES)})")
     p.add_argument("--k", nargs="+", type=int, default=[4], metavar="K", help="numbers of fine-tunes to merge (default: 4)")
@@ -564,7 +717,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--wait-quiet", type=float, default=60, metavar="S",
         help="before each timed run, wait up to S seconds for other processes to leave the CPUs (under 20%% busy; default: 60)",
     )
-    p.add_argument("--profile", action="store_true", help="also cProfile one run per (size, K, method) and print the top functions")
+    p.add_argument(
+        "--no-mergekit", action="store_true",
+        help=f"time only our CLI (default: also mergekit 0.1.5's mergekit-yaml from {MERGEKIT_CLI.relative_to(REPO)}, when it exists)",
+    )
+    p.add_argument("--profile", action="store_true", help="also cProfile one of our runs per (size, K, method) and print the top functions")
     args = p.parse_args(argv)
     if args.quick:
         args.sizes = args.sizes or ["40m"]
@@ -592,32 +749,94 @@ def main(argv: list[str]) -> int:
     if collections:
         print(f"error: {', '.join(collections)} write(s) a collection, not a merged model; this benchmark times `mergekit-lite run`", file=sys.stderr)
         return 2
-    methods = args.methods or sorted((m for m in METHODS if makes_model(m) and all(fits(m, k) for k in args.k)), key=lambda m: (m != "task_arithmetic", m))
+    methods = args.methods or sorted(
+        (m for m in METHODS if makes_model(m) and any(not runs_at(m, k) for k in args.k)), key=lambda m: (m != "task_arithmetic", m)
+    )
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
+
+    notes: list[str] = []
+    if args.no_mergekit:
+        mk_missing = "not run (--no-mergekit)"
+        mk_line = "mergekit: not run (--no-mergekit)"
+    elif not MERGEKIT_CLI.exists():
+        mk_missing = "not installed"
+        mk_line = f"mergekit: not installed ({MERGEKIT_CLI} not found; `make mergekit-venv` creates it)"
+        log(f"NOTE: {MERGEKIT_CLI} not found, so only our CLI is timed (the mergekit columns read \"—\"). "
+            "Create it with `make mergekit-venv`, or pass --no-mergekit to skip it on purpose.")
+        notes.append(f"mergekit was not timed: {MERGEKIT_CLI.relative_to(REPO)} was not found (`make mergekit-venv` creates it).")
+    else:
+        mk_missing = ""
+        mk_line = mergekit_version()
+        # untimed warm-up: the first start of a fresh venv compiles its .pyc files
+        warm = run_child([str(MERGEKIT_CLI), "--help"], 600)
+        if warm.rc != 0:
+            log(f"NOTE: `{MERGEKIT_CLI} --help` failed (exit {warm.rc}); only our CLI is timed: {warm.stderr.strip()[-500:]}")
+            mk_missing = "does not start"
+            notes.append(f"mergekit was not timed: `mergekit-yaml --help` failed (exit {warm.rc}).")
 
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     command = " ".join([".venv/bin/python benchmarks/bench_speed.py", *[shlex.quote(a) for a in argv]])
     env_line = machine()
     log(f"machine: {env_line}")
+    log(mk_line)
+
+    # one note per (method, reason), listing the K it skips
+    by_reason: dict[tuple[str, str], list[int]] = {}
+    for m in methods:
+        for k in args.k:
+            why = runs_at(m, k)
+            if why:
+                by_reason.setdefault((m, why), []).append(k)
+    for (m, why), ks in by_reason.items():
+        note = f"{m}: skipped at K={', '.join(map(str, ks))} ({why})."
+        notes.append(note)
+        log(f"NOTE: {note}")
+    ours_only = [m for m in methods if m not in MERGEKIT_RECIPES]
+    if ours_only and not mk_missing:
+        notes.append(f"{', '.join(ours_only)}: ours only (no such method in mergekit 0.1.5); the mergekit columns read \"—\".")
 
     rows: list[Row] = []
     for size in args.sizes:
         model = build_model(size, max(args.k), work, log)
         for k in args.k:
-            inputs = weight_files(model.base) + [f for i in range(1, k + 1) for f in weight_files(model.finetune(i))]
-            read_bytes = sum(f.stat().st_size for f in inputs)
             write_bytes = sum(f.stat().st_size for f in weight_files(model.base))
-            floor_read(inputs)  # warm the page cache (untimed)
+            floor_read(weight_files(model.base) + [f for i in range(1, k + 1) for f in weight_files(model.finetune(i))])  # warm the page cache (untimed)
             for method in methods:
+                if runs_at(method, k):
+                    continue
                 recipe = work / "recipes" / f"{size}-{method}-k{k}.yml"
                 out = work / "out" / f"{size}-{method}-k{k}"
+                mk_out = work / "out" / f"{size}-{method}-k{k}-mergekit"
                 out.parent.mkdir(parents=True, exist_ok=True)
-                write_recipe(recipe, method, model, k)
+                folders = write_recipe(recipe, method, model, k)
+                inputs = [f for folder in folders for f in weight_files(folder)]
+                read_bytes = sum(f.stat().st_size for f in inputs)
+                absent = mk_missing or ("" if method in MERGEKIT_RECIPES else "ours only")
                 reads, writes, walls, rss, dry_walls, dry_rss, startups, busy = [], [], [], [], [], [], [], []
-                error = ""
+                mk_walls, mk_rss, mk_busy = [], [], []
+                error = mk_error = ""
+
+                def timed(tool: str) -> None:
+                    nonlocal error, mk_error
+                    target = out if tool == "ours" else mk_out
+                    cmd = [str(CLI), "run", str(recipe), str(out), "--force", "-q"] if tool == "ours" else mergekit_command(recipe, mk_out, model)
+                    shutil.rmtree(target, ignore_errors=True)  # time the merge, not removing the last output
+                    (busy if tool == "ours" else mk_busy).append(wait_for_quiet(args.wait_quiet))
+                    res = run_child(cmd, args.timeout)
+                    if res.rc != 0:
+                        msg = (res.stderr.strip().splitlines() or [f"exit {res.rc}"])[-1][:200].replace("|", "/")
+                        log(f"{size} K={k} {method}: {tool} FAILED (exit {res.rc}): {res.stderr.strip()[-2000:]}")
+                        if tool == "ours":
+                            error = msg
+                        else:
+                            mk_error = msg
+                        return
+                    (walls if tool == "ours" else mk_walls).append(res.wall)
+                    (rss if tool == "ours" else mk_rss).append(res.maxrss_kib / 1024)
+
                 for rep in range(args.repeats):  # interleaved, so slow spells of a shared machine hit all alike
                     startups.append(run_child([str(CLI), "--version"]).wall)
                     dry = run_child([str(CLI), "run", str(recipe), str(out), "--dry-run", "--force", "-q"], args.timeout)
@@ -625,49 +844,75 @@ def main(argv: list[str]) -> int:
                     dry_rss.append(dry.maxrss_kib / 1024)
                     reads.append(floor_read(inputs))
                     writes.append(floor_write(work / "out" / "floor-write.bin", write_bytes))
-                    shutil.rmtree(out, ignore_errors=True)  # time the merge, not removing the last output
-                    busy.append(wait_for_quiet(args.wait_quiet))
-                    res = run_child([str(CLI), "run", str(recipe), str(out), "--force", "-q"], args.timeout)
-                    if res.rc != 0:
-                        error = (res.stderr.strip().splitlines() or [f"exit {res.rc}"])[-1][:200].replace("|", "/")
-                        log(f"{size} K={k} {method}: FAILED (exit {res.rc}): {res.stderr.strip()[-2000:]}")
+                    # ours and mergekit alternate; who goes first alternates too, so neither always follows the floor
+                    order = ["ours", "mergekit"] if rep % 2 == 0 else ["mergekit", "ours"]
+                    for tool in order:
+                        if tool == "ours" and not error:
+                            timed("ours")
+                        elif tool == "mergekit" and not absent and not mk_error:
+                            timed("mergekit")
+                    if error and (absent or mk_error):
                         break
-                    walls.append(res.wall)
-                    rss.append(res.maxrss_kib / 1024)
-                    log(
-                        f"{size} K={k} {method} [{rep + 1}/{args.repeats}]: ours {res.wall:.2f}s, peak RSS {res.maxrss_kib / 1024:.0f} MiB; "
-                        f"floor read {reads[-1]:.2f}s + write {writes[-1]:.2f}s; start-up {startups[-1]:.2f}s, dry run {dry_walls[-1]:.2f}s; "
-                        f"other CPU load just before: {busy[-1]:.0%}"
+                    mk_part = (
+                        f"mergekit {mk_walls[-1]:.2f}s, peak RSS {mk_rss[-1]:.0f} MiB" if mk_walls and not mk_error
+                        else f"mergekit {'failed' if mk_error else absent}"
                     )
-                check = ""
+                    ours_part = f"ours {walls[-1]:.2f}s, peak RSS {rss[-1]:.0f} MiB" if walls and not error else "ours failed"
+                    log(
+                        f"{size} K={k} {method} [{rep + 1}/{args.repeats}]: {ours_part}; {mk_part}; "
+                        f"floor read {reads[-1]:.2f}s + write {writes[-1]:.2f}s; start-up {startups[-1]:.2f}s, dry run {dry_walls[-1]:.2f}s; "
+                        f"other CPU load just before: ours {', '.join(f'{b:.0%}' for b in busy[-1:])}"
+                        + (f", mergekit {mk_busy[-1]:.0%}" if mk_busy else "")
+                    )
+                check = mk_check = agree = ""
                 if not error and method == "task_arithmetic":
                     check = check_task_arithmetic(out, model, k)
-                    log(f"  output check: {check}")
-                rows.append(
-                    Row(size, model, k, method, median(walls), median(startups), median(reads), median(writes), median(rss),
-                        median(dry_rss), median(dry_walls), read_bytes, write_bytes, check, error, walls, busy)
+                    log(f"  output check, ours: {check}")
+                if not absent and not mk_error and mk_walls:
+                    if method == "task_arithmetic":
+                        mk_check = check_task_arithmetic(mk_out, model, k)
+                        log(f"  output check, mergekit: {mk_check}")
+                    if not error:
+                        agree = compare_outputs(out, mk_out, model, method)
+                        log(f"  ours vs mergekit on one tensor: {agree}")
+                row = Row(
+                    size, model, k, method, median(walls), median(startups), median(reads), median(writes), median(rss),
+                    median(dry_rss), median(dry_walls), read_bytes, write_bytes, check, error, walls, busy,
+                    absent, median(mk_walls), median(mk_rss), mk_walls, mk_busy, mk_error, mk_check, agree,
                 )
+                rows.append(row)
                 if args.profile and not error:
                     profile_once(recipe, out, work / "prof" / f"{size}-{method}-k{k}.prof", log)
                 shutil.rmtree(out, ignore_errors=True)
+                shutil.rmtree(mk_out, ignore_errors=True)
 
     body = tables(rows)
-    footer = (
-        f"\nCommand: `{command}` ({args.repeats} repeat(s) per measurement, medians shown; page cache warm for the floor and for our runs; "
-        f"our wall time is the whole `mergekit-lite run RECIPE OUT --force -q` process, start-up included).\n\n"
-        f"Machine: {env_line}.\n"
+    mk_cmd = " ".join(["mergekit-yaml RECIPE OUT", *MERGEKIT_FLAGS, "--out-shard-size N"])
+    mk_text = "" if mk_missing else (
+        f"mergekit: `{mk_cmd}` (CPU, every other option at its default; N = our 5 GB shard size in parameters of the output dtype), "
+        f"on the same recipe file, interleaved with ours (ours first on odd repeats, mergekit first on even ones). "
+        f"*mergekit/ours speed ratio* = mergekit wall ÷ ours (above 1: we are faster); *RSS ratio* = our peak RSS ÷ mergekit's "
+        f"(below 1: we use less)."
     )
-    noisy = [b for r in rows for b in r.busy if b == b and b > 0.2]
+    footer = (
+        f"\nCommand: `{command}` ({args.repeats} repeat(s) per measurement, medians shown; page cache warm for the floor and for "
+        f"every run; each wall time is the whole process, start-up included). Ours: `mergekit-lite run RECIPE OUT --force -q`."
+        f"{' ' + mk_text if mk_text else ''}\n\nMachine: {env_line}. {mk_line}.\n"
+    )
+    if notes:
+        footer += "\nNotes:\n\n" + "".join(f"* {n}\n" for n in notes)
+    noisy = [b for r in rows for b in (*r.busy, *r.mk_busy) if b == b and b > 0.2]
     if noisy:
         footer += (
             f"\n**Warning:** other processes kept {max(noisy):.0%} of the CPUs busy just before {len(noisy)} of the timed runs; "
-            "those timings are inflated (torch's two intra-op threads wait for a core). Re-run on a quiet machine.\n"
+            "those timings are inflated (torch's intra-op threads wait for a core). Re-run on a quiet machine.\n"
         )
     print(body + "\n" + footer)
     if args.write:
         write_results(body + "\n" + footer)
         log(f"wrote the '{SECTION}' section of {RESULTS}")
-    return 1 if any(r.error or (r.check and r.check != "ok") for r in rows) else 0
+    failed = any(r.error or r.mk_error or (r.check and r.check != "ok") or (r.mk_check and r.mk_check != "ok") for r in rows)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
