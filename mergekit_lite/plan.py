@@ -132,7 +132,7 @@ class Plan:
         merged = sum(1 for j in self.jobs if j.merge)
         largest = self.largest_merged
         shards = plan_shards((j.out for j in self.jobs), self.recipe.output.shard_size)
-        varying = sorted({k for j in self.jobs if j.merge for k, v in j.params.items() if v != self.params.get(k)})
+        varying = self.per_tensor_parameters()
         lines = [
             f"method:        {self.method.name} ({self.method.summary})",
             f"base:          {self.base.ref if self.base is not None else 'none'}",
@@ -149,6 +149,18 @@ class Plan:
         if self.config_updates:
             lines.append("config changes: " + ", ".join(f"{k}={v}" for k, v in self.config_updates.items() if not isinstance(v, list)))
         return "\n".join(lines)
+
+    def per_tensor_parameters(self) -> list[str]:
+        """Parameters whose resolved value is not the same for every merged tensor (gradients, filters)."""
+        seen: dict[tuple[str, int], set[str]] = {}  # (name, input index or -1 for the merge's own) -> values
+        for job in self.jobs:
+            if job.merge:
+                for key, value in job.params.items():
+                    seen.setdefault((key, -1), set()).add(repr(value))
+                for i, own in enumerate(job.model_params):
+                    for key, value in own.items():
+                        seen.setdefault((key, i), set()).add(repr(value))
+        return sorted({key for (key, _), values in seen.items() if len(values) > 1})
 
     def close(self) -> None:
         for ckpt in self.checkpoints:

@@ -70,6 +70,8 @@ def test_gradient_over_layers_and_precedence(deep, tmp_path):
         assert [p["weight"] for p in jobs["model.layers.4.mlp.up_proj.weight"].model_params] == [3.0, 2.0]
         assert [p["weight"] for p in jobs["model.layers.0.self_attn.q_proj.weight"].model_params] == [2.0, 2.0]
         assert jobs["model.norm.weight"].params["normalize"] is False and jobs["model.norm.weight"].t == 0.0
+        assert the_plan.per_tensor_parameters() == ["normalize", "weight"]
+        assert "per-tensor parameters: normalize, weight" in the_plan.summary()
     finally:
         the_plan.close()
     out = load_state(mergekit_lite.run(recipe, tmp_path / "out", progress=False))
