@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import unicodedata
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any, Iterator
 import torch
 
 from .errors import CheckpointError
+from .text import one_line
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -68,13 +68,8 @@ def _bounded_nbytes(shape: tuple[int, ...], itemsize: int) -> int | None:
 
 
 def _show(value: object) -> str:
-    """A name, reference or path for a one-line message: line breaks, control characters and lone
-    surrogates (which cannot be printed) are escaped as ``\\n``, ``\\x00``, ``\\ud800``."""
-    text = str(value)
-    bad = ("Cc", "Cs", "Zl", "Zp")
-    if all(unicodedata.category(c) not in bad for c in text):
-        return text
-    return "".join(c if unicodedata.category(c) not in bad else repr(c)[1:-1] for c in text)
+    """A name, reference or path for a one-line message (line breaks and control characters escaped)."""
+    return one_line(str(value))
 
 
 def _first_line(exc: BaseException, limit: int = 300) -> str:
