@@ -91,7 +91,7 @@ def evaluate(case: harness.Case) -> dict:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
-        f"mergekit {meta.get('mergekit_version', '?')} vs mergekit-lite on {len(rows)} published configs "
+        f"mergekit {meta.get('mergekit_version', '?')} vs mergekit-lite on {len(rows)} configs "
         f"(tiny Llama checkpoints, float32; mergekit run: {meta.get('seconds', '?')} s for all)",
         "",
         "| config | method | features | mergekit | ours | max rel. diff | notes |",
