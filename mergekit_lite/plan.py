@@ -298,8 +298,9 @@ def _plan_models(recipe: Recipe, b: _Builder) -> Plan:
     layers = layer_count(layout)
     jobs = []
     out_names = list(layout.names)
+    known = set(out_names)
     for ref, ckpt in ((r, b.checkpoints[b.index[r]]) for r in dict.fromkeys(refs)):
-        extra = [n for n in ckpt.names if n not in set(out_names) and selected(n, recipe.include, recipe.exclude)
+        extra = [n for n in ckpt.names if n not in known and selected(n, recipe.include, recipe.exclude)
                  and not (n == "lm_head.weight" and layout.ties_embeddings)]
         if extra:
             raise CheckpointError(
@@ -317,13 +318,13 @@ def _plan_models(recipe: Recipe, b: _Builder) -> Plan:
     )
 
 
-def _layer_tensors(ckpt: Checkpoint, index: int) -> list[tuple[str, str]]:
-    """(prefix, suffix) of every tensor of block ``index``, in the checkpoint's order."""
-    out = []
+def _layer_tensors(ckpt: Checkpoint) -> dict[int, list[tuple[str, str]]]:
+    """Block index → (prefix, suffix) of each of its tensors, in the checkpoint's order (one scan of the names)."""
+    out: dict[int, list[tuple[str, str]]] = {}
     for name in ckpt.names:
         m = LAYER_NAME.match(name)
-        if m and int(m.group("index")) == index:
-            out.append((m.group("prefix"), m.group("suffix")))
+        if m:
+            out.setdefault(int(m.group("index")), []).append((m.group("prefix"), m.group("suffix")))
     return out
 
 
@@ -353,6 +354,7 @@ def _plan_slices(recipe: Recipe, b: _Builder) -> Plan:
     edge_jobs(pre, 0)
     out_layer = 0
     layer_sources: list[tuple[int, int]] = []  # (checkpoint, layer) each output layer was taken from (its first source)
+    blocks: dict[int, dict[int, list[tuple[str, str]]]] = {}  # checkpoint → its blocks' tensors
     for i, sl in enumerate(recipe.slices):
         refs = [s.model for s in sl.sources]
         levels = [[s.parameters, sl.parameters, recipe.parameters] for s in sl.sources]
@@ -363,8 +365,10 @@ def _plan_slices(recipe: Recipe, b: _Builder) -> Plan:
                 raise RecipeError(f"slices[{i}].sources: layer_range {list(s.layer_range)} goes past the {available} layers of {ref}")
         for offset in range(count):
             t = offset / (count - 1) if count > 1 else 1.0
-            first = b.checkpoints[b.index[refs[0]]]
-            tensors = _layer_tensors(first, sl.sources[0].layer_range[0] + offset)
+            first = b.index[refs[0]]
+            if first not in blocks:
+                blocks[first] = _layer_tensors(b.checkpoints[first])
+            tensors = blocks[first].get(sl.sources[0].layer_range[0] + offset, [])
             for prefix, suffix in tensors:
                 names = [f"{prefix}{s.layer_range[0] + offset}{suffix}" for s in sl.sources]
                 jobs.append(b.job(f"{prefix}{out_layer}{suffix}", refs, names, [default_name(r) for r in refs], sl.base_model or recipe.base_model,
