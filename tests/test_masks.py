@@ -15,6 +15,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from mergekit_lite.ops import (
+    elect_and_merge,
     breadcrumbs,
     breadcrumbs_mask,
     consensus_mask,
@@ -349,6 +350,29 @@ def test_ties_merge_matches_loop_reference_property(T, n, mode, density, fallbac
     weights = data.draw(st.lists(st.sampled_from([1.0, 0.5, 2.0, -1.0, 0.0]), min_size=T, max_size=T))
     got = ties_merge(t64(vals), density, t64(weights), mode, fallback).tolist()
     assert got == ref_ties(vals, density, weights, mode, fallback)
+
+
+@FAST
+@given(
+    st.integers(1, 5),
+    st.integers(1, 10),
+    st.sampled_from(["mean", "sum", "max"]),
+    st.sampled_from([1.0, -1.0, 0.0]),
+    st.data(),
+)
+def test_elect_and_merge_matches_loop_reference_property(T, n, mode, fallback, data):
+    """The running-sum election/merge equals the entry-by-entry reference on already-trimmed task vectors."""
+    vals = data.draw(st.lists(st.lists(dyadic, min_size=n, max_size=n), min_size=T, max_size=T))
+    weights = data.draw(st.lists(st.sampled_from([1.0, 0.5, 2.0, -1.0, 0.0]), min_size=T, max_size=T))
+    deltas = [t64(row) for row in vals]
+    got = elect_and_merge(deltas, weights, mode, fallback).tolist()
+    assert got == ref_ties(vals, 1.0, weights, mode, fallback)
+    assert deltas == []  # consumed: each input is released once merged
+
+
+def test_elect_and_merge_refuses_mismatched_weights():
+    with pytest.raises(ValueError, match="one entry per task vector"):
+        elect_and_merge([torch.ones(3)], [1.0, 2.0])
 
 
 @pytest.mark.parametrize("mode", ["mean", "sum", "max"])

@@ -17,8 +17,7 @@ from ..ops import (
     dare_mask,
     della_keep_probabilities,
     della_mask,
-    disjoint_merge,
-    elect_sign,
+    elect_and_merge,
     generator_for,
     keep_count,
     magnitude_mask,
@@ -182,12 +181,10 @@ def combine_sign_consensus(sparsified: Iterable[torch.Tensor], ctx: TensorContex
     """TIES election and disjoint merge: γ = sign(Σ_t w_t τ̂_t), then the entries agreeing with γ.
 
     A zero sum counts as positive (mergekit), or takes the model-wide majority sign at model scope.
+    Running sums over the kept task vectors (``elect_and_merge``), never a [T, ...] stack.
     """
-    stacked = stack_deltas(sparsified, len(ctx.model_params))
-    weights = ctx.weights(stacked.dtype, stacked.device)
     fallback = ctx.model_statistics.get("majority", 1.0) if ctx.params.get("scope") == "model" else 1.0
-    sign = elect_sign(stacked * weights.view(-1, *([1] * (stacked.dim() - 1))), fallback=fallback)
-    return disjoint_merge(stacked, sign, weights, merge_mode(ctx))
+    return elect_and_merge(list(sparsified), _weights(ctx), merge_mode(ctx), fallback)
 
 
 def family_combine(sparsify: Sparsifier, consensus: bool) -> Callable[[Iterable[torch.Tensor], TensorContext], torch.Tensor]:

@@ -6,6 +6,7 @@ No file I/O and no knowledge of recipes: everything here takes tensors and numbe
 from .combine import (
     SLERP_DOT_THRESHOLD,
     disjoint_merge,
+    elect_and_merge,
     elect_sign,
     majority_sign_count,
     slerp,
@@ -40,6 +41,7 @@ __all__ = [
     "della_keep_probabilities",
     "della_mask",
     "disjoint_merge",
+    "elect_and_merge",
     "elect_sign",
     "generator_for",
     "keep_count",

@@ -84,6 +84,48 @@ def disjoint_merge(
     return selected.sum(dim=0) / divisor
 
 
+def elect_and_merge(deltas: list[Tensor], weights: Sequence[float], mode: str = "mean", fallback: float = 1.0) -> Tensor:
+    """TIES sign election and disjoint merge with running reductions: no [T, ...] stack.
+
+    Same result as ``disjoint_merge(stack(deltas), elect_sign(w·stack(deltas), fallback), w, mode)``
+    (up to the order of floating-point additions) in about T + 3 copies of one tensor instead of
+    about 4·T. The tensors in ``deltas`` (trimmed, not yet weighted) are overwritten and the list
+    is emptied as they are used, so each is freed as soon as it has been merged.
+    """
+    _check_mode(mode)
+    if not deltas:
+        raise ValueError("elect_and_merge needs at least one task vector")
+    if len(weights) != len(deltas):
+        raise ValueError(f"weights must have one entry per task vector ({len(deltas)}), got {len(weights)}")
+    total = torch.zeros_like(deltas[0])
+    for w, delta in zip(weights, deltas):
+        total.add_(delta, alpha=float(w))
+    # the elected sign: sign of the weighted sum; an exact zero takes the fallback (0 reads as negative)
+    positive = total > 0 if float(fallback) <= 0 else total >= 0
+    del total
+    merged = torch.zeros_like(deltas[0])
+    best = torch.zeros_like(deltas[0]) if mode == "max" else None
+    divisor = torch.zeros_like(deltas[0]) if mode == "mean" else None
+    weights = [float(w) for w in weights]
+    deltas.reverse()  # pop() from the end hands them out in order and drops our reference
+    for w in weights:
+        v = deltas.pop().mul_(w)
+        agree = torch.where(positive, v > 0, v < 0)
+        v.masked_fill_(~agree, 0)
+        if best is not None:  # max: the agreeing value of largest |v|, the first one on ties (argmax)
+            larger = v.abs() > best
+            merged = torch.where(larger, v, merged)
+            best = torch.where(larger, v.abs(), best)
+        else:
+            merged.add_(v)
+            if divisor is not None:
+                divisor.add_(agree.to(divisor.dtype), alpha=w)
+        del v, agree
+    if divisor is not None:
+        merged.div_(divisor.masked_fill_(divisor == 0, 1))
+    return merged
+
+
 def ties_merge(
     deltas: Tensor,
     density: float,

@@ -180,7 +180,12 @@ def breadcrumbs_mask(x: Tensor, density: float, gamma: float, scope: str = "row"
     n = x.numel()
     target = keep_count(n, d)
     n_top = min(keep_count(n, g), n - target)
-    return _band_mask(mag.reshape(-1), n_top, n_top + target).reshape(x.shape)
+    # the band [n_top, n_top + target) of the stable descending order, as two selections instead of
+    # a full sort: the top (n_top + target) minus the top n_top (both take ties by lower index first)
+    keep = topk_count_mask(mag, n_top + target)
+    if n_top > 0:
+        keep &= ~topk_count_mask(mag, n_top)
+    return keep
 
 
 def breadcrumbs(x: Tensor, density: float, gamma: float, scope: str = "row") -> Tensor:
