@@ -7,12 +7,12 @@ compressed collection (base + τ_MTL + one bit per weight per task) instead of a
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 
 from ..errors import RecipeError
-from ..ops import consensus_mask, tall_mask, ties_merge
+from ..ops import elect_and_merge, magnitude_mask, tall_mask
 from .base import MergeMethod, Param, TensorContext, register
 from .task_arithmetic import INT8_MASK, LAMBDA, WEIGHT, stack_deltas, ties_model_statistics, ties_passes
 
@@ -28,12 +28,19 @@ CONSENSUS_K = Param("consensus_k", int, 2, "Keep weights used by at least k task
 TALL_TIES_DENSITY = 0.2
 
 
-def multitask_vector(stacked: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
-    """τ_MTL for TALL masks: Σ_t τ_t, or TIES with density 0.2 and sum over model-scope thresholds."""
+def multitask_vector(deltas: Sequence[torch.Tensor] | torch.Tensor, ctx: TensorContext) -> torch.Tensor:
+    """τ_MTL for TALL masks: Σ_t τ_t, or TIES with density 0.2 and sum over model-scope thresholds.
+
+    Running sums over the (already weighted) task vectors, which are left unchanged.
+    """
     if ctx.params["aggregate"] == "task_arithmetic":
-        return stacked.sum(dim=0)
-    thresholds = torch.tensor(ctx.model_statistics["thresholds"], dtype=stacked.dtype, device=stacked.device)
-    return ties_merge(stacked, TALL_TIES_DENSITY, None, "sum", ctx.model_statistics["majority"], thresholds)
+        total = torch.zeros_like(deltas[0])
+        for delta in deltas:
+            total.add_(delta)
+        return total
+    thresholds = ctx.model_statistics["thresholds"]
+    trimmed = [delta.masked_fill(~magnitude_mask(delta, thr), 0) for delta, thr in zip(deltas, thresholds)]
+    return elect_and_merge(trimmed, [1.0] * len(trimmed), "sum", ctx.model_statistics["majority"])
 
 
 def tall_masks_for(stacked: torch.Tensor, tau_mtl: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
@@ -47,10 +54,14 @@ def _weighted(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> Iterable[to
 
 
 def _combine_consensus(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
-    stacked = stack_deltas(_weighted(deltas, ctx), len(ctx.model_params))
-    tau_mtl = multitask_vector(stacked, ctx)
-    keep = consensus_mask(tall_masks_for(stacked, tau_mtl, ctx), ctx.params["consensus_k"])
-    return tau_mtl.masked_fill_(~keep, 0)
+    """τ_MTL where at least k tasks' TALL masks agree: per-task masks counted one at a time, never stacked."""
+    kept = list(_weighted(deltas, ctx))
+    tau_mtl = multitask_vector(kept, ctx)
+    votes = torch.zeros(tau_mtl.shape, dtype=torch.uint8 if len(kept) < 256 else torch.int32, device=tau_mtl.device)
+    for delta, p in zip(kept, ctx.model_params):
+        votes.add_(tall_mask(delta, tau_mtl, p["tall_lambda"]))
+    kept.clear()
+    return tau_mtl.masked_fill_(votes < ctx.params["consensus_k"], 0)
 
 
 def aggregate_statistics(source: Any, params: dict[str, Any], model_params: list[dict[str, Any]]) -> dict[str, Any]:

@@ -84,13 +84,16 @@ def disjoint_merge(
     return selected.sum(dim=0) / divisor
 
 
-def elect_and_merge(deltas: list[Tensor], weights: Sequence[float], mode: str = "mean", fallback: float = 1.0) -> Tensor:
+def elect_and_merge(
+    deltas: list[Tensor], weights: Sequence[float], mode: str = "mean", fallback: float = 1.0, consume: bool = True
+) -> Tensor:
     """TIES sign election and disjoint merge with running reductions: no [T, ...] stack.
 
     Same result as ``disjoint_merge(stack(deltas), elect_sign(w·stack(deltas), fallback), w, mode)``
     (up to the order of floating-point additions) in about T + 3 copies of one tensor instead of
-    about 4·T. The tensors in ``deltas`` (trimmed, not yet weighted) are overwritten and the list
-    is emptied as they are used, so each is freed as soon as it has been merged.
+    about 4·T. With ``consume`` the tensors in ``deltas`` (trimmed, not yet weighted) are
+    overwritten and the list is emptied as they are used, so each is freed as soon as it has been
+    merged; without it they are left as they were (one more temporary copy).
     """
     _check_mode(mode)
     if not deltas:
@@ -107,9 +110,10 @@ def elect_and_merge(deltas: list[Tensor], weights: Sequence[float], mode: str = 
     best = torch.zeros_like(deltas[0]) if mode == "max" else None
     divisor = torch.zeros_like(deltas[0]) if mode == "mean" else None
     weights = [float(w) for w in weights]
-    deltas.reverse()  # pop() from the end hands them out in order and drops our reference
-    for w in weights:
-        v = deltas.pop().mul_(w)
+    if consume:
+        deltas.reverse()  # pop() from the end hands them out in order and drops our reference
+    for i, w in enumerate(weights):
+        v = deltas.pop().mul_(w) if consume else deltas[i] * w
         agree = torch.where(positive, v > 0, v < 0)
         v.masked_fill_(~agree, 0)
         if best is not None:  # max: the agreeing value of largest |v|, the first one on ties (argmax)
