@@ -206,13 +206,23 @@ def della_keep_probabilities(x: Tensor, density: float, epsilon: float) -> Tenso
     rows = x.detach().abs().reshape(1, -1) if x.dim() < 2 else x.detach().abs()
     n = rows.shape[1]
     order = torch.argsort(rows, dim=1, stable=True)
+    del rows
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(n, device=x.device).expand_as(order))
-    scale = ranks.to(torch.float64) / (n - 1) if n > 1 else torch.zeros(rows.shape, dtype=torch.float64, device=x.device)
-    return ((density - epsilon) + scale * (2 * epsilon)).reshape(x.shape)
+    del order
+    # (density − ε) + rank/(n−1)·2ε, computed in place (same operations, same rounding, fewer copies)
+    probs = ranks.to(torch.float64)
+    del ranks
+    if n > 1:
+        probs.div_(n - 1)
+    else:
+        probs.zero_()
+    return probs.mul_(2 * epsilon).add_(density - epsilon).reshape(x.shape)
 
 
 def della_mask(x: Tensor, density: float, epsilon: float, generator: torch.Generator) -> Tensor:
     """Bool keep-mask drawn with DELLA's magnitude-ranked probabilities (on the CPU, from ``generator``)."""
     probs = della_keep_probabilities(x.cpu(), density, epsilon)
-    return torch.bernoulli(probs, generator=generator).bool().to(x.device)
+    # drawn straight into a bool tensor: the same draws as torch.bernoulli(probs) (the kernel's draw
+    # does not depend on the output dtype), without a float64 copy of the result
+    return torch.empty(probs.shape, dtype=torch.bool).bernoulli_(probs, generator=generator).to(x.device)
