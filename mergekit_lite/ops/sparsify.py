@@ -52,18 +52,22 @@ def topk_count_mask(x: Tensor, k: int) -> Tensor:
     Entries tied at the threshold are taken in index order (lowest flat index first), so the
     result is deterministic; k <= 0 keeps nothing. A selection (kthvalue), never a full sort.
     """
-    n = x.numel()
+    return _topk_of_magnitudes(x.detach().abs(), k)
+
+
+def _topk_of_magnitudes(mag: Tensor, k: int) -> Tensor:
+    """``topk_count_mask`` on magnitudes already taken (|x| is not computed again: one copy less)."""
+    n = mag.numel()
     if k <= 0:
-        return torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+        return torch.zeros(mag.shape, dtype=torch.bool, device=mag.device)
     if k >= n:
-        return torch.ones(x.shape, dtype=torch.bool, device=x.device)
-    mag = x.detach().abs()
-    threshold = kth_largest_magnitude(x, k)
+        return torch.ones(mag.shape, dtype=torch.bool, device=mag.device)
+    threshold = torch.kthvalue(mag.reshape(-1), n - k + 1).values
     keep = mag > threshold
     missing = k - int(keep.sum())
     if missing > 0:
         tied = (mag == threshold).reshape(-1)
-        keep |= (tied & (tied.cumsum(0) <= missing)).reshape(x.shape)
+        keep |= (tied & (tied.cumsum(0) <= missing)).reshape(mag.shape)
     return keep
 
 
@@ -182,9 +186,9 @@ def breadcrumbs_mask(x: Tensor, density: float, gamma: float, scope: str = "row"
     n_top = min(keep_count(n, g), n - target)
     # the band [n_top, n_top + target) of the stable descending order, as two selections instead of
     # a full sort: the top (n_top + target) minus the top n_top (both take ties by lower index first)
-    keep = topk_count_mask(mag, n_top + target)
+    keep = _topk_of_magnitudes(mag, n_top + target)
     if n_top > 0:
-        keep &= ~topk_count_mask(mag, n_top)
+        keep &= ~_topk_of_magnitudes(mag, n_top)
     return keep
 
 
