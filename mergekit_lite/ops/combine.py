@@ -28,7 +28,7 @@ def elect_sign(deltas: Tensor, fallback: float | None = None) -> Tensor:
     gamma = torch.sign(deltas.sum(dim=0))
     zero = gamma == 0
     if fallback is None:
-        majority = int((gamma > 0).sum()) - int((gamma < 0).sum())
+        majority = int(torch.count_nonzero(gamma > 0)) - int(torch.count_nonzero(gamma < 0))
     else:
         majority = float(fallback)
         if math.isnan(majority):
@@ -45,7 +45,7 @@ def majority_sign_count(deltas: Tensor) -> Tensor:
     """
     _check_stacked("deltas", deltas)
     s = deltas.sum(dim=0)
-    return (s > 0).sum(dtype=torch.int64) - (s < 0).sum(dtype=torch.int64)
+    return torch.count_nonzero(s > 0) - torch.count_nonzero(s < 0)
 
 
 def disjoint_merge(

@@ -51,7 +51,7 @@ def ram_accumulate(deltas: Iterable[Tensor], epsilon: float, track_owner: bool =
         if t >= 32767:
             raise ValueError("RAM counts at most 32767 task vectors")
         active = active_mask(delta, epsilon)
-        state.active.append(int(active.sum()))
+        state.active.append(int(torch.count_nonzero(active)))
         state.total.add_(delta.masked_fill_(~active, 0))
         state.count.add_(active)
         if state.owner is not None:
