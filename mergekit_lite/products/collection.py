@@ -25,7 +25,6 @@ from ..errors import CheckpointError, CollectionError, OutputError
 from ..execute import TaskVectorPasses, compute_statistics, register_product, resolve_device
 from ..methods import TensorContext, suggest
 from ..methods.tall import multitask_vector
-from ..methods.task_arithmetic import stack_deltas
 from ..search import load_evaluator, search_tall_lambdas
 from ..statedict import LazyStateDict
 from ..ops import tall_mask
@@ -96,9 +95,10 @@ def compress(plan: Any, out_dir: str | os.PathLike[str], *, force: bool = False,
         if searching:
             # phase 1: τ_MTL only; then each task's λ by the evaluator on its reconstruction
             for name, deltas in source.tensors("τ_MTL"):
-                stacked = stack_deltas((d for _, d in deltas), count)
+                kept = [d for _, d in deltas]
                 ctx = TensorContext(name, names, ctx_params, plan.model_params, plan.model_statistics)
-                tau_writer.write(name, multitask_vector(stacked, ctx).to(mtl_dtype).cpu())
+                tau_writer.write(name, multitask_vector(kept, ctx).to(mtl_dtype).cpu())
+                del kept
             tau_writer.close()
             tau_reader = Checkpoint("τ_MTL", tmp, {n: tmp / f for n, f in tau_writer.shard_of.items()}, None)
             assert evaluator is not None
@@ -114,19 +114,24 @@ def compress(plan: Any, out_dir: str | os.PathLike[str], *, force: bool = False,
         norm = [0.0] * count
         try:
             for name, deltas in source.tensors("TALL masks" if searching else "compressing"):
-                stacked = stack_deltas((d for _, d in deltas), count)
+                kept = [d for _, d in deltas]  # the T task vectors, never stacked into one [T, ...] copy
                 if tau_reader is None:
                     ctx = TensorContext(name, names, ctx_params, plan.model_params, plan.model_statistics)
-                    stored = multitask_vector(stacked, ctx).to(mtl_dtype)
+                    stored = multitask_vector(kept, ctx).to(mtl_dtype)
                     tau_writer.write(name, stored.cpu())
                 else:
                     stored = tau_reader.get(name).to(dev)
-                tau = stored.to(stacked.dtype)  # masks are built from the τ_MTL that extraction will use
-                masks = torch.stack([tall_mask(stacked[t], tau, lambdas[t]) for t in range(count)])
+                tau = stored.to(kept[0].dtype)  # masks are built from the τ_MTL that extraction will use
+                mask_list = []
                 for t in range(count):
-                    mask_writers[t].write(name, pack_bits(masks[t]).cpu())
-                    error[t] += float(torch.linalg.vector_norm(torch.where(masks[t], tau, 0).sub_(stacked[t]))) ** 2
-                    norm[t] += float(torch.linalg.vector_norm(stacked[t])) ** 2
+                    mask = tall_mask(kept[t], tau, lambdas[t])
+                    mask_writers[t].write(name, pack_bits(mask).cpu())
+                    error[t] += float(torch.linalg.vector_norm(torch.where(mask, tau, 0).sub_(kept[t]))) ** 2
+                    norm[t] += float(torch.linalg.vector_norm(kept[t])) ** 2
+                    mask_list.append(mask)
+                del kept
+                masks = torch.stack(mask_list)
+                del mask_list
                 stats.add(name, masks.cpu())
             if tau_reader is None:
                 tau_writer.close()
