@@ -30,10 +30,7 @@ import harness  # noqa: E402
 #: config stem -> why our output does not match mergekit's yet. Keep it honest: measured, not guessed.
 #: Before the plan of output tensors (commit 274a779) 31 of 34 configs failed (slices, gradients/filters,
 #: per-model density, DARE defaults); what is left needs the method catalogue and tokenizer issues.
-EXPECTED_FAIL: dict[str, str] = {
-    "multislerp--kansensakura-symbiosis-12b": "the `tokenizer:` block (merged vocabularies) is refused: not supported yet",
-    "sce--l3.3-geneticlemonade-final-70b": "the `tokenizer:` block (union vocabulary) is refused: not supported yet",
-}
+EXPECTED_FAIL: dict[str, str] = {}
 
 
 def _params() -> list:
