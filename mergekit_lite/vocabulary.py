@@ -146,9 +146,9 @@ def strip_to_rows(tokenizer: Any, rows: int, what: str) -> tuple[Any, int]:
     data["added_tokens"] = [t for t in data.get("added_tokens") or [] if t.get("id", 0) < rows]
     model["vocab"] = {t: i for t, i in model["vocab"].items() if t not in unused}
 
-    def kept(merge: Any) -> bool:
+    def kept(merge: Any) -> bool:  # neither its parts nor what it makes were dropped (mergekit checks the parts only)
         parts = merge.split(" ") if isinstance(merge, str) else list(merge)
-        return not any(p in unused for p in parts)
+        return not any(p in unused for p in parts) and "".join(parts) not in unused
 
     model["merges"] = [m for m in model.get("merges") or [] if kept(m)]
     stripped = copy.deepcopy(tokenizer)
