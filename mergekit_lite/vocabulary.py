@@ -256,11 +256,12 @@ class Vocabulary:
                 rules[t] = TokenRule("zero", entry.force)
                 continue
             ref = source.model if isinstance(source, ModelTokenSource) else source
-            ckpt = self.refs[self.recipe.input_reference(ref) or ref]
-            if ckpt not in sources:
+            ckpt = self.refs.get(self.recipe.input_reference(ref) or ref)
+            if ckpt is None or ckpt not in sources:
                 if not need[t]:
                     continue
-                raise RecipeError(f"{where}: its source {self.names[ckpt]!r} is not an input of {tensor}; choose one of "
+                shown = self.names[ckpt] if ckpt is not None else one_line(ref)
+                raise RecipeError(f"{where}: its source {shown!r} is not an input of {tensor}; choose one of "
                                   f"{', '.join(self.names[s] for s in sources)}")
             pos = list(sources).index(ckpt)
             if isinstance(source, ModelTokenSource):

@@ -156,12 +156,12 @@ def remap_rows(tensors: Sequence[Tensor], plan: RowPlan) -> list[Tensor]:
     out = []
     for m in range(plan.inputs):
         own = plan.own[m].to(device)
-        new = torch.zeros((plan.rows, *rest), dtype=dtype, device=device)
-        has = own >= 0
-        new[:v][has] = tensors[m][own[has]].to(dtype)
-        lacks = ~has
-        if bool(lacks.any()):
-            new[:v][lacks] = defaults[plan.default_slot.to(device)[lacks]]
+        new = torch.empty((plan.rows, *rest), dtype=dtype, device=device)
+        # one gather for every row (rows that take a default read row 0 here, then are overwritten)
+        torch.index_select(tensors[m].to(dtype), 0, own.clamp(min=0), out=new[:v])
+        lacks = (own < 0).nonzero().flatten()
+        if len(lacks):
+            new[lacks] = defaults[plan.default_slot.to(device)[lacks]]
         if plan.rows > v:
             new[v:] = new[:v].mean(dim=0)
         out.append(new)
