@@ -470,3 +470,30 @@ def test_only_rows_may_differ(vm, tmp_path):
     data = linear_recipe({"vbase": vm["vbase"], "wide": wide}, ["vbase", "wide"], [0.5, 0.5], tokenizer_source="union")
     with pytest.raises(CheckpointError, match=r"lm_head.weight has shape \[302, 17\].*only the rows"):
         plan(Recipe.from_dict(data))
+
+
+def test_the_tokenizer_block_recipe_on_the_demo(demo, tmp_path, monkeypatch):
+    """recipes/tokenizer_block.yml: two chat tokens from the chat model's <s> and </s> rows, <pad> forced to zeros,
+    rows padded to 576; against the plain reference over the demo models (one shared word-level vocabulary)."""
+    (tmp_path / "demo").symlink_to(demo["base"].parent.parent)
+    monkeypatch.chdir(tmp_path)
+    out = mergekit_lite.run(Path(__file__).parent.parent / "recipes" / "tokenizer_block.yml", tmp_path / "out", progress=False)
+    tokens = tokens_by_id(out)
+    assert tokens[512:] == ["<|im_start|>", "<|im_end|>"] and rows_of(out) == 576
+    names = ["base", "math", "chat"]
+    vocabs = {n: vocab_of(demo[n]) for n in names}
+    got = load_state(out)
+    for tensor in VOCABULARY_TENSORS:
+        states = {n: load_state(demo[n])[tensor] for n in names}
+        rules = {"<|im_start|>": {"source": ("row", "chat", vocabs["chat"]["<s>"])},
+                 "<|im_end|>": {"source": ("row", "chat", vocabs["chat"]["</s>"])},
+                 "<pad>": {"force": True, "source": ("zero", None, None)}}
+        r = reference_rows(states, vocabs, tokens, "base", 576, rules)
+        want = r["base"] + 0.5 * ((r["math"] - r["base"]) + (r["chat"] - r["base"]))
+        assert_rel(got[tensor], want, tensor)
+        assert not got[tensor][tokens.index("<pad>")].any()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.apply_chat_template([{"role": "user", "content": "w1"}], tokenize=False).startswith("<|im_start|>user\nw1<|im_end|>")
+    assert tok.convert_tokens_to_ids("<|im_end|>") == 513
