@@ -28,7 +28,11 @@ A recipe is YAML, with mergekit's key names:
   #   - sources: [{model: b, layer_range: [8, 32]}]
   dtype: float32                       # compute dtype (float32 | float64)
   out_dtype: bfloat16                  # default: the base model's dtype
-  tokenizer_source: base               # base | <a model's name> | <folder or hub id> | none
+  tokenizer_source: union              # unset: the base's files | base | union | <a model's name>
+                                       # | <folder or hub id> | none (rows re-mapped per token)
+  # or mergekit's tokenizer block (instead of tokenizer_source):
+  # tokenizer: {source: union, pad_to_multiple_of: 64,
+  #             tokens: {"<|im_end|>": {source: {kind: zero}, force: true}}}
   chat_template: chatml                # auto | chatml, llama3, alpaca, mistral, exaone | "Jinja text"
   include: ["model.layers.*"]          # optional globs: only these are merged
   exclude: ["*.embed_tokens.*"]        # globs never merged (copied from base)

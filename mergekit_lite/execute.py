@@ -15,6 +15,7 @@ import torch
 from .checkpoint import Checkpoint
 from .errors import CheckpointError, MergeKitLiteError, RecipeError
 from .methods import TensorContext
+from .ops.vocab import remap_rows
 from .plan import Plan, TensorJob, TensorRef
 from .progress import progress_bar
 
@@ -60,21 +61,37 @@ def context(plan: Plan, job: TensorJob) -> TensorContext:
     return TensorContext(job.name, list(job.model_names), job.params, list(job.model_params), plan.model_statistics, job.base_index)
 
 
+def job_inputs(plan: Plan, job: TensorJob, device: torch.device) -> tuple[torch.Tensor | None, Iterator[torch.Tensor]]:
+    """(θ_0 or None, the inputs' tensors) of a job in the compute dtype, read lazily; a vocabulary tensor's
+    are read together and re-mapped onto the output vocabulary first (its rule looks at every input)."""
+    if job.vocab is None:
+        base = _read(plan, job.base, device) if job.base is not None else None
+        return base, (_read(plan, ref, device) for ref in job.inputs)
+    try:
+        tensors = remap_rows([_read(plan, ref, device) for ref in job.reads], job.vocab)
+    except ValueError as exc:  # pragma: no cover - the plan checked the rows from the headers
+        raise CheckpointError(f"tensor {job.name}: cannot re-map its rows onto the output vocabulary: {exc}") from None
+    base = tensors.pop() if job.base is not None else None
+    return base, iter(tensors)
+
+
 def merged_task_vector(plan: Plan, job: TensorJob, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(θ_0, combine(τ_1..τ_T)) of a task-vector method's job, before λ (for the λ search)."""
     assert job.base is not None and plan.method.combine is not None
-    base = _read(plan, job.base, device)
-    deltas = (_read(plan, ref, device).sub_(base) for ref in job.inputs)
+    base, models = job_inputs(plan, job, device)
+    assert base is not None
+    deltas = (m.sub_(base) for m in models)
     return base, plan.method.combine(deltas, context(plan, job))
 
 
 def compute_tensor(plan: Plan, job: TensorJob, device: torch.device) -> torch.Tensor:
     """One output tensor, on the CPU in its output dtype: copied, or the method's result."""
     if not job.merge:
+        if job.vocab is not None:  # the copied input's rows, re-mapped
+            return next(job_inputs(plan, job, device)[1]).to(device="cpu", dtype=job.out.dtype)
         stored = plan.checkpoints[job.inputs[0].source].get(job.inputs[0].name)
         return stored.to(job.out.dtype) if stored.dtype != job.out.dtype else stored
-    base = _read(plan, job.base, device) if job.base is not None else None
-    models = (_read(plan, ref, device) for ref in job.inputs)
+    base, models = job_inputs(plan, job, device)
     try:
         out = plan.method.output_tensor(base, models, context(plan, job))
     except ValueError as exc:  # a kernel's argument check: a parameter value this tensor cannot take
@@ -101,11 +118,20 @@ class TaskVectorPasses:
         with progress_bar(total, description, self.progress) as bar:
             for job in self.jobs:
                 assert job.base is not None
-                base = _read(plan, job.base, device)
+                if job.vocab is not None:  # re-mapped together: every task's tensor is read anyway
+                    base, models = job_inputs(plan, job, device)
+                    assert base is not None
+                    remapped = list(models)
 
-                def deltas(job: TensorJob = job, base: torch.Tensor = base) -> Iterator[tuple[int, torch.Tensor]]:
-                    for t in chosen:
-                        yield t, _read(plan, job.inputs[t], device).sub_(base)
+                    def deltas(base: torch.Tensor = base, remapped: list[torch.Tensor] = remapped) -> Iterator[tuple[int, torch.Tensor]]:
+                        for t in chosen:
+                            yield t, remapped[t].sub_(base)
+                else:
+                    base = _read(plan, job.base, device)
+
+                    def deltas(job: TensorJob = job, base: torch.Tensor = base) -> Iterator[tuple[int, torch.Tensor]]:  # type: ignore[misc]
+                        for t in chosen:
+                            yield t, _read(plan, job.inputs[t], device).sub_(base)
 
                 yield job.name, deltas()
                 bar.update(plan.info(job.base).nbytes + sum(plan.info(job.inputs[t]).nbytes for t in chosen))

@@ -19,9 +19,11 @@ import torch
 from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from .errors import CheckpointError, RecipeError
 from .methods import MergeMethod
+from .ops.vocab import RowPlan
 from .params import Settings, resolve
 from .recipe import Recipe, default_name
 from .units import human_bytes
+from .vocabulary import Vocabulary, build_vocabulary, is_vocabulary_tensor
 from .writer import plan_shards
 
 #: Rough resident size of the interpreter with torch imported, for the dry-run estimate.
@@ -56,6 +58,9 @@ class TensorJob:
     params: dict[str, Any] = field(default_factory=dict)
     model_params: tuple[dict[str, Any], ...] = ()
     t: float = 0.0  # relative depth of the layer (gradients)
+    #: a vocabulary tensor whose rows are re-mapped onto the output vocabulary before the method runs: the plan
+    #: over ``reads`` (copied: ``inputs`` holds every model's tensor, the one copied first)
+    vocab: RowPlan | None = field(default=None, compare=False)
 
     @property
     def name(self) -> str:
@@ -83,6 +88,8 @@ class Plan:
     config_source: Checkpoint | None  # whose config.json / generation config the output carries
     config_updates: dict[str, Any] = field(default_factory=dict)  # e.g. num_hidden_layers after slicing
     model_statistics: dict[str, Any] = field(default_factory=dict)  # from the method's extra passes (TIES thresholds, ...)
+    vocabulary: Vocabulary | None = None  # the output vocabulary (tokenizer_source / tokenizer: set), rows re-mapped per token
+    vocabulary_missing: str | None = None  # why a vocabulary the recipe asks for could not be built (its source has no tokenizer)
 
     @property
     def method(self) -> MergeMethod:
@@ -120,13 +127,17 @@ class Plan:
 
     @property
     def peak_memory_estimate(self) -> int:
-        """Interpreter + working copies of the largest merged tensor in the compute dtype + one stored copy."""
+        """Interpreter + working copies of the largest merged tensor in the compute dtype + one stored copy;
+        at least, for a re-mapped vocabulary tensor, every input's tensor and its re-mapped copy held at once."""
         largest = self.largest_merged
+        size = self.compute_dtype.itemsize
+        remapped = max((sum(self.info(r).numel for r in j.reads) * size + len(j.reads) * j.out.numel * size + j.out.nbytes
+                        for j in self.jobs if j.vocab is not None), default=0)
         if largest is None:
-            return INTERPRETER_BYTES + max((j.out.nbytes for j in self.jobs), default=0)
+            return INTERPRETER_BYTES + max(max((j.out.nbytes for j in self.jobs), default=0), remapped)
         inputs = max(len(j.inputs) for j in self.jobs if j.merge)
         copies = self.method.working_copies(inputs)
-        return INTERPRETER_BYTES + largest.numel * (copies * self.compute_dtype.itemsize + 4)
+        return INTERPRETER_BYTES + max(largest.numel * (copies * size + 4), remapped)
 
     def summary(self) -> str:
         merged = sum(1 for j in self.jobs if j.merge)
@@ -206,6 +217,12 @@ class _Builder:
         self.checkpoints: list[Checkpoint] = []
         self.index: dict[str, int] = {}
         self.out_dtype = dtype_from_name(recipe.output_dtype) if recipe.output_dtype else None
+        self.vocabulary: Vocabulary | None = None
+        self.vocabulary_missing: str | None = None
+
+    def build_vocabulary(self, base: int | None) -> None:
+        """The output vocabulary the recipe asks for, from every opened input's tokenizer (before any job)."""
+        self.vocabulary, self.vocabulary_missing = build_vocabulary(self.recipe, self.checkpoints, self.index, base)
 
     def open(self, ref: str) -> int:
         if ref not in self.index:
@@ -238,14 +255,27 @@ class _Builder:
         keep_name = names[base_pos] if base_pos is not None else names[0]
         keep_info = self.checkpoints[keep_from].info(keep_name) if keep_name in self.checkpoints[keep_from] else info
         merge = keep_info.is_float and selected(out_name, self.recipe.include, self.recipe.exclude)
+        vocab = self.vocabulary if self.vocabulary is not None and keep_info.is_float and is_vocabulary_tensor(out_name) else None
+        if vocab is not None:
+            for ref, src, name in zip(refs, sources, names):
+                self._check_vocabulary_input(ref, src, name, refs[0], keep_info, where, out_name)
         if not merge:  # copied as it is, from the base if it is an input, else from the first input
+            if vocab is not None:  # ... with its rows re-mapped like the merged ones (mergekit's rule over every input)
+                k = base_pos if base_pos is not None else 0
+                order = [k] + [i for i in range(len(refs)) if i != k]
+                plan = self._row_plan(vocab, [sources[i] for i in order], [names[i] for i in order], base_ref, [refs[i] for i in order], out_name)
+                if plan is not None:
+                    out = TensorInfo(out_name, keep_info.dtype, (vocab.rows, *keep_info.shape[1:]))
+                    return TensorJob(out, tuple(TensorRef(sources[i], names[i]) for i in order), False, t=t, vocab=plan)
             return TensorJob(TensorInfo(out_name, keep_info.dtype, keep_info.shape), (TensorRef(keep_from, keep_name),), False, t=t)
         for ref, src, name in zip(refs, sources, names):
             ckpt = self.checkpoints[src]
             if name not in ckpt:
                 raise CheckpointError(f"{ref}: has no tensor {name} ({where} needs it); use 'exclude' to copy {out_name} from the base instead")
             other = ckpt.info(name)
-            if other.shape != keep_info.shape:
+            if vocab is None and other.shape != keep_info.shape:
+                if is_vocabulary_tensor(out_name) and other.shape[1:] == keep_info.shape[1:]:
+                    raise CheckpointError(self._rows_differ(ref, name, other, refs[0], keep_info))
                 raise CheckpointError(
                     f"{ref}: tensor {name} has shape {list(other.shape)}, {refs[0]} has {list(keep_info.shape)}; "
                     "the models are not fine-tunes of the same architecture"
@@ -258,16 +288,52 @@ class _Builder:
             if base_pos is None:
                 raise RecipeError(f"{where}: the base model must be one of the inputs of {out_name} ({self.method.name} merges task vectors)")
             keep = [i for i in range(len(refs)) if refs[i] != base_ref]
+            order = [*keep, base_pos]  # read order: the inputs, then the base
+        else:
+            keep = order = list(range(len(refs)))
+        plan = None
+        if vocab is not None:
+            plan = self._row_plan(vocab, [sources[i] for i in order], [names[i] for i in order], base_ref, [refs[i] for i in order], out_name)
+            if plan is not None:  # (None: every input already has the output vocabulary, row for row)
+                out = TensorInfo(out_name, dtype, (vocab.rows, *keep_info.shape[1:]))
+        if self.method.inputs == "task_vectors":
             shared, per_input = resolve(self.method, shared_levels, [input_levels[i] for i in keep], out_name, [names[i] for i in keep], t)
             return TensorJob(
                 out, tuple(TensorRef(sources[i], names[i]) for i in keep), True, base=TensorRef(sources[base_pos], names[base_pos]),
-                model_names=tuple(model_names[i] for i in keep), params=shared, model_params=tuple(per_input), t=t,
+                model_names=tuple(model_names[i] for i in keep), params=shared, model_params=tuple(per_input), t=t, vocab=plan,
             )
         shared, per_input = resolve(self.method, shared_levels, input_levels, out_name, names, t)
         return TensorJob(
             out, tuple(TensorRef(s, n) for s, n in zip(sources, names)), True, base_index=base_pos,
-            model_names=tuple(model_names), params=shared, model_params=tuple(per_input), t=t,
+            model_names=tuple(model_names), params=shared, model_params=tuple(per_input), t=t, vocab=plan,
         )
+
+    def _row_plan(self, vocab: Vocabulary, sources: list[int], names: list[str], base_ref: str | None, refs: list[str], out_name: str) -> RowPlan | None:
+        """The vocabulary's row plan for one tensor read from ``sources`` in this order (the base among them, if it is)."""
+        rows = [self.checkpoints[s].info(n).shape[0] for s, n in zip(sources, names)]
+        base = refs.index(base_ref) if base_ref is not None and base_ref in refs else None
+        return vocab.row_plan(sources, base, rows, out_name)
+
+    def _check_vocabulary_input(self, ref: str, src: int, name: str, first: str, keep: TensorInfo, where: str, out_name: str) -> None:
+        """A vocabulary tensor's input: present, floating point, and the same shape as the others past its rows."""
+        ckpt = self.checkpoints[src]
+        if name not in ckpt:
+            raise CheckpointError(f"{ref}: has no tensor {name} ({where} needs it to re-map the vocabulary of {out_name})")
+        other = ckpt.info(name)
+        if not other.is_float:
+            raise CheckpointError(f"{ref}: tensor {name} is {other.dtype}, the others' is {keep.dtype}")
+        if len(other.shape) < 1 or other.shape[1:] != keep.shape[1:]:
+            raise CheckpointError(
+                f"{ref}: tensor {name} has shape {list(other.shape)}, {first} has {list(keep.shape)}; only the rows "
+                "(one per token) may differ: the models are not fine-tunes of the same architecture"
+            )
+
+    def _rows_differ(self, ref: str, name: str, other: TensorInfo, first: str, keep: TensorInfo) -> str:
+        """The one-line error for vocabulary tensors whose rows differ while no vocabulary is built."""
+        why = (f"the vocabulary cannot be re-mapped: {self.vocabulary_missing}" if self.vocabulary_missing else
+               "set 'tokenizer_source: union' (or a 'tokenizer:' block) to re-map rows per token (mergekit refuses this too)")
+        return (f"{ref}: tensor {name} has {other.shape[0]} rows (one per token), {first} has {keep.shape[0]}: "
+                f"the models' vocabularies differ; {why}")
 
 
 def plan(recipe: Recipe) -> Plan:
@@ -294,6 +360,7 @@ def _plan_models(recipe: Recipe, b: _Builder) -> Plan:
     base_idx = b.open(base) if base is not None else None
     for r in refs:
         b.open(r)
+    b.build_vocabulary(base_idx)
     layout = b.checkpoints[base_idx] if base_idx is not None else b.checkpoints[b.index[refs[0]]]
     layers = layer_count(layout)
     jobs = []
@@ -315,6 +382,7 @@ def _plan_models(recipe: Recipe, b: _Builder) -> Plan:
         recipe, b.checkpoints, jobs, b.checkpoints[base_idx] if base_idx is not None else None,
         [b.checkpoints[b.index[refs[i]]] for i in merged_inputs], [names[i] for i in merged_inputs],
         params, model_params, dtype_from_name(recipe.compute_dtype), layout,
+        _vocabulary_config(b, layout), vocabulary=b.vocabulary, vocabulary_missing=b.vocabulary_missing,
     )
 
 
@@ -333,9 +401,11 @@ def _plan_slices(recipe: Recipe, b: _Builder) -> Plan:
     final norm and head from the last slice's (as mergekit); config's layer count updated."""
     assert recipe.slices is not None
     jobs: list[TensorJob] = []
+    base_idx = b.open(recipe.base_model) if recipe.base_model is not None else None
     for sl in recipe.slices:
         for s in sl.sources:
             b.open(s.model)
+    b.build_vocabulary(base_idx)
     first_ckpt = b.checkpoints[b.index[recipe.slices[0].sources[0].model]]
     non_layer = [n for n in first_ckpt.names if not LAYER_NAME.match(n)]
     pre = [n for n in non_layer if any(marker in n for marker in PRE_LAYER_MARKERS)]
@@ -376,16 +446,21 @@ def _plan_slices(recipe: Recipe, b: _Builder) -> Plan:
             layer_sources.append((b.index[refs[0]], sl.sources[0].layer_range[0] + offset))
             out_layer += 1
     edge_jobs(post, len(recipe.slices) - 1)
-    base_idx = b.open(recipe.base_model) if recipe.base_model is not None else None
     config_source = b.checkpoints[base_idx] if base_idx is not None else first_ckpt
-    updates = _layer_config_updates(config_source, b.checkpoints, layer_sources)
+    updates = _layer_config_updates(config_source, b.checkpoints, layer_sources) | _vocabulary_config(b, config_source)
     names = recipe.model_names
     models = [b.checkpoints[b.index[r]] for r in dict.fromkeys(s.model for sl in recipe.slices for s in sl.sources)]
     params, _ = resolve(recipe.method, [recipe.parameters], [], "", [], 0.0)
     return Plan(
         recipe, b.checkpoints, jobs, b.checkpoints[base_idx] if base_idx is not None else None, models, names,
         params, [], dtype_from_name(recipe.compute_dtype), config_source, updates,
+        vocabulary=b.vocabulary, vocabulary_missing=b.vocabulary_missing,
     )
+
+
+def _vocabulary_config(b: _Builder, config_source: Checkpoint) -> dict[str, Any]:
+    """The output config's vocabulary size, when a vocabulary is built (as mergekit: its size, padded)."""
+    return b.vocabulary.config_updates(config_source.config) if b.vocabulary is not None else {}
 
 
 def _layer_config_updates(config_source: Checkpoint, checkpoints: list[Checkpoint], layer_sources: list[tuple[int, int]]) -> dict[str, Any]:

@@ -7,13 +7,14 @@ and, for misspellings, the closest valid name. mergekit keys we do not support a
 from __future__ import annotations
 
 import math
+import re
 import os
 import unicodedata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .checkpoint import looks_like_hub_id, split_revision
 from .errors import RecipeError
@@ -26,10 +27,6 @@ from .params import check_setting, is_search, resolve
 #: mergekit keys that have no equivalent here yet, with what to do instead.
 UNSUPPORTED_KEYS = {
     "modules": "per-module recipes are not supported yet; use include/exclude patterns",
-    "tokenizer": (
-        "the tokenizer block (a merged vocabulary, per-token embedding sources) is not supported yet; "
-        "use tokenizer_source: base | <a model's name> | <a folder or hub id> | none"
-    ),
 }
 
 #: parameter names of mergekit's methods (also those we do not implement yet), recognised when misplaced at the top level
@@ -105,6 +102,44 @@ class OutputOptions(_Strict):
         return parse_size(value)
 
 
+class ModelTokenSource(_Strict):
+    """A token's embedding taken from one row of one input model: by its token there, or by its id."""
+
+    kind: Literal["model_token"]
+    model: str = Field(min_length=1)
+    token_id: int | None = Field(default=None, ge=0)
+    token: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "ModelTokenSource":
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of 'token' or 'token_id'")
+        return self
+
+
+class ZeroSource(_Strict):
+    """A token's embedding set to zeros."""
+
+    kind: Literal["zero"]
+
+
+class TokenEntry(_Strict):
+    """One entry of ``tokenizer.tokens`` (mergekit's schema): where the token's embedding comes from
+    (a model's name or reference, ``{kind: model_token, ...}`` or ``{kind: zero}``) and whether every model
+    takes it (``force``) or only the models that lack the token."""
+
+    source: Union[Annotated[Union[ModelTokenSource, ZeroSource], Field(discriminator="kind")], str, None] = None
+    force: bool = False
+
+
+class TokenizerOptions(_Strict):
+    """mergekit's ``tokenizer:`` block: the output vocabulary and per-token embedding sources."""
+
+    source: str = Field(default="union", min_length=1)
+    tokens: dict[str, TokenEntry] | None = None
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
+
+
 class Recipe(_Strict):
     """A validated recipe. Build it with ``Recipe.from_yaml(path)`` or ``Recipe.from_dict(data)``."""
 
@@ -115,7 +150,10 @@ class Recipe(_Strict):
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: Literal["float32", "float64", "float16", "bfloat16"] = "float32"
     out_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
-    tokenizer_source: str = Field(default="base", min_length=1)
+    #: unset: the base's tokenizer files are copied and embeddings merged row by row (mergekit's default);
+    #: base | union | a model's name | a folder | a hub id: mergekit's vocabulary (rows re-mapped per token); none
+    tokenizer_source: str | None = Field(default=None, min_length=1)
+    tokenizer: TokenizerOptions | None = None
     #: auto | a built-in template name | Jinja text (see products/tokenizer.py)
     chat_template: str | None = Field(default=None, min_length=1)
     include: list[str] | None = None
@@ -132,12 +170,6 @@ class Recipe(_Strict):
     __hash__ = _Strict.__hash__
 
     # -- construction ----------------------------------------------------------------------------
-    @field_validator("tokenizer_source", mode="before")
-    @classmethod
-    def _default_tokenizer(cls, value: Any) -> Any:
-        """``tokenizer_source:`` with nothing under it means the default (mergekit copies the base's tokenizer too)."""
-        return "base" if value is None else value
-
     @classmethod
     def from_dict(cls, data: Any, source: str = "recipe") -> "Recipe":
         """Validate a parsed recipe; every problem is reported in one RecipeError naming ``source`` and the key path."""
@@ -263,28 +295,33 @@ class Recipe(_Strict):
         return problems
 
     def _tokenizer_problems(self, method: Any) -> list[str]:
-        """tokenizer_source: base | none | a model's name | an existing folder | a hub id (union: not yet); chat_template."""
+        """tokenizer_source / the tokenizer block (sources, per-token entries, padding) and chat_template."""
         problems = []
         value = self.tokenizer_source
-        if value == "union":
-            problems.append("tokenizer_source: union (one vocabulary built from every input's tokenizer) is not supported yet; "
-                            "use base, a model's name, a folder or a hub id")
-        elif value not in ("base", "none", *self.model_names):
-            name = split_revision(value)[0]
-            try:
-                exists = os.path.exists(os.path.expanduser(name))
-            except (ValueError, RuntimeError):
-                exists = False
-            if _has_bad_characters(value) or not value.strip():
-                problems.append(f"tokenizer_source: {safe_repr(value)} is not a usable path or hub id (empty, or has control characters)")
-            elif not exists and not looks_like_hub_id(name):
-                options = ["base", "none", *self.model_names]
-                problems.append(
-                    f"tokenizer_source: {safe_repr(value)} is not base, none, a model's name ({', '.join(self.model_names) or 'none'}), "
-                    f"an existing folder or a hub id (org/name){suggest(value, options)}"
-                )
+        if value is not None and self.tokenizer is not None:
+            problems.append("tokenizer/tokenizer_source: give one of them, not both (mergekit refuses both too); "
+                            "tokenizer: {source: ...} takes what tokenizer_source would say")
+        if value is not None:
+            problems += self._source_problems("tokenizer_source", value, allow_none=True)
+        if self.tokenizer is not None:
+            problems += self._source_problems("tokenizer.source", self.tokenizer.source, allow_none=False)
+            for token, entry in (self.tokenizer.tokens or {}).items():
+                where = f"tokenizer.tokens[{safe_repr(token, 60)}]"
+                if not token:
+                    problems.append(f"{where}: a token must be non-empty text")
+                ref = entry.source.model if isinstance(entry.source, ModelTokenSource) else entry.source
+                if isinstance(ref, str) and self.input_reference(ref) is None:
+                    problems.append(
+                        f"{where}.source{'.model' if isinstance(entry.source, ModelTokenSource) else ''}: {safe_repr(ref)} is not one of "
+                        f"the merged models (give a model's name: {', '.join(self.model_names) or 'none'}, or its reference as in the recipe)"
+                        f"{suggest(ref, [*self.model_names, *self.input_references])}"
+                    )
+                if entry.force and entry.source is None:
+                    problems.append(f"{where}: force: true needs a source (a model, {{kind: model_token, ...}} or {{kind: zero}})")
+        if method.output == "collection" and self.vocabulary_settings is not None:
+            problems.append("tokenizer/tokenizer_source: a collection keeps each task's own tokenizer files and embeddings; "
+                            "remove it (or use none)")
         if self.chat_template is not None:
-
             problem = chat_template_problem(self.chat_template)
             if problem:
                 problems.append(problem)
@@ -293,6 +330,57 @@ class Recipe(_Strict):
             elif method.output == "collection":
                 problems.append("chat_template: a collection keeps each task's own tokenizer files; remove chat_template")
         return problems
+
+    def _source_problems(self, where: str, value: str, allow_none: bool) -> list[str]:
+        """A tokenizer source: base | union | (none) | a model's name | an existing folder | a hub id."""
+        keywords = ["base", "union", *(["none"] if allow_none else [])]
+        if value in keywords or value in self.model_names:
+            return []
+        if value == "none":
+            return [f"{where}: none is not a vocabulary; remove the tokenizer block, or use tokenizer_source: none"]
+        name = split_revision(value)[0]
+        try:
+            exists = os.path.exists(os.path.expanduser(name))
+        except (ValueError, RuntimeError):
+            exists = False
+        if _has_bad_characters(value) or not value.strip():
+            return [f"{where}: {safe_repr(value)} is not a usable path or hub id (empty, or has control characters)"]
+        if not exists and not looks_like_hub_id(name):
+            options = [*keywords, *self.model_names]
+            return [
+                f"{where}: {safe_repr(value)} is not {', '.join(keywords)}, a model's name ({', '.join(self.model_names) or 'none'}), "
+                f"an existing folder or a hub id (org/name){suggest(value, options)}"
+            ]
+        return []
+
+    @property
+    def vocabulary_settings(self) -> TokenizerOptions | None:
+        """The output vocabulary to build, with mergekit's semantics (rows re-mapped per token): the tokenizer
+        block, or tokenizer_source when it is set to a source; None when it is unset (the base's files are
+        copied, embeddings merged row by row) or none."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        if self.tokenizer_source is not None and self.tokenizer_source != "none":
+            return TokenizerOptions(source=self.tokenizer_source)
+        return None
+
+    @property
+    def input_references(self) -> list[str]:
+        """Every input model's reference as the recipe gives it (base first), once each."""
+        refs = [self.base_model] if self.base_model is not None else []
+        refs += [m.model for m in self.models or []]
+        refs += [s.model for sl in self.slices or [] for s in sl.sources]
+        refs += [sl.base_model for sl in self.slices or [] if sl.base_model is not None]
+        return list(dict.fromkeys(refs))
+
+    def input_reference(self, text: str) -> str | None:
+        """The input reference a recipe field names: a model's name, or an input's reference itself; None if neither."""
+        if self.models is not None and text in self.model_names:
+            return self.models[self.model_names.index(text)].model
+        if self.slices is not None and text in self.model_names:
+            refs = list(dict.fromkeys(s.model for sl in self.slices for s in sl.sources))
+            return refs[self.model_names.index(text)]
+        return text if text in self.input_references else None
 
     def _count_problems(self, method: Any, refs: list[str], where: str, base: str | None = None) -> list[str]:
         """Too few or too many inputs for the method (counted as the method counts them)."""
@@ -408,6 +496,10 @@ def default_name(reference: str) -> str:
 
 _LEVEL_FIELDS = {
     (): Recipe.model_fields,
+    ("tokenizer",): TokenizerOptions.model_fields,
+    ("tokenizer", "tokens", "*"): TokenEntry.model_fields,
+    ("tokenizer", "tokens", "*", "source", "model_token"): ModelTokenSource.model_fields,
+    ("tokenizer", "tokens", "*", "source", "zero"): ZeroSource.model_fields,
     ("models",): ModelEntry.model_fields,
     ("slices",): SliceEntry.model_fields,
     ("slices", "sources"): SliceSource.model_fields,
@@ -415,9 +507,19 @@ _LEVEL_FIELDS = {
 }
 
 
+#: pydantic's names for the branches of a union in an error's location (not recipe keys): left out of messages
+_BRANCH = re.compile(r"^(tagged-union|function-after|function-before|function-wrap|union)\[")
+
+
 def _describe_all(exc: ValidationError) -> list[str]:
-    """pydantic's report as one line per problem: the key path, what is wrong, and a suggestion."""
-    return [_describe_error(error) for error in exc.errors()]
+    """pydantic's report as one line per problem: the key path, what is wrong, and a suggestion.
+    Where a field takes text or a mapping and a mapping was given, only the mapping's own problems are said."""
+    errors = []
+    for error in exc.errors():
+        if error["loc"] and error["loc"][-1] == "str" and isinstance(error.get("input"), dict):
+            continue
+        errors.append({**error, "loc": tuple(p for p in error["loc"] if not (isinstance(p, str) and _BRANCH.match(p)))})
+    return [_describe_error(error) for error in errors]
 
 
 def _describe_error(error: Any) -> str:
@@ -426,6 +528,8 @@ def _describe_error(error: Any) -> str:
     if error["type"] == "extra_forbidden":
         key = str(loc[-1])
         level = tuple(str(p) for p in loc[:-1] if not isinstance(p, int))
+        if level[:2] == ("tokenizer", "tokens") and len(level) > 2:
+            level = (*level[:2], "*", *level[3:])  # a token's entry: the token is a key of its own
         fields = _LEVEL_FIELDS.get(level, {})
         return one_line(f"{path}: unknown key{suggest(key, fields)}")
     if error["type"] == "missing":
@@ -459,8 +563,11 @@ def _drop_misplaced_parameters(data: dict[Any, Any]) -> tuple[dict[Any, Any], li
 
 def _loc_path(loc: tuple[Any, ...]) -> str:
     out = ""
-    for part in loc:
+    for i, part in enumerate(loc):
         text = part if isinstance(part, str) else safe_repr(part, 40)
+        if i == 2 and tuple(loc[:2]) == ("tokenizer", "tokens"):  # a token: shown as a quoted key
+            out += f"[{safe_repr(part, 60)}]"
+            continue
         out += f"[{part}]" if isinstance(part, int) else (f".{text}" if out else text)
     return one_line(out) or "recipe"
 

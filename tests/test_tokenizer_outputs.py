@@ -139,9 +139,21 @@ def test_literal_jinja_template_is_written_as_is(demo, tmp_path):
         ({"chat_template": "{% for m in messages %}{{ m }"}, ["chat_template", "not a valid Jinja template", "line 1"]),
         ({"chat_template": "chatml", "tokenizer_source": "none"}, ["chat_template", "tokenizer_source is none"]),
         ({"chat_template": ""}, ["chat_template"]),
-        ({"tokenizer_source": "union"}, ["tokenizer_source", "union", "not supported yet"]),
-        ({"tokenizer": {"source": "base"}}, ["tokenizer", "not supported yet"]),
         ({"tokenizer_source": "bsae"}, ["tokenizer_source", "did you mean 'base'"]),
+        ({"tokenizer_source": "unoin"}, ["tokenizer_source", "did you mean 'union'"]),
+        ({"tokenizer_source": "base", "tokenizer": {"source": "base"}}, ["tokenizer/tokenizer_source", "not both"]),
+        ({"tokenizer": {"source": "none"}}, ["tokenizer.source", "none is not a vocabulary"]),
+        ({"tokenizer": {"source": "nowhere"}}, ["tokenizer.source", "'nowhere'", "union"]),
+        ({"tokenizer": {"sorce": "base"}}, ["tokenizer.sorce", "did you mean 'source'"]),
+        ({"tokenizer": {"pad_to_multiple_of": 0}}, ["tokenizer.pad_to_multiple_of", "greater than or equal to 1"]),
+        ({"tokenizer": {"tokens": {"<x>": {"source": "nope"}}}}, ["tokenizer.tokens['<x>'].source", "'nope' is not one of the merged models"]),
+        ({"tokenizer": {"tokens": {"<x>": {"force": True}}}}, ["tokenizer.tokens['<x>']", "force: true needs a source"]),
+        ({"tokenizer": {"tokens": {"<x>": {"forse": True}}}}, ["tokenizer.tokens['<x>'].forse", "did you mean 'force'"]),
+        ({"tokenizer": {"tokens": {"<x>": {"source": {"kind": "model_token", "model": "math"}}}}},
+         ["tokenizer.tokens['<x>'].source.model_token", "exactly one of 'token' or 'token_id'"]),
+        ({"tokenizer": {"tokens": {"<x>": {"source": {"kind": "model_token", "model": "math", "token_id": -1}}}}},
+         ["tokenizer.tokens['<x>'].source.model_token.token_id", "greater than or equal to 0"]),
+        ({"tokenizer": {"tokens": {"<x>": {"source": {"kind": "zeros"}}}}}, ["tokenizer.tokens['<x>'].source", "'zeros'", "'zero'"]),
     ],
 )
 def test_recipe_problems_name_the_key(demo, changes, needles):
@@ -237,8 +249,12 @@ def test_tokenizer_source_the_base_listed_among_the_models_by_name(demo, tmp_pat
     assert (out / "tokenizer.json").read_bytes() == (demo["base"] / "tokenizer.json").read_bytes()
 
 
-def test_tokenizer_source_null_means_base(demo):
-    assert Recipe.from_dict(ta_recipe(demo, tokenizer_source=None)).tokenizer_source == "base"
+def test_tokenizer_source_null_means_unset(demo, tmp_path):
+    """As mergekit: null is the default (the base's files copied, rows merged as they are), not a vocabulary to build."""
+    recipe = Recipe.from_dict(ta_recipe(demo, tokenizer_source=None))
+    assert recipe.tokenizer_source is None and recipe.vocabulary_settings is None
+    out = mergekit_lite.run(recipe, tmp_path / "out", progress=False)
+    assert (out / "tokenizer.json").read_bytes() == (demo["base"] / "tokenizer.json").read_bytes()
 
 
 def populate_hub_cache(cache: Path, repo_id: str, source: Path, names: list[str] | None = None, ref: str = "main") -> Path:
@@ -285,14 +301,24 @@ def test_tokenizer_source_missing_from_cache_fails_before_any_weight_is_read(dem
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
-def test_a_larger_vocabulary_than_the_embeddings_is_said(demo, tmp_path):
+def test_a_larger_vocabulary_than_the_embeddings_is_re_mapped_as_mergekit(demo, tmp_path):
+    """A tokenizer source with 88 more words than the models' 512 rows: as mergekit, the output gets a row per
+    token (config vocab_size too), the words no input has get zero rows, and the run says so once."""
     from mergekit_lite.demo import build_tokenizer
 
     (tmp_path / "big").mkdir()
     build_tokenizer(tmp_path / "big", 600)  # the demo models have 512 embedding rows
     result = run_cli(tmp_path, ta_recipe(demo, tokenizer_source=str(tmp_path / "big")), "-q")
     assert result.exit_code == 0, result.output
-    assert len(warnings_of(result)) == 1 and "has 600 tokens but the model's embeddings have 512 rows" in result.stderr
+    assert warnings_of(result) == ["warning: 88 token(s) of the output vocabulary are in no input's tokenizer (e.g. 'w508'): "
+                                   "their embedding rows are zeros (as mergekit)"]
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    plain = load_file(mergekit_lite.run(Recipe.from_dict(ta_recipe(demo)), tmp_path / "plain", progress=False) / "model.safetensors")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert out[name].shape == (600, 64)
+        assert torch.equal(out[name][:512], plain[name]) and not out[name][512:].any()
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 600
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (tmp_path / "big" / "tokenizer.json").read_bytes()
     (tmp_path / "small").mkdir()
     build_tokenizer(tmp_path / "small", 512)
     same = run_cli(tmp_path, ta_recipe(demo, tokenizer_source=str(tmp_path / "small")), "-q", out="out2")

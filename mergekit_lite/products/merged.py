@@ -14,6 +14,7 @@ import torch
 
 from ..card import model_card, output_name
 from ..checkpoint import Checkpoint, TensorInfo
+from ..errors import RecipeError
 from ..execute import compute_statistics, compute_tensor, merged_task_vector, register_product, resolve_device
 from ..plan import Plan, dtype_from_name
 from ..progress import progress_bar
@@ -28,6 +29,9 @@ def write_merged(plan: Plan, out_dir: str | os.PathLike[str], *, force: bool = F
     tokenizer_plan(plan)  # a bad tokenizer_source or chat template fails before any weight is read
     compute_statistics(plan, dev, progress)
     grid = lambda_grid(plan)
+    if grid is not None and any(job.vocab is not None for job in plan.jobs):
+        raise RecipeError("evaluator: a λ search scores models with the base's tokenizer, but this recipe re-maps the vocabulary "
+                          f"({plan.vocabulary.shown if plan.vocabulary is not None else 'tokenizer'}); give lambda a value, or remove tokenizer_source/tokenizer")
     if grid is not None:
         return _write_with_lambda_search(plan, out_dir, grid, force=force, device=dev, progress=progress)
     jobs = {job.name: job for job in plan.jobs}

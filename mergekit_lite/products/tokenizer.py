@@ -1,8 +1,10 @@
 """The tokenizer side of an output: where its tokenizer files come from, its chat template, and the
 sentence-transformers files that keep an embedding model loadable as one.
 
-Nothing here loads a tokenizer: files are copied as they are, and only a chat template (when the
-recipe sets one) is written into them, where transformers reads it: ``chat_template.jinja`` (what
+Nothing here loads a tokenizer: files are copied as they are, unless the plan built a vocabulary that
+differs from its source's (``vocabulary.py``: a union that gained tokens, added or dropped tokens),
+which is saved as transformers saves it. A chat template (when the recipe sets one) is written
+where transformers reads it: ``chat_template.jinja`` (what
 transformers 5 writes and reads first; 4.x releases read it since late 2024) and the
 ``chat_template`` key of ``tokenizer_config.json`` (what older releases read), the same text in both.
 
@@ -22,26 +24,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import Checkpoint, looks_like_hub_id, split_revision
+from ..checkpoint import Checkpoint, split_revision
 from ..errors import CheckpointError, OutputError
 from ..chat_templates import BUILTIN_CHAT_TEMPLATES
 from ..text import one_line
-from ..writer import TOKENIZER_FILES, copy_support_files, write_json
-
-#: Files that make a folder's tokenizer loadable (tokenizer_config.json alone is not a tokenizer).
-TOKENIZER_MODEL_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "spm.model",
-    "vocab.txt",
-    "vocab.json",
-    "tekken.json",
+from ..vocabulary import (  # noqa: F401  (TOKENIZER_HUB_PATTERNS, resolve_tokenizer_folder: part of this module's API)
+    TOKENIZER_HUB_PATTERNS,
+    TOKENIZER_MODEL_FILES,
+    Vocabulary,
+    has_tokenizer,
+    resolve_tokenizer_folder,
 )
-
-#: What is fetched from the hub for a tokenizer-only source (no weights).
-TOKENIZER_HUB_PATTERNS = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+from ..writer import TOKENIZER_FILES, copy_support_files, write_json
 
 #: transformers' folder of named extra chat templates (``additional_chat_templates/<name>.jinja``).
 EXTRA_TEMPLATES_DIR = "additional_chat_templates"
@@ -78,41 +72,6 @@ def read_chat_template(folder: Path | None) -> str | None:
     return template if isinstance(template, str) and template.strip() else None
 
 
-def vocabulary_size(folder: Path) -> int | None:
-    """How many token ids a tokenizer folder uses (highest id + 1), read from tokenizer.json, vocab.txt or
-    vocab.json (+ added tokens); None when it cannot be told without loading the tokenizer (SentencePiece)."""
-    try:
-        path = folder / "tokenizer.json"
-        if path.is_file():
-            data = json.loads(path.read_text(encoding="utf-8"))
-            vocab = (data.get("model") or {}).get("vocab")
-            ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab))) if isinstance(vocab, list) else []
-            ids += [t.get("id") for t in data.get("added_tokens") or [] if isinstance(t, dict)]
-        elif (folder / "vocab.txt").is_file():
-            with open(folder / "vocab.txt", encoding="utf-8") as f:
-                ids = list(range(sum(1 for _ in f)))
-        elif (folder / "vocab.json").is_file():
-            ids = list(json.loads((folder / "vocab.json").read_text(encoding="utf-8")).values())
-            if (folder / "added_tokens.json").is_file():
-                ids += list(json.loads((folder / "added_tokens.json").read_text(encoding="utf-8")).values())
-        else:
-            return None
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError, TypeError):
-        return None
-    ids = [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
-    return max(ids) + 1 if ids else None
-
-
-def has_tokenizer(folder: Path | None) -> bool:
-    """Whether a folder holds a loadable tokenizer's vocabulary (tokenizer.json, a SentencePiece model, vocab files, ...)."""
-    if folder is None:
-        return False
-    try:
-        return any((folder / name).is_file() for name in TOKENIZER_MODEL_FILES) or any(folder.glob("*.tiktoken"))
-    except OSError:
-        return False
-
-
 # -- the plan -----------------------------------------------------------------------------------
 @dataclass
 class TokenizerPlan:
@@ -126,16 +85,26 @@ class TokenizerPlan:
     st_folder: Path | None = None    # sentence-transformers files are carried from here
     missing: str | None = None       # why the output will have no tokenizer (None: it will have one)
     notes: list[str] = field(default_factory=list)  # non-fatal findings (warning: lines)
+    vocabulary: Vocabulary | None = None  # the vocabulary built for the output (tokenizer_source / tokenizer: set)
 
     @property
     def sentence_transformers(self) -> bool:
         return self.st_folder is not None
 
+    @property
+    def built(self) -> bool:
+        """Whether the output tokenizer differs from its source's files (tokens added or dropped): written by transformers."""
+        return self.vocabulary is not None and self.vocabulary.copy_from is None
+
     def describe(self) -> str:
         """One line for --dry-run, validate and the card."""
         if self.missing:
             return f"none ({self.missing})"
-        text = f"from {self.shown}"
+        if self.vocabulary is not None:
+            text = self.vocabulary.describe()
+            text += "; files written by transformers (save_pretrained)" if self.built else f"; files copied from {one_line(str(self.folder))}"
+        else:
+            text = f"from {self.shown}"
         if self.template_from:
             text += f"; chat template: {self.template_from}"
         if self.sentence_transformers:
@@ -165,41 +134,34 @@ def _by_ref(plan: Any, ref: str) -> Checkpoint | None:
 
 def _make_plan(plan: Any) -> TokenizerPlan:
     recipe = plan.recipe
-    value = recipe.tokenizer_source
-    ckpt: Checkpoint | None = None
+    settings = recipe.vocabulary_settings
+    value = settings.source if settings is not None else (recipe.tokenizer_source or "base")
+    vocabulary = getattr(plan, "vocabulary", None)
     folder: Path | None = None
-    if value == "none":
-        tp = TokenizerPlan(value, None, "nowhere", missing="tokenizer_source is none")
+    if recipe.tokenizer_source == "none":
+        tp = TokenizerPlan("none", None, "nowhere", missing="tokenizer_source is none")
+    elif vocabulary is not None:
+        folder = vocabulary.copy_from or vocabulary.source_folder
+        tp = TokenizerPlan(value, folder, vocabulary.shown, vocabulary=vocabulary)
+        tp.notes += vocabulary.notes
     else:
-        if value == "base":
+        ckpt: Checkpoint | None = None
+        if value in ("base", "union"):
             ckpt = plan.base if plan.base is not None else plan.config_source
             role = "base model" if plan.base is not None else "first model"
-        elif value in recipe.model_names:
-            refs = [m.model for m in recipe.models] if recipe.models is not None else list(dict.fromkeys(s.model for sl in recipe.slices for s in sl.sources))
-            ckpt = _by_ref(plan, refs[recipe.model_names.index(value)])
-            role = f"model {value!r}"
-        else:
-            ckpt = _by_ref(plan, value)
-            role = "input"
+        elif recipe.input_reference(value) is not None:
+            ckpt = _by_ref(plan, recipe.input_reference(value))
+            role = f"model {value!r}" if value in recipe.model_names else "input"
         if ckpt is not None:
             folder = ckpt.folder
             shown = f"{role} {one_line(ckpt.ref)}"
         else:
-            folder = resolve_tokenizer_folder(value)
+            folder = resolve_tokenizer_folder(value, "tokenizer.source" if recipe.tokenizer is not None else "tokenizer_source")
             shown = one_line(value) if Path(split_revision(value)[0]).expanduser().exists() else f"{one_line(value)} ({one_line(str(folder))})"
         tp = TokenizerPlan(value, folder, shown)
         if not has_tokenizer(folder):
             tp.missing = (f"{shown} has no tokenizer files ({', '.join(TOKENIZER_MODEL_FILES[:5])}, ...); "
                           "copy them into the output, or set tokenizer_source to a model, folder or hub id that has them")
-    if not tp.missing and folder is not None and plan.config_source is not None and folder != plan.config_source.folder:
-        rows = (plan.config_source.config or {}).get("vocab_size")
-        tokens = vocabulary_size(folder)
-        if isinstance(rows, int) and not isinstance(rows, bool) and tokens is not None and tokens > rows:
-            tp.notes.append(
-                f"tokenizer_source: {shown} has {tokens} tokens but the model's embeddings have {rows} rows (vocab_size); "
-                "token ids from "
-                f"{rows} on would fail. mergekit-lite copies tokenizer files and does not re-map embeddings to another vocabulary"
-            )
     template = recipe.chat_template
     if template is not None:
         if tp.missing:
@@ -242,37 +204,6 @@ def _plan_chat_template(plan: Any, tp: TokenizerPlan, value: str) -> None:
             raise CheckpointError(f"{one_line(str(config))}: not a JSON object; the chat template cannot be written into it")
 
 
-def resolve_tokenizer_folder(value: str) -> Path:
-    """A tokenizer_source that is not an input of the merge: an existing folder, or a hub id from the
-    Hugging Face cache (fetched if online: tokenizer and config files only, never weights)."""
-    name, revision = split_revision(value)
-    path = Path(name).expanduser()
-    try:
-        exists = path.exists()
-    except (OSError, ValueError):
-        exists = False
-    if exists:
-        if revision:
-            raise CheckpointError(f"tokenizer_source: {one_line(value)!r}: a revision (@...) only applies to hub ids, but {one_line(name)} is a local path")
-        if not path.is_dir():
-            raise CheckpointError(f"tokenizer_source: {one_line(value)!r} is a file; give the folder that holds the tokenizer files")
-        return path
-    if not looks_like_hub_id(name):
-        raise CheckpointError(f"tokenizer_source: {one_line(value)!r}: no such folder, and not a hub id of the form org/name[@revision]")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(name, revision=revision, allow_patterns=TOKENIZER_HUB_PATTERNS))
-    except LocalEntryNotFoundError:
-        raise CheckpointError(
-            f"tokenizer_source: {one_line(value)!r}: not a local folder and not in the Hugging Face cache "
-            "(offline or unreachable hub); download it first or give a local folder"
-        ) from None
-    except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise CheckpointError(f"tokenizer_source: {one_line(value)!r}: could not fetch from the hub: {one_line(str(exc))[:200]}") from None
-
-
 def _sentence_transformers_folder(config_source: Checkpoint | None, tokenizer_folder: Path | None) -> Path | None:
     """Where the sentence-transformers files come from: the config's source (it describes the model's
     modules), else the tokenizer source; None when neither is a sentence-transformers folder."""
@@ -287,7 +218,9 @@ def write_tokenizer(tp: TokenizerPlan, out: Path) -> list[str]:
     """Copy the tokenizer (and sentence-transformers) files into ``out``; write the chat template.
     Returns the relative paths written. Adds to ``tp.notes`` what it skipped."""
     written: list[str] = []
-    if tp.folder is not None and not tp.missing:
+    if tp.built and not tp.missing:
+        written += _save_built(tp, out)
+    elif tp.folder is not None and not tp.missing:
         names = [n for n in TOKENIZER_FILES if tp.chat_template is None or n not in ("chat_template.jinja", "chat_template.json")]
         names += sorted(p.name for p in tp.folder.glob("*.tiktoken") if _SAFE_REL.match(p.name))  # tiktoken vocabularies
         written += copy_support_files(tp.folder, out, names)
@@ -302,6 +235,20 @@ def write_tokenizer(tp: TokenizerPlan, out: Path) -> list[str]:
             written += _write_chat_template(tp, out)
     if tp.st_folder is not None:
         written += _copy_sentence_transformers(tp, out)
+    return written
+
+
+def _save_built(tp: TokenizerPlan, out: Path) -> list[str]:
+    """The built tokenizer (a vocabulary that differs from its source's files), saved as transformers saves it."""
+    assert tp.vocabulary is not None
+    before = {p.name for p in out.iterdir()}
+    try:
+        tp.vocabulary.tokenizer.save_pretrained(str(out))
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot write the tokenizer files: {exc.strerror or exc}") from exc
+    written = sorted(p.name for p in out.iterdir() if p.name not in before and p.is_file())
+    if tp.chat_template is not None:
+        written += [n for n in _write_chat_template(tp, out) if n not in written]
     return written
 
 

@@ -9,14 +9,19 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import harness  # noqa: E402  (tests/compat is not a package)
 from checkpoints import build_all  # noqa: E402
+from vocab_models import build_vocab_models  # noqa: E402  (tests/vocab_models.py)
 
 
 @pytest.fixture(scope="session")
 def compat_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """base, ft1..ft5 (32 layers) and big1, big2 (40 layers): built once per session."""
-    return build_all(tmp_path_factory.mktemp("compat-models"))
+    """base, ft1..ft5 (32 layers), big1, big2 (40 layers) and the vocabulary family vbase, vchat, vtool, vother,
+    vpad (2 layers, tokenizers that differ: tests/vocab_models.py): built once per session."""
+    root = tmp_path_factory.mktemp("compat-models")
+    return {**build_all(root), **build_vocab_models(root / "vocab")}
 
 
 @pytest.fixture(scope="session")

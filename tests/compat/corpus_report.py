@@ -29,8 +29,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import harness  # noqa: E402
 from checkpoints import build_all  # noqa: E402
+from vocab_models import build_vocab_models  # noqa: E402  (tests/vocab_models.py)
 
 
 def _cell(text: str) -> str:
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="compat-report-") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        models = build_all(work / "models")
+        models = {**build_all(work / "models"), **build_vocab_models(work / "models" / "vocab")}
         runs = work / "runs"
         if runs.exists():
             import shutil

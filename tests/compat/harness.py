@@ -41,7 +41,10 @@ RANDOM_FEW_ENTRIES = 8
 MERGEKIT_TOP_KEYS = frozenset(
     {"modules", "slices", "models", "merge_method", "base_model", "dtype", "tokenizer_source", "tokenizer", "chat_template", "out_dtype", "parameters"}
 )
-_PLACEHOLDER = re.compile(r"\{(base|ft[1-5]|big[12])\}")
+_PLACEHOLDER = re.compile(r"\{(base|ft[1-5]|big[12]|vbase|vchat|vtool|vother|vpad)\}")
+#: Tensors of the tiny Llamas with one row per token: compared token by token when the outputs' vocabularies
+#: hold the same tokens at other ids (mergekit orders the tokens a union adds by Python's set and hash order).
+VOCABULARY_TENSORS = frozenset({"model.embed_tokens.weight", "lm_head.weight"})
 
 
 def mergekit_python() -> Path:
@@ -183,6 +186,33 @@ def load_config(folder: Path) -> dict[str, Any]:
     return json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
 
 
+def load_vocabulary(folder: Path) -> dict[str, int] | None:
+    """token → id of an output's tokenizer.json (its model's vocabulary and added tokens); None without one."""
+    path = Path(folder) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    vocab = dict((data.get("model") or {}).get("vocab") or {})
+    vocab.update({t["content"]: t["id"] for t in data.get("added_tokens") or []})
+    return vocab
+
+
+def _token_alignment(ours: Path, theirs: Path, problems: list[str]) -> tuple[Any, Any] | None:
+    """(our ids, mergekit's ids) of the same tokens, when both outputs hold the same tokens at other ids."""
+    import torch
+
+    mine, other = load_vocabulary(ours), load_vocabulary(theirs)
+    if mine is None or other is None or mine == other:
+        return None
+    if set(mine) != set(other):
+        only_ours, only_theirs = sorted(set(mine) - set(other)), sorted(set(other) - set(mine))
+        problems.append(f"vocabularies differ: {len(only_ours)} token(s) only in ours (e.g. {only_ours[:3]}), "
+                        f"{len(only_theirs)} only in mergekit's (e.g. {only_theirs[:3]})")
+        return None
+    tokens = sorted(other, key=other.get)
+    return torch.tensor([mine[t] for t in tokens]), torch.tensor([other[t] for t in tokens])
+
+
 @dataclass
 class Comparison:
     problems: list[str]
@@ -220,6 +250,16 @@ def compare(case: Case, base_state: dict[str, Any] | None = None) -> Comparison:
     layers_theirs = load_config(case.mergekit_out).get("num_hidden_layers")
     if layers_ours != layers_theirs:
         problems.append(f"config.json num_hidden_layers: ours {layers_ours}, mergekit {layers_theirs}")
+    vocab_ours, vocab_theirs = load_config(case.ours_out).get("vocab_size"), load_config(case.mergekit_out).get("vocab_size")
+    if vocab_ours != vocab_theirs:
+        problems.append(f"config.json vocab_size: ours {vocab_ours}, mergekit {vocab_theirs}")
+    align = _token_alignment(case.ours_out, case.mergekit_out, problems)
+    if align is not None:  # our rows in mergekit's token order (rows past the vocabulary, padding, stay in place)
+        for name in VOCABULARY_TENSORS & set(ours):
+            if ours[name].shape == theirs.get(name, ours[name]).shape:
+                moved = ours[name].clone()
+                moved[align[1]] = ours[name][align[0]]
+                ours[name] = moved
     common = sorted(set(ours) & set(theirs))
     for name in common:
         if ours[name].shape != theirs[name].shape:

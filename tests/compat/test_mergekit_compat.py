@@ -30,10 +30,7 @@ import harness  # noqa: E402
 #: config stem -> why our output does not match mergekit's yet. Keep it honest: measured, not guessed.
 #: Before the plan of output tensors (commit 274a779) 31 of 34 configs failed (slices, gradients/filters,
 #: per-model density, DARE defaults); what is left needs the method catalogue and tokenizer issues.
-EXPECTED_FAIL: dict[str, str] = {
-    "multislerp--kansensakura-symbiosis-12b": "the `tokenizer:` block (merged vocabularies) is refused: not supported yet",
-    "sce--l3.3-geneticlemonade-final-70b": "the `tokenizer:` block (union vocabulary) is refused: not supported yet",
-}
+EXPECTED_FAIL: dict[str, str] = {}
 
 
 def _params() -> list:
@@ -91,6 +88,44 @@ def test_the_comparison_is_not_vacuous(compat_cases: dict[str, harness.Case], tm
     assert harness.compare(dataclasses.replace(dare, ours_out=dare.mergekit_out), base).ok
     grown = _copy_with(dare.mergekit_out, tmp_path / "grown", lambda k, v: base[k] + 1.05 * (v - base[k]) if k in base else v)
     assert not harness.compare(dataclasses.replace(dare, ours_out=grown), base).ok
+
+
+def test_the_per_token_comparison_is_not_vacuous(compat_cases: dict[str, harness.Case], tmp_path: Path) -> None:
+    """Rows of a union are compared by token: mergekit's output with two tokens' ids swapped (tokenizer and rows)
+    passes; the rows swapped alone, or one token's row nudged by 1e-3, do not."""
+    import dataclasses
+    import shutil
+
+    case = compat_cases["task_arithmetic--written-vocab-union"]
+    assert case.mergekit.get("ok"), case.mergekit
+    vocab = harness.load_vocabulary(case.mergekit_out)
+    a, b = vocab["<|im_start|>"], vocab["<tool>"]
+
+    def swap_rows(name, t):
+        if name in harness.VOCABULARY_TENSORS:
+            t = t.clone()
+            t[[a, b]] = t[[b, a]]
+        return t
+
+    rows_only = _copy_with(case.mergekit_out, tmp_path / "rows-only", swap_rows)
+    assert not harness.compare(dataclasses.replace(case, ours_out=rows_only)).ok
+    relabelled = tmp_path / "relabelled"
+    shutil.copytree(rows_only, relabelled)
+    text = (relabelled / "tokenizer.json").read_text(encoding="utf-8")
+    text = text.replace('"<|im_start|>"', '"@@A@@"').replace('"<tool>"', '"<|im_start|>"').replace('"@@A@@"', '"<tool>"')
+    (relabelled / "tokenizer.json").write_text(text, encoding="utf-8")
+    assert harness.load_vocabulary(relabelled)["<tool>"] == a
+    assert harness.compare(dataclasses.replace(case, ours_out=relabelled)).ok
+    nudged = _copy_with(case.mergekit_out, tmp_path / "nudged",
+                        lambda k, v: torch_add_row(v, b, 1e-3) if k == "lm_head.weight" else v)
+    result = harness.compare(dataclasses.replace(case, ours_out=nudged))
+    assert not result.ok and "lm_head.weight" in " ".join(result.problems)
+
+
+def torch_add_row(t, row: int, amount: float):
+    t = t.clone()
+    t[row] += amount * t.norm()
+    return t
 
 
 @pytest.mark.parametrize("name", _params())
