@@ -5,8 +5,9 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
-from .api import Plan, plan, run
-from .errors import CheckpointError, CollectionError, MergeKitLiteError, OutputError, RecipeError
+from .api import Plan, plan, run, run_chain
+from .chain import Chain, load_recipe
+from .errors import CheckpointError, CollectionError, MergeKitLiteError, MergeKitLiteWarning, OutputError, RecipeError
 from .methods import METHODS, MergeMethod, get_method
 from .products import Collection
 from .recipe import Recipe
@@ -15,6 +16,7 @@ from .taskvector import TaskVector
 
 __all__ = [
     "__version__",
+    "Chain",
     "Checkpoint",
     "CheckpointError",
     "Collection",
@@ -22,6 +24,7 @@ __all__ = [
     "LazyStateDict",
     "METHODS",
     "MergeKitLiteError",
+    "MergeKitLiteWarning",
     "MergeMethod",
     "OutputError",
     "Plan",
@@ -30,7 +33,9 @@ __all__ = [
     "TaskVector",
     "TensorInfo",
     "get_method",
+    "load_recipe",
     "open_checkpoint",
     "plan",
     "run",
+    "run_chain",
 ]
