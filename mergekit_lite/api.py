@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from . import products  # noqa: F401  (registers the products with the executor)
 from .chain import Chain, Step, default_intermediate_dir, load_recipe, output_state, write_stamp
-from .errors import OutputError
+from .errors import MergeKitLiteWarning, OutputError
 from .execute import execute, resolve_device
 from .plan import Plan, plan
 from .recipe import Recipe
@@ -145,7 +146,16 @@ def _write_step(step_plan: Plan, r: StepRun, digest: str, *, device: str, progre
     temporary one, its files move up, the stamp goes last, and the whole replaces the step's folder."""
     with AtomicFolder(r.folder, force=r.state != "absent") as tmp:
         inner = tmp / ".mergekit-lite-step" / r.folder.name  # the product's own folder name (its model card uses it)
-        execute(step_plan, inner, device=device, progress=progress)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", MergeKitLiteWarning)
+                execute(step_plan, inner, device=device, progress=progress)
+        finally:  # what the product says about its output, naming the step's folder rather than the temporary one
+            for w in caught:
+                if issubclass(w.category, MergeKitLiteWarning):
+                    warnings.warn(str(w.message).replace(str(inner), str(r.folder)), MergeKitLiteWarning, stacklevel=4)
+                else:
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         for entry in list(inner.iterdir()):
             os.rename(entry, tmp / entry.name)
         inner.rmdir()

@@ -40,6 +40,10 @@ A recipe is YAML, with mergekit's key names:
 merge_method: tall_masks writes a compressed collection instead of a merged
 model (see `mergekit-lite extract` and `inspect`). Relative paths are resolved
 from the current folder. Examples are in recipes/.
+
+Several YAML documents separated by --- are a chain (mergekit-multi's format):
+`name: x` makes a document a step, used by later documents as `model: x`; the
+unnamed document is the final merge (recipes/chain.yml).
 """
 
 
@@ -339,27 +343,31 @@ def extract(collection: str, args: tuple[str, ...], all_tasks: bool, force: bool
 
     if all_tasks and len(args) != 1 or not all_tasks and len(args) != 2:
         raise MergeKitLiteError("usage: mergekit-lite extract COLLECTION TASK OUT_DIR, or mergekit-lite extract COLLECTION --all OUT_DIR")
-    from .products.tokenizer import output_has_tokenizer
-
     coll = Collection.open(collection, base=base)
     if not all_tasks:
         coll.task(args[0])
-        path = coll.extract(args[0], args[1], force=force, progress=not quiet)
-        if not output_has_tokenizer(path):
-            click.echo(f"warning: {path}: no tokenizer: task {args[0]!r} was compressed from a folder without tokenizer files; "
-                       "copy them in (e.g. from the base model)", err=True)
+        with _warning_lines():  # a task without tokenizer files: the base's was written, or none at all
+            path = coll.extract(args[0], args[1], force=force, progress=not quiet)
         click.echo(str(path) if quiet else f"wrote {args[0]} to {path}")
         return
+    from .errors import MergeKitLiteWarning
     from .writer import AtomicFolder
 
     folder = AtomicFolder(args[0], force=force)
     with folder as tmp:  # all tasks or none: a failure in any task leaves no OUT_DIR
-        for entry in coll.manifest["tasks"]:
-            coll.extract(entry["name"], tmp / entry["stem"], progress=not quiet)
-    without = [e["stem"] for e in coll.manifest["tasks"] if not output_has_tokenizer(folder.destination / e["stem"])]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", MergeKitLiteWarning)  # said once for all tasks, below
+            for entry in coll.manifest["tasks"]:
+                coll.extract(entry["name"], tmp / entry["stem"], progress=not quiet)
+    tokenizers = {e["stem"]: coll.tokenizer_of(e["name"]) for e in coll.manifest["tasks"]}
+    fallback = [stem for stem, whose in tokenizers.items() if whose == "base"]
+    without = [stem for stem, whose in tokenizers.items() if whose is None]
+    if fallback:
+        click.echo(f"warning: {folder.destination}: {', '.join(fallback)} were compressed from folders without tokenizer files; "
+                   "the base model's tokenizer (kept in the collection) was written instead", err=True)
     if without:
         click.echo(f"warning: {folder.destination}: no tokenizer in {', '.join(without)}: their tasks were compressed from folders "
-                   "without tokenizer files; copy them in (e.g. from the base model)", err=True)
+                   "without tokenizer files and the collection holds no base tokenizer; copy them in (e.g. from the base model)", err=True)
     for entry in coll.manifest["tasks"]:
         path = folder.destination / entry["stem"]
         click.echo(str(path) if quiet else f"wrote {entry['name']} to {path}")
