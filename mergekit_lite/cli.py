@@ -333,8 +333,9 @@ def masks(recipe: str, as_json: bool, plot: str | None, tall_lambda: float | Non
 def extract(collection: str, args: tuple[str, ...], all_tasks: bool, force: bool, base: str | None, quiet: bool) -> None:
     """Write one task of a TALL-masks COLLECTION back as a Hugging Face checkpoint.
 
-    The task's weights are θ_0 + m_t ⊙ τ_MTL; its original config, generation config and
-    tokenizer files are copied. Only the task's own mask file is read (with τ_MTL and the base),
+    The task's weights are θ_0 + m_t ⊙ τ_MTL; its original config, generation config, tokenizer
+    and sentence-transformers files are copied (a task compressed without tokenizer files gets the
+    base's, with a warning). Only the task's own mask file is read (with τ_MTL and the base),
     each checked against its SHA-256 first. `--all` extracts every task into OUT_DIR/NNN-<task>/
     (NNN = the task's index; the name made file-safe), all or none.
     """

@@ -301,3 +301,28 @@ def test_tokenizer_source_may_name_a_step(models, demo, tmp_path):
     out = mergekit_lite.run(chain, tmp_path / "out", progress=False)
     assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == "{{ 'marked' }}"
     assert os.path.isdir(tmp_path / "out-intermediate" / "tok")
+
+
+def test_slices_and_a_collection_may_read_steps(models, tmp_path):
+    """Step references in slice sources, and a final TALL-masks collection over a step's output."""
+    soup = chain_docs(models)[0]
+    stack = {"merge_method": "passthrough", "slices": [{"sources": [{"model": "stage1", "layer_range": [0, 2]}]},
+                                                       {"sources": [{"model": str(models["c"]), "layer_range": [1, 2]}]}]}
+    out = mergekit_lite.run(Chain.from_text(yaml.safe_dump_all([soup, stack]), "stack.yml"), tmp_path / "stack", progress=False)
+    stage1, c, got = reference(models)["stage1"], load_state(models["c"]), load_state(out)
+    assert torch.equal(got["model.layers.2.mlp.up_proj.weight"], c["model.layers.1.mlp.up_proj.weight"])
+    torch.testing.assert_close(got["model.layers.1.mlp.up_proj.weight"].double(), stage1["model.layers.1.mlp.up_proj.weight"])
+    compress = {"merge_method": "tall_masks", "base_model": str(models["base"]), "models": [{"model": "stage1"}, {"model": str(models["c"])}]}
+    coll = mergekit_lite.run(Chain.from_text(yaml.safe_dump_all([soup, compress]), "coll.yml"), tmp_path / "coll", progress=False)
+    assert mergekit_lite.Collection.open(coll).tasks == ["stage1", "c"]
+    lines: list[str] = []
+    mergekit_lite.run_chain(Chain.from_text(yaml.safe_dump_all([soup, compress]), "coll.yml"), tmp_path / "coll", progress=False, report=lines.append)
+    assert all("up to date" in line for line in lines)
+
+
+def test_one_named_document_is_a_chain_of_one_step(models, tmp_path):
+    recipe = write_chain(tmp_path / "one.yml", chain_docs(models)[:1])
+    assert isinstance(load_recipe(recipe), Chain)
+    out = mergekit_lite.run(recipe, tmp_path / "out", progress=False)
+    assert (out / STAMP).is_file() and not (tmp_path / "out-intermediate").exists()
+    assert_state(out, reference(models)["stage1"])

@@ -385,11 +385,6 @@ def is_sentence_transformers(folder: Path | None) -> bool:
     return folder is not None and (folder / "modules.json").is_file()
 
 
-def output_has_tokenizer(folder: Path) -> bool:
-    """Whether a written output folder carries a tokenizer."""
-    return has_tokenizer(Path(folder))
-
-
 def loading_hint(folder: str | os.PathLike[str]) -> list[str]:
     """How to load a written model folder: the transformers Auto class of its config (and SentenceTransformer for those folders)."""
     from ..card import auto_class
