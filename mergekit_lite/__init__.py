@@ -17,6 +17,10 @@ _EXPORTS = {
     "open_checkpoint": ".checkpoint",
     "Plan": ".api",
     "run": ".api",
+    "run_chain": ".api",
+    "Chain": ".chain",
+    "load_recipe": ".chain",
+    "MergeKitLiteWarning": ".errors",
     "CheckpointError": ".errors",
     "CollectionError": ".errors",
     "MergeKitLiteError": ".errors",
@@ -32,9 +36,10 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from .api import Plan, plan, run
+    from .api import Plan, plan, run, run_chain
+    from .chain import Chain, load_recipe
     from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
-    from .errors import CheckpointError, CollectionError, MergeKitLiteError, OutputError, RecipeError
+    from .errors import CheckpointError, CollectionError, MergeKitLiteError, MergeKitLiteWarning, OutputError, RecipeError
     from .methods import METHODS, MergeMethod, get_method
     from .products import Collection
     from .recipe import Recipe
@@ -73,6 +78,7 @@ sys.modules[__name__].__class__ = _Package
 
 __all__ = [
     "__version__",
+    "Chain",
     "Checkpoint",
     "CheckpointError",
     "Collection",
@@ -80,6 +86,7 @@ __all__ = [
     "LazyStateDict",
     "METHODS",
     "MergeKitLiteError",
+    "MergeKitLiteWarning",
     "MergeMethod",
     "OutputError",
     "Plan",
@@ -88,7 +95,9 @@ __all__ = [
     "TaskVector",
     "TensorInfo",
     "get_method",
+    "load_recipe",
     "open_checkpoint",
     "plan",
     "run",
+    "run_chain",
 ]

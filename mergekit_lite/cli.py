@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
-from typing import Any, Callable
+import warnings
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -42,6 +44,10 @@ A recipe is YAML, with mergekit's key names:
 merge_method: tall_masks writes a compressed collection instead of a merged
 model (see `mergekit-lite extract` and `inspect`). Relative paths are resolved
 from the current folder. Examples are in recipes/.
+
+Several YAML documents separated by --- are a chain (mergekit-multi's format):
+`name: x` makes a document a step, used by later documents as `model: x`; the
+unnamed document is the final merge (recipes/chain.yml).
 """
 
 
@@ -94,24 +100,36 @@ def main() -> None:
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--dry-run", is_flag=True, help="Print the plan (tensors, bytes to read and write, estimated peak memory) and write nothing.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (tensors, bytes to read and write, estimated peak memory; for a chain, its steps) and write nothing.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists (only once the new output is complete).")
+@click.option("--intermediate-dir", type=click.Path(file_okay=False),
+              help="A chain's named steps are written here, one folder per step (default: OUT_DIR-intermediate).")
 @click.option("--device", default="cpu", show_default=True, help="Where the arithmetic runs: cpu, cuda or cuda:N. Results are the same.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; print only the output path.")
 @friendly_errors
-def run(recipe: str, out_dir: str, dry_run: bool, force: bool, device: str, quiet: bool) -> None:
+def run(recipe: str, out_dir: str, dry_run: bool, force: bool, intermediate_dir: str | None, device: str, quiet: bool) -> None:
     """Merge as RECIPE says and write a Hugging Face checkpoint (or collection) to OUT_DIR.
 
     The output (sharded safetensors + index, config.json, generation config, tokenizer files,
     README.md model card) is built in a temporary folder beside OUT_DIR and moved into place only
     when complete: a failed or interrupted run leaves no partial output. Every input is checked from
     its headers before any weights are read.
+
+    A RECIPE of several YAML documents (separated by ---) is a chain, as in mergekit-multi: each
+    document with `name: x` is a step written to --intermediate-dir/x, which later documents use by
+    writing x where a model goes; the unnamed document is the final merge, written to OUT_DIR. Steps
+    run in dependency order; a step whose output is complete and was made by the same recipe is skipped.
     """
     from .api import execute, plan, prepare_output, resolve_device
-    from .recipe import Recipe
+    from .chain import Chain, load_recipe
 
-    parsed = Recipe.from_yaml(recipe)
+    parsed = load_recipe(recipe)
     _warn(parsed)
+    if isinstance(parsed, Chain):
+        _run_chain(parsed, recipe, out_dir, intermediate_dir, dry_run=dry_run, force=force, device=device, quiet=quiet)
+        return
+    if intermediate_dir is not None:
+        click.echo(f"warning: --intermediate-dir has no effect: {recipe} is one merge, not a chain", err=True)
     resolve_device(device)
     if not dry_run:
         prepare_output(out_dir, force)
@@ -126,26 +144,85 @@ def run(recipe: str, out_dir: str, dry_run: bool, force: bool, device: str, quie
                     click.echo(f"warning: {note}", err=True)
             click.echo(f"output:        {out_dir} (dry run: nothing written)")
             return
-        path = execute(the_plan, out_dir, force=force, device=device, progress=not quiet)
+        with _warning_lines():  # the product says what the output lacks (no tokenizer, ...)
+            path = execute(the_plan, out_dir, force=force, device=device, progress=not quiet)
     finally:
         the_plan.close()
-    if tokenizer is not None:
-        for note in tokenizer.notes:
-            click.echo(f"warning: {note}", err=True)
-        if tokenizer.missing:
-            click.echo(f"warning: {path}: no tokenizer: {tokenizer.missing}", err=True)
+    _wrote(parsed, path, quiet)
+
+
+def _wrote(parsed: Any, path: Any, quiet: bool, verb: str = "wrote") -> None:
+    """The closing lines of a run: the output path, and how to use it."""
     if quiet:
         click.echo(str(path))
     elif parsed.method.output == "collection":
-        click.echo(f"wrote collection {path} ({len(parsed.models)} tasks)")
+        click.echo(f"{verb} collection {path} ({len(parsed.models)} tasks)")
         click.echo(f"inspect it with: mergekit-lite inspect {path}")
         click.echo(f"extract a task with: mergekit-lite extract {path} {parsed.model_names[0]} OUT_DIR")
     else:
         from .products.tokenizer import loading_hint
 
-        click.echo(f"wrote {path}")
+        click.echo(f"{verb} {path}")
         for line in loading_hint(path):
             click.echo(line)
+
+
+def _run_chain(chain: Any, recipe: str, out_dir: str, intermediate_dir: str | None, *, dry_run: bool, force: bool, device: str, quiet: bool) -> None:
+    """`run` for a chain: its plan of steps (--dry-run), or every step in order, skipping those already up to date."""
+    from .api import plan_chain, resolve_device, run_chain
+
+    resolve_device(device)
+    if dry_run:
+        runs = plan_chain(chain, out_dir, intermediate_dir=intermediate_dir, force=force, check=False)
+        inter = {r.folder.parent for r in runs if not r.final}
+        where = f"; named steps go to {inter.pop()}" if inter else ""
+        click.echo(f"chain {recipe}: {len(runs)} step(s), in this order{where}")
+        for number, r in enumerate(runs, 1):
+            what = "up to date, skipped" if r.skip else "runs"
+            click.echo(f"step {number}/{len(runs)} {r.step.label} → {r.folder}: {what}" + (f" ({r.reason()})" if r.reason() else ""))
+            click.echo(f"  {r.step.recipe.merge_method} of {', '.join(_inputs(r.step))}")
+        click.echo(f"output: {runs[-1].folder} (dry run: nothing written)")
+        return
+    def report(line: str) -> None:
+        if not quiet:
+            click.echo(line, err=True)
+
+    up_to_date = plan_chain(chain, out_dir, intermediate_dir=intermediate_dir, check=False)[-1].skip
+    with _warning_lines():
+        path = run_chain(chain, out_dir, intermediate_dir=intermediate_dir, force=force, device=device, progress=not quiet, report=report)
+    _wrote(chain.final.recipe, path, quiet, "up to date:" if up_to_date else "wrote")
+
+
+def _inputs(step: Any) -> list[str]:
+    """A step's inputs as written, its steps' outputs marked: ["step 'a'", 'demo/checkpoints/base (base)', ...]."""
+    recipe = step.recipe
+
+    def show(ref: str) -> str:
+        return f"step {ref!r}" if ref in step.needs else ref
+
+    refs = [m.model for m in recipe.models] if recipe.models is not None else list(dict.fromkeys(s.model for sl in recipe.slices or [] for s in sl.sources))
+    shown = [f"{show(recipe.base_model)} (base)"] if recipe.base_model is not None and recipe.base_model not in refs else []
+    return shown + [show(r) + (" (base)" if r == recipe.base_model else "") for r in refs]
+
+
+@contextlib.contextmanager
+def _warning_lines() -> Iterator[None]:
+    """Print the API's MergeKitLiteWarnings as ``warning:`` lines (other warnings are shown as Python shows them)."""
+    from .errors import MergeKitLiteWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MergeKitLiteWarning)
+        try:
+            yield
+        finally:
+            others = []
+            for w in caught:
+                if issubclass(w.category, MergeKitLiteWarning):
+                    click.echo(f"warning: {w.message}", err=True)
+                else:
+                    others.append(w)
+    for w in others:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 run.epilog = RECIPE_HELP
@@ -158,14 +235,14 @@ def validate(recipe: str) -> None:
     """Check RECIPE and that every input exists and is compatible, reading headers only.
 
     Exits 0 and prints a summary when the recipe would run; otherwise prints the problem (which
-    file, tensor or recipe field, and what to do) and exits 2.
+    file, tensor or recipe field, and what to do) and exits 2. For a chain: its names, references
+    and order, each document, and the inputs of the steps that read no other step's output.
     """
-    from .api import plan
+    from .chain import Chain, load_recipe
     from .errors import RecipeError
-    from .recipe import Recipe
 
     try:
-        parsed = Recipe.from_yaml(recipe)
+        parsed = load_recipe(recipe)
     except RecipeError as exc:
         if len(exc.problems) > 1:
             click.echo(f"error: {len(exc.problems)} problems in the recipe:", err=True)
@@ -174,6 +251,23 @@ def validate(recipe: str) -> None:
             sys.exit(2)
         raise
     _warn(parsed)
+    if not isinstance(parsed, Chain):
+        click.echo(_check_inputs(parsed))
+        return
+    names = ", ".join(s.label for s in parsed.steps)
+    click.echo(f"ok: a chain of {len(parsed.steps)} step(s), in this order: {names}")
+    for number, step in enumerate(parsed.steps, 1):
+        head = f"step {number}/{len(parsed.steps)} {step.label}"
+        if step.needs:
+            click.echo(f"{head}: reads the output of step {', '.join(map(repr, step.needs))}; its inputs are checked when it runs")
+        else:
+            click.echo(f"{head}: {_check_inputs(parsed.resolved(step, {}))}")
+
+
+def _check_inputs(parsed: Any) -> str:
+    """Plan a recipe from its inputs' headers; say what it would do (and, on stderr, what its output would lack)."""
+    from .api import plan
+
     the_plan = plan(parsed)
     try:
         tokenizer = _tokenizer(the_plan)
@@ -183,12 +277,13 @@ def validate(recipe: str) -> None:
                 click.echo(f"warning: {note}", err=True)
             if tokenizer.missing:
                 click.echo(f"warning: the output will have no tokenizer: {tokenizer.missing}", err=True)
-        click.echo(
+        line = (
             f"ok: {parsed.merge_method} over {len(the_plan.models)} model(s); "
             f"{len(the_plan.jobs)} tensors ({merged} merged), {the_plan.bytes_to_write / 1e6:.1f} MB to write"
         )
         if tokenizer is not None:
-            click.echo(f"tokenizer: {tokenizer.describe()}")
+            line += f"\ntokenizer: {tokenizer.describe()}"
+        return line
     finally:
         the_plan.close()
 
@@ -242,8 +337,9 @@ def masks(recipe: str, as_json: bool, plot: str | None, tall_lambda: float | Non
 def extract(collection: str, args: tuple[str, ...], all_tasks: bool, force: bool, base: str | None, quiet: bool) -> None:
     """Write one task of a TALL-masks COLLECTION back as a Hugging Face checkpoint.
 
-    The task's weights are θ_0 + m_t ⊙ τ_MTL; its original config, generation config and
-    tokenizer files are copied. Only the task's own mask file is read (with τ_MTL and the base),
+    The task's weights are θ_0 + m_t ⊙ τ_MTL; its original config, generation config, tokenizer
+    and sentence-transformers files are copied (a task compressed without tokenizer files gets the
+    base's, with a warning). Only the task's own mask file is read (with τ_MTL and the base),
     each checked against its SHA-256 first. `--all` extracts every task into OUT_DIR/NNN-<task>/
     (NNN = the task's index; the name made file-safe), all or none.
     """
@@ -252,27 +348,31 @@ def extract(collection: str, args: tuple[str, ...], all_tasks: bool, force: bool
 
     if all_tasks and len(args) != 1 or not all_tasks and len(args) != 2:
         raise MergeKitLiteError("usage: mergekit-lite extract COLLECTION TASK OUT_DIR, or mergekit-lite extract COLLECTION --all OUT_DIR")
-    from .products.tokenizer import output_has_tokenizer
-
     coll = Collection.open(collection, base=base)
     if not all_tasks:
         coll.task(args[0])
-        path = coll.extract(args[0], args[1], force=force, progress=not quiet)
-        if not output_has_tokenizer(path):
-            click.echo(f"warning: {path}: no tokenizer: task {args[0]!r} was compressed from a folder without tokenizer files; "
-                       "copy them in (e.g. from the base model)", err=True)
+        with _warning_lines():  # a task without tokenizer files: the base's was written, or none at all
+            path = coll.extract(args[0], args[1], force=force, progress=not quiet)
         click.echo(str(path) if quiet else f"wrote {args[0]} to {path}")
         return
+    from .errors import MergeKitLiteWarning
     from .writer import AtomicFolder
 
     folder = AtomicFolder(args[0], force=force)
     with folder as tmp:  # all tasks or none: a failure in any task leaves no OUT_DIR
-        for entry in coll.manifest["tasks"]:
-            coll.extract(entry["name"], tmp / entry["stem"], progress=not quiet)
-    without = [e["stem"] for e in coll.manifest["tasks"] if not output_has_tokenizer(folder.destination / e["stem"])]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", MergeKitLiteWarning)  # said once for all tasks, below
+            for entry in coll.manifest["tasks"]:
+                coll.extract(entry["name"], tmp / entry["stem"], progress=not quiet)
+    tokenizers = {e["stem"]: coll.tokenizer_of(e["name"]) for e in coll.manifest["tasks"]}
+    fallback = [stem for stem, whose in tokenizers.items() if whose == "base"]
+    without = [stem for stem, whose in tokenizers.items() if whose is None]
+    if fallback:
+        click.echo(f"warning: {folder.destination}: {', '.join(fallback)} were compressed from folders without tokenizer files; "
+                   "the base model's tokenizer (kept in the collection) was written instead", err=True)
     if without:
         click.echo(f"warning: {folder.destination}: no tokenizer in {', '.join(without)}: their tasks were compressed from folders "
-                   "without tokenizer files; copy them in (e.g. from the base model)", err=True)
+                   "without tokenizer files and the collection holds no base tokenizer; copy them in (e.g. from the base model)", err=True)
     for entry in coll.manifest["tasks"]:
         path = folder.destination / entry["stem"]
         click.echo(str(path) if quiet else f"wrote {entry['name']} to {path}")

@@ -25,3 +25,8 @@ class OutputError(MergeKitLiteError):
 
 class CollectionError(MergeKitLiteError):
     """A compressed collection is incomplete, corrupted, or asked for something it does not hold."""
+
+
+class MergeKitLiteWarning(UserWarning):
+    """Something a user should know about a finished output (no tokenizer, module weights copied unmerged, ...);
+    the CLI prints each as one ``warning:`` line."""

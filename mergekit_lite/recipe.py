@@ -208,38 +208,18 @@ class Recipe(_Strict):
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> "Recipe":
         """Read and validate a recipe file."""
-        path = Path(path)
-        shown = one_line(str(path))
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise RecipeError(f"{shown}: recipe file not found") from None
-        except IsADirectoryError:
-            raise RecipeError(f"{shown}: is a folder, not a recipe file") from None
-        except UnicodeDecodeError as exc:
-            raise RecipeError(f"{shown}: not a text file (byte {exc.start} is not UTF-8)") from None
-        except (OSError, ValueError) as exc:
-            raise RecipeError(f"{shown}: cannot read recipe: {one_line(str(exc))}") from None
-        return cls.from_text(text, str(path))
+        return cls.from_text(read_recipe_text(path), str(path))
 
     @classmethod
     def from_text(cls, text: str, source: str = "recipe") -> "Recipe":
-        shown = one_line(str(source))
-        try:
-            data = yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: builds plain data only
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(exc, "problem", None) or (str(exc).splitlines() or ["unreadable"])[0]
-            raise RecipeError(one_line(f"{shown}: not valid YAML{where}: {problem}")) from None
-        except RecursionError:
-            raise RecipeError(f"{shown}: not valid YAML: nested too deeply to be a recipe") from None
-        except Exception as exc:  # noqa: BLE001 - PyYAML's scalar constructors fail with whatever they hit:
-            # ValueError (an integer of 5000 digits, !!float x), IndexError (!!int ''), KeyError (!!bool x),
-            # AttributeError (!!timestamp x)
-            detail = (str(exc).splitlines() or [""])[0][:200]
-            raise RecipeError(one_line(f"{shown}: not valid YAML: a value cannot be read ({type(exc).__name__}: {detail})")) from None
-        return cls.from_dict(data, source)
+        """Validate a recipe given as YAML text (one document; several are a chain, see chain.py)."""
+        documents = parse_documents(text, source)
+        if len(documents) > 1:
+            raise RecipeError(one_line(
+                f"{source}: holds {len(documents)} YAML documents (separated by ---), a chain of merges; "
+                "run it with `mergekit-lite run` or mergekit_lite.run (README: Chains)"
+            ))
+        return cls.from_dict(documents[0] if documents else None, source)
 
     def to_yaml(self) -> str:
         """The recipe as YAML, defaults included, for the model card and manifests."""
@@ -492,6 +472,43 @@ def default_name(reference: str) -> str:
         if name.endswith(suffix):
             name = name[: -len(suffix)]
     return name
+
+
+def read_recipe_text(path: str | os.PathLike[str]) -> str:
+    """A recipe file's text, or one RecipeError line naming the file (missing, a folder, not UTF-8)."""
+    path = Path(path)
+    shown = one_line(str(path))
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{shown}: recipe file not found") from None
+    except IsADirectoryError:
+        raise RecipeError(f"{shown}: is a folder, not a recipe file") from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{shown}: not a text file (byte {exc.start} is not UTF-8)") from None
+    except (OSError, ValueError) as exc:
+        raise RecipeError(f"{shown}: cannot read recipe: {one_line(str(exc))}") from None
+
+
+def parse_documents(text: str, source: str = "recipe") -> list[Any]:
+    """Every non-empty YAML document of ``text`` as plain data (a SafeLoader refusing duplicate keys);
+    a YAML problem is one RecipeError line with its line and column."""
+    shown = one_line(str(source))
+    try:
+        documents = list(yaml.load_all(text, Loader=_RecipeLoader))  # a SafeLoader: builds plain data only
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or (str(exc).splitlines() or ["unreadable"])[0]
+        raise RecipeError(one_line(f"{shown}: not valid YAML{where}: {problem}")) from None
+    except RecursionError:
+        raise RecipeError(f"{shown}: not valid YAML: nested too deeply to be a recipe") from None
+    except Exception as exc:  # noqa: BLE001 - PyYAML's scalar constructors fail with whatever they hit:
+        # ValueError (an integer of 5000 digits, !!float x), IndexError (!!int ''), KeyError (!!bool x),
+        # AttributeError (!!timestamp x)
+        detail = (str(exc).splitlines() or [""])[0][:200]
+        raise RecipeError(one_line(f"{shown}: not valid YAML: a value cannot be read ({type(exc).__name__}: {detail})")) from None
+    return [d for d in documents if d is not None]
 
 
 _LEVEL_FIELDS = {

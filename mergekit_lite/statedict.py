@@ -62,13 +62,15 @@ class LazyStateDict(Mapping):
         progress: bool = False,
         description: str = "writing",
         extra_files: Path | None = None,
+        finish: Callable[[Path], object] | None = None,
     ) -> Path:
-        """Write these tensors as a Hugging Face checkpoint (config and tokenizer from ``support``), atomically."""
+        """Write these tensors as a Hugging Face checkpoint (config and tokenizer from ``support``), atomically;
+        ``finish(folder)`` adds files to the (temporary) output folder before it is moved into place."""
         infos = [TensorInfo(i.name, out_dtype if (out_dtype is not None and i.is_float) else i.dtype, i.shape) for i in self.infos]
         return write_checkpoint(
             out_dir, infos, lambda info: self[info.name].to(info.dtype), support_from=self.support, tokenizer_from=self.support,
             card=self.card, out_dtype=out_dtype, shard_size=parse_size(shard_size), force=force, progress=progress,
-            description=description, extra_files=extra_files,
+            description=description, extra_files=extra_files, finish=finish,
         )
 
     def close(self) -> None:

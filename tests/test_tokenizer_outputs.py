@@ -8,9 +8,11 @@ all-MiniLM-L6-v2 sentence-transformers model, offline.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import mergekit_lite
-from mergekit_lite import CheckpointError, Recipe, RecipeError
+from mergekit_lite import CheckpointError, Collection, MergeKitLiteWarning, Recipe, RecipeError
 from mergekit_lite.card import auto_class, hub_id
 from mergekit_lite.cli import main
 from mergekit_lite.products.tokenizer import BUILTIN_CHAT_TEMPLATES, read_chat_template
@@ -362,19 +364,91 @@ def test_chat_template_without_a_tokenizer_is_not_written(demo, tmp_path):
     assert not (tmp_path / "out" / "chat_template.jinja").exists()
 
 
-def test_extraction_without_tokenizer_says_so(demo, tmp_path):
+def bare_collection(demo, tmp_path, base: Path | None = None, **params) -> Path:
+    """math and code compressed from folders without tokenizer files, chat with its own."""
     bare = {t: copy_without_tokenizer(demo[t], tmp_path / f"bare-{t}") for t in ("math", "code")}
-    data = {"merge_method": "tall_masks", "base_model": str(demo["base"]),
+    data = {"merge_method": "tall_masks", "base_model": str(base or demo["base"]), "parameters": params,
             "models": [{"model": str(bare["math"]), "name": "math"}, {"model": str(demo["chat"]), "name": "chat"}, {"model": str(bare["code"]), "name": "code"}]}
-    coll = mergekit_lite.run(Recipe.from_dict(data), tmp_path / "coll", progress=False)
+    return mergekit_lite.run(Recipe.from_dict(data), tmp_path / "coll", progress=False)
+
+
+@pytest.mark.parametrize("embed", [False, True], ids=["referenced-base", "embedded-base"])
+def test_extraction_without_tokenizer_writes_the_bases_and_says_so(demo, tmp_path, embed):
+    from transformers import AutoTokenizer
+
+    with pytest.warns(MergeKitLiteWarning, match=r"'math', 'code' have no tokenizer files; the collection keeps the base model's tokenizer"):
+        coll = bare_collection(demo, tmp_path, embed_base=embed)
+    manifest = json.loads((coll / "manifest.json").read_text())
+    assert manifest["format_version"] == 2
+    assert [t["tokenizer"] for t in manifest["tasks"]] == ["base", "task", "base"]
+    assert manifest["base_tokenizer"]["path"] == ("base" if embed else "base_tokenizer")
     result = invoke("extract", str(coll), "math", str(tmp_path / "math"), "-q")
     assert result.exit_code == 0, result.output
-    assert len(warnings_of(result)) == 1 and "no tokenizer" in result.stderr and "'math'" in result.stderr
+    assert len(warnings_of(result)) == 1 and "'math' was compressed from a folder without tokenizer files" in result.stderr
+    assert "the base model's tokenizer (kept in the collection) was written instead" in result.stderr
+    for name in TOKENIZER_FILES:
+        assert (tmp_path / "math" / name).read_bytes() == (demo["base"] / name).read_bytes()
+    assert AutoTokenizer.from_pretrained(tmp_path / "math")("w1 w2")["input_ids"] == AutoTokenizer.from_pretrained(demo["base"])("w1 w2")["input_ids"]
     with_tokenizer = invoke("extract", str(coll), "chat", str(tmp_path / "chat"), "-q")
     assert with_tokenizer.exit_code == 0 and warnings_of(with_tokenizer) == []
     every = invoke("extract", str(coll), "--all", str(tmp_path / "all"), "-q")
     assert every.exit_code == 0
-    assert len(warnings_of(every)) == 1 and "000-math, 002-code" in every.stderr
+    assert len(warnings_of(every)) == 1 and "000-math, 002-code were compressed from folders without tokenizer files" in every.stderr
+    assert (tmp_path / "all" / "002-code" / "tokenizer.json").read_bytes() == (demo["base"] / "tokenizer.json").read_bytes()
+    with pytest.warns(MergeKitLiteWarning, match="'code' was compressed from a folder without tokenizer files"):  # the Python API says it too
+        Collection.open(coll).extract("code", tmp_path / "code", progress=False)
+
+
+def test_extraction_with_no_tokenizer_anywhere_is_one_warning_line(demo, tmp_path):
+    bare_base = copy_without_tokenizer(demo["base"], tmp_path / "bare-base")
+    with pytest.warns(MergeKitLiteWarning, match="'math', 'code' have no tokenizer files and neither has the base model"):
+        coll = bare_collection(demo, tmp_path, base=bare_base)
+    assert json.loads((coll / "manifest.json").read_text())["base_tokenizer"] is None
+    result = invoke("extract", str(coll), "math", str(tmp_path / "math"), "-q")
+    assert result.exit_code == 0, result.output
+    assert len(warnings_of(result)) == 1 and "no tokenizer: task 'math'" in result.stderr
+    assert not any((tmp_path / "math" / f).exists() for f in TOKENIZER_FILES)
+    every = invoke("extract", str(coll), "--all", str(tmp_path / "all"), "-q")
+    assert len(warnings_of(every)) == 1 and "no tokenizer in 000-math, 002-code" in every.stderr
+    with pytest.warns(MergeKitLiteWarning, match="no tokenizer: task 'code'"):
+        Collection.open(coll).extract("code", tmp_path / "code", progress=False)
+
+
+def as_version_1(coll: Path) -> None:
+    """Rewrite a collection's manifest as format version 1 wrote it (no module files, no tokenizer keys)."""
+    manifest = json.loads((coll / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    del manifest["base_tokenizer"]
+    for t in manifest["tasks"]:
+        del t["module_files"], t["tokenizer"]
+    (coll / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (coll / "manifest.json.sha256").write_text(hashlib.sha256((coll / "manifest.json").read_bytes()).hexdigest() + "\n")
+
+
+@pytest.mark.parametrize("embed", [False, True], ids=["referenced-base", "embedded-base"])
+def test_version_1_collections_still_extract(demo, tmp_path, embed):
+    with pytest.warns(MergeKitLiteWarning):
+        coll = bare_collection(demo, tmp_path, embed_base=embed)
+    as_version_1(coll)
+    opened = Collection.open(coll)
+    assert opened.summary()["format_version"] == 1
+    # version 1 kept no base tokenizer of its own; an embedded base's files are the collection's
+    assert [opened.tokenizer_of(t) for t in ("math", "chat")] == ["base" if embed else None, "task"]
+    result = invoke("extract", str(coll), "math", str(tmp_path / "math"), "-q")
+    assert result.exit_code == 0, result.output
+    assert len(warnings_of(result)) == 1
+    assert ("was written instead" if embed else "no tokenizer: task 'math'") in result.stderr
+    assert (tmp_path / "math" / "tokenizer.json").exists() == embed
+    assert invoke("extract", str(coll), "chat", str(tmp_path / "chat"), "-q").exit_code == 0
+    assert (tmp_path / "chat" / "tokenizer.json").read_bytes() == (demo["chat"] / "tokenizer.json").read_bytes()
+
+
+def test_python_api_merge_warns_when_the_output_has_no_tokenizer(demo, tmp_path):
+    with pytest.warns(MergeKitLiteWarning, match="no tokenizer: tokenizer_source is none"):
+        mergekit_lite.run(Recipe.from_dict(ta_recipe(demo, tokenizer_source="none")), tmp_path / "out", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MergeKitLiteWarning)  # and says nothing when it has one
+        mergekit_lite.run(Recipe.from_dict(ta_recipe(demo)), tmp_path / "out2", progress=False)
 
 
 # -- sentence-transformers folders --------------------------------------------------------------
@@ -480,6 +554,47 @@ def test_sentence_transformers_module_paths_never_leave_the_output(tmp_path):
     assert result.exit_code == 0, result.output
     assert any("'../escape'" in w and "not copied" in w for w in warnings_of(result))
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["out"]
+
+
+def test_collection_of_sentence_transformers_extracts_sentence_transformers(tmp_path):
+    """Each task keeps its own sentence-transformers files (its pooling, its trained dense head, its
+    max_seq_length): an extracted task is again a sentence-transformers folder, with the task's modules."""
+    from transformers import AutoModel
+
+    base = tiny_sentence_transformer(tmp_path / "base", dense=True)
+    tasks = {"sts": perturbed(base, tmp_path / "sts", seed=1, scale=0.1), "nli": perturbed(base, tmp_path / "nli", seed=2, scale=0.1)}
+    save_file({"linear.weight": torch.randn(8, 16, generator=torch.Generator().manual_seed(7)), "linear.bias": torch.ones(8)},
+              tasks["nli"] / "2_Dense" / "model.safetensors")  # nli trained its head
+    (tasks["nli"] / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 12, "do_lower_case": False}))
+    data = {"merge_method": "tall_masks", "base_model": str(base), "models": [{"model": str(p), "name": n} for n, p in tasks.items()]}
+    result = run_cli(tmp_path, data, out="coll")
+    assert result.exit_code == 0, result.output
+    assert warnings_of(result) == []
+    manifest = json.loads((tmp_path / "coll" / "manifest.json").read_text())
+    st_files = ["modules.json", "config_sentence_transformers.json", "sentence_bert_config.json", "1_Pooling/config.json",
+                "2_Dense/config.json", "2_Dense/model.safetensors"]
+    assert [sorted(t["module_files"]) for t in manifest["tasks"]] == [sorted(st_files)] * 2
+    assert invoke("inspect", str(tmp_path / "coll"), "--verify").exit_code == 0
+    every = invoke("extract", str(tmp_path / "coll"), "--all", str(tmp_path / "all"), "-q")
+    assert every.exit_code == 0 and warnings_of(every) == []
+    for stem, name in (("000-sts", "sts"), ("001-nli", "nli")):
+        out = tmp_path / "all" / stem
+        for rel in (*st_files, "tokenizer.json", "config.json"):
+            assert (out / rel).read_bytes() == (tasks[name] / rel).read_bytes(), (name, rel)
+        assert yaml.safe_load((out / "README.md").read_text().split("---")[1])["library_name"] == "sentence-transformers"
+        assert type(AutoModel.from_pretrained(out)).__name__ == "BertModel"
+    if importlib.util.find_spec("sentence_transformers") is None:
+        return
+    from sentence_transformers import SentenceTransformer
+
+    for stem, name, length in (("000-sts", "sts", 24), ("001-nli", "nli", 12)):
+        st = SentenceTransformer(str(tmp_path / "all" / stem), device="cpu")
+        assert [type(m).__name__ for m in st] == ["Transformer", "Pooling", "Dense", "Normalize"]
+        assert st.max_seq_length == length
+        torch.testing.assert_close(st[2].linear.weight.detach(), load_file(tasks[name] / "2_Dense" / "model.safetensors")["linear.weight"])
+        emb = st.encode(["the cat sat on the mat", "a dog ran"], convert_to_tensor=True)
+        assert emb.shape == (2, 8)
+        torch.testing.assert_close(emb.norm(dim=1), torch.ones(2))
 
 
 def minilm_path() -> Path:

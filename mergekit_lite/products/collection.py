@@ -12,6 +12,7 @@ import math
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from .. import __version__
 from ..ops.bitpack import pack_bits, packed_size, unpack_bits
 from ..card import front_matter
 from ..checkpoint import Checkpoint, TensorInfo, open_checkpoint, resolve_reference
-from ..errors import CheckpointError, CollectionError, OutputError
+from ..errors import CheckpointError, CollectionError, MergeKitLiteWarning, OutputError
 from ..execute import TaskVectorPasses, compute_statistics, register_product, resolve_device
 from ..methods import TensorContext, suggest
 from ..methods.tall import multitask_vector
@@ -29,6 +30,7 @@ from ..search import load_evaluator, search_tall_lambdas
 from ..statedict import LazyStateDict
 from ..ops import tall_mask
 from .mask_stats import MaskStats
+from .tokenizer import TOKENIZER_MODEL_FILES, copy_sentence_transformers, has_tokenizer
 from ..writer import (
     TOKENIZER_FILES,
     AtomicFolder,
@@ -39,7 +41,12 @@ from ..writer import (
 )
 
 FORMAT = "mergekit-lite-collection"
-FORMAT_VERSION = 1
+#: Version 2 added each task's sentence-transformers files and the base's tokenizer for tasks without one.
+FORMAT_VERSION = 2
+#: Versions this code reads (version 1 collections have neither; see docs/collection-format.md).
+READABLE_VERSIONS = (1, 2)
+#: Where the base's tokenizer is kept, for tasks compressed from a folder without one, when the base is not embedded.
+BASE_TOKENIZER = "base_tokenizer"
 MANIFEST = "manifest.json"
 MANIFEST_CHECKSUM = "manifest.json.sha256"
 SUPPORT_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
@@ -152,13 +159,19 @@ def compress(plan: Any, out_dir: str | os.PathLike[str], *, force: bool = False,
             for file_name, (digest, size) in w.digests.items():
                 files[f"masks/{file_name}"] = {"sha256": digest, "size": size}
         base_entry = _store_base(plan, recipe, tmp, files)
+        notes: list[str] = []
+        own_tokenizer = [has_tokenizer(ckpt.folder) for ckpt in plan.models]
+        base_tokenizer = _store_base_tokenizer(plan.base, base_entry, tmp, files) if not all(own_tokenizer) else None
         tasks = []
         for t, (name, stem, ckpt, entry) in enumerate(zip(names, stems, plan.models, [m for m in recipe.models if m.model != recipe.base_model])):
-            copied = []
+            copied: list[str] = []
+            modules: list[str] = []
             if ckpt.folder is not None:
                 (tmp / "tasks" / stem).mkdir(parents=True)
                 copied = copy_support_files(ckpt.folder, tmp / "tasks" / stem, SUPPORT_FILES)
-                for f in copied:
+                if (ckpt.folder / "modules.json").is_file():  # a sentence-transformers fine-tune: its own modules (pooling, dense head, ...)
+                    modules = copy_sentence_transformers(ckpt.folder, tmp / "tasks" / stem, notes)
+                for f in [*copied, *modules]:
                     files[f"tasks/{stem}/{f}"] = _file_entry(tmp / "tasks" / stem / f)
             dtypes = {i.name: _dtype_name(ckpt.info(i.name).dtype) for i in merged if ckpt.info(i.name).dtype != base_infos[i.name].dtype}
             tasks.append(
@@ -173,9 +186,12 @@ def compress(plan: Any, out_dir: str | os.PathLike[str], *, force: bool = False,
                     "relative_error": (error[t] / norm[t]) ** 0.5 if norm[t] else 0.0,
                     "original_bytes": ckpt.nbytes,
                     "support_files": copied,
+                    "module_files": modules,
+                    "tokenizer": "task" if own_tokenizer[t] else ("base" if base_tokenizer else None),
                     "dtypes": dtypes,
                 }
             )
+        _say_missing_tokenizers(tasks, plan.base, notes)
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -184,6 +200,7 @@ def compress(plan: Any, out_dir: str | os.PathLike[str], *, force: bool = False,
             "mtl_dtype": _dtype_name(mtl_dtype),
             "mask_bit_order": "big",
             "base": base_entry,
+            "base_tokenizer": base_tokenizer,
             "tasks": tasks,
             "tensors": [
                 {"name": job.name, "dtype": _dtype_name(base_infos[job.name].dtype), "shape": list(job.out.shape), "stored": job.merge}
@@ -196,7 +213,34 @@ def compress(plan: Any, out_dir: str | os.PathLike[str], *, force: bool = False,
         }
         write_json(tmp / MANIFEST, manifest)
         (tmp / MANIFEST_CHECKSUM).write_text(sha256_file(tmp / MANIFEST) + "\n", encoding="ascii")
+    for note in notes:
+        warnings.warn(note, MergeKitLiteWarning, stacklevel=2)
     return folder.destination
+
+
+def _store_base_tokenizer(base: Checkpoint, base_entry: dict[str, Any], tmp: Path, files: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """Keep the base's tokenizer for the tasks that have none (an embedded base already holds it); None when the base has none."""
+    if not has_tokenizer(base.folder):
+        return None
+    if base_entry["embedded"]:
+        return {"path": "base", "files": [f for f in TOKENIZER_FILES if f"base/{f}" in files]}
+    (tmp / BASE_TOKENIZER).mkdir()
+    copied = copy_support_files(base.folder, tmp / BASE_TOKENIZER, TOKENIZER_FILES)
+    for f in copied:
+        files[f"{BASE_TOKENIZER}/{f}"] = _file_entry(tmp / BASE_TOKENIZER / f)
+    return {"path": BASE_TOKENIZER, "files": copied}
+
+
+def _say_missing_tokenizers(tasks: list[dict[str, Any]], base: Checkpoint, notes: list[str]) -> None:
+    """One note for the tasks compressed from folders without tokenizer files: what their extraction will carry."""
+    fallback = [repr(t["name"]) for t in tasks if t["tokenizer"] == "base"]
+    none = [repr(t["name"]) for t in tasks if t["tokenizer"] is None]
+    if fallback:
+        notes.append(f"task(s) {', '.join(fallback)} have no tokenizer files; the collection keeps the base model's "
+                     "tokenizer, and extracting them writes that one")
+    if none:
+        notes.append(f"task(s) {', '.join(none)} have no tokenizer files and neither has the base model {base.ref}; "
+                     "their extractions will have no tokenizer")
 
 
 def _file_entry(path: Path) -> dict[str, Any]:
@@ -228,6 +272,11 @@ def _store_base(plan: Any, recipe: Any, tmp: Path, files: dict[str, dict[str, An
 
 
 # -- reading ------------------------------------------------------------------------------------
+def has_tokenizer_files(names: list[str]) -> bool:
+    """Whether these kept file names make a loadable tokenizer (tokenizer_config.json alone does not)."""
+    return any(n in TOKENIZER_MODEL_FILES for n in names)
+
+
 _STEM = re.compile(r"^\d{3}-[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _REL = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 _HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -266,6 +315,9 @@ def _check_manifest(m: Any, where: Path) -> None:
         need(t.get("mask_file") == f"masks/{t['stem']}.safetensors" and t["mask_file"] in files, f"tasks[{i}].mask_file must be masks/<stem>.safetensors and listed in files")
         need(all(is_num(t.get(k)) for k in ("tall_lambda", "density", "relative_error")) and is_int(t.get("original_bytes")), f"tasks[{i}] has non-numeric λ, density, error or size")
         need(isinstance(t.get("support_files"), list) and all(isinstance(f, str) and f in SUPPORT_FILES and f"tasks/{t['stem']}/{f}" in files for f in t["support_files"]), f"tasks[{i}].support_files lists unknown files")
+        modules = t.get("module_files", [])
+        need(isinstance(modules, list) and all(rel_ok(f) and f"tasks/{t['stem']}/{f}" in files for f in modules), f"tasks[{i}].module_files lists unknown files")
+        need(t.get("tokenizer", "task") in ("task", "base", None), f"tasks[{i}].tokenizer must be task, base or null")
         need(isinstance(t.get("dtypes"), dict) and all(isinstance(k, str) and v in _DTYPES for k, v in t["dtypes"].items()), f"tasks[{i}].dtypes is invalid")
         need("lambda_scores" in t and (t["lambda_scores"] is None or isinstance(t["lambda_scores"], dict)), f"tasks[{i}].lambda_scores is invalid")
         need(isinstance(t.get("source"), str), f"tasks[{i}].source must be text")
@@ -277,6 +329,11 @@ def _check_manifest(m: Any, where: Path) -> None:
     tau = m.get("tau_mtl")
     need(isinstance(tau, dict) and isinstance(tau.get("files"), list) and all(isinstance(f, str) and f in files for f in tau["files"]), "'tau_mtl.files' must list files of the collection")
     need(isinstance(tau.get("weight_map"), dict) and all(isinstance(k, str) and v in tau["files"] for k, v in tau["weight_map"].items()), "'tau_mtl.weight_map' must map tensors to τ_MTL files")
+    bt = m.get("base_tokenizer")
+    need(bt is None or (isinstance(bt, dict) and bt.get("path") in ("base", BASE_TOKENIZER) and isinstance(bt.get("files"), list)
+                        and all(isinstance(f, str) and f in TOKENIZER_FILES and f"{bt['path']}/{f}" in files for f in bt["files"])),
+         "'base_tokenizer' must be null or {path, files} of tokenizer files in the collection")
+    need(all(t.get("tokenizer") != "base" for t in tasks) or bt is not None, "a task takes the base's tokenizer but 'base_tokenizer' is null")
     base = m.get("base")
     need(isinstance(base, dict) and isinstance(base.get("embedded"), bool) and isinstance(base.get("reference"), str), "'base' needs embedded and reference")
     if base["embedded"]:
@@ -326,8 +383,9 @@ class Collection:
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise CollectionError(f"{manifest_path}: not a mergekit-lite collection manifest")
         version = manifest.get("format_version")
-        if version != FORMAT_VERSION:
-            raise CollectionError(f"{manifest_path}: format version {version!r}; this mergekit-lite reads version {FORMAT_VERSION}, upgrade it")
+        if version not in READABLE_VERSIONS:
+            raise CollectionError(f"{manifest_path}: format version {version!r}; this mergekit-lite reads versions "
+                                  f"{', '.join(map(str, READABLE_VERSIONS))}, upgrade it")
         _check_manifest(manifest, manifest_path)
         collection = cls(folder, manifest, base)
         collection._check_files()
@@ -385,6 +443,26 @@ class Collection:
             if entry["name"] == name:
                 return entry
         raise CollectionError(f"{self.path}: no task {name!r}{suggest(name, self.tasks)} (tasks: {', '.join(self.tasks)})")
+
+    def tokenizer_of(self, task: str) -> str | None:
+        """Whose tokenizer an extraction of ``task`` carries: 'task' (its own), 'base' (the base's, kept in the
+        collection because the task's folder had none) or None (no tokenizer at all)."""
+        entry = self.task(task)
+        if "tokenizer" in entry:  # format 2
+            return entry["tokenizer"]
+        if has_tokenizer_files(entry["support_files"]):  # format 1: decided from the files kept
+            return "task"
+        return "base" if self._base_tokenizer() is not None else None
+
+    def _base_tokenizer(self) -> tuple[str, list[str]] | None:
+        """(folder, file names) of the base's tokenizer kept in the collection, if any (format 1: an embedded base's)."""
+        bt = self.manifest.get("base_tokenizer")
+        if bt is not None:
+            return bt["path"], list(bt["files"])
+        if self.manifest["format_version"] == 1 and self.manifest["base"]["embedded"]:
+            kept = [f for f in TOKENIZER_FILES if f"base/{f}" in self.manifest["files"]]
+            return ("base", kept) if has_tokenizer_files(kept) else None
+        return None
 
     def base_checkpoint(self) -> Checkpoint:
         """The base model: embedded, or the reference (or --base) checked against the recorded SHA-256."""
@@ -447,26 +525,45 @@ class Collection:
         """Write θ̂_task as a Hugging Face checkpoint with the task's own config and tokenizer files."""
         entry = self.task(task)
         AtomicFolder(out_dir, force=force).check()
+        tokenizer = self.tokenizer_of(task)
+        # the task's own files (config, tokenizer, sentence-transformers modules), then the base's tokenizer if it had none
+        own = [f for f in entry["support_files"] if tokenizer == "task" or f not in TOKENIZER_FILES]  # never half a tokenizer of each
+        copies = [(f"tasks/{entry['stem']}/{f}", f) for f in [*own, *entry.get("module_files", [])]]
+        if tokenizer == "base":
+            folder, names = self._base_tokenizer()  # type: ignore[misc]  (tokenizer_of says there is one)
+            copies += [(f"{folder}/{f}", f) for f in names]
+        for rel, _ in copies:
+            self._verify_file(rel)
         state = self.load_state_dict(task)
         try:
-            support = self._inside(f"tasks/{entry['stem']}") if entry["support_files"] else None
-            for f in entry["support_files"]:
-                self._verify_file(f"tasks/{entry['stem']}/{f}")
             base = self.manifest["base"]
             # the hub id of a base that came from the hub; a local base (resolved to a folder when compressed) only in the body
             hub_base = None if base.get("resolved_path") else base["reference"]
+            library = "sentence-transformers" if "modules.json" in entry.get("module_files", []) else "transformers"
             state.card = (
-                front_matter(hub_base, ["mergekit-lite", "tall-masks"])
+                front_matter(hub_base, ["mergekit-lite", "tall-masks"], library)
                 + f"# {task}\n\nReconstructed from the TALL-masks collection `{self.path.name}` as θ_0 + m_t ⊙ τ_MTL "
                 f"(λ_t = {entry['tall_lambda']}, mask density {entry['density']:.4f}, relative error "
                 f"‖θ̂_t − θ_t‖/‖θ_t − θ_0‖ = {entry['relative_error']:.4f}). Original: `{entry['source']}`. "
                 f"Base model: `{base['reference']}`.\n"
             )
-            return state.save_pretrained(
-                out_dir, shard_size=shard_size, force=force, progress=progress, description=f"extracting {task}", extra_files=support
-            )
+
+
+            def finish(folder: Path) -> None:
+                for rel, name in copies:
+                    (folder / name).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(self._inside(rel), folder / name)
+
+            path = state.save_pretrained(out_dir, shard_size=shard_size, force=force, progress=progress, description=f"extracting {task}", finish=finish)
         finally:
             state.close()
+        if tokenizer == "base":
+            warnings.warn(f"{path}: task {task!r} was compressed from a folder without tokenizer files; the base model's tokenizer "
+                          "(kept in the collection) was written instead", MergeKitLiteWarning, stacklevel=2)
+        elif tokenizer is None:
+            warnings.warn(f"{path}: no tokenizer: task {task!r} was compressed from a folder without tokenizer files and the collection "
+                          "holds no base tokenizer; copy them in (e.g. from the base model)", MergeKitLiteWarning, stacklevel=2)
+        return path
 
     # -- reporting -------------------------------------------------------------------------
     def mask_stats(self) -> dict[str, Any]:
@@ -489,6 +586,7 @@ class Collection:
             "base": {k: v for k, v in m["base"].items() if k != "weight_files"} | {"bytes": base_bytes if not m["base"]["embedded"] else None},
             "tasks": [
                 {k: t[k] for k in ("name", "tall_lambda", "density", "relative_error", "original_bytes", "lambda_scores", "source")}
+                | {"tokenizer": self.tokenizer_of(t["name"]), "sentence_transformers": "modules.json" in t.get("module_files", [])}
                 for t in m["tasks"]
             ],
             "bytes_on_disk": on_disk,

@@ -7,6 +7,7 @@ a scratch file, λ is chosen by the evaluator, and θ_0 + λ·merged is written.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -14,7 +15,7 @@ import torch
 
 from ..card import model_card, output_name
 from ..checkpoint import Checkpoint, TensorInfo
-from ..errors import RecipeError
+from ..errors import MergeKitLiteWarning, RecipeError
 from ..execute import compute_statistics, compute_tensor, merged_task_vector, register_product, resolve_device
 from ..plan import Plan, dtype_from_name
 from ..progress import progress_bar
@@ -26,16 +27,22 @@ from .tokenizer import tokenizer_plan, write_tokenizer
 def write_merged(plan: Plan, out_dir: str | os.PathLike[str], *, force: bool = False, device: str = "cpu", progress: bool = True) -> Path:
     """Stream every output tensor of the plan through its method into a new checkpoint folder."""
     dev = resolve_device(device)
-    tokenizer_plan(plan)  # a bad tokenizer_source or chat template fails before any weight is read
+    tokenizer = tokenizer_plan(plan)  # a bad tokenizer_source or chat template fails before any weight is read
     compute_statistics(plan, dev, progress)
     grid = lambda_grid(plan)
     if grid is not None and any(job.vocab is not None for job in plan.jobs):
         raise RecipeError("evaluator: a λ search scores models with the base's tokenizer, but this recipe re-maps the vocabulary "
                           f"({plan.vocabulary.shown if plan.vocabulary is not None else 'tokenizer'}); give lambda a value, or remove tokenizer_source/tokenizer")
     if grid is not None:
-        return _write_with_lambda_search(plan, out_dir, grid, force=force, device=dev, progress=progress)
-    jobs = {job.name: job for job in plan.jobs}
-    return _write(plan, out_dir, lambda info: compute_tensor(plan, jobs[info.name], dev), _card(plan, out_dir), force, progress)
+        path = _write_with_lambda_search(plan, out_dir, grid, force=force, device=dev, progress=progress)
+    else:
+        jobs = {job.name: job for job in plan.jobs}
+        path = _write(plan, out_dir, lambda info: compute_tensor(plan, jobs[info.name], dev), _card(plan, out_dir), force, progress)
+    for note in tokenizer.notes:  # found while planning (a vocabulary larger than the embeddings) or writing (module weights not merged)
+        warnings.warn(note, MergeKitLiteWarning, stacklevel=2)
+    if tokenizer.missing:
+        warnings.warn(f"{path}: no tokenizer: {tokenizer.missing}", MergeKitLiteWarning, stacklevel=2)
+    return path
 
 
 def _card(plan: Plan, out_dir: str | os.PathLike[str], notes: str = "") -> str:

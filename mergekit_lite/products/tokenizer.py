@@ -208,7 +208,7 @@ def _sentence_transformers_folder(config_source: Checkpoint | None, tokenizer_fo
     """Where the sentence-transformers files come from: the config's source (it describes the model's
     modules), else the tokenizer source; None when neither is a sentence-transformers folder."""
     for folder in (config_source.folder if config_source is not None else None, tokenizer_folder):
-        if folder is not None and (folder / "modules.json").is_file():
+        if is_sentence_transformers(folder):
             return folder
     return None
 
@@ -274,16 +274,29 @@ def _write_chat_template(tp: TokenizerPlan, out: Path) -> list[str]:
 
 
 def _copy_sentence_transformers(tp: TokenizerPlan, out: Path) -> list[str]:
+    """The merge's sentence-transformers files; a module's own weights are copied, not merged, and that is said."""
+    assert tp.st_folder is not None
+    written = copy_sentence_transformers(tp.st_folder, out, tp.notes)
+    weights: dict[str, list[str]] = {}
+    for rel in written:
+        module, _, inner = rel.partition("/")
+        if inner and inner.endswith(_WEIGHT_SUFFIXES):
+            weights.setdefault(module, []).append(inner)
+    for module, files in weights.items():
+        tp.notes.append(f"sentence-transformers module {module}: its weights ({', '.join(files)}) are copied from {one_line(str(tp.st_folder))} as they are, not merged")
+    return written
+
+
+def copy_sentence_transformers(src: Path, out: Path, notes: list[str]) -> list[str]:
     """modules.json, the root configs, and each module folder it names (the transformer module, at
-    the root, is the merged model itself)."""
-    src = tp.st_folder
-    assert src is not None
+    the root, is the model itself), from ``src`` into ``out``. Returns the relative paths written;
+    adds to ``notes`` what it skipped (a module path leaving the folder, an oversized module)."""
     names = [*ST_ROOT_FILES, *sorted(p.name for p in src.iterdir() if _ST_MODULE_CONFIG.match(p.name))]
     written = copy_support_files(src, out, names)
     try:
         modules = json.loads((src / "modules.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
-        tp.notes.append(f"{one_line(str(src / 'modules.json'))}: not valid JSON; it was copied as it is, without module folders")
+        notes.append(f"{one_line(str(src / 'modules.json'))}: not valid JSON; it was copied as it is, without module folders")
         return written
     for module in modules if isinstance(modules, list) else []:
         rel = module.get("path") if isinstance(module, dict) else None
@@ -291,16 +304,15 @@ def _copy_sentence_transformers(tp: TokenizerPlan, out: Path) -> list[str]:
             continue
         rel = rel.strip("/")
         if not _SAFE_REL.match(rel) or any(part in ("..", ".") for part in rel.split("/")):
-            tp.notes.append(f"{one_line(str(src / 'modules.json'))}: module path {one_line(rel)!r} is not a plain relative folder; not copied")
+            notes.append(f"{one_line(str(src / 'modules.json'))}: module path {one_line(rel)!r} is not a plain relative folder; not copied")
             continue
         folder = src / rel
         if not folder.is_dir():
             continue  # e.g. Normalize, which has no files
         files = [p for p in sorted(folder.rglob("*")) if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
         if len(files) > _MAX_MODULE_FILES or sum(p.stat().st_size for p in files) > _MAX_MODULE_BYTES:
-            tp.notes.append(f"{one_line(str(folder))}: more than {_MAX_MODULE_FILES} files or {_MAX_MODULE_BYTES >> 30} GiB; the module was not copied")
+            notes.append(f"{one_line(str(folder))}: more than {_MAX_MODULE_FILES} files or {_MAX_MODULE_BYTES >> 30} GiB; the module was not copied")
             continue
-        weights = []
         for p in files:
             inner = p.relative_to(folder).as_posix()
             if not _SAFE_REL.match(inner):
@@ -312,16 +324,12 @@ def _copy_sentence_transformers(tp: TokenizerPlan, out: Path) -> list[str]:
             except OSError as exc:
                 raise OutputError(f"{target}: cannot copy the sentence-transformers module file: {exc.strerror or exc}") from exc
             written.append(f"{rel}/{inner}")
-            if p.name.endswith(_WEIGHT_SUFFIXES):
-                weights.append(inner)
-        if weights:
-            tp.notes.append(f"sentence-transformers module {rel}: its weights ({', '.join(weights)}) are copied from {one_line(str(src))} as they are, not merged")
     return written
 
 
-def output_has_tokenizer(folder: Path) -> bool:
-    """Whether a written output folder carries a tokenizer."""
-    return has_tokenizer(Path(folder))
+def is_sentence_transformers(folder: Path | None) -> bool:
+    """Whether a folder is a sentence-transformers model (it has modules.json)."""
+    return folder is not None and (folder / "modules.json").is_file()
 
 
 def loading_hint(folder: str | os.PathLike[str]) -> list[str]:
