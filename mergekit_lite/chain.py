@@ -42,7 +42,7 @@ class Step:
     document: int  # 1-based position in the file
     recipe: Recipe
     needs: tuple[str, ...]  # the steps whose outputs it reads, in order of first use
-    tokenizer_source: str  # as written (a step's name is kept here; ``recipe`` holds a stand-in while checked)
+    tokenizer_source: str | None  # as written (None: unset) (a step's name is kept here; ``recipe`` holds a stand-in while checked)
 
     @property
     def label(self) -> str:
@@ -154,7 +154,8 @@ class Chain:
                 return f"step:{value}" if value in names else _absolute(value)
 
             data = map_references(step.recipe.model_dump(mode="json"), ref)
-            data["tokenizer_source"] = ref(step.tokenizer_source) if step.tokenizer_source not in ("base", "none", *step.recipe.model_names) else step.tokenizer_source
+            tokenizer = step.tokenizer_source
+            data["tokenizer_source"] = ref(tokenizer) if tokenizer is not None and tokenizer not in ("base", "none", "union", *step.recipe.model_names) else tokenizer
             body = {
                 "chain_format": CHAIN_FORMAT,
                 "mergekit_lite": __version__,
@@ -253,7 +254,7 @@ def _name_problem(name: Any) -> str | None:
     return None
 
 
-def _step_references(recipe: Recipe, tokenizer: str, steps: dict[str, int], where: str) -> tuple[tuple[str, ...], list[str]]:
+def _step_references(recipe: Recipe, tokenizer: str | None, steps: dict[str, int], where: str) -> tuple[tuple[str, ...], list[str]]:
     """The steps a recipe reads, and problems: a reference that is neither a step nor an existing path, or both."""
     refs = [("base_model", recipe.base_model)] if recipe.base_model is not None else []
     refs += [(f"models[{i}].model", m.model) for i, m in enumerate(recipe.models or [])]
