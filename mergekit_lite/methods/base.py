@@ -149,8 +149,16 @@ class MergeMethod:
             assert self.compute is not None
             return self.compute(models, ctx)
         assert self.combine is not None and base is not None
-        merged = self.combine((m.sub_(base) for m in models), ctx)
+        merged = self.combine(task_vectors(models, base), ctx)
         return base.add_(merged, alpha=ctx.params.get("lambda", 1.0))
+
+
+def task_vectors(models: Iterator[torch.Tensor], base: torch.Tensor) -> Iterator[torch.Tensor]:
+    """τ_t = θ_t − θ_0 in place, one at a time; no reference is kept here while the next model is read."""
+    for model in models:
+        model.sub_(base)
+        yield model
+        del model
 
 
 def suggest(word: str, options: Iterable[str]) -> str:

@@ -8,7 +8,7 @@ rules are mergekit 0.1.5's; the papers' variants are one key away (``scope``, ``
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -22,7 +22,7 @@ from ..ops import (
     keep_count,
     magnitude_mask,
     majority_sign_count,
-    rescale_l1,
+    rescale_to_l1,
     topk_count_mask,
 )
 from .base import MergeMethod, Param, TensorContext, register
@@ -71,16 +71,25 @@ def rescale_param(default: bool) -> Param:
 Sparsifier = Callable[[torch.Tensor, dict[str, Any], TensorContext, int], torch.Tensor]
 
 
-def _rescaled(original: torch.Tensor, kept: torch.Tensor, density: float, ctx: TensorContext) -> torch.Tensor:
+def _l1_before(delta: torch.Tensor, ctx: TensorContext) -> float | None:
+    """‖τ‖₁ before the sparsifier, when the L1 rescale will need it (taken first: the mask is applied in place)."""
+    if ctx.params.get("rescale", False) and ctx.params.get("rescale_rule", "l1") == "l1":
+        return float(torch.linalg.vector_norm(delta, ord=1))
+    return None
+
+
+def _rescaled(kept: torch.Tensor, l1_before: float | None, density: float, ctx: TensorContext) -> torch.Tensor:
     if not ctx.params.get("rescale", False):
         return kept
     if ctx.params.get("rescale_rule", "l1") == "density":
         return kept.div_(density)
-    return rescale_l1(original, kept)
+    assert l1_before is not None
+    return rescale_to_l1(kept, l1_before)
 
 
 def _masked(delta: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    return torch.where(keep, delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
+    """τ with the entries outside ``keep`` set to +0, in place (the caller owns τ)."""
+    return delta.masked_fill_(keep.logical_not_(), 0)
 
 
 def sparsify_magnitude(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContext, t: int) -> torch.Tensor:
@@ -92,8 +101,9 @@ def sparsify_magnitude(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContex
         return delta
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
+    before = _l1_before(delta, ctx)
     kept = _masked(delta, topk_count_mask(delta, max(1, keep_count(delta.numel(), density))))
-    return _rescaled(delta, kept, density, ctx)
+    return _rescaled(kept, before, density, ctx)
 
 
 def sparsify_random(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContext, t: int) -> torch.Tensor:
@@ -104,8 +114,9 @@ def sparsify_random(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContext, 
     if density <= 0:
         return torch.zeros_like(delta)
     generator = generator_for(ctx.params["seed"], ctx.model_names[t], ctx.name)
+    before = _l1_before(delta, ctx)
     kept = _masked(delta, dare_mask(delta.shape, density, generator).to(delta.device))
-    return _rescaled(delta, kept, density, ctx)
+    return _rescaled(kept, before, density, ctx)
 
 
 def sparsify_outliers(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContext, t: int) -> torch.Tensor:
@@ -114,8 +125,9 @@ def sparsify_outliers(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContext
     scope = ctx.params.get("scope", "tensor")
     if density >= 1 and scope == "tensor":
         return delta  # mergekit keeps the whole tensor at density 1, outliers included
+    before = _l1_before(delta, ctx)
     kept = _masked(delta, breadcrumbs_mask(delta, density, p["gamma"], scope))
-    return _rescaled(delta, kept, density, ctx)
+    return _rescaled(kept, before, density, ctx)
 
 
 def sparsify_della(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContext, t: int) -> torch.Tensor:
@@ -127,12 +139,13 @@ def sparsify_della(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContext, t
         return torch.zeros_like(delta)
     generator = generator_for(ctx.params["seed"], ctx.model_names[t], ctx.name)
     keep = della_mask(delta, density, epsilon, generator)
-    kept = _masked(delta, keep)
     if not ctx.params.get("rescale", False):
-        return kept
+        return _masked(delta, keep)
     if ctx.params.get("rescale_rule", "l1") == "density":  # the paper: each survivor divided by its own keep probability
-        return kept.div_(della_keep_probabilities(delta, density, epsilon).to(kept.dtype))
-    return rescale_l1(delta, kept)
+        probabilities = della_keep_probabilities(delta, density, epsilon).to(delta.dtype)
+        return _masked(delta, keep).div_(probabilities)
+    before = _l1_before(delta, ctx)
+    return rescale_to_l1(_masked(delta, keep), before)
 
 
 def no_sparsify(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContext, t: int) -> torch.Tensor:
@@ -150,6 +163,7 @@ def combine_sum(sparsified: Iterable[torch.Tensor], ctx: TensorContext) -> torch
     total: torch.Tensor | None = None
     for w, delta in zip(weights, sparsified):
         total = delta.mul_(w) if total is None else total.add_(delta, alpha=w)
+        del delta
     assert total is not None, "at least one model is required"
     divisor = sum(weights)
     if ctx.params.get("normalize", False) and abs(divisor) >= 1e-8:
@@ -190,9 +204,15 @@ def combine_sign_consensus(sparsified: Iterable[torch.Tensor], ctx: TensorContex
 def family_combine(sparsify: Sparsifier, consensus: bool) -> Callable[[Iterable[torch.Tensor], TensorContext], torch.Tensor]:
     """The combine function of one member of the family: sparsify each τ_t, then sum or elect signs."""
 
+    def sparsified(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> Iterator[torch.Tensor]:
+        for t, (delta, p) in enumerate(zip(deltas, ctx.model_params)):
+            kept = sparsify(delta, p, ctx, t)
+            del delta  # no second reference while the next model is read
+            yield kept
+            del kept
+
     def combine(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
-        sparsified = (sparsify(d, p, ctx, t) for t, (d, p) in enumerate(zip(deltas, ctx.model_params)))
-        return combine_sign_consensus(sparsified, ctx) if consensus else combine_sum(sparsified, ctx)
+        return combine_sign_consensus(sparsified(deltas, ctx), ctx) if consensus else combine_sum(sparsified(deltas, ctx), ctx)
 
     return combine
 

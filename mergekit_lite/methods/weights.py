@@ -22,8 +22,7 @@ SLERP_T = Param("t", float, 0.5, "Interpolation factor: 0 gives the base model, 
 
 
 def _linear(models: Iterator[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
-    tensors = list(models)
-    return weighted_average(tensors, [p["weight"] for p in ctx.model_params], ctx.params["normalize"])
+    return weighted_average(models, [p["weight"] for p in ctx.model_params], ctx.params["normalize"])
 
 
 def _passthrough(models: Iterator[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
@@ -52,7 +51,7 @@ register(
         compute=_linear,
         base="optional",
         paper="https://arxiv.org/abs/2203.05482",
-        working_copies=lambda k: k + 1,
+        working_copies=lambda k: 2,
     )
 )
 register(

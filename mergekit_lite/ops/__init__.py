@@ -26,6 +26,7 @@ from .sparsify import (
     kth_largest_magnitude,
     magnitude_mask,
     rescale_l1,
+    rescale_to_l1,
     topk_count_mask,
     topk_mask,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "task_arithmetic",
     "ties_merge",
     "rescale_l1",
+    "rescale_to_l1",
     "topk_count_mask",
     "topk_mask",
     "weighted_average",

@@ -6,7 +6,7 @@ Pure functions on tensors; arithmetic in the input dtype.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -168,13 +168,19 @@ def task_arithmetic(deltas: Tensor, weights: Tensor | None = None) -> Tensor:
     return (_task_weights(weights, deltas) * deltas).sum(dim=0)
 
 
-def weighted_average(tensors: Sequence[Tensor], weights: Sequence[float], normalize: bool = True) -> Tensor:
-    """Σ_i w_i x_i, divided by Σ_i w_i when ``normalize`` (a zero weight sum divides by 1), as mergekit's linear."""
-    if not tensors:
-        raise ValueError("weighted_average needs at least one tensor")
-    total = torch.zeros_like(tensors[0])
+def weighted_average(tensors: Iterable[Tensor], weights: Sequence[float], normalize: bool = True) -> Tensor:
+    """Σ_i w_i x_i, divided by Σ_i w_i when ``normalize`` (a zero weight sum divides by 1), as mergekit's linear.
+
+    A running sum: the tensors may come one at a time from an iterator, each released once added.
+    """
+    total: Tensor | None = None
     for x, w in zip(tensors, weights):
+        if total is None:
+            total = torch.zeros_like(x)
         total.add_(x, alpha=float(w))
+        del x
+    if total is None:
+        raise ValueError("weighted_average needs at least one tensor")
     if normalize:
         divisor = float(sum(weights))
         if abs(divisor) >= 1e-8:

@@ -90,11 +90,15 @@ def _topk_of_magnitudes(mag: Tensor, k: int) -> Tensor:
 
 def rescale_l1(original: Tensor, masked: Tensor, eps: float = 1e-7) -> Tensor:
     """``masked`` scaled so its L1 norm equals ``original``'s (mergekit's ``rescale``); unchanged when either norm < eps."""
-    before = float(original.abs().sum())
-    after = float(masked.abs().sum())
-    if before < eps or after < eps:
+    return rescale_to_l1(masked, float(torch.linalg.vector_norm(original, ord=1)), eps)
+
+
+def rescale_to_l1(masked: Tensor, l1_before: float, eps: float = 1e-7) -> Tensor:
+    """``masked`` scaled in place so its L1 norm equals ``l1_before`` (the norm before masking); unchanged when either < eps."""
+    after = float(torch.linalg.vector_norm(masked, ord=1))
+    if l1_before < eps or after < eps:
         return masked
-    return masked.mul_(before / after)
+    return masked.mul_(l1_before / after)
 
 
 def magnitude_mask(x: Tensor, threshold: float | Tensor) -> Tensor:
