@@ -152,9 +152,10 @@ def pair_findings(results: PairResults, geometry: PairGeometry, best_multi: floa
         out.append(f"{', '.join(labels)} give exactly the same test accuracy on every pair.")
     tau, theta = geometry.task_vectors, geometry.weights
     mean_tau = sum(tau) / len(tau)
-    out.append(f"Why some coincide: tensor by tensor, two fine-tunes' weights are at most {max(theta):.1f}° apart, so SLERP at t = 0.5 "
-               f"is the linear midpoint times 1/cos(Ω/2) ≤ {1 / math.cos(math.radians(max(theta) / 2)):.4f}, too small a change to move a "
-               "prediction (the same holds for Multi-SLERP and the Karcher mean against the linear soup of 8 fine-tunes in the first table). "
+    out.append(f"Geometry: tensor by tensor, two fine-tunes' weights are at most {max(theta):.1f}° apart, so SLERP and linear "
+               f"interpolation nearly coincide (at t = 0.5, SLERP is the linear midpoint times 1/cos(Ω/2) ≤ "
+               f"{1 / math.cos(math.radians(max(theta) / 2)):.4f}; Multi-SLERP and the Karcher mean over the 8 fine-tunes sit as close to "
+               "the linear soup in the first table). "
                f"Their task vectors, by contrast, are nearly orthogonal ({min(tau):.1f}–{max(tau):.1f}° over the backbone), so NuSLERP at "
                f"t = 0.5, θ_0 + (τ_a + τ_b) / (2 cos(Ω/2)), is task arithmetic at λ ≈ {1 / (2 * math.cos(math.radians(mean_tau) / 2)):.2f}.")
     zero = results.average(results.rows()[0][1])
