@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Merge-quality benchmark (TALL-masks protocol) of the mergekit-lite CLI.
 
-    .venv/bin/python benchmarks/quality/run.py            # full run (about 15 minutes on 2 cores; 1 once cached)
+    .venv/bin/python benchmarks/quality/run.py            # full run (about 10 minutes on 2 idle cores; under 1 once cached)
     .venv/bin/python benchmarks/quality/run.py --write    # ... and update BENCHMARKS.md and the plots
     .venv/bin/python benchmarks/quality/run.py --quick    # smoke run: small suite, one value per grid, two pairs
 
