@@ -86,9 +86,6 @@ PAIR_METHODS: tuple[MethodSpec, ...] = (
     MethodSpec("Arcee Fusion", "arcee_fusion", "arcee_fusion", scaled=False, base="first", untuned="it has no parameter"),
 )
 
-#: mergekit methods that take exactly two models: only in the pairwise table
-TWO_MODEL_METHODS = ("slerp", "nuslerp", "nearswap", "arcee_fusion")
-
 #: recipes whose output θ_0 + τ_MTL gives the multi-task vector of the TALL masks (λ = 1)
 AGGREGATES: dict[str, tuple[str, dict[str, Any]]] = {
     "task_arithmetic": ("task_arithmetic", {"lambda": 1.0}),
