@@ -2,7 +2,8 @@
 
 Every merge is ``mergekit-lite run RECIPE OUT --force -q`` in a child process; the benchmark only
 reads the ``model.safetensors`` that the command writes. The methods and their fixed parameters are
-declared once in ``METHODS``; ``lambda`` is searched on validation data by ``run.py``.
+declared once in ``METHODS`` (8 tasks at once) and ``PAIR_METHODS`` (two tasks at a time), with the
+grids of parameters that ``tuning.py`` searches on validation data.
 """
 
 from __future__ import annotations
@@ -24,43 +25,66 @@ CLI = REPO / ".venv" / "bin" / "mergekit-lite"
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One row of the results table: a merge method with its fixed parameters."""
+    """One row of a results table: a merge method, its fixed parameters and the grid searched on validation."""
 
     label: str  #: name in the table
     key: str  #: folder and file names
     merge_method: str
     parameters: Mapping[str, Any] = field(default_factory=dict)
+    #: parameters searched on validation (every combination); λ is searched too when ``scaled``
+    grid: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    #: the output is θ_0 + λ·merged: λ is searched on the profile's λ grid
+    scaled: bool = True
     #: consensus: per-task tall_lambda taken from the TALL search of this aggregate
     tall_from: str | None = None
-    #: whether λ is searched on validation; methods without a λ (linear, model_stock, ...) run once
-    searched: bool = True
-    #: whether the recipe names the pretrained backbone as base_model (a linear soup of the fine-tunes does not)
-    with_base: bool = True
+    #: base_model of the recipe: "pretrained" (the backbone), "none", or "first" (the first model of a pair,
+    #: for the two-model methods whose base is one of the two inputs); a ``with_base`` grid key overrides it
+    base: str = "pretrained"
+    #: the grid's ``t`` is written as per-model weights 1 - t and t (linear, nuslerp: t = w_2 / (w_1 + w_2))
+    t_as_weights: bool = False
+    #: why nothing is searched (methods whose parameters are numerical, or per-model weights we keep equal)
+    untuned: str = ""
 
 
+#: every method that merges all 8 tasks at once; grids are coarse on purpose (see README.md, "Choosing parameters")
 METHODS: tuple[MethodSpec, ...] = (
     MethodSpec("Task arithmetic", "task_arithmetic", "task_arithmetic"),
-    MethodSpec("TIES", "ties", "ties", {"density": 0.2, "scope": "model", "merge": "mean"}),
-    MethodSpec("TIES (mergekit: per tensor)", "ties_tensor", "ties", {"density": 0.2}),
-    MethodSpec("DARE-TIES", "dare_ties", "dare_ties", {"density": 0.5, "rescale": True, "rescale_rule": "density", "seed": 0, "merge": "mean"}),
-    MethodSpec("DARE-linear", "dare_linear", "dare_linear", {"density": 0.5, "rescale_rule": "density", "seed": 0}),
-    MethodSpec("Breadcrumbs", "breadcrumbs", "breadcrumbs", {"density": 0.15, "gamma": 0.006, "scope": "row"}),
-    MethodSpec("Breadcrumbs-TIES", "breadcrumbs_ties", "breadcrumbs_ties", {"density": 0.15, "gamma": 0.006, "scope": "row", "merge": "mean"}),
-    MethodSpec("DELLA", "della", "della", {"density": 0.5, "epsilon": 0.1, "rescale_rule": "density", "seed": 0}),
-    MethodSpec("DELLA-linear", "della_linear", "della_linear", {"density": 0.5, "epsilon": 0.1, "rescale_rule": "density", "seed": 0}),
-    MethodSpec("SCE", "sce", "sce", {"select_topk": 0.2}, searched=False),
-    MethodSpec("RAM", "ram", "ram", searched=False),
-    MethodSpec("RAM+ (authors' settings)", "ramplus_tl", "ramplus_tl", {"scope": "model", "r": 0.2, "alpha": 1.0}, searched=False),
-    MethodSpec("Consensus-TA", "consensus_ta", "consensus", {"aggregate": "task_arithmetic", "consensus_k": 2}, tall_from="task_arithmetic"),
-    MethodSpec("Consensus-TIES", "consensus_ties", "consensus", {"aggregate": "ties", "consensus_k": 2}, tall_from="ties"),
-    MethodSpec("Linear (soup of the fine-tunes)", "linear", "linear", searched=False, with_base=False),
-    MethodSpec("Model Stock", "model_stock", "model_stock", searched=False),
-    MethodSpec("Multi-SLERP", "multislerp", "multislerp", searched=False, with_base=False),
-    MethodSpec("Karcher mean", "karcher", "karcher", searched=False, with_base=False),
+    MethodSpec("TIES", "ties", "ties", {"scope": "model", "merge": "mean"}, {"density": (0.1, 0.2, 0.4)}),
+    MethodSpec("TIES (mergekit: per tensor)", "ties_tensor", "ties", {}, {"density": (0.1, 0.2, 0.4)}),
+    MethodSpec("DARE-TIES", "dare_ties", "dare_ties", {"rescale": True, "rescale_rule": "density", "seed": 0, "merge": "mean"},
+               {"density": (0.3, 0.5, 0.7)}),
+    MethodSpec("DARE-linear", "dare_linear", "dare_linear", {"rescale_rule": "density", "seed": 0}, {"density": (0.3, 0.5, 0.7)}),
+    MethodSpec("Breadcrumbs", "breadcrumbs", "breadcrumbs", {"scope": "row"}, {"density": (0.1, 0.2, 0.4), "gamma": (0.002, 0.01)}),
+    MethodSpec("Breadcrumbs-TIES", "breadcrumbs_ties", "breadcrumbs_ties", {"scope": "row", "merge": "mean"},
+               {"density": (0.1, 0.2, 0.4), "gamma": (0.002, 0.01)}),
+    MethodSpec("DELLA", "della", "della", {"rescale_rule": "density", "seed": 0}, {"density": (0.3, 0.5, 0.7), "epsilon": (0.05, 0.15)}),
+    MethodSpec("DELLA-linear", "della_linear", "della_linear", {"rescale_rule": "density", "seed": 0},
+               {"density": (0.3, 0.5, 0.7), "epsilon": (0.05, 0.15)}),
+    MethodSpec("SCE", "sce", "sce", {}, {"select_topk": (0.1, 0.2, 0.5, 1.0)}, scaled=False),
+    MethodSpec("RAM", "ram", "ram", {}, {"epsilon": (1e-5, 1e-3, 3e-3, 6e-3)}, scaled=False),
+    MethodSpec("RAM+", "ramplus_tl", "ramplus_tl", {"scope": "model"}, {"epsilon": (1e-3, 3e-3), "r": (0.2, 0.5), "alpha": (0.2, 1.0)},
+               scaled=False),
+    MethodSpec("Consensus-TA", "consensus_ta", "consensus", {"aggregate": "task_arithmetic"}, {"consensus_k": (1, 2)}, tall_from="task_arithmetic"),
+    MethodSpec("Consensus-TIES", "consensus_ties", "consensus", {"aggregate": "ties"}, {"consensus_k": (1, 2)}, tall_from="ties"),
+    MethodSpec("Linear (soup of the fine-tunes)", "linear", "linear", scaled=False, base="none",
+               untuned="equal weights"),
+    MethodSpec("Model Stock", "model_stock", "model_stock", {}, {"filter_wise": (False, True)}, scaled=False),
+    MethodSpec("Multi-SLERP", "multislerp", "multislerp", {}, {"with_base": (False, True)}, scaled=False, base="none"),
+    MethodSpec("Karcher mean", "karcher", "karcher", scaled=False, base="none",
+               untuned="equal weights; max_iter, tol are numerical"),
 )
 
-#: mergekit methods that take exactly two models, so they have no place in an 8-task merge
-TWO_MODEL_METHODS = ("slerp", "nuslerp", "nearswap", "arcee_fusion")
+#: methods compared on pairs of tasks (two fine-tunes at a time): the four that take exactly two models,
+#: and three 8-task methods beside them so that the numbers compare
+PAIR_METHODS: tuple[MethodSpec, ...] = (
+    MethodSpec("Linear (weights 1 - t, t)", "linear", "linear", {}, {"t": (0.3, 0.5, 0.7)}, scaled=False, base="none", t_as_weights=True),
+    MethodSpec("Task arithmetic", "task_arithmetic", "task_arithmetic"),
+    MethodSpec("TIES", "ties", "ties", {"scope": "model", "merge": "mean"}, {"density": (0.2, 0.5)}),
+    MethodSpec("SLERP", "slerp", "slerp", {}, {"t": (0.3, 0.5, 0.7)}, scaled=False, base="first"),
+    MethodSpec("NuSLERP (task vectors)", "nuslerp", "nuslerp", {}, {"t": (0.3, 0.5, 0.7)}, scaled=False, t_as_weights=True),
+    MethodSpec("NearSwap", "nearswap", "nearswap", {}, {"t": (0.001, 0.003, 0.01)}, scaled=False, base="first"),
+    MethodSpec("Arcee Fusion", "arcee_fusion", "arcee_fusion", scaled=False, base="first", untuned="it has no parameter"),
+)
 
 #: recipes whose output θ_0 + τ_MTL gives the multi-task vector of the TALL masks (λ = 1)
 AGGREGATES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -101,6 +125,32 @@ def recipe(
     if evaluator:
         out["evaluator"] = evaluator
     return out
+
+
+def method_recipe(
+    spec: MethodSpec,
+    base_dir: Path,
+    model_dirs: Mapping[str, Path],
+    point: Mapping[str, Any],
+    lam: float | None,
+    per_model: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The recipe of ``spec`` at one grid point (and λ when the method is scaled) over ``model_dirs``.
+
+    Two grid keys are not recipe parameters: ``with_base`` (whether the recipe names the pretrained
+    backbone) and, when ``spec.t_as_weights``, ``t``, written as the two models' weights 1 - t and t.
+    """
+    point = dict(point)
+    names = list(model_dirs)
+    entries = {name: dict((per_model or {}).get(name, {})) for name in names}
+    if spec.t_as_weights and "t" in point:
+        t = point.pop("t")
+        entries[names[0]]["weight"], entries[names[1]]["weight"] = round(1.0 - t, 12), t
+    base = {"pretrained": base_dir, "none": None, "first": model_dirs[names[0]]}[spec.base]
+    if "with_base" in point:
+        base = base_dir if point.pop("with_base") else None
+    params = {**spec.parameters, **point, **({"lambda": lam} if spec.scaled else {})}
+    return recipe(spec.merge_method, base, model_dirs, params, entries)
 
 
 def write_recipe(path: Path, data: Mapping[str, Any], comment: str = "") -> Path:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .tuning import MethodSearch
 
 SECTION = "## Merge quality"
 
@@ -40,6 +44,10 @@ class Results:
         test = self.row(label).test
         return math.sqrt(sum(p * (1 - p) / self.n_test for p in test.values())) / len(test)
 
+    def noise_normalized(self, label: str) -> float:
+        """Standard error of a row's average normalized accuracy (binomial, tasks independent)."""
+        return normalized_noise([self.row(label).test], self.finetuned, self.n_test)
+
     def row(self, label: str) -> Row:
         return next(r for r in self.rows if r.label == label)
 
@@ -48,6 +56,169 @@ class Results:
 
     def avg_norm(self, label: str) -> float:
         return Row.mean(self.row(label).normalized(self.finetuned))
+
+
+def normalized_noise(groups: Sequence[Mapping[str, float]], finetuned: Mapping[str, float], n: int) -> float:
+    """Standard error of the mean over groups of each group's average normalized accuracy (binomial, independent)."""
+    var = sum(p * (1 - p) / n / finetuned[t] ** 2 / len(acc) ** 2 for acc in groups for t, p in acc.items())
+    return math.sqrt(var) / len(groups)
+
+
+@dataclass
+class PairResults:
+    """The pairwise table: per method, the test accuracy on each pair's two tasks at its chosen point."""
+
+    pairs: Sequence[tuple[str, ...]]
+    methods: list[tuple[str, list[dict[str, float]], str]]  #: (label, per pair {task: accuracy}, chosen point)
+    zero_shot: dict[str, float]
+    finetuned: dict[str, float]
+    n_test: int
+
+    def rows(self) -> list[tuple[str, list[dict[str, float]], str]]:
+        zero = [{t: self.zero_shot[t] for t in pair} for pair in self.pairs]
+        return [("Zero-shot", zero, "the pretrained backbone"), *self.methods]
+
+    def normalized(self, accs: Sequence[Mapping[str, float]]) -> list[float]:
+        return [sum(acc[t] / self.finetuned[t] for t in acc) / len(acc) for acc in accs]
+
+    def average(self, accs: Sequence[Mapping[str, float]]) -> float:
+        values = self.normalized(accs)
+        return sum(values) / len(values)
+
+    def noise(self, accs: Sequence[Mapping[str, float]]) -> float:
+        return normalized_noise(accs, self.finetuned, self.n_test)
+
+
+def pair_table(results: PairResults) -> str:
+    """One row per method, one column per pair: average normalized test accuracy (%) on the pair's two tasks."""
+    head = "| method | " + " | ".join(" + ".join(p) for p in results.pairs) + " | **average** | chosen on validation |"
+    lines = [head, "|---|" + "---:|" * (len(results.pairs) + 1) + "---|"]
+    for label, accs, chosen in results.rows():
+        cells = " | ".join(f"{100 * v:.1f}" for v in results.normalized(accs))
+        lines.append(f"| {label} | {cells} | **{100 * results.average(accs):.1f}** | {chosen} |")
+    return "\n".join(lines)
+
+
+def _compare(entries: list[tuple[str, float, float]], what: str) -> list[str]:
+    """Best entry, those within two standard errors of it (indistinguishable here), and those clearly behind.
+
+    ``entries``: (label, average normalized test accuracy, its standard error)."""
+    ranked = sorted(entries, key=lambda e: -e[1])
+    best = ranked[0]
+    close = [e for e in ranked[1:] if best[1] - e[1] < 2 * math.hypot(best[2], e[2])]
+    behind = [e for e in ranked[1:] if e not in close]
+    out = [f"Best {what} on test: **{best[0]}**, {100 * best[1]:.1f}% normalized (± {100 * best[2]:.1f}, one standard error of test-set noise)."]
+    if close:
+        out.append("Within two standard errors of it, so this suite cannot tell them apart: "
+                   + ", ".join(f"{e[0]} ({100 * e[1]:.1f})" for e in close) + ".")
+    if behind:
+        out.append("Clearly behind (more than two standard errors): " + ", ".join(f"{e[0]} ({100 * e[1]:.1f})" for e in behind) + ".")
+    return out
+
+
+def _identical(rows: list[tuple[str, tuple[float, ...]]]) -> list[list[str]]:
+    """Groups of labels whose accuracies are equal on every task (the same predictions)."""
+    groups: dict[tuple[float, ...], list[str]] = {}
+    for label, values in rows:
+        groups.setdefault(tuple(round(v, 9) for v in values), []).append(label)
+    return [labels for labels in groups.values() if len(labels) > 1]
+
+
+def ranking_findings(results: Results) -> list[str]:
+    """Which 8-task merges win, which the suite cannot separate, which merges are the same model."""
+    merges = [r for r in results.rows if r.kind == "merge"]
+    out = [" ".join(_compare([(r.label, results.avg_norm(r.label), results.noise_normalized(r.label)) for r in merges], "merge of all 8 tasks"))]
+    for labels in _identical([(r.label, tuple(r.test[t] for t in results.tasks)) for r in merges]):
+        out.append(f"{', '.join(labels)} give exactly the same test accuracy on every task: with these fine-tunes they return "
+                   "(nearly) the same weights, so the suite cannot tell them apart at all.")
+    return out
+
+
+@dataclass
+class PairGeometry:
+    """Angles between the two fine-tunes of each pair (degrees)."""
+
+    task_vectors: list[float]  #: between τ_a and τ_b, over the whole backbone
+    weights: list[float]  #: between θ_a and θ_b, the largest over the tensors (SLERP works tensor by tensor)
+
+
+def pair_findings(results: PairResults, geometry: PairGeometry, best_multi: float, zero_multi: float) -> list[str]:
+    """Which pairwise merges win, why some coincide, and how much more of the gap pairs recover than 8 tasks.
+
+    ``best_multi`` / ``zero_multi``: average normalized test accuracy of the best 8-task merge and of zero-shot."""
+    entries = [(label, results.average(accs), results.noise(accs)) for label, accs, _ in results.methods]
+    out = [" ".join(_compare(entries, "pairwise merge"))]
+    for labels in _identical([(label, tuple(v for acc in accs for v in acc.values())) for label, accs, _ in results.methods]):
+        out.append(f"{', '.join(labels)} give exactly the same test accuracy on every pair.")
+    tau, theta = geometry.task_vectors, geometry.weights
+    mean_tau = sum(tau) / len(tau)
+    out.append(f"Geometry: tensor by tensor, two fine-tunes' weights are at most {max(theta):.1f}° apart, so SLERP and linear "
+               f"interpolation nearly coincide (at t = 0.5, SLERP is the linear midpoint times 1/cos(Ω/2) ≤ "
+               f"{1 / math.cos(math.radians(max(theta) / 2)):.4f}; Multi-SLERP and the Karcher mean over the 8 fine-tunes sit as close to "
+               "the linear soup in the first table). "
+               f"Their task vectors, by contrast, are nearly orthogonal ({min(tau):.1f}–{max(tau):.1f}° over the backbone), so NuSLERP at "
+               f"t = 0.5, θ_0 + (τ_a + τ_b) / (2 cos(Ω/2)), is task arithmetic at λ ≈ {1 / (2 * math.cos(math.radians(mean_tau) / 2)):.2f}.")
+    zero = results.average(results.rows()[0][1])
+    best = max(e[1] for e in entries)
+    out.append(f"Two tasks at a time leave far more room than 8: the best pairwise merge recovers {100 * (best - zero) / (1 - zero):.0f}% "
+               f"of the normalized gap between zero-shot ({100 * zero:.1f} on these pairs) and the fine-tunes, the best 8-task merge "
+               f"{100 * (best_multi - zero_multi) / (1 - zero_multi):.0f}%.")
+    return out
+
+
+def search_findings(searches: Sequence["MethodSearch"], n_val: int) -> list[str]:
+    """Which methods' own parameters change the validation score by more than its noise, and which do not."""
+    matter, flat = [], []
+    for s in searches:
+        if len(s.points) < 2:
+            continue
+        lo, hi = s.spread()
+        noise = 2 * math.sqrt(2) * normalized_noise(s.val, s.finetuned_val, n_val)  # two standard errors of a difference
+        where = "pairs" if len(s.groups) > 1 else "8 tasks"
+        text = f"{s.spec.label} ({where}; {', '.join(s.grid)}: {100 * lo:.1f}–{100 * hi:.1f})"
+        (matter if hi - lo > noise else flat).append(text)
+    out = []
+    if matter:
+        out.append("Parameters whose grid moves the validation score by more than two standard errors: " + "; ".join(matter) + ".")
+    if flat:
+        out.append("Parameters whose whole grid stays within two standard errors, so the suite cannot measure their effect and "
+                   "the chosen value is one of equals: " + "; ".join(flat) + ".")
+    return out
+
+
+def search_table(searches: Sequence["MethodSearch"], setting: str) -> str:
+    """Per method: what was searched, how many merges, the chosen point, its validation score and the grid's range."""
+    lines = [f"| method ({setting}) | searched on validation | merges | chosen | val (chosen) | range over grid points |", "|---|---|---:|---|---:|---|"]
+    for s in searches:
+        grid = " × ".join(f"{name} {{{', '.join(_fmt(v) for v in values)}}}" for name, values in s.grid.items())
+        grid = " × ".join(filter(None, [grid, "λ" if s.spec.scaled else ""])) or "nothing"
+        lo, hi = s.spread()
+        merges = s.merges()
+        span = "one point" if len(s.points) == 1 else f"{100 * lo:.1f} – {100 * hi:.1f}"
+        lines.append(f"| {s.spec.label} | {grid} | {merges} | {s.chosen_text()} | {100 * s.scores[s.best()]:.1f} | {span} |")
+    return "\n".join(lines)
+
+
+def _fmt(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else f"{value:g}"
+
+
+def curve_table(searches: Sequence["MethodSearch"]) -> str:
+    """Average normalized validation accuracy per λ at each scaled method's chosen grid point; the chosen λ in bold."""
+    scaled = [s for s in searches if s.spec.scaled]
+    lambdas = sorted({lam for s in scaled for lam in s.curve()})
+    lines = ["| method | " + " | ".join(f"λ={lam:g}" for lam in lambdas) + " |", "|---|" + "---:|" * len(lambdas)]
+    for s in scaled:
+        curve, best = s.curve(), s.lam
+        cells = ["" if lam not in curve else f"**{100 * curve[lam]:.1f}**" if lam == best else f"{100 * curve[lam]:.1f}" for lam in lambdas]
+        lines.append(f"| {s.spec.label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def val_noise_text(searches: Sequence["MethodSearch"], n_val: int) -> str:
+    """One standard error of an average normalized validation score, from the chosen merges' own accuracies."""
+    ses = [normalized_noise(s.val, s.finetuned_val, n_val) for s in searches if s.val]
+    return f"one standard error is about {100 * max(ses):.1f} points" if ses else "unknown"
 
 
 def table(results: Results, normalized: bool) -> str:

@@ -1,31 +1,35 @@
 #!/usr/bin/env python3
 """Merge-quality benchmark (TALL-masks protocol) of the mergekit-lite CLI.
 
-    .venv/bin/python benchmarks/quality/run.py            # full run (about 4 minutes on 2 cores; 2 once cached)
+    .venv/bin/python benchmarks/quality/run.py            # full run (about 10 minutes on 2 idle cores; under 1 once cached)
     .venv/bin/python benchmarks/quality/run.py --write    # ... and update BENCHMARKS.md and the plots
-    .venv/bin/python benchmarks/quality/run.py --quick    # smoke run, about a minute
+    .venv/bin/python benchmarks/quality/run.py --quick    # smoke run: small suite, one value per grid, two pairs
 
 Steps (see benchmarks/quality/README.md):
   1. build the suite, once (cached in benchmarks/quality/work/<profile>/): pretrain a small
      backbone on letters, fit a head per task on its frozen features, fine-tune the backbone per
      task; save every backbone as a Hugging Face style folder;
   2. TALL masks: choose λ_t per task on validation and reconstruct each fine-tune;
-  3. merge with ``mergekit-lite run RECIPE OUT --force -q`` for every method and every λ of the
-     grid, choose λ on validation (average normalized accuracy), report test accuracy;
-  4. mask statistics with ``mergekit-lite masks``; tables, plots, and the comparison with the paper.
+  3. merge with ``mergekit-lite run RECIPE OUT --force -q`` for every method at every point of its
+     grid (and λ), choose the point on validation (average normalized accuracy), report test accuracy;
+  4. the same for pairs of tasks, with the two-model methods (slerp, nuslerp, nearswap, arcee_fusion)
+     beside linear, task arithmetic and TIES;
+  5. mask statistics with ``mergekit-lite masks``; tables, plots, and the comparison with the paper.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import resource
 import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,9 +38,9 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.quality import merge, report, tall, train  # noqa: E402
+from benchmarks.quality import merge, report, tall, train, tuning  # noqa: E402
 from benchmarks.quality.data import get_task  # noqa: E402
-from benchmarks.quality.merge import METHODS, MethodSpec  # noqa: E402
+from benchmarks.quality.merge import METHODS, PAIR_METHODS, MethodSpec  # noqa: E402
 from benchmarks.quality.model import read_state  # noqa: E402
 from benchmarks.quality.suite import PROFILES, WORK, Profile, Suite  # noqa: E402
 
@@ -50,13 +54,16 @@ def log(message: str) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run: small data, short training, coarse grids (about a minute)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: small data, short training, one value per grid, two pairs")
     parser.add_argument("--write", action="store_true", help="update the '## Merge quality' section of BENCHMARKS.md and the PNGs next to this file")
     parser.add_argument("--tall", choices=("auto", "reference", "cli"), default="auto",
                         help="TALL reconstruction: the tool's 'extract' (cli), this benchmark's reference code, or cli when available (auto)")
     parser.add_argument("--workers", type=int, default=2, help="CLI processes at a time (default 2)")
     parser.add_argument("--rebuild", action="store_true", help="retrain even if cached checkpoints match")
     parser.add_argument("--work", type=Path, default=WORK, help=f"cache folder (default {WORK.relative_to(REPO)})")
+    parser.add_argument("--pairs", choices=("cycle", "all"), default="cycle",
+                        help="task pairs of the pairwise table: the 8 of a cycle over the tasks (default) or all 28")
+    parser.add_argument("--no-cache", action="store_true", help="merge and score everything again (the cache is rewritten)")
     args = parser.parse_args(argv)
     if args.write and args.quick:
         parser.error("--write records full runs only; drop --quick")
@@ -64,56 +71,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 # -- merges ---------------------------------------------------------------------------------------
-class Merger:
-    """Runs one method at one λ through the CLI and scores the result on every task."""
+def recipe_builder(suite: Suite, per_model: dict[str, dict[str, dict]]) -> tuning.RecipeBuilder:
+    """Recipes over a group of tasks' checkpoints; consensus gets each task's λ_t from the TALL search."""
 
-    def __init__(self, suite: Suite, runs: Path, finetuned_val: dict[str, float], per_model: dict[str, dict[str, dict]]):
-        self.suite, self.runs, self.finetuned_val, self.per_model = suite, runs, finetuned_val, per_model
+    def build(spec: MethodSpec, group: tuple[str, ...], point: dict, lam: float | None) -> dict:
+        return merge.method_recipe(spec, suite.base_dir, {t: suite.model_dir(t) for t in group}, point, lam, per_model.get(spec.key))
 
-    def recipe_path(self, spec: MethodSpec, lam: float | None) -> Path:
-        models = {t: self.suite.model_dir(t) for t in self.suite.tasks}
-        params = {**spec.parameters, **({"lambda": lam} if lam is not None else {})}
-        base = self.suite.base_dir if spec.with_base else None
-        data = merge.recipe(spec.merge_method, base, models, params, self.per_model.get(spec.key))
-        return merge.write_recipe(self.runs / "recipes" / f"{spec.key}-{_tag(lam)}.yml", data, f"{spec.label}, lambda = {_tag(lam)} (written by benchmarks/quality/run.py)")
-
-    def out_dir(self, spec: MethodSpec, lam: float | None) -> Path:
-        return self.runs / "merged" / f"{spec.key}-{_tag(lam)}"
-
-    def __call__(self, job: tuple[MethodSpec, float]) -> dict:
-        """Merge and score on the validation split; the output stays until ``test`` has been called."""
-        spec, lam = job
-        state = read_state(merge.merge(self.recipe_path(spec, lam), self.out_dir(spec, lam)))
-        val = self.suite.accuracies(state, "val")
-        norm = sum(val[t] / self.finetuned_val[t] for t in val) / len(val)
-        return {"method": spec.key, "lambda": lam, "val": val, "val_normalized": norm}
-
-    def test(self, spec: MethodSpec, lam: float | None) -> dict[str, float]:
-        """Test accuracy of the chosen merge (only the chosen λ is ever scored on test)."""
-        return self.suite.accuracies(read_state(self.out_dir(spec, lam)), "test")
+    return build
 
 
-def search_lambda(merger: Merger, methods: tuple[MethodSpec, ...], grid: tuple[float, ...], extension: tuple[float, ...], workers: int) -> dict[str, dict]:
-    """Every method at every λ; the best λ by average normalized validation accuracy (smallest among ties).
-
-    When a method's best λ is the grid's largest, the grid is extended by ``extension``.
-    """
-    runs = merge.parallel(merger, [(m, lam) for m in methods for lam in (grid if m.searched else (None,))], workers)
-    edge = [m for m in methods if m.searched and _best([r for r in runs if r["method"] == m.key])["lambda"] == max(grid)]
-    if edge and extension:
-        log(f"  best λ at the grid's edge for {', '.join(m.label for m in edge)}: extending to {', '.join(map(str, extension))}")
-        runs += merge.parallel(merger, [(m, lam) for m in edge for lam in extension], workers)
-    return {m.key: {"runs": sorted((r for r in runs if r["method"] == m.key), key=lambda r: r["lambda"] or 0.0),
-                    "best": _best([r for r in runs if r["method"] == m.key])} for m in methods}
+def searches(methods: Sequence[MethodSpec], groups: tuple[tuple[str, ...], ...], build: tuning.RecipeBuilder, profile: Profile,
+             keep: int | None, ft_val: dict[str, float], ft_test: dict[str, float], confirm: bool) -> list[tuning.MethodSearch]:
+    return [tuning.MethodSearch(m, groups, build, tuning.grid_points(m, keep), profile.lambdas, profile.lambda_extension, ft_val, ft_test, confirm)
+            for m in methods]
 
 
-def _best(runs: list[dict]) -> dict:
-    return max(runs, key=lambda r: (round(r["val_normalized"], 12), -(r["lambda"] or 0.0)))
+def pair_geometry(base: dict, finetuned: dict, pairs: Sequence[tuple[str, ...]]) -> report.PairGeometry:
+    """Angles between each pair's task vectors (whole backbone) and fine-tuned weights (largest per tensor), in degrees."""
 
+    def angle(x: torch.Tensor, y: torch.Tensor) -> float:
+        x, y = x.double().flatten(), y.double().flatten()
+        return math.degrees(math.acos(max(-1.0, min(1.0, float(x @ y / (x.norm() * y.norm()))))))
 
-def _tag(lam: float | None) -> str:
-    """λ in file names and tables; methods without a λ run once, 'fixed'."""
-    return "fixed" if lam is None else f"{lam:g}"
+    def tau(t: str) -> torch.Tensor:
+        return torch.cat([(finetuned[t][k] - base[k]).flatten() for k in sorted(base)])
+
+    return report.PairGeometry([angle(tau(a), tau(b)) for a, b in pairs],
+                               [max(angle(finetuned[a][k], finetuned[b][k]) for k in base) for a, b in pairs])
 
 
 # -- TALL -----------------------------------------------------------------------------------------
@@ -154,14 +138,35 @@ def resolve_tall_mode(requested: str) -> str:
     return requested if requested != "auto" else ("cli" if available else "reference")
 
 
+def cached_tall(mode: str, aggregate: str, suite: Suite, runs: Path, base: dict, finetuned: dict, workers: int,
+                use_cache: bool) -> tuple[tall.TallResult, str]:
+    """The λ_t search (and the evaluator-hook check) of one aggregate, from the cache when the suite, the grid and
+    the mergekit_lite sources are unchanged."""
+    path = suite.root / "cache" / f"tall-{aggregate}-{mode}.json"
+    key = f"{suite.key()}:{tuning.library_fingerprint()}:{list(suite.profile.tall_lambdas)}"
+    if use_cache and path.is_file():
+        data = json.loads(path.read_text())
+        if data.get("key") == key:
+            result = data["result"]
+            result["val"] = {t: {float(lam): v for lam, v in scores.items()} for t, scores in result["val"].items()}
+            return tall.TallResult(**result), data["hook"]
+    result = tall_search(mode, aggregate, suite, runs, base, finetuned, workers)
+    hook = check_evaluator_hook(suite, aggregate, result, runs / "tall") if mode == "cli" else ""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": key, "result": asdict(result), "hook": hook}, indent=1) + "\n")
+    return result, hook
+
+
 # -- main -----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    # the CLI children take the cores; scoring here runs one thread per worker
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     start = time.perf_counter()
     times: dict[str, float] = {}
     profile = PROFILES["quick" if args.quick else "full"]
+    keep = 1 if args.quick else None  # quick: the middle value of each grid
     suite = Suite(args.work / profile.name, profile)
     if args.rebuild and suite.root.exists():
         shutil.rmtree(suite.root)
@@ -171,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks = suite.tasks
     runs = suite.root / "runs"
     merge.remove(runs)
+    use_cache = not args.no_cache
 
     base = read_state(suite.base_dir)
     finetuned = {t: read_state(suite.model_dir(t)) for t in tasks}
@@ -182,31 +188,37 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     mode = resolve_tall_mode(args.tall)
     log(f"TALL reconstruction via {'mergekit-lite extract' if mode == 'cli' else 'the reference code in benchmarks/quality/tall.py'}")
-    tall_results = {agg: tall_search(mode, agg, suite, runs, base, finetuned, args.workers) for agg in ("task_arithmetic", "ties")}
+    tall_results: dict[str, tall.TallResult] = {}
     hook_check: dict[str, str] = {}
-    for agg, result in tall_results.items():
+    for agg in ("task_arithmetic", "ties"):
+        tall_results[agg], hook_check[agg] = cached_tall(mode, agg, suite, runs, base, finetuned, args.workers, use_cache)
+        result = tall_results[agg]
         if result.max_abs_diff is not None:
             log(f"  {agg}: `extract` vs reference code: max |Δθ| = {result.max_abs_diff:.3g} ({result.entries_differing} entries differ over all tasks and λ)")
-        if mode == "cli":
-            hook_check[agg] = check_evaluator_hook(suite, agg, result, runs / "tall")
+        if hook_check[agg]:
             log(f"  {agg}: {hook_check[agg]}")
     times["tall"] = time.perf_counter() - t0
 
-    # merges: every method over the λ grid, through the CLI
+    # merges: every method over its grid (and λ), through the CLI; 8 tasks at once, then pairs of tasks
     t0 = time.perf_counter()
+    runner = tuning.Runner(suite, runs, base, args.workers, use_cache)
     per_model = {m.key: {t: {"tall_lambda": tall_results[m.tall_from].lambdas[t]} for t in tasks} for m in METHODS if m.tall_from}
-    merger = Merger(suite, runs, ft_val, per_model)
-    log(f"merging: {len(METHODS)} methods x {len(profile.lambdas)} values of λ with `mergekit-lite run` ({args.workers} at a time)")
-    searched = search_lambda(merger, METHODS, profile.lambdas, profile.lambda_extension, args.workers)
-    for m in METHODS:
-        searched[m.key]["best"]["test"] = merger.test(m, searched[m.key]["best"]["lambda"])
+    pairs = tuning.all_pairs(tasks) if args.pairs == "all" else tuning.cycle_pairs(tasks)[: 2 if args.quick else None]
+    multi = searches(METHODS, (tasks,), recipe_builder(suite, per_model), profile, keep, ft_val, ft_test, confirm=True)
+    pairwise = searches(PAIR_METHODS, pairs, recipe_builder(suite, {}), profile, keep, ft_val, ft_test, confirm=False)
+    log(f"merging with `mergekit-lite run` ({args.workers} at a time): {len(METHODS)} methods on all {len(tasks)} tasks, "
+        f"{len(PAIR_METHODS)} on {len(pairs)} pairs of tasks")
+    tuning.search_all(multi + pairwise, runner, log)
+    runner.forget()
     merge.remove(runs / "merged")
     times["merges"] = time.perf_counter() - t0
+    log(f"  {runner.merged} CLI merges, {runner.reused} answered from the cache ({times['merges']:.0f} s)")
 
-    # mask statistics of the Consensus-TA recipe (its per-task λ_t), with the tool's own command
+    # mask statistics of the chosen Consensus-TA recipe (its per-task λ_t), with the tool's own command
     t0 = time.perf_counter()
-    consensus = next(m for m in METHODS if m.key == "consensus_ta")
-    mask_recipe = merger.recipe_path(consensus, searched[consensus.key]["best"]["lambda"])
+    consensus = next(s for s in multi if s.spec.key == "consensus_ta")
+    mask_recipe = merge.write_recipe(runs / "recipes" / "masks-consensus_ta.yml",
+                                     recipe_builder(suite, per_model)(consensus.spec, tasks, consensus.params, consensus.lam))
     mask_png = suite.root / "mask_stats.png"
     mask_stats = json.loads(merge.cli("masks", mask_recipe.relative_to(REPO), "--json", "--plot", mask_png, "-q", threads=2))
     times["masks"] = time.perf_counter() - t0
@@ -214,26 +226,29 @@ def main(argv: list[str] | None = None) -> int:
     # results
     rows = [report.Row("Zero-shot", zero_test, "linear-probe head on the base", "reference"),
             report.Row("Fine-tuned (individual)", ft_test, "one backbone per task", "reference")]
-    for m in METHODS:
-        best = searched[m.key]["best"]
-        rows.append(report.Row(m.label, best["test"], f"λ = {best['lambda']:g}" if m.searched else "no λ: nothing tuned"))
+    rows += [report.Row(s.spec.label, s.test_by_task(), s.chosen_text()) for s in multi]
     for agg, label in (("task_arithmetic", "TALL mask + TA"), ("ties", "TALL mask + TIES")):
         lams = tall_results[agg].lambdas
         rows.append(report.Row(f"{label} (reconstruction)", tall_results[agg].test, "λ_t per task: " + ", ".join(f"{lams[t]:g}" for t in tasks), "tall"))
     results = report.Results(tasks, rows, ft_test, profile.n_test)
+    pair_results = report.PairResults(pairs, [(s.spec.label, s.test, s.chosen_text()) for s in pairwise], zero_test, ft_test, profile.n_test)
+    geometry = pair_geometry(base, finetuned, pairs)
     times["total"] = time.perf_counter() - start
+    times["cpu"] = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) for f in ("ru_utime", "ru_stime"))
 
     plot_png = report.plot(results, suite.root / "normalized_accuracy.png")
     payload = {
         "profile": asdict(profile), "build": info, "trained_this_run": trained, "tall_mode": mode, "seconds": times,
+        "cli_merges": runner.merged, "cached_scores": runner.reused,
         "zero_shot": {"val": zero_val, "test": zero_test}, "finetuned": {"val": ft_val, "test": ft_test},
-        "tall": {agg: asdict(r) for agg, r in tall_results.items()},
-        "merges": {k: v for k, v in searched.items()}, "mask_stats": mask_stats.get("overall", mask_stats),
-        "rows": [asdict(r) for r in rows],
+        "tall": {agg: asdict(r) for agg, r in tall_results.items()}, "evaluator_hook": hook_check,
+        "merges": {s.spec.key: s.to_json() for s in multi}, "pairwise": {s.spec.key: s.to_json() for s in pairwise},
+        "mask_stats": mask_stats.get("overall", mask_stats), "rows": [asdict(r) for r in rows], "pair_geometry": asdict(geometry),
     }
     (suite.root / "results.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
 
-    body = section(results, tall_results, hook_check, searched, mask_stats, info, times, trained, mode, profile, args.workers)
+    body = section(Outcome(results, pair_results, geometry, multi, pairwise, tall_results, hook_check, mask_stats, info, times, trained, mode,
+                           profile, args.workers, runner, args.pairs))
     log("\n" + body)
     if args.write:
         shutil.copyfile(plot_png, HERE / "normalized_accuracy.png")
@@ -245,16 +260,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _curve_table(searched: dict[str, dict]) -> str:
-    """Average normalized validation accuracy per method and λ; the chosen λ in bold."""
-    lambdas = sorted({r["lambda"] for m in METHODS if m.searched for r in searched[m.key]["runs"]})
-    lines = ["| method | " + " | ".join(f"λ={lam:g}" for lam in lambdas) + " |", "|---|" + "---:|" * len(lambdas)]
-    for m in (m for m in METHODS if m.searched):
-        scores = {r["lambda"]: 100 * r["val_normalized"] for r in searched[m.key]["runs"]}
-        best = searched[m.key]["best"]["lambda"]
-        cells = ["" if lam not in scores else f"**{scores[lam]:.1f}**" if lam == best else f"{scores[lam]:.1f}" for lam in lambdas]
-        lines.append(f"| {m.label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+@dataclass
+class Outcome:
+    """Everything the BENCHMARKS.md section reports."""
+
+    results: report.Results
+    pairs: report.PairResults
+    geometry: report.PairGeometry
+    multi: list[tuning.MethodSearch]
+    pairwise: list[tuning.MethodSearch]
+    tall: dict[str, tall.TallResult]
+    hook_check: dict[str, str]
+    mask_stats: dict
+    info: dict
+    times: dict[str, float]
+    trained: bool
+    mode: str
+    profile: Profile
+    workers: int
+    runner: tuning.Runner
+    pair_mode: str
 
 
 def _task_table(tasks: Sequence[str]) -> str:
@@ -275,26 +300,36 @@ def _tall_notes(tall_results: dict[str, tall.TallResult], hook_check: dict[str, 
     return notes
 
 
-def section(results: report.Results, tall_results: dict[str, tall.TallResult], hook_check: dict[str, str], searched: dict[str, dict],
-            mask_stats: dict, info: dict, times: dict[str, float], trained: bool, mode: str, profile: Profile, workers: int) -> str:
+def section(o: Outcome) -> str:
     """The markdown of the ``## Merge quality`` section of BENCHMARKS.md."""
+    results, profile, times, info = o.results, o.profile, o.times, o.info
     tasks = results.tasks
-    masks = mask_stats.get("overall", mask_stats)
+    masks = o.mask_stats.get("overall", o.mask_stats)
     grid = ", ".join(f"{x:g}" for x in profile.lambdas)
     extension = f"; extended up to {profile.lambda_extension[-1]:g} when the best λ is the largest" if profile.lambda_extension else ""
-    training = (f"training {times['training']:.0f} s (data, pretraining, probes, fine-tunes)" if trained else
+    training = (f"training {times['training']:.0f} s (data, pretraining, probes, fine-tunes)" if o.trained else
                 f"training cached (it took {sum(info['seconds'].values()):.0f} s when built)")
-    notes = _tall_notes(tall_results, hook_check, mode)
+    merges = f"{o.runner.merged} CLI merges, {o.workers} at a time"
+    if o.runner.reused:
+        merges += (f"; {o.runner.reused} more were answered from the cache of an earlier run, where they took about "
+                   f"{o.runner.reused_seconds / o.workers:.0f} s")
+    checks = [s.val_check for s in o.multi + o.pairwise if s.val_check is not None]
+    best_multi = max(results.avg_norm(r.label) for r in results.rows if r.kind == "merge")
+    pairs_text = ("all 28 pairs of tasks" if o.pair_mode == "all" else
+                  f"{len(o.pairs.pairs)} pairs, a cycle over the tasks (each task in two pairs, once first and once second)")
     return f"""Merge quality with the TALL-masks protocol (Wang et al., ICML 2024) on a small vision suite that runs offline:
 an MLP backbone ({info['parameters']:,} parameters) pretrained on rendered letters, fine-tuned on {len(tasks)} tasks (digits under transforms,
 shapes, math symbols, textures). Each task keeps its own head: a linear probe on the frozen pretrained features, then frozen.
-Only the backbone is merged, by `mergekit-lite run RECIPE OUT --force -q` on Hugging Face style folders. λ is chosen per method
-on the **validation** split (average normalized accuracy; grid {grid}{extension}); TALL's λ_t per task from
-{{{', '.join(f'{x:g}' for x in profile.tall_lambdas)}}} by that task's validation accuracy. The tables show **test** accuracy ({profile.n_test:,} images per task).
+Only the backbone is merged, by `mergekit-lite run RECIPE OUT --force -q` on Hugging Face style folders. **Every method's parameters
+are chosen on the validation split**: every combination of a small grid over its tuning parameters (the "chosen" column; the grids
+are listed under "Parameter search" below) and, for the methods whose output is θ_0 + λ·merged, λ from {grid}{extension}. The
+criterion is the average normalized validation accuracy. TALL's λ_t per task comes from {{{', '.join(f'{x:g}' for x in profile.tall_lambdas)}}},
+by that task's validation accuracy. The tables show **test** accuracy ({profile.n_test:,} images per task) of the chosen point only.
 Protocol, tasks and caveats: [benchmarks/quality/README.md](benchmarks/quality/README.md).
 
 Command: `{COMMAND}` (`make bench-quality` runs it without `--write`). Run time {times['total'] / 60:.1f} min: {training},
-TALL search {times['tall']:.0f} s, merges {times['merges']:.0f} s ({sum(len(searched[m.key]['runs']) for m in METHODS)} CLI merges, {workers} at a time), mask statistics {times['masks']:.0f} s.
+TALL search {times['tall']:.0f} s, merges {times['merges']:.0f} s ({merges}), mask statistics {times['masks']:.0f} s.
+CPU time (this process and every CLI child): {times['cpu'] / 60:.1f} min, so about {times['cpu'] / 120:.1f} min of wall time on 2 idle cores.
 Machine: {os.cpu_count()} CPU cores (shared with other work), no GPU; Python {platform.python_version()}, torch {torch.__version__}.
 
 **Absolute test accuracy (%)**
@@ -307,32 +342,68 @@ Machine: {os.cpu_count()} CPU cores (shared with other work), no GPU; Python {pl
 
 ![normalized accuracy per method](benchmarks/quality/normalized_accuracy.png)
 
+**Findings**
+
+""" + "\n".join(f"- {line}" for line in report.ranking_findings(results) + report.search_findings(o.multi + o.pairwise, profile.n_val)) + """
+
 **Against the paper's qualitative findings**
 
 """ + "\n".join(f"- {line}" for line in report.findings(results)) + f"""
 
-**TALL masks.** `mergekit-lite masks` on the chosen Consensus-TA recipe (τ_MTL = Σ τ_t, each task's λ_t):
+### Pairwise merges
+
+The two-model methods (slerp, nuslerp, nearswap, arcee_fusion) cannot merge 8 tasks, so every method here merges two fine-tunes
+at a time, over {pairs_text}. Where a method's base is one of its two inputs (SLERP, NearSwap, Arcee Fusion), the pair's first
+task is the base; NuSLERP interpolates the two task vectors (base = the pretrained backbone); linear, task arithmetic and TIES are
+the same methods as above. Each method's parameters are chosen on validation **once for all pairs** (the mean over pairs of the
+average normalized validation accuracy on the pair's two tasks), as the 8-task table chooses one point per method. Cells: average
+normalized **test** accuracy (%) on the pair's two tasks; zero-shot is the pretrained backbone, 100 is each task's own fine-tune.
+
+{report.pair_table(o.pairs)}
+
+""" + "\n".join(f"- {line}" for line in report.pair_findings(o.pairs, o.geometry, best_multi, results.avg_norm("Zero-shot"))) + f"""
+
+### TALL masks
+
+`mergekit-lite masks` on the chosen Consensus-TA recipe (τ_MTL = Σ τ_t, each task's λ_t):
 {100 * masks['catastrophic_fraction']:.1f}% of the weights are catastrophic (no task uses them) and {100 * masks['selfish_fraction']:.1f}% are selfish (exactly one task uses them).
 Mask density per task: {", ".join(f"{t} {100 * masks['density'][t]:.0f}%" for t in tasks)}.
 
 ![TALL mask statistics](benchmarks/quality/mask_stats.png)
 
-""" + "\n".join(f"- {note}" for note in notes) + f"""
+""" + "\n".join(f"- {note}" for note in _tall_notes(o.tall, o.hook_check, o.mode)) + f"""
 
-Validation curves: average normalized validation accuracy (%) per λ; the chosen λ is in bold.
+### Parameter search
 
-{_curve_table(searched)}
+Grids are coarse on purpose, to keep the run near a quarter of an hour on 2 cores. λ costs no extra merge: the CLI merges at
+λ = 1 and the benchmark scores θ_0 + λ·(θ_1 − θ_0) for every λ. In the 8-task table the chosen point is then merged again by the CLI
+at its own λ, and that output is what the test split scores; its validation accuracy equals the derived one (largest difference
+over {len(checks)} methods: {max(checks, default=0.0):.2g}). In the pairwise table, task arithmetic and TIES are scored on the derived
+θ_0 + λ·(θ_1 − θ_0). "Range" is the lowest and highest validation score over a method's grid points (each at its best λ): where it
+is narrower than two standard errors of a difference ({report.val_noise_text(o.multi, profile.n_val)} for an 8-task average;
+twice that, times √2, for a difference), this suite cannot measure the parameter's effect, and the chosen value is one of equals
+(see Findings above).
 
-Tasks: glyphs drawn from stroke templates with random affine maps, elastic warps, stroke widths, contrast, noise and
-distractor strokes, or procedural textures, at 16x16 pixels. Each task has {profile.n_train:,} training, {profile.n_val:,} validation and {profile.n_test:,} test images.
+{report.search_table(o.multi, "8 tasks")}
+
+{report.search_table(o.pairwise, "pairs")}
+
+Validation curves at the chosen grid point: average normalized validation accuracy (%) per λ; the chosen λ in bold.
+
+{report.curve_table(o.multi)}
+
+Fixed (not searched): TIES keeps model-wide thresholds and the disjoint mean (the "mergekit" row trims per tensor); DARE and
+DELLA rescale by 1/keep-probability (the papers' rule), seed 0; Breadcrumbs ranks per row; RAM+ counts shared/unique entries over
+the whole model (the authors' code); Consensus takes each task's λ_t from the TALL search of the same aggregate. Linear, Multi-SLERP
+and the Karcher mean average with equal weights (Multi-SLERP over the fine-tunes' weights, or over their task vectors when the
+grid picks "with base"). The per-model weights of every method stay equal: searching 8 weights is a different benchmark.
+
+### Tasks
+
+Glyphs drawn from stroke templates with random affine maps, elastic warps, stroke widths, contrast, noise and distractor strokes,
+or procedural textures, at 16x16 pixels. Each task has {profile.n_train:,} training, {profile.n_val:,} validation and {profile.n_test:,} test images.
 
 {_task_table(tasks)}
-
-Fixed method parameters (not tuned): TIES density 0.2 (model-wide thresholds, disjoint mean; the mergekit row: per-tensor
-trim); DARE keep probability 0.5 with the paper's 1/density rescale, seed 0; Breadcrumbs β = 0.15, γ = 0.006 per row; DELLA
-density 0.5, ε = 0.1; SCE select_topk 0.2; RAM defaults; RAM+ the authors' r = 0.2, α = 1, model-wide counts; Consensus k = 2, with each task's λ_t from the TALL search of the same aggregate.
-Linear, Model Stock, Multi-SLERP, the Karcher mean, SCE, RAM and RAM+ have no λ: one run each (linear, Multi-SLERP and Karcher over the
-fine-tunes only, with equal weights). Not in the table: {", ".join(merge.TWO_MODEL_METHODS)}, which take exactly two models.
 """
 
 
