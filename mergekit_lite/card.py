@@ -48,6 +48,10 @@ def auto_class(config: dict[str, Any] | None) -> str:
     arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
     if arch is None:
         return "AutoModel"
+    # transformers' naming convention decides the common heads without importing its tables (~1 s)
+    unambiguous = next((cls for suffix, cls in _SUFFIXES if suffix != "LMHeadModel" and arch.endswith(suffix)), None)
+    if unambiguous is not None:
+        return unambiguous
     try:
         from transformers.models.auto import modeling_auto
     except Exception:  # noqa: BLE001 - an old or broken transformers: fall back on the name
