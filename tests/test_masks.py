@@ -370,6 +370,20 @@ def test_elect_and_merge_matches_loop_reference_property(T, n, mode, fallback, d
     assert deltas == []  # consumed: each input is released once merged
 
 
+@FAST
+@given(st.integers(1, 4), st.integers(1, 8), st.sampled_from(["mean", "sum", "max"]), st.sampled_from([1.0, -1.0]), st.data())
+def test_elect_and_merge_trimming_on_the_fly_matches_threshold_reference(T, n, mode, fallback, data):
+    """With trim (model-scope thresholds applied when needed), the inputs stay untouched and the result is TIES's."""
+    vals = data.draw(st.lists(st.lists(dyadic, min_size=n, max_size=n), min_size=T, max_size=T))
+    thresholds = data.draw(st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0, INF]), min_size=T, max_size=T))
+    weights = data.draw(st.lists(st.sampled_from([1.0, 0.5, 2.0, -1.0]), min_size=T, max_size=T))
+    deltas = [t64(row) for row in vals]
+    trim = lambda t, d: d.masked_fill(~magnitude_mask(d, thresholds[t]), 0)  # noqa: E731
+    got = elect_and_merge(deltas, weights, mode, fallback, consume=False, trim=trim).tolist()
+    assert got == ref_ties(vals, 1.0, weights, mode, fallback, thresholds)
+    assert [d.tolist() for d in deltas] == vals
+
+
 def test_elect_and_merge_refuses_mismatched_weights():
     with pytest.raises(ValueError, match="one entry per task vector"):
         elect_and_merge([torch.ones(3)], [1.0, 2.0])

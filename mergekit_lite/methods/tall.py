@@ -39,8 +39,12 @@ def multitask_vector(deltas: Sequence[torch.Tensor] | torch.Tensor, ctx: TensorC
             total.add_(delta)
         return total
     thresholds = ctx.model_statistics["thresholds"]
-    trimmed = [delta.masked_fill(~magnitude_mask(delta, thr), 0) for delta, thr in zip(deltas, thresholds)]
-    return elect_and_merge(trimmed, [1.0] * len(trimmed), "sum", ctx.model_statistics["majority"])
+
+    def trim(t: int, delta: torch.Tensor) -> torch.Tensor:  # made when needed, never kept beside the inputs
+        return delta.masked_fill(~magnitude_mask(delta, thresholds[t]), 0)
+
+    kept = list(deltas)
+    return elect_and_merge(kept, [1.0] * len(kept), "sum", ctx.model_statistics["majority"], consume=False, trim=trim)
 
 
 def tall_masks_for(stacked: torch.Tensor, tau_mtl: torch.Tensor, ctx: TensorContext) -> torch.Tensor:

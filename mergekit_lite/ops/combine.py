@@ -6,7 +6,7 @@ Pure functions on tensors; arithmetic in the input dtype.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -85,7 +85,12 @@ def disjoint_merge(
 
 
 def elect_and_merge(
-    deltas: list[Tensor], weights: Sequence[float], mode: str = "mean", fallback: float = 1.0, consume: bool = True
+    deltas: list[Tensor],
+    weights: Sequence[float],
+    mode: str = "mean",
+    fallback: float = 1.0,
+    consume: bool = True,
+    trim: Callable[[int, Tensor], Tensor] | None = None,
 ) -> Tensor:
     """TIES sign election and disjoint merge with running reductions: no [T, ...] stack.
 
@@ -93,16 +98,23 @@ def elect_and_merge(
     (up to the order of floating-point additions) in about T + 3 copies of one tensor instead of
     about 4·T. With ``consume`` the tensors in ``deltas`` (trimmed, not yet weighted) are
     overwritten and the list is emptied as they are used, so each is freed as soon as it has been
-    merged; without it they are left as they were (one more temporary copy).
+    merged; without it they are left as they were (one more temporary copy). ``trim(t, τ_t)``, if
+    given (only without ``consume``), returns task t's trimmed vector as a new tensor, made when
+    needed instead of kept: T + 4 copies for untrimmed inputs rather than 2·T + 3.
     """
+    if trim is not None and consume:
+        raise ValueError("elect_and_merge: trim needs consume=False (the inputs are kept untrimmed)")
     _check_mode(mode)
     if not deltas:
         raise ValueError("elect_and_merge needs at least one task vector")
     if len(weights) != len(deltas):
         raise ValueError(f"weights must have one entry per task vector ({len(deltas)}), got {len(weights)}")
+    def trimmed(i: int) -> Tensor:
+        return deltas[i] if trim is None else trim(i, deltas[i])
+
     total = torch.zeros_like(deltas[0])
-    for w, delta in zip(weights, deltas):
-        total.add_(delta, alpha=float(w))
+    for i, w in enumerate(weights):
+        total.add_(trimmed(i), alpha=float(w))
     # the elected sign: sign of the weighted sum; an exact zero takes the fallback (0 reads as negative)
     positive = total > 0 if float(fallback) <= 0 else total >= 0
     del total
@@ -113,7 +125,7 @@ def elect_and_merge(
     if consume:
         deltas.reverse()  # pop() from the end hands them out in order and drops our reference
     for i, w in enumerate(weights):
-        v = deltas.pop().mul_(w) if consume else deltas[i] * w
+        v = deltas.pop().mul_(w) if consume else (trimmed(i).mul_(w) if trim is not None else deltas[i] * w)
         agree = torch.where(positive, v > 0, v < 0)
         v.masked_fill_(~agree, 0)
         if best is not None:  # max: the agreeing value of largest |v|, the first one on ties (argmax)
