@@ -59,7 +59,7 @@ bench_speed.SIZES["mem-small"] = {"dtype": "float32", "shard_bytes": 512 * MiB, 
 class Row:
     method: str
     k: int
-    declared: int
+    declared: float
     measured: float
     peak_big_mib: float
     peak_small_mib: float
@@ -118,7 +118,7 @@ def table(rows: list[Row]) -> str:
         "|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        lines.append(f"| {r.method} | {r.k} | {r.declared} + 1 | {r.measured:.2f} | {r.peak_big_mib:.0f} / {r.peak_small_mib:.0f} | {r.verdict} |")
+        lines.append(f"| {r.method} | {r.k} | {r.declared:.3g} + 1 | {r.measured:.2f} | {r.peak_big_mib:.0f} / {r.peak_small_mib:.0f} | {r.verdict} |")
     return "\n".join(lines)
 
 
@@ -154,7 +154,7 @@ def main(argv: list[str]) -> int:
             continue
         for k in ks:
             row = measure(method, k, args.work, log)
-            log(f"{method} K={k}: declared {row.declared}+1, measured {row.measured:.2f} -> {row.verdict}")
+            log(f"{method} K={k}: declared {row.declared:.3g}+1, measured {row.measured:.2f} -> {row.verdict}")
             rows.append(row)
     body = table(rows)
     print(body)

@@ -447,7 +447,7 @@ def methods(name: str | None) -> None:
                 "unused": "no base model"}[method.base]
         click.echo(f"  inputs: the weights of {method.model_count} model(s); {base}")
     click.echo(f"  writes: {'a merged Hugging Face checkpoint' if method.output == 'model' else 'a compressed collection'}")
-    click.echo(f"  memory: about {method.working_copies(8)} copies of the largest tensor at K = 8 models (compute dtype)")
+    click.echo(f"  memory: about {method.working_copies(8):g} copies of the largest tensor with 8 inputs (compute dtype; measured by benchmarks/bench_memory.py)")
     click.echo("  parameters (a value; a list = gradient over layer depth; [{filter, value}, ...] = per tensor name):")
     for p in method.params:
         where = "per model or global" if p.per_model else "global"

@@ -137,7 +137,7 @@ class Plan:
             return INTERPRETER_BYTES + max(max((j.out.nbytes for j in self.jobs), default=0), remapped)
         inputs = max(len(j.inputs) for j in self.jobs if j.merge)
         copies = self.method.working_copies(inputs)
-        return INTERPRETER_BYTES + max(largest.numel * (copies * size + 4), remapped)
+        return INTERPRETER_BYTES + max(int(largest.numel * (copies * size + 4)), remapped)
 
     def summary(self) -> str:
         merged = sum(1 for j in self.jobs if j.merge)

@@ -118,8 +118,10 @@ class MergeMethod:
     min_models: int = 1
     max_models: int | None = None
     paper: str = ""
-    #: working copies of the largest tensor (in the compute dtype) held at once, for K models
-    working_copies: Callable[[int], int] = lambda k: 4
+    #: working copies of the largest tensor (in the compute dtype) held at once with n inputs (the
+    #: plan's inputs of one tensor: the base too where the method reads it as a model), not counting
+    #: the stored output copy; fitted to benchmarks/bench_memory.py's measurements, which check it
+    working_copies: Callable[[int], float] = lambda n: 4
     #: model-wide statistics computed in extra passes before the merge (None: not needed)
     statistics: Callable[[Any, dict[str, Any], list[dict[str, Any]]], dict[str, Any]] | None = None
     #: how many times the inputs are read, for the plan

@@ -38,6 +38,6 @@ register(
         min_models=2,  # besides the base: mergekit's contract is 3 inputs, the base included
         paper="https://arxiv.org/abs/2403.19522",
         # θ_0, the K task vectors, and one product τ_i ⊙ τ_j at a time
-        working_copies=lambda k: k + 2,
+        working_copies=lambda n: 0.75 * n + 1.5,
     )
 )

@@ -66,7 +66,7 @@ register(
         paper=PAPER,
         # base, the running sum, the task vector being read, the int16 count, bool masks and a
         # conversion temporary: 4.75 measured
-        working_copies=lambda k: 5,
+        working_copies=lambda n: 6,
     )
 )
 register(
@@ -78,7 +78,7 @@ register(
         paper=PAPER,
         # RAM's copies plus the int16 owner map (5.25 measured); at the end a float scale map
         # replaces the task vector
-        working_copies=lambda k: 6,
+        working_copies=lambda n: 0.3 * n + 5,
         statistics=ramplus_statistics,
         passes=lambda params, dtype: 2 if params.get("scope") == "model" else 1,
     )

@@ -45,6 +45,6 @@ register(
         paper="https://arxiv.org/abs/2408.07990",
         # base + the T stacked task vectors + the select step (variance, |variance| twice, kthvalue's
         # copy and int64 indices): K + 6.5 measured; the erase step needs less (sum, merged, divisor)
-        working_copies=lambda k: k + 7,
+        working_copies=lambda n: n + 5.5,
     )
 )

@@ -58,7 +58,7 @@ register(
         max_models=2,
         paper="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
         # θ_base, θ_other and the per-entry weight w
-        working_copies=lambda k: 3,
+        working_copies=lambda n: 2,
     )
 )
 register(
@@ -74,6 +74,6 @@ register(
         paper="https://arcee.ai",
         # θ_base, θ_other and the two softmax distributions; then θ_base, Δ, the importance and its
         # partitioned copy (CPU; kthvalue on CUDA holds a value copy and int64 indices: one more)
-        working_copies=lambda k: 5,
+        working_copies=lambda n: 3.5,
     )
 )

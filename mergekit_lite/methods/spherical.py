@@ -103,7 +103,7 @@ register(
         max_models=3,
         paper="https://en.wikipedia.org/wiki/Slerp",
         # the two inputs (+ the base), one product for the cosines
-        working_copies=lambda k: k + 1,
+        working_copies=lambda n: n,
     )
 )
 register(
@@ -118,7 +118,7 @@ register(
         paper="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
         # streamed: the running sum, the tensor read and one temporary (+ the base); two models are kept
         # for the linear fallback; inputs listed before the base wait for it (a base read last: all k)
-        working_copies=lambda k: k + 2,
+        working_copies=lambda n: 0.7 * n + 2,
     )
 )
 register(
@@ -132,6 +132,6 @@ register(
         min_models=1,
         paper="https://arxiv.org/abs/2603.04972",
         # k unit vectors, the mean, the tangent and one temporary
-        working_copies=lambda k: k + 3,
+        working_copies=lambda n: n + 2,
     )
 )

@@ -87,7 +87,7 @@ CONSENSUS = register(
         params=(AGGREGATE, CONSENSUS_K, TALL_LAMBDA, WEIGHT, LAMBDA, INT8_MASK),
         combine=_combine_consensus,
         paper="https://arxiv.org/abs/2405.07813",
-        working_copies=lambda k: 3 * k + 3,
+        working_copies=lambda n: n + 5.5,
         statistics=aggregate_statistics,
         passes=aggregate_passes,
     )
@@ -100,6 +100,9 @@ for _name, _aggregate in (("consensus_ta", "task_arithmetic"), ("consensus_ties"
             name=_name,
             summary=f"Consensus merging over {'task arithmetic' if _aggregate == 'task_arithmetic' else 'TIES'} (consensus with aggregate: {_aggregate}).",
             params=tuple(replace(p, default=_aggregate) if p is AGGREGATE else p for p in CONSENSUS.params),
+            # measured: the TIES aggregate holds one trimmed copy and the election's sums beside the inputs
+            # (consensus with aggregate: ties is the same method and holds the same)
+            working_copies=(lambda n: n + 7) if _aggregate == "ties" else CONSENSUS.working_copies,
         )
     )
 
@@ -121,7 +124,7 @@ register(
         params=(AGGREGATE, TALL_LAMBDA, MTL_DTYPE, EMBED_BASE, INT8_MASK),
         combine=_no_merge,
         paper="https://arxiv.org/abs/2405.07813",
-        working_copies=lambda k: 3 * k + 3,
+        working_copies=lambda n: n + 4,
         statistics=aggregate_statistics,
         passes=aggregate_passes,
         output="collection",

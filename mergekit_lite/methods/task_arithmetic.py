@@ -269,7 +269,7 @@ register(
         params=(normalize_param(False), *COMMON),
         combine=family_combine(no_sparsify, consensus=False),
         paper="https://arxiv.org/abs/2212.04089",
-        working_copies=lambda k: 3,
+        working_copies=lambda n: n / 3 + 1.5,
     )
 )
 register(
@@ -279,7 +279,7 @@ register(
         params=(DENSITY, TIES_SCOPE, normalize_param(True), rescale_param(False), MERGE_MODE, *COMMON),
         combine=family_combine(sparsify_magnitude, consensus=True),
         paper="https://arxiv.org/abs/2306.01708",
-        working_copies=lambda k: 4 * k + 2,
+        working_copies=lambda n: n + 5.5,
         statistics=_ties_stats,
         passes=ties_passes,
     )
@@ -291,7 +291,7 @@ register(
         params=(DENSITY, normalize_param(False), rescale_param(True), RESCALE_RULE, SEED, *COMMON),
         combine=family_combine(sparsify_random, consensus=False),
         paper="https://arxiv.org/abs/2311.03099",
-        working_copies=lambda k: 4,
+        working_copies=lambda n: 0.25 * n + 2.5,
     )
 )
 register(
@@ -301,7 +301,7 @@ register(
         params=(DENSITY, normalize_param(False), rescale_param(True), RESCALE_RULE, SEED, MERGE_MODE, *COMMON),
         combine=family_combine(sparsify_random, consensus=True),
         paper="https://arxiv.org/abs/2311.03099",
-        working_copies=lambda k: 3 * k + 2,
+        working_copies=lambda n: n + 2,
     )
 )
 register(
@@ -311,7 +311,7 @@ register(
         params=(DENSITY, GAMMA, BREADCRUMBS_SCOPE, normalize_param(False), rescale_param(False), *COMMON),
         combine=family_combine(sparsify_outliers, consensus=False),
         paper="https://arxiv.org/abs/2312.06795",
-        working_copies=lambda k: 6,
+        working_copies=lambda n: 5.5,
     )
 )
 register(
@@ -321,7 +321,7 @@ register(
         params=(DENSITY, GAMMA, BREADCRUMBS_SCOPE, normalize_param(False), rescale_param(False), MERGE_MODE, *COMMON),
         combine=family_combine(sparsify_outliers, consensus=True),
         paper="https://arxiv.org/abs/2312.06795",
-        working_copies=lambda k: 3 * k + 4,
+        working_copies=lambda n: n + 3.5,
     )
 )
 register(
@@ -331,7 +331,7 @@ register(
         params=(DENSITY, EPSILON, normalize_param(True), rescale_param(True), RESCALE_RULE, SEED, MERGE_MODE, *COMMON),
         combine=family_combine(sparsify_della, consensus=True),
         paper="https://arxiv.org/abs/2406.11617",
-        working_copies=lambda k: 3 * k + 4,
+        working_copies=lambda n: 1.1 * n + 5.5,
     )
 )
 register(
@@ -341,6 +341,6 @@ register(
         params=(DENSITY, EPSILON, normalize_param(False), rescale_param(True), RESCALE_RULE, SEED, *COMMON),
         combine=family_combine(sparsify_della, consensus=False),
         paper="https://arxiv.org/abs/2406.11617",
-        working_copies=lambda k: 6,
+        working_copies=lambda n: 0.25 * n + 6,
     )
 )

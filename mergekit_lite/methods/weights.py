@@ -51,7 +51,7 @@ register(
         compute=_linear,
         base="optional",
         paper="https://arxiv.org/abs/2203.05482",
-        working_copies=lambda k: 2,
+        working_copies=lambda n: 2,
     )
 )
 register(
@@ -63,7 +63,7 @@ register(
         compute=_passthrough,
         base="unused",
         max_models=1,
-        working_copies=lambda k: 1,
+        working_copies=lambda n: 1,
     )
 )
 register(
@@ -77,6 +77,6 @@ register(
         min_models=2,
         max_models=2,
         paper="https://en.wikipedia.org/wiki/Slerp",
-        working_copies=lambda k: 4,
+        working_copies=lambda n: 4,
     )
 )
