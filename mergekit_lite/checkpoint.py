@@ -171,23 +171,27 @@ def resolve_reference(ref: str) -> Path:
         return path
     if not looks_like_hub_id(name):
         raise CheckpointError(f"{_show(ref)}: no such file or folder, and not a hub id of the form org/name[@revision]")
-    return _download_from_hub(name, revision)
+    return download_from_hub(name, revision)
 
 
-def _download_from_hub(repo_id: str, revision: str | None) -> Path:
-    """Resolve a hub repository to its local snapshot folder (the cache first; offline mode is honoured)."""
+def download_from_hub(repo_id: str, revision: str | None, patterns: list[str] | None = None, label: str | None = None) -> Path:
+    """Resolve a hub repository to its local snapshot folder (the cache first; offline mode is honoured).
+
+    ``patterns``: the files to fetch (default: a checkpoint's); ``label``: how messages name the reference.
+    """
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    shown = label or f"{_show(repo_id)}{'@' + _show(revision) if revision else ''}"
     try:
-        folder = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=patterns or HUB_PATTERNS)
     except LocalEntryNotFoundError as exc:
         raise CheckpointError(
-            f"{_show(repo_id)}{'@' + _show(revision) if revision else ''}: not a local path and not in the Hugging Face cache "
+            f"{shown}: not a local path and not in the Hugging Face cache "
             "(offline or unreachable hub); download it first or give a local folder"
         ) from exc
     except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{_show(repo_id)}: could not fetch from the hub: {_first_line(exc)}") from exc
+        raise CheckpointError(f"{shown}: could not fetch from the hub: {_first_line(exc)}") from exc
     return Path(folder)
 
 

@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .checkpoint import Checkpoint, looks_like_hub_id, split_revision
+from .checkpoint import Checkpoint, download_from_hub, looks_like_hub_id, split_revision
 from .errors import CheckpointError, RecipeError
 from .ops.vocab import RowPlan, TokenRule, needs_default, plan_rows
 from .recipe import ModelTokenSource, Recipe, TokenizerOptions, ZeroSource, default_name
@@ -100,18 +100,7 @@ def resolve_tokenizer_folder(value: str, where: str = "tokenizer_source") -> Pat
         return path
     if not looks_like_hub_id(name):
         raise CheckpointError(f"{where}: {one_line(value)!r}: no such folder, and not a hub id of the form org/name[@revision]")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(name, revision=revision, allow_patterns=TOKENIZER_HUB_PATTERNS))
-    except LocalEntryNotFoundError:
-        raise CheckpointError(
-            f"{where}: {one_line(value)!r}: not a local folder and not in the Hugging Face cache "
-            "(offline or unreachable hub); download it first or give a local folder"
-        ) from None
-    except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{where}: {one_line(value)!r}: could not fetch from the hub: {one_line(str(exc))[:200]}") from None
+    return download_from_hub(name, revision, TOKENIZER_HUB_PATTERNS, label=f"{where}: {one_line(value)!r}")
 
 
 def load_tokenizer(folder: Path, what: str) -> Any:
