@@ -15,6 +15,7 @@ import torch
 from .checkpoint import Checkpoint
 from .errors import CheckpointError, MergeKitLiteError, RecipeError
 from .methods import TensorContext
+from .methods.base import task_vectors
 from .ops.vocab import remap_rows
 from .plan import Plan, TensorJob, TensorRef
 from .progress import progress_bar
@@ -80,8 +81,7 @@ def merged_task_vector(plan: Plan, job: TensorJob, device: torch.device) -> tupl
     assert job.base is not None and plan.method.combine is not None
     base, models = job_inputs(plan, job, device)
     assert base is not None
-    deltas = (m.sub_(base) for m in models)
-    return base, plan.method.combine(deltas, context(plan, job))
+    return base, plan.method.combine(task_vectors(models, base), context(plan, job))
 
 
 def compute_tensor(plan: Plan, job: TensorJob, device: torch.device) -> torch.Tensor:

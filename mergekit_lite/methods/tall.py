@@ -14,7 +14,7 @@ import torch
 from ..errors import RecipeError
 from ..ops import elect_and_merge, magnitude_mask, tall_mask
 from .base import MergeMethod, Param, TensorContext, register
-from .task_arithmetic import INT8_MASK, LAMBDA, WEIGHT, stack_deltas, ties_model_statistics, ties_passes
+from .task_arithmetic import INT8_MASK, LAMBDA, WEIGHT, ties_model_statistics, ties_passes
 
 AGGREGATE = Param(
     "aggregate", str, "task_arithmetic", "How τ_MTL is built: task_arithmetic (Σ τ_t) or ties (density 0.2, sum, model scope).",
