@@ -279,6 +279,17 @@ class Checkpoint:
         except OSError as exc:
             raise CheckpointError(f"{_show(file)}: could not read tensor {_show(real)}: {_first_line(exc)}; the file may be truncated or corrupt") from exc
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of one tensor along its first dimension (CPU, stored dtype), reading only those bytes."""
+        real = self._aliases.get(name, name)
+        file = self._shard_of.get(real)
+        if file is None:
+            raise CheckpointError(f"{_show(self.ref)}: has no tensor {_show(name)}")
+        try:
+            return self._handles[file].get_rows(real, start, stop)
+        except OSError as exc:
+            raise CheckpointError(f"{_show(file)}: could not read tensor {_show(real)}: {_first_line(exc)}; the file may be truncated or corrupt") from exc
+
     @property
     def weight_files(self) -> list[Path]:
         return sorted(self._handles, key=str)
@@ -402,15 +413,30 @@ class _SafetensorsFile:
 
     def get(self, name: str) -> torch.Tensor:
         info = self._infos[name]
+        return self._read(name, info.shape, 0, info.nbytes)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        info = self._infos[name]
+        if not info.shape:
+            return self.get(name)
+        rows = info.shape[0]
+        start, stop = max(0, min(start, rows)), max(0, min(stop, rows))
+        stop = max(start, stop)
+        row_bytes = info.nbytes // rows if rows else 0
+        return self._read(name, (stop - start, *info.shape[1:]), start * row_bytes, (stop - start) * row_bytes)
+
+    def _read(self, name: str, shape: tuple[int, ...], skip: int, nbytes: int) -> torch.Tensor:
+        """``nbytes`` of tensor ``name`` from ``skip`` bytes into its data, as a new tensor of ``shape``."""
+        info = self._infos[name]
         begin, _ = self._offsets[name]
-        tensor = torch.empty(info.shape, dtype=info.dtype)
-        if info.nbytes == 0:
+        tensor = torch.empty(shape, dtype=info.dtype)
+        if nbytes == 0:
             return tensor
         if self._fd is None:
             raise CheckpointError(f"{_show(self.path)}: already closed")
         buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-        position, done = self._data_start + begin, 0
-        while done < info.nbytes:
+        position, done = self._data_start + begin + skip, 0
+        while done < nbytes:
             n = os.preadv(self._fd, [buffer[done:]], position + done)
             if n <= 0:
                 raise CheckpointError(f"{_show(self.path)}: file ended while reading tensor {_show(name)}; it was truncated after opening")
@@ -472,6 +498,10 @@ class _TorchFile:
 
     def get(self, name: str) -> torch.Tensor:
         return self._state[name].clone()
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        tensor = self._state[name]
+        return (tensor[start:stop] if tensor.dim() else tensor).clone()
 
     def close(self) -> None:
         self._state = {}

@@ -15,7 +15,7 @@ import torch
 from .checkpoint import Checkpoint
 from .errors import CheckpointError, MergeKitLiteError, RecipeError
 from .methods import TensorContext
-from .methods.base import task_vectors
+from .methods.base import TaskVectorSource, row_chunks, task_vectors
 from .ops.vocab import remap_rows
 from .plan import Plan, TensorJob, TensorRef
 from .progress import progress_bar
@@ -84,6 +84,42 @@ def merged_task_vector(plan: Plan, job: TensorJob, device: torch.device) -> tupl
     return base, plan.method.combine(task_vectors(models, base), context(plan, job))
 
 
+#: tensors of at least this many entries go to a two-phase method (``combine_rows``) in row chunks of
+#: about this many entries, each task vector's rows read again, instead of holding every task vector
+ROW_CHUNK_ENTRIES = 1 << 20
+
+
+class RereadTaskVectors(TaskVectorSource):
+    """τ_t = θ_t − θ_0 of one job, read from the checkpoints each time they are asked for: whole
+    tensors (checked for NaN/Inf), then row ranges (only those bytes; the page cache usually has them)."""
+
+    def __init__(self, plan: Plan, job: TensorJob, base: torch.Tensor, device: torch.device, entries: int):
+        self.plan, self.job, self.base, self.device = plan, job, base, device
+        self.count = len(job.inputs)
+        self.shape = tuple(base.shape)
+        self.entries = entries
+
+    def whole(self) -> Iterator[torch.Tensor]:
+        for ref in self.job.inputs:
+            delta = _read(self.plan, ref, self.device).sub_(self.base)
+            yield delta
+            del delta
+
+    def rows(self, t: int, start: int, stop: int) -> torch.Tensor:
+        ref = self.job.inputs[t]
+        stored = self.plan.checkpoints[ref.source].get_rows(ref.name, start, stop)
+        base = self.base if self.base.dim() == 0 else self.base[start:stop]
+        return stored.to(device=self.device, dtype=self.plan.compute_dtype).sub_(base)
+
+    def chunks(self) -> list[tuple[int, int]]:
+        return row_chunks(self.shape, self.entries)
+
+
+def _in_row_chunks(plan: Plan, job: TensorJob) -> bool:
+    """Whether a job runs through its method's ``combine_rows`` on re-read row chunks."""
+    return plan.method.combine_rows is not None and job.vocab is None and job.base is not None and job.out.numel >= ROW_CHUNK_ENTRIES
+
+
 def compute_tensor(plan: Plan, job: TensorJob, device: torch.device) -> torch.Tensor:
     """One output tensor, on the CPU in its output dtype: copied, or the method's result."""
     if not job.merge:
@@ -91,9 +127,15 @@ def compute_tensor(plan: Plan, job: TensorJob, device: torch.device) -> torch.Te
             return next(job_inputs(plan, job, device)[1]).to(device="cpu", dtype=job.out.dtype)
         stored = plan.checkpoints[job.inputs[0].source].get(job.inputs[0].name)
         return stored.to(job.out.dtype) if stored.dtype != job.out.dtype else stored
-    base, models = job_inputs(plan, job, device)
     try:
-        out = plan.method.output_tensor(base, models, context(plan, job))
+        if _in_row_chunks(plan, job):
+            assert job.base is not None
+            base = _read(plan, job.base, device)
+            source = RereadTaskVectors(plan, job, base, device, ROW_CHUNK_ENTRIES)
+            out = plan.method.output_from_source(base, source, context(plan, job))
+        else:
+            base, models = job_inputs(plan, job, device)
+            out = plan.method.output_tensor(base, models, context(plan, job))
     except ValueError as exc:  # a kernel's argument check: a parameter value this tensor cannot take
         raise RecipeError(f"tensor {job.name}: {exc}") from None
     return out.to(device="cpu", dtype=job.out.dtype)

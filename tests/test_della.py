@@ -29,14 +29,18 @@ def _ctx(rule: str, seed: int) -> TensorContext:
     return TensorContext("w", ["m"], {"seed": seed, "rescale": True, "rescale_rule": rule}, [{"density": 0.4, "epsilon": 0.3}])
 
 
+def _kept(tau: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
+    return sparsify_della(tau, {"density": 0.4, "epsilon": 0.3}, ctx, 0).apply(tau.clone())
+
+
 def test_paper_rescale_is_unbiased_and_mergekit_rescale_keeps_the_l1_norm():
     torch.manual_seed(0)
     tau = torch.randn(4, 64)
-    paper = torch.stack([sparsify_della(tau.clone(), {"density": 0.4, "epsilon": 0.3}, _ctx("density", s), 0) for s in range(400)])
+    paper = torch.stack([_kept(tau, _ctx("density", s)) for s in range(400)])
     # E[kept / p] = τ: the mean over 400 draws is within a few standard errors of τ
     se = (tau.abs() * ((1 / della_keep_probabilities(tau, 0.4, 0.3).float() - 1) / 400) ** 0.5).clamp_min(1e-6)
     assert float(((paper.mean(0) - tau).abs() / se).max()) < 6
-    l1 = sparsify_della(tau.clone(), {"density": 0.4, "epsilon": 0.3}, _ctx("l1", 1), 0)
+    l1 = _kept(tau, _ctx("l1", 1))
     assert float(l1.abs().sum()) == pytest.approx(float(tau.abs().sum()), rel=1e-5)
     kept = l1 != 0
     assert 0.25 < float(kept.float().mean()) < 0.55  # about density of the entries survive

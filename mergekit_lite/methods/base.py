@@ -7,6 +7,7 @@ model card read the declaration. A method's function is pure math on tensors: it
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Literal
 
@@ -92,8 +93,64 @@ class TensorContext:
         return torch.tensor([p.get("weight", 1.0) for p in self.model_params], dtype=dtype, device=device)
 
 
+class TaskVectorSource:
+    """τ_1..τ_T of one tensor for methods that work in two phases: whole task vectors one model at a
+    time (per-task statistics: a top-k trim, a random mask), then row chunks of every task at once
+    (the element-wise election and merge). The tensors handed out are the caller's to read, not to
+    change (they may be views of held tensors).
+    """
+
+    count: int
+    shape: tuple[int, ...]
+
+    def whole(self) -> Iterator[torch.Tensor]:
+        """Each task's whole τ_t, in model order, one at a time."""
+        raise NotImplementedError
+
+    def rows(self, t: int, start: int, stop: int) -> torch.Tensor:
+        """τ_t[start:stop] along the first dimension (the whole τ_t for a 0-d tensor)."""
+        raise NotImplementedError
+
+    def chunks(self) -> list[tuple[int, int]]:
+        """The row ranges to work on, in order, covering the first dimension."""
+        raise NotImplementedError
+
+
+class HeldTaskVectors(TaskVectorSource):
+    """Task vectors already in memory (the λ search, re-mapped vocabularies, small tensors): one chunk."""
+
+    def __init__(self, deltas: Iterable[torch.Tensor]):
+        self.deltas = list(deltas)
+        if not self.deltas:
+            raise ValueError("at least one model is required")
+        self.count = len(self.deltas)
+        self.shape = tuple(self.deltas[0].shape)
+
+    def whole(self) -> Iterator[torch.Tensor]:
+        return iter(self.deltas)
+
+    def rows(self, t: int, start: int, stop: int) -> torch.Tensor:
+        delta = self.deltas[t]
+        return delta if delta.dim() == 0 or (start == 0 and stop >= delta.shape[0]) else delta[start:stop]
+
+    def chunks(self) -> list[tuple[int, int]]:
+        return [(0, self.shape[0] if self.shape else 1)]
+
+
+def row_chunks(shape: tuple[int, ...], entries: int) -> list[tuple[int, int]]:
+    """Row ranges along the first dimension of about ``entries`` entries each (at least one row)."""
+    if not shape:
+        return [(0, 1)]
+    rows = shape[0]
+    per_row = max(1, math.prod(shape[1:]))
+    step = max(1, entries // per_row)
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)] or [(0, 0)]
+
+
 #: task-vector methods: the task vectors of one tensor (read lazily, in model order) → one merged task vector
 CombineFn = Callable[[Iterable[torch.Tensor], TensorContext], torch.Tensor]
+#: two-phase task-vector methods: a source of whole task vectors and of their row chunks → one merged task vector
+CombineRowsFn = Callable[[TaskVectorSource, TensorContext], torch.Tensor]
 #: weight-space methods: the inputs' tensors (read lazily, the base among them at ctx.base_index) → the output tensor
 ComputeFn = Callable[[Iterator[torch.Tensor], TensorContext], torch.Tensor]
 
@@ -113,6 +170,9 @@ class MergeMethod:
     params: tuple[Param, ...]
     inputs: Literal["task_vectors", "weights"] = "task_vectors"
     combine: CombineFn | None = None
+    #: the same merge from a TaskVectorSource, so the executor can hand out row chunks of large tensors
+    #: instead of holding every task vector (``combine`` is then this over the held task vectors)
+    combine_rows: CombineRowsFn | None = None
     compute: ComputeFn | None = None
     base: Literal["required", "optional", "unused"] = "required"
     min_models: int = 1
@@ -153,6 +213,11 @@ class MergeMethod:
         assert self.combine is not None and base is not None
         merged = self.combine(task_vectors(models, base), ctx)
         return base.add_(merged, alpha=ctx.params.get("lambda", 1.0))
+
+    def output_from_source(self, base: torch.Tensor, source: TaskVectorSource, ctx: TensorContext) -> torch.Tensor:
+        """θ_0 + λ · combine_rows(source): a two-phase method's output tensor, in the compute dtype."""
+        assert self.combine_rows is not None
+        return base.add_(self.combine_rows(source, ctx), alpha=ctx.params.get("lambda", 1.0))
 
 
 def task_vectors(models: Iterator[torch.Tensor], base: torch.Tensor) -> Iterator[torch.Tensor]:

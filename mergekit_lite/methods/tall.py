@@ -13,8 +13,8 @@ import torch
 
 from ..errors import RecipeError
 from ..ops import elect_and_merge, magnitude_mask, tall_mask
-from .base import MergeMethod, Param, TensorContext, register
-from .task_arithmetic import INT8_MASK, LAMBDA, WEIGHT, ties_model_statistics, ties_passes
+from .base import HeldTaskVectors, MergeMethod, Param, TaskVectorSource, TensorContext, register
+from .task_arithmetic import INT8_MASK, LAMBDA, WEIGHT, chunk_rows, ties_model_statistics, ties_passes
 
 AGGREGATE = Param(
     "aggregate", str, "task_arithmetic", "How τ_MTL is built: task_arithmetic (Σ τ_t) or ties (density 0.2, sum, model scope).",
@@ -52,20 +52,42 @@ def tall_masks_for(stacked: torch.Tensor, tau_mtl: torch.Tensor, ctx: TensorCont
     return torch.stack([tall_mask(stacked[t], tau_mtl, p["tall_lambda"]) for t, p in enumerate(ctx.model_params)])
 
 
-def _weighted(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> Iterable[torch.Tensor]:
-    for p, delta in zip(ctx.model_params, deltas):
-        yield delta if p.get("weight", 1.0) == 1.0 else delta.mul_(p["weight"])
+def _weighted(delta: torch.Tensor, p: dict[str, Any]) -> torch.Tensor:
+    """w_t·τ_t as a new tensor (τ_t itself when w_t = 1: it is only read)."""
+    w = p.get("weight", 1.0)
+    return delta if w == 1.0 else delta * w
+
+
+def _consensus_rows(source: TaskVectorSource, ctx: TensorContext) -> torch.Tensor:
+    """τ_MTL where at least k tasks' TALL masks agree, one row chunk of every task at a time.
+
+    Every step is element-wise once the model-wide TIES thresholds are known, so one pass over
+    row chunks does it: τ_MTL of the chunk, then each task's TALL mask counted, never stacked.
+    """
+    merged: torch.Tensor | None = None
+    for start, stop in source.chunks():
+        rows = chunk_rows(source, start, stop)
+        kept = [_weighted(source.rows(t, start, stop), p) for t, p in enumerate(ctx.model_params)]
+        tau_mtl = multitask_vector(kept, ctx)
+        votes = torch.zeros(tau_mtl.shape, dtype=torch.uint8 if len(kept) < 256 else torch.int32, device=tau_mtl.device)
+        for delta, p in zip(kept, ctx.model_params):
+            votes.add_(tall_mask(delta, tau_mtl, p["tall_lambda"]))
+        kept.clear()
+        chunk = tau_mtl.masked_fill_(votes < ctx.params["consensus_k"], 0)
+        del votes
+        if rows is None:
+            return chunk
+        if merged is None:
+            merged = torch.empty(source.shape, dtype=chunk.dtype, device=chunk.device)
+        merged[rows] = chunk
+        del chunk
+    assert merged is not None, "at least one row chunk"
+    return merged
 
 
 def _combine_consensus(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
-    """τ_MTL where at least k tasks' TALL masks agree: per-task masks counted one at a time, never stacked."""
-    kept = list(_weighted(deltas, ctx))
-    tau_mtl = multitask_vector(kept, ctx)
-    votes = torch.zeros(tau_mtl.shape, dtype=torch.uint8 if len(kept) < 256 else torch.int32, device=tau_mtl.device)
-    for delta, p in zip(kept, ctx.model_params):
-        votes.add_(tall_mask(delta, tau_mtl, p["tall_lambda"]))
-    kept.clear()
-    return tau_mtl.masked_fill_(votes < ctx.params["consensus_k"], 0)
+    """Consensus over task vectors already read (the λ search, re-mapped vocabularies, small tensors)."""
+    return _consensus_rows(HeldTaskVectors(deltas), ctx)
 
 
 def aggregate_statistics(source: Any, params: dict[str, Any], model_params: list[dict[str, Any]]) -> dict[str, Any]:
@@ -86,6 +108,7 @@ CONSENSUS = register(
         summary="Consensus merging: keep the weights of τ_MTL that ≥ k tasks' TALL masks use (Wang et al., 2024).",
         params=(AGGREGATE, CONSENSUS_K, TALL_LAMBDA, WEIGHT, LAMBDA, INT8_MASK),
         combine=_combine_consensus,
+        combine_rows=_consensus_rows,
         paper="https://arxiv.org/abs/2405.07813",
         working_copies=lambda n: n + 5.5,
         statistics=aggregate_statistics,

@@ -8,6 +8,8 @@ rules are mergekit 0.1.5's; the papers' variants are one key away (``scope``, ``
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -17,15 +19,16 @@ from ..ops import (
     dare_mask,
     della_keep_probabilities,
     della_mask,
-    elect_and_merge,
+    disjoint_sum,
+    elected_positive,
     generator_for,
     keep_count,
     magnitude_mask,
     majority_sign_count,
-    rescale_to_l1,
     topk_count_mask,
 )
-from .base import MergeMethod, Param, TensorContext, register
+from ..ops.bitpack import pack_bits, unpack_bit_range
+from .base import CombineFn, CombineRowsFn, HeldTaskVectors, MergeMethod, Param, TaskVectorSource, TensorContext, register
 
 # -- parameters (names and defaults as mergekit 0.1.5 declares them) -------------------------------
 WEIGHT = Param("weight", float, 1.0, "Per-model weight w_t multiplying its task vector (negative forgets a task).", per_model=True)
@@ -67,89 +70,125 @@ def rescale_param(default: bool) -> Param:
     return Param("rescale", bool, default, "Rescale the survivors of the sparsifier (see rescale_rule).")
 
 
-# -- sparsifiers: (τ_t, its resolved parameters, context, model index) → sparsified τ_t -------------
-Sparsifier = Callable[[torch.Tensor, dict[str, Any], TensorContext, int], torch.Tensor]
+# -- sparsifiers: (τ_t, its resolved parameters, context, model index) → what of τ_t is kept ------
+@dataclass
+class Kept:
+    """What a sparsifier keeps of one τ_t, re-appliable to any row chunk of it: a keep mask and a rescale.
+
+    Applying it to the whole τ_t first fixes the L1 rescale factor (it needs the masked norm); row
+    chunks then get exactly the operations, and so the numbers, of the whole tensor's rows.
+    """
+
+    mask: torch.Tensor | None = None  # bool keep-mask; None keeps every entry
+    packed: torch.Tensor | None = None  # the keep-mask packed 8 entries per byte (``pack``), in place of ``mask``
+    shape: tuple[int, ...] = ()
+    nothing: bool = False  # no entry kept
+    l1_before: float | None = None  # ‖τ‖₁ before masking, for the L1 rescale (factor set on the whole tensor)
+    factor: float | None = None  # survivors multiplied by this (L1 rescale)
+    divisor: float | torch.Tensor | None = None  # survivors divided by this (density rule; DELLA: per entry)
+
+    def apply(self, delta: torch.Tensor, rows: slice | None = None, in_place: bool = False) -> torch.Tensor:
+        """The kept, rescaled entries of ``delta`` (the whole τ_t, or its ``rows``), in place or as a new tensor."""
+        if self.nothing:
+            return delta.zero_() if in_place else torch.zeros_like(delta)
+        if self.mask is not None or self.packed is not None:
+            drop = self._mask(rows, delta.shape).logical_not()
+            out = delta.masked_fill_(drop, 0) if in_place else delta.masked_fill(drop, 0)
+            del drop
+        else:
+            out = delta if in_place else delta.clone()
+        if self.l1_before is not None and self.factor is None:
+            assert rows is None, "the L1 factor is fixed on the whole tensor first"
+            after = float(torch.linalg.vector_norm(out, ord=1))
+            self.l1_before, self.factor = (None, None) if self.l1_before < L1_EPS or after < L1_EPS else (None, self.l1_before / after)
+        if self.factor is not None:
+            out.mul_(self.factor)
+        if isinstance(self.divisor, torch.Tensor):
+            out.div_(self.divisor if rows is None else self.divisor[rows])
+        elif self.divisor is not None:
+            out.div_(self.divisor)
+        return out
+
+    def pack(self) -> "Kept":
+        """Keep the mask at one bit per entry (a CPU mask: 1/32 of a float32 copy instead of 1/4)."""
+        if self.mask is not None and self.mask.device.type == "cpu":
+            self.shape = tuple(self.mask.shape)
+            self.packed, self.mask = pack_bits(self.mask), None
+        return self
+
+    def _mask(self, rows: slice | None, shape: torch.Size) -> torch.Tensor:
+        if self.packed is None:
+            assert self.mask is not None
+            return self.mask if rows is None else self.mask[rows]
+        if rows is None or not self.shape:
+            return unpack_bit_range(self.packed, 0, math.prod(self.shape)).reshape(self.shape)
+        per_row = math.prod(self.shape[1:])
+        return unpack_bit_range(self.packed, rows.start * per_row, rows.stop * per_row).reshape(shape)
 
 
-def _l1_before(delta: torch.Tensor, ctx: TensorContext) -> float | None:
-    """‖τ‖₁ before the sparsifier, when the L1 rescale will need it (taken first: the mask is applied in place)."""
-    if ctx.params.get("rescale", False) and ctx.params.get("rescale_rule", "l1") == "l1":
-        return float(torch.linalg.vector_norm(delta, ord=1))
-    return None
+#: below this L1 norm (before or after masking) the L1 rescale leaves τ unchanged (as ``rescale_to_l1``)
+L1_EPS = 1e-7
+Sparsifier = Callable[[torch.Tensor, dict[str, Any], TensorContext, int], Kept]
 
 
-def _rescaled(kept: torch.Tensor, l1_before: float | None, density: float, ctx: TensorContext) -> torch.Tensor:
+def _rescale(mask: torch.Tensor | None, delta: torch.Tensor, density: float, ctx: TensorContext) -> Kept:
+    """The keep-mask with the rescale the parameters ask for (none, L1 norm, or 1/density)."""
     if not ctx.params.get("rescale", False):
-        return kept
+        return Kept(mask)
     if ctx.params.get("rescale_rule", "l1") == "density":
-        return kept.div_(density)
-    assert l1_before is not None
-    return rescale_to_l1(kept, l1_before)
+        return Kept(mask, divisor=density)
+    return Kept(mask, l1_before=float(torch.linalg.vector_norm(delta, ord=1)))
 
 
-def _masked(delta: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """τ with the entries outside ``keep`` set to +0, in place (the caller owns τ)."""
-    return delta.masked_fill_(keep.logical_not_(), 0)
-
-
-def sparsify_magnitude(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContext, t: int) -> torch.Tensor:
+def sparsify_magnitude(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContext, t: int) -> Kept:
     """TIES trim: per tensor, exactly max(1, ⌊density·n⌋) largest |τ| (mergekit); model scope: |τ| ≥ the task's model-wide threshold."""
     density = p["density"]
     if ctx.params.get("scope") == "model":
-        return _masked(delta, magnitude_mask(delta, ctx.model_statistics["thresholds"][t]))
+        return Kept(magnitude_mask(delta, ctx.model_statistics["thresholds"][t]))
     if density >= 1:
-        return delta
+        return Kept()
     if density <= 0 or delta.numel() == 0:
-        return torch.zeros_like(delta)
-    before = _l1_before(delta, ctx)
-    kept = _masked(delta, topk_count_mask(delta, max(1, keep_count(delta.numel(), density))))
-    return _rescaled(kept, before, density, ctx)
+        return Kept(nothing=True)
+    return _rescale(topk_count_mask(delta, max(1, keep_count(delta.numel(), density))), delta, density, ctx)
 
 
-def sparsify_random(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContext, t: int) -> torch.Tensor:
+def sparsify_random(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContext, t: int) -> Kept:
     """DARE: keep each entry with probability density, from a generator per (seed, model, tensor)."""
     density = p["density"]
     if density >= 1:
-        return delta
+        return Kept()
     if density <= 0:
-        return torch.zeros_like(delta)
+        return Kept(nothing=True)
     generator = generator_for(ctx.params["seed"], ctx.model_names[t], ctx.name)
-    before = _l1_before(delta, ctx)
-    kept = _masked(delta, dare_mask(delta.shape, density, generator).to(delta.device))
-    return _rescaled(kept, before, density, ctx)
+    return _rescale(dare_mask(delta.shape, density, generator).to(delta.device), delta, density, ctx)
 
 
-def sparsify_outliers(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContext, t: int) -> torch.Tensor:
+def sparsify_outliers(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContext, t: int) -> Kept:
     """Model Breadcrumbs: drop the top-γ magnitudes, keep the next ⌊density·n⌋ (per tensor, or per row)."""
     density = p["density"]
     scope = ctx.params.get("scope", "tensor")
     if density >= 1 and scope == "tensor":
-        return delta  # mergekit keeps the whole tensor at density 1, outliers included
-    before = _l1_before(delta, ctx)
-    kept = _masked(delta, breadcrumbs_mask(delta, density, p["gamma"], scope))
-    return _rescaled(kept, before, density, ctx)
+        return Kept()  # mergekit keeps the whole tensor at density 1, outliers included
+    return _rescale(breadcrumbs_mask(delta, density, p["gamma"], scope), delta, density, ctx)
 
 
-def sparsify_della(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContext, t: int) -> torch.Tensor:
+def sparsify_della(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContext, t: int) -> Kept:
     """DELLA's MagPrune: keep each entry with a probability that grows with its magnitude's rank in its row."""
     density, epsilon = p["density"], p["epsilon"]
     if density >= 1:
-        return delta
+        return Kept()
     if density <= 0:
-        return torch.zeros_like(delta)
+        return Kept(nothing=True)
     generator = generator_for(ctx.params["seed"], ctx.model_names[t], ctx.name)
     keep = della_mask(delta, density, epsilon, generator)
-    if not ctx.params.get("rescale", False):
-        return _masked(delta, keep)
-    if ctx.params.get("rescale_rule", "l1") == "density":  # the paper: each survivor divided by its own keep probability
-        probabilities = della_keep_probabilities(delta, density, epsilon).to(delta.dtype)
-        return _masked(delta, keep).div_(probabilities)
-    before = _l1_before(delta, ctx)
-    return rescale_to_l1(_masked(delta, keep), before)
+    if ctx.params.get("rescale", False) and ctx.params.get("rescale_rule", "l1") == "density":
+        # the paper: each survivor divided by its own keep probability
+        return Kept(keep, divisor=della_keep_probabilities(delta, density, epsilon).to(delta.dtype))
+    return _rescale(keep, delta, density, ctx)
 
 
-def no_sparsify(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContext, t: int) -> torch.Tensor:
-    return delta
+def no_sparsify(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContext, t: int) -> Kept:
+    return Kept()
 
 
 # -- combiners --------------------------------------------------------------------------------
@@ -191,30 +230,79 @@ def merge_mode(ctx: TensorContext) -> str:
     return "mean" if ctx.params.get("normalize", True) else "sum"
 
 
-def combine_sign_consensus(sparsified: Iterable[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
-    """TIES election and disjoint merge: γ = sign(Σ_t w_t τ̂_t), then the entries agreeing with γ.
+def chunk_rows(source: TaskVectorSource, start: int, stop: int) -> slice | None:
+    """The slice of one row chunk, or None when the chunk is the whole tensor."""
+    whole = not source.shape or (start == 0 and stop >= source.shape[0])
+    return None if whole else slice(start, stop)
 
-    A zero sum counts as positive (mergekit), or takes the model-wide majority sign at model scope.
-    Running sums over the kept task vectors (``elect_and_merge``), never a [T, ...] stack.
+
+def elect_rows(source: TaskVectorSource, sparsify: Sparsifier, ctx: TensorContext) -> torch.Tensor:
+    """TIES election and disjoint merge in two phases, holding masks instead of task vectors.
+
+    Phase 1, one whole τ_t at a time: the sparsifier's keep-mask and rescale, and the running sum
+    Σ_t w_t τ̂_t whose sign is elected (a zero sum counts as positive, as mergekit, or takes the
+    model-wide majority at model scope). Phase 2, per row chunk: each τ_t's rows again, the same
+    mask and rescale, and the disjoint merge of the entries agreeing with the elected sign.
     """
+    weights = _weights(ctx)
     fallback = ctx.model_statistics.get("majority", 1.0) if ctx.params.get("scope") == "model" else 1.0
-    return elect_and_merge(list(sparsified), _weights(ctx), merge_mode(ctx), fallback)
+    total: torch.Tensor | None = None
+    kept: list[Kept] = []
+    chunked = len(source.chunks()) > 1
+    for t, delta in enumerate(source.whole()):
+        rule = sparsify(delta, ctx.model_params[t], ctx, t)
+        trimmed = rule.apply(delta)
+        del delta
+        if total is None:
+            total = torch.zeros_like(trimmed)
+        total.add_(trimmed, alpha=float(weights[t]))
+        del trimmed
+        kept.append(rule.pack() if chunked else rule)
+    assert total is not None, "at least one model is required"
+    positive = elected_positive(total, fallback)
+    merged = total  # the sum's memory holds the merged rows
+    del total
+    mode = merge_mode(ctx)
+    for start, stop in source.chunks():
+        rows = chunk_rows(source, start, stop)
+        chunk = disjoint_sum(
+            (rule.apply(source.rows(t, start, stop), rows) for t, rule in enumerate(kept)),
+            positive if rows is None else positive[rows], weights, mode,
+        )
+        if rows is None:
+            return chunk
+        merged[rows] = chunk
+        del chunk
+    return merged
 
 
-def family_combine(sparsify: Sparsifier, consensus: bool) -> Callable[[Iterable[torch.Tensor], TensorContext], torch.Tensor]:
-    """The combine function of one member of the family: sparsify each τ_t, then sum or elect signs."""
+def family_combine(sparsify: Sparsifier, consensus: bool) -> tuple[CombineFn, CombineRowsFn | None]:
+    """(combine, combine_rows) of one member of the family: sparsify each τ_t, then sum or elect signs.
+
+    Summing members need one τ_t at a time (masks applied in place); electing members work in two
+    phases over a TaskVectorSource (``elect_rows``), and over held task vectors when given them.
+    """
+    if consensus:
+
+        def combine_rows(source: TaskVectorSource, ctx: TensorContext) -> torch.Tensor:
+            return elect_rows(source, sparsify, ctx)
+
+        def combine_held(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+            return elect_rows(HeldTaskVectors(deltas), sparsify, ctx)
+
+        return combine_held, combine_rows
 
     def sparsified(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> Iterator[torch.Tensor]:
         for t, (delta, p) in enumerate(zip(deltas, ctx.model_params)):
-            kept = sparsify(delta, p, ctx, t)
+            kept = sparsify(delta, p, ctx, t).apply(delta, in_place=True)
             del delta  # no second reference while the next model is read
             yield kept
             del kept
 
     def combine(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
-        return combine_sign_consensus(sparsified(deltas, ctx), ctx) if consensus else combine_sum(sparsified(deltas, ctx), ctx)
+        return combine_sum(sparsified(deltas, ctx), ctx)
 
-    return combine
+    return combine, None
 
 
 # -- model-wide TIES statistics (scope: model) --------------------------------------------------
@@ -259,6 +347,11 @@ def ties_passes(params: dict[str, Any], dtype: torch.dtype) -> int:
     return 1 + (2 if dtype == torch.float32 else 4) + 1
 
 
+def _family(sparsify: Sparsifier, consensus: bool) -> dict[str, Any]:
+    combine, combine_rows = family_combine(sparsify, consensus)
+    return {"combine": combine, "combine_rows": combine_rows}
+
+
 # -- the family ----------------------------------------------------------------------------------
 COMMON = (WEIGHT, LAMBDA, INT8_MASK)
 
@@ -267,7 +360,7 @@ register(
         name="task_arithmetic",
         summary="θ = θ_0 + λ · Σ_t w_t τ_t (Ilharco et al., 2023).",
         params=(normalize_param(False), *COMMON),
-        combine=family_combine(no_sparsify, consensus=False),
+        **_family(no_sparsify, consensus=False),
         paper="https://arxiv.org/abs/2212.04089",
         working_copies=lambda n: n / 3 + 1.5,
     )
@@ -277,7 +370,7 @@ register(
         name="ties",
         summary="TIES: trim each τ_t to its top-density magnitudes, elect signs by summed mass, disjoint mean (Yadav et al., 2023).",
         params=(DENSITY, TIES_SCOPE, normalize_param(True), rescale_param(False), MERGE_MODE, *COMMON),
-        combine=family_combine(sparsify_magnitude, consensus=True),
+        **_family(sparsify_magnitude, consensus=True),
         paper="https://arxiv.org/abs/2306.01708",
         working_copies=lambda n: n + 5.5,
         statistics=_ties_stats,
@@ -289,7 +382,7 @@ register(
         name="dare_linear",
         summary="DARE: drop each entry of τ_t with probability 1 − density and rescale, then task arithmetic (Yu et al., 2024).",
         params=(DENSITY, normalize_param(False), rescale_param(True), RESCALE_RULE, SEED, *COMMON),
-        combine=family_combine(sparsify_random, consensus=False),
+        **_family(sparsify_random, consensus=False),
         paper="https://arxiv.org/abs/2311.03099",
         working_copies=lambda n: 0.25 * n + 2.5,
     )
@@ -299,7 +392,7 @@ register(
         name="dare_ties",
         summary="DARE drop-and-rescale, then TIES sign election and disjoint merge (mergekit's dare_ties).",
         params=(DENSITY, normalize_param(False), rescale_param(True), RESCALE_RULE, SEED, MERGE_MODE, *COMMON),
-        combine=family_combine(sparsify_random, consensus=True),
+        **_family(sparsify_random, consensus=True),
         paper="https://arxiv.org/abs/2311.03099",
         working_copies=lambda n: n + 2,
     )
@@ -309,7 +402,7 @@ register(
         name="breadcrumbs",
         summary="Model Breadcrumbs: drop the top-γ outliers and keep the next density fraction of τ_t, then sum (Davari & Belilovsky, 2023).",
         params=(DENSITY, GAMMA, BREADCRUMBS_SCOPE, normalize_param(False), rescale_param(False), *COMMON),
-        combine=family_combine(sparsify_outliers, consensus=False),
+        **_family(sparsify_outliers, consensus=False),
         paper="https://arxiv.org/abs/2312.06795",
         working_copies=lambda n: 5.5,
     )
@@ -319,7 +412,7 @@ register(
         name="breadcrumbs_ties",
         summary="Breadcrumbs masks, then TIES sign election and disjoint merge (mergekit's breadcrumbs_ties).",
         params=(DENSITY, GAMMA, BREADCRUMBS_SCOPE, normalize_param(False), rescale_param(False), MERGE_MODE, *COMMON),
-        combine=family_combine(sparsify_outliers, consensus=True),
+        **_family(sparsify_outliers, consensus=True),
         paper="https://arxiv.org/abs/2312.06795",
         working_copies=lambda n: n + 3.5,
     )
@@ -329,7 +422,7 @@ register(
         name="della",
         summary="DELLA: drop entries with magnitude-ranked probabilities (MagPrune), rescale, then TIES sign election and disjoint mean (Deep et al., 2024).",
         params=(DENSITY, EPSILON, normalize_param(True), rescale_param(True), RESCALE_RULE, SEED, MERGE_MODE, *COMMON),
-        combine=family_combine(sparsify_della, consensus=True),
+        **_family(sparsify_della, consensus=True),
         paper="https://arxiv.org/abs/2406.11617",
         working_copies=lambda n: 1.1 * n + 5.5,
     )
@@ -339,7 +432,7 @@ register(
         name="della_linear",
         summary="DELLA's MagPrune drop and rescale, then a weighted sum (mergekit's della_linear).",
         params=(DENSITY, EPSILON, normalize_param(False), rescale_param(True), RESCALE_RULE, SEED, *COMMON),
-        combine=family_combine(sparsify_della, consensus=False),
+        **_family(sparsify_della, consensus=False),
         paper="https://arxiv.org/abs/2406.11617",
         working_copies=lambda n: 0.25 * n + 6,
     )

@@ -6,7 +6,9 @@ No file I/O and no knowledge of recipes: everything here takes tensors and numbe
 from .combine import (
     SLERP_DOT_THRESHOLD,
     disjoint_merge,
+    disjoint_sum,
     elect_and_merge,
+    elected_positive,
     elect_sign,
     majority_sign_count,
     slerp,
@@ -42,6 +44,8 @@ __all__ = [
     "della_keep_probabilities",
     "della_mask",
     "disjoint_merge",
+    "disjoint_sum",
+    "elected_positive",
     "elect_and_merge",
     "elect_sign",
     "generator_for",

@@ -6,6 +6,7 @@ default ``bitorder="big"`` (what the TALL-masks reference uses); the last byte i
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 _SHIFTS = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
@@ -18,6 +19,8 @@ def packed_size(numel: int) -> int:
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """Flatten a bool mask and pack it into a 1-D uint8 tensor of ``packed_size(numel)`` bytes."""
+    if mask.device.type == "cpu" and mask.dtype == torch.bool:  # numpy packs in C, with no uint8 copy of the mask
+        return torch.from_numpy(np.packbits(mask.reshape(-1).numpy()))
     flat = mask.reshape(-1).to(torch.uint8)
     pad = (-flat.numel()) % 8
     if pad:
@@ -35,3 +38,15 @@ def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> to
         raise ValueError(f"packed mask has {packed.numel()} bytes of {packed.dtype}, expected {packed_size(numel)} uint8 for shape {list(shape)}")
     bits = (packed.unsqueeze(1) >> _SHIFTS.to(packed.device)) & 1
     return bits.reshape(-1)[:numel].bool().reshape(shape)
+
+
+def unpack_bit_range(packed: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Entries [start, stop) of the flattened mask that ``pack_bits`` packed, as a 1-D bool tensor."""
+    first, last = start // 8, packed_size(stop)
+    window = packed[first:last]
+    if window.device.type == "cpu":
+        bits = torch.from_numpy(np.unpackbits(window.numpy()).view(np.bool_))
+    else:
+        bits = ((window.unsqueeze(1) >> _SHIFTS.to(window.device)) & 1).reshape(-1).bool()
+    offset = start - 8 * first
+    return bits[offset : offset + (stop - start)]

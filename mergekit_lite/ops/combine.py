@@ -115,17 +115,40 @@ def elect_and_merge(
     total = torch.zeros_like(deltas[0])
     for i, w in enumerate(weights):
         total.add_(trimmed(i), alpha=float(w))
-    # the elected sign: sign of the weighted sum; an exact zero takes the fallback (0 reads as negative)
-    positive = total > 0 if float(fallback) <= 0 else total >= 0
+    positive = elected_positive(total, fallback)
     del total
-    merged = torch.zeros_like(deltas[0])
-    best = torch.zeros_like(deltas[0]) if mode == "max" else None
-    divisor = torch.zeros_like(deltas[0]) if mode == "mean" else None
-    weights = [float(w) for w in weights]
     if consume:
         deltas.reverse()  # pop() from the end hands them out in order and drops our reference
-    for i, w in enumerate(weights):
-        v = deltas.pop().mul_(w) if consume else (trimmed(i).mul_(w) if trim is not None else deltas[i] * w)
+        weighted = (deltas.pop() for _ in range(len(weights)))
+    else:
+        weighted = (trimmed(i) if trim is not None else deltas[i].clone() for i in range(len(weights)))
+    return disjoint_sum(weighted, positive, weights, mode)
+
+
+def elected_positive(total: Tensor, fallback: float = 1.0) -> Tensor:
+    """Where TIES elects the positive sign, from the weighted sum of the trimmed task vectors: an exact
+    zero takes ``fallback`` (0 or below reads as negative, as the reference's ``sign > 0``)."""
+    return total > 0 if float(fallback) <= 0 else total >= 0
+
+
+def disjoint_sum(trimmed: Iterable[Tensor], positive: Tensor, weights: Sequence[float], mode: str = "mean") -> Tensor:
+    """TIES disjoint merge given the elected sign: the trimmed, not yet weighted task vectors (tensors
+    this function may overwrite, handed out one at a time) reduced with running sums.
+
+    Works on any slice of a tensor (each entry is reduced on its own), so a caller may run it on row
+    chunks and get the same numbers as on the whole tensor.
+    """
+    _check_mode(mode)
+    merged: Tensor | None = None
+    best = divisor = None
+    for delta, w in zip(trimmed, weights):
+        w = float(w)
+        if merged is None:
+            merged = torch.zeros_like(delta)
+            best = torch.zeros_like(delta) if mode == "max" else None
+            divisor = torch.zeros_like(delta) if mode == "mean" else None
+        v = delta.mul_(w)
+        del delta
         agree = torch.where(positive, v > 0, v < 0)
         v.masked_fill_(~agree, 0)
         if best is not None:  # max: the agreeing value of largest |v|, the first one on ties (argmax)
@@ -137,6 +160,8 @@ def elect_and_merge(
             if divisor is not None:
                 divisor.add_(agree.to(divisor.dtype), alpha=w)
         del v, agree
+    if merged is None:
+        raise ValueError("disjoint_sum needs at least one task vector")
     if divisor is not None:
         merged.div_(divisor.masked_fill_(divisor == 0, 1))
     return merged

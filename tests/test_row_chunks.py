@@ -1,0 +1,126 @@
+"""Two-phase methods on row chunks: the same bits as on held task vectors, and row reads that read the right bytes.
+
+The held path is the one checked against dense references and mergekit elsewhere (test_methods,
+tests/compat); here large tensors are forced through the re-read row chunks (``ROW_CHUNK_ENTRIES``
+tiny, so chunks of one to a few rows, uneven at the end) and must give identical outputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import mergekit_lite
+from mergekit_lite import Recipe, execute
+from mergekit_lite.checkpoint import open_checkpoint
+from mergekit_lite.methods.base import METHODS, row_chunks
+
+from helpers import load_state, ta_recipe
+
+WEIGHTS = (1.0, 0.5, -0.25)
+
+CASES = [
+    ("ties", {"density": 0.3}),
+    ("ties", {"density": 0.3, "rescale": True}),
+    ("ties", {"density": 0.3, "rescale": True, "rescale_rule": "density", "merge": "max"}),
+    ("ties", {"density": 0.2, "scope": "model", "normalize": False}),
+    ("ties", {"density": 1.0}),
+    ("ties", {"density": 0.0}),
+    ("dare_ties", {"density": 0.5, "seed": 3}),
+    ("dare_ties", {"density": 0.5, "rescale_rule": "density", "merge": "sum"}),
+    ("breadcrumbs_ties", {"density": 0.4, "gamma": 0.05}),
+    ("breadcrumbs_ties", {"density": 0.4, "gamma": 0.05, "scope": "row", "rescale": True}),
+    ("della", {"density": 0.5, "epsilon": 0.2}),
+    ("della", {"density": 0.5, "epsilon": 0.2, "rescale_rule": "density"}),
+    ("consensus", {"consensus_k": 2}),
+    ("consensus_ta", {"consensus_k": 1, "tall_lambda": 0.6}),
+    ("consensus_ties", {"consensus_k": 2}),
+]
+
+
+def test_every_two_phase_method_is_covered():
+    two_phase = {name for name, m in METHODS.items() if m.combine_rows is not None}
+    assert two_phase == {name for name, _ in CASES}
+
+
+def _merge(demo: dict[str, Path], out: Path, method: str, params: dict, dtype: str | None = None) -> dict[str, torch.Tensor]:
+    data = ta_recipe(demo, merge_method=method, parameters={"lambda": 0.8, **params})
+    if dtype:
+        data["dtype"] = dtype
+    return load_state(mergekit_lite.run(Recipe.model_validate(data), out, progress=False))
+
+
+@pytest.mark.parametrize("method,params", CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
+def test_row_chunks_give_the_held_path_bits(demo, tmp_path, monkeypatch, method, params):
+    monkeypatch.setattr(execute, "ROW_CHUNK_ENTRIES", 1 << 40)  # nothing in row chunks
+    held = _merge(demo, tmp_path / "held", method, params)
+    monkeypatch.setattr(execute, "ROW_CHUNK_ENTRIES", 7)  # everything of 7+ entries in chunks of 1–7 rows
+    chunked = _merge(demo, tmp_path / "chunked", method, params)
+    assert set(held) == set(chunked)
+    for name in held:
+        assert torch.equal(held[name], chunked[name]), name
+
+
+def test_row_chunks_in_bfloat16_inputs(demo_bf16, tmp_path, monkeypatch):
+    monkeypatch.setattr(execute, "ROW_CHUNK_ENTRIES", 1 << 40)
+    held = _merge(demo_bf16, tmp_path / "held", "ties", {"density": 0.4, "rescale": True})
+    monkeypatch.setattr(execute, "ROW_CHUNK_ENTRIES", 16)
+    chunked = _merge(demo_bf16, tmp_path / "chunked", "ties", {"density": 0.4, "rescale": True})
+    for name in held:
+        assert held[name].dtype == torch.bfloat16
+        assert torch.equal(held[name], chunked[name]), name
+
+
+def test_chunked_merge_reads_each_input_at_most_twice(demo, tmp_path, monkeypatch):
+    """Phase 1 reads whole tensors once, phase 2 only rows: no input is read whole a second time."""
+    from mergekit_lite import checkpoint as ckpt_module
+
+    whole: dict[str, int] = {}
+    original = ckpt_module.Checkpoint.get
+
+    def counting(self, name):
+        whole[f"{self.ref}:{name}"] = whole.get(f"{self.ref}:{name}", 0) + 1
+        return original(self, name)
+
+    rows: list[tuple[int, int]] = []
+    original_rows = ckpt_module.Checkpoint.get_rows
+
+    def counting_rows(self, name, start, stop):
+        rows.append((start, stop))
+        return original_rows(self, name, start, stop)
+
+    monkeypatch.setattr(ckpt_module.Checkpoint, "get", counting)
+    monkeypatch.setattr(ckpt_module.Checkpoint, "get_rows", counting_rows)
+    monkeypatch.setattr(execute, "ROW_CHUNK_ENTRIES", 7)
+    _merge(demo, tmp_path / "out", "ties", {"density": 0.3})
+    assert whole and max(whole.values()) == 1
+    assert len(rows) > 3 * 10 and all(b - a <= 7 for a, b in rows)  # the fine-tunes' rows, in small chunks
+
+
+def test_row_chunks_cover_the_rows_once():
+    for shape, entries in [((10, 3), 7), ((10, 3), 1), ((1, 100), 7), ((5,), 2), ((), 4), ((0, 4), 3), ((4, 2, 3), 13)]:
+        chunks = row_chunks(shape, entries)
+        rows = shape[0] if shape else 1
+        assert chunks[0][0] == 0 and chunks[-1][1] == rows
+        assert all(a < b or rows == 0 for a, b in chunks)
+        assert all(chunks[i][1] == chunks[i + 1][0] for i in range(len(chunks) - 1))
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_get_rows_reads_exactly_those_rows(tmp_path, fmt):
+    torch.manual_seed(0)
+    tensors = {"m": torch.randn(9, 5), "v": torch.randn(7).to(torch.bfloat16), "s": torch.tensor(3.5), "e": torch.zeros(0, 3)}
+    if fmt == "safetensors":
+        save_file(tensors, str(tmp_path / "model.safetensors"))
+    else:
+        torch.save(tensors, tmp_path / "pytorch_model.bin")
+    with open_checkpoint(tmp_path) as ckpt:
+        for name, t in tensors.items():
+            rows = t.shape[0] if t.dim() else 1
+            for a, b in [(0, rows), (0, 1), (2, 5), (rows - 1, rows), (3, 100)]:
+                got = ckpt.get_rows(name, a, b)
+                want = t if t.dim() == 0 else t[a:b]
+                assert got.dtype == t.dtype and torch.equal(got, want), (name, a, b)
