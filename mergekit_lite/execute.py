@@ -15,6 +15,7 @@ import torch
 from .checkpoint import Checkpoint
 from .errors import CheckpointError, MergeKitLiteError, RecipeError
 from .methods import TensorContext
+from .methods import base as base_module
 from .methods.base import TaskVectorSource, row_chunks, task_vectors
 from .ops.vocab import remap_rows
 from .plan import Plan, TensorJob, TensorRef
@@ -86,7 +87,7 @@ def merged_task_vector(plan: Plan, job: TensorJob, device: torch.device) -> tupl
 
 #: tensors of at least this many entries go to a two-phase method (``combine_rows``) in row chunks of
 #: about this many entries, each task vector's rows read again, instead of holding every task vector
-ROW_CHUNK_ENTRIES = 1 << 20
+ROW_CHUNK_ENTRIES = base_module.ROW_CHUNK_ENTRIES
 
 
 class RereadTaskVectors(TaskVectorSource):
@@ -97,6 +98,7 @@ class RereadTaskVectors(TaskVectorSource):
         self.plan, self.job, self.base, self.device = plan, job, base, device
         self.count = len(job.inputs)
         self.shape = tuple(base.shape)
+        self.dtype, self.device = plan.compute_dtype, device
         self.entries = entries
 
     def whole(self) -> Iterator[torch.Tensor]:

@@ -38,6 +38,9 @@ CASES = [
     ("consensus", {"consensus_k": 2}),
     ("consensus_ta", {"consensus_k": 1, "tall_lambda": 0.6}),
     ("consensus_ties", {"consensus_k": 2}),
+    ("sce", {"select_topk": 0.3}),
+    ("sce", {"select_topk": 1.0, "merge": "sum"}),
+    ("sce", {"select_topk": 0.0}),
 ]
 
 

@@ -102,6 +102,8 @@ class TaskVectorSource:
 
     count: int
     shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
 
     def whole(self) -> Iterator[torch.Tensor]:
         """Each task's whole τ_t, in model order, one at a time."""
@@ -116,15 +118,22 @@ class TaskVectorSource:
         raise NotImplementedError
 
 
-class HeldTaskVectors(TaskVectorSource):
-    """Task vectors already in memory (the λ search, re-mapped vocabularies, small tensors): one chunk."""
+#: the row chunks of two-phase methods hold about this many entries per task (4 MiB of float32)
+ROW_CHUNK_ENTRIES = 1 << 20
 
-    def __init__(self, deltas: Iterable[torch.Tensor]):
+
+class HeldTaskVectors(TaskVectorSource):
+    """Task vectors already in memory (the λ search, re-mapped vocabularies, small tensors), handed
+    out as views, in the same row chunks as re-read ones (so the same numbers, and no stacked copy)."""
+
+    def __init__(self, deltas: Iterable[torch.Tensor], entries: int | None = None):
         self.deltas = list(deltas)
         if not self.deltas:
             raise ValueError("at least one model is required")
         self.count = len(self.deltas)
         self.shape = tuple(self.deltas[0].shape)
+        self.dtype, self.device = self.deltas[0].dtype, self.deltas[0].device
+        self.entries = ROW_CHUNK_ENTRIES if entries is None else entries
 
     def whole(self) -> Iterator[torch.Tensor]:
         return iter(self.deltas)
@@ -134,7 +143,7 @@ class HeldTaskVectors(TaskVectorSource):
         return delta if delta.dim() == 0 or (start == 0 and stop >= delta.shape[0]) else delta[start:stop]
 
     def chunks(self) -> list[tuple[int, int]]:
-        return [(0, self.shape[0] if self.shape else 1)]
+        return row_chunks(self.shape, self.entries)
 
 
 def row_chunks(shape: tuple[int, ...], entries: int) -> list[tuple[int, int]]:

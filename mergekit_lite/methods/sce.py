@@ -6,9 +6,9 @@ from typing import Iterable
 
 import torch
 
-from ..ops.sce import SCE_ENERGY_FLOOR, sce_merge
-from .base import MergeMethod, Param, TensorContext, register
-from .task_arithmetic import INT8_MASK, stack_deltas
+from ..ops.sce import SCE_ENERGY_FLOOR, energy_weights, mean_square, sce_erase, task_variance, top_variance_mask
+from .base import HeldTaskVectors, MergeMethod, Param, TaskVectorSource, TensorContext, register
+from .task_arithmetic import INT8_MASK, chunk_rows
 
 SELECT_TOPK = Param(
     "select_topk", float, 1.0,
@@ -31,9 +31,58 @@ SCE_MERGE = Param(
 )
 
 
+def sce_rows(source: TaskVectorSource, ctx: TensorContext) -> torch.Tensor:
+    """SCE over a task-vector source, never holding the T task vectors of a tensor at once.
+
+    select: the variance across tasks, row chunk by row chunk, then the top entries of the whole
+    tensor; calculate: each τ_t's energy from its whole selected tensor, one task at a time; erase:
+    per row chunk, the T selected rows stacked (a chunk, not the tensor).
+    """
+    fraction = ctx.params["select_topk"]
+    chunks = source.chunks()
+    keep: torch.Tensor | None = None
+    if fraction <= 0:
+        keep = torch.zeros(source.shape, dtype=torch.bool, device=source.device)
+    elif fraction < 1:
+        variance: torch.Tensor | None = None
+        for start, stop in chunks:
+            rows = chunk_rows(source, start, stop)
+            part = task_variance(torch.stack([source.rows(t, start, stop) for t in range(source.count)]))
+            if rows is None:
+                variance = part
+                break
+            if variance is None:
+                variance = torch.empty(source.shape, dtype=part.dtype, device=part.device)
+            variance[rows] = part
+            del part
+        assert variance is not None
+        keep = top_variance_mask(variance, fraction)
+        del variance
+    energy = []
+    for delta in source.whole():
+        energy.append(mean_square(delta if keep is None else delta * keep))
+        del delta
+    weights = [float(w) for w in energy_weights(energy, ctx.params["energy_floor"], source.dtype)]
+    merged: torch.Tensor | None = None
+    for start, stop in chunks:
+        rows = chunk_rows(source, start, stop)
+        stacked = torch.stack([source.rows(t, start, stop) for t in range(source.count)])
+        if keep is not None:
+            stacked.mul_(keep if rows is None else keep[rows])
+        part = sce_erase(stacked, weights, ctx.params["merge"])
+        del stacked
+        if rows is None:
+            return part
+        if merged is None:
+            merged = torch.empty(source.shape, dtype=part.dtype, device=part.device)
+        merged[rows] = part
+        del part
+    assert merged is not None
+    return merged
+
+
 def sce_combine(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
-    stacked = stack_deltas(deltas, len(ctx.model_params))
-    return sce_merge(stacked, ctx.params["select_topk"], ctx.params["energy_floor"], ctx.params["merge"])
+    return sce_rows(HeldTaskVectors(deltas), ctx)
 
 
 register(
@@ -42,6 +91,7 @@ register(
         summary="SCE: keep the entries of largest variance across models, weight each model by its energy, erase minority signs (Wan et al., 2024).",
         params=(SELECT_TOPK, ENERGY_FLOOR, SCE_MERGE, INT8_MASK),
         combine=sce_combine,
+        combine_rows=sce_rows,
         paper="https://arxiv.org/abs/2408.07990",
         # base + the T stacked task vectors + the select step (variance, |variance| twice, kthvalue's
         # copy and int64 indices): K + 6.5 measured; the erase step needs less (sum, merged, divisor)

@@ -41,9 +41,18 @@ def variance_select_mask(deltas: Tensor, fraction: float) -> Tensor:
         return torch.ones(shape, dtype=torch.bool, device=deltas.device)
     if fraction <= 0:
         return torch.zeros(shape, dtype=torch.bool, device=deltas.device)
-    var = torch.var(deltas, dim=0, unbiased=False)
-    k = variance_select_count(int(torch.count_nonzero(var)), fraction)
-    return topk_count_mask(var, k)
+    return top_variance_mask(task_variance(deltas), fraction)
+
+
+def task_variance(deltas: Tensor) -> Tensor:
+    """Population variance of each entry across the T stacked task vectors (any slice of entries)."""
+    return torch.var(deltas, dim=0, unbiased=False)
+
+
+def top_variance_mask(variance: Tensor, fraction: float) -> Tensor:
+    """The select step's mask from a whole tensor's variances (0 < fraction < 1), consuming ``variance``."""
+    k = variance_select_count(int(torch.count_nonzero(variance)), fraction)
+    return topk_count_mask(variance, k)
 
 
 def mean_square(x: Tensor, chunk: int = 1 << 20) -> float:
@@ -63,12 +72,16 @@ def sce_weights(deltas: Tensor, energy_floor: float = SCE_ENERGY_FLOOR) -> Tenso
     When Σ_s mean(τ_s²) < ``energy_floor`` (mergekit: 1e-6) or is 0, the weights are uniform 1/T.
     """
     _check_stacked("deltas", deltas)
-    t = deltas.shape[0]
-    energy = [mean_square(deltas[i]) for i in range(t)]
-    total = sum(energy)
+    energy = [mean_square(deltas[i]) for i in range(deltas.shape[0])]
+    return energy_weights(energy, energy_floor, deltas.dtype, deltas.device)
+
+
+def energy_weights(energy: list[float], energy_floor: float, dtype: torch.dtype, device: torch.device | str = "cpu") -> Tensor:
+    """η from each task's mean(τ_t²): normalised to sum 1, or uniform when their sum is 0 or below the floor."""
+    t, total = len(energy), sum(energy)
     if total == 0 or abs(total) < energy_floor:
-        return torch.full((t,), 1.0 / t, dtype=deltas.dtype, device=deltas.device)
-    return torch.tensor([e / total for e in energy], dtype=deltas.dtype, device=deltas.device)
+        return torch.full((t,), 1.0 / t, dtype=dtype, device=device)
+    return torch.tensor([e / total for e in energy], dtype=dtype, device=device)
 
 
 def sce_merge(deltas: Tensor, select_topk: float = 1.0, energy_floor: float = SCE_ENERGY_FLOOR, mode: str = "mean") -> Tensor:
@@ -91,6 +104,14 @@ def sce_merge(deltas: Tensor, select_topk: float = 1.0, energy_floor: float = SC
         deltas.mul_(keep)
         del keep
     weights = [float(w) for w in sce_weights(deltas, energy_floor)]
+    return sce_erase(deltas, weights, mode)
+
+
+def sce_erase(deltas: Tensor, weights: list[float], mode: str = "mean") -> Tensor:
+    """SCE's erase step on the selected task vectors [T, ...] (any slice of entries; overwritten):
+    γ = sign(Σ_t τ_t) (zero counts as +), then the η-weighted mean (or sum) of the entries agreeing with γ."""
+    if mode not in ("mean", "sum"):
+        raise ValueError(f"mode must be mean or sum, got {mode!r}")
     positive = deltas.sum(dim=0) >= 0
     merged = torch.zeros_like(deltas[0])
     divisor = torch.zeros_like(deltas[0]) if mode == "mean" else None
