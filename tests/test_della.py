@@ -9,7 +9,7 @@ import mergekit_lite
 from mergekit_lite import Recipe
 from mergekit_lite.methods import TensorContext, get_method
 from mergekit_lite.methods.task_arithmetic import sparsify_della
-from mergekit_lite.ops import della_keep_probabilities, generator_for
+from mergekit_lite.ops import della_keep_probabilities, della_keep_probabilities_as, della_mask, generator_for
 
 from helpers import load_state, tiny_llama
 
@@ -70,3 +70,16 @@ def test_consensus_ta_and_consensus_ties_are_consensus_with_their_aggregate():
     assert get_method("consensus_ties").param("aggregate").default == "ties"
     assert get_method("consensus_ta").param("aggregate").default == "task_arithmetic"
     assert get_method("consensus_ties").combine is get_method("consensus").combine
+
+
+@pytest.mark.parametrize("shape", [(37, 11), (50,), (), (0, 4), (4, 0)])
+def test_mask_made_in_row_blocks_equals_one_draw_over_the_whole_tensor(shape):
+    """The blocked draw gives exactly torch.bernoulli over the whole probability tensor (one uniform per entry, in order)."""
+    torch.manual_seed(1)
+    x = torch.randn(shape)
+    want = torch.bernoulli(della_keep_probabilities(x, 0.5, 0.2), generator=torch.Generator().manual_seed(9)).bool() if x.numel() else torch.zeros(shape, dtype=torch.bool)
+    for chunk in (1, 7, 1 << 20):
+        got = della_mask(x, 0.5, 0.2, torch.Generator().manual_seed(9), chunk_entries=chunk)
+        assert got.shape == x.shape and torch.equal(got, want), chunk
+        probs = della_keep_probabilities_as(x, 0.5, 0.2, chunk_entries=chunk)
+        assert probs.dtype == x.dtype and torch.equal(probs, della_keep_probabilities(x, 0.5, 0.2).to(x.dtype))

@@ -17,7 +17,7 @@ import torch
 from ..ops import (
     breadcrumbs_mask,
     dare_mask,
-    della_keep_probabilities,
+    della_keep_probabilities_as,
     della_mask,
     disjoint_sum,
     elected_positive,
@@ -183,7 +183,7 @@ def sparsify_della(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContext, t
     keep = della_mask(delta, density, epsilon, generator)
     if ctx.params.get("rescale", False) and ctx.params.get("rescale_rule", "l1") == "density":
         # the paper: each survivor divided by its own keep probability
-        return Kept(keep, divisor=della_keep_probabilities(delta, density, epsilon).to(delta.dtype))
+        return Kept(keep, divisor=della_keep_probabilities_as(delta, density, epsilon))
     return _rescale(keep, delta, density, ctx)
 
 

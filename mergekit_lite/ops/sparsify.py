@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -245,9 +246,42 @@ def della_keep_probabilities(x: Tensor, density: float, epsilon: float) -> Tenso
     return probs.mul_(2 * epsilon).add_(density - epsilon).reshape(x.shape)
 
 
-def della_mask(x: Tensor, density: float, epsilon: float, generator: torch.Generator) -> Tensor:
-    """Bool keep-mask drawn with DELLA's magnitude-ranked probabilities (on the CPU, from ``generator``)."""
-    probs = della_keep_probabilities(x.cpu(), density, epsilon)
-    # drawn straight into a bool tensor: the same draws as torch.bernoulli(probs) (the kernel's draw
-    # does not depend on the output dtype), without a float64 copy of the result
-    return torch.empty(probs.shape, dtype=torch.bool).bernoulli_(probs, generator=generator).to(x.device)
+def della_mask(x: Tensor, density: float, epsilon: float, generator: torch.Generator, chunk_entries: int = 1 << 20) -> Tensor:
+    """Bool keep-mask drawn with DELLA's magnitude-ranked probabilities (on the CPU, from ``generator``).
+
+    Rows are ranked on their own, and the CPU draws one uniform per entry in order, so the
+    probabilities are made a few rows at a time (bounded memory) with the same draws as all at once.
+    """
+    mask = torch.empty(x.shape, dtype=torch.bool)
+    if x.numel() == 0:
+        return mask.to(x.device)
+    for rows, part in _row_blocks(x, chunk_entries):
+        # drawn straight into a bool tensor: the same draws as torch.bernoulli(probs) (the kernel's draw
+        # does not depend on the output dtype), without a float64 copy of the result
+        block = mask.view(1, -1) if x.dim() != 2 else mask[part]
+        block.bernoulli_(della_keep_probabilities(rows.cpu(), density, epsilon).reshape(block.shape), generator=generator)
+    return mask.to(x.device)
+
+
+def della_keep_probabilities_as(x: Tensor, density: float, epsilon: float, chunk_entries: int = 1 << 20) -> Tensor:
+    """``della_keep_probabilities`` in x's dtype, made a few rows at a time (no whole float64 copy)."""
+    out = torch.empty_like(x)
+    if x.numel() == 0:
+        return out
+    for rows, part in _row_blocks(x, chunk_entries):
+        block = out.view(1, -1) if x.dim() != 2 else out[part]
+        block.copy_(della_keep_probabilities(rows, density, epsilon).reshape(block.shape))
+    return out
+
+
+def _row_blocks(x: Tensor, chunk_entries: int) -> Iterator[tuple[Tensor, slice]]:
+    """(rows, their slice) of x seen as [rows, entries ranked together], about ``chunk_entries`` at a time: the
+    rows of a matrix; a tensor of another rank is one block (ranked as ``della_keep_probabilities`` ranks it)."""
+    if x.dim() != 2:
+        yield x.detach(), slice(0, 1)
+        return
+    flat = x.detach()
+    step = max(1, chunk_entries // max(1, flat.shape[1]))
+    for start in range(0, flat.shape[0], step):
+        part = slice(start, min(start + step, flat.shape[0]))
+        yield flat[part], part
