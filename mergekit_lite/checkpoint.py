@@ -290,6 +290,13 @@ class Checkpoint:
         except OSError as exc:
             raise CheckpointError(f"{_show(file)}: could not read tensor {_show(real)}: {_first_line(exc)}; the file may be truncated or corrupt") from exc
 
+    def advise(self, name: str) -> None:
+        """Ask the kernel to start reading one tensor's bytes into the page cache (returns at once; no memory of ours)."""
+        real = self._aliases.get(name, name)
+        file = self._shard_of.get(real)
+        if file is not None:
+            self._handles[file].advise(real)
+
     @property
     def weight_files(self) -> list[Path]:
         return sorted(self._handles, key=str)
@@ -425,6 +432,14 @@ class _SafetensorsFile:
         row_bytes = info.nbytes // rows if rows else 0
         return self._read(name, (stop - start, *info.shape[1:]), start * row_bytes, (stop - start) * row_bytes)
 
+    def advise(self, name: str) -> None:
+        info = self._infos[name]
+        if self._fd is not None and info.nbytes and hasattr(os, "posix_fadvise"):
+            try:
+                os.posix_fadvise(self._fd, self._data_start + self._offsets[name][0], info.nbytes, os.POSIX_FADV_WILLNEED)
+            except OSError:  # advice only: a file system that refuses it reads the same bytes later
+                pass
+
     def _read(self, name: str, shape: tuple[int, ...], skip: int, nbytes: int) -> torch.Tensor:
         """``nbytes`` of tensor ``name`` from ``skip`` bytes into its data, as a new tensor of ``shape``."""
         info = self._infos[name]
@@ -498,6 +513,9 @@ class _TorchFile:
 
     def get(self, name: str) -> torch.Tensor:
         return self._state[name].clone()
+
+    def advise(self, name: str) -> None:
+        """Nothing to do: the legacy file is unpickled (and memory-mapped) as a whole."""
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         tensor = self._state[name]

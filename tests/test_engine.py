@@ -231,10 +231,10 @@ def test_run_from_yaml_path_and_force(demo, tmp_path):
 
 def test_failure_mid_merge_leaves_nothing(demo, tmp_path, monkeypatch):
     """An error while tensors are being written removes the temporary folder; an old output survives."""
-    from mergekit_lite.products import merged
+    from mergekit_lite import execute
 
     calls = {"n": 0}
-    real = merged.compute_tensor
+    real = execute.compute_tensor
 
     def flaky(plan, job, device):
         calls["n"] += 1
@@ -242,7 +242,7 @@ def test_failure_mid_merge_leaves_nothing(demo, tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         return real(plan, job, device)
 
-    monkeypatch.setattr(merged, "compute_tensor", flaky)
+    monkeypatch.setattr(execute, "compute_tensor", flaky)
     with pytest.raises(mergekit_lite.OutputError, match="No space left"):
         mergekit_lite.run(Recipe.from_dict(ta_recipe(demo)), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()

@@ -16,7 +16,7 @@ import torch
 from ..card import model_card, output_name
 from ..checkpoint import Checkpoint, TensorInfo
 from ..errors import MergeKitLiteWarning, RecipeError
-from ..execute import compute_statistics, compute_tensor, merged_task_vector, register_product, resolve_device
+from ..execute import compute_statistics, compute_tensor, merged_task_vector, producer, register_product, resolve_device
 from ..plan import Plan, dtype_from_name
 from ..progress import progress_bar
 from ..search import lambda_grid, load_evaluator, search_merge_lambda, temporary_folder
@@ -36,8 +36,7 @@ def write_merged(plan: Plan, out_dir: str | os.PathLike[str], *, force: bool = F
     if grid is not None:
         path = _write_with_lambda_search(plan, out_dir, grid, force=force, device=dev, progress=progress)
     else:
-        jobs = {job.name: job for job in plan.jobs}
-        path = _write(plan, out_dir, lambda info: compute_tensor(plan, jobs[info.name], dev), _card(plan, out_dir), force, progress)
+        path = _write(plan, out_dir, producer(plan, dev), _card(plan, out_dir), force, progress)
     for note in tokenizer.notes:  # found while planning (a vocabulary larger than the embeddings) or writing (module weights not merged)
         warnings.warn(note, MergeKitLiteWarning, stacklevel=2)
     if tokenizer.missing:
