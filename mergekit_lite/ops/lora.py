@@ -54,8 +54,8 @@ class LowRank:
 def low_rank(delta: Tensor, max_rank: int, sv_epsilon: float = 0.0) -> LowRank:
     """The best rank-≤``max_rank`` factors of ``delta`` (Eckart–Young), √σ given to each side.
 
-    Singular values ≤ ``sv_epsilon`` · σ_max are dropped too (an adaptive rank; at least 1 unless
-    ΔW = 0, which gives rank 0). Computed in float64 at least, so the error is the SVD optimum.
+    Singular values ≤ ``sv_epsilon`` are dropped too (an adaptive rank, mergekit's absolute threshold;
+    rank 0 when none is left or ΔW = 0). Computed in float32 at least (float64 input stays float64).
     """
     if delta.dim() != 2:
         raise ValueError(f"delta must be 2-D, got shape {list(delta.shape)}")
@@ -63,14 +63,14 @@ def low_rank(delta: Tensor, max_rank: int, sv_epsilon: float = 0.0) -> LowRank:
         raise ValueError(f"max_rank must be an integer >= 1, got {max_rank!r}")
     if not sv_epsilon >= 0.0 or math.isinf(sv_epsilon):
         raise ValueError(f"sv_epsilon must be a finite number >= 0, got {sv_epsilon!r}")
-    work = delta.to(torch.promote_types(delta.dtype, torch.float64))
+    work = delta.to(torch.promote_types(delta.dtype, torch.float32))
     u, s, vh = torch.linalg.svd(work, full_matrices=False)
     total = float((s * s).sum())
     rank = min(max_rank, s.numel())
     if total == 0.0:
         rank = 0
     elif sv_epsilon > 0.0:
-        rank = min(rank, int((s > sv_epsilon * s[0]).sum()))
+        rank = min(rank, int((s > sv_epsilon).sum()))
     root = s[:rank].sqrt()
     lora_b = u[:, :rank] * root
     lora_a = root[:, None] * vh[:rank]
