@@ -416,3 +416,10 @@ def test_extract_from_an_adapter_reranks_it(lora, tmp_path):
     loaded = _peft_loaded(lora["base"], tmp_path / "x")
     for name, want in lora["plain_ref"].items():
         assert _close(loaded[name], want, 1e-5), name
+
+
+def test_task_vector_of_an_adapter(lora):
+    """The Python API's TaskVector takes an adapter folder: τ = PEFT's merged weights − θ_0."""
+    tv = mergekit_lite.TaskVector(lora["root"] / "plain", lora["base"])
+    for name in ("model.layers.1.self_attn.q_proj.weight", "model.norm.weight"):
+        assert _close(tv[name], lora["plain_ref"][name] - lora["base_state"][name], 1e-5 if "proj" in name else 0.0)
