@@ -243,6 +243,8 @@ def test_tall_collection_of_adapters(lora, tmp_path):
         got, want = a.load_state_dict(task), b.load_state_dict(task)
         for name in want:
             assert _close(got[name], want[name], 1e-5), name
+    out = a.extract("p", tmp_path / "p")
+    assert json.loads((out / "config.json").read_text()) == json.loads((lora["base"] / "config.json").read_text())
 
 
 # -- bad adapters: one line, exit 2, no output --------------------------------------------------------
