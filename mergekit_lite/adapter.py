@@ -288,21 +288,6 @@ class AdapterCheckpoint(Checkpoint):
                 add_lora_(weight, self._read(term.lora_a), self._read(term.lora_b), term.scaling, term.transposed)
         return weight
 
-    def delta(self, name: str) -> torch.Tensor | None:
-        """ΔW of one tensor alone (None where the adapter changes nothing or replaces the tensor)."""
-        edit = self._edits.get(name)
-        if edit is None or edit.replace is not None:
-            return None
-        shape = self.base.info(name).shape
-        out = torch.zeros(shape, dtype=torch.float32)
-        for term in edit.terms:
-            if term.vector is not None:
-                out.add_(self._read(term.vector).float(), alpha=term.scaling)
-            else:
-                assert term.lora_a is not None and term.lora_b is not None
-                add_lora_(out, self._read(term.lora_a), self._read(term.lora_b), term.scaling, term.transposed)
-        return out
-
     def _read(self, key: str) -> torch.Tensor:
         try:
             return self._reader.get(key)

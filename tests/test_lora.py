@@ -23,7 +23,7 @@ from mergekit_lite.adapter import AdapterCheckpoint, open_model, pattern_value, 
 from mergekit_lite.checkpoint import open_checkpoint
 from mergekit_lite.cli import main
 from mergekit_lite.errors import CheckpointError
-from mergekit_lite.ops.lora import add_lora_, lora_delta, lora_scaling, low_rank
+from mergekit_lite.ops.lora import add_lora_, lora_scaling, low_rank
 from mergekit_lite.recipe import Recipe
 
 from helpers import load_state

@@ -34,13 +34,6 @@ def add_lora_(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float, tr
     return weight.addmm_(b, a, alpha=scaling)
 
 
-def lora_delta(lora_a: Tensor, lora_b: Tensor, scaling: float, transposed: bool = False) -> Tensor:
-    """ΔW = s · B @ A (ᵀ when ``transposed``) as a new float tensor."""
-    out_shape = (lora_a.shape[1], lora_b.shape[0]) if transposed else (lora_b.shape[0], lora_a.shape[1])
-    dtype = torch.promote_types(lora_a.dtype, torch.float32)
-    return add_lora_(torch.zeros(out_shape, dtype=dtype), lora_a, lora_b, scaling, transposed)
-
-
 @dataclass(frozen=True)
 class LowRank:
     """Factors of a truncated SVD: ΔW ≈ B @ A, with the relative Frobenius error of the approximation."""
