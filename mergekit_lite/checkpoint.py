@@ -534,6 +534,10 @@ def _open_weight_file(path: Path) -> _SafetensorsFile | _TorchFile:
     return _TorchFile(path)
 
 
+#: One weight file's lazy reader (keys, info, get, close), for readers of other layouts (LoRA adapters).
+open_weight_file = _open_weight_file
+
+
 # -- entry point --------------------------------------------------------------------------------
 def _read_json(path: Path, *, unique_keys: bool = True) -> dict[str, Any]:
     try:
@@ -546,6 +550,10 @@ def _read_json(path: Path, *, unique_keys: bool = True) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CheckpointError(f"{_show(path)}: expected a JSON object")
     return data
+
+
+#: A JSON file that must hold an object, every failure a one-line CheckpointError naming it.
+read_json_object = _read_json
 
 
 def _index_shards(index_path: Path) -> dict[str, Path]:
@@ -578,6 +586,11 @@ def _folder_shards(folder: Path) -> dict[str, Path]:
     for file_name in ("model.safetensors", "pytorch_model.bin"):
         if _is_file(folder / file_name):
             return {"*": folder / file_name}
+    if _is_file(folder / "adapter_config.json"):
+        raise CheckpointError(
+            f"{_show(folder)}: a PEFT adapter, not a full checkpoint; name it as a recipe model (on the recipe's base_model) "
+            "or as BASE+ADAPTER"
+        )
     singles = sorted(folder.glob("*.safetensors"))
     if len(singles) == 1:
         return {"*": singles[0]}

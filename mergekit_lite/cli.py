@@ -378,6 +378,43 @@ def extract(collection: str, args: tuple[str, ...], all_tasks: bool, force: bool
         click.echo(str(path) if quiet else f"wrote {entry['name']} to {path}")
 
 
+@main.command("extract-lora")
+@click.argument("finetuned")
+@click.argument("base")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--rank", "-r", type=click.IntRange(min=1), required=True, help="Largest rank of each module's LoRA (mergekit: --max-rank).")
+@click.option("--sv-epsilon", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+              help="Also drop singular values <= this (an adaptive rank per module, as mergekit's).")
+@click.option("--include", "-i", "include", multiple=True, help="Only modules whose name matches this regular expression (repeatable).")
+@click.option("--exclude", "-e", "exclude", multiple=True, help="Skip modules whose name matches this regular expression (repeatable).")
+@click.option("--embed-lora/--no-embed-lora", default=False, show_default=True,
+              help="Decompose changed embeddings and lm_head too (default: save them whole as PEFT modules_to_save).")
+@click.option("--save-module", "save_modules", multiple=True, help="Save this module whole (its name or last part; repeatable).")
+@click.option("--skip-undecomposable", is_flag=True, help="Skip changed tensors that are not linear weights (norms) instead of saving them whole.")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists (only once the new adapter is complete).")
+@click.option("--device", default="cpu", show_default=True, help="Where the SVDs run: cpu, cuda or cuda:N.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or per-module table; print only the output path.")
+@friendly_errors
+def extract_lora_command(finetuned: str, base: str, out_dir: str, rank: int, sv_epsilon: float, include: tuple[str, ...], exclude: tuple[str, ...],
+                         embed_lora: bool, save_modules: tuple[str, ...], skip_undecomposable: bool, force: bool, device: str, quiet: bool) -> None:
+    """Write a PEFT LoRA adapter of FINETUNED on BASE to OUT_DIR (PeftModel.from_pretrained loads it).
+
+    Each linear module's ΔW is the best rank-R approximation of θ_ft − θ_base (truncated SVD, √σ on
+    each factor, lora_alpha = r); its relative error ‖ΔW − BA‖/‖ΔW‖ is printed per module, with the
+    adapter's size. Modules are read and decomposed one at a time. Unchanged modules are left out.
+    FINETUNED may itself be an adapter (BASE+ADAPTER, or an adapter folder on BASE) to re-rank it.
+    """
+    from .products.lora import extract_lora
+
+    report = extract_lora(finetuned, base, out_dir, rank=rank, sv_epsilon=sv_epsilon, include=include, exclude=exclude,
+                          embed_lora=embed_lora, save_modules=save_modules, skip_undecomposable=skip_undecomposable,
+                          force=force, device=device, progress=not quiet)
+    if not quiet:
+        for line in report.lines():
+            click.echo(line)
+    click.echo(str(report.out_dir) if quiet else f"wrote {report.out_dir}")
+
+
 @main.command()
 @click.argument("collection", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")

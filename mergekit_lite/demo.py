@@ -1,6 +1,7 @@
 """Built-in demo: a small random Llama-style base and three fine-tune-like variants, made offline.
 
-``python -m mergekit_lite.demo build DIR`` writes ``DIR/checkpoints/{base,math,code,chat}``;
+``python -m mergekit_lite.demo build DIR`` writes ``DIR/checkpoints/{base,math,code,chat}`` and,
+when PEFT is installed, two LoRA adapters of the base in ``DIR/adapters/{poetry,legal}``;
 ``python -m mergekit_lite.demo load DIR`` loads a merged folder with transformers as a check.
 The variants differ from the base by distinct sparse and low-rank changes, like real fine-tunes.
 """
@@ -25,6 +26,11 @@ DEMO_CONFIG = dict(
 )
 
 DEMO_TASKS = ("math", "code", "chat")
+#: LoRA adapters of the demo base: name → (rank, target modules).
+DEMO_ADAPTERS = {
+    "poetry": (4, ["q_proj", "v_proj", "up_proj", "down_proj"]),
+    "legal": (8, ["q_proj", "k_proj", "o_proj", "gate_proj", "down_proj"]),
+}
 
 
 def build_tokenizer(folder: Path, vocab_size: int) -> None:
@@ -81,6 +87,31 @@ def build_demo(root: str | Path, seed: int = 0, dtype: torch.dtype = torch.float
         model.load_state_dict({k: v.to(dtype) for k, v in tuned.items()}, strict=False)
         model.save_pretrained(folders[task])
         build_tokenizer(folders[task], config.vocab_size)
+    model.load_state_dict(base_state)
+    folders.update(build_adapters(model, root / "adapters", folders["base"], seed))
+    return folders
+
+
+def build_adapters(model: torch.nn.Module, root: Path, base_folder: Path, seed: int) -> dict[str, Path]:
+    """Two PEFT LoRA adapters of ``model`` (B drawn at random, so ΔW ≠ 0), saved with PEFT; none without PEFT."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        print("peft is not installed: the demo has no LoRA adapters (pip install 'mergekit-lite[lora]')", file=sys.stderr)
+        return {}
+    import copy
+
+    folders = {}
+    for i, (name, (rank, targets)) in enumerate(DEMO_ADAPTERS.items()):
+        peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
+        gen = torch.Generator().manual_seed(seed + 100 + i)
+        with torch.no_grad():
+            for param_name, param in peft_model.named_parameters():
+                if "lora_B" in param_name:  # PEFT starts B at zero (ΔW = 0); a trained adapter's is not
+                    param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+        peft_model.peft_config["default"].base_model_name_or_path = str(base_folder)
+        peft_model.save_pretrained(root / name)
+        folders[f"adapter:{name}"] = root / name
     return folders
 
 

@@ -16,7 +16,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from .adapter import is_adapter_reference, open_model, split_adapter_reference
+from .checkpoint import Checkpoint, TensorInfo
 from .errors import CheckpointError, RecipeError
 from .methods import MergeMethod
 from .ops.vocab import RowPlan
@@ -226,7 +227,11 @@ class _Builder:
 
     def open(self, ref: str) -> int:
         if ref not in self.index:
-            ckpt = open_checkpoint(ref)
+            base = self.recipe.base_model
+            on_base = None  # an adapter folder is read on the recipe's base (BASE+ADAPTER names its own)
+            if base is not None and ref != base and split_adapter_reference(ref) is None and is_adapter_reference(ref):
+                on_base = self.checkpoints[self.open(base)]
+            ckpt = open_model(ref, on_base)
             self.stack.callback(ckpt.close)
             self.index[ref] = len(self.checkpoints)
             self.checkpoints.append(ckpt)

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from .adapter import split_adapter_reference
 from .checkpoint import looks_like_hub_id, split_revision
 from .errors import RecipeError
 from .text import MAX_INT, _BAD_CATEGORIES, one_line, safe_repr  # noqa: F401  (one_line, safe_repr: part of this module's API)
@@ -240,8 +241,8 @@ class Recipe(_Strict):
         for where, text in refs:
             if not text.strip() or _has_bad_characters(text):
                 problems.append(f"{where}: {safe_repr(text)} is not a usable path or hub id (empty, or has control characters)")
-            elif "+" in text and not os.path.exists(text):
-                problems.append(f"{where}: 'model+lora' references are not supported yet; merge the LoRA into the model first")
+            elif "+" in text and not os.path.exists(split_revision(text)[0]) and split_adapter_reference(text) is None:
+                problems.append(f"{where}: {safe_repr(text)}: write a base model and its LoRA adapter as BASE+ADAPTER (one '+' between two references)")
         if method.base == "required":
             slices_without = [i for i, sl in enumerate(self.slices or []) if sl.base_model is None]
             if self.base_model is None and (self.models is not None or slices_without):

@@ -12,6 +12,7 @@ from typing import Iterator, Union
 
 import torch
 
+from .adapter import open_model
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import CheckpointError
 from .statedict import LazyStateDict
@@ -27,7 +28,9 @@ class TaskVector(Mapping):
     """Σ_i c_i (θ_i − θ_0) over the floating-point tensors of checkpoints on disk, computed per tensor on demand."""
 
     def __init__(self, finetuned: CheckpointLike, base: CheckpointLike, *, dtype: torch.dtype = torch.float32):
-        ft, b = _open(finetuned), _open(base)
+        """``finetuned``: a checkpoint, a LoRA adapter folder (read on ``base``) or BASE+ADAPTER."""
+        b = _open(base)
+        ft = finetuned if isinstance(finetuned, Checkpoint) else open_model(finetuned, b)
         self._terms: tuple[tuple[float, Checkpoint, Checkpoint], ...] = ((1.0, ft, b),)
         self.dtype = dtype
         self._names = _float_names(ft, b)

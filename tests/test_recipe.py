@@ -77,7 +77,8 @@ dtype: bfloat16
         ({"dtype": "int8"}, ["dtype"]),
         ({"output": {"shard_size": "lots"}}, ["output.shard_size", "5GB"]),
         ({"output": {"shard_sise": "1GB"}}, ["output.shard_sise", "did you mean 'shard_size'"]),
-        ({"models": [{"model": "a+lora"}]}, ["models[0].model", "lora"]),
+        ({"models": [{"model": "a+lora+b"}]}, ["models[0].model", "BASE+ADAPTER"]),
+        ({"models": [{"model": "a+"}]}, ["models[0].model", "BASE+ADAPTER"]),
     ],
 )
 def test_errors_name_the_key(changes, needles):

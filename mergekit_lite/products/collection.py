@@ -21,6 +21,7 @@ import torch
 from .. import __version__
 from ..ops.bitpack import pack_bits, packed_size, unpack_bits
 from ..card import front_matter
+from ..adapter import AdapterCheckpoint
 from ..checkpoint import Checkpoint, TensorInfo, open_checkpoint, resolve_reference
 from ..errors import CheckpointError, CollectionError, MergeKitLiteWarning, OutputError
 from ..execute import TaskVectorPasses, compute_statistics, register_product, resolve_device
@@ -169,6 +170,9 @@ def compress(plan: Any, out_dir: str | os.PathLike[str], *, force: bool = False,
             if ckpt.folder is not None:
                 (tmp / "tasks" / stem).mkdir(parents=True)
                 copied = copy_support_files(ckpt.folder, tmp / "tasks" / stem, SUPPORT_FILES)
+                if isinstance(ckpt, AdapterCheckpoint) and ckpt.base.folder is not None:  # a LoRA adapter's config is its base's
+                    configs = [f for f in ("config.json", "generation_config.json") if f not in copied]
+                    copied += copy_support_files(ckpt.base.folder, tmp / "tasks" / stem, configs)
                 if (ckpt.folder / "modules.json").is_file():  # a sentence-transformers fine-tune: its own modules (pooling, dense head, ...)
                     modules = copy_sentence_transformers(ckpt.folder, tmp / "tasks" / stem, notes)
                 for f in [*copied, *modules]:
