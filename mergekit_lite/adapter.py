@@ -288,6 +288,16 @@ class AdapterCheckpoint(Checkpoint):
                 add_lora_(weight, self._read(term.lora_a), self._read(term.lora_b), term.scaling, term.transposed)
         return weight
 
+    #: rows are not read on their own: ΔW's rows come from a product whose rounding may depend on its size
+    row_reads = False
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        tensor = self.get(name)
+        return tensor[start:stop].clone() if tensor.dim() else tensor
+
+    def advise(self, name: str) -> None:
+        self.base.advise(name)
+
     def _read(self, key: str) -> torch.Tensor:
         try:
             return self._reader.get(key)

@@ -279,6 +279,9 @@ class Checkpoint:
         except OSError as exc:
             raise CheckpointError(f"{_show(file)}: could not read tensor {_show(real)}: {_first_line(exc)}; the file may be truncated or corrupt") from exc
 
+    #: ``get_rows`` reads just those rows, with the same values as the rows of ``get``
+    row_reads = True
+
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of one tensor along its first dimension (CPU, stored dtype), reading only those bytes."""
         real = self._aliases.get(name, name)

@@ -143,7 +143,10 @@ class RereadTaskVectors(TaskVectorSource):
 
 def _in_row_chunks(plan: Plan, job: TensorJob) -> bool:
     """Whether a job runs through its method's ``combine_rows`` on re-read row chunks."""
-    return plan.method.combine_rows is not None and job.vocab is None and job.base is not None and job.out.numel >= ROW_CHUNK_ENTRIES
+    return (
+        plan.method.combine_rows is not None and job.vocab is None and job.base is not None and job.out.numel >= ROW_CHUNK_ENTRIES
+        and all(plan.checkpoints[ref.source].row_reads for ref in job.inputs)
+    )
 
 
 def advise_inputs(plan: Plan, job: TensorJob) -> None:

@@ -214,8 +214,14 @@ def test_merge_equals_base_plus_weighted_deltas(lora, tmp_path):
     ("breadcrumbs", {"density": 0.8, "gamma": 0.05}),
     ("slerp", {"t": 0.3}),
 ])
-def test_every_method_sees_adapters_as_their_merged_fine_tunes(lora, tmp_path, method, params):
-    """Adapters give the same merge as the full checkpoints PEFT merges them into (so TIES trims the same entries)."""
+@pytest.mark.parametrize("chunk", [None, 7], ids=["whole", "row-chunks"])
+def test_every_method_sees_adapters_as_their_merged_fine_tunes(lora, tmp_path, monkeypatch, method, params, chunk):
+    """Adapters give the same merge as the full checkpoints PEFT merges them into (so TIES trims the same entries);
+    with row chunks forced, the full checkpoints go through re-read row chunks and adapters are read whole."""
+    if chunk is not None:
+        from mergekit_lite import execute
+
+        monkeypatch.setattr(execute, "ROW_CHUNK_ENTRIES", chunk)
     def recipe(refs):  # the same names: DARE's generators are drawn per (seed, model name, tensor)
         models = [{"model": r, "name": n, "parameters": {"weight": 0.6}} for r, n in zip(refs, ("p", "r"))]
         data = {"merge_method": method, "base_model": str(lora["base"]), "models": models, "parameters": dict(params)}
