@@ -18,7 +18,7 @@ from .checkpoint import Checkpoint, TensorInfo
 from .errors import CheckpointError, MergeKitLiteError, RecipeError
 from .methods import TensorContext
 from .methods import base as base_module
-from .methods.base import TaskVectorSource, row_chunks, task_vectors
+from .methods.base import TaskVectorSource, WeightInputs, row_chunks, task_vectors
 from .ops.vocab import remap_rows
 from .plan import Plan, TensorJob, TensorRef
 from .progress import progress_bar
@@ -141,6 +141,17 @@ class RereadTaskVectors(TaskVectorSource):
         return row_chunks(self.shape, self.entries)
 
 
+class ReadWeightInputs(WeightInputs):
+    """A weight-space job's inputs, each read from its checkpoint whenever asked for (the page cache usually has it)."""
+
+    def __init__(self, plan: Plan, job: TensorJob, device: torch.device):
+        self.plan, self.job, self.device = plan, job, device
+        self.count = len(job.inputs)
+
+    def read(self, i: int) -> torch.Tensor:
+        return _read(self.plan, self.job.inputs[i], self.device)
+
+
 def _in_row_chunks(plan: Plan, job: TensorJob) -> bool:
     """Whether a job runs through its method's ``combine_rows`` on re-read row chunks."""
     return (
@@ -178,7 +189,9 @@ def compute_tensor(plan: Plan, job: TensorJob, device: torch.device) -> torch.Te
         stored = plan.checkpoints[job.inputs[0].source].get(job.inputs[0].name)
         return stored.to(job.out.dtype) if stored.dtype != job.out.dtype else stored
     try:
-        if _in_row_chunks(plan, job):
+        if plan.method.compute_inputs is not None and job.vocab is None:
+            out = plan.method.compute_inputs(ReadWeightInputs(plan, job, device), context(plan, job))
+        elif _in_row_chunks(plan, job):
             assert job.base is not None
             base = _read(plan, job.base, device)
             source = RereadTaskVectors(plan, job, base, device, ROW_CHUNK_ENTRIES)

@@ -146,6 +146,28 @@ class HeldTaskVectors(TaskVectorSource):
         return row_chunks(self.shape, self.entries)
 
 
+class WeightInputs:
+    """The inputs' tensors of one job for weight-space methods that pass over them more than once (or
+    in another order than the recipe's): ``read(i)`` hands out input i's whole tensor, a new tensor
+    the caller may change, as often as asked."""
+
+    count: int
+
+    def read(self, i: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class HeldWeightInputs(WeightInputs):
+    """Inputs already in memory (re-mapped vocabularies): each read is a copy."""
+
+    def __init__(self, tensors: Iterable[torch.Tensor]):
+        self.tensors = list(tensors)
+        self.count = len(self.tensors)
+
+    def read(self, i: int) -> torch.Tensor:
+        return self.tensors[i].clone()
+
+
 def row_chunks(shape: tuple[int, ...], entries: int) -> list[tuple[int, int]]:
     """Row ranges along the first dimension of about ``entries`` entries each (at least one row)."""
     if not shape:
@@ -162,6 +184,8 @@ CombineFn = Callable[[Iterable[torch.Tensor], TensorContext], torch.Tensor]
 CombineRowsFn = Callable[[TaskVectorSource, TensorContext], torch.Tensor]
 #: weight-space methods: the inputs' tensors (read lazily, the base among them at ctx.base_index) → the output tensor
 ComputeFn = Callable[[Iterator[torch.Tensor], TensorContext], torch.Tensor]
+#: weight-space methods that read inputs again instead of holding them: the inputs → the output tensor
+ComputeInputsFn = Callable[[WeightInputs, TensorContext], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -183,6 +207,8 @@ class MergeMethod:
     #: instead of holding every task vector (``combine`` is then this over the held task vectors)
     combine_rows: CombineRowsFn | None = None
     compute: ComputeFn | None = None
+    #: the same from re-readable inputs (the executor reads them again from the checkpoints)
+    compute_inputs: ComputeInputsFn | None = None
     base: Literal["required", "optional", "unused"] = "required"
     min_models: int = 1
     max_models: int | None = None

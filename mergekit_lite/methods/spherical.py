@@ -8,13 +8,14 @@ The math is in ``ops/spherical.py``.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Iterator
 
 import torch
 
 from ..errors import RecipeError
-from ..ops.spherical import karcher_mean, nuslerp, nuslerp_t, spherical_weighted_mean
-from .base import MergeMethod, Param, TensorContext, register
+from ..ops.spherical import karcher_mean, karcher_mean_reread, nuslerp, nuslerp_t, spherical_weighted_mean
+from .base import MergeMethod, Param, TensorContext, WeightInputs, register
 
 WEIGHT = Param("weight", float, 1.0, "Per-model weight (the base's is not used); mergekit requires it, we default it to 1.", per_model=True)
 NUSLERP_FLATTEN = Param("nuslerp_flatten", bool, True, "Interpolate each tensor as one vector; false: vector by vector (see nuslerp_row_wise).")
@@ -91,6 +92,24 @@ def _karcher(models: Iterator[torch.Tensor], ctx: TensorContext) -> torch.Tensor
     return karcher_mean(tensors, alphas, max_iter=ctx.params["max_iter"], tol=ctx.params["tol"])
 
 
+def _karcher_inputs(inputs: WeightInputs, ctx: TensorContext) -> torch.Tensor:
+    """The Karcher mean with each input read again at every step instead of all of them held."""
+    alphas = [1.0 / inputs.count] * inputs.count
+    return karcher_mean_reread(inputs.read, inputs.count, alphas, max_iter=ctx.params["max_iter"], tol=ctx.params["tol"])
+
+
+def _multislerp_inputs(inputs: WeightInputs, ctx: TensorContext) -> torch.Tensor:
+    """multislerp with the base read first, wherever the recipe lists it: no input waits for it."""
+    order = list(range(inputs.count))
+    if ctx.base_index is not None:
+        order.remove(ctx.base_index)
+        order.insert(0, ctx.base_index)
+    return _multislerp((inputs.read(i) for i in order), replace(
+        ctx, model_names=[ctx.model_names[i] for i in order], model_params=[ctx.model_params[i] for i in order],
+        base_index=None if ctx.base_index is None else 0,
+    ))
+
+
 register(
     MergeMethod(
         name="nuslerp",
@@ -113,6 +132,7 @@ register(
         params=(WEIGHT, NORMALIZE_WEIGHTS, EPS),
         inputs="weights",
         compute=_multislerp,
+        compute_inputs=_multislerp_inputs,
         base="optional",
         min_models=1,
         paper="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
@@ -128,6 +148,7 @@ register(
         params=(MAX_ITER, TOL),
         inputs="weights",
         compute=_karcher,
+        compute_inputs=_karcher_inputs,
         base="optional",
         min_models=1,
         paper="https://arxiv.org/abs/2603.04972",

@@ -7,7 +7,7 @@ place on the tensors they are given wherever that saves a copy; each one says wh
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -122,25 +122,54 @@ def karcher_mean(tensors: list[Tensor], alphas: Sequence[float], *, max_iter: in
             x.zero_()
         else:
             x.div_(n)
+    return _karcher_from_units(lambda i: tensors[i], norms, alphas, max_iter=max_iter, tol=tol)
+
+
+def karcher_mean_reread(read: Callable[[int], Tensor], count: int, alphas: Sequence[float], *, max_iter: int = 10, tol: float = 1e-5) -> Tensor:
+    """``karcher_mean`` of tensors read again at each step (``read(i)``: a new tensor) instead of held:
+    about four copies of one tensor at any count, the same numbers (each unit vector is made the same way)."""
+    if count == 1:
+        return read(0)
+    norms = []
+    for i in range(count):
+        x = read(i)
+        norms.append(torch.linalg.vector_norm(x))
+        del x
+
+    def unit(i: int) -> Tensor:
+        x = read(i)
+        return x.zero_() if float(norms[i]) == 0.0 else x.div_(norms[i])
+
+    return _karcher_from_units(unit, norms, alphas, max_iter=max_iter, tol=tol)
+
+
+def _karcher_from_units(unit: Callable[[int], Tensor], norms: list[Tensor], alphas: Sequence[float], *, max_iter: int, tol: float) -> Tensor:
+    """The Karcher iteration over unit vectors handed out by ``unit(i)`` (read-only for the caller's use here)."""
     valid = [i for i, n in enumerate(norms) if float(n) > tol]
     if not valid:
-        return torch.zeros_like(tensors[0])
+        return torch.zeros_like(unit(0))
     alpha_sum = sum(alphas[i] for i in valid)
     weights = [alphas[i] / alpha_sum for i in valid]
-    units = [tensors[i] for i in valid]
-    mean = torch.zeros_like(units[0])
-    tmp = torch.empty_like(units[0])
-    for a, u in zip(weights, units):
+    mean: Tensor | None = None
+    tmp: Tensor | None = None
+    for a, i in zip(weights, valid):
+        u = unit(i)
+        if mean is None:
+            mean, tmp = torch.zeros_like(u), torch.empty_like(u)
+        assert tmp is not None
         mean.add_(torch.mul(u, a, out=tmp))
+        del u
+    assert mean is not None and tmp is not None
     mean_norm = torch.linalg.vector_norm(mean)
     if float(mean_norm) < tol:
-        mean.copy_(units[0])
+        mean.copy_(unit(valid[0]))
     else:
         mean.div_(mean_norm)
     tangent = torch.empty_like(mean)
     for _ in range(max_iter):
         tangent.zero_()
-        for a, u in zip(weights, units):
+        for a, i in zip(weights, valid):
+            u = unit(i)
             dot = torch.clamp(torch.dot(mean.reshape(-1), u.reshape(-1)), -1.0, 1.0)
             theta = torch.arccos(dot)
             if float(theta) < tol:
@@ -148,6 +177,7 @@ def karcher_mean(tensors: list[Tensor], alphas: Sequence[float], *, max_iter: in
             coef = a * (theta / torch.sin(theta))
             torch.mul(mean, dot, out=tmp)
             torch.sub(u, tmp, out=tmp)
+            del u
             tangent.add_(tmp.mul_(coef))
         tangent_norm = torch.linalg.vector_norm(tangent)
         if float(tangent_norm) < tol:
