@@ -59,5 +59,6 @@ register(
         # the rank-k reconstruction and its difference (one task at a time); other tensors hold T + 4
         working_copies=lambda n: max(8, n + 4),
         output="collection",
+        exclusive=(("rank", "rank_fraction"),),
     )
 )

@@ -35,7 +35,7 @@ def emr_elect(deltas: Sequence[Tensor]) -> Tensor:
     for delta in deltas:
         agrees = torch.where(positive, delta > 0, delta < 0)
         torch.maximum(largest, delta.abs().masked_fill_(~agrees, 0), out=largest)
-    return torch.where(positive, largest, largest.neg_())
+    return torch.where(positive, largest, largest.neg())
 
 
 def emr_mask(tau_t: Tensor, tau_uni: Tensor) -> Tensor:

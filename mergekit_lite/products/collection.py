@@ -26,7 +26,7 @@ from .. import __version__
 from ..ops.bitpack import pack_bits, packed_size, unpack_bits
 from ..card import front_matter
 from ..checkpoint import Checkpoint, TensorInfo, open_checkpoint, resolve_reference
-from ..errors import CheckpointError, CollectionError, MergeKitLiteWarning, OutputError, RecipeError
+from ..errors import CheckpointError, CollectionError, MergeKitLiteWarning, OutputError
 from ..execute import TaskVectorPasses, compute_statistics, register_product, resolve_device
 from ..methods import TensorContext, suggest
 from ..methods.tall import multitask_vector
@@ -95,7 +95,8 @@ def _magnitude(tensor: torch.Tensor) -> float:
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() * b.double()).sum()) if a.dtype != torch.float64 else float((a * b).sum())
+    """⟨a, b⟩ summed in float64 (one temporary in the tensors' dtype); ⟨a, a⟩ and ⟨a, b⟩ round alike when a = b."""
+    return float(torch.sum(a * b, dtype=torch.float64))
 
 
 def compress(plan: Any, out_dir: str | os.PathLike[str], *, force: bool = False, device: str = "cpu", progress: bool = True) -> Path:
@@ -106,11 +107,6 @@ def compress(plan: Any, out_dir: str | os.PathLike[str], *, force: bool = False,
     names = plan.model_names
     count = len(names)
     stems = [task_file_stem(i, n) for i, n in enumerate(names)]
-    if scheme != "tall" and recipe.evaluator:
-        raise RecipeError(f"evaluator: merge_method {plan.method.name} has nothing to search"
-                          + (" (EMR is tuning-free)" if scheme == "emr" else " (the rank is set by rank_fraction or rank)") + "; remove 'evaluator'")
-    if scheme == "tsv" and plan.params.get("rank") is not None and plan.params.get("rank_fraction") is not None:
-        raise RecipeError("parameters: give rank or rank_fraction, not both")
     compute_statistics(plan, dev, progress)
     merged = [plan.base.info(job.name) for job in plan.jobs if job.merge]
     base_infos = {job.name: plan.base.info(job.name) for job in plan.jobs}
@@ -200,8 +196,8 @@ def compress(plan: Any, out_dir: str | os.PathLike[str], *, force: bool = False,
                     mask = emr_mask(kept[t], tau) if scheme == "emr" else tall_mask(kept[t], tau, lambdas[t])
                     mask_writers[t].write(name, pack_bits(mask).cpu())
                     used = torch.where(mask, tau, 0)
-                    norm[t] += float(torch.linalg.vector_norm(kept[t])) ** 2
                     if scheme == "emr":
+                        norm[t] += _dot(kept[t], kept[t])  # the error below is a difference of these sums: no float32 norm
                         numel = max(kept[t].numel(), 1)
                         own, kept_part = _magnitude(kept[t]), _magnitude(used)
                         task_l1[t] += own
@@ -211,6 +207,7 @@ def compress(plan: Any, out_dir: str | os.PathLike[str], *, force: bool = False,
                         uni_sq[t] += _dot(used, used)
                         uni_dot[t] += _dot(used, kept[t])
                     else:
+                        norm[t] += float(torch.linalg.vector_norm(kept[t])) ** 2
                         error[t] += float(torch.linalg.vector_norm(used.sub_(kept[t]))) ** 2
                     del used
                     mask_list.append(mask)
