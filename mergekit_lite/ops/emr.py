@@ -33,9 +33,9 @@ def emr_elect(deltas: Sequence[Tensor]) -> Tensor:
     del total
     largest = torch.zeros_like(deltas[0])
     for delta in deltas:
-        agrees = torch.where(positive, delta > 0, delta < 0)
-        torch.maximum(largest, delta.abs().masked_fill_(~agrees, 0), out=largest)
-    return torch.where(positive, largest, largest.neg())
+        # a non-zero entry agrees when (τ_t > 0) is the elected sign; a zero entry adds nothing either way
+        torch.maximum(largest, delta.abs().masked_fill_((delta > 0) != positive, 0), out=largest)
+    return largest.mul_(positive.to(largest.dtype).mul_(2).sub_(1))
 
 
 def emr_mask(tau_t: Tensor, tau_uni: Tensor) -> Tensor:
