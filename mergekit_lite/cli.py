@@ -462,7 +462,8 @@ def methods(name: str | None) -> None:
         click.echo(f"  paper: {method.paper}")
     if method.inputs == "task_vectors":
         click.echo(f"  inputs: task vectors θ_t − θ_0 of {method.model_count} model(s) besides the base; base_model required")
-        click.echo("  output: θ_0 + λ · merged" if method.param("lambda") else "  output: θ_0 + merged")
+        if method.output == "model":
+            click.echo("  output: θ_0 + λ · merged" if method.param("lambda") else "  output: θ_0 + merged")
     else:
         base = {"required": "base_model required (it is one of the inputs)", "optional": "base_model optional (if given, it is one of the inputs)",
                 "unused": "no base model"}[method.base]
