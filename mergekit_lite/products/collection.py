@@ -397,7 +397,7 @@ def _check_manifest(m: Any, where: Path) -> None:
         need(isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and bool(_HEX.match(entry["sha256"])) and is_int(entry.get("size")), f"file entry {rel!r} needs sha256 and size")
     scheme = m.get("scheme", "tall")
     need(scheme in SCHEME_VERSIONS, f"'scheme' must be one of {', '.join(SCHEME_VERSIONS)}")
-    need(m.get("format_version", 0) >= SCHEME_VERSIONS[scheme], f"scheme {scheme} needs format version {SCHEME_VERSIONS[scheme]} or later")
+    need(scheme == "tall" or m.get("format_version", 0) >= SCHEME_VERSIONS[scheme], f"scheme {scheme} needs format version {SCHEME_VERSIONS[scheme]} or later")
     tasks = m.get("tasks")
     need(isinstance(tasks, list) and len(tasks) > 0, "'tasks' must be a non-empty list")
     stems = set()
