@@ -76,8 +76,9 @@ class Row:
 def methods_to_run(requested: list[str] | None) -> list[str]:
     from mergekit_lite.methods import METHODS
 
-    names = requested or sorted(METHODS)
-    return [n for n in names if METHODS[n].output == "model"]
+    if requested:  # collections (tall_masks, emr, tsv_compress) too, when named
+        return list(requested)
+    return [n for n in sorted(METHODS) if METHODS[n].output == "model"]
 
 
 def measure(method: str, k: int, work: Path, log) -> Row:
@@ -135,7 +136,7 @@ def write_section(body: str) -> None:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", help="methods to check (default: every method that writes a merged model)")
+    parser.add_argument("--methods", nargs="+", help="methods to check (default: every method that writes a merged model; collection methods when named)")
     parser.add_argument("--k", nargs="+", type=int, default=[2, 4, 8], help="numbers of fine-tunes (default 2 4 8; two-model methods also run at the one K they take)")
     parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / "work" / "memory")
     parser.add_argument("--write", action="store_true", help=f"replace the '{SECTION}' section of BENCHMARKS.md")

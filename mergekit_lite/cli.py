@@ -41,8 +41,8 @@ A recipe is YAML, with mergekit's key names:
   output: {shard_size: 5GB}
   evaluator: my_module:score           # optional: picks λ from {search: [0.2, 0.4, ...]}
 
-merge_method: tall_masks writes a compressed collection instead of a merged
-model (see `mergekit-lite extract` and `inspect`). Relative paths are resolved
+merge_method: tall_masks, emr and tsv_compress write a compressed collection
+instead of a merged model (see `mergekit-lite extract` and `inspect`). Relative paths are resolved
 from the current folder. Examples are in recipes/.
 
 Several YAML documents separated by --- are a chain (mergekit-multi's format):
@@ -335,11 +335,12 @@ def masks(recipe: str, as_json: bool, plot: str | None, tall_lambda: float | Non
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; print only the output paths.")
 @friendly_errors
 def extract(collection: str, args: tuple[str, ...], all_tasks: bool, force: bool, base: str | None, quiet: bool) -> None:
-    """Write one task of a TALL-masks COLLECTION back as a Hugging Face checkpoint.
+    """Write one task of a COLLECTION back as a Hugging Face checkpoint.
 
-    The task's weights are θ_0 + m_t ⊙ τ_MTL; its original config, generation config, tokenizer
+    The task's weights are θ_0 + m_t ⊙ τ_MTL (TALL masks), θ_0 + λ_t · (m_t ⊙ τ_uni) (EMR) or, for
+    TSV-C's 2-D tensors, θ_0 + U_t diag(S_t) V_tᵀ; its original config, generation config, tokenizer
     and sentence-transformers files are copied (a task compressed without tokenizer files gets the
-    base's, with a warning). Only the task's own mask file is read (with τ_MTL and the base),
+    base's, with a warning). Only the task's own mask (and factor) file is read (with τ_MTL and the base),
     each checked against its SHA-256 first. `--all` extracts every task into OUT_DIR/NNN-<task>/
     (NNN = the task's index; the name made file-safe), all or none.
     """
@@ -414,6 +415,13 @@ def extract_lora_command(finetuned: str, base: str, out_dir: str, rank: int, sv_
             click.echo(line)
     click.echo(str(report.out_dir) if quiet else f"wrote {report.out_dir}")
 
+#: how `inspect` names each collection scheme
+SCHEME_LINES = {
+    "tall": "TALL masks (θ_0 + m_t ⊙ τ_MTL)",
+    "emr": "EMR-Merging (θ_0 + λ_t · (m_t ⊙ τ_uni))",
+    "tsv": "TSV-C (2-D tensors: θ_0 + U_t diag(S_t) V_tᵀ; others: θ_0 + m_t ⊙ τ_MTL)",
+}
+
 
 @main.command()
 @click.argument("collection", type=click.Path(file_okay=False))
@@ -421,7 +429,7 @@ def extract_lora_command(finetuned: str, base: str, out_dir: str, rank: int, sv_
 @click.option("--verify", is_flag=True, help="Also check the SHA-256 of every file (reads the whole collection and a referenced base).")
 @friendly_errors
 def inspect(collection: str, as_json: bool, verify: bool) -> None:
-    """Show what a TALL-masks COLLECTION holds: tasks, λ, mask densities, size and ratio.
+    """Show what a COLLECTION holds: its scheme (TALL masks, EMR, TSV-C), tasks, λ, densities, ranks, size and ratio.
 
     Sizes: the collection's files on disk, plus the referenced base's weights when the base is not
     embedded, beside the bytes of the original fine-tuned checkpoints. Opening checks the manifest's
@@ -443,16 +451,28 @@ def inspect(collection: str, as_json: bool, verify: bool) -> None:
     base = info["base"]
     click.echo(f"collection {info['path']} (format version {info['format_version']}, {info['created_by']})")
     click.echo(f"base: {base['reference']} ({'embedded' if base['embedded'] else 'referenced, checked by SHA-256'})")
-    click.echo(f"τ_MTL: {info['aggregate']}, stored as {info['mtl_dtype']}")
-    click.echo(f"{'task':<24}{'λ':>6}{'density':>10}{'rel. error':>12}{'original MB':>14}")
+    scheme = info["scheme"]
+    click.echo(f"scheme: {SCHEME_LINES[scheme]}")
+    if scheme == "emr":
+        click.echo(f"τ_uni: elected (sign of Σ τ_t, largest agreeing magnitude), stored as {info['mtl_dtype']}; rescaler: {info['rescaler']}")
+    elif scheme == "tsv":
+        click.echo(f"factors: {info['factored_tensors']} 2-D tensors at rank {'/'.join(map(str, info['ranks'])) or '-'} per task, stored as {info['mtl_dtype']}")
+        click.echo(f"τ_MTL (the other tensors): {info['aggregate']}, stored as {info['mtl_dtype']}")
+    else:
+        click.echo(f"τ_MTL: {info['aggregate']}, stored as {info['mtl_dtype']}")
+    lam = "λ (rescaler)" if scheme == "emr" else "λ"
+    click.echo(f"{'task':<24}{lam:>13}{'density':>10}{'rel. error':>12}{'original MB':>14}")
     for t in info["tasks"]:
-        click.echo(f"{t['name']:<24}{t['tall_lambda']:>6}{t['density']:>10.4f}{t['relative_error']:>12.4f}{t['original_bytes'] / mb:>14.1f}")
+        value = f"{t['rescaler']:.4f}" if scheme == "emr" else f"{t['tall_lambda']}"
+        click.echo(f"{t['name']:<24}{value:>13}{t['density']:>10.4f}{t['relative_error']:>12.4f}{t['original_bytes'] / mb:>14.1f}")
     click.echo(
         f"on disk: {info['bytes_on_disk'] / mb:.1f} MB"
         + ("" if base["embedded"] else f" + base {base['bytes'] / mb:.1f} MB")
         + f"; original checkpoints: {info['original_bytes'] / mb:.1f} MB; ratio {info['ratio']:.2f}x"
     )
     stats = info["mask_stats"]
+    if scheme == "tsv":
+        click.echo("masks (tensors that are not 2-D only):")
     click.echo(f"weights used by no task (catastrophic): {stats['catastrophic_fraction']:.4f}; by one (selfish): {stats['selfish_fraction']:.4f}")
     click.echo(f"tasks per weight (0..T): {stats['histogram']}")
     if checked is not None:
@@ -478,7 +498,8 @@ def methods(name: str | None) -> None:
         click.echo(f"  paper: {method.paper}")
     if method.inputs == "task_vectors":
         click.echo(f"  inputs: task vectors θ_t − θ_0 of {method.model_count} model(s) besides the base; base_model required")
-        click.echo("  output: θ_0 + λ · merged" if method.param("lambda") else "  output: θ_0 + merged")
+        if method.output == "model":
+            click.echo("  output: θ_0 + λ · merged" if method.param("lambda") else "  output: θ_0 + merged")
     else:
         base = {"required": "base_model required (it is one of the inputs)", "optional": "base_model optional (if given, it is one of the inputs)",
                 "unused": "no base model"}[method.base]

@@ -20,6 +20,7 @@ from .adapter import is_adapter_reference, open_model, split_adapter_reference
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import CheckpointError, RecipeError
 from .methods import MergeMethod
+from .ops.tsv import rank_budget
 from .ops.vocab import RowPlan
 from .params import Settings, resolve
 from .recipe import Recipe, default_name
@@ -101,10 +102,21 @@ class Plan:
 
     @property
     def bytes_to_write(self) -> int:
-        """The merged checkpoint's tensor bytes; for a collection, τ_MTL (float32) plus one bit per weight per task."""
+        """The merged checkpoint's tensor bytes; for a collection, τ_MTL (float32) plus one bit per weight per task,
+        and for TSV-C's matrices T · k(m + n + 1) float32 factors instead."""
         if self.method.output == "collection":
-            merged = [j.out.numel for j in self.jobs if j.merge]
-            return sum(4 * n + len(self.models) * ((n + 7) // 8) for n in merged)
+            tasks = len(self.models)
+            total = 0
+            for job in self.jobs:
+                if not job.merge:
+                    continue
+                n, shape = job.out.numel, job.out.shape
+                if self.method.name == "tsv_compress" and len(shape) == 2:
+                    k = rank_budget(shape, tasks, self.params.get("rank_fraction"), self.params.get("rank"))
+                    total += tasks * 4 * k * (shape[0] + shape[1] + 1)
+                else:
+                    total += 4 * n + tasks * ((n + 7) // 8)
+            return total
         return sum(job.out.nbytes for job in self.jobs)
 
     @property

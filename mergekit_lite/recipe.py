@@ -249,6 +249,9 @@ class Recipe(_Strict):
                 problems.append(f"base_model: {method.name} needs a base model (it {'merges task vectors θ_t − θ_0' if method.inputs == 'task_vectors' else 'interpolates from the base'}); add 'base_model:'")
         problems += self._parameter_problems(method)
         problems += self._missing_required(method)
+        problems += [f"parameters: give {a} or {b}, not both" for a, b in method.exclusive if a in self.parameters and b in self.parameters]
+        if method.output == "collection" and self.evaluator is not None and not any(p.searchable for p in method.params):
+            problems.append(f"evaluator: {method.name} has no parameter an evaluator can search; remove 'evaluator'")
         if self.models is not None:
             problems += self._count_problems(method, [m.model for m in self.models], "models")
         for i, sl in enumerate(self.slices or []):

@@ -223,6 +223,8 @@ class MergeMethod:
     passes: Callable[[dict[str, Any], torch.dtype], int] = lambda params, dtype: 1
     #: what the method writes: a merged Hugging Face checkpoint, or a compressed collection
     output: str = "model"
+    #: pairs of parameters a recipe may not give together (two ways to say one thing)
+    exclusive: tuple[tuple[str, str], ...] = ()
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)

@@ -1,4 +1,4 @@
-"""Pure tensor math: sparsifiers, combiners, TALL/consensus masks, streaming k-th selection, bit packing.
+"""Pure tensor math: sparsifiers, combiners, TALL/consensus masks, EMR election, truncated SVD, streaming k-th selection, bit packing.
 
 No file I/O and no knowledge of recipes: everything here takes tensors and numbers.
 """
@@ -33,9 +33,12 @@ from .sparsify import (
     topk_count_mask,
     topk_mask,
 )
+from .emr import emr_elect, emr_mask, emr_rescaler
 from .tall import consensus_mask, tall_mask
+from .tsv import LowRank, low_rank_product, rank_budget, truncated_svd
 
 __all__ = [
+    "LowRank",
     "SLERP_DOT_THRESHOLD",
     "breadcrumbs",
     "breadcrumbs_mask",
@@ -50,11 +53,16 @@ __all__ = [
     "elected_positive",
     "elect_and_merge",
     "elect_sign",
+    "emr_elect",
+    "emr_mask",
+    "emr_rescaler",
     "generator_for",
     "keep_count",
+    "low_rank_product",
     "kth_largest_magnitude",
     "magnitude_mask",
     "majority_sign_count",
+    "rank_budget",
     "slerp",
     "tall_mask",
     "task_arithmetic",
@@ -63,5 +71,6 @@ __all__ = [
     "rescale_to_l1",
     "topk_count_mask",
     "topk_mask",
+    "truncated_svd",
     "weighted_average",
 ]

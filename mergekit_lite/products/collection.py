@@ -1,8 +1,12 @@
-"""Compressed collections of fine-tunes (TALL-masks): write, open, verify, extract, inspect.
+"""Compressed collections of fine-tunes: write, open, verify, extract, inspect.
 
-A collection stores the base (embedded, or referenced with the SHA-256 of its weight files),
-the multi-task vector τ_MTL, and one bit per weight per task; task t comes back as
-θ̂_t = θ_0 + m_t ⊙ τ_MTL. The format is described in docs/collection-format.md.
+A collection stores the base (embedded, or referenced with the SHA-256 of its weight files), a
+shared vector and per-task parts, by scheme (docs/collection-format.md):
+
+- TALL masks: τ_MTL and one bit per weight per task; θ̂_t = θ_0 + m_t ⊙ τ_MTL.
+- EMR: the unified vector τ_uni, one bit per weight and one scalar per task; θ̂_t = θ_0 + λ_t · (m_t ⊙ τ_uni).
+- TSV-C: per task and 2-D tensor the top-k singular triplets, θ̂_t = θ_0 + U_t diag(S_t) V_tᵀ;
+  the other tensors as TALL masks.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from ..methods import TensorContext, suggest
 from ..methods.tall import multitask_vector
 from ..search import load_evaluator, search_tall_lambdas
 from ..statedict import LazyStateDict
-from ..ops import tall_mask
+from ..ops import emr_elect, emr_mask, emr_rescaler, low_rank_product, rank_budget, tall_mask, truncated_svd
 from .mask_stats import MaskStats
 from .tokenizer import TOKENIZER_MODEL_FILES, copy_sentence_transformers, has_tokenizer
 from ..writer import (
@@ -42,10 +46,11 @@ from ..writer import (
 )
 
 FORMAT = "mergekit-lite-collection"
-#: Version 2 added each task's sentence-transformers files and the base's tokenizer for tasks without one.
-FORMAT_VERSION = 2
+#: Version 2 added each task's sentence-transformers files and the base's tokenizer for tasks without one;
+#: version 3 the EMR and TSV-C schemes (TALL-masks collections are still written as version 2).
+FORMAT_VERSION = 3
 #: Versions this code reads (version 1 collections have neither; see docs/collection-format.md).
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
 #: Where the base's tokenizer is kept, for tasks compressed from a folder without one, when the base is not embedded.
 BASE_TOKENIZER = "base_tokenizer"
 MANIFEST = "manifest.json"
@@ -72,10 +77,34 @@ def resolve_mtl_dtype(choice: str, jobs: list[TensorInfo]) -> torch.dtype:
 
 
 # -- writing ------------------------------------------------------------------------------------
+#: the scheme each collection method writes (docs/collection-format.md)
+SCHEMES = {"tall_masks": "tall", "emr": "emr", "tsv_compress": "tsv"}
+#: the format version each scheme writes: TALL collections stay version 2, so older mergekit-lite reads them
+SCHEME_VERSIONS = {"tall": 2, "emr": 3, "tsv": 3}
+#: factors of a TSV-C matrix in a task's factor file: <tensor>.U [m, k], <tensor>.S [k], <tensor>.Vh [k, n]
+FACTOR_SUFFIXES = (".U", ".S", ".Vh")
+
+
+def factor_infos(name: str, shape: tuple[int, ...], k: int, dtype: torch.dtype) -> list[TensorInfo]:
+    """The three factor tensors a TSV-C task stores for one matrix."""
+    m, n = shape
+    return [TensorInfo(f"{name}.U", dtype, (m, k)), TensorInfo(f"{name}.S", dtype, (k,)), TensorInfo(f"{name}.Vh", dtype, (k, n))]
+
+
+def _magnitude(tensor: torch.Tensor) -> float:
+    return float(tensor.abs().sum(dtype=torch.float64))
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    """⟨a, b⟩ summed in float64 (one temporary in the tensors' dtype); ⟨a, a⟩ and ⟨a, b⟩ round alike when a = b."""
+    return float(torch.sum(a * b, dtype=torch.float64))
+
+
 def compress(plan: Any, out_dir: str | os.PathLike[str], *, force: bool = False, device: str = "cpu", progress: bool = True) -> Path:
-    """Write the recipe's models as a TALL-masks collection into ``out_dir`` (atomically)."""
+    """Write the recipe's models as a collection (TALL masks, EMR or TSV-C, by the method) into ``out_dir`` (atomically)."""
     dev = resolve_device(device)
     recipe = plan.recipe
+    scheme = SCHEMES[plan.method.name]
     names = plan.model_names
     count = len(names)
     stems = [task_file_stem(i, n) for i, n in enumerate(names)]
@@ -83,21 +112,29 @@ def compress(plan: Any, out_dir: str | os.PathLike[str], *, force: bool = False,
     merged = [plan.base.info(job.name) for job in plan.jobs if job.merge]
     base_infos = {job.name: plan.base.info(job.name) for job in plan.jobs}
     mtl_dtype = resolve_mtl_dtype(plan.params["mtl_dtype"], [base_infos[i.name] for i in merged])
-    grids = [p["tall_lambda"] if isinstance(p["tall_lambda"], list) else None for p in plan.model_params]
+    ranks = {
+        i.name: rank_budget(i.shape, count, plan.params.get("rank_fraction"), plan.params.get("rank"))
+        for i in merged if scheme == "tsv" and len(i.shape) == 2
+    }
+    masked = [i for i in merged if i.name not in ranks]  # the tensors with a shared vector and one mask per task
+    if scheme == "tall":
+        grids = [p["tall_lambda"] if isinstance(p["tall_lambda"], list) else None for p in plan.model_params]
+    else:
+        grids = [None] * count
     evaluator = load_evaluator(recipe.evaluator) if recipe.evaluator else None
     if evaluator is not None:  # an evaluator with no grid given searches the paper's grid
         given = {"tall_lambda"} & (set(recipe.parameters) | {k for m in recipe.models or [] for k in m.parameters})
         if not given:
             grids = [list(plan.method.param("tall_lambda").default_grid)] * count
     searching = any(g is not None for g in grids)
-    ctx_params = {"aggregate": plan.params["aggregate"]}
+    ctx_params = {"aggregate": plan.params.get("aggregate", "task_arithmetic")}
 
     folder = AtomicFolder(out_dir, force=force)
     with folder as tmp:
         (tmp / "masks").mkdir()
-        tau_writer = ShardedSafetensorsWriter(tmp, [TensorInfo(i.name, mtl_dtype, i.shape) for i in merged], recipe.output.shard_size, prefix="tau_mtl")
+        tau_writer = ShardedSafetensorsWriter(tmp, [TensorInfo(i.name, mtl_dtype, i.shape) for i in masked], recipe.output.shard_size, prefix="tau_mtl")
         source = TaskVectorPasses(plan, dev, progress)
-        lambdas = [p["tall_lambda"] for p in plan.model_params]
+        lambdas = [p.get("tall_lambda") for p in plan.model_params]
         scores: list[dict[str, float] | None] = [None] * count
         tau_reader: Checkpoint | None = None
         if searching:
@@ -114,28 +151,66 @@ def compress(plan: Any, out_dir: str | os.PathLike[str], *, force: bool = False,
                 evaluator, plan, tau_reader, grids, lambdas, dev, progress
             )
         mask_writers = [
-            ShardedSafetensorsWriter(tmp / "masks", [TensorInfo(i.name, torch.uint8, (packed_size(i.numel),)) for i in merged], 2**62, prefix=stem)
+            ShardedSafetensorsWriter(tmp / "masks", [TensorInfo(i.name, torch.uint8, (packed_size(i.numel),)) for i in masked], 2**62, prefix=stem)
             for stem in stems
         ]
+        factor_writers: list[ShardedSafetensorsWriter] = []
+        if scheme == "tsv":
+            (tmp / "factors").mkdir()
+            infos = [f for i in merged if i.name in ranks for f in factor_infos(i.name, i.shape, ranks[i.name], mtl_dtype)]
+            factor_writers = [ShardedSafetensorsWriter(tmp / "factors", infos, 2**62, prefix=stem) for stem in stems]
+        writers = [tau_writer, *mask_writers, *factor_writers]
         stats = MaskStats(names)
         error = [0.0] * count
         norm = [0.0] * count
+        # EMR: Σ|τ_t| and Σ|m_t ⊙ τ_uni| (whole model, and summed per-tensor means), and the sums that give the error once λ_t is known
+        task_l1, masked_l1, task_means, masked_means, uni_sq, uni_dot = ([0.0] * count for _ in range(6))
         try:
             for name, deltas in source.tensors("TALL masks" if searching else "compressing"):
+                if name in ranks:  # TSV-C: one task at a time, its top singular triplets
+                    for t, delta in deltas:
+                        factors = truncated_svd(delta, ranks[name])
+                        stored = [f.to(mtl_dtype) for f in factors[:3]]
+                        for suffix, tensor in zip(FACTOR_SUFFIXES, stored):
+                            factor_writers[t].write(name + suffix, tensor.cpu())
+                        del factors
+                        approx = low_rank_product(*(f.to(delta.dtype) for f in stored))  # what extraction gives back
+                        error[t] += float(torch.linalg.vector_norm(approx.sub_(delta))) ** 2
+                        norm[t] += float(torch.linalg.vector_norm(delta)) ** 2
+                        del approx, delta, stored
+                    continue
                 kept = [d for _, d in deltas]  # the T task vectors, never stacked into one [T, ...] copy
-                if tau_reader is None:
-                    ctx = TensorContext(name, names, ctx_params, plan.model_params, plan.model_statistics)
-                    stored = multitask_vector(kept, ctx).to(mtl_dtype)
-                    tau_writer.write(name, stored.cpu())
-                else:
+                if tau_reader is not None:
                     stored = tau_reader.get(name).to(dev)
-                tau = stored.to(kept[0].dtype)  # masks are built from the τ_MTL that extraction will use
+                else:
+                    if scheme == "emr":
+                        shared = emr_elect(kept)
+                    else:
+                        ctx = TensorContext(name, names, ctx_params, plan.model_params, plan.model_statistics)
+                        shared = multitask_vector(kept, ctx)
+                    stored = shared.to(mtl_dtype)
+                    del shared
+                    tau_writer.write(name, stored.cpu())
+                tau = stored.to(kept[0].dtype)  # masks are built from the stored vector that extraction will use
                 mask_list = []
                 for t in range(count):
-                    mask = tall_mask(kept[t], tau, lambdas[t])
+                    mask = emr_mask(kept[t], tau) if scheme == "emr" else tall_mask(kept[t], tau, lambdas[t])
                     mask_writers[t].write(name, pack_bits(mask).cpu())
-                    error[t] += float(torch.linalg.vector_norm(torch.where(mask, tau, 0).sub_(kept[t]))) ** 2
-                    norm[t] += float(torch.linalg.vector_norm(kept[t])) ** 2
+                    used = torch.where(mask, tau, 0)
+                    if scheme == "emr":
+                        norm[t] += _dot(kept[t], kept[t])  # the error below is a difference of these sums: no float32 norm
+                        numel = max(kept[t].numel(), 1)
+                        own, kept_part = _magnitude(kept[t]), _magnitude(used)
+                        task_l1[t] += own
+                        masked_l1[t] += kept_part
+                        task_means[t] += own / numel
+                        masked_means[t] += kept_part / numel
+                        uni_sq[t] += _dot(used, used)
+                        uni_dot[t] += _dot(used, kept[t])
+                    else:
+                        norm[t] += float(torch.linalg.vector_norm(kept[t])) ** 2
+                        error[t] += float(torch.linalg.vector_norm(used.sub_(kept[t]))) ** 2
+                    del used
                     mask_list.append(mask)
                 del kept
                 masks = torch.stack(mask_list)
@@ -145,20 +220,28 @@ def compress(plan: Any, out_dir: str | os.PathLike[str], *, force: bool = False,
                 tau_writer.close()
             else:
                 tau_reader.close()
-            for w in mask_writers:
+            for w in [*mask_writers, *factor_writers]:
                 w.close()
         finally:
-            tau_writer.abort()
-            for w in mask_writers:
+            for w in writers:
                 w.abort()
+        rescalers: list[float] = []
+        if scheme == "emr":
+            by_mean = plan.params["rescaler"] == "tensor_mean"
+            for t in range(count):
+                lam = emr_rescaler(task_means[t], masked_means[t]) if by_mean else emr_rescaler(task_l1[t], masked_l1[t])
+                rescalers.append(lam)
+                # ‖λ a − τ‖² = λ²‖a‖² − 2λ⟨a, τ⟩ + ‖τ‖², a = m_t ⊙ τ_uni
+                error[t] = max(lam * lam * uni_sq[t] - 2 * lam * uni_dot[t] + norm[t], 0.0)
         files: dict[str, dict[str, Any]] = {}
         for file_name, (digest, size) in tau_writer.digests.items():
             files[file_name] = {"sha256": digest, "size": size}
         if len(tau_writer.shards) > 1:
             files[tau_writer.index_name] = _file_entry(tmp / tau_writer.index_name)
-        for stem, w in zip(stems, mask_writers):
-            for file_name, (digest, size) in w.digests.items():
-                files[f"masks/{file_name}"] = {"sha256": digest, "size": size}
+        for folder_name, group in (("masks", mask_writers), ("factors", factor_writers)):
+            for w in group:
+                for file_name, (digest, size) in w.digests.items():
+                    files[f"{folder_name}/{file_name}"] = {"sha256": digest, "size": size}
         base_entry = _store_base(plan, recipe, tmp, files)
         notes: list[str] = []
         own_tokenizer = [has_tokenizer(ckpt.folder) for ckpt in plan.models]
@@ -178,31 +261,39 @@ def compress(plan: Any, out_dir: str | os.PathLike[str], *, force: bool = False,
                 for f in [*copied, *modules]:
                     files[f"tasks/{stem}/{f}"] = _file_entry(tmp / "tasks" / stem / f)
             dtypes = {i.name: _dtype_name(ckpt.info(i.name).dtype) for i in merged if ckpt.info(i.name).dtype != base_infos[i.name].dtype}
-            tasks.append(
-                {
-                    "name": name,
-                    "stem": stem,
-                    "source": entry.model,
-                    "tall_lambda": lambdas[t],
-                    "lambda_scores": scores[t],
-                    "mask_file": f"masks/{stem}.safetensors",
-                    "density": stats.overall.density[t],
-                    "relative_error": (error[t] / norm[t]) ** 0.5 if norm[t] else 0.0,
-                    "original_bytes": ckpt.nbytes,
-                    "support_files": copied,
-                    "module_files": modules,
-                    "tokenizer": "task" if own_tokenizer[t] else ("base" if base_tokenizer else None),
-                    "dtypes": dtypes,
-                }
-            )
+            task: dict[str, Any] = {"name": name, "stem": stem, "source": entry.model}
+            if scheme == "emr":
+                task["rescaler"] = rescalers[t]
+            else:
+                task |= {"tall_lambda": lambdas[t], "lambda_scores": scores[t]}
+            task["mask_file"] = f"masks/{stem}.safetensors"
+            if scheme == "tsv":
+                task["factor_file"] = f"factors/{stem}.safetensors"
+            task |= {
+                "density": stats.overall.density[t],
+                "relative_error": (error[t] / norm[t]) ** 0.5 if norm[t] else 0.0,
+                "original_bytes": ckpt.nbytes,
+                "support_files": copied,
+                "module_files": modules,
+                "tokenizer": "task" if own_tokenizer[t] else ("base" if base_tokenizer else None),
+                "dtypes": dtypes,
+            }
+            tasks.append(task)
         _say_missing_tokenizers(tasks, plan.base, notes)
-        manifest = {
+        manifest: dict[str, Any] = {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": SCHEME_VERSIONS[scheme],
             "created_by": f"mergekit-lite {__version__}",
-            "aggregate": plan.params["aggregate"],
+            "scheme": scheme,
+            "aggregate": "emr_elect" if scheme == "emr" else ctx_params["aggregate"],
             "mtl_dtype": _dtype_name(mtl_dtype),
             "mask_bit_order": "big",
+        }
+        if scheme == "emr":
+            manifest["rescaler"] = plan.params["rescaler"]
+        if scheme == "tsv":
+            manifest["factors"] = {"ranks": ranks, "rank_fraction": plan.params.get("rank_fraction"), "rank": plan.params.get("rank")}
+        manifest |= {
             "base": base_entry,
             "base_tokenizer": base_tokenizer,
             "tasks": tasks,
@@ -308,6 +399,9 @@ def _check_manifest(m: Any, where: Path) -> None:
     for rel, entry in files.items():
         need(rel_ok(rel), f"file entry {rel!r} is not a relative path inside the collection")
         need(isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and bool(_HEX.match(entry["sha256"])) and is_int(entry.get("size")), f"file entry {rel!r} needs sha256 and size")
+    scheme = m.get("scheme", "tall")
+    need(scheme in SCHEME_VERSIONS, f"'scheme' must be one of {', '.join(SCHEME_VERSIONS)}")
+    need(scheme == "tall" or m.get("format_version", 0) >= SCHEME_VERSIONS[scheme], f"scheme {scheme} needs format version {SCHEME_VERSIONS[scheme]} or later")
     tasks = m.get("tasks")
     need(isinstance(tasks, list) and len(tasks) > 0, "'tasks' must be a non-empty list")
     stems = set()
@@ -317,19 +411,33 @@ def _check_manifest(m: Any, where: Path) -> None:
         need(isinstance(t.get("stem"), str) and bool(_STEM.match(t["stem"])) and t["stem"] not in stems, f"tasks[{i}].stem is not a safe, unique file stem")
         stems.add(t["stem"])
         need(t.get("mask_file") == f"masks/{t['stem']}.safetensors" and t["mask_file"] in files, f"tasks[{i}].mask_file must be masks/<stem>.safetensors and listed in files")
-        need(all(is_num(t.get(k)) for k in ("tall_lambda", "density", "relative_error")) and is_int(t.get("original_bytes")), f"tasks[{i}] has non-numeric λ, density, error or size")
+        need(all(is_num(t.get(k)) for k in ("rescaler" if scheme == "emr" else "tall_lambda", "density", "relative_error")) and is_int(t.get("original_bytes")), f"tasks[{i}] has non-numeric λ, density, error or size")
+        if scheme == "emr":
+            need(t["rescaler"] >= 0, f"tasks[{i}].rescaler must be >= 0")
+        if scheme == "tsv":
+            need(t.get("factor_file") == f"factors/{t['stem']}.safetensors" and t["factor_file"] in files, f"tasks[{i}].factor_file must be factors/<stem>.safetensors and listed in files")
         need(isinstance(t.get("support_files"), list) and all(isinstance(f, str) and f in SUPPORT_FILES and f"tasks/{t['stem']}/{f}" in files for f in t["support_files"]), f"tasks[{i}].support_files lists unknown files")
         modules = t.get("module_files", [])
         need(isinstance(modules, list) and all(rel_ok(f) and f"tasks/{t['stem']}/{f}" in files for f in modules), f"tasks[{i}].module_files lists unknown files")
         need(t.get("tokenizer", "task") in ("task", "base", None), f"tasks[{i}].tokenizer must be task, base or null")
         need(isinstance(t.get("dtypes"), dict) and all(isinstance(k, str) and v in _DTYPES for k, v in t["dtypes"].items()), f"tasks[{i}].dtypes is invalid")
-        need("lambda_scores" in t and (t["lambda_scores"] is None or isinstance(t["lambda_scores"], dict)), f"tasks[{i}].lambda_scores is invalid")
+        if scheme != "emr":
+            need("lambda_scores" in t and (t["lambda_scores"] is None or isinstance(t["lambda_scores"], dict)), f"tasks[{i}].lambda_scores is invalid")
         need(isinstance(t.get("source"), str), f"tasks[{i}].source must be text")
     tensors = m.get("tensors")
     need(isinstance(tensors, list), "'tensors' must be a list")
     for i, t in enumerate(tensors):
         need(isinstance(t, dict) and isinstance(t.get("name"), str) and t.get("dtype") in _DTYPES and isinstance(t.get("stored"), bool), f"tensors[{i}] is invalid")
         need(isinstance(t.get("shape"), list) and len(t["shape"]) <= 64 and all(is_int(d) and d < 2**40 for d in t["shape"]), f"tensors[{i}].shape is invalid")
+    if scheme == "tsv":
+        factors = m.get("factors")
+        ranks = factors.get("ranks") if isinstance(factors, dict) else None
+        need(isinstance(ranks, dict), "'factors.ranks' must map tensors to ranks")
+        shapes = {t["name"]: t["shape"] for t in tensors if t["stored"]}
+        for name, k in ranks.items():
+            shape = shapes.get(name)
+            need(shape is not None and len(shape) == 2, f"'factors.ranks' names {name!r}, which is not a stored 2-D tensor")
+            need(is_int(k) and 1 <= k <= min(shape), f"'factors.ranks' of {name!r} must be between 1 and {min(shape)}")
     tau = m.get("tau_mtl")
     need(isinstance(tau, dict) and isinstance(tau.get("files"), list) and all(isinstance(f, str) and f in files for f in tau["files"]), "'tau_mtl.files' must list files of the collection")
     need(isinstance(tau.get("weight_map"), dict) and all(isinstance(k, str) and v in tau["files"] for k, v in tau["weight_map"].items()), "'tau_mtl.weight_map' must map tensors to τ_MTL files")
@@ -496,34 +604,62 @@ class Collection:
             self._verified.add(key)
         return ckpt
 
+    @property
+    def scheme(self) -> str:
+        """'tall', 'emr' or 'tsv' (collections before version 3 are TALL masks)."""
+        return self.manifest.get("scheme", "tall")
+
     def load_state_dict(self, task: str) -> LazyStateDict:
-        """θ̂_task = θ_0 + m_t ⊙ τ_MTL as a lazy state dict (each tensor computed on access), in the task's dtypes."""
+        """θ̂_task as a lazy state dict (each tensor computed on access), in the task's dtypes: θ_0 + m_t ⊙ τ_MTL
+        (TALL), θ_0 + λ_t · (m_t ⊙ τ_uni) (EMR), θ_0 + U_t diag(S_t) V_tᵀ for TSV-C's matrices."""
         entry = self.task(task)
+        scheme = self.scheme
         tau_files = list(self.manifest["tau_mtl"]["files"])
-        for rel in [*tau_files, entry["mask_file"]]:
+        own = [entry["mask_file"]] + ([entry["factor_file"]] if scheme == "tsv" else [])
+        for rel in [*tau_files, *own]:
             self._verify_file(rel)
+        ranks: dict[str, int] = self.manifest["factors"]["ranks"] if scheme == "tsv" else {}
+        rescaler = float(entry["rescaler"]) if scheme == "emr" else None
         base = self.base_checkpoint()
         tau = Checkpoint("τ_MTL", self.path, {n: self._inside(f) for n, f in self.manifest["tau_mtl"]["weight_map"].items()}, None)
         mask = open_checkpoint(self._inside(entry["mask_file"]))
+        factors = open_checkpoint(self._inside(entry["factor_file"])) if scheme == "tsv" else None
         specs = {t["name"]: t for t in self.manifest["tensors"]}
 
         def dtype_of(name: str) -> torch.dtype:
             return getattr(torch, entry["dtypes"].get(name, specs[name]["dtype"]))
 
+        def low_rank(name: str) -> torch.Tensor:
+            assert factors is not None
+            u, s, vh = (factors.get(name + suffix) for suffix in FACTOR_SUFFIXES)
+            m, n, k = *specs[name]["shape"], ranks[name]
+            if tuple(u.shape) != (m, k) or tuple(s.shape) != (k,) or tuple(vh.shape) != (k, n):
+                raise CollectionError(f"{factors.ref}: factors of {name} are malformed (U {list(u.shape)}, S {list(s.shape)}, Vh {list(vh.shape)}; "
+                                      f"expected rank {k} of {[m, n]})")
+            dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
+            return low_rank_product(u.to(dtype), s.to(dtype), vh.to(dtype))
+
         def compute(name: str) -> torch.Tensor:
             stored = base.get(name)
             if not specs[name]["stored"]:
                 return stored
+            if name in ranks:
+                update = low_rank(name)
+                return stored.to(update.dtype).add_(update).to(dtype_of(name))
             tau_t = tau.get(name)
             dtype = torch.float64 if tau_t.dtype == torch.float64 else torch.float32
             try:
                 keep = unpack_bits(mask.get(name), tau_t.shape)
             except ValueError as exc:
                 raise CollectionError(f"{mask.ref}: mask of {name} is malformed ({exc})") from None
-            return stored.to(dtype).add_(torch.where(keep, tau_t.to(dtype), 0)).to(dtype_of(name))
+            update = torch.where(keep, tau_t.to(dtype), 0)
+            if rescaler is not None:
+                update.mul_(rescaler)
+            return stored.to(dtype).add_(update).to(dtype_of(name))
 
         infos = [TensorInfo(n, dtype_of(n), tuple(t["shape"])) for n, t in specs.items()]
-        return LazyStateDict(infos, compute, owned=(base, tau, mask))
+        owned = (base, tau, mask) if factors is None else (base, tau, mask, factors)
+        return LazyStateDict(infos, compute, owned=owned)
 
     def extract(self, task: str, out_dir: str | os.PathLike[str], *, force: bool = False, progress: bool = True, shard_size: int = 5 * 10**9) -> Path:
         """Write θ̂_task as a Hugging Face checkpoint with the task's own config and tokenizer files."""
@@ -544,11 +680,21 @@ class Collection:
             # the hub id of a base that came from the hub; a local base (resolved to a folder when compressed) only in the body
             hub_base = None if base.get("resolved_path") else base["reference"]
             library = "sentence-transformers" if "modules.json" in entry.get("module_files", []) else "transformers"
+            error = f"relative error ‖θ̂_t − θ_t‖/‖θ_t − θ_0‖ = {entry['relative_error']:.4f}"
+            if self.scheme == "emr":
+                how = (f"the EMR-Merging collection `{self.path.name}` as θ_0 + λ_t · (m_t ⊙ τ_uni) "
+                       f"(λ_t = {entry['rescaler']:.4f}, mask density {entry['density']:.4f}, {error})")
+            elif self.scheme == "tsv":
+                ranks = sorted(set(self.manifest["factors"]["ranks"].values()))
+                how = (f"the TSV-C collection `{self.path.name}`: each 2-D tensor as θ_0 + U_t diag(S_t) V_tᵀ "
+                       f"(rank {'/'.join(map(str, ranks)) or '-'}), the others as θ_0 + m_t ⊙ τ_MTL (λ_t = {entry['tall_lambda']}; {error})")
+            else:
+                how = (f"the TALL-masks collection `{self.path.name}` as θ_0 + m_t ⊙ τ_MTL "
+                       f"(λ_t = {entry['tall_lambda']}, mask density {entry['density']:.4f}, {error})")
+            tag = {"tall": "tall-masks", "emr": "emr-merging", "tsv": "tsv-compress"}[self.scheme]
             state.card = (
-                front_matter(hub_base, ["mergekit-lite", "tall-masks"], library)
-                + f"# {task}\n\nReconstructed from the TALL-masks collection `{self.path.name}` as θ_0 + m_t ⊙ τ_MTL "
-                f"(λ_t = {entry['tall_lambda']}, mask density {entry['density']:.4f}, relative error "
-                f"‖θ̂_t − θ_t‖/‖θ_t − θ_0‖ = {entry['relative_error']:.4f}). Original: `{entry['source']}`. "
+                front_matter(hub_base, ["mergekit-lite", tag], library)
+                + f"# {task}\n\nReconstructed from {how}. Original: `{entry['source']}`. "
                 f"Base model: `{base['reference']}`.\n"
             )
 
@@ -575,24 +721,30 @@ class Collection:
         return self.manifest["mask_stats"]
 
     def summary(self) -> dict[str, Any]:
-        """What `mergekit-lite inspect` shows: tasks, λ, densities, bytes on disk and the ratio."""
+        """What `mergekit-lite inspect` shows: scheme, tasks, λ, densities, ranks, bytes on disk and the ratio."""
         m = self.manifest
         on_disk = sum(e["size"] for e in m["files"].values()) + (self.path / MANIFEST).stat().st_size
         base_bytes = sum(e["size"] for e in m["base"].get("weight_files", {}).values())
         originals = sum(t["original_bytes"] for t in m["tasks"])
         with_base = on_disk + base_bytes
+        keys = ("name", "rescaler" if self.scheme == "emr" else "tall_lambda", "density", "relative_error", "original_bytes", "source")
+        ranks = m["factors"]["ranks"] if self.scheme == "tsv" else {}
         return {
             "path": str(self.path),
             "format_version": m["format_version"],
             "created_by": m["created_by"],
+            "scheme": self.scheme,
             "aggregate": m["aggregate"],
             "mtl_dtype": m["mtl_dtype"],
             "base": {k: v for k, v in m["base"].items() if k != "weight_files"} | {"bytes": base_bytes if not m["base"]["embedded"] else None},
             "tasks": [
-                {k: t[k] for k in ("name", "tall_lambda", "density", "relative_error", "original_bytes", "lambda_scores", "source")}
+                {k: t[k] for k in keys} | ({"lambda_scores": t["lambda_scores"]} if self.scheme != "emr" else {})
                 | {"tokenizer": self.tokenizer_of(t["name"]), "sentence_transformers": "modules.json" in t.get("module_files", [])}
                 for t in m["tasks"]
             ],
+            "rescaler": m.get("rescaler"),
+            "factored_tensors": len(ranks),
+            "ranks": sorted(set(ranks.values())),
             "bytes_on_disk": on_disk,
             "bytes_with_base": with_base,
             "original_bytes": originals,

@@ -79,10 +79,15 @@ def mask_counts(masks: torch.Tensor) -> tuple[list[int], list[int], list[list[in
     """Histogram of tasks per weight, weights per task, and pairwise intersections of [T, ...] bool masks."""
     tasks = masks.shape[0]
     flat = masks.reshape(tasks, -1)
-    per_weight = flat.sum(0, dtype=torch.int64)
+    # small counts and one pair at a time: a float64 copy of the T masks would be 2T float32 copies of the tensor
+    per_weight = flat.sum(0, dtype=torch.uint8 if tasks < 256 else torch.int32)
     histogram = torch.bincount(per_weight, minlength=tasks + 1).tolist()
-    as_float = flat.to(torch.float64)
-    overlap = (as_float @ as_float.T).round().to(torch.int64).tolist()
+    del per_weight
+    overlap = [[0] * tasks for _ in range(tasks)]
+    for a in range(tasks):
+        overlap[a][a] = int(flat[a].sum())
+        for b in range(a + 1, tasks):
+            overlap[a][b] = overlap[b][a] = int(torch.logical_and(flat[a], flat[b]).sum())
     used = [overlap[t][t] for t in range(tasks)]
     return histogram, used, overlap
 

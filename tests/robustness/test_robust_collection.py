@@ -104,7 +104,7 @@ def test_untouched_collection_works(coll, tmp_path, fixtures):
         (lambda m, d: m["tau_mtl"].__setitem__("files", [str(d / "outside.safetensors")]), "lists no checksum"),
         (lambda m, d: m["tasks"][0].__setitem__("stem", "../../x"), "points outside"),
         (lambda m, d: m["tasks"][0].__setitem__("support_files", ["../../../decoys/secret.txt"]), "lists no checksum"),
-        (lambda m, d: m.__setitem__("format_version", 3), "format version 3"),
+        (lambda m, d: m.__setitem__("format_version", 4), "format version 4"),
         (lambda m, d: m.__setitem__("format_version", "1"), "format version '1'"),
         (lambda m, d: m.__setitem__("format", "other"), "not a mergekit-lite collection"),
     ],
