@@ -93,8 +93,7 @@ register(
         combine=sce_combine,
         combine_rows=sce_rows,
         paper="https://arxiv.org/abs/2408.07990",
-        # base + the T stacked task vectors + the select step (variance, |variance| twice, kthvalue's
-        # copy and int64 indices): K + 6.5 measured; the erase step needs less (sum, merged, divisor)
-        working_copies=lambda n: n + 5.5,
+        # measured with row chunks: the base, the variance and its selection, one whole task vector
+        working_copies=lambda n: 4.2,
     )
 )

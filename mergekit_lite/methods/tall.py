@@ -110,7 +110,7 @@ CONSENSUS = register(
         combine=_combine_consensus,
         combine_rows=_consensus_rows,
         paper="https://arxiv.org/abs/2405.07813",
-        working_copies=lambda n: n + 5.5,
+        working_copies=lambda n: n / 16 + 1.25,  # row chunks: τ_MTL and the output, K small chunks
         statistics=aggregate_statistics,
         passes=aggregate_passes,
     )
@@ -125,7 +125,7 @@ for _name, _aggregate in (("consensus_ta", "task_arithmetic"), ("consensus_ties"
             params=tuple(replace(p, default=_aggregate) if p is AGGREGATE else p for p in CONSENSUS.params),
             # measured: the TIES aggregate holds one trimmed copy and the election's sums beside the inputs
             # (consensus with aggregate: ties is the same method and holds the same)
-            working_copies=(lambda n: n + 7) if _aggregate == "ties" else CONSENSUS.working_copies,
+            working_copies=(lambda n: 0.1 * n + 2.5) if _aggregate == "ties" else CONSENSUS.working_copies,
         )
     )
 

@@ -372,7 +372,7 @@ register(
         params=(DENSITY, TIES_SCOPE, normalize_param(True), rescale_param(False), MERGE_MODE, *COMMON),
         **_family(sparsify_magnitude, consensus=True),
         paper="https://arxiv.org/abs/2306.01708",
-        working_copies=lambda n: n + 5.5,
+        working_copies=lambda n: n / 6 + 4.9,
         statistics=_ties_stats,
         passes=ties_passes,
     )
@@ -394,7 +394,7 @@ register(
         params=(DENSITY, normalize_param(False), rescale_param(True), RESCALE_RULE, SEED, MERGE_MODE, *COMMON),
         **_family(sparsify_random, consensus=True),
         paper="https://arxiv.org/abs/2311.03099",
-        working_copies=lambda n: n + 2,
+        working_copies=lambda n: 0.35 * n + 3.3,
     )
 )
 register(
@@ -414,7 +414,7 @@ register(
         params=(DENSITY, GAMMA, BREADCRUMBS_SCOPE, normalize_param(False), rescale_param(False), MERGE_MODE, *COMMON),
         **_family(sparsify_outliers, consensus=True),
         paper="https://arxiv.org/abs/2312.06795",
-        working_copies=lambda n: n + 3.5,
+        working_copies=lambda n: 0.4 * n + 4.4,
     )
 )
 register(
@@ -424,7 +424,7 @@ register(
         params=(DENSITY, EPSILON, normalize_param(True), rescale_param(True), RESCALE_RULE, SEED, MERGE_MODE, *COMMON),
         **_family(sparsify_della, consensus=True),
         paper="https://arxiv.org/abs/2406.11617",
-        working_copies=lambda n: 1.1 * n + 5.5,
+        working_copies=lambda n: n / 16 + 3.5,
     )
 )
 register(
@@ -434,6 +434,6 @@ register(
         params=(DENSITY, EPSILON, normalize_param(False), rescale_param(True), RESCALE_RULE, SEED, *COMMON),
         **_family(sparsify_della, consensus=False),
         paper="https://arxiv.org/abs/2406.11617",
-        working_copies=lambda n: 0.25 * n + 6,
+        working_copies=lambda n: 0.175 * n + 2.1,
     )
 )
