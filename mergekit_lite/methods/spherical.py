@@ -136,9 +136,8 @@ register(
         base="optional",
         min_models=1,
         paper="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
-        # streamed: the running sum, the tensor read and one temporary (+ the base); two models are kept
-        # for the linear fallback; inputs listed before the base wait for it (a base read last: all k)
-        working_copies=lambda n: 0.7 * n + 2,
+        # streamed, the base read first: the running sum, the tensor read and one temporary (+ the base)
+        working_copies=lambda n: 3.7,
     )
 )
 register(
@@ -152,7 +151,7 @@ register(
         base="optional",
         min_models=1,
         paper="https://arxiv.org/abs/2603.04972",
-        # k unit vectors, the mean, the tangent and one temporary
-        working_copies=lambda n: n + 2,
+        # inputs read again at each step: the mean, the tangent, one unit vector and a temporary
+        working_copies=lambda n: 3.8,
     )
 )
