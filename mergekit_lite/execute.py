@@ -125,9 +125,13 @@ class RereadTaskVectors(TaskVectorSource):
         self.entries = entries
 
     def whole(self) -> Iterator[torch.Tensor]:
-        for model in read_ahead([partial(_read, self.plan, ref, self.device) for ref in self.job.inputs]):
-            delta = model.sub_(self.base)
-            del model
+        # the next model's tensor is asked of the kernel (page cache), not read ahead into memory: phase 1
+        # is where a two-phase method holds the most, and one more tensor there would be its peak
+        refs = self.job.inputs
+        for i, ref in enumerate(refs):
+            if i + 1 < len(refs):
+                self.plan.checkpoints[refs[i + 1].source].advise(refs[i + 1].name)
+            delta = _read(self.plan, ref, self.device).sub_(self.base)
             yield delta
             del delta
 
