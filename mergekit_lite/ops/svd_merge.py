@@ -45,10 +45,25 @@ def is_spectral(name: str, tensor: Tensor) -> bool:
     return not is_vocabulary_tensor(name) and not any(name == s or name.endswith("." + s) for s in POSITION_TABLE_SUFFIXES)
 
 
+def numerical_rank(s: Tensor, shape: Sequence[int], scale: float | None = None) -> int:
+    """How many singular values (descending) exceed max(m, n)·ε·scale, scale the largest one by default
+    (torch.linalg.matrix_rank's rule): the rest are rounding noise, and their singular vectors arbitrary."""
+    if s.numel() == 0:
+        return 0
+    reference = float(s[0]) if scale is None else scale
+    return int((s > max(shape) * torch.finfo(s.dtype).eps * reference).sum())
+
+
 def polar_factor(a: Tensor) -> Tensor:
-    """The matrix with orthonormal columns (rows, if a is wide) closest to ``a`` in Frobenius norm: P·Qᵀ of a = P·Σ·Qᵀ."""
-    p, _, qh = torch.linalg.svd(a, full_matrices=False)
-    return p @ qh
+    """The orthogonal Procrustes factor of ``a``: P·Qᵀ from a = P·Σ·Qᵀ over its non-zero singular values.
+
+    With full rank it is the matrix with orthonormal columns (rows, if a is wide) closest to ``a``; a
+    rank-deficient ``a`` (two tasks sharing a direction) gets the partial isometry on its range, the
+    one choice that does not depend on which null-space vectors an SVD backend returns.
+    """
+    p, s, qh = torch.linalg.svd(a, full_matrices=False)
+    rank = numerical_rank(s, a.shape)
+    return p[:, :rank] @ qh[:rank]
 
 
 # -- TSV-M ------------------------------------------------------------------------------------------
@@ -60,10 +75,13 @@ def tsv_rank(rank: int, tasks: int, fraction: float = 1.0) -> int:
 def tsv_merge(deltas: Iterable[Tensor], tasks: int, fraction: float = 1.0) -> Tensor:
     """TSV-M of one matrix: U⊥·diag(S)·V⊥ from the tasks' truncated SVDs, one task vector held at a time.
 
-    ``deltas`` yields the T task vectors (m × n, each dropped once decomposed); ``tasks`` is T.
+    ``deltas`` yields the T task vectors (m × n, each dropped once decomposed); ``tasks`` is T. A task
+    keeps its top k triplets, fewer when its update has rank below k (zero singular values carry
+    arbitrary vectors, which would change every other task's orthogonalised vectors).
     """
     u_cat: Tensor | None = None
-    for t, delta in enumerate(deltas):
+    filled = 0
+    for delta in deltas:
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         del delta
         k = tsv_rank(s.shape[0], tasks, fraction)
@@ -71,21 +89,32 @@ def tsv_merge(deltas: Iterable[Tensor], tasks: int, fraction: float = 1.0) -> Te
             u_cat = u.new_zeros(u.shape[0], k * tasks)
             s_cat = s.new_zeros(k * tasks)
             vh_cat = vh.new_zeros(k * tasks, vh.shape[1])
-        block = slice(t * k, (t + 1) * k)
+        k = min(k, numerical_rank(s, u.shape[:1] + vh.shape[1:]))
+        block = slice(filled, filled + k)
         u_cat[:, block], s_cat[block], vh_cat[block] = u[:, :k], s[:k], vh[:k]
+        filled += k
         del u, s, vh
     if u_cat is None:
         raise ValueError("TSV-M needs at least one task vector")
-    u_orth = polar_factor(u_cat).mul_(s_cat)  # U⊥·diag(S): scales column j by S_j
+    if filled == 0:
+        return u_cat.new_zeros(u_cat.shape[0], vh_cat.shape[1])
+    u_orth = polar_factor(u_cat[:, :filled]).mul_(s_cat[:filled])  # U⊥·diag(S): scales column j by S_j
     del u_cat
-    return u_orth @ polar_factor(vh_cat)
+    return u_orth @ polar_factor(vh_cat[:filled])
 
 
 # -- Iso-C and Iso-CTS ------------------------------------------------------------------------------
 def iso_c(total: Tensor) -> Tensor:
-    """Iso-C of one matrix from M = Σ_t τ_t: U·(mean σ)·Vᵀ, every singular value replaced by their mean."""
+    """Iso-C of one matrix from M = Σ_t τ_t: U·(mean σ)·Vᵀ, every singular value replaced by their mean.
+
+    Over M's non-zero singular values: a rank-deficient M (low-rank fine-tunes) keeps its range
+    instead of gaining arbitrary directions at the mean value.
+    """
     u, s, vh = torch.linalg.svd(total, full_matrices=False)
-    return u.mul_(s.mean()) @ vh
+    rank = numerical_rank(s, total.shape)
+    if rank == 0:
+        return torch.zeros_like(total)
+    return u[:, :rank].mul_(s[:rank].mean()) @ vh[:rank]
 
 
 def iso_cts_sizes(rank: int, tasks: int, common_fraction: float) -> tuple[int, int]:
@@ -102,7 +131,9 @@ def iso_cts_sizes(rank: int, tasks: int, common_fraction: float) -> tuple[int, i
 def iso_cts(deltas: Sequence[Tensor], common_fraction: float = 0.8) -> Tensor:
     """Iso-CTS of one matrix: common subspace of Σ_t τ_t + task-specific subspaces, orthonormalised, flat spectrum.
 
-    Needs every task vector twice (for the sum, then projected off the common subspace), so holds them all.
+    Needs every task vector twice (for the sum, then projected off the common subspace), so holds them
+    all. As in Iso-C, only non-zero singular values count: the common subspace stops at M's rank, and a
+    task whose update lies in the common subspace adds nothing of its own.
     """
     if not deltas:
         raise ValueError("Iso-CTS needs at least one task vector")
@@ -113,24 +144,31 @@ def iso_cts(deltas: Sequence[Tensor], common_fraction: float = 0.8) -> Tensor:
     del total
     rank, tasks = s.shape[0], len(deltas)
     common, per_task = iso_cts_sizes(rank, tasks, common_fraction)
+    common = min(common, numerical_rank(s, u.shape[:1] + vh.shape[1:]))
     u_all = torch.empty_like(u)
     s_all = torch.empty_like(s)
     vh_all = torch.empty_like(vh)
     u_all[:, :common], s_all[:common], vh_all[:common] = u[:, :common], s[:common], vh[:common]
     u_common = u_all[:, :common]
+    filled = common
     del u, s, vh
-    for t, delta in enumerate(deltas):
+    for delta in deltas:
         if per_task == 0:
             break
         specific = delta - u_common @ (u_common.mT @ delta)  # τ_t without its common-subspace component
         ut, st, vht = torch.linalg.svd(specific, full_matrices=False)
         del specific
-        block = slice(common + t * per_task, common + (t + 1) * per_task)
-        u_all[:, block], s_all[block], vh_all[block] = ut[:, :per_task], st[:per_task], vht[:per_task]
+        # what is left of τ_t is noise when it is below rounding of τ_t itself (not of the remainder)
+        d = min(per_task, numerical_rank(st, delta.shape, float(torch.linalg.matrix_norm(delta))))
+        block = slice(filled, filled + d)
+        u_all[:, block], s_all[block], vh_all[block] = ut[:, :d], st[:d], vht[:d]
+        filled += d
         del ut, st, vht
-    u_orth = polar_factor(u_all).mul_(s_all.mean())
+    if filled == 0:
+        return torch.zeros(u_all.shape[0], vh_all.shape[1], dtype=u_all.dtype, device=u_all.device)
+    u_orth = polar_factor(u_all[:, :filled]).mul_(s_all[:filled].mean())
     del u_all
-    return u_orth @ polar_factor(vh_all)
+    return u_orth @ polar_factor(vh_all[:filled])
 
 
 # -- WUDI -------------------------------------------------------------------------------------------
