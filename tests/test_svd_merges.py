@@ -119,7 +119,8 @@ def test_hand_cases():
 
 
 def test_sizes_follow_the_reference_rounding():
-    assert [tsv_rank(64, 3), tsv_rank(30, 3), tsv_rank(49, 7), tsv_rank(2, 3), tsv_rank(64, 4, 0.5)] == [21, 10, 7, 1, 8]
+    # (98, 49): the reference's int(98 * (1/49)) is 1, a float rounding; r/T is 2
+    assert [tsv_rank(64, 3), tsv_rank(30, 3), tsv_rank(98, 49), tsv_rank(2, 3), tsv_rank(64, 4, 0.5)] == [21, 10, 2, 1, 8]
     # c = ⌊r·f⌋, then r − c rounded to a multiple of T: (64, 3, 0.8): c = 51, 13/3 → 4 per task, c = 52
     assert iso_cts_sizes(64, 3, 0.8) == (52, 4)
     assert iso_cts_sizes(10, 3, 0.8) == (7, 1)
