@@ -145,7 +145,16 @@ def test_kernels_match_the_dense_references(t, m, n):
     close(tsv_merge((x.clone() for x in taus), t), ref_tsv(taus), rtol=1e-9)
     close(iso_c(sum(taus)), ref_iso_c(taus), rtol=1e-9)
     close(iso_cts([x.clone() for x in taus], 0.5), ref_iso_cts(taus, 0.5), rtol=1e-9)
-    close(wudi_merge((x.clone() for x in taus), steps=40, lr=1e-3), ref_wudi(taus, 40, 1e-3), rtol=1e-9)
+    want = ref_wudi(taus, 40, 1e-3)
+    close(wudi_merge((x.clone() for x in taus), steps=40, lr=1e-3), want, rtol=1e-9)
+    close(wudi_merge((x.clone() for x in taus), steps=40, lr=1e-3, tasks=t), want, rtol=1e-9)  # G factored when n > T·m
+
+
+def test_wudi_keeps_a_wide_matrix_gram_factored():
+    taus = task_vectors(2, 3, 20, seed=4)  # n = 20 > T·m = 6
+    want = ref_wudi(taus, 30, 1e-3)
+    close(wudi_merge((x.clone() for x in taus), steps=30, lr=1e-3, tasks=2), want, rtol=1e-9)
+    close(wudi_merge((x.clone() for x in taus), steps=30, lr=1e-3), want, rtol=1e-9)
 
 
 def test_wudi_matches_the_reference_in_float32_at_the_paper_settings():

@@ -89,7 +89,7 @@ def _iso_cts(deltas: Iterator[torch.Tensor], ctx: TensorContext) -> torch.Tensor
 
 
 def _wudi(deltas: Iterator[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
-    return wudi_merge(deltas, ctx.params["steps"], ctx.params["lr"])
+    return wudi_merge(deltas, ctx.params["steps"], ctx.params["lr"], len(ctx.model_params))
 
 
 register(
@@ -134,8 +134,9 @@ register(
         params=(STEPS, LR, WEIGHT, LAMBDA),
         combine=spectral(_wudi),
         paper="https://arxiv.org/abs/2503.08099",
-        # θ_0, τ, B, the gradient, Adam's two moments, the task vector being read and its m × m Gram;
-        # plus G (n × n: one copy for a square matrix, n/m copies for a wide one)
-        working_copies=lambda n: 9,
+        # θ_0, τ, B, the gradient, Adam's two moments and a temporary, the task vector being read;
+        # plus G: n × n (one copy for a square matrix, up to K for a wide one) or, wider than K·m,
+        # the K stacked task vectors
+        working_copies=lambda n: n + 8,
     )
 )

@@ -182,26 +182,38 @@ def wudi_loss(merged: Tensor, deltas: Sequence[Tensor]) -> Tensor:
     return total
 
 
-def wudi_merge(deltas: Iterable[Tensor], steps: int = 300, lr: float = 1e-5) -> Tensor:
+def wudi_merge(deltas: Iterable[Tensor], steps: int = 300, lr: float = 1e-5, tasks: int | None = None) -> Tensor:
     """WUDI of one matrix: ``steps`` Adam steps on the interference loss from τ = Σ_t τ_t.
 
     The loss is quadratic, so its gradient is 2·(τ·G − B) with G = Σ_t τ_tᵀτ_t / ‖τ_t‖² (n × n) and
     B = Σ_t τ_t·τ_tᵀ·τ_t / ‖τ_t‖² (m × n), both gathered in one pass over the task vectors: each step
-    costs one m × n × n product whatever T, and no task vector is held during the steps. Adam as
+    costs one m × n × n product whatever T, and no task vector is held during the steps. A wide
+    matrix (n > T·m, ``tasks`` = T given) keeps G factored instead, as the stacked rows A of the
+    τ_t / ‖τ_t‖ (T·m × n, G = AᵀA): T copies rather than n/m, and τ·G = (τ·Aᵀ)·A. Adam as
     torch.optim.Adam computes it (β = 0.9, 0.999; ε = 1e-8; no weight decay). No randomness.
     """
     merged: Tensor | None = None
-    for delta in deltas:
+    for t, delta in enumerate(deltas):
         if merged is None:
             m, n = delta.shape
             merged = torch.zeros_like(delta)
-            gram = delta.new_zeros(n, n)
             target = torch.zeros_like(delta)
+            factored = tasks is not None and n > tasks * m
+            gram = delta.new_zeros(tasks * m, n) if factored else delta.new_zeros(n, n)
         merged.add_(delta)
         norm2 = float(delta.square().sum())
         if norm2 > 0:
-            gram.addmm_(delta.mT, delta, alpha=1 / norm2)
-            target.addmm_(delta @ delta.mT, delta, alpha=1 / norm2)
+            if n <= m:  # the n × n Gram of τ_t is the smaller product
+                own = delta.mT @ delta
+                target.addmm_(delta, own, alpha=1 / norm2)
+                if not factored:
+                    gram.add_(own, alpha=1 / norm2)
+            else:
+                target.addmm_(delta @ delta.mT, delta, alpha=1 / norm2)
+                if not factored:
+                    gram.addmm_(delta.mT, delta, alpha=1 / norm2)
+            if factored:
+                gram[t * m:(t + 1) * m] = delta / math.sqrt(norm2)
         del delta
     if merged is None:
         raise ValueError("WUDI needs at least one task vector")
@@ -213,7 +225,10 @@ def wudi_merge(deltas: Iterable[Tensor], steps: int = 300, lr: float = 1e-5) -> 
     exp_avg_sq = torch.zeros_like(merged)
     denom = torch.empty_like(merged)
     for step in range(1, steps + 1):
-        torch.mm(merged, gram, out=grad)
+        if factored:
+            torch.mm(merged @ gram.mT, gram, out=grad)
+        else:
+            torch.mm(merged, gram, out=grad)
         grad.sub_(target).mul_(2)
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
