@@ -108,6 +108,10 @@ def test_hand_cases():
     t1 = torch.tensor([[2.0, 0.0], [0.0, 0.0]], dtype=F64)
     t2 = torch.tensor([[0.0, 0.0], [0.0, 3.0]], dtype=F64)
     close(tsv_merge([t1.clone(), t2.clone()], 2), torch.diag(torch.tensor([2.0, 3.0], dtype=F64)))
+    # TSV-M with more tasks than the rank: each keeps 1 triplet (the reference keeps int(2/3) = 0: no update)
+    wide = task_vectors(3, 2, 5, seed=9)
+    merged = tsv_merge((x.clone() for x in wide), 3)
+    assert merged.shape == (2, 5) and float(merged.abs().max()) > 0.01
     # Iso-C: diag(3, 1) has mean singular value 2
     close(iso_c(torch.diag(torch.tensor([3.0, 1.0], dtype=F64))), torch.diag(torch.tensor([2.0, 2.0], dtype=F64)))
     # WUDI: τ_1 = [1, 0] and τ_2 = [0, 1] do not interfere: the loss (a − 1)² + (b − 1)² is 0 at their sum
@@ -326,6 +330,8 @@ def test_declarations():
         assert {"weight", "lambda"} <= {p.name for p in method.params}
     assert get_method("iso_cts").working_copies(8) > get_method("iso_cts").working_copies(2)  # it holds every task vector
     assert get_method("tsv_m").working_copies(8) == get_method("tsv_m").working_copies(2)  # one at a time
+    # an evaluator searches λ; Iso's flat spectrum shrinks the update, so its grid reaches above 1
+    assert get_method("iso_c").param("lambda").searchable and max(get_method("iso_cts").param("lambda").default_grid) == 3.0
 
 
 def test_recipes_run_on_the_demo(demo, tmp_path):
