@@ -9,7 +9,6 @@ scales the whole update the same way. One tensor at a time, as every other metho
 from __future__ import annotations
 
 from dataclasses import replace
-from itertools import chain
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -65,11 +64,19 @@ def spectral(kernel: Kernel) -> Callable[[Iterable[torch.Tensor], TensorContext]
     def combine(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
         weighted = _weighted(deltas, ctx)
         first = next(weighted)
-        if not is_spectral(ctx.name, first):
-            return mean_update(chain([first], weighted))
-        return kernel(chain([first], weighted), ctx)
+        spectral_tensor = is_spectral(ctx.name, first)
+        held = [first]
+        del first  # from here on only the consumer holds the first task vector
+        again = _prepended(held, weighted)
+        return kernel(again, ctx) if spectral_tensor else mean_update(again)
 
     return combine
+
+
+def _prepended(held: list[torch.Tensor], rest: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """The task vector peeked at, then the rest, keeping no reference to it once handed out."""
+    yield held.pop()
+    yield from rest
 
 
 def _tsv(deltas: Iterator[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
