@@ -436,8 +436,14 @@ MERGEKIT_RECIPES: dict[str, Shared] = {
 RANDOM_METHODS = {"dare_ties", "dare_linear", "della", "della_linear"}
 
 #: Parameters for the methods only we have (no mergekit counterpart; timed for us alone). The
-#: consensus methods' defaults already do their real work.
-BENCH_PARAMS: dict[str, str] = {}
+#: consensus methods' defaults already do their real work; so do the singular-basis merges' (the
+#: papers' settings, written out here: WUDI's time grows with its steps).
+BENCH_PARAMS: dict[str, str] = {
+    "tsv_m": "{rank_fraction: 1.0}",
+    "iso_c": "{lambda: 1.0}",
+    "iso_cts": "{common_space_fraction: 0.8}",
+    "wudi": "{steps: 300, lr: 1.0e-5}",
+}
 
 
 def fits(method: str, k: int) -> bool:

@@ -29,7 +29,7 @@ import torch
 
 from .checkpoint import Checkpoint, download_from_hub, looks_like_hub_id, split_revision
 from .errors import CheckpointError, RecipeError
-from .ops.vocab import RowPlan, TokenRule, needs_default, plan_rows
+from .ops.vocab import VOCABULARY_NAMES, VOCABULARY_SUFFIXES, RowPlan, TokenRule, is_vocabulary_tensor, needs_default, plan_rows  # noqa: F401  (re-exported)
 from .recipe import ModelTokenSource, Recipe, TokenizerOptions, ZeroSource, default_name
 from .text import one_line, safe_repr
 
@@ -46,22 +46,6 @@ TOKENIZER_MODEL_FILES = (
 )
 #: What is fetched from the hub for a tokenizer-only source (no weights).
 TOKENIZER_HUB_PATTERNS = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
-
-#: Tensors with one row per token (mergekit's architectures' ``vocabulary_axis: 0``), by the end of their name.
-VOCABULARY_SUFFIXES = (
-    "embed_tokens.weight", "tok_embeddings.weight", "word_embeddings.weight", "wte.weight", "embed_in.weight",
-    "embed_out.weight", "lm_head.weight", "lm_head.bias", "lm_head.decoder.weight", "lm_head.linear.weight",
-    "lm_head.linear.bias", "cls.predictions.decoder.weight", "cls.predictions.bias", "vocab_projector.weight",
-    "vocab_projector.bias", "output_layer.weight",
-)
-#: ... and by their whole name, where the end alone would also name other tensors.
-VOCABULARY_NAMES = ("output.weight", "shared.weight", "backbone.embeddings.weight")
-
-
-def is_vocabulary_tensor(name: str) -> bool:
-    """Whether a tensor has one row per token (embeddings, output heads and their biases)."""
-    return name in VOCABULARY_NAMES or any(name == s or name.endswith("." + s) for s in VOCABULARY_SUFFIXES)
-
 
 def config_vocab_size(config: Mapping[str, Any] | None) -> int | None:
     """The embedding rows a config declares: ``vocab_size``, or ``text_config.vocab_size`` (multimodal models)."""

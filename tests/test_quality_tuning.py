@@ -120,3 +120,18 @@ def test_normalized_noise_matches_the_binomial_formula():
     se = report.normalized_noise([{"a": 0.8, "b": 0.4}], ft, 1000)
     expected = math.sqrt(0.8 * 0.2 / 1000 / 0.81 + 0.4 * 0.6 / 1000 / 0.25) / 2
     assert se == pytest.approx(expected)
+
+
+def test_singular_basis_methods_are_searched_over_lambda_from_the_pretrained_base():
+    """TSV-M, Iso-C, Iso-CTS and WUDI output θ_0 + λ·merged: λ is searched (derived from the λ = 1 merge)."""
+    from mergekit_lite.methods import get_method
+
+    specs = {m.key: m for m in METHODS}
+    for key in ("tsv_m", "iso_c", "iso_cts", "wudi"):
+        spec = specs[key]
+        assert spec.scaled and spec.base == "pretrained" and get_method(spec.merge_method).inputs == "task_vectors", key
+    base, dirs = Path("ck/base"), {"a": Path("ck/a"), "b": Path("ck/b")}
+    recipe = method_recipe(specs["wudi"], base, dirs, {"lr": 1e-4}, 0.5)
+    assert recipe["merge_method"] == "wudi" and recipe["base_model"].endswith("ck/base")
+    assert recipe["parameters"] == {"steps": 300, "lr": 1e-4, "lambda": 0.5}
+    assert tuning.grid_points(specs["iso_cts"]) == [{"common_space_fraction": 0.5}, {"common_space_fraction": 0.8}]

@@ -86,3 +86,11 @@ def test_masks_plot_and_missing_matplotlib(demo, tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["masks", str(recipe), "--plot", str(tmp_path / "n.png"), "-q"])
     assert result.exit_code == 2
     assert "matplotlib" in result.stderr and "pip install" in result.stderr
+
+
+def test_masks_refuses_a_method_without_task_vectors(demo, tmp_path):
+    """karcher reads the base as one more model (no θ_0): one clear line and exit 2, not a crash."""
+    data = {"merge_method": "karcher", "base_model": str(demo["base"]), "models": [{"model": str(demo[t])} for t in DEMO_TASKS]}
+    result = CliRunner().invoke(main, ["masks", str(write_recipe(tmp_path / "r.yml", data)), "-q"])
+    assert result.exit_code == 2, result.output
+    assert "TALL masks compare task vectors" in result.output and "karcher" in result.output

@@ -17,6 +17,22 @@ import torch
 from torch import Tensor
 
 
+#: Tensors with one row per token (mergekit's architectures' ``vocabulary_axis: 0``), by the end of their name.
+VOCABULARY_SUFFIXES = (
+    "embed_tokens.weight", "tok_embeddings.weight", "word_embeddings.weight", "wte.weight", "embed_in.weight",
+    "embed_out.weight", "lm_head.weight", "lm_head.bias", "lm_head.decoder.weight", "lm_head.linear.weight",
+    "lm_head.linear.bias", "cls.predictions.decoder.weight", "cls.predictions.bias", "vocab_projector.weight",
+    "vocab_projector.bias", "output_layer.weight",
+)
+#: ... and by their whole name, where the end alone would also name other tensors.
+VOCABULARY_NAMES = ("output.weight", "shared.weight", "backbone.embeddings.weight")
+
+
+def is_vocabulary_tensor(name: str) -> bool:
+    """Whether a tensor has one row per token (embeddings, output heads and their biases)."""
+    return name in VOCABULARY_NAMES or any(name == s or name.endswith("." + s) for s in VOCABULARY_SUFFIXES)
+
+
 @dataclass(frozen=True)
 class TokenRule:
     """A configured default for one output token: ``zero``, ``row`` (row ``row`` of input ``model``'s own

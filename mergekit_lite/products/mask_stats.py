@@ -200,6 +200,11 @@ def mask_statistics(
     dev = resolve_device(device)
     the_plan = make_plan(recipe)
     try:
+        if any(job.merge and job.base is None for job in the_plan.jobs):
+            raise MergeKitLiteError(
+                f"masks: TALL masks compare task vectors θ_t − θ_0, and merge_method {the_plan.method.name} does not take "
+                "the base as θ_0; use the recipe of a task-vector method (task_arithmetic, ties, consensus, ...) with a base_model"
+            )
         count = len(the_plan.models)
         params = {"aggregate": aggregate or the_plan.params.get("aggregate", "task_arithmetic")}
         if params["aggregate"] not in ("task_arithmetic", "ties"):
