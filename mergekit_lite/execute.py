@@ -122,6 +122,7 @@ class RereadTaskVectors(TaskVectorSource):
         self.count = len(job.inputs)
         self.shape = tuple(base.shape)
         self.dtype, self.device = plan.compute_dtype, device
+        self.hands_out_new = True
         self.entries = entries
 
     def whole(self) -> Iterator[torch.Tensor]:

@@ -104,6 +104,8 @@ class TaskVectorSource:
     shape: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
+    #: every tensor handed out is new and the caller's to change (so masks can be applied in place)
+    hands_out_new: bool = False
 
     def whole(self) -> Iterator[torch.Tensor]:
         """Each task's whole τ_t, in model order, one at a time."""

@@ -60,7 +60,7 @@ def sce_rows(source: TaskVectorSource, ctx: TensorContext) -> torch.Tensor:
         del variance
     energy = []
     for delta in source.whole():
-        energy.append(mean_square(delta if keep is None else delta * keep))
+        energy.append(mean_square(delta if keep is None else delta.mul_(keep) if source.hands_out_new else delta * keep))
         del delta
     weights = [float(w) for w in energy_weights(energy, ctx.params["energy_floor"], source.dtype)]
     merged: torch.Tensor | None = None

@@ -52,10 +52,10 @@ def tall_masks_for(stacked: torch.Tensor, tau_mtl: torch.Tensor, ctx: TensorCont
     return torch.stack([tall_mask(stacked[t], tau_mtl, p["tall_lambda"]) for t, p in enumerate(ctx.model_params)])
 
 
-def _weighted(delta: torch.Tensor, p: dict[str, Any]) -> torch.Tensor:
-    """w_t·τ_t as a new tensor (τ_t itself when w_t = 1: it is only read)."""
+def _weighted(delta: torch.Tensor, p: dict[str, Any], owned: bool) -> torch.Tensor:
+    """w_t·τ_t (τ_t itself when w_t = 1: it is only read), in place when τ_t is ours to change."""
     w = p.get("weight", 1.0)
-    return delta if w == 1.0 else delta * w
+    return delta if w == 1.0 else delta.mul_(w) if owned else delta * w
 
 
 def _consensus_rows(source: TaskVectorSource, ctx: TensorContext) -> torch.Tensor:
@@ -67,7 +67,7 @@ def _consensus_rows(source: TaskVectorSource, ctx: TensorContext) -> torch.Tenso
     merged: torch.Tensor | None = None
     for start, stop in source.chunks():
         rows = chunk_rows(source, start, stop)
-        kept = [_weighted(source.rows(t, start, stop), p) for t, p in enumerate(ctx.model_params)]
+        kept = [_weighted(source.rows(t, start, stop), p, source.hands_out_new) for t, p in enumerate(ctx.model_params)]
         tau_mtl = multitask_vector(kept, ctx)
         votes = torch.zeros(tau_mtl.shape, dtype=torch.uint8 if len(kept) < 256 else torch.int32, device=tau_mtl.device)
         for delta, p in zip(kept, ctx.model_params):

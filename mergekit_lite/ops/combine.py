@@ -150,7 +150,7 @@ def disjoint_sum(trimmed: Iterable[Tensor], positive: Tensor, weights: Sequence[
         v = delta.mul_(w)
         del delta
         agree = torch.where(positive, v > 0, v < 0)
-        v.masked_fill_(~agree, 0)
+        v.mul_(agree)  # the disagreeing entries become ±0 (a bool product: faster than masked_fill)
         if best is not None:  # max: the agreeing value of largest |v|, the first one on ties (argmax)
             larger = v.abs() > best
             merged = torch.where(larger, v, merged)
