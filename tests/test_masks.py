@@ -684,3 +684,26 @@ def test_task_arithmetic_matches_loop():
     torch.testing.assert_close(task_arithmetic(d, w), want)
     torch.testing.assert_close(task_arithmetic(d), d[0] + d[1] + d[2])
     assert task_arithmetic(d.float()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("kind", ["randn", "quantized", "few", "constant"])
+def test_ties_at_the_threshold_go_to_the_lowest_indices_across_chunks(kind):
+    """Tied entries are taken in flat-index order even when they span the search's chunks (forced small here)."""
+    from mergekit_lite.ops import sparsify as sp
+
+    g = torch.Generator().manual_seed(3)
+    n = 5003
+    x = {
+        "randn": torch.randn(n, generator=g),
+        "quantized": torch.randn(n, generator=g).to(torch.bfloat16).float(),
+        "few": torch.randint(0, 4, (n,), generator=g).float(),
+        "constant": torch.zeros(n),
+    }[kind]
+    mag = x.abs()
+    for k in (1, n // 5, n // 2, n - 1):
+        want = torch.zeros(n, dtype=torch.bool)
+        want[torch.sort(mag, descending=True, stable=True).indices[:k]] = True
+        assert torch.equal(sp._topk_of_magnitudes(mag, k), want), k
+    flat = torch.rand(n, generator=g) > 0.7
+    for count in (1, 5, int(flat.sum())):
+        assert torch.equal(sp._first_true(flat, count, chunk=64), torch.nonzero(flat).reshape(-1)[:count])

@@ -43,6 +43,22 @@ def _kth_smallest(values: Tensor, rank: int) -> Tensor:
     return torch.kthvalue(values, rank).values
 
 
+def _first_true(flat: Tensor, count: int, chunk: int = 1 << 20) -> Tensor:
+    """Flat indices of the first ``count`` True entries of a bool tensor (count ≥ 1), counting chunk by
+    chunk so only the chunk holding the last one is searched (not the whole tensor)."""
+    found: list[Tensor] = []
+    for start in range(0, flat.numel(), chunk):
+        part = flat[start : start + chunk]
+        here = int(torch.count_nonzero(part))
+        if here >= count:
+            found.append(torch.nonzero(part).reshape(-1)[:count] + start)
+            break
+        if here:
+            found.append(torch.nonzero(part).reshape(-1) + start)
+            count -= here
+    return torch.cat(found) if found else torch.zeros(0, dtype=torch.long, device=flat.device)
+
+
 def keep_count(n: int, density: float) -> int:
     """Number of entries to keep out of n: floor(density * n), clamped to [0, n].
 
@@ -84,8 +100,7 @@ def _topk_of_magnitudes(mag: Tensor, k: int) -> Tensor:
         tied = mag == threshold
         if int(torch.count_nonzero(tied)) == missing:
             return keep.logical_or_(tied)
-        first = torch.nonzero(tied.reshape(-1)).reshape(-1)[:missing]  # the lowest flat indices
-        keep.reshape(-1)[first] = True
+        keep.reshape(-1)[_first_true(tied.reshape(-1), missing)] = True  # the lowest flat indices
     return keep
 
 
