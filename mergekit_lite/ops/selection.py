@@ -65,7 +65,8 @@ def model_stock_ratio(deltas: Sequence[Tensor], filter_wise: bool = False) -> Te
     cosines = []
     for i in range(k):
         for j in range(i + 1, k):
-            dot = (rows[i] * rows[j]).sum(dim=-1)
+            # one vector per tensor: a BLAS dot (no product tensor of the tensor's size); per row: row-wise sums
+            dot = torch.dot(rows[i][0], rows[j][0]).reshape(1) if rows[i].dim() == 2 and rows[i].shape[0] == 1 else (rows[i] * rows[j]).sum(dim=-1)
             cosines.append((dot / (norms[i] * norms[j]).clamp(min=MODEL_STOCK_NORM_FLOOR)).clamp(-1, 1))
     cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
     denominator = 1 + (k - 1) * cos
