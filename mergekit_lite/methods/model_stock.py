@@ -37,7 +37,7 @@ register(
         base="required",
         min_models=2,  # besides the base: mergekit's contract is 3 inputs, the base included
         paper="https://arxiv.org/abs/2403.19522",
-        # θ_0, the K task vectors, and one product τ_i ⊙ τ_j at a time
-        working_copies=lambda n: 0.75 * n + 1.5,
+        # the K task vectors (every pairwise angle needs them all; dot products need no temporary), measured
+        working_copies=lambda n: n + 0.25,
     )
 )
