@@ -170,6 +170,29 @@ class HeldWeightInputs(WeightInputs):
         return self.tensors[i].clone()
 
 
+def chunk_rows(source: TaskVectorSource, start: int, stop: int) -> slice | None:
+    """The slice of one row chunk, or None when the chunk is the whole tensor."""
+    whole = not source.shape or (start == 0 and stop >= source.shape[0])
+    return None if whole else slice(start, stop)
+
+
+def by_row_chunks(source: TaskVectorSource, part: Callable[[int, int, slice | None], torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """The tensor whose rows ``part(start, stop, rows)`` computes chunk by chunk (``rows`` None: the whole
+    tensor, returned as it is); ``out``, if given, lends its memory to the result."""
+    merged = out
+    for start, stop in source.chunks():
+        rows = chunk_rows(source, start, stop)
+        chunk = part(start, stop, rows)
+        if rows is None:
+            return chunk
+        if merged is None:
+            merged = torch.empty(source.shape, dtype=chunk.dtype, device=chunk.device)
+        merged[rows] = chunk
+        del chunk
+    assert merged is not None, "at least one row chunk"
+    return merged
+
+
 def row_chunks(shape: tuple[int, ...], entries: int) -> list[tuple[int, int]]:
     """Row ranges along the first dimension of about ``entries`` entries each (at least one row)."""
     if not shape:

@@ -7,8 +7,8 @@ from typing import Iterable
 import torch
 
 from ..ops.sce import SCE_ENERGY_FLOOR, energy_weights, mean_square, sce_erase, task_variance, top_variance_mask
-from .base import HeldTaskVectors, MergeMethod, Param, TaskVectorSource, TensorContext, register
-from .task_arithmetic import INT8_MASK, chunk_rows
+from .base import HeldTaskVectors, MergeMethod, by_row_chunks, Param, TaskVectorSource, TensorContext, register
+from .task_arithmetic import INT8_MASK
 
 SELECT_TOPK = Param(
     "select_topk", float, 1.0,
@@ -39,46 +39,28 @@ def sce_rows(source: TaskVectorSource, ctx: TensorContext) -> torch.Tensor:
     per row chunk, the T selected rows stacked (a chunk, not the tensor).
     """
     fraction = ctx.params["select_topk"]
-    chunks = source.chunks()
     keep: torch.Tensor | None = None
     if fraction <= 0:
         keep = torch.zeros(source.shape, dtype=torch.bool, device=source.device)
     elif fraction < 1:
-        variance: torch.Tensor | None = None
-        for start, stop in chunks:
-            rows = chunk_rows(source, start, stop)
-            part = task_variance(torch.stack([source.rows(t, start, stop) for t in range(source.count)]))
-            if rows is None:
-                variance = part
-                break
-            if variance is None:
-                variance = torch.empty(source.shape, dtype=part.dtype, device=part.device)
-            variance[rows] = part
-            del part
-        assert variance is not None
-        keep = top_variance_mask(variance, fraction)
-        del variance
+
+        def variance_rows(start: int, stop: int, rows: slice | None) -> torch.Tensor:
+            return task_variance(torch.stack([source.rows(t, start, stop) for t in range(source.count)]))
+
+        keep = top_variance_mask(by_row_chunks(source, variance_rows), fraction)
     energy = []
     for delta in source.whole():
         energy.append(mean_square(delta if keep is None else delta.mul_(keep) if source.hands_out_new else delta * keep))
         del delta
     weights = [float(w) for w in energy_weights(energy, ctx.params["energy_floor"], source.dtype)]
-    merged: torch.Tensor | None = None
-    for start, stop in chunks:
-        rows = chunk_rows(source, start, stop)
+
+    def erase_rows(start: int, stop: int, rows: slice | None) -> torch.Tensor:
         stacked = torch.stack([source.rows(t, start, stop) for t in range(source.count)])
         if keep is not None:
             stacked.mul_(keep if rows is None else keep[rows])
-        part = sce_erase(stacked, weights, ctx.params["merge"])
-        del stacked
-        if rows is None:
-            return part
-        if merged is None:
-            merged = torch.empty(source.shape, dtype=part.dtype, device=part.device)
-        merged[rows] = part
-        del part
-    assert merged is not None
-    return merged
+        return sce_erase(stacked, weights, ctx.params["merge"])
+
+    return by_row_chunks(source, erase_rows)
 
 
 def sce_combine(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> torch.Tensor:

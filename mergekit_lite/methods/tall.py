@@ -13,8 +13,8 @@ import torch
 
 from ..errors import RecipeError
 from ..ops import elect_and_merge, magnitude_mask, tall_mask
-from .base import HeldTaskVectors, MergeMethod, Param, TaskVectorSource, TensorContext, register
-from .task_arithmetic import INT8_MASK, LAMBDA, WEIGHT, chunk_rows, ties_model_statistics, ties_passes
+from .base import HeldTaskVectors, MergeMethod, by_row_chunks, Param, TaskVectorSource, TensorContext, register
+from .task_arithmetic import INT8_MASK, LAMBDA, WEIGHT, ties_model_statistics, ties_passes
 
 AGGREGATE = Param(
     "aggregate", str, "task_arithmetic", "How τ_MTL is built: task_arithmetic (Σ τ_t) or ties (density 0.2, sum, model scope).",
@@ -64,25 +64,16 @@ def _consensus_rows(source: TaskVectorSource, ctx: TensorContext) -> torch.Tenso
     Every step is element-wise once the model-wide TIES thresholds are known, so one pass over
     row chunks does it: τ_MTL of the chunk, then each task's TALL mask counted, never stacked.
     """
-    merged: torch.Tensor | None = None
-    for start, stop in source.chunks():
-        rows = chunk_rows(source, start, stop)
+    def consensus_rows(start: int, stop: int, rows: slice | None) -> torch.Tensor:
         kept = [_weighted(source.rows(t, start, stop), p, source.hands_out_new) for t, p in enumerate(ctx.model_params)]
         tau_mtl = multitask_vector(kept, ctx)
         votes = torch.zeros(tau_mtl.shape, dtype=torch.uint8 if len(kept) < 256 else torch.int32, device=tau_mtl.device)
         for delta, p in zip(kept, ctx.model_params):
             votes.add_(tall_mask(delta, tau_mtl, p["tall_lambda"]))
         kept.clear()
-        chunk = tau_mtl.masked_fill_(votes < ctx.params["consensus_k"], 0)
-        del votes
-        if rows is None:
-            return chunk
-        if merged is None:
-            merged = torch.empty(source.shape, dtype=chunk.dtype, device=chunk.device)
-        merged[rows] = chunk
-        del chunk
-    assert merged is not None, "at least one row chunk"
-    return merged
+        return tau_mtl.masked_fill_(votes < ctx.params["consensus_k"], 0)
+
+    return by_row_chunks(source, consensus_rows)
 
 
 def _combine_consensus(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> torch.Tensor:

@@ -28,7 +28,7 @@ from ..ops import (
     topk_count_mask,
 )
 from ..ops.bitpack import pack_bits, unpack_bit_range
-from .base import CombineFn, CombineRowsFn, HeldTaskVectors, MergeMethod, Param, TaskVectorSource, TensorContext, register
+from .base import CombineFn, CombineRowsFn, HeldTaskVectors, by_row_chunks, MergeMethod, Param, TaskVectorSource, TensorContext, register
 
 # -- parameters (names and defaults as mergekit 0.1.5 declares them) -------------------------------
 WEIGHT = Param("weight", float, 1.0, "Per-model weight w_t multiplying its task vector (negative forgets a task).", per_model=True)
@@ -231,12 +231,6 @@ def merge_mode(ctx: TensorContext) -> str:
     return "mean" if ctx.params.get("normalize", True) else "sum"
 
 
-def chunk_rows(source: TaskVectorSource, start: int, stop: int) -> slice | None:
-    """The slice of one row chunk, or None when the chunk is the whole tensor."""
-    whole = not source.shape or (start == 0 and stop >= source.shape[0])
-    return None if whole else slice(start, stop)
-
-
 def elect_rows(source: TaskVectorSource, sparsify: Sparsifier, ctx: TensorContext) -> torch.Tensor:
     """TIES election and disjoint merge in two phases, holding masks instead of task vectors.
 
@@ -261,20 +255,15 @@ def elect_rows(source: TaskVectorSource, sparsify: Sparsifier, ctx: TensorContex
         kept.append(rule.pack() if chunked else rule)
     assert total is not None, "at least one model is required"
     positive = elected_positive(total, fallback)
-    merged = total  # the sum's memory holds the merged rows
-    del total
     mode = merge_mode(ctx)
-    for start, stop in source.chunks():
-        rows = chunk_rows(source, start, stop)
-        chunk = disjoint_sum(
+
+    def merge_rows(start: int, stop: int, rows: slice | None) -> torch.Tensor:
+        return disjoint_sum(
             (rule.apply(source.rows(t, start, stop), rows, in_place=source.hands_out_new) for t, rule in enumerate(kept)),
             positive if rows is None else positive[rows], weights, mode,
         )
-        if rows is None:
-            return chunk
-        merged[rows] = chunk
-        del chunk
-    return merged
+
+    return by_row_chunks(source, merge_rows, out=total)  # the sum's memory holds the merged rows
 
 
 def family_combine(sparsify: Sparsifier, consensus: bool) -> tuple[CombineFn, CombineRowsFn | None]:
