@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterator
 import click
 
 from . import __version__
+from .allocator import return_large_buffers
 from .errors import MergeKitLiteError
 
 RECIPE_HELP = """
@@ -95,6 +96,7 @@ def main() -> None:
       mergekit-lite run recipe.yml out/          # write a Hugging Face checkpoint to out/
       mergekit-lite methods                      # methods and their parameters
     """
+    return_large_buffers()  # freed tensors leave the process: resident memory stays the working set
 
 
 @main.command()

@@ -23,10 +23,13 @@ __all__ = [
     "arcee_importance",
     "iqr_threshold",
     "model_stock_ratio",
+    "model_stock_ratio_from_gram",
     "model_stock_task_vector",
     "nearswap",
     "order_statistics",
+    "pairwise_gram",
     "quartile_positions",
+    "scale_mean",
 ]
 
 #: Model Stock: the product of two task-vector norms is floored at this before dividing.
@@ -46,33 +49,48 @@ def _rows(x: Tensor, filter_wise: bool) -> Tensor:
     return x.reshape(1, -1) if not filter_wise or x.dim() <= 1 else x
 
 
-def model_stock_ratio(deltas: Sequence[Tensor], filter_wise: bool = False) -> Tensor:
-    """Model Stock's interpolation ratio t = K·cos θ / (1 + (K−1)·cos θ) for K ≥ 2 task vectors.
+def pairwise_gram(deltas: Sequence[Tensor], per_row: bool = False) -> Tensor:
+    """⟨τ_i, τ_j⟩ for every pair of task vectors (squared norms on the diagonal), in float64: one
+    [K, K] matrix over the whole tensors, or [R, K, K] for each row along the last dimension.
 
-    cos θ is the mean over the K(K−1)/2 pairs of ⟨τ_i, τ_j⟩ / max(‖τ_i‖·‖τ_j‖, 1e-6), each
-    clamped to [−1, 1] — over the whole tensor, or per row along the last dimension when
-    ``filter_wise``. Where |1 + (K−1)·cos θ| < 1e-6 the ratio is 0 (the base is kept).
-
-    Returns t with a trailing dimension of 1, broadcastable against ``_rows(τ, filter_wise)``
-    (shape [1, 1] for the whole tensor). ``deltas`` are read, not modified; one product of the
-    tensor's size is held at a time.
+    Grams of row chunks add up to the whole tensor's (or, per row, concatenate), so the angle can be
+    measured without holding the K task vectors at once. One matrix product: no product tensor of
+    the tensors' size, only their stack.
     """
-    k = len(deltas)
+    if per_row:
+        stacked = torch.stack([d.reshape(-1, d.shape[-1]) for d in deltas], dim=1)  # [R, K, n]
+        return torch.bmm(stacked, stacked.transpose(1, 2)).double()
+    stacked = torch.stack([d.reshape(-1) for d in deltas])  # [K, n]
+    return (stacked @ stacked.T).double()
+
+
+def model_stock_ratio_from_gram(gram: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Model Stock's t = K·cos θ / (1 + (K−1)·cos θ) from the task vectors' Gram matrix ([K, K], or
+    [R, K, K] per row): cos θ is the mean over the K(K−1)/2 pairs of ⟨τ_i, τ_j⟩ / max(‖τ_i‖·‖τ_j‖,
+    1e-6), each clamped to [−1, 1]; where |1 + (K−1)·cos θ| < 1e-6 the ratio is 0 (the base is
+    kept). Returns [1, 1] (whole tensor) or [R, 1] (per row), in ``dtype``."""
+    grams = gram.unsqueeze(0) if gram.dim() == 2 else gram
+    k = grams.shape[-1]
     if k < 2:
         raise ValueError(f"model_stock needs at least 2 models besides the base, got {k}")
-    rows = [_rows(d, filter_wise) for d in deltas]
-    norms = [torch.linalg.vector_norm(r, dim=-1) for r in rows]
-    cosines = []
-    for i in range(k):
-        for j in range(i + 1, k):
-            # one vector per tensor: a BLAS dot (no product tensor of the tensor's size); per row: row-wise sums
-            dot = torch.dot(rows[i][0], rows[j][0]).reshape(1) if rows[i].dim() == 2 and rows[i].shape[0] == 1 else (rows[i] * rows[j]).sum(dim=-1)
-            cosines.append((dot / (norms[i] * norms[j]).clamp(min=MODEL_STOCK_NORM_FLOOR)).clamp(-1, 1))
-    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    norms = grams.diagonal(dim1=-2, dim2=-1).clamp(min=0).sqrt()  # [R, K]
+    i, j = torch.triu_indices(k, k, 1)
+    cosines = (grams[:, i, j] / (norms[:, i] * norms[:, j]).clamp(min=MODEL_STOCK_NORM_FLOOR)).clamp(-1, 1)
+    cos = cosines.mean(dim=-1, keepdim=True)
     denominator = 1 + (k - 1) * cos
     singular = denominator.abs() < MODEL_STOCK_SINGULAR
     ratio = (k * cos) / torch.where(singular, torch.ones_like(denominator), denominator)
-    return torch.where(singular, torch.zeros_like(ratio), ratio)
+    return torch.where(singular, torch.zeros_like(ratio), ratio).to(dtype)
+
+
+def model_stock_ratio(deltas: Sequence[Tensor], filter_wise: bool = False) -> Tensor:
+    """Model Stock's interpolation ratio for K ≥ 2 whole task vectors: over the whole tensor, or per
+    row along the last dimension when ``filter_wise`` (a 1-D tensor is one row either way).
+    Broadcastable against ``_rows(τ, filter_wise)``; ``deltas`` are read, not modified."""
+    if len(deltas) < 2:
+        raise ValueError(f"model_stock needs at least 2 models besides the base, got {len(deltas)}")
+    per_row = filter_wise and deltas[0].dim() > 1
+    return model_stock_ratio_from_gram(pairwise_gram(deltas, per_row), deltas[0].dtype)
 
 
 def model_stock_task_vector(deltas: list[Tensor], filter_wise: bool = False) -> Tensor:
@@ -84,10 +102,15 @@ def model_stock_task_vector(deltas: list[Tensor], filter_wise: bool = False) -> 
     ratio = model_stock_ratio(deltas, filter_wise)
     count = len(deltas)
     total = deltas[0]
-    shape = total.shape
     for other in deltas[1:]:
         total.add_(other)
     deltas.clear()
+    return scale_mean(total, count, ratio, filter_wise)
+
+
+def scale_mean(total: Tensor, count: int, ratio: Tensor, filter_wise: bool = False) -> Tensor:
+    """t · (Σ τ_i) / K in place on ``total``, t one ratio or one per row (from ``model_stock_ratio``)."""
+    shape = total.shape
     total.div_(count)
     rows = _rows(total, filter_wise)
     rows.mul_(ratio)

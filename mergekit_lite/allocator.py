@@ -1,0 +1,33 @@
+"""Freed tensors go back to the operating system, so a merge's resident memory is its working set.
+
+glibc's malloc raises its mmap threshold each time a large block is freed (up to 32 MiB), after
+which tensors of up to that size come from its heap and, once freed, stay resident there between
+tensors. Measured on the memory benchmark at K = 8 (copies of the largest tensor, largest tensor
+64 MiB): Breadcrumbs-TIES 7.98 → 4.66 and consensus-TIES 6.69 → 4.84 with a fixed 8 MiB threshold,
+the same computation. Blocks under 8 MiB (row chunks, small tensors) still reuse the heap.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+#: mallopt's parameter number for the mmap threshold (glibc's malloc.h); setting it also stops the dynamic raise
+M_MMAP_THRESHOLD = -3
+#: blocks of at least this many bytes are mapped on their own and unmapped when freed
+MMAP_THRESHOLD_BYTES = 8 << 20
+
+
+def return_large_buffers() -> bool:
+    """Fix glibc's mmap threshold at 8 MiB for this process (no-op elsewhere, or when the user set
+    ``MALLOC_MMAP_THRESHOLD_`` in the environment). Returns whether it was set."""
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (or no symbol table): leave the allocator as it is
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
