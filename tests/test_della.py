@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -61,7 +62,8 @@ def test_della_linear_through_the_api_matches_a_plain_computation(tmp_path):
     for name in b:
         tau = f[name] - b[name]
         p = della_keep_probabilities(tau, 0.6, 0.2)
-        keep = torch.bernoulli(p, generator=generator_for(3, "ft", name)).bool()
+        uniforms = torch.from_numpy(generator_for(3, "ft", name).random(tau.numel())).reshape(tau.shape)
+        keep = uniforms < p  # the documented draw: one float64 uniform per entry, kept below p_i
         want = b[name] + 0.5 * torch.where(keep, tau / p.float(), 0)
         torch.testing.assert_close(out[name], want, rtol=1e-5, atol=1e-6, msg=name)
 
@@ -74,12 +76,13 @@ def test_consensus_ta_and_consensus_ties_are_consensus_with_their_aggregate():
 
 @pytest.mark.parametrize("shape", [(37, 11), (50,), (), (0, 4), (4, 0)])
 def test_mask_made_in_row_blocks_equals_one_draw_over_the_whole_tensor(shape):
-    """The blocked draw gives exactly torch.bernoulli over the whole probability tensor (one uniform per entry, in order)."""
+    """The blocked draw gives exactly one uniform per entry, in order, compared with the whole probability tensor."""
     torch.manual_seed(1)
     x = torch.randn(shape)
-    want = torch.bernoulli(della_keep_probabilities(x, 0.5, 0.2), generator=torch.Generator().manual_seed(9)).bool() if x.numel() else torch.zeros(shape, dtype=torch.bool)
+    uniforms = torch.from_numpy(np.random.Generator(np.random.PCG64DXSM(9)).random(x.numel())).reshape(shape)
+    want = uniforms < della_keep_probabilities(x, 0.5, 0.2)
     for chunk in (1, 7, 1 << 20):
-        got = della_mask(x, 0.5, 0.2, torch.Generator().manual_seed(9), chunk_entries=chunk)
+        got = della_mask(x, 0.5, 0.2, np.random.Generator(np.random.PCG64DXSM(9)), chunk_entries=chunk)
         assert got.shape == x.shape and torch.equal(got, want), chunk
         probs = della_keep_probabilities_as(x, 0.5, 0.2, chunk_entries=chunk)
         assert probs.dtype == x.dtype and torch.equal(probs, della_keep_probabilities(x, 0.5, 0.2).to(x.dtype))

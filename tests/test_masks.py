@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import assume, given, settings
@@ -439,19 +440,29 @@ def test_ties_and_disjoint_validate_arguments():
 # ----------------------------------------------------------------------------- DARE
 
 
-def test_dare_mask_is_torch_bernoulli_on_cpu_and_thread_independent():
-    g = torch.Generator().manual_seed(1234)
-    want = torch.bernoulli(torch.full((64, 33), 0.3, dtype=F64), generator=g).bool()
+def _uniforms_below(seed: int, shape: tuple[int, ...], probability) -> torch.Tensor:
+    """The documented draw written plainly: one float64 uniform per entry of PCG64DXSM(seed), kept where below p."""
+    u = np.random.Generator(np.random.PCG64DXSM(seed)).random(int(np.prod(shape)))
+    return torch.from_numpy(u < np.asarray(probability).reshape(-1)).reshape(shape)
+
+
+def test_dare_mask_is_one_uniform_per_entry_and_thread_and_block_independent(monkeypatch):
+    from mergekit_lite.ops import sparsify as sp
+
+    want = _uniforms_below(1234, (64, 33), 0.3)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = dare_mask((64, 33), 0.3, torch.Generator().manual_seed(1234))
+        one = dare_mask((64, 33), 0.3, np.random.Generator(np.random.PCG64DXSM(1234)))
         torch.set_num_threads(max(2, threads))
-        many = dare_mask(torch.Size([64, 33]), 0.3, torch.Generator().manual_seed(1234))
+        many = dare_mask(torch.Size([64, 33]), 0.3, np.random.Generator(np.random.PCG64DXSM(1234)))
     finally:
         torch.set_num_threads(threads)
+    monkeypatch.setattr(sp, "DRAW_BLOCK", 7)  # uneven blocks: the same uniforms
+    blocked = dare_mask((64, 33), 0.3, np.random.Generator(np.random.PCG64DXSM(1234)))
     assert one.dtype == torch.bool
-    assert torch.equal(one, want) and torch.equal(many, want)
+    assert torch.equal(one, want) and torch.equal(many, want) and torch.equal(blocked, want)
+    assert 0.2 < want.double().mean() < 0.4
 
 
 def test_dare_rescales_survivors_and_zeroes_the_rest():
@@ -466,12 +477,12 @@ def test_dare_rescales_survivors_and_zeroes_the_rest():
 
 def test_dare_density_zero_drops_all_without_nan_and_one_is_identity():
     x = t64([[1.0, -1e300], [3.0, 0.0]])
-    out = dare(x, 0.0, torch.Generator().manual_seed(0))
+    out = dare(x, 0.0, generator_for(0, "m", "t"))
     assert torch.equal(out, torch.zeros_like(x)) and not out.isnan().any()
-    assert not dare_mask((3, 3), 0.0, torch.Generator()).any()
-    same = dare(x, 1.0, torch.Generator().manual_seed(0))
+    assert not dare_mask((3, 3), 0.0, generator_for(0, "m", "t")).any()
+    same = dare(x, 1.0, generator_for(0, "m", "t"))
     assert torch.equal(same, x) and same is not x
-    assert dare_mask((3, 3), 1.0, torch.Generator()).all()
+    assert dare_mask((3, 3), 1.0, generator_for(0, "m", "t")).all()
 
 
 @settings(max_examples=15, deadline=None)
@@ -490,7 +501,7 @@ def test_generator_for_seed_is_sha256_formula_and_distinct_per_tensor():
     digest = hashlib.sha256("7\0model-a\0layers.0.weight".encode()).digest()
     expected = int.from_bytes(digest[:8], "big") & (2**63 - 1)
     g = generator_for(7, "model-a", "layers.0.weight")
-    assert g.initial_seed() == expected and g.device.type == "cpu"
+    assert torch.equal(dare_mask((300,), 0.5, g), _uniforms_below(expected, (300,), 0.5))
     masks = {
         key: dare_mask((256,), 0.5, generator_for(*key))
         for key in [(7, "model-a", "w"), (7, "model-b", "w"), (8, "model-a", "w"), (7, "model-a", "v")]
@@ -523,9 +534,11 @@ def test_dare_same_on_cuda_as_on_cpu():
 
 def test_dare_validates_arguments():
     with pytest.raises(ValueError, match=r"density must be in \[0, 1\]"):
-        dare(randn(3), -0.5, torch.Generator())
+        dare(randn(3), -0.5, generator_for(0, "m", "t"))
     with pytest.raises(ValueError, match=r"density must be in \[0, 1\]"):
-        dare_mask((3,), 2.0, torch.Generator())
+        dare_mask((3,), 2.0, generator_for(0, "m", "t"))
+    with pytest.raises(ValueError, match="numpy.random.Generator"):
+        dare_mask((3,), 0.5, torch.Generator())
     with pytest.raises(ValueError, match="seed must be an integer"):
         generator_for("7", "m", "t")  # type: ignore[arg-type]
 

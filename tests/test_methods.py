@@ -181,7 +181,7 @@ def ref_dare(tau: torch.Tensor, density: float, seed: int, model: str, name: str
     """Drop with probability 1 − density using the documented per-(seed, model, tensor) generator."""
     if density == 0:
         return torch.zeros_like(tau)
-    keep = torch.bernoulli(torch.full(tau.shape, density, dtype=torch.float64), generator=generator_for(seed, model, name)).bool()
+    keep = torch.from_numpy(generator_for(seed, model, name).random(tau.numel()) < density).reshape(tau.shape)
     out = torch.where(keep, tau, 0)
     return out / density if rescale else out
 
