@@ -1,4 +1,4 @@
-"""Freed large tensors leave the process once the CLI fixed glibc's mmap threshold (allocator.py)."""
+"""The CLI's allocator settings (allocator.py): huge pages for torch, freed large tensors leave the process."""
 
 from __future__ import annotations
 
@@ -40,3 +40,20 @@ def test_the_users_own_setting_wins(monkeypatch):
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
     assert return_large_buffers() is False
+
+
+def test_the_cli_asks_torch_for_huge_pages_before_torch_is_imported():
+    probe = (
+        "import os, sys\n"
+        "from click.testing import CliRunner\n"
+        "from mergekit_lite.cli import main\n"
+        "assert 'torch' not in sys.modules\n"
+        "CliRunner().invoke(main, ['methods'])\n"
+        "print(os.environ.get('THP_MEM_ALLOC_ENABLE'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "1"
+    env["THP_MEM_ALLOC_ENABLE"] = "0"  # the user's choice stands
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "0"
