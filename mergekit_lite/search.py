@@ -124,31 +124,42 @@ def lambda_grid(plan: Any) -> list[float] | None:
     return None
 
 
-def search_merge_lambda(
-    evaluator: Evaluator, plan: Any, delta: Checkpoint, grid: list[float], progress: bool
-) -> tuple[float, dict[str, float]]:
-    """Score θ_0 + λ·merged for each λ (mean of the evaluator over the recipe's tasks); keep the best."""
+def merge_lambda_score(evaluator: Evaluator, plan: Any, delta: Checkpoint, lam: float, bar: Any = None) -> float:
+    """The mean evaluator score over the recipe's tasks of θ_0 + λ·merged (one candidate of the search)."""
     names = plan.model_names
     jobs = {job.name: job for job in plan.jobs}
     infos = [job.out for job in plan.jobs]
 
-    def compute(name: str, lam: float) -> torch.Tensor:
+    def compute(name: str) -> torch.Tensor:
         stored = plan.base.get(name)
         if not jobs[name].merge:
             return stored.to(jobs[name].out.dtype)
         out = stored.to(plan.compute_dtype).add_(delta.get(name).to(plan.compute_dtype), alpha=lam)
         return out.to(jobs[name].out.dtype)
 
-    results = []
-    with progress_bar(len(grid) * len(names), "λ search", progress, unit="eval") as bar:
-        for lam in grid:
-            state = LazyStateDict(infos, lambda name, lam=lam: compute(name, lam), support=plan.base)
-            total = 0.0
-            for name in names:
-                bar.set_postfix_str(f"λ={lam} {name}")
-                total += score(evaluator, name, state)
-                bar.update(1)
-            results.append(total / len(names))
+    state = LazyStateDict(infos, compute, support=plan.base)
+    total = 0.0
+    for name in names:
+        if bar is not None:
+            bar.set_postfix_str(f"λ={lam} {name}")
+        total += score(evaluator, name, state)
+        if bar is not None:
+            bar.update(1)
+    return total / len(names)
+
+
+def search_merge_lambda(
+    evaluator: Evaluator, plan: Any, delta: Checkpoint, grid: list[float], progress: bool, scored: list[list[float]] | None = None
+) -> tuple[float, dict[str, float]]:
+    """Score θ_0 + λ·merged for each λ (mean of the evaluator over the recipe's tasks); keep the best.
+    ``scored``: each λ's score already computed elsewhere (a distributed executor's tasks), as [score]."""
+    if scored is not None:
+        results = [r[0] for r in scored]
+    else:
+        results = []
+        with progress_bar(len(grid) * len(plan.model_names), "λ search", progress, unit="eval") as bar:
+            for lam in grid:
+                results.append(merge_lambda_score(evaluator, plan, delta, lam, bar))
     return best(grid, results), {str(lam): s for lam, s in zip(grid, results)}
 
 

@@ -456,20 +456,25 @@ def write_checkpoint(
     extra_files: Path | None = None,
     config_updates: dict[str, Any] | None = None,
     finish: Callable[[Path], Any] | None = None,
+    fill: Callable[["ShardedSafetensorsWriter"], None] | None = None,
 ) -> Path:
     """Write a Hugging Face checkpoint atomically, producing tensors one at a time in ``jobs`` order.
 
     ``finish(folder)`` runs after the support files are in the (temporary) folder and before the card
-    (the merged product writes its tokenizer files, chat template and sentence-transformers modules there)."""
+    (the merged product writes its tokenizer files, chat template and sentence-transformers modules there);
+    ``fill(writer)``, when given, writes every tensor instead of ``produce`` (a distributed executor)."""
     folder = AtomicFolder(out_dir, force=force)
     total = sum(j.nbytes for j in jobs)
     with folder as tmp:
         writer = ShardedSafetensorsWriter(tmp, jobs, shard_size)
         try:
-            with progress_bar(total, description, progress) as bar:
-                for info in jobs:
-                    writer.write(info.name, produce(info))
-                    bar.update(info.nbytes)
+            if fill is not None:  # another executor writes the tensors (and shows its own progress)
+                fill(writer)
+            else:
+                with progress_bar(total, description, progress) as bar:
+                    for info in jobs:
+                        writer.write(info.name, produce(info))
+                        bar.update(info.nbytes)
             writer.close()
         except OSError as exc:
             raise OutputError(f"{out_dir}: failed while writing: {exc.strerror or exc}; nothing was written") from exc
