@@ -58,6 +58,8 @@ class WorkerSpec:
     device: str
     statistics: dict[str, Any]
     key: str
+    #: the driver's torch threads: some kernels (LAPACK's SVD for TSV-C) give other last bits with another thread count
+    threads: int = 1
 
 
 _PLANS: dict[str, Plan] = {}
@@ -78,6 +80,8 @@ def worker_plan(spec: WorkerSpec) -> Plan:
 
 def run_share(spec: WorkerSpec, part: Callable[..., Any], names: Sequence[str], args: tuple[Any, ...]) -> Any:
     """On a worker: ``part(plan, device, names, *args)`` on this worker's plan."""
+    if torch.get_num_threads() != spec.threads:  # Ray starts workers with one thread; the same bytes need the driver's count
+        torch.set_num_threads(spec.threads)
     plan = worker_plan(spec)
     device = resolve_device(spec.device)
     _fault_hook(plan, device, part, names, args)
@@ -195,7 +199,7 @@ class RayExecutor:
 
     # -- the interface the products use ------------------------------------------------------
     def spec(self, plan: Plan, device: torch.device | str) -> WorkerSpec:
-        return WorkerSpec(plan.recipe, os.getcwd(), str(device), dict(plan.model_statistics), self._key)
+        return WorkerSpec(plan.recipe, os.getcwd(), str(device), dict(plan.model_statistics), self._key, torch.get_num_threads())
 
     def passes(self, plan: Plan, device: torch.device, progress: bool) -> TaskVectorPasses:
         """Statistics passes for ``plan``, reduced over the workers."""
