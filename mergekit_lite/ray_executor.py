@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 import uuid
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -78,14 +81,28 @@ def worker_plan(spec: WorkerSpec) -> Plan:
     return cached
 
 
-def run_share(spec: WorkerSpec, part: Callable[..., Any], names: Sequence[str], args: tuple[Any, ...]) -> Any:
-    """On a worker: ``part(plan, device, names, *args)`` on this worker's plan."""
+@dataclass(frozen=True)
+class ShareLog:
+    """Where and how long one share ran (for the progress of a run and the benchmark's per-worker throughput)."""
+
+    pid: int
+    host: str
+    seconds: float
+    tensors: int
+    nbytes: int = 0  # the share's input bytes (filled in by the driver)
+    names: tuple[str, ...] = ()  # the share's tensors (filled in by the driver)
+
+
+def run_share(spec: WorkerSpec, part: Callable[..., Any], names: Sequence[str], args: tuple[Any, ...]) -> tuple[ShareLog, Any]:
+    """On a worker: ``part(plan, device, names, *args)`` on this worker's plan, with where and how long it ran."""
+    start = time.perf_counter()
     if torch.get_num_threads() != spec.threads:  # Ray starts workers with one thread; the same bytes need the driver's count
         torch.set_num_threads(spec.threads)
     plan = worker_plan(spec)
     device = resolve_device(spec.device)
     _fault_hook(plan, device, part, names, args)
-    return part(plan, device, names, *args)
+    result = part(plan, device, names, *args)
+    return ShareLog(os.getpid(), socket.gethostname(), time.perf_counter() - start, len(names)), result
 
 
 def _fault_hook(plan: Plan, device: torch.device, part: Callable[..., Any], names: Sequence[str], args: tuple[Any, ...]) -> None:
@@ -154,6 +171,8 @@ class RayExecutor:
         self._ray: Any = None
         self._started = False
         self._key = uuid.uuid4().hex
+        #: every share run so far: which worker process, how long, how many tensors and input bytes
+        self.log: list[ShareLog] = []
 
     # -- connection ---------------------------------------------------------------------------
     def start(self) -> Any:
@@ -238,7 +257,8 @@ class RayExecutor:
                     ready, pending = ray.wait(pending, num_returns=1)
                     ref = ready[0]
                     share = by_ref[ref]
-                    result = self._get(ray, ref, share)
+                    share_log, result = self._get(ray, ref, share)
+                    self.log.append(dataclasses.replace(share_log, nbytes=sum(size_of[n] for n in share), names=tuple(share)))
                     results[order[id(share)]] = result
                     if on_done is not None:
                         on_done(share, result)
@@ -260,7 +280,9 @@ class RayExecutor:
             with progress_bar(len(refs), f"{description} (ray)", progress, unit="eval") as bar:
                 out = []
                 for ref, item in zip(refs, items):
-                    out.append(self._get(ray, ref, [str(item)]))
+                    share_log, result = self._get(ray, ref, [str(item)])
+                    self.log.append(share_log)
+                    out.append(result)
                     bar.update(1)
                 return out
         except BaseException:

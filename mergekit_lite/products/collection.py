@@ -33,7 +33,7 @@ from ..errors import CheckpointError, CollectionError, MergeKitLiteWarning, Outp
 from ..execute import TaskVectorPasses, compute_statistics, register_product, resolve_device
 from ..methods import TensorContext, suggest
 from ..methods.tall import multitask_vector
-from ..search import load_evaluator, search_tall_lambdas
+from ..search import load_evaluator, search_tall_lambdas, tall_lambda_score
 from ..statedict import LazyStateDict
 from ..ops import emr_elect, emr_mask, emr_rescaler, low_rank_product, rank_budget, tall_mask, truncated_svd
 from .mask_stats import MaskStats, mask_counts
@@ -251,6 +251,15 @@ def compress_share(plan: Any, device: torch.device, names: list[str], setup: Com
     return out
 
 
+def score_tall_lambdas(plan: Any, device: torch.device, candidates: list[tuple[int, float]], tau_files: dict[str, str], evaluator: str) -> list[float]:
+    """On a worker: the evaluator's score of each (task, λ) candidate of the TALL λ search."""
+    tau = Checkpoint("τ_MTL", None, {n: Path(f) for n, f in tau_files.items()}, None)
+    try:
+        return [tall_lambda_score(load_evaluator(evaluator), plan, tau, t, lam, device) for t, lam in candidates]
+    finally:
+        tau.close()
+
+
 def _distributed(executor: Any, plan: Any, device: torch.device, progress: bool, part: Callable[..., Any], names: list[str],
                  args: tuple[Any, ...], description: str, on_done: Callable[[list[str], Any], None]) -> list[Any]:
     """``part`` over shares of the merged tensors on the executor's workers (each share's input bytes as its size)."""
@@ -312,8 +321,14 @@ def compress(plan: Any, out_dir: str | os.PathLike[str], *, force: bool = False,
             tau_writer.close()
             tau_reader = Checkpoint("τ_MTL", tmp, {n: tmp / f for n, f in tau_writer.shard_of.items()}, None)
             assert evaluator is not None
+            scored = None
+            if executor is not None:  # every (task, λ) candidate scored as its own Ray task
+                todo = [(t, lam) for t, grid in enumerate(grids) if grid is not None for lam in grid]
+                tau_files = {n: str(tmp / f) for n, f in tau_writer.shard_of.items()}
+                results = executor.map(plan, dev, score_tall_lambdas, todo, (tau_files, recipe.evaluator), progress=progress)
+                scored = {candidate: result[0] for candidate, result in zip(todo, results)}
             lambdas, scores = search_tall_lambdas(
-                evaluator, plan, tau_reader, grids, lambdas, dev, progress
+                evaluator, plan, tau_reader, grids, lambdas, dev, progress, scored=scored
             )
             setup = dataclasses.replace(setup, lambdas=list(lambdas))
         mask_writers = [
