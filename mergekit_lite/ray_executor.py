@@ -170,7 +170,7 @@ class RayExecutor:
         self.num_cpus = num_cpus
         self._ray: Any = None
         self._started = False
-        self._key = uuid.uuid4().hex
+        self._key = uuid.uuid4().hex[:8]
         #: every share run so far: which worker process, how long, how many tensors and input bytes
         self.log: list[ShareLog] = []
 
@@ -218,7 +218,12 @@ class RayExecutor:
 
     # -- the interface the products use ------------------------------------------------------
     def spec(self, plan: Plan, device: torch.device | str) -> WorkerSpec:
-        return WorkerSpec(plan.recipe, os.getcwd(), str(device), dict(plan.model_statistics), self._key, torch.get_num_threads())
+        """What the workers need for ``plan``; its key names this plan (workers keep one plan per key)."""
+        key = getattr(plan, "_ray_key", None)
+        if key is None:
+            key = f"{self._key}-{uuid.uuid4().hex}"
+            setattr(plan, "_ray_key", key)
+        return WorkerSpec(plan.recipe, os.getcwd(), str(device), dict(plan.model_statistics), key, torch.get_num_threads())
 
     def passes(self, plan: Plan, device: torch.device, progress: bool) -> TaskVectorPasses:
         """Statistics passes for ``plan``, reduced over the workers."""

@@ -218,3 +218,11 @@ def test_without_ray_the_cli_says_how_to_install_it(demo, tmp_path, monkeypatch)
     assert result.exit_code == 2
     assert result.output == "error: --executor ray needs Ray: pip install 'mergekit-lite[ray]'\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_one_executor_runs_several_recipes(cluster, demo, tmp_path):
+    """Workers keep one plan per run: a second recipe on the same executor is planned again, not mistaken for the first."""
+    executor = RayExecutor()
+    for family in ("tall_masks_ties", "dare_ties"):
+        local, distributed, _ = run_both(recipes(demo)[family], tmp_path / family, executor)
+        assert files_of(local) == files_of(distributed)
