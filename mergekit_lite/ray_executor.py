@@ -148,6 +148,8 @@ class RayTaskVectorPasses(TaskVectorPasses):
     def reduce(self, description: str, part: Callable[..., Any], merge: Callable[[list[Any]], Any], *args: Any) -> Any:
         """``part`` over each worker's share, results merged in share order (the same answer as one pass)."""
         names = [job.name for job in self.jobs]
+        if not names:  # nothing merged: the reduction of nothing, here
+            return part(self, description, *args)
         sizes = [sum(self.plan.info(r).nbytes for r in job.reads) for job in self.jobs]
         results = self.executor.run(self.plan, self.device, statistics_share, names, sizes, (part, description, args),
                                     description=description, progress=self.progress)
@@ -223,7 +225,8 @@ class RayExecutor:
         if key is None:
             key = f"{self._key}-{uuid.uuid4().hex}"
             setattr(plan, "_ray_key", key)
-        return WorkerSpec(plan.recipe, os.getcwd(), str(device), dict(plan.model_statistics), key, torch.get_num_threads())
+        where = "cuda" if torch.device(device).type == "cuda" else str(device)  # a worker sees only the GPU Ray gave its task
+        return WorkerSpec(plan.recipe, os.getcwd(), where, dict(plan.model_statistics), key, torch.get_num_threads())
 
     def passes(self, plan: Plan, device: torch.device, progress: bool) -> TaskVectorPasses:
         """Statistics passes for ``plan``, reduced over the workers."""
@@ -248,7 +251,7 @@ class RayExecutor:
         ray = self.start()
         shares = split_shares(list(names), list(sizes), SHARES_PER_CPU * self.cpus)
         spec, shared_args = ray.put(self.spec(plan, device)), ray.put(args)  # stored once, not once per share
-        call = self._remote.options(max_retries=self.max_retries, retry_exceptions=False)
+        call = self._call(device)
         by_ref = {}
         for share in shares:
             by_ref[call.remote(spec, part, share, shared_args)] = share
@@ -279,7 +282,7 @@ class RayExecutor:
         """``part(plan, device, [item], *args)`` for each item as its own Ray task (λ candidates); results in item order."""
         ray = self.start()
         spec = ray.put(self.spec(plan, device))
-        call = self._remote.options(max_retries=self.max_retries, retry_exceptions=False)
+        call = self._call(device)
         refs = [call.remote(spec, part, [item], args) for item in items]
         try:
             with progress_bar(len(refs), f"{description} (ray)", progress, unit="eval") as bar:
@@ -294,6 +297,11 @@ class RayExecutor:
             for ref in refs:
                 ray.cancel(ref, force=True)
             raise
+
+    def _call(self, device: torch.device | str) -> Any:
+        """The remote function with this run's options: Ray's retries, and one GPU per task for a CUDA device."""
+        gpus = 1 if torch.device(device).type == "cuda" else 0
+        return self._remote.options(max_retries=self.max_retries, retry_exceptions=False, num_gpus=gpus)
 
     def _get(self, ray: Any, ref: Any, share: Sequence[Any]) -> Any:
         """A task's result; its failure as one line (our own errors keep their type and message)."""
