@@ -226,3 +226,33 @@ def test_one_executor_runs_several_recipes(cluster, demo, tmp_path):
     for family in ("tall_masks_ties", "dare_ties"):
         local, distributed, _ = run_both(recipes(demo)[family], tmp_path / family, executor)
         assert files_of(local) == files_of(distributed)
+
+
+def test_a_chain_runs_each_step_on_ray(cluster, demo, tmp_path):
+    chain = textwrap.dedent(f"""\
+        name: soup
+        merge_method: linear
+        models:
+          - {{model: {demo['math']}, parameters: {{weight: 0.5}}}}
+          - {{model: {demo['code']}, parameters: {{weight: 0.5}}}}
+        ---
+        merge_method: ties
+        base_model: {demo['base']}
+        models:
+          - {{model: soup, parameters: {{weight: 1.0, density: 0.6}}}}
+          - {{model: {demo['chat']}, parameters: {{weight: 0.8, density: 0.6}}}}
+        parameters: {{scope: model}}
+        """)
+    path = tmp_path / "chain.yml"
+    path.write_text(chain)
+    executor = RayExecutor()
+    for name, chosen in (("local", "local"), ("ray", executor)):
+        mergekit_lite.run(path, tmp_path / name / "out", progress=False, executor=chosen)
+    for folder in ("out", "out-intermediate"):  # the card names the step's folder (and the stamp records the card's size and digest)
+        local = {k: v.replace(str(tmp_path / "local").encode(), b"@") for k, v in files_of(tmp_path / "local" / folder).items()}
+        distributed = {k: v.replace(str(tmp_path / "ray").encode(), b"@") for k, v in files_of(tmp_path / "ray" / folder).items()}
+        assert sorted(local) == sorted(distributed) and any(k.endswith(".safetensors") for k in local)
+        assert {k: v for k, v in local.items() if not k.endswith("mergekit-lite-step.json")} == \
+            {k: v for k, v in distributed.items() if not k.endswith("mergekit-lite-step.json")}
+    assert {name for entry in executor.log for name in entry.names} >= {"model.norm.weight"}  # both steps' tensors ran there
+    assert len({entry.names for entry in executor.log}) >= 4
