@@ -53,7 +53,7 @@ compat-report: $(STAMP) $(MK_STAMP)
 fuzz: $(STAMP)
 	$(BIN)/python tests/robustness/fuzz.py --seed 0 --examples 1500
 
-bench: bench-speed bench-memory bench-quality bench-collection bench-load
+bench: bench-speed bench-memory bench-quality bench-collection bench-load bench-ray
 
 bench-speed: $(STAMP)
 	$(BIN)/python benchmarks/bench_speed.py
