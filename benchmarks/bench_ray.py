@@ -103,7 +103,7 @@ def measure() -> dict[str, dict]:
         local, _ = timed_run(recipe, WORK / "out" / "local", None)
         results[name] = {"local": local}
     for workers in (1, 2):
-        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         executor = RayExecutor()
         timed_run(recipes(folders)["tall_masks"], WORK / "out" / "warm", executor)  # workers started and imported once
         for name, recipe in recipes(folders).items():

@@ -191,7 +191,8 @@ class RayExecutor:
             else:  # a cluster's workers get this copy of the package shipped with the job
                 runtime_env = {"py_modules": [str(Path(__file__).resolve().parent)]}
             try:
-                ray.init(address=self.address, num_cpus=self.num_cpus if self.address is None else None, include_dashboard=False,
+                # "local": a new instance of our own, never a cluster someone else started on this machine
+                ray.init(address=self.address or "local", num_cpus=self.num_cpus if self.address is None else None, include_dashboard=False,
                          log_to_driver=False, runtime_env=runtime_env or None, logging_level="ERROR")
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 where = f"the Ray cluster at {self.address}" if self.address else "a local Ray instance"

@@ -37,7 +37,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     os.environ["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [old["PYTHONPATH"]])])
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     yield control
     if started:
         ray.shutdown()
@@ -256,3 +256,18 @@ def test_a_chain_runs_each_step_on_ray(cluster, demo, tmp_path):
             {k: v for k, v in distributed.items() if not k.endswith("mergekit-lite-step.json")}
     assert {name for entry in executor.log for name in entry.names} >= {"model.norm.weight"}  # both steps' tensors ran there
     assert len({entry.names for entry in executor.log}) >= 4
+
+
+def test_ray_address_joins_a_running_cluster(cluster, demo, tmp_path):
+    """Another driver process joins this file's Ray instance by its address (the package shipped with the job)."""
+    import subprocess
+
+    address = ray.get_runtime_context().gcs_address
+    path = write_recipe(tmp_path / "r.yml", recipes(demo)["dare_ties"])
+    mergekit_lite.run(path, tmp_path / "local" / "out", progress=False)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run([sys.executable, "-m", "mergekit_lite.cli", "run", str(path), str(tmp_path / "ray" / "out"), "-q",
+                             "--executor", "ray", "--ray-address", address], capture_output=True, text=True, env=env, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert files_of(tmp_path / "local" / "out") == files_of(tmp_path / "ray" / "out")
+    assert ray.is_initialized()  # the joining driver left the cluster running
