@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 
 from . import products  # noqa: F401  (registers the products with the executor)
 from .chain import Chain, Step, default_intermediate_dir, load_recipe, output_state, write_stamp
-from .errors import MergeKitLiteWarning, OutputError
+from .errors import MergeKitLiteError, MergeKitLiteWarning, OutputError
 from .execute import execute, resolve_device
 from .plan import Plan, plan
 from .recipe import Recipe
@@ -62,7 +62,7 @@ def executor_for(executor: Any, ray_address: str | None = None) -> Iterator[Any]
     """The executor object for a name ("local" → None, "ray" → a RayExecutor, stopped afterwards if it started Ray)."""
     if executor is None or not isinstance(executor, str):
         if ray_address is not None:
-            raise OutputError("ray_address: give it to the RayExecutor you pass, or pass executor='ray'")
+            raise MergeKitLiteError("ray_address: give it to the RayExecutor you pass, or pass executor='ray'")
         yield executor
         return
     from .ray_executor import make_executor

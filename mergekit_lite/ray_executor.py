@@ -203,7 +203,8 @@ class RayExecutor:
         return ray
 
     def shutdown(self) -> None:
-        """Stop the Ray instance this executor started (a joined cluster, or a caller's Ray, is left running)."""
+        """Disconnect from Ray if this executor connected: a local instance it started stops, a joined cluster keeps
+        running; a Ray the caller initialised is left as it is."""
         if self._started and self._ray is not None:
             self._ray.shutdown()
         self._ray, self._started = None, False
