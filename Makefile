@@ -9,7 +9,7 @@ DEMO   ?= demo
 MK_VENV  ?= .venv-mergekit
 MK_STAMP := $(MK_VENV)/.installed
 
-.PHONY: venv mergekit-venv demo test compat-report fuzz bench bench-speed bench-memory bench-quality bench-collection bench-load clean
+.PHONY: venv mergekit-venv demo test compat-report fuzz bench bench-speed bench-memory bench-quality bench-collection bench-load bench-ray clean
 
 venv: $(STAMP)
 
@@ -53,7 +53,7 @@ compat-report: $(STAMP) $(MK_STAMP)
 fuzz: $(STAMP)
 	$(BIN)/python tests/robustness/fuzz.py --seed 0 --examples 1500
 
-bench: bench-speed bench-memory bench-quality bench-collection bench-load
+bench: bench-speed bench-memory bench-quality bench-collection bench-load bench-ray
 
 bench-speed: $(STAMP)
 	$(BIN)/python benchmarks/bench_speed.py
@@ -66,6 +66,10 @@ bench-collection: $(STAMP)
 
 bench-load: $(STAMP)
 	$(BIN)/python benchmarks/bench_load.py
+
+# The Ray executor on 1 and 2 local workers, and its scale on paper (benchmarks/bench_ray.py).
+bench-ray: $(STAMP)
+	$(BIN)/python benchmarks/bench_ray.py
 
 # Each method's declared working copies of the largest tensor against its measured peak RSS (exit 1 if it holds more).
 bench-memory: $(STAMP)

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 from . import products  # noqa: F401  (registers the products with the executor)
 from .chain import Chain, Step, default_intermediate_dir, load_recipe, output_state, write_stamp
-from .errors import MergeKitLiteWarning, OutputError
+from .errors import MergeKitLiteError, MergeKitLiteWarning, OutputError
 from .execute import execute, resolve_device
 from .plan import Plan, plan
 from .recipe import Recipe
@@ -34,21 +35,44 @@ def run(
     device: str = "cpu",
     progress: bool = True,
     intermediate_dir: str | os.PathLike[str] | None = None,
+    executor: Any = "local",
+    ray_address: str | None = None,
 ) -> Path:
     """Merge as the recipe says and write the result (a Hugging Face checkpoint or a collection) to ``out_dir``.
 
-    A chain (a file of several YAML documents, or a ``Chain``) runs its steps in order: see ``run_chain``."""
+    A chain (a file of several YAML documents, or a ``Chain``) runs its steps in order: see ``run_chain``.
+    ``executor``: "local", or "ray" to spread the jobs over a Ray cluster (``ray_address``; without one a
+    local Ray instance is started and stopped) with the same output, byte for byte; a ``RayExecutor`` is used as given."""
     if not isinstance(recipe, (Recipe, Chain)):
         recipe = load_recipe(recipe)
-    if isinstance(recipe, Chain):
-        return run_chain(recipe, out_dir, intermediate_dir=intermediate_dir, force=force, device=device, progress=progress)
     resolve_device(device)
-    prepare_output(out_dir, force)
-    the_plan = plan(recipe)
+    with executor_for(executor, ray_address) as chosen:
+        if isinstance(recipe, Chain):
+            return run_chain(recipe, out_dir, intermediate_dir=intermediate_dir, force=force, device=device, progress=progress, executor=chosen)
+        prepare_output(out_dir, force)
+        the_plan = plan(recipe)
+        try:
+            return execute(the_plan, out_dir, force=force, device=device, progress=progress, executor=chosen)
+        finally:
+            the_plan.close()
+
+
+@contextlib.contextmanager
+def executor_for(executor: Any, ray_address: str | None = None) -> Iterator[Any]:
+    """The executor object for a name ("local" → None, "ray" → a RayExecutor, stopped afterwards if it started Ray)."""
+    if executor is None or not isinstance(executor, str):
+        if ray_address is not None:
+            raise MergeKitLiteError("ray_address: give it to the RayExecutor you pass, or pass executor='ray'")
+        yield executor
+        return
+    from .ray_executor import make_executor
+
+    made = make_executor(executor, ray_address)
     try:
-        return execute(the_plan, out_dir, force=force, device=device, progress=progress)
+        yield made
     finally:
-        the_plan.close()
+        if made is not None:
+            made.shutdown()
 
 
 # -- chains ---------------------------------------------------------------------------------------
@@ -117,6 +141,7 @@ def run_chain(
     device: str = "cpu",
     progress: bool = True,
     report: Callable[[str], None] | None = None,
+    executor: Any = None,
 ) -> Path:
     """Run a chain's steps in order into OUT_DIR (the final merge) and ``intermediate_dir`` (each named step,
     default ``<OUT_DIR>-intermediate``). A step whose output is complete and was made by the same recipe is
@@ -135,13 +160,13 @@ def run_chain(
         recipe = chain.resolved(r.step, folders)
         step_plan = plan(recipe)
         try:
-            _write_step(step_plan, r, chain.digest(r.step), device=device, progress=progress)
+            _write_step(step_plan, r, chain.digest(r.step), device=device, progress=progress, executor=executor)
         finally:
             step_plan.close()
     return runs[-1].folder
 
 
-def _write_step(step_plan: Plan, r: StepRun, digest: str, *, device: str, progress: bool) -> None:
+def _write_step(step_plan: Plan, r: StepRun, digest: str, *, device: str, progress: bool, executor: Any = None) -> None:
     """Write one step's output and its stamp, all or nothing: the product writes into a folder inside a
     temporary one, its files move up, the stamp goes last, and the whole replaces the step's folder."""
     with AtomicFolder(r.folder, force=r.state != "absent") as tmp:
@@ -149,7 +174,7 @@ def _write_step(step_plan: Plan, r: StepRun, digest: str, *, device: str, progre
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", MergeKitLiteWarning)
-                execute(step_plan, inner, device=device, progress=progress)
+                execute(step_plan, inner, device=device, progress=progress, executor=executor)
         finally:  # what the product says about its output, naming the step's folder rather than the temporary one
             for w in caught:
                 if issubclass(w.category, MergeKitLiteWarning):
@@ -167,4 +192,4 @@ def _to_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-__all__ = ["Chain", "Plan", "StepRun", "execute", "plan", "plan_chain", "prepare_output", "run", "run_chain"]
+__all__ = ["Chain", "Plan", "StepRun", "execute", "executor_for", "plan", "plan_chain", "prepare_output", "run", "run_chain"]

@@ -109,8 +109,13 @@ def main() -> None:
               help="A chain's named steps are written here, one folder per step (default: OUT_DIR-intermediate).")
 @click.option("--device", default="cpu", show_default=True, help="Where the arithmetic runs: cpu, cuda or cuda:N. Results are the same.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; print only the output path.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where the jobs run: here, or spread over a Ray cluster (pip install 'mergekit-lite[ray]'). The output is the same, byte for byte.")
+@click.option("--ray-address", default=None, metavar="ADDRESS",
+              help="--executor ray: join this Ray cluster (e.g. ray://head:10001 or auto); default: start a local Ray instance.")
 @friendly_errors
-def run(recipe: str, out_dir: str, dry_run: bool, force: bool, intermediate_dir: str | None, device: str, quiet: bool) -> None:
+def run(recipe: str, out_dir: str, dry_run: bool, force: bool, intermediate_dir: str | None, device: str, quiet: bool,
+        executor: str, ray_address: str | None) -> None:
     """Merge as RECIPE says and write a Hugging Face checkpoint (or collection) to OUT_DIR.
 
     The output (sharded safetensors + index, config.json, generation config, tokenizer files,
@@ -123,13 +128,20 @@ def run(recipe: str, out_dir: str, dry_run: bool, force: bool, intermediate_dir:
     writing x where a model goes; the unnamed document is the final merge, written to OUT_DIR. Steps
     run in dependency order; a step whose output is complete and was made by the same recipe is skipped.
     """
-    from .api import execute, plan, prepare_output, resolve_device
+    from .api import execute, executor_for, plan, prepare_output, resolve_device
     from .chain import Chain, load_recipe
 
+    if executor == "ray":
+        from .ray_executor import import_ray
+
+        import_ray()  # without Ray installed: one line saying how to install it, before any work
+    elif ray_address is not None:
+        raise MergeKitLiteError("--ray-address needs --executor ray")
     parsed = load_recipe(recipe)
     _warn(parsed)
     if isinstance(parsed, Chain):
-        _run_chain(parsed, recipe, out_dir, intermediate_dir, dry_run=dry_run, force=force, device=device, quiet=quiet)
+        _run_chain(parsed, recipe, out_dir, intermediate_dir, dry_run=dry_run, force=force, device=device, quiet=quiet,
+                   executor=executor, ray_address=ray_address)
         return
     if intermediate_dir is not None:
         click.echo(f"warning: --intermediate-dir has no effect: {recipe} is one merge, not a chain", err=True)
@@ -147,8 +159,8 @@ def run(recipe: str, out_dir: str, dry_run: bool, force: bool, intermediate_dir:
                     click.echo(f"warning: {note}", err=True)
             click.echo(f"output:        {out_dir} (dry run: nothing written)")
             return
-        with _warning_lines():  # the product says what the output lacks (no tokenizer, ...)
-            path = execute(the_plan, out_dir, force=force, device=device, progress=not quiet)
+        with _warning_lines(), executor_for(executor, ray_address) as chosen:  # the product says what the output lacks (no tokenizer, ...)
+            path = execute(the_plan, out_dir, force=force, device=device, progress=not quiet, executor=chosen)
     finally:
         the_plan.close()
     _wrote(parsed, path, quiet)
@@ -170,9 +182,10 @@ def _wrote(parsed: Any, path: Any, quiet: bool, verb: str = "wrote") -> None:
             click.echo(line)
 
 
-def _run_chain(chain: Any, recipe: str, out_dir: str, intermediate_dir: str | None, *, dry_run: bool, force: bool, device: str, quiet: bool) -> None:
+def _run_chain(chain: Any, recipe: str, out_dir: str, intermediate_dir: str | None, *, dry_run: bool, force: bool, device: str, quiet: bool,
+               executor: str = "local", ray_address: str | None = None) -> None:
     """`run` for a chain: its plan of steps (--dry-run), or every step in order, skipping those already up to date."""
-    from .api import plan_chain, resolve_device, run_chain
+    from .api import executor_for, plan_chain, resolve_device, run_chain
 
     resolve_device(device)
     if dry_run:
@@ -191,8 +204,9 @@ def _run_chain(chain: Any, recipe: str, out_dir: str, intermediate_dir: str | No
             click.echo(line, err=True)
 
     up_to_date = plan_chain(chain, out_dir, intermediate_dir=intermediate_dir, check=False)[-1].skip
-    with _warning_lines():
-        path = run_chain(chain, out_dir, intermediate_dir=intermediate_dir, force=force, device=device, progress=not quiet, report=report)
+    with _warning_lines(), executor_for(executor, ray_address) as chosen:
+        path = run_chain(chain, out_dir, intermediate_dir=intermediate_dir, force=force, device=device, progress=not quiet, report=report,
+                         executor=chosen)
     _wrote(chain.final.recipe, path, quiet, "up to date:" if up_to_date else "wrote")
 
 

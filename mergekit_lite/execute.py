@@ -22,6 +22,7 @@ from .methods.base import TaskVectorSource, WeightInputs, row_chunks, task_vecto
 from .ops.vocab import remap_rows
 from .plan import Plan, TensorJob, TensorRef
 from .progress import progress_bar
+from .writer import Placement, write_at
 
 #: output kind (a method's ``output``) → function(plan, out_dir, force=, device=, progress=) writing it
 PRODUCTS: dict[str, Callable[..., Path]] = {}
@@ -209,6 +210,32 @@ def compute_tensor(plan: Plan, job: TensorJob, device: torch.device) -> torch.Te
     return out.to(device="cpu", dtype=job.out.dtype)
 
 
+def write_jobs(plan: Plan, device: torch.device, names: Sequence[str], places: dict[str, Placement]) -> int:
+    """A worker's share of a merged checkpoint: each named job's output written at its reserved place; its bytes."""
+    jobs = {job.name: job for job in plan.jobs}
+    done = 0
+    for i, name in enumerate(names):
+        if i + 1 < len(names):
+            advise_inputs(plan, jobs[names[i + 1]])
+        tensor = compute_tensor(plan, jobs[name], device)
+        write_at(places[name], tensor)
+        done += tensor.numel() * tensor.element_size()
+        del tensor
+    return done
+
+
+def write_task_vectors(plan: Plan, device: torch.device, names: Sequence[str], places: dict[str, Placement]) -> int:
+    """A worker's share of the λ search's scratch file: each named job's combined task vector before λ."""
+    jobs = {job.name: job for job in plan.jobs}
+    done = 0
+    for name in names:
+        tensor = merged_task_vector(plan, jobs[name], device)[1].cpu()
+        write_at(places[name], tensor)
+        done += tensor.numel() * tensor.element_size()
+        del tensor
+    return done
+
+
 class TaskVectorPasses:
     """Passes over the merged tensors' task vectors, for methods that need model-wide statistics."""
 
@@ -219,6 +246,13 @@ class TaskVectorPasses:
         self.compute_dtype = plan.compute_dtype
         self.jobs = [job for job in plan.jobs if job.merge]
         self.total_numel = sum(job.out.numel for job in self.jobs)
+
+    def only(self, names: Sequence[str]) -> "TaskVectorPasses":
+        """The same passes over a share of the merged tensors (a worker's), ``total_numel`` still the whole model's."""
+        share = set(names)
+        part = TaskVectorPasses(self.plan, self.device, progress=False)
+        part.jobs = [job for job in self.jobs if job.name in share]
+        return part
 
     def tensors(self, description: str, tasks: Sequence[int] | None = None) -> Iterator[tuple[str, Iterator[tuple[int, torch.Tensor]]]]:
         """Per merged tensor: its name and (task index, τ_task) for the chosen tasks, read lazily."""
@@ -247,16 +281,22 @@ class TaskVectorPasses:
                 bar.update(plan.info(job.base).nbytes + sum(plan.info(job.inputs[t]).nbytes for t in chosen))
 
 
-def compute_statistics(plan: Plan, device: torch.device, progress: bool = True) -> dict[str, Any]:
-    """Run the method's model-wide statistics passes (if any) and keep the result on the plan."""
+def compute_statistics(plan: Plan, device: torch.device, progress: bool = True, executor: Any = None) -> dict[str, Any]:
+    """Run the method's model-wide statistics passes (if any) and keep the result on the plan; with a
+    distributed ``executor``, its passes reduce the workers' partial results."""
     if plan.method.statistics is not None and not plan.model_statistics:
-        plan.model_statistics = plan.method.statistics(TaskVectorPasses(plan, device, progress), plan.params, plan.model_params) or {}
+        source = executor.passes(plan, device, progress) if executor is not None else TaskVectorPasses(plan, device, progress)
+        plan.model_statistics = plan.method.statistics(source, plan.params, plan.model_params) or {}
     return plan.model_statistics
 
 
-def execute(plan: Plan, out_dir: str | os.PathLike[str], *, force: bool = False, device: str = "cpu", progress: bool = True) -> Path:
-    """Run a plan into ``out_dir`` with the product its method declares (a merged model, a collection, ...)."""
+def execute(plan: Plan, out_dir: str | os.PathLike[str], *, force: bool = False, device: str = "cpu", progress: bool = True,
+            executor: Any = None) -> Path:
+    """Run a plan into ``out_dir`` with the product its method declares (a merged model, a collection, ...);
+    ``executor``: None runs here, a ``RayExecutor`` spreads the jobs over a Ray cluster (same bytes)."""
     write = PRODUCTS.get(plan.method.output)
     if write is None:  # pragma: no cover - every declared output has a product
         raise MergeKitLiteError(f"no product writes {plan.method.output!r} outputs")
-    return write(plan, out_dir, force=force, device=device, progress=progress)
+    if executor is None:
+        return write(plan, out_dir, force=force, device=device, progress=progress)
+    return write(plan, out_dir, force=force, device=device, progress=progress, executor=executor)

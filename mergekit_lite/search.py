@@ -65,6 +65,28 @@ def best(grid: list[float], scores: list[float]) -> float:
     return grid[max(range(len(grid)), key=lambda i: (scores[i], -i))]
 
 
+def tall_lambda_score(evaluator: Evaluator, plan: Any, tau: Checkpoint, t: int, lam: float, device: torch.device) -> float:
+    """The evaluator's score of task t reconstructed as θ_0 + m_t(λ) ⊙ τ_MTL (one candidate of the search)."""
+    from .ops import tall_mask
+
+    jobs = {job.name: job for job in plan.jobs}
+    model = plan.models[t]
+    infos = [TensorInfo(j.name, model.info(j.name).dtype if j.merge else plan.base.info(j.name).dtype, j.out.shape) for j in plan.jobs]
+
+    def compute(name: str) -> torch.Tensor:
+        stored = plan.base.get(name)
+        if not jobs[name].merge:
+            return stored
+        dtype = plan.compute_dtype
+        base = stored.to(device=device, dtype=dtype)
+        tau_t = model.get(name).to(device=device, dtype=dtype).sub_(base)
+        mtl = tau.get(name).to(device=device, dtype=dtype)
+        out = base.add_(torch.where(tall_mask(tau_t, mtl, lam), mtl, 0))
+        return out.to(device="cpu", dtype=model.info(name).dtype)
+
+    return score(evaluator, plan.model_names[t], LazyStateDict(infos, compute, support=model))
+
+
 def search_tall_lambdas(
     evaluator: Evaluator,
     plan: Any,
@@ -73,38 +95,25 @@ def search_tall_lambdas(
     lambdas: list[Any],
     device: torch.device,
     progress: bool,
+    scored: dict[tuple[int, float], float] | None = None,
 ) -> tuple[list[float], list[dict[str, float] | None]]:
-    """Per task with a grid, score θ_0 + m_t(λ) ⊙ τ_MTL for each λ and keep the best."""
-    from .ops import tall_mask
-
+    """Per task with a grid, score θ_0 + m_t(λ) ⊙ τ_MTL for each λ and keep the best (``scored``: the
+    scores of every (task, λ) computed elsewhere, by a distributed executor's tasks)."""
     names = plan.model_names
     chosen = list(lambdas)
     all_scores: list[dict[str, float] | None] = [None] * len(names)
-    jobs = {job.name: job for job in plan.jobs}
     todo = [(t, lam) for t, grid in enumerate(grids) if grid is not None for lam in grid]
-    with progress_bar(len(todo), "λ search", progress, unit="eval") as bar:
+    with progress_bar(0 if scored is not None else len(todo), "λ search", progress and scored is None, unit="eval") as bar:
         for t, grid in enumerate(grids):
             if grid is None:
                 continue
-            model = plan.models[t]
-            infos = [TensorInfo(j.name, model.info(j.name).dtype if j.merge else plan.base.info(j.name).dtype, j.out.shape) for j in plan.jobs]
-
-            def compute(name: str, lam: float = 0.0, model: Checkpoint = model) -> torch.Tensor:
-                stored = plan.base.get(name)
-                if not jobs[name].merge:
-                    return stored
-                dtype = plan.compute_dtype
-                base = stored.to(device=device, dtype=dtype)
-                tau_t = model.get(name).to(device=device, dtype=dtype).sub_(base)
-                mtl = tau.get(name).to(device=device, dtype=dtype)
-                out = base.add_(torch.where(tall_mask(tau_t, mtl, lam), mtl, 0))
-                return out.to(device="cpu", dtype=model.info(name).dtype)
-
             results = []
             for lam in grid:
+                if scored is not None:
+                    results.append(scored[(t, lam)])
+                    continue
                 bar.set_postfix_str(f"{names[t]} λ={lam}")
-                state = LazyStateDict(infos, lambda name, lam=lam: compute(name, lam), support=model)
-                results.append(score(evaluator, names[t], state))
+                results.append(tall_lambda_score(evaluator, plan, tau, t, lam, device))
                 bar.update(1)
             chosen[t] = best(grid, results)
             all_scores[t] = {str(lam): s for lam, s in zip(grid, results)}
@@ -124,31 +133,42 @@ def lambda_grid(plan: Any) -> list[float] | None:
     return None
 
 
-def search_merge_lambda(
-    evaluator: Evaluator, plan: Any, delta: Checkpoint, grid: list[float], progress: bool
-) -> tuple[float, dict[str, float]]:
-    """Score θ_0 + λ·merged for each λ (mean of the evaluator over the recipe's tasks); keep the best."""
+def merge_lambda_score(evaluator: Evaluator, plan: Any, delta: Checkpoint, lam: float, bar: Any = None) -> float:
+    """The mean evaluator score over the recipe's tasks of θ_0 + λ·merged (one candidate of the search)."""
     names = plan.model_names
     jobs = {job.name: job for job in plan.jobs}
     infos = [job.out for job in plan.jobs]
 
-    def compute(name: str, lam: float) -> torch.Tensor:
+    def compute(name: str) -> torch.Tensor:
         stored = plan.base.get(name)
         if not jobs[name].merge:
             return stored.to(jobs[name].out.dtype)
         out = stored.to(plan.compute_dtype).add_(delta.get(name).to(plan.compute_dtype), alpha=lam)
         return out.to(jobs[name].out.dtype)
 
-    results = []
-    with progress_bar(len(grid) * len(names), "λ search", progress, unit="eval") as bar:
-        for lam in grid:
-            state = LazyStateDict(infos, lambda name, lam=lam: compute(name, lam), support=plan.base)
-            total = 0.0
-            for name in names:
-                bar.set_postfix_str(f"λ={lam} {name}")
-                total += score(evaluator, name, state)
-                bar.update(1)
-            results.append(total / len(names))
+    state = LazyStateDict(infos, compute, support=plan.base)
+    total = 0.0
+    for name in names:
+        if bar is not None:
+            bar.set_postfix_str(f"λ={lam} {name}")
+        total += score(evaluator, name, state)
+        if bar is not None:
+            bar.update(1)
+    return total / len(names)
+
+
+def search_merge_lambda(
+    evaluator: Evaluator, plan: Any, delta: Checkpoint, grid: list[float], progress: bool, scored: list[list[float]] | None = None
+) -> tuple[float, dict[str, float]]:
+    """Score θ_0 + λ·merged for each λ (mean of the evaluator over the recipe's tasks); keep the best.
+    ``scored``: each λ's score already computed elsewhere (a distributed executor's tasks), as [score]."""
+    if scored is not None:
+        results = [r[0] for r in scored]
+    else:
+        results = []
+        with progress_bar(len(grid) * len(plan.model_names), "λ search", progress, unit="eval") as bar:
+            for lam in grid:
+                results.append(merge_lambda_score(evaluator, plan, delta, lam, bar))
     return best(grid, results), {str(lam): s for lam, s in zip(grid, results)}
 
 
@@ -157,5 +177,6 @@ def temporary_folder(beside: str | os.PathLike[str]) -> tempfile.TemporaryDirect
     from .writer import AtomicFolder
 
     dest = Path(beside).absolute()
+    dest.parent.mkdir(parents=True, exist_ok=True)  # as the output's own folder would be (a missing parent is created)
     # named like AtomicFolder's work folders (with our pid), so a later run removes it if we are killed
     return tempfile.TemporaryDirectory(prefix=f"{AtomicFolder.PREFIX}{dest.name}.{os.getpid()}.scratch.", dir=dest.parent)

@@ -152,6 +152,37 @@ class ShardedSafetensorsWriter:
         if self._left[index] == 0:
             self._finish(index)
 
+    def reserve(self) -> dict[str, "Placement"]:
+        """Create every shard at its full size with its header, for tensors written by other processes
+        (``write_at``): each tensor's file, byte offset and planned dtype and shape. Report each with
+        ``written_elsewhere``; a shard's SHA-256 is read back once it is complete."""
+        places: dict[str, Placement] = {}
+        for index, shard in enumerate(self.shards):
+            if not shard.tensors or index in self._files:
+                continue
+            fd = self._open(index)
+            try:
+                os.ftruncate(fd, len(shard.header) + shard.nbytes)
+            except OSError as exc:
+                raise OutputError(f"{self.folder / shard.file_name}: cannot reserve {len(shard.header) + shard.nbytes} bytes: {exc.strerror or exc}") from exc
+            self._hashes[index] = None  # the bytes arrive from elsewhere: hashed by reading back
+        for name, (index, offset, info) in self._place.items():
+            places[name] = Placement(str(self.folder / self.shards[index].file_name), offset, info)
+        return places
+
+    def written_elsewhere(self, name: str) -> None:
+        """Record that another process wrote a reserved tensor at its place."""
+        if name not in self._place:
+            raise OutputError(f"tensor {name}: not in the plan of this output")
+        if name in self._written:
+            raise OutputError(f"tensor {name}: written twice")
+        index = self._place[name][0]
+        self._hashes[index] = None
+        self._written.add(name)
+        self._left[index] -= 1
+        if self._left[index] == 0:
+            self._finish(index)
+
     def _open(self, index: int) -> int:
         shard = self.shards[index]
         path = self.folder / shard.file_name
@@ -217,6 +248,36 @@ class ShardedSafetensorsWriter:
             except OSError:
                 pass
         self._files.clear()
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one planned tensor goes: its shard file, the byte offset in it, its dtype and shape."""
+
+    path: str
+    offset: int
+    info: TensorInfo
+
+
+def write_at(place: Placement, tensor: torch.Tensor) -> None:
+    """Write one tensor's bytes at its reserved place (another process owns the shard: ``reserve``)."""
+    info = place.info
+    if tensor.dtype != info.dtype or tuple(tensor.shape) != info.shape:
+        raise OutputError(f"tensor {info.name}: expected {info.dtype} {list(info.shape)}, got {tensor.dtype} {list(tensor.shape)}")
+    data = memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+    try:
+        fd = os.open(place.path, os.O_WRONLY)
+    except OSError as exc:
+        raise OutputError(f"{place.path}: cannot open the reserved shard: {exc.strerror or exc} (is the output folder on a file system every worker sees?)") from exc
+    try:
+        offset = place.offset
+        while len(data):
+            done = os.pwrite(fd, data, offset)
+            data, offset = data[done:], offset + done
+    except OSError as exc:
+        raise OutputError(f"{place.path}: write failed: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -395,20 +456,25 @@ def write_checkpoint(
     extra_files: Path | None = None,
     config_updates: dict[str, Any] | None = None,
     finish: Callable[[Path], Any] | None = None,
+    fill: Callable[["ShardedSafetensorsWriter"], None] | None = None,
 ) -> Path:
     """Write a Hugging Face checkpoint atomically, producing tensors one at a time in ``jobs`` order.
 
     ``finish(folder)`` runs after the support files are in the (temporary) folder and before the card
-    (the merged product writes its tokenizer files, chat template and sentence-transformers modules there)."""
+    (the merged product writes its tokenizer files, chat template and sentence-transformers modules there);
+    ``fill(writer)``, when given, writes every tensor instead of ``produce`` (a distributed executor)."""
     folder = AtomicFolder(out_dir, force=force)
     total = sum(j.nbytes for j in jobs)
     with folder as tmp:
         writer = ShardedSafetensorsWriter(tmp, jobs, shard_size)
         try:
-            with progress_bar(total, description, progress) as bar:
-                for info in jobs:
-                    writer.write(info.name, produce(info))
-                    bar.update(info.nbytes)
+            if fill is not None:  # another executor writes the tensors (and shows its own progress)
+                fill(writer)
+            else:
+                with progress_bar(total, description, progress) as bar:
+                    for info in jobs:
+                        writer.write(info.name, produce(info))
+                        bar.update(info.nbytes)
             writer.close()
         except OSError as exc:
             raise OutputError(f"{out_dir}: failed while writing: {exc.strerror or exc}; nothing was written") from exc

@@ -403,3 +403,69 @@ def test_cuda_matches_cpu(dtype):
     # mixed devices within a pass
     mixed = [cuda[0], cpu[1], cuda[2]]
     assert run_streaming(mixed, n // 2, dtype)[0] == reference(cpu, n // 2)
+
+
+# --------------------------------------------------------------------- partial states (workers)
+import pickle  # noqa: E402
+
+
+def run_split(parts, k, dtype):
+    """Each pass: every part fed to its own pickled copy of the selector (a worker), the copies merged, then end_pass."""
+    sel = KthLargestMagnitude(k, dtype)
+    passes = 0
+    while not sel.done:
+        copies = [pickle.loads(pickle.dumps(sel)) for _ in parts]
+        for copy, part in zip(copies, parts):
+            for t in part:
+                copy.observe(t)
+        sel = sel_mod.merge_partial_selectors([[c] for c in pickle.loads(pickle.dumps(copies))])[0]
+        sel.end_pass()
+        passes += 1
+    return sel.value, passes
+
+
+@settings(max_examples=120, deadline=None)
+@given(_case(), st.integers(1, 4), st.randoms(use_true_random=False))
+def test_property_partial_states_merge_to_the_same_answer(case, workers, rnd):
+    dtype, tensors, k, limit = case
+    parts = [[] for _ in range(workers)]
+    for t in tensors:  # tensors dealt to the workers at random; some workers may get none
+        parts[rnd.randrange(workers)].append(t)
+    old = sel_mod.COLLECT_LIMIT
+    sel_mod.COLLECT_LIMIT = limit
+    try:
+        value, passes = run_split(parts, k, dtype)
+        whole, whole_passes = run_streaming(tensors, k, dtype)
+    finally:
+        sel_mod.COLLECT_LIMIT = old
+    assert same_float(value, whole) and passes == whole_passes
+    if k:
+        assert same_float(value, reference(tensors, k))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_merged_histograms_are_the_sums_by_hand(dtype):
+    a, b = torch.tensor([1.0, -2.0, 3.0], dtype=dtype), torch.tensor([2.0, 0.5], dtype=dtype)
+    one, two, both = KthLargestMagnitude(2, dtype), KthLargestMagnitude(2, dtype), KthLargestMagnitude(2, dtype)
+    one.observe(a)
+    two.observe(b)
+    both.observe(a)
+    both.observe(b)
+    merged = one.merged(two)
+    assert torch.equal(merged._hist, both._hist) and int(merged._hist.sum()) == 5
+    assert torch.equal(merged._bin_min, both._bin_min) and torch.equal(merged._bin_max, both._bin_max)
+    assert int(one._hist.sum()) == 3 and int(two._hist.sum()) == 2  # the parts are unchanged
+    merged.end_pass()
+    assert merged.value == 2.0  # |x| sorted: 3, 2, 2, 1, 0.5 -> the 2nd largest is 2
+
+
+def test_merge_refuses_selectors_in_different_states():
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    a = KthLargestMagnitude(10)
+    with pytest.raises(ValueError, match="different search states"):
+        a.merged(KthLargestMagnitude(11))
+    b = KthLargestMagnitude(10)
+    b.observe(x)
+    b.end_pass()  # one pass ahead
+    with pytest.raises(ValueError, match="different search states"):
+        a.merged(b)

@@ -54,3 +54,34 @@ def test_unplanned_duplicate_and_missing_tensors_are_refused(tmp_path):
     with pytest.raises(OutputError, match="only 1 of 2"):
         writer.close()
     writer.abort()
+
+
+def test_reserved_shards_written_elsewhere_equal_the_ones_written_in_order(tmp_path):
+    """Tensors written at reserved offsets (as Ray workers do), in reverse order, give the same files and digests."""
+    from mergekit_lite.errors import OutputError
+    from mergekit_lite.writer import ShardedSafetensorsWriter, write_at
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {f"t{i}": torch.randn(7 + i, 3, generator=gen) for i in range(5)}
+    tensors["half"] = torch.randn(4, generator=gen).to(torch.bfloat16)
+    infos = [TensorInfo(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    ordered = ShardedSafetensorsWriter(tmp_path / "a", infos, 200)
+    for name, tensor in tensors.items():
+        ordered.write(name, tensor)
+    ordered.close()
+    reserved = ShardedSafetensorsWriter(tmp_path / "b", infos, 200)
+    places = reserved.reserve()
+    with pytest.raises(OutputError, match="expected"):
+        write_at(places["t0"], tensors["t1"])
+    for name in reversed(list(tensors)):
+        write_at(places[name], tensors[name])
+        reserved.written_elsewhere(name)
+    reserved.close()
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert len(files) > 2 and files == sorted(p.name for p in (tmp_path / "b").iterdir())
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    assert reserved.digests == ordered.digests
+    with pytest.raises(OutputError, match="twice"):
+        reserved.written_elsewhere("t0")

@@ -331,3 +331,10 @@ def suggest_method(name: str) -> str:
     if other.endswith(name) or name.endswith(other) or other.startswith(name) or name.startswith(other):
         return f"; {other!r} exists but is a different algorithm ({METHODS[other].summary})"
     return f"; did you mean {other!r}?"
+
+
+def reduce_passes(source: Any, description: str, part: Callable[..., Any], merge: Callable[[list[Any]], Any], *args: Any) -> Any:
+    """``part(source, description, *args)`` over the source's tensors; a source that splits its tensors
+    among workers (``source.reduce``) runs ``part`` on each share and ``merge``s the results in order."""
+    reduce = getattr(source, "reduce", None)
+    return reduce(description, part, merge, *args) if reduce is not None else part(source, description, *args)

@@ -12,7 +12,7 @@ from typing import Any, Iterable
 import torch
 
 from ..ops.ram import ram_accumulate, ram_finish, ramplus_finish, ramplus_scales, unique_counts
-from .base import MergeMethod, Param, TensorContext, register
+from .base import MergeMethod, Param, TensorContext, reduce_passes, register
 
 PAPER = "https://arxiv.org/abs/2601.13572"
 
@@ -46,15 +46,25 @@ def ramplus_statistics(source: Any, params: dict[str, Any], model_params: list[d
     """scope: model — each model's shared and unique entries over every merged tensor (one pass)."""
     if params.get("scope") != "model":
         return {}
+    shared, unique = reduce_passes(source, "RAM+ shared/unique counts", ramplus_counts, _add_counts, len(model_params))
+    return {"ram_shared": shared, "ram_unique": unique}
+
+
+def ramplus_counts(source: Any, description: str, tasks: int) -> tuple[list[int], list[int]]:
+    """Each model's (shared, unique) changed-entry counts over the source's tensors."""
     epsilon = {job.name: job.params["epsilon"] for job in source.jobs}
-    shared = [0] * len(model_params)
-    unique = [0] * len(model_params)
-    for name, deltas in source.tensors("RAM+ shared/unique counts"):
+    shared = [0] * tasks
+    unique = [0] * tasks
+    for name, deltas in source.tensors(description):
         state = ram_accumulate((d for _, d in deltas), epsilon[name], track_owner=True)
         for t, (a, u) in enumerate(zip(state.active, unique_counts(state))):
             shared[t] += a - u
             unique[t] += u
-    return {"ram_shared": shared, "ram_unique": unique}
+    return shared, unique
+
+
+def _add_counts(parts: list[tuple[list[int], list[int]]]) -> tuple[list[int], list[int]]:
+    return [sum(p[0][t] for p in parts) for t in range(len(parts[0][0]))], [sum(p[1][t] for p in parts) for t in range(len(parts[0][1]))]
 
 
 register(

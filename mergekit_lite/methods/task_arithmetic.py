@@ -28,7 +28,7 @@ from ..ops import (
     topk_count_mask,
 )
 from ..ops.bitpack import pack_bits, unpack_bit_range
-from .base import CombineFn, CombineRowsFn, HeldTaskVectors, by_row_chunks, MergeMethod, Param, TaskVectorSource, TensorContext, register
+from .base import CombineFn, CombineRowsFn, HeldTaskVectors, by_row_chunks, MergeMethod, Param, TaskVectorSource, TensorContext, reduce_passes, register
 
 # -- parameters (names and defaults as mergekit 0.1.5 declares them) -------------------------------
 WEIGHT = Param("weight", float, 1.0, "Per-model weight w_t multiplying its task vector (negative forgets a task).", per_model=True)
@@ -301,28 +301,44 @@ def ties_model_statistics(source: Any, densities: Sequence[float], weights: Sequ
 
     thresholds[t]: the k-th largest |τ_t| over the whole model, k = ⌊density_t·n⌋ (radix select,
     2 passes for float32, up to 4 for float64); majority: sign of Σ over the model of the elected
-    signs γ (one more pass), the sign that entries with a zero sum take.
+    signs γ (one more pass), the sign that entries with a zero sum take. Each pass is a reduction
+    over the tensors (``reduce_passes``): a distributed source feeds parts of it to workers and
+    merges their partial selectors and counts, with the same result.
     """
-    from ..ops.select import KthLargestMagnitude
+    from ..ops.select import KthLargestMagnitude, merge_partial_selectors
 
     selectors = [KthLargestMagnitude(keep_count(source.total_numel, d), source.compute_dtype) for d in densities]
     while not all(s.done for s in selectors):
         pending = [t for t, s in enumerate(selectors) if not s.done]
-        for _, deltas in source.tensors("TIES thresholds", pending):
-            for t, delta in deltas:
-                selectors[t].observe(delta)
-        for t in pending:
-            selectors[t].end_pass()
+        observed = reduce_passes(source, "TIES thresholds", observe_thresholds, merge_partial_selectors, [selectors[t] for t in pending], pending)
+        for t, sel in zip(pending, observed):
+            sel.end_pass()
+            selectors[t] = sel
     thresholds = [s.value for s in selectors]
+    count = reduce_passes(source, "TIES majority sign", majority_sign_total, sum, thresholds, list(weights))
+    return {"thresholds": thresholds, "majority": 1.0 if count > 0 else -1.0}
+
+
+def observe_thresholds(source: Any, description: str, selectors: list[Any], tasks: list[int]) -> list[Any]:
+    """One radix-select pass: feed selector i every |τ_tasks[i]| of the source's tensors."""
+    position = {t: i for i, t in enumerate(tasks)}
+    for _, deltas in source.tensors(description, tasks):
+        for t, delta in deltas:
+            selectors[position[t]].observe(delta)
+    return selectors
+
+
+def majority_sign_total(source: Any, description: str, thresholds: list[float], weights: list[float]) -> int:
+    """Σ over the source's tensors of the elected signs of the trimmed, weighted task vectors' sum."""
     count = 0
-    for _, deltas in source.tensors("TIES majority sign"):
+    for _, deltas in source.tensors(description):
         total: torch.Tensor | None = None
         for t, delta in deltas:
             term = delta.masked_fill_(delta.abs() < thresholds[t], 0).mul_(weights[t])
             total = term if total is None else total.add_(term)
         if total is not None:
             count += int(majority_sign_count(total.unsqueeze(0)))
-    return {"thresholds": thresholds, "majority": 1.0 if count > 0 else -1.0}
+    return count
 
 
 def _ties_stats(source: Any, params: dict[str, Any], model_params: list[dict[str, Any]]) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-__all__ = ["COLLECT_LIMIT", "KthLargestMagnitude", "kth_largest_magnitude_streaming"]
+__all__ = ["COLLECT_LIMIT", "KthLargestMagnitude", "kth_largest_magnitude_streaming", "merge_partial_selectors"]
 
 _DIGIT_BITS = 16
 _NBINS = 1 << _DIGIT_BITS  # 65,536 digit values
@@ -249,6 +249,38 @@ class KthLargestMagnitude:
             self._bin_min.scatter_reduce_(0, key, bits, reduce="amin")
             self._bin_max.scatter_reduce_(0, key, bits, reduce="amax")
 
+    def merged(self, other: "KthLargestMagnitude") -> "KthLargestMagnitude":
+        """A new selector holding both partial states of one pass (neither is changed).
+
+        Two copies of a selector in the same search state, each fed part of a pass (e.g. on two
+        workers), merge into the state one selector would have after being fed both parts: the
+        histograms add, each bin's min and max are the smaller and larger, gathered candidates
+        are pooled. Merging is associative and commutative, so partial states may be reduced in
+        any grouping; the answer after :meth:`end_pass` is the same exact value.
+        """
+        mine = (self._k, self._dtype, self._prefix, self._known_shift, self._collect, self._candidates, self._passes, self._value)
+        theirs = (other._k, other._dtype, other._prefix, other._known_shift, other._collect, other._candidates, other._passes, other._value)
+        if mine != theirs:
+            raise ValueError("cannot merge selectors in different search states (another k, dtype or pass)")
+        out = KthLargestMagnitude.__new__(KthLargestMagnitude)
+        out.__dict__.update(self.__dict__)
+        out._ones = {}
+        out._reset_pass_state()
+        out._gathered = [*self._gathered, *other._gathered]
+        parts = [s for s in (self, other) if s._hist is not None]
+        if parts:
+            device = parts[0]._hist.device
+            out._hist = parts[0]._hist.clone()
+            for p in parts[1:]:
+                out._hist += p._hist.to(device)
+            if parts[0]._bin_min is not None:
+                out._bin_min = parts[0]._bin_min.clone()
+                out._bin_max = parts[0]._bin_max.clone()
+                for p in parts[1:]:
+                    torch.minimum(out._bin_min, p._bin_min.to(device), out=out._bin_min)
+                    torch.maximum(out._bin_max, p._bin_max.to(device), out=out._bin_max)
+        return out
+
     def end_pass(self) -> None:
         """Close the current pass and narrow the search (or finish it)."""
         if self.done:
@@ -335,3 +367,11 @@ def kth_largest_magnitude_streaming(
             sel.observe(t)
         sel.end_pass()
     return sel.value
+
+
+def merge_partial_selectors(parts: list[list[KthLargestMagnitude]]) -> list[KthLargestMagnitude]:
+    """Position by position, the merge of several workers' partial selectors of one pass."""
+    out = list(parts[0])
+    for part in parts[1:]:
+        out = [a.merged(b) for a, b in zip(out, part)]
+    return out

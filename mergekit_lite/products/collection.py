@@ -11,14 +11,16 @@ shared vector and per-task parts, by scheme (docs/collection-format.md):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import re
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -31,10 +33,10 @@ from ..errors import CheckpointError, CollectionError, MergeKitLiteWarning, Outp
 from ..execute import TaskVectorPasses, compute_statistics, register_product, resolve_device
 from ..methods import TensorContext, suggest
 from ..methods.tall import multitask_vector
-from ..search import load_evaluator, search_tall_lambdas
+from ..search import load_evaluator, search_tall_lambdas, tall_lambda_score
 from ..statedict import LazyStateDict
 from ..ops import emr_elect, emr_mask, emr_rescaler, low_rank_product, rank_budget, tall_mask, truncated_svd
-from .mask_stats import MaskStats
+from .mask_stats import MaskStats, mask_counts
 from .tokenizer import TOKENIZER_MODEL_FILES, copy_sentence_transformers, has_tokenizer
 from ..writer import (
     TOKENIZER_FILES,
@@ -42,6 +44,7 @@ from ..writer import (
     ShardedSafetensorsWriter,
     copy_support_files,
     sha256_file,
+    write_at,
     write_json,
 )
 
@@ -100,7 +103,173 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.sum(a * b, dtype=torch.float64))
 
 
-def compress(plan: Any, out_dir: str | os.PathLike[str], *, force: bool = False, device: str = "cpu", progress: bool = True) -> Path:
+@dataclass(frozen=True)
+class CompressSetup:
+    """What compressing one tensor needs besides its task vectors (the same on the driver and on every worker)."""
+
+    scheme: str
+    count: int
+    model_params: list[dict[str, Any]]
+    ctx_params: dict[str, Any]
+    mtl_dtype: torch.dtype
+    ranks: dict[str, int]
+    lambdas: list[Any]
+
+
+@dataclass
+class TensorPart:
+    """One tensor's additions to the per-task sums (None: not this scheme's), and its mask counts."""
+
+    error: list[float] | None = None
+    norm: list[float] | None = None
+    emr: list[list[float]] | None = None  # task_l1, masked_l1, task_means, masked_means, uni_sq, uni_dot
+    counts: tuple[list[int], list[int], list[list[int]]] | None = None
+
+
+class Totals:
+    """Per-task sums over the tensors, added tensor by tensor in the plan's order (the same floats however the work is spread)."""
+
+    def __init__(self, count: int):
+        self.error, self.norm = [0.0] * count, [0.0] * count
+        self.task_l1, self.masked_l1, self.task_means, self.masked_means, self.uni_sq, self.uni_dot = ([0.0] * count for _ in range(6))
+
+    def add(self, part: TensorPart) -> None:
+        emr = [self.task_l1, self.masked_l1, self.task_means, self.masked_means, self.uni_sq, self.uni_dot]
+        for t in range(len(self.error)):
+            if part.error is not None:
+                self.error[t] += part.error[t]
+            if part.norm is not None:
+                self.norm[t] += part.norm[t]
+            if part.emr is not None:
+                for sums, values in zip(emr, part.emr):
+                    sums[t] += values[t]
+
+
+#: writes one stored tensor: (kind "tau" | "mask" | "factor", task index or -1, tensor name, tensor)
+WriteFn = Callable[[str, int, str, torch.Tensor], None]
+
+
+def tau_tensor(setup: CompressSetup, name: str, kept: list[torch.Tensor], names: list[str], statistics: dict[str, Any]) -> torch.Tensor:
+    """τ_MTL of one tensor in its stored dtype."""
+    ctx = TensorContext(name, names, setup.ctx_params, setup.model_params, statistics)
+    return multitask_vector(kept, ctx).to(setup.mtl_dtype)
+
+
+def compress_tensor(setup: CompressSetup, name: str, deltas: Iterable[tuple[int, torch.Tensor]], tau_stored: torch.Tensor | None,
+                    write: WriteFn, names: list[str], statistics: dict[str, Any]) -> TensorPart:
+    """Compress one tensor's task vectors: write its stored parts (``write``) and return its additions to the sums."""
+    count = setup.count
+    if name in setup.ranks:  # TSV-C: one task at a time, its top singular triplets
+        error, norm = [0.0] * count, [0.0] * count
+        for t, delta in deltas:
+            factors = truncated_svd(delta, setup.ranks[name])
+            stored = [f.to(setup.mtl_dtype) for f in factors[:3]]
+            for suffix, tensor in zip(FACTOR_SUFFIXES, stored):
+                write("factor", t, name + suffix, tensor.cpu())
+            del factors
+            approx = low_rank_product(*(f.to(delta.dtype) for f in stored))  # what extraction gives back
+            error[t] = float(torch.linalg.vector_norm(approx.sub_(delta))) ** 2
+            norm[t] = float(torch.linalg.vector_norm(delta)) ** 2
+            del approx, delta, stored
+        return TensorPart(error=error, norm=norm)
+    kept = [d for _, d in deltas]  # the T task vectors, never stacked into one [T, ...] copy
+    if tau_stored is not None:
+        stored = tau_stored
+    else:
+        if setup.scheme == "emr":
+            stored = emr_elect(kept).to(setup.mtl_dtype)
+        else:
+            stored = tau_tensor(setup, name, kept, names, statistics)
+        write("tau", -1, name, stored.cpu())
+    tau = stored.to(kept[0].dtype)  # masks are built from the stored vector that extraction will use
+    part = TensorPart(norm=[0.0] * count)
+    if setup.scheme == "emr":
+        part.emr = [[0.0] * count for _ in range(6)]
+    else:
+        part.error = [0.0] * count
+    mask_list = []
+    for t in range(count):
+        mask = emr_mask(kept[t], tau) if setup.scheme == "emr" else tall_mask(kept[t], tau, setup.lambdas[t])
+        write("mask", t, name, pack_bits(mask).cpu())
+        used = torch.where(mask, tau, 0)
+        if setup.scheme == "emr":
+            assert part.emr is not None
+            part.norm[t] = _dot(kept[t], kept[t])  # the error is a difference of these sums: no float32 norm
+            numel = max(kept[t].numel(), 1)
+            own, kept_part = _magnitude(kept[t]), _magnitude(used)
+            values = (own, kept_part, own / numel, kept_part / numel, _dot(used, used), _dot(used, kept[t]))
+            for sums, value in zip(part.emr, values):
+                sums[t] = value
+        else:
+            assert part.error is not None
+            part.norm[t] = float(torch.linalg.vector_norm(kept[t])) ** 2
+            part.error[t] = float(torch.linalg.vector_norm(used.sub_(kept[t]))) ** 2
+        del used
+        mask_list.append(mask)
+    del kept
+    masks = torch.stack(mask_list)
+    del mask_list
+    part.counts = mask_counts(masks.cpu())
+    return part
+
+
+def _local_writer(tau_writer: ShardedSafetensorsWriter, mask_writers: list[ShardedSafetensorsWriter],
+                  factor_writers: list[ShardedSafetensorsWriter]) -> WriteFn:
+    def write(kind: str, t: int, name: str, tensor: torch.Tensor) -> None:
+        (tau_writer if kind == "tau" else mask_writers[t] if kind == "mask" else factor_writers[t]).write(name, tensor)
+
+    return write
+
+
+def _placed_writer(places: dict[str, Any]) -> WriteFn:
+    def write(kind: str, t: int, name: str, tensor: torch.Tensor) -> None:
+        write_at(places["tau"][name] if kind == "tau" else places["masks"][t][name] if kind == "mask" else places["factors"][t][name], tensor)
+
+    return write
+
+
+def tau_share(plan: Any, device: torch.device, names: list[str], setup: CompressSetup, places: dict[str, Any]) -> int:
+    """On a worker: τ_MTL of a share of the merged tensors, written at its places (the λ search's phase 1)."""
+    for name, deltas in TaskVectorPasses(plan, device, progress=False).only(names).tensors("τ_MTL"):
+        write_at(places["tau"][name], tau_tensor(setup, name, [d for _, d in deltas], plan.model_names, plan.model_statistics).cpu())
+    return len(names)
+
+
+def compress_share(plan: Any, device: torch.device, names: list[str], setup: CompressSetup, places: dict[str, Any],
+                   tau_files: dict[str, str] | None) -> list[tuple[str, TensorPart]]:
+    """On a worker: compress a share of the merged tensors, writing at their places; each tensor's part, in order."""
+    write = _placed_writer(places)
+    tau_reader = Checkpoint("τ_MTL", None, {n: Path(f) for n, f in tau_files.items()}, None) if tau_files is not None else None
+    out = []
+    try:
+        for name, deltas in TaskVectorPasses(plan, device, progress=False).only(names).tensors("compressing"):
+            stored = tau_reader.get(name).to(device) if tau_reader is not None and name not in setup.ranks else None
+            out.append((name, compress_tensor(setup, name, deltas, stored, write, plan.model_names, plan.model_statistics)))
+    finally:
+        if tau_reader is not None:
+            tau_reader.close()
+    return out
+
+
+def score_tall_lambdas(plan: Any, device: torch.device, candidates: list[tuple[int, float]], tau_files: dict[str, str], evaluator: str) -> list[float]:
+    """On a worker: the evaluator's score of each (task, λ) candidate of the TALL λ search."""
+    tau = Checkpoint("τ_MTL", None, {n: Path(f) for n, f in tau_files.items()}, None)
+    try:
+        return [tall_lambda_score(load_evaluator(evaluator), plan, tau, t, lam, device) for t, lam in candidates]
+    finally:
+        tau.close()
+
+
+def _distributed(executor: Any, plan: Any, device: torch.device, progress: bool, part: Callable[..., Any], names: list[str],
+                 args: tuple[Any, ...], description: str, on_done: Callable[[list[str], Any], None]) -> list[Any]:
+    """``part`` over shares of the merged tensors on the executor's workers (each share's input bytes as its size)."""
+    jobs = {job.name: job for job in plan.jobs}
+    sizes = [sum(plan.info(r).nbytes for r in jobs[n].reads) for n in names]
+    return executor.run(plan, device, part, names, sizes, args, description=description, progress=progress, on_done=on_done)
+
+
+def compress(plan: Any, out_dir: str | os.PathLike[str], *, force: bool = False, device: str = "cpu", progress: bool = True,
+             executor: Any = None) -> Path:
     """Write the recipe's models as a collection (TALL masks, EMR or TSV-C, by the method) into ``out_dir`` (atomically)."""
     dev = resolve_device(device)
     recipe = plan.recipe
@@ -108,7 +277,7 @@ def compress(plan: Any, out_dir: str | os.PathLike[str], *, force: bool = False,
     names = plan.model_names
     count = len(names)
     stems = [task_file_stem(i, n) for i, n in enumerate(names)]
-    compute_statistics(plan, dev, progress)
+    compute_statistics(plan, dev, progress, executor)
     merged = [plan.base.info(job.name) for job in plan.jobs if job.merge]
     base_infos = {job.name: plan.base.info(job.name) for job in plan.jobs}
     mtl_dtype = resolve_mtl_dtype(plan.params["mtl_dtype"], [base_infos[i.name] for i in merged])
@@ -129,27 +298,39 @@ def compress(plan: Any, out_dir: str | os.PathLike[str], *, force: bool = False,
     searching = any(g is not None for g in grids)
     ctx_params = {"aggregate": plan.params.get("aggregate", "task_arithmetic")}
 
+    setup = CompressSetup(scheme, count, list(plan.model_params), ctx_params, mtl_dtype, ranks, [p.get("tall_lambda") for p in plan.model_params])
+
     folder = AtomicFolder(out_dir, force=force)
     with folder as tmp:
         (tmp / "masks").mkdir()
         tau_writer = ShardedSafetensorsWriter(tmp, [TensorInfo(i.name, mtl_dtype, i.shape) for i in masked], recipe.output.shard_size, prefix="tau_mtl")
         source = TaskVectorPasses(plan, dev, progress)
-        lambdas = [p.get("tall_lambda") for p in plan.model_params]
+        lambdas = list(setup.lambdas)
         scores: list[dict[str, float] | None] = [None] * count
         tau_reader: Checkpoint | None = None
+        merged_names = [i.name for i in merged]
         if searching:
             # phase 1: τ_MTL only; then each task's λ by the evaluator on its reconstruction
-            for name, deltas in source.tensors("τ_MTL"):
-                kept = [d for _, d in deltas]
-                ctx = TensorContext(name, names, ctx_params, plan.model_params, plan.model_statistics)
-                tau_writer.write(name, multitask_vector(kept, ctx).to(mtl_dtype).cpu())
-                del kept
+            if executor is not None:
+                places = {"tau": tau_writer.reserve()}
+                _distributed(executor, plan, dev, progress, tau_share, merged_names, (setup, places), "τ_MTL",
+                             lambda share, _r: [tau_writer.written_elsewhere(n) for n in share])
+            else:
+                for name, deltas in source.tensors("τ_MTL"):
+                    tau_writer.write(name, tau_tensor(setup, name, [d for _, d in deltas], plan.model_names, plan.model_statistics).cpu())
             tau_writer.close()
             tau_reader = Checkpoint("τ_MTL", tmp, {n: tmp / f for n, f in tau_writer.shard_of.items()}, None)
             assert evaluator is not None
+            scored = None
+            if executor is not None:  # every (task, λ) candidate scored as its own Ray task
+                todo = [(t, lam) for t, grid in enumerate(grids) if grid is not None for lam in grid]
+                tau_files = {n: str(tmp / f) for n, f in tau_writer.shard_of.items()}
+                results = executor.map(plan, dev, score_tall_lambdas, todo, (tau_files, recipe.evaluator), progress=progress)
+                scored = {candidate: result[0] for candidate, result in zip(todo, results)}
             lambdas, scores = search_tall_lambdas(
-                evaluator, plan, tau_reader, grids, lambdas, dev, progress
+                evaluator, plan, tau_reader, grids, lambdas, dev, progress, scored=scored
             )
+            setup = dataclasses.replace(setup, lambdas=list(lambdas))
         mask_writers = [
             ShardedSafetensorsWriter(tmp / "masks", [TensorInfo(i.name, torch.uint8, (packed_size(i.numel),)) for i in masked], 2**62, prefix=stem)
             for stem in stems
@@ -161,61 +342,41 @@ def compress(plan: Any, out_dir: str | os.PathLike[str], *, force: bool = False,
             factor_writers = [ShardedSafetensorsWriter(tmp / "factors", infos, 2**62, prefix=stem) for stem in stems]
         writers = [tau_writer, *mask_writers, *factor_writers]
         stats = MaskStats(names)
-        error = [0.0] * count
-        norm = [0.0] * count
-        # EMR: Σ|τ_t| and Σ|m_t ⊙ τ_uni| (whole model, and summed per-tensor means), and the sums that give the error once λ_t is known
-        task_l1, masked_l1, task_means, masked_means, uni_sq, uni_dot = ([0.0] * count for _ in range(6))
+        totals = Totals(count)
         try:
-            for name, deltas in source.tensors("TALL masks" if searching else "compressing"):
-                if name in ranks:  # TSV-C: one task at a time, its top singular triplets
-                    for t, delta in deltas:
-                        factors = truncated_svd(delta, ranks[name])
-                        stored = [f.to(mtl_dtype) for f in factors[:3]]
-                        for suffix, tensor in zip(FACTOR_SUFFIXES, stored):
-                            factor_writers[t].write(name + suffix, tensor.cpu())
-                        del factors
-                        approx = low_rank_product(*(f.to(delta.dtype) for f in stored))  # what extraction gives back
-                        error[t] += float(torch.linalg.vector_norm(approx.sub_(delta))) ** 2
-                        norm[t] += float(torch.linalg.vector_norm(delta)) ** 2
-                        del approx, delta, stored
-                    continue
-                kept = [d for _, d in deltas]  # the T task vectors, never stacked into one [T, ...] copy
-                if tau_reader is not None:
-                    stored = tau_reader.get(name).to(dev)
-                else:
-                    if scheme == "emr":
-                        shared = emr_elect(kept)
-                    else:
-                        ctx = TensorContext(name, names, ctx_params, plan.model_params, plan.model_statistics)
-                        shared = multitask_vector(kept, ctx)
-                    stored = shared.to(mtl_dtype)
-                    del shared
-                    tau_writer.write(name, stored.cpu())
-                tau = stored.to(kept[0].dtype)  # masks are built from the stored vector that extraction will use
-                mask_list = []
-                for t in range(count):
-                    mask = emr_mask(kept[t], tau) if scheme == "emr" else tall_mask(kept[t], tau, lambdas[t])
-                    mask_writers[t].write(name, pack_bits(mask).cpu())
-                    used = torch.where(mask, tau, 0)
-                    if scheme == "emr":
-                        norm[t] += _dot(kept[t], kept[t])  # the error below is a difference of these sums: no float32 norm
-                        numel = max(kept[t].numel(), 1)
-                        own, kept_part = _magnitude(kept[t]), _magnitude(used)
-                        task_l1[t] += own
-                        masked_l1[t] += kept_part
-                        task_means[t] += own / numel
-                        masked_means[t] += kept_part / numel
-                        uni_sq[t] += _dot(used, used)
-                        uni_dot[t] += _dot(used, kept[t])
-                    else:
-                        norm[t] += float(torch.linalg.vector_norm(kept[t])) ** 2
-                        error[t] += float(torch.linalg.vector_norm(used.sub_(kept[t]))) ** 2
-                    del used
-                    mask_list.append(mask)
-                del kept
-                masks = torch.stack(mask_list)
-                del mask_list
-                stats.add(name, masks.cpu())
+            if executor is not None:
+                places = {"masks": [w.reserve() for w in mask_writers], "factors": [w.reserve() for w in factor_writers]}
+                if tau_reader is None:
+                    places["tau"] = tau_writer.reserve()
+                tau_files = {n: str(tmp / f) for n, f in tau_writer.shard_of.items()} if tau_reader is not None else None
+
+                def written(share: list[str], _result: Any) -> None:
+                    for name in share:
+                        if name in ranks:
+                            for w in factor_writers:
+                                for suffix in FACTOR_SUFFIXES:
+                                    w.written_elsewhere(name + suffix)
+                            continue
+                        if tau_reader is None:
+                            tau_writer.written_elsewhere(name)
+                        for w in mask_writers:
+                            w.written_elsewhere(name)
+
+                results = _distributed(executor, plan, dev, progress, compress_share, merged_names, (setup, places, tau_files),
+                                       "TALL masks" if searching else "compressing", written)
+                for share in results:  # in the plan's order, as the local loop adds them
+                    for name, part in share:
+                        totals.add(part)
+                        if part.counts is not None:
+                            stats.add_counts(name, *part.counts)
+            else:
+                for name, deltas in source.tensors("TALL masks" if searching else "compressing"):
+                    stored = tau_reader.get(name).to(dev) if tau_reader is not None and name not in ranks else None
+                    part = compress_tensor(setup, name, deltas, stored, _local_writer(tau_writer, mask_writers, factor_writers),
+                                           plan.model_names, plan.model_statistics)
+                    totals.add(part)
+                    if part.counts is not None:
+                        stats.add_counts(name, *part.counts)
             if tau_reader is None:
                 tau_writer.close()
             else:
@@ -225,6 +386,9 @@ def compress(plan: Any, out_dir: str | os.PathLike[str], *, force: bool = False,
         finally:
             for w in writers:
                 w.abort()
+        error, norm = totals.error, totals.norm
+        task_l1, masked_l1, task_means, masked_means, uni_sq, uni_dot = (
+            totals.task_l1, totals.masked_l1, totals.task_means, totals.masked_means, totals.uni_sq, totals.uni_dot)
         rescalers: list[float] = []
         if scheme == "emr":
             by_mean = plan.params["rescaler"] == "tensor_mean"

@@ -104,7 +104,10 @@ class MaskStats:
 
     def add(self, name: str, masks: torch.Tensor) -> None:
         """Count one tensor's masks ([T, ...] bool)."""
-        histogram, used, overlap = mask_counts(masks)
+        self.add_counts(name, *mask_counts(masks))
+
+    def add_counts(self, name: str, histogram: list[int], used: list[int], overlap: list[list[int]]) -> None:
+        """Add one tensor's counts (``mask_counts`` of its masks, computed here or on a worker)."""
         tasks = len(self.task_names)
         for group in (self.overall, self.layers.setdefault(layer_of(name), Counts(tasks)), self.tensors.setdefault(name, Counts(tasks))):
             group.add(histogram, used, overlap)
