@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 
 from ..ops import (
+    apply_mask_,
     breadcrumbs_mask,
     dare_mask,
     della_keep_probabilities_as,
@@ -92,9 +93,9 @@ class Kept:
         if self.nothing:
             return delta.zero_() if in_place else torch.zeros_like(delta)
         if self.mask is not None or self.packed is not None:
-            # a product with the bool mask (3× faster than masked_fill on the CPU); dropped entries become ±0
+            # a product with the bool mask (faster than masked_fill on the CPU); dropped entries become ±0
             keep = self._mask(rows, delta.shape)
-            out = delta.mul_(keep) if in_place else delta * keep
+            out = apply_mask_(delta if in_place else delta.clone(), keep)
             del keep
         else:
             out = delta if in_place else delta.clone()

@@ -17,6 +17,7 @@ from .combine import (
     weighted_average,
 )
 from .sparsify import (
+    apply_mask_,
     breadcrumbs,
     breadcrumbs_mask,
     dare,
@@ -40,6 +41,7 @@ from .tsv import LowRank, low_rank_product, rank_budget, truncated_svd
 __all__ = [
     "LowRank",
     "SLERP_DOT_THRESHOLD",
+    "apply_mask_",
     "breadcrumbs",
     "breadcrumbs_mask",
     "consensus_mask",
