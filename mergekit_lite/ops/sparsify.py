@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -52,17 +52,25 @@ def _order_statistics(values: Tensor, ranks: list[int]) -> list[Tensor]:
 
 def _abs_above(x: Tensor, threshold: Tensor) -> Tensor:
     """|x| > threshold (threshold ≥ 0) without a copy of |x|: two comparisons into bool tensors."""
-    return torch.gt(x, threshold).logical_or_(torch.lt(x, -threshold))
+    return _compare(x, threshold, np.greater, torch.gt).logical_or_(_compare(x, -threshold, np.less, torch.lt))
 
 
 def _abs_at_least(x: Tensor, threshold: Tensor) -> Tensor:
     """|x| >= threshold (threshold ≥ 0) without a copy of |x|."""
-    return torch.ge(x, threshold).logical_or_(torch.le(x, -threshold))
+    return _compare(x, threshold, np.greater_equal, torch.ge).logical_or_(_compare(x, -threshold, np.less_equal, torch.le))
 
 
 def _abs_equal(x: Tensor, threshold: Tensor) -> Tensor:
     """|x| == threshold (threshold ≥ 0) without a copy of |x|."""
-    return torch.eq(x, threshold).logical_or_(torch.eq(x, -threshold))
+    return _compare(x, threshold, np.equal, torch.eq).logical_or_(_compare(x, -threshold, np.equal, torch.eq))
+
+
+def _compare(x: Tensor, value: Tensor, numpy_op: np.ufunc, torch_op: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """A comparison of x with one value into a bool tensor: numpy's on the CPU (3× faster than torch's
+    there, measured on 16.8M float32 entries), torch's elsewhere."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(numpy_op(x.detach().numpy(), value.to(x.dtype).cpu().numpy()))
+    return torch_op(x, value)
 
 
 def _first_true(flat: Tensor, count: int, chunk: int = 1 << 20) -> Tensor:
