@@ -131,6 +131,24 @@ def elected_positive(total: Tensor, fallback: float = 1.0) -> Tensor:
     return total > 0 if float(fallback) <= 0 else total >= 0
 
 
+def sign_of(positive: Tensor, dtype: torch.dtype) -> Tensor:
+    """The elected sign as ±1 in ``dtype`` (1 where ``positive``), for ``keep_agreeing_``."""
+    return torch.where(positive, 1.0, -1.0).to(dtype)
+
+
+def keep_agreeing_(v: Tensor, sign: Tensor, count: Tensor | None = None, weight: float = 1.0) -> Tensor:
+    """v's entries of the elected sign (``sign`` ±1 per entry) kept, the others made ±0, in place; ``count``
+    (if given) gets ``weight`` added where v agrees (non-zero, of the elected sign).
+
+    v·s > 0 exactly where v agrees, so v·s is clamped at 0 and multiplied back by s (·±1 is exact):
+    5.7× faster on the CPU than a bool ``where`` and product (measured on 16.8M float32 entries).
+    """
+    v.mul_(sign).clamp_(min=0)
+    if count is not None:
+        count.add_(torch.sign(v), alpha=weight)  # 1 where it agrees, 0 elsewhere
+    return v.mul_(sign)
+
+
 def disjoint_sum(trimmed: Iterable[Tensor], positive: Tensor, weights: Sequence[float], mode: str = "mean") -> Tensor:
     """TIES disjoint merge given the elected sign: the trimmed, not yet weighted task vectors (tensors
     this function may overwrite, handed out one at a time) reduced with running sums.
@@ -147,16 +165,9 @@ def disjoint_sum(trimmed: Iterable[Tensor], positive: Tensor, weights: Sequence[
             merged = torch.zeros_like(delta)
             best = torch.zeros_like(delta) if mode == "max" else None
             divisor = torch.zeros_like(delta) if mode == "mean" else None
-            sign = torch.where(positive, 1.0, -1.0).to(delta.dtype)  # ±1: the elected sign, once for every task
-        v = delta.mul_(w)
+            sign = sign_of(positive, delta.dtype)  # once for every task
+        v = keep_agreeing_(delta.mul_(w), sign, divisor, w)
         del delta
-        # the entries that agree with the elected sign keep their value, the others become ±0: v·s ≥ 0
-        # exactly where they agree, so clamp it at 0 and multiply back (·±1 is exact); 5.7× faster on the
-        # CPU than a bool where/product (measured on 16.8M entries)
-        v.mul_(sign).clamp_(min=0)
-        if divisor is not None:
-            divisor.add_(torch.sign(v), alpha=w)  # 1 where the task agrees, 0 elsewhere
-        v.mul_(sign)
         if best is not None:  # max: the agreeing value of largest |v|, the first one on ties (argmax)
             larger = v.abs() > best
             merged = torch.where(larger, v, merged)

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .checks import _check_stacked
+from .combine import keep_agreeing_, sign_of
 from .sparsify import topk_count_mask
 
 #: mergekit 0.1.5's rule: below this summed energy, SCE weights fall back to uniform.
@@ -101,7 +102,7 @@ def sce_merge(deltas: Tensor, select_topk: float = 1.0, energy_floor: float = SC
         raise ValueError(f"mode must be mean or sum, got {mode!r}")
     if select_topk < 1:
         keep = variance_select_mask(deltas, select_topk)
-        deltas.mul_(keep)
+        deltas.mul_(keep)  # [T, ...] by a broadcast mask
         del keep
     weights = [float(w) for w in sce_weights(deltas, energy_floor)]
     return sce_erase(deltas, weights, mode)
@@ -112,14 +113,9 @@ def sce_erase(deltas: Tensor, weights: list[float], mode: str = "mean") -> Tenso
     γ = sign(Σ_t τ_t) (zero counts as +), then the η-weighted mean (or sum) of the entries agreeing with γ."""
     if mode not in ("mean", "sum"):
         raise ValueError(f"mode must be mean or sum, got {mode!r}")
-    positive = deltas.sum(dim=0) >= 0
+    sign = sign_of(deltas.sum(dim=0) >= 0, deltas.dtype)
     merged = torch.zeros_like(deltas[0])
     divisor = torch.zeros_like(deltas[0]) if mode == "mean" else None
     for t, w in enumerate(weights):
-        x = deltas[t]
-        agree = torch.where(positive, x > 0, x < 0)
-        merged.add_(x.mul_(agree), alpha=w)
-        if divisor is not None:
-            divisor.add_(agree.to(divisor.dtype), alpha=w)
-        del agree
+        merged.add_(keep_agreeing_(deltas[t], sign, divisor, w), alpha=w)
     return merged if divisor is None else merged.div_(divisor.clamp_(min=SCE_DIVISOR_FLOOR))
