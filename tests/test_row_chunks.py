@@ -44,6 +44,7 @@ CASES = [
     ("sce", {"select_topk": 0.0}),
     ("model_stock", {}),
     ("model_stock", {"filter_wise": True}),
+    ("iso_cts", {"common_space_fraction": 0.5}),
 ]
 
 

@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from ..ops.svd_merge import is_spectral, iso_c, iso_cts, tsv_merge, wudi_merge
-from .base import MergeMethod, Param, TensorContext, register
+from .base import HeldTaskVectors, MergeMethod, Param, TaskVectorSource, TensorContext, register
 from .task_arithmetic import LAMBDA, WEIGHT
 
 RANK_FRACTION = Param(
@@ -91,8 +91,23 @@ def _iso_c(deltas: Iterator[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
     return iso_c(total)
 
 
-def _iso_cts(deltas: Iterator[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
-    return iso_cts(list(deltas), ctx.params["common_space_fraction"])
+def iso_cts_rows(source: TaskVectorSource, ctx: TensorContext) -> torch.Tensor:
+    """Iso-CTS reading each task vector twice from the source (for the sum, then projected off the
+    common subspace) instead of holding the K of them; other tensors take the mean update."""
+
+    def weighted() -> Iterator[torch.Tensor]:
+        for delta, p in zip(source.whole(), ctx.model_params):
+            w = p.get("weight", 1.0)
+            yield delta if w == 1.0 else delta.mul_(w) if source.hands_out_new else delta * w
+            del delta
+
+    if not is_spectral(ctx.name, torch.empty(source.shape, device="meta")):
+        return mean_update(delta if source.hands_out_new else delta.clone() for delta in weighted())
+    return iso_cts(weighted, ctx.params["common_space_fraction"])
+
+
+def _iso_cts(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+    return iso_cts_rows(HeldTaskVectors(deltas), ctx)
 
 
 def _wudi(deltas: Iterator[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
@@ -128,11 +143,12 @@ register(
         name="iso_cts",
         summary="Iso-CTS: Iso-C's common subspace plus each task's own subspace orthogonal to it, flat spectrum (Marczak et al., 2025).",
         params=(COMMON_SPACE_FRACTION, WEIGHT, ISO_LAMBDA),
-        combine=spectral(_iso_cts),
+        combine=_iso_cts,
+        combine_rows=iso_cts_rows,
         paper="https://arxiv.org/abs/2502.04959",
-        # θ_0 and the K task vectors (each is read twice: for the sum, then projected), the SVDs and
-        # the gathered singular vectors: 7.10 and 9.40 measured with the output at K = 2 and 4
-        working_copies=lambda n: 1.15 * n + 4,
+        # large tensors: θ_0, the sum, one task vector at a time (each read twice: for the sum, then
+        # projected), the SVDs and the gathered singular vectors; small ones hold the K task vectors
+        working_copies=lambda n: 5.5,
     )
 )
 register(

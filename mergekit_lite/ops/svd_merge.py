@@ -16,7 +16,7 @@ the inputs have: no files, no recipes. Formulas, choices and sources: docs/metho
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -128,21 +128,27 @@ def iso_cts_sizes(rank: int, tasks: int, common_fraction: float) -> tuple[int, i
     return rank - per_task * tasks, per_task
 
 
-def iso_cts(deltas: Sequence[Tensor], common_fraction: float = 0.8) -> Tensor:
+def iso_cts(deltas: Sequence[Tensor] | Callable[[], Iterable[Tensor]], common_fraction: float = 0.8) -> Tensor:
     """Iso-CTS of one matrix: common subspace of Σ_t τ_t + task-specific subspaces, orthonormalised, flat spectrum.
 
-    Needs every task vector twice (for the sum, then projected off the common subspace), so holds them
-    all. As in Iso-C, only non-zero singular values count: the common subspace stops at M's rank, and a
+    Needs every task vector twice (for the sum, then projected off the common subspace): ``deltas`` is
+    the list of them, or a function handing them out again at each call (then one is held at a time).
+    As in Iso-C, only non-zero singular values count: the common subspace stops at M's rank, and a
     task whose update lies in the common subspace adds nothing of its own.
     """
-    if not deltas:
-        raise ValueError("Iso-CTS needs at least one task vector")
-    total = torch.zeros_like(deltas[0])
-    for delta in deltas:
+    read: Callable[[], Iterable[Tensor]] = deltas if callable(deltas) else (lambda: iter(deltas))
+    total: Tensor | None = None
+    tasks = 0
+    for delta in read():
+        total = torch.zeros_like(delta) if total is None else total
         total.add_(delta)
+        tasks += 1
+        del delta
+    if total is None:
+        raise ValueError("Iso-CTS needs at least one task vector")
     u, s, vh = torch.linalg.svd(total, full_matrices=False)
     del total
-    rank, tasks = s.shape[0], len(deltas)
+    rank = s.shape[0]
     common, per_task = iso_cts_sizes(rank, tasks, common_fraction)
     common = min(common, numerical_rank(s, u.shape[:1] + vh.shape[1:]))
     u_all = torch.empty_like(u)
@@ -152,9 +158,7 @@ def iso_cts(deltas: Sequence[Tensor], common_fraction: float = 0.8) -> Tensor:
     u_common = u_all[:, :common]
     filled = common
     del u, s, vh
-    for delta in deltas:
-        if per_task == 0:
-            break
+    for delta in read() if per_task > 0 else ():
         specific = delta - u_common @ (u_common.mT @ delta)  # τ_t without its common-subspace component
         ut, st, vht = torch.linalg.svd(specific, full_matrices=False)
         del specific
@@ -163,7 +167,7 @@ def iso_cts(deltas: Sequence[Tensor], common_fraction: float = 0.8) -> Tensor:
         block = slice(filled, filled + d)
         u_all[:, block], s_all[block], vh_all[block] = ut[:, :d], st[:d], vht[:d]
         filled += d
-        del ut, st, vht
+        del ut, st, vht, delta
     if filled == 0:
         return torch.zeros(u_all.shape[0], vh_all.shape[1], dtype=u_all.dtype, device=u_all.device)
     u_orth = polar_factor(u_all[:, :filled]).mul_(s_all[:filled].mean())
