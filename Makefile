@@ -9,7 +9,7 @@ DEMO   ?= demo
 MK_VENV  ?= .venv-mergekit
 MK_STAMP := $(MK_VENV)/.installed
 
-.PHONY: venv mergekit-venv demo test compat-report fuzz bench bench-speed bench-memory bench-quality bench-collection bench-load clean
+.PHONY: venv mergekit-venv demo test compat-report fuzz bench bench-speed bench-memory bench-quality bench-quality-text bench-collection bench-load clean
 
 venv: $(STAMP)
 
@@ -60,6 +60,11 @@ bench-speed: $(STAMP)
 
 bench-quality: $(STAMP)
 	$(BIN)/python benchmarks/quality/run.py
+
+# merge quality on all-MiniLM-L6-v2 (8 generated text tasks), then the compression frontier (add --write to record)
+bench-quality-text: $(STAMP)
+	$(BIN)/python benchmarks/quality_text/run.py
+	$(BIN)/python benchmarks/quality_text/frontier.py
 
 bench-collection: $(STAMP)
 	$(BIN)/python benchmarks/bench_collection.py

@@ -54,14 +54,14 @@ class TextProfile:
     """Sizes, schedules and search grids of one run of the text benchmark."""
 
     name: str
-    n_train: int = 2_000
-    n_val: int = 150
-    n_test: int = 400
-    probe: Schedule = Schedule(steps=300, lr=1e-2, batch_size=512)
-    finetune: Schedule = Schedule(steps=120, lr=1e-4, batch_size=16)
+    n_train: int = 800
+    n_val: int = 100
+    n_test: int = 300
+    probe: Schedule = Schedule(steps=300, lr=1e-2, batch_size=256)
+    finetune: Schedule = Schedule(steps=50, lr=2e-4, batch_size=16)
     #: the vocabulary table (11.7M of the 22.7M parameters) stays frozen; every other tensor is fine-tuned
     freeze_word_embeddings: bool = True
-    lambdas: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)
+    lambdas: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
     lambda_extension: tuple[float, ...] = (1.25, 1.5)
     tall_lambdas: tuple[float, ...] = (0.2, 0.4, 0.6)
     seed: int = 0
