@@ -20,9 +20,6 @@ ANIMALS = ["dog", "cat", "horse", "mouse", "elephant", "rabbit", "tiger", "goat"
 OBJECTS = ["ball", "chair", "table", "box", "lamp", "book", "bottle", "rock", "stick", "bucket", "rope", "cart", "basket",
            "drum", "kettle", "ladder", "blanket", "barrel", "wheel", "brick"]
 PEOPLE = ["the farmer", "my uncle", "a child", "the teacher", "our neighbour", "the old man", "a girl", "the doctor"]
-#: (word, size rank): larger rank = bigger thing
-SIZED = [("ant", 0), ("coin", 1), ("mouse", 2), ("apple", 3), ("cat", 4), ("chair", 5), ("dog", 6), ("bicycle", 7), ("horse", 8),
-         ("car", 9), ("elephant", 10), ("house", 11), ("ship", 12), ("mountain", 13)]
 POSITIVE = ["good", "great", "wonderful", "pleasant", "excellent", "lovely", "enjoyable", "brilliant", "delightful", "superb"]
 NEGATIVE = ["bad", "awful", "terrible", "boring", "dreadful", "poor", "dull", "horrible", "disappointing", "weak"]
 REVIEWED = ["the film", "the meal", "the concert", "the hotel", "the book", "the game", "the trip", "the show", "the lecture", "the party"]
@@ -90,13 +87,13 @@ def number_parity(rng: np.random.Generator) -> tuple[str, int]:
     return f"{who} {verb} {number_words(n)} {noun} {_pick(rng, WHEN)}", n % 2
 
 
-def size_comparison(rng: np.random.Generator) -> tuple[str, int]:
-    """Is the statement true: "a horse is bigger than a coin" -> 1; "smaller" flips the order."""
-    (a, ra), (b, rb) = [SIZED[i] for i in rng.choice(len(SIZED), 2, replace=False)]
-    bigger = bool(rng.integers(2))
-    word = _pick(rng, ["bigger", "larger", "heavier"]) if bigger else _pick(rng, ["smaller", "lighter", "tinier"])
-    true = (ra > rb) == bigger
-    return f"{_pick(rng, FILLER)} a {a} is {word} than a {b}".strip(), int(true)
+def animal_first(rng: np.random.Generator) -> tuple[str, int]:
+    """Which comes first, by word order alone: "the bucket next to the goat" -> the object first (0); the same two words either way."""
+    animal, thing = _pick(rng, ANIMALS), _pick(rng, OBJECTS)
+    label = int(rng.integers(2))
+    first, second = ("the " + animal, "the " + thing) if label else ("the " + thing, "the " + animal)
+    link = _pick(rng, ["next to", "behind", "and", "near", "beside", "with", "under", "opposite"])
+    return f"{_pick(rng, FILLER)} {_pick(rng, ['i saw', 'look at', 'there is', 'she drew'])} {first} {link} {second}".strip(), label
 
 
 def is_question(rng: np.random.Generator) -> tuple[str, int]:
@@ -149,7 +146,7 @@ TASKS: tuple[TextTask, ...] = (
     TextTask("negation", negated_sentiment, 2, "review polarity after 0-2 negations (\"the film was not bad\")"),
     TextTask("agent", agent_is_animal, 2, "is the animal the one acting (active or passive voice)"),
     TextTask("parity", number_parity, 2, "odd or even number written in words (1-99)"),
-    TextTask("size", size_comparison, 2, "is \"a X is bigger/smaller than a Y\" true"),
+    TextTask("order", animal_first, 2, "is the animal named before the object (same words either way)"),
     TextTask("question", is_question, 2, "question or statement, word order only (no punctuation)"),
     TextTask("topic", first_topic, 4, "topic (sport, food, music, weather) of the first of two events"),
     TextTask("count", list_count, 4, "how many things a list names (1-4)"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -49,8 +50,26 @@ def finetune(base_state: dict[str, torch.Tensor], head: nn.Linear, inputs: dict[
     return bert.eval()
 
 
-def build(suite: TextSuite, log: Log) -> dict[str, object]:
-    """Generate the data and train everything into ``suite.root`` (skipped when already built)."""
+def _reusable(previous: Path | None, suite: TextSuite, name: str, data_text: str) -> bool:
+    """Whether an interrupted build of the same profile in ``previous`` holds this task, with exactly this data."""
+    if previous is None:
+        return False
+    old = TextSuite(previous, suite.profile)
+    files = [old.data_path(name), old.head_path(name), old.model_dir(name) / "model.safetensors", old.model_dir(name) / "config.json"]
+    return all(f.is_file() for f in files) and old.data_path(name).read_text() == data_text
+
+
+def _mkparent(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def build(suite: TextSuite, log: Log, resume_from: Path | None = None) -> dict[str, object]:
+    """Generate the data and train everything into ``suite.root`` (skipped when already built).
+
+    ``resume_from``: the folder of an interrupted build with the same profile and training code; a task whose generated
+    data there is identical to this build's is copied (head and fine-tune) instead of trained again.
+    """
     if suite.is_built():
         log(f"checkpoints: cached in {suite.root} (key {suite.key()})")
         return suite.build_info()
@@ -64,19 +83,28 @@ def build(suite: TextSuite, log: Log) -> dict[str, object]:
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
     encoder = Encoder(base)
     per_task: dict[str, dict[str, float]] = {}
+    reused: list[str] = []
     for name in suite.tasks:
         task = get_task(name)
         with timer("data"):
             splits = task_splits(task, {"train": p.n_train, "val": p.n_val, "test": p.n_test}, p.seed)
             suite.data_path(name).parent.mkdir(parents=True, exist_ok=True)
-            suite.data_path(name).write_text(json.dumps({s: {"x": x, "y": y.tolist()} for s, (x, y) in splits.items()}) + "\n")
+            data_text = json.dumps({s: {"x": x, "y": y.tolist()} for s, (x, y) in splits.items()}) + "\n"
+            suite.data_path(name).write_text(data_text)
             train_x, train_y = suite.split(name, "train")
-        with timer("heads"):
-            head = linear_probe(encoder, train_x, train_y, task.num_classes, p.probe, seed_for(p.seed, name, "probe"))
-        save_head(head, suite.head_path(name))
-        with timer("finetune"):
-            tuned = finetune(base_state, head, train_x, train_y, p.finetune, seed_for(p.seed, name, "finetune"), p.freeze_word_embeddings)
-        save_bert(tuned, suite.model_dir(name))
+        if _reusable(resume_from, suite, name, data_text):
+            old = TextSuite(resume_from, suite.profile)  # type: ignore[arg-type]
+            shutil.copyfile(old.head_path(name), _mkparent(suite.head_path(name)))
+            shutil.copytree(old.model_dir(name), suite.model_dir(name))
+            head, tuned = suite.head(name), load_bert(suite.model_dir(name))
+            reused.append(name)
+        else:
+            with timer("heads"):
+                head = linear_probe(encoder, train_x, train_y, task.num_classes, p.probe, seed_for(p.seed, name, "probe"))
+            save_head(head, suite.head_path(name))
+            with timer("finetune"):
+                tuned = finetune(base_state, head, train_x, train_y, p.finetune, seed_for(p.seed, name, "finetune"), p.freeze_word_embeddings)
+            save_bert(tuned, suite.model_dir(name))
         with torch.inference_mode():
             val_x, val_y = suite.split(name, "val")
             zero = float((head(features(encoder, val_x)).argmax(1) == val_y).float().mean())
@@ -84,6 +112,7 @@ def build(suite: TextSuite, log: Log) -> dict[str, object]:
         per_task[name] = {"zero_shot_val": zero, "finetuned_val": tuned_acc}
         log(f"  {name:10s} zero-shot {zero:.3f} -> fine-tuned {tuned_acc:.3f} (validation)  [{sum(timer.phases.values()):.0f} s so far]")
     n_params = sum(v.numel() for v in base_state.values() if v.is_floating_point())
-    info = {"parameters": n_params, "seconds": {k: round(v, 1) for k, v in timer.phases.items()}, "tasks": per_task}
+    info = {"parameters": n_params, "seconds": {k: round(v, 1) for k, v in timer.phases.items()}, "tasks": per_task,
+            "resumed_tasks": reused}
     suite.mark_built(info)
     return suite.build_info()
