@@ -294,6 +294,25 @@ def tall_text(diffs: list[float], tall_mode: str) -> str:
             "with `mergekit-lite extract`.")
 
 
+def edge_findings(searches: list[tuning.MethodSearch], results: report.Results) -> list[str]:
+    """Chosen λ at an end of the searched grid (the optimum may lie beyond it), and the task the merges lose most on."""
+    out = []
+    low = [s.spec.label for s in searches if s.spec.scaled and s.lam == min(s.curve())]
+    high = [s.spec.label for s in searches if s.spec.scaled and s.extended and s.lam == max(s.curve())]
+    if low:
+        out.append("Chosen λ at the smallest value searched, so a smaller λ might do better still: " + ", ".join(low) + ".")
+    if high:
+        out.append("Chosen λ at the largest value of the extended grid: " + ", ".join(high) + ".")
+    merges = [r for r in results.rows if r.kind == "merge"]
+    if merges:
+        loss = {t: sum(1 - r.normalized(results.finetuned)[t] for r in merges) / len(merges) for t in results.tasks}
+        worst = sorted(loss, key=lambda t: -loss[t])[:2]
+        out.append("The tasks the merges lose most on (mean normalized loss over the merge rows): "
+                   + ", ".join(f"{t} ({100 * loss[t]:.1f} points)" for t in worst) + "; the zero-shot column shows how much each task "
+                   "needed its fine-tune (tasks the frozen probe already solves cannot show interference).")
+    return out
+
+
 def _task_table(tasks) -> str:
     lines = ["| task | sentences and labels | classes |", "|---|---|---:|"]
     lines += [f"| {t} | {get_task(t).description} | {get_task(t).num_classes} |" for t in tasks]
@@ -338,7 +357,8 @@ Machine: {os.cpu_count()} CPU cores shared with other work, no GPU; Python {plat
 
 **Findings**
 
-""" + "\n".join(f"- {line}" for line in report.ranking_findings(results) + report.search_findings(multi, profile.n_val)) + """
+""" + "\n".join(f"- {line}" for line in report.ranking_findings(results) + report.search_findings(multi, profile.n_val)
+                                                 + edge_findings(multi, results)) + """
 
 **Against the papers' findings**
 
