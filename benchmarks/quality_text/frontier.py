@@ -152,9 +152,12 @@ def main(argv: list[str] | None = None) -> int:
 the models they give back (100 = the fine-tunes themselves). Collections are written by `mergekit-lite run` with `merge_method:
 tall_masks` / `emr` / `tsv_compress` and read back with `mergekit-lite extract COLLECTION --all OUT`; every extracted task is scored with
 its frozen head. A collection refers to the base model rather than storing it (`embed_base: false`), so "MB with the base" adds the
-base's {base_bytes / 1e6:.1f} MB: that is what a user keeps. Times are wall-clock on {T} tasks, 2 shared CPU cores. Word embeddings
-are frozen in these fine-tunes, so their τ is zero: masks and factors of that 11.7M-entry table cost little, and the ratios here are
-for the other 11M parameters. Command: `{COMMAND}` (after `run.py`).
+base's {base_bytes / 1e6:.1f} MB: that is what a user keeps. Times are wall-clock on {T} tasks, 2 shared CPU cores. The suite has
+{T} tasks, so there is no 16-task row. Command: `{COMMAND}` (after `run.py`).
+
+Word embeddings are frozen in these fine-tunes, so their τ is zero, yet every scheme stores that 30,522 × 384 table: τ_MTL / τ_uni
+keep it as 46.9 MB of float32 zeros (half in bfloat16), and TSV-C keeps each task's rank-r factors of a zero matrix (47.5 MB at
+rank 1/8, 11.9 MB at 1/32). Skipping all-zero task-vector tensors would take about that much off every collection here.
 
 {table(points, tasks)}
 
