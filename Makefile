@@ -9,7 +9,7 @@ DEMO   ?= demo
 MK_VENV  ?= .venv-mergekit
 MK_STAMP := $(MK_VENV)/.installed
 
-.PHONY: venv mergekit-venv demo test compat-report fuzz bench bench-speed bench-memory bench-quality bench-collection bench-load bench-ray clean
+.PHONY: venv mergekit-venv demo test compat-report fuzz bench bench-speed bench-memory bench-quality bench-quality-text bench-collection bench-load bench-ray clean
 
 venv: $(STAMP)
 
@@ -53,13 +53,18 @@ compat-report: $(STAMP) $(MK_STAMP)
 fuzz: $(STAMP)
 	$(BIN)/python tests/robustness/fuzz.py --seed 0 --examples 1500
 
-bench: bench-speed bench-memory bench-quality bench-collection bench-load bench-ray
+bench: bench-speed bench-memory bench-quality bench-quality-text bench-collection bench-load bench-ray
 
 bench-speed: $(STAMP)
 	$(BIN)/python benchmarks/bench_speed.py
 
 bench-quality: $(STAMP)
 	$(BIN)/python benchmarks/quality/run.py
+
+# merge quality on all-MiniLM-L6-v2 (8 generated text tasks), then the compression frontier (add --write to record)
+bench-quality-text: $(STAMP)
+	$(BIN)/python benchmarks/quality_text/run.py
+	$(BIN)/python benchmarks/quality_text/frontier.py
 
 bench-collection: $(STAMP)
 	$(BIN)/python benchmarks/bench_collection.py

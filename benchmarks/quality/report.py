@@ -299,11 +299,11 @@ def findings(results: Results) -> list[str]:
     return out
 
 
-def update_section(benchmarks_md: Path, body: str) -> None:
-    """Replace (or append) the ``## Merge quality`` section of BENCHMARKS.md; other sections stay as they are."""
+def update_section(benchmarks_md: Path, body: str, heading: str = SECTION) -> None:
+    """Replace (or append) the ``heading`` section (default ``## Merge quality``) of BENCHMARKS.md; other sections stay as they are."""
     text = benchmarks_md.read_text() if benchmarks_md.exists() else "# Benchmarks\n"
-    section = f"{SECTION}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\s*\n.*?(?=^## |\Z)", re.S | re.M)
+    section = f"{heading}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^{re.escape(heading)}\s*\n.*?(?=^## |\Z)", re.S | re.M)
     if pattern.search(text):
         text = pattern.sub(lambda _: section + "\n", text, count=1)
         text = text.rstrip("\n") + "\n"
