@@ -22,6 +22,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -88,21 +89,31 @@ def _profile_from_json(data: dict) -> Profile:
     return Profile(**data)
 
 
-class Suite:
-    """One suite folder: where each file lives, and how a backbone state is scored on a task."""
+class SuiteFolder:
+    """A built suite's folder: where each file lives and the cache key of what built it. Shared by the
+    MLP suite and the MiniLM suite (benchmarks/quality_text); each says its sources, data suffix and
+    how to read its profile back."""
 
-    def __init__(self, root: Path, profile: Profile):
+    here: Path = HERE
+    sources: tuple[str, ...] = SOURCES
+    data_suffix = ".npz"
+    run_hint = ".venv/bin/python benchmarks/quality/run.py"
+
+    def __init__(self, root: Path, profile: Any):
         self.root = Path(root)
         self.profile = profile
-        self.tasks: tuple[str, ...] = TASK_NAMES
+
+    @staticmethod
+    def profile_from_json(data: dict) -> Any:
+        return _profile_from_json(data)
 
     @classmethod
-    def open(cls, root: Path) -> "Suite":
+    def open(cls, root: Path) -> Any:
         """A built suite, from its folder alone (what the evaluator hook uses)."""
         meta = Path(root) / "suite.json"
         if not meta.is_file():
-            raise FileNotFoundError(f"{root}: no built suite here (run: .venv/bin/python benchmarks/quality/run.py)")
-        return cls(Path(root), _profile_from_json(json.loads(meta.read_text())["profile"]))
+            raise FileNotFoundError(f"{root}: no built suite here (run: {cls.run_hint})")
+        return cls(Path(root), cls.profile_from_json(json.loads(meta.read_text())["profile"]))
 
     # -- paths -------------------------------------------------------------------------------------
     @property
@@ -116,14 +127,14 @@ class Suite:
         return self.root / "heads" / f"{task}.safetensors"
 
     def data_path(self, task: str) -> Path:
-        return self.root / "data" / f"{task}.npz"
+        return self.root / "data" / f"{task}{self.data_suffix}"
 
     # -- cache -------------------------------------------------------------------------------------
     def key(self) -> str:
         """Hash of the profile and of the code that generates data and trains: any change retrains."""
         digest = hashlib.sha256(json.dumps(asdict(self.profile), sort_keys=True).encode())
-        for name in SOURCES:
-            digest.update((HERE / name).read_bytes())
+        for name in self.sources:
+            digest.update((self.here / name).read_bytes())
         return digest.hexdigest()[:16]
 
     def is_built(self) -> bool:
@@ -136,6 +147,14 @@ class Suite:
 
     def build_info(self) -> dict:
         return json.loads((self.root / "suite.json").read_text())
+
+
+class Suite(SuiteFolder):
+    """One suite folder: where each file lives, and how a backbone state is scored on a task."""
+
+    def __init__(self, root: Path, profile: Profile):
+        super().__init__(root, profile)
+        self.tasks: tuple[str, ...] = TASK_NAMES
 
     # -- data and heads ----------------------------------------------------------------------------
     def save_split(self, task: str, splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from benchmarks.quality.suite import SuiteFolder
 from benchmarks.quality.train import Schedule
 
 from .data import TASK_NAMES
@@ -125,51 +126,21 @@ def load_head(path: Path) -> nn.Linear:
     return head.eval()
 
 
-class TextSuite:
+class TextSuite(SuiteFolder):
     """One suite folder: paths, the cache key, and scoring a backbone state on a task."""
 
+    here = HERE
+    sources = SOURCES
+    data_suffix = ".json"
+    run_hint = ".venv/bin/python benchmarks/quality_text/run.py"
+
     def __init__(self, root: Path, profile: TextProfile):
-        self.root = Path(root)
-        self.profile = profile
+        super().__init__(root, profile)
         self.tasks: tuple[str, ...] = profile.tasks
 
-    @classmethod
-    def open(cls, root: Path) -> "TextSuite":
-        meta = Path(root) / "suite.json"
-        if not meta.is_file():
-            raise FileNotFoundError(f"{root}: no built suite here (run: .venv/bin/python benchmarks/quality_text/run.py)")
-        return cls(Path(root), _profile_from_json(json.loads(meta.read_text())["profile"]))
-
-    @property
-    def base_dir(self) -> Path:
-        return self.root / "checkpoints" / "base"
-
-    def model_dir(self, task: str) -> Path:
-        return self.root / "checkpoints" / task
-
-    def head_path(self, task: str) -> Path:
-        return self.root / "heads" / f"{task}.safetensors"
-
-    def data_path(self, task: str) -> Path:
-        return self.root / "data" / f"{task}.json"
-
-    def key(self) -> str:
-        """Hash of the profile and of the code that generates data and trains: any change retrains."""
-        digest = hashlib.sha256(json.dumps(asdict(self.profile), sort_keys=True).encode())
-        for name in SOURCES:
-            digest.update((HERE / name).read_bytes())
-        return digest.hexdigest()[:16]
-
-    def is_built(self) -> bool:
-        meta = self.root / "suite.json"
-        return meta.is_file() and json.loads(meta.read_text()).get("key") == self.key()
-
-    def mark_built(self, info: dict) -> None:
-        meta = {"key": self.key(), "profile": asdict(self.profile), **info}
-        (self.root / "suite.json").write_text(json.dumps(meta, indent=2) + "\n")
-
-    def build_info(self) -> dict:
-        return json.loads((self.root / "suite.json").read_text())
+    @staticmethod
+    def profile_from_json(data: dict) -> TextProfile:
+        return _profile_from_json(data)
 
     @functools.cached_property
     def tokenizer(self):
