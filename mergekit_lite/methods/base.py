@@ -170,6 +170,12 @@ class HeldWeightInputs(WeightInputs):
         return self.tensors[i].clone()
 
 
+def weighted_task_vector(delta: torch.Tensor, model_params: dict[str, Any], owned: bool) -> torch.Tensor:
+    """w_t·τ_t (τ_t itself when w_t = 1: it is only read), in place when τ_t is the caller's to change."""
+    w = model_params.get("weight", 1.0)
+    return delta if w == 1.0 else delta.mul_(w) if owned else delta * w
+
+
 def chunk_rows(source: TaskVectorSource, start: int, stop: int) -> slice | None:
     """The slice of one row chunk, or None when the chunk is the whole tensor."""
     whole = not source.shape or (start == 0 and stop >= source.shape[0])

@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from ..ops.svd_merge import is_spectral, iso_c, iso_cts, tsv_merge, wudi_merge
-from .base import HeldTaskVectors, MergeMethod, Param, TaskVectorSource, TensorContext, register
+from .base import HeldTaskVectors, MergeMethod, Param, TaskVectorSource, TensorContext, register, weighted_task_vector
 from .task_arithmetic import LAMBDA, WEIGHT
 
 RANK_FRACTION = Param(
@@ -40,8 +40,7 @@ Kernel = Callable[[Iterator[torch.Tensor], TensorContext], torch.Tensor]
 def _weighted(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> Iterator[torch.Tensor]:
     """w_t·τ_t in place, one at a time."""
     for p, delta in zip(ctx.model_params, deltas):
-        weight = p.get("weight", 1.0)
-        yield delta if weight == 1.0 else delta.mul_(weight)
+        yield weighted_task_vector(delta, p, owned=True)
         del delta
 
 
@@ -97,8 +96,7 @@ def iso_cts_rows(source: TaskVectorSource, ctx: TensorContext) -> torch.Tensor:
 
     def weighted() -> Iterator[torch.Tensor]:
         for delta, p in zip(source.whole(), ctx.model_params):
-            w = p.get("weight", 1.0)
-            yield delta if w == 1.0 else delta.mul_(w) if source.hands_out_new else delta * w
+            yield weighted_task_vector(delta, p, source.hands_out_new)
             del delta
 
     if not is_spectral(ctx.name, torch.empty(source.shape, device="meta")):

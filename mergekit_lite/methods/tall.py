@@ -13,7 +13,7 @@ import torch
 
 from ..errors import RecipeError
 from ..ops import elect_and_merge, magnitude_mask, tall_mask
-from .base import HeldTaskVectors, MergeMethod, by_row_chunks, Param, TaskVectorSource, TensorContext, register
+from .base import HeldTaskVectors, MergeMethod, by_row_chunks, Param, TaskVectorSource, TensorContext, register, weighted_task_vector
 from .task_arithmetic import INT8_MASK, LAMBDA, WEIGHT, ties_model_statistics, ties_passes
 
 AGGREGATE = Param(
@@ -52,12 +52,6 @@ def tall_masks_for(stacked: torch.Tensor, tau_mtl: torch.Tensor, ctx: TensorCont
     return torch.stack([tall_mask(stacked[t], tau_mtl, p["tall_lambda"]) for t, p in enumerate(ctx.model_params)])
 
 
-def _weighted(delta: torch.Tensor, p: dict[str, Any], owned: bool) -> torch.Tensor:
-    """w_t·τ_t (τ_t itself when w_t = 1: it is only read), in place when τ_t is ours to change."""
-    w = p.get("weight", 1.0)
-    return delta if w == 1.0 else delta.mul_(w) if owned else delta * w
-
-
 def _consensus_rows(source: TaskVectorSource, ctx: TensorContext) -> torch.Tensor:
     """τ_MTL where at least k tasks' TALL masks agree, one row chunk of every task at a time.
 
@@ -65,7 +59,7 @@ def _consensus_rows(source: TaskVectorSource, ctx: TensorContext) -> torch.Tenso
     row chunks does it: τ_MTL of the chunk, then each task's TALL mask counted, never stacked.
     """
     def consensus_rows(start: int, stop: int, rows: slice | None) -> torch.Tensor:
-        kept = [_weighted(source.rows(t, start, stop), p, source.hands_out_new) for t, p in enumerate(ctx.model_params)]
+        kept = [weighted_task_vector(source.rows(t, start, stop), p, source.hands_out_new) for t, p in enumerate(ctx.model_params)]
         tau_mtl = multitask_vector(kept, ctx)
         votes = torch.zeros(tau_mtl.shape, dtype=torch.uint8 if len(kept) < 256 else torch.int32, device=tau_mtl.device)
         for delta, p in zip(kept, ctx.model_params):
