@@ -86,3 +86,58 @@ def test_mask_made_in_row_blocks_equals_one_draw_over_the_whole_tensor(shape):
         assert got.shape == x.shape and torch.equal(got, want), chunk
         probs = della_keep_probabilities_as(x, 0.5, 0.2, chunk_entries=chunk)
         assert probs.dtype == x.dtype and torch.equal(probs, della_keep_probabilities(x, 0.5, 0.2).to(x.dtype))
+
+
+def _stable_ranks_plainly(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Rank of each entry's magnitude along ``dim`` (0 = smallest, ties to the lower index), by counting."""
+    moved = x.abs().movedim(dim, -1).reshape(-1, x.shape[dim]).double().tolist()
+    ranks = []
+    for row in moved:
+        key = [(float("inf") if v != v else v, i) for i, v in enumerate(row)]  # NaN sorts last (torch's rule)
+        ranks.append([sum(1 for other in key if other < mine) for mine in key])
+    shape = list(x.movedim(dim, -1).shape)
+    return torch.tensor(ranks, dtype=torch.float64).reshape(shape).movedim(-1, dim)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_keep_probabilities_rank_exactly_with_ties_zeros_and_special_values(dtype):
+    """The CPU fast path (a sort of integer keys made from the float bits) ranks as a stable sort of |x| would."""
+    torch.manual_seed(3)
+    x = torch.randn(9, 40).to(dtype)
+    x[:, ::4] = 0.0
+    x[:, 1::4] = -0.0
+    x[:, 2::7] = x[:, 3::7]  # exact ties between positions
+    x[0, 5], x[1, 6], x[2, 7] = float("inf"), -float("inf"), 65504.0
+    for with_nan in (False, True):
+        if with_nan:
+            x[3, 8] = float("nan")
+        want = 0.5 - 0.2 + _stable_ranks_plainly(x, 1) / (x.shape[1] - 1) * (2 * 0.2)
+        torch.testing.assert_close(della_keep_probabilities(x, 0.5, 0.2), want, rtol=0, atol=1e-15)
+
+
+def test_keep_probabilities_of_a_tensor_of_three_dims_rank_along_dim_one_as_mergekit():
+    """mergekit argsorts |x| along dim 1 of any tensor of two dims or more (a conv weight, say)."""
+    torch.manual_seed(4)
+    x = torch.randn(3, 5, 4)
+    want = 0.5 - 0.2 + _stable_ranks_plainly(x, 1) / 4 * 0.4
+    torch.testing.assert_close(della_keep_probabilities(x, 0.5, 0.2), want, rtol=0, atol=1e-15)
+    uniforms = torch.from_numpy(np.random.Generator(np.random.PCG64DXSM(2)).random(x.numel())).reshape(x.shape)
+    assert torch.equal(della_mask(x, 0.5, 0.2, np.random.Generator(np.random.PCG64DXSM(2))), uniforms < want)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_mask_is_the_same_for_any_thread_count_and_leaves_the_generator_where_one_draw_would(threads):
+    """Row blocks run on several threads, each from the generator advanced to its first entry."""
+    torch.manual_seed(5)
+    x = torch.randn(53, 19)
+    plain = np.random.Generator(np.random.PCG64DXSM(11))
+    want = torch.from_numpy(plain.random(x.numel())).reshape(x.shape) < della_keep_probabilities(x, 0.4, 0.1)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        generator = np.random.Generator(np.random.PCG64DXSM(11))
+        got = della_mask(x, 0.4, 0.1, generator, chunk_entries=60)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got, want)
+    assert generator.random() == plain.random()  # the stream continues after the tensor's draws

@@ -720,3 +720,21 @@ def test_ties_at_the_threshold_go_to_the_lowest_indices_across_chunks(kind):
     flat = torch.rand(n, generator=g) > 0.7
     for count in (1, 5, int(flat.sum())):
         assert torch.equal(sp._first_true(flat, count, chunk=64), torch.nonzero(flat).reshape(-1)[:count])
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_dare_draws_split_over_threads_are_the_one_sequential_stream(monkeypatch, threads):
+    from mergekit_lite.ops import sparsify as sp
+
+    monkeypatch.setattr(sp, "DRAW_BLOCK", 64)  # 2112 entries: 33 blocks, split over the threads
+    plain = np.random.Generator(np.random.PCG64DXSM(77))
+    want = torch.from_numpy(plain.random(64 * 33) < 0.6).reshape(64, 33)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        generator = np.random.Generator(np.random.PCG64DXSM(77))
+        got = dare_mask((64, 33), 0.6, generator)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got, want)
+    assert generator.random() == plain.random()

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .checks import _check_fraction
+from .threads import can_jump, generator_at, map_parts, scratch, skip, split_evenly, thread_count
 
 BREADCRUMBS_SCOPES = ("row", "tensor")
 
@@ -197,8 +198,25 @@ def dare_mask(shape: torch.Size | tuple[int, ...], density: float, generator: np
 
 def _draw_below(generator: np.random.Generator, probability: float | np.ndarray, out: np.ndarray) -> None:
     """out[i] = U_i < probability[i] (or the one probability) for the generator's next len(out)
-    float64 uniforms, in order, DRAW_BLOCK at a time (4× faster than torch.bernoulli's draws, measured)."""
-    block = np.empty(min(DRAW_BLOCK, out.size))
+    float64 uniforms, in order (4× faster than torch.bernoulli's draws, measured). Long fills are split
+    over the CPU threads, each part from the generator advanced to its start: the same uniforms."""
+    if not can_jump(generator) or out.size <= DRAW_BLOCK:
+        _draw_below_in_order(generator, probability, out)
+        return
+    scalar = np.isscalar(probability)
+
+    def draw(part: tuple[int, int]) -> None:
+        start, stop = part
+        _draw_below_in_order(generator_at(generator, start), probability if scalar else probability[start:stop], out[start:stop])
+
+    map_parts(draw, split_evenly(out.size, thread_count(), DRAW_BLOCK))
+    skip(generator, out.size)
+
+
+def _draw_below_in_order(generator: np.random.Generator, probability: float | np.ndarray, out: np.ndarray) -> None:
+    """``_draw_below`` on this thread, DRAW_BLOCK uniforms at a time into one buffer (from torch's allocator:
+    this thread's, reused: a fresh 8 MiB buffer per call page-faults its 2048 pages every time)."""
+    block = scratch("uniforms", min(DRAW_BLOCK, out.size), torch.float64).numpy()
     for start in range(0, out.size, DRAW_BLOCK):
         stop = min(start + DRAW_BLOCK, out.size)
         uniforms = block[: stop - start]
@@ -316,21 +334,73 @@ def della_keep_probabilities(x: Tensor, density: float, epsilon: float) -> Tenso
     """
     if not (density - epsilon > 0 and density + epsilon < 1):
         raise ValueError(f"epsilon must keep density ± epsilon inside (0, 1); got density {density}, epsilon {epsilon}")
-    rows = x.detach().abs().reshape(1, -1) if x.dim() < 2 else x.detach().abs()
+    if x.dim() > 2:  # ranked along dim 1, as mergekit's argsort of such a tensor ranks it
+        return _keep_probabilities_from_ranks(_stable_ranks(x.detach().abs(), dim=1), density, epsilon)
+    rows = x.detach().reshape(1, -1) if x.dim() < 2 else x.detach()
+    out = torch.empty(rows.shape, dtype=torch.float64, device=x.device)
+    return _keep_probabilities_into(rows, density, epsilon, out).reshape(x.shape)
+
+
+def _keep_probabilities_into(rows: Tensor, density: float, epsilon: float, out: Tensor, keys: Tensor | None = None) -> Tensor:
+    """``della_keep_probabilities`` of a 2-D ``rows`` written into ``out`` (float64, rows' shape); ``keys`` an
+    optional int64 buffer of rows' size for the CPU sort."""
     n = rows.shape[1]
-    order = torch.argsort(rows, dim=1, stable=True)
-    del rows
+    # (density − ε) + rank/(n−1)·2ε for each rank, the same float64 operations as on a tensor of ranks
+    by_rank = torch.arange(n, dtype=torch.float64, device=rows.device)
+    if n > 1:
+        by_rank.div_(n - 1)
+    else:
+        by_rank.zero_()
+    by_rank.mul_(2 * epsilon).add_(density - epsilon)
+    return out.scatter_(1, _stable_magnitude_order(rows, keys), by_rank.expand(rows.shape))
+
+
+def _stable_ranks(values: Tensor, dim: int) -> Tensor:
+    """Each entry's rank along ``dim`` (0 = smallest), ties by lower index."""
+    order = torch.argsort(values, dim=dim, stable=True)
+    shape = [1] * values.dim()
+    shape[dim] = values.shape[dim]
     ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(n, device=x.device).expand_as(order))
-    del order
-    # (density − ε) + rank/(n−1)·2ε, computed in place (same operations, same rounding, fewer copies)
+    return ranks.scatter_(dim, order, torch.arange(values.shape[dim], device=values.device).view(shape).expand_as(order))
+
+
+def _keep_probabilities_from_ranks(ranks: Tensor, density: float, epsilon: float) -> Tensor:
+    n = ranks.shape[1]
     probs = ranks.to(torch.float64)
-    del ranks
     if n > 1:
         probs.div_(n - 1)
     else:
         probs.zero_()
-    return probs.mul_(2 * epsilon).add_(density - epsilon).reshape(x.shape)
+    return probs.mul_(2 * epsilon).add_(density - epsilon)
+
+
+def _stable_magnitude_order(rows: Tensor, keys_buffer: Tensor | None = None) -> Tensor:
+    """Per row of a 2-D tensor, the indices that sort |row| ascending, ties by lower index (a stable argsort).
+
+    On the CPU, for 16- and 32-bit floats without NaN: one numpy sort of int64 keys |bits| · 2^b + index
+    (the bits of a non-negative float order as it does; the index breaks ties), 2–3× faster than a
+    stable argsort of the magnitudes and the same order. ``keys_buffer``: int64, rows' size, to sort in.
+    """
+    n = rows.shape[1]
+    bits_dtype = {torch.float32: np.int32, torch.bfloat16: np.int16, torch.float16: np.int16}.get(rows.dtype)
+    if rows.device.type != "cpu" or bits_dtype is None or n == 0 or rows.shape[0] == 0:
+        return torch.argsort(rows.abs(), dim=1, stable=True)
+    raw = rows.contiguous()
+    if raw.dtype == torch.bfloat16:
+        raw = raw.view(torch.int16)  # numpy has no bfloat16; only the bits are read
+    keys_tensor = torch.empty(rows.shape, dtype=torch.int64) if keys_buffer is None else keys_buffer.view(rows.shape)
+    keys = keys_tensor.numpy()
+    np.copyto(keys, raw.numpy().view(bits_dtype))
+    keys &= np.iinfo(bits_dtype).max  # |x|: the sign bit cleared (the sign-extended high bits too)
+    infinity_bits = {np.int32: 0x7F800000, np.int16: 0x7F80 if rows.dtype == torch.bfloat16 else 0x7C00}[bits_dtype]
+    if keys.max() > infinity_bits:  # a NaN: its payload would order it; torch's sort treats NaNs as equal
+        return torch.argsort(rows.abs(), dim=1, stable=True)
+    index_bits = (n - 1).bit_length()
+    keys <<= index_bits
+    keys |= np.arange(n, dtype=np.int64)
+    keys.sort(axis=1)
+    keys &= (1 << index_bits) - 1
+    return keys_tensor
 
 
 def della_mask(x: Tensor, density: float, epsilon: float, generator: np.random.Generator, chunk_entries: int = 1 << 20) -> Tensor:
@@ -344,11 +414,36 @@ def della_mask(x: Tensor, density: float, epsilon: float, generator: np.random.G
     mask = torch.empty(x.shape, dtype=torch.bool)
     if x.numel() == 0:
         return mask.to(x.device)
-    for rows, part in _row_blocks(x, chunk_entries):
-        block = mask.view(-1) if x.dim() != 2 else mask[part].view(-1)
-        probabilities = della_keep_probabilities(rows.cpu(), density, epsilon).reshape(-1).numpy()
-        _draw_below(generator, probabilities, block.numpy())
+    blocks = list(_row_blocks(x, chunk_entries))
+    flat_mask = mask.view(-1)
+
+    def draw_blocks(group: tuple[int, int]) -> None:
+        first, stop = group
+        offset = _block_offset(x, blocks[first][1])
+        draws = generator_at(generator, offset) if len(blocks) > 1 and can_jump(generator) else generator
+        for rows, part in blocks[first:stop]:
+            start = _block_offset(x, part)
+            cpu_rows = rows.cpu().reshape(1, -1) if rows.dim() < 2 else rows.cpu()
+            if cpu_rows.dim() > 2:
+                probabilities = della_keep_probabilities(cpu_rows, density, epsilon).reshape(-1).numpy()
+            else:
+                size = cpu_rows.numel()
+                out = scratch("della probabilities", size, torch.float64).view(cpu_rows.shape)
+                keys = scratch("della keys", size, torch.int64)
+                probabilities = _keep_probabilities_into(cpu_rows, density, epsilon, out, keys).reshape(-1).numpy()
+            _draw_below_in_order(draws, probabilities, flat_mask[start : start + rows.numel()].numpy())
+
+    if len(blocks) > 1 and can_jump(generator):
+        map_parts(draw_blocks, split_evenly(len(blocks), thread_count()))
+        skip(generator, x.numel())
+    else:
+        draw_blocks((0, len(blocks)))
     return mask.to(x.device)
+
+
+def _block_offset(x: Tensor, rows: slice) -> int:
+    """Flat index of the first entry of a ``_row_blocks`` block."""
+    return 0 if x.dim() != 2 else rows.start * x.shape[1]
 
 
 def della_keep_probabilities_as(x: Tensor, density: float, epsilon: float, chunk_entries: int = 1 << 20) -> Tensor:

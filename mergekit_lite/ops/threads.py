@@ -1,0 +1,87 @@
+"""Split single-threaded numpy work (sorts, random draws) over the CPU threads torch is allowed.
+
+numpy's sort and its random fills release the GIL but use one core each; torch's own kernels are
+already parallel. Work is split into contiguous parts whose results do not depend on the split,
+so outputs are the same for any thread count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+import threading
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+Part = TypeVar("Part")
+Result = TypeVar("Result")
+
+_SCRATCH = threading.local()
+_POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+
+
+def thread_count() -> int:
+    """How many parts to split into: torch's intra-op thread count (the user's ``--threads`` / OMP setting)."""
+    return max(1, torch.get_num_threads())
+
+
+def map_parts(work: Callable[[Part], Result], parts: Sequence[Part]) -> list[Result]:
+    """``[work(p) for p in parts]``, the parts run on up to ``thread_count()`` threads."""
+    global _POOL, _POOL_SIZE
+    if len(parts) <= 1 or thread_count() == 1:
+        return [work(part) for part in parts]
+    if _POOL is None or _POOL_SIZE != thread_count():
+        if _POOL is not None:
+            _POOL.shutdown(wait=False)
+        _POOL_SIZE = thread_count()
+        _POOL = ThreadPoolExecutor(max_workers=_POOL_SIZE, thread_name_prefix="mergekit-lite-compute")
+    return list(_POOL.map(work, parts))
+
+
+def split_evenly(count: int, parts: int, multiple: int = 1) -> list[tuple[int, int]]:
+    """[start, stop) ranges covering range(count) in at most ``parts`` pieces, each start a multiple of ``multiple``."""
+    if count <= 0:
+        return []
+    units = -(-count // multiple)
+    per = -(-units // max(1, parts))
+    return [(start * multiple, min((start + per) * multiple, count)) for start in range(0, units, per)]
+
+
+def can_jump(generator: np.random.Generator) -> bool:
+    """Whether ``generator_at`` applies: PCG64 family, where one float64 uniform is exactly one step of the stream."""
+    return type(generator.bit_generator) in (np.random.PCG64, np.random.PCG64DXSM)
+
+
+def generator_at(generator: np.random.Generator, offset: int) -> np.random.Generator:
+    """A copy of ``generator`` advanced by ``offset`` 64-bit draws (``offset`` float64 uniforms), the original untouched.
+
+    PCG64DXSM jumps ahead in O(log offset), so part p of a long fill starts where the p − 1 parts
+    before it would have left the stream: the same numbers as one sequential fill.
+    """
+    bits = type(generator.bit_generator)()
+    bits.state = generator.bit_generator.state
+    return np.random.Generator(bits.advance(offset) if offset else bits)
+
+
+def skip(generator: np.random.Generator, count: int) -> None:
+    """Advance ``generator`` in place as if ``count`` float64 uniforms had been drawn from it."""
+    if count:
+        generator.bit_generator.advance(count)
+
+
+def scratch(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A flat CPU buffer of at least ``numel`` entries, this thread's own, reused from call to call.
+
+    For temporaries of bounded size (a row block, a draw block) that would otherwise be mapped and
+    page-faulted afresh for every block of every tensor. The caller must not keep it past its use.
+    """
+    buffers = getattr(_SCRATCH, "buffers", None)
+    if buffers is None:
+        buffers = _SCRATCH.buffers = {}
+    buffer = buffers.get((name, dtype))
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[(name, dtype)] = torch.empty(numel, dtype=dtype)
+    return buffer[:numel]
