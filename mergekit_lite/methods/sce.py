@@ -45,7 +45,7 @@ def sce_rows(source: TaskVectorSource, ctx: TensorContext) -> torch.Tensor:
     elif fraction < 1:
 
         def variance_rows(start: int, stop: int, rows: slice | None) -> torch.Tensor:
-            return task_variance(torch.stack([source.rows(t, start, stop) for t in range(source.count)]))
+            return task_variance(source.rows(t, start, stop) for t in range(source.count))
 
         keep = top_variance_mask(by_row_chunks(source, variance_rows), fraction)
     energy = []
