@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -9,40 +10,42 @@ import sys
 import pytest
 
 PROBE = """
-import os, resource, torch
+import ctypes, torch
 from mergekit_lite.allocator import return_large_buffers
 if {tune}:
     assert return_large_buffers()
-def resident():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-def faults():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-chunk = torch.empty(8 << 20, dtype=torch.uint8).fill_(1); del chunk
-before = faults()
-for _ in range(8):  # a row chunk's float64 temporary (8 MiB), freed and made again
-    chunk = torch.empty(8 << 20, dtype=torch.uint8).fill_(1); del chunk
-refaults = (faults() - before) / 8
-before = resident()
-big = torch.empty(48 << 20, dtype=torch.uint8).fill_(1); del big
-print(refaults, resident() - before)
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+def mapped():  # bytes in blocks mapped on their own
+    return libc.mallinfo2().hblkhd
+before = mapped()
+chunk = torch.empty(8 << 20, dtype=torch.uint8).fill_(1)  # a row chunk's float64 temporary
+chunk_mapped = mapped() - before
+del chunk
+kept_free = libc.mallinfo2().fordblks  # free bytes kept in the heap for the next block
+big = torch.empty(48 << 20, dtype=torch.uint8).fill_(1)
+big_mapped = mapped() - before
+del big
+print(chunk_mapped, kept_free, big_mapped, mapped() - before)
 """
 
 
-def _probe(tune: bool) -> tuple[float, int]:
+def _probe(tune: bool) -> list[int]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     env["THP_MEM_ALLOC_ENABLE"] = "1"  # as the CLI runs
     out = subprocess.run([sys.executable, "-c", PROBE.format(tune=tune)], capture_output=True, text=True, env=env, check=True)
-    refaults, kept = out.stdout.split()
-    return float(refaults), int(kept)
+    return [int(v) for v in out.stdout.split()]
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
-def test_small_blocks_are_reused_without_page_faults_and_a_freed_large_tensor_leaves_the_process():
-    refaults, kept = _probe(tune=True)
-    assert refaults < 16  # reused, not mapped and faulted again (glibc's default: ~500 faults each time)
-    assert kept < 4 << 20
-    assert _probe(tune=False)[0] > 100  # glibc's default maps it afresh each time: what the setting is for
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="glibc ≥ 2.33")
+def test_small_blocks_stay_in_the_heap_for_reuse_and_a_freed_large_tensor_leaves_the_process():
+    chunk_mapped, kept_free, big_mapped, left_mapped = _probe(tune=True)
+    assert chunk_mapped == 0 and kept_free >= 8 << 20  # from the heap, and kept there when freed (no fresh pages next time)
+    assert big_mapped >= 48 << 20 and left_mapped == 0  # mapped on its own, and unmapped when freed
+    assert _probe(tune=False)[0] >= 8 << 20  # glibc's default maps the first such block afresh (and faults its pages)
 
 
 def test_the_users_own_setting_wins(monkeypatch):
