@@ -45,9 +45,12 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def read_for_merge(ckpt: Checkpoint, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Read one input tensor in the compute dtype, refusing NaN/Inf (they would poison every merged weight)."""
+def read_for_merge(ckpt: Checkpoint, name: str, device: torch.device, dtype: torch.dtype, check: bool = True) -> torch.Tensor:
+    """Read one input tensor in the compute dtype, refusing NaN/Inf (they would poison every merged weight);
+    ``check=False`` for a tensor read again after a checked read."""
     tensor = ckpt.get(name).to(device=device, dtype=dtype)
+    if not check:
+        return tensor
     # one reduction, no temporary: any NaN/Inf makes the sum non-finite (finite sums are confirmed exactly)
     if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
@@ -58,8 +61,8 @@ def read_for_merge(ckpt: Checkpoint, name: str, device: torch.device, dtype: tor
     return tensor
 
 
-def _read(plan: Plan, ref: TensorRef, device: torch.device) -> torch.Tensor:
-    return read_for_merge(plan.checkpoints[ref.source], ref.name, device, plan.compute_dtype)
+def _read(plan: Plan, ref: TensorRef, device: torch.device, check: bool = True) -> torch.Tensor:
+    return read_for_merge(plan.checkpoints[ref.source], ref.name, device, plan.compute_dtype, check)
 
 
 _READER: ThreadPoolExecutor | None = None
@@ -153,9 +156,13 @@ class ReadWeightInputs(WeightInputs):
     def __init__(self, plan: Plan, job: TensorJob, device: torch.device):
         self.plan, self.job, self.device = plan, job, device
         self.count = len(job.inputs)
+        self.checked: set[int] = set()
 
     def read(self, i: int) -> torch.Tensor:
-        return _read(self.plan, self.job.inputs[i], self.device)
+        # NaN/Inf are looked for on the first read only: a pass over the tensor saved on each re-read (Karcher: 10 per input)
+        tensor = _read(self.plan, self.job.inputs[i], self.device, check=i not in self.checked)
+        self.checked.add(i)
+        return tensor
 
 
 def _in_row_chunks(plan: Plan, job: TensorJob) -> bool:
