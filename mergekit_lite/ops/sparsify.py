@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .checks import _check_fraction
-from .threads import can_jump, generator_at, map_parts, scratch, skip, split_evenly, thread_count
+from .threads import can_jump, map_from_offsets, scratch, split_evenly, thread_count
 
 BREADCRUMBS_SCOPES = ("row", "tensor")
 
@@ -205,12 +205,11 @@ def _draw_below(generator: np.random.Generator, probability: float | np.ndarray,
         return
     scalar = np.isscalar(probability)
 
-    def draw(part: tuple[int, int]) -> None:
+    def draw(draws: np.random.Generator, part: tuple[int, int]) -> None:
         start, stop = part
-        _draw_below_in_order(generator_at(generator, start), probability if scalar else probability[start:stop], out[start:stop])
+        _draw_below_in_order(draws, probability if scalar else probability[start:stop], out[start:stop])
 
-    map_parts(draw, split_evenly(out.size, thread_count(), DRAW_BLOCK))
-    skip(generator, out.size)
+    map_from_offsets(generator, draw, split_evenly(out.size, thread_count(), DRAW_BLOCK), lambda part: part[0], out.size)
 
 
 def _draw_below_in_order(generator: np.random.Generator, probability: float | np.ndarray, out: np.ndarray) -> None:
@@ -335,7 +334,8 @@ def della_keep_probabilities(x: Tensor, density: float, epsilon: float) -> Tenso
     if not (density - epsilon > 0 and density + epsilon < 1):
         raise ValueError(f"epsilon must keep density ± epsilon inside (0, 1); got density {density}, epsilon {epsilon}")
     if x.dim() > 2:  # ranked along dim 1, as mergekit's argsort of such a tensor ranks it
-        return _keep_probabilities_from_ranks(_stable_ranks(x.detach().abs(), dim=1), density, epsilon)
+        moved = x.detach().movedim(1, -1)
+        return della_keep_probabilities(moved.reshape(-1, moved.shape[-1]), density, epsilon).reshape(moved.shape).movedim(-1, 1)
     rows = x.detach().reshape(1, -1) if x.dim() < 2 else x.detach()
     out = torch.empty(rows.shape, dtype=torch.float64, device=x.device)
     return _keep_probabilities_into(rows, density, epsilon, out).reshape(x.shape)
@@ -345,7 +345,7 @@ def _keep_probabilities_into(rows: Tensor, density: float, epsilon: float, out: 
     """``della_keep_probabilities`` of a 2-D ``rows`` written into ``out`` (float64, rows' shape); ``keys`` an
     optional int64 buffer of rows' size for the CPU sort."""
     n = rows.shape[1]
-    # (density − ε) + rank/(n−1)·2ε for each rank, the same float64 operations as on a tensor of ranks
+    # (density − ε) + rank/(n−1)·2ε for each rank 0 … n−1, in float64
     by_rank = torch.arange(n, dtype=torch.float64, device=rows.device)
     if n > 1:
         by_rank.div_(n - 1)
@@ -353,25 +353,6 @@ def _keep_probabilities_into(rows: Tensor, density: float, epsilon: float, out: 
         by_rank.zero_()
     by_rank.mul_(2 * epsilon).add_(density - epsilon)
     return out.scatter_(1, _stable_magnitude_order(rows, keys), by_rank.expand(rows.shape))
-
-
-def _stable_ranks(values: Tensor, dim: int) -> Tensor:
-    """Each entry's rank along ``dim`` (0 = smallest), ties by lower index."""
-    order = torch.argsort(values, dim=dim, stable=True)
-    shape = [1] * values.dim()
-    shape[dim] = values.shape[dim]
-    ranks = torch.empty_like(order)
-    return ranks.scatter_(dim, order, torch.arange(values.shape[dim], device=values.device).view(shape).expand_as(order))
-
-
-def _keep_probabilities_from_ranks(ranks: Tensor, density: float, epsilon: float) -> Tensor:
-    n = ranks.shape[1]
-    probs = ranks.to(torch.float64)
-    if n > 1:
-        probs.div_(n - 1)
-    else:
-        probs.zero_()
-    return probs.mul_(2 * epsilon).add_(density - epsilon)
 
 
 def _stable_magnitude_order(rows: Tensor, keys_buffer: Tensor | None = None) -> Tensor:
@@ -417,27 +398,22 @@ def della_mask(x: Tensor, density: float, epsilon: float, generator: np.random.G
     blocks = list(_row_blocks(x, chunk_entries))
     flat_mask = mask.view(-1)
 
-    def draw_blocks(group: tuple[int, int]) -> None:
-        first, stop = group
-        offset = _block_offset(x, blocks[first][1])
-        draws = generator_at(generator, offset) if len(blocks) > 1 and can_jump(generator) else generator
-        for rows, part in blocks[first:stop]:
+    def draw_blocks(draws: np.random.Generator, group: tuple[int, int]) -> None:
+        for rows, part in blocks[group[0] : group[1]]:
             start = _block_offset(x, part)
-            cpu_rows = rows.cpu().reshape(1, -1) if rows.dim() < 2 else rows.cpu()
-            if cpu_rows.dim() > 2:
-                probabilities = della_keep_probabilities(cpu_rows, density, epsilon).reshape(-1).numpy()
+            if rows.dim() > 2:
+                probabilities = della_keep_probabilities(rows.cpu(), density, epsilon)
             else:
-                size = cpu_rows.numel()
-                out = scratch("della probabilities", size, torch.float64).view(cpu_rows.shape)
-                keys = scratch("della keys", size, torch.int64)
-                probabilities = _keep_probabilities_into(cpu_rows, density, epsilon, out, keys).reshape(-1).numpy()
-            _draw_below_in_order(draws, probabilities, flat_mask[start : start + rows.numel()].numpy())
+                rows = rows.cpu().reshape(1, -1) if rows.dim() < 2 else rows.cpu()
+                out = scratch("della probabilities", rows.numel(), torch.float64).view(rows.shape)
+                probabilities = _keep_probabilities_into(rows, density, epsilon, out, scratch("della keys", rows.numel(), torch.int64))
+            _draw_below_in_order(draws, probabilities.reshape(-1).numpy(), flat_mask[start : start + rows.numel()].numpy())
 
     if len(blocks) > 1 and can_jump(generator):
-        map_parts(draw_blocks, split_evenly(len(blocks), thread_count()))
-        skip(generator, x.numel())
+        groups = split_evenly(len(blocks), thread_count())
+        map_from_offsets(generator, draw_blocks, groups, lambda group: _block_offset(x, blocks[group[0]][1]), x.numel())
     else:
-        draw_blocks((0, len(blocks)))
+        draw_blocks(generator, (0, len(blocks)))
     return mask.to(x.device)
 
 

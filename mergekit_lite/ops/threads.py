@@ -66,10 +66,14 @@ def generator_at(generator: np.random.Generator, offset: int) -> np.random.Gener
     return np.random.Generator(bits.advance(offset) if offset else bits)
 
 
-def skip(generator: np.random.Generator, count: int) -> None:
-    """Advance ``generator`` in place as if ``count`` float64 uniforms had been drawn from it."""
-    if count:
-        generator.bit_generator.advance(count)
+def map_from_offsets(
+    generator: np.random.Generator, work: Callable[[np.random.Generator, Part], None], parts: Sequence[Part], offset: Callable[[Part], int], total: int
+) -> None:
+    """``work(generator advanced to offset(part), part)`` for each part, on the threads; then ``generator``
+    itself advanced by ``total`` uniforms, where one sequential fill of every part would have left it."""
+    map_parts(lambda part: work(generator_at(generator, offset(part)), part), parts)
+    if total:
+        generator.bit_generator.advance(total)
 
 
 def scratch(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
