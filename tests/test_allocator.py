@@ -73,3 +73,32 @@ def test_the_cli_asks_torch_for_huge_pages_before_torch_is_imported():
     env["THP_MEM_ALLOC_ENABLE"] = "0"  # the user's choice stands
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "0"
+
+
+ARENAS = """
+import ctypes, threading, torch
+from mergekit_lite.allocator import return_large_buffers
+if {tune}:
+    assert return_large_buffers()
+def read():  # a read-ahead thread's block, freed later on the main thread
+    global block
+    block = torch.empty(4 << 20, dtype=torch.uint8).fill_(1)
+thread = threading.Thread(target=read)
+thread.start(); thread.join()
+del block
+ctypes.CDLL(None).malloc_stats()  # one "Arena N:" section per arena, on standard error
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(ctypes.CDLL(None), "malloc_stats"), reason="glibc")
+def test_every_thread_allocates_from_the_one_heap():
+    # with an arena per thread, blocks read ahead on one thread and freed on another piled up unused in the reader's arena
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env["THP_MEM_ALLOC_ENABLE"] = "1"
+
+    def arenas(tune: bool) -> int:
+        out = subprocess.run([sys.executable, "-c", ARENAS.format(tune=tune)], capture_output=True, text=True, env=env, check=True)
+        return out.stderr.count("Arena ")
+
+    assert arenas(tune=True) == 1
+    assert arenas(tune=False) > 1  # glibc's default: the thread got an arena of its own
