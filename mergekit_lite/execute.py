@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -49,16 +50,30 @@ def read_for_merge(ckpt: Checkpoint, name: str, device: torch.device, dtype: tor
     """Read one input tensor in the compute dtype, refusing NaN/Inf (they would poison every merged weight);
     ``check=False`` for a tensor read again after a checked read."""
     tensor = ckpt.get(name).to(device=device, dtype=dtype)
-    if not check:
-        return tensor
-    # one reduction, no temporary: any NaN/Inf makes the sum non-finite (finite sums are confirmed exactly)
-    if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise CheckpointError(
-            f"{ckpt.file_of(name)}: tensor {name} has {bad} NaN/Inf value(s); refusing to merge it "
-            "(fix the checkpoint, or list the tensor under 'exclude' to copy it from the base)"
-        )
+    if check and not _all_finite(tensor):
+        _refuse_non_finite(ckpt, name, tensor)
     return tensor
+
+
+def read_rows_for_merge(ckpt: Checkpoint, name: str, start: int, stop: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Rows [start, stop) of one input tensor in the compute dtype (only those bytes read), refusing NaN/Inf."""
+    rows = ckpt.get_rows(name, start, stop).to(device=device, dtype=dtype)
+    if not _all_finite(rows):
+        _refuse_non_finite(ckpt, name, ckpt.get(name).to(dtype=dtype))
+    return rows
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    # one reduction, no temporary: any NaN/Inf makes the sum non-finite (finite sums are confirmed exactly)
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
+def _refuse_non_finite(ckpt: Checkpoint, name: str, tensor: torch.Tensor) -> None:
+    bad = int((~torch.isfinite(tensor)).sum())
+    raise CheckpointError(
+        f"{ckpt.file_of(name)}: tensor {name} has {bad} NaN/Inf value(s); refusing to merge it "
+        "(fix the checkpoint, or list the tensor under 'exclude' to copy it from the base)"
+    )
 
 
 def _read(plan: Plan, ref: TensorRef, device: torch.device, check: bool = True) -> torch.Tensor:
@@ -173,6 +188,40 @@ def _in_row_chunks(plan: Plan, job: TensorJob) -> bool:
     )
 
 
+def _entrywise_in_row_chunks(plan: Plan, job: TensorJob) -> bool:
+    """Whether a job's output is computed row chunk by row chunk from re-read rows (an entrywise method)."""
+    return (
+        plan.method.entrywise(job.params) and job.vocab is None and job.out.numel >= ROW_CHUNK_ENTRIES and bool(job.out.shape)
+        and all(plan.checkpoints[ref.source].row_reads for ref in job.reads)
+    )
+
+
+def entrywise_output(plan: Plan, job: TensorJob, device: torch.device) -> torch.Tensor:
+    """An entrywise method's output tensor, on the CPU in its output dtype, made one row chunk at a time:
+    each input's rows read (only those bytes), the method run on them, the rows stored. It holds the
+    output and a few chunks instead of whole float32 copies of the inputs, and every entry goes through
+    the same operations as in a whole-tensor merge, so the bytes are the same."""
+    out = torch.empty(job.out.shape, dtype=job.out.dtype)
+    ctx = context(plan, job)
+    dtype = plan.compute_dtype
+
+    def rows(ref: TensorRef, start: int, stop: int) -> torch.Tensor:
+        return read_rows_for_merge(plan.checkpoints[ref.source], ref.name, start, stop, device, dtype)
+
+    chunks = row_chunks(job.out.shape, ROW_CHUNK_ENTRIES)
+    firsts = (job.base,) if job.base is not None else ()
+    # every read of the job in order (per chunk: the base's rows, then each input's), one read ahead
+    reads = read_ahead([partial(rows, ref, start, stop) for start, stop in chunks for ref in (*firsts, *job.inputs)])
+    for start, stop in chunks:
+        base = next(reads) if job.base is not None else None
+        models = islice(reads, len(job.inputs))
+        out[start:stop] = plan.method.output_tensor(base, models, ctx)
+        del base
+        for _ in models:  # a method that stops early must not shift the next chunk's reads
+            pass
+    return out
+
+
 def advise_inputs(plan: Plan, job: TensorJob) -> None:
     """Let the kernel read a job's input tensors into the page cache ahead of time (no memory of ours)."""
     refs = job.reads if job.merge or job.vocab is not None else job.inputs[:1]  # a copied tensor reads its first input only
@@ -202,6 +251,8 @@ def compute_tensor(plan: Plan, job: TensorJob, device: torch.device) -> torch.Te
         stored = plan.checkpoints[job.inputs[0].source].get(job.inputs[0].name)
         return stored.to(job.out.dtype) if stored.dtype != job.out.dtype else stored
     try:
+        if _entrywise_in_row_chunks(plan, job):
+            return entrywise_output(plan, job, device)
         if plan.method.compute_inputs is not None and job.vocab is None:
             out = plan.method.compute_inputs(ReadWeightInputs(plan, job, device), context(plan, job))
         elif _in_row_chunks(plan, job):

@@ -738,3 +738,20 @@ def test_dare_draws_split_over_threads_are_the_one_sequential_stream(monkeypatch
         torch.set_num_threads(before)
     assert torch.equal(got, want)
     assert generator.random() == plain.random()
+
+
+def test_l1_norm_is_accurate_on_a_large_tensor_whatever_the_thread_count():
+    """torch's float32 vector_norm(x, 1) drifts by percents at this size; the L1 rescale's norm must not."""
+    from mergekit_lite.ops import l1_norm
+
+    torch.manual_seed(0)
+    x = torch.randn(8 << 20) * 0.01
+    exact = float(x.double().abs().sum())
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert abs(l1_norm(x) - exact) <= 1e-12 * exact
+            assert abs(l1_norm(x.view(2048, -1)[:, :4096]) - float(x.view(2048, -1)[:, :4096].double().abs().sum())) <= 1e-12 * exact
+    finally:
+        torch.set_num_threads(threads)

@@ -42,6 +42,13 @@ CASES = [
     ("sce", {"select_topk": 0.3}),
     ("sce", {"select_topk": 1.0, "merge": "sum"}),
     ("sce", {"select_topk": 0.0}),
+    ("dare_linear", {"density": 0.5, "seed": 3}),
+    ("dare_linear", {"density": 0.5, "rescale": False, "normalize": True}),
+    ("dare_linear", {"density": 0.4, "rescale_rule": "density"}),
+    ("dare_linear", {"density": 1.0}),
+    ("della_linear", {"density": 0.5, "epsilon": 0.2}),
+    ("della_linear", {"density": 0.5, "epsilon": 0.2, "rescale": False}),
+    ("della_linear", {"density": 0.5, "epsilon": 0.2, "rescale_rule": "density"}),
     ("model_stock", {}),
     ("model_stock", {"filter_wise": True}),
     ("iso_cts", {"common_space_fraction": 0.5}),
@@ -51,6 +58,10 @@ CASES = [
 def test_every_two_phase_method_is_covered():
     two_phase = {name for name, m in METHODS.items() if m.combine_rows is not None}
     assert two_phase == {name for name, _ in CASES}
+
+
+def _l1_rescaled_sum(method: str, params: dict) -> bool:
+    return method in ("dare_linear", "della_linear") and params.get("rescale", True) and params.get("rescale_rule", "l1") == "l1"
 
 
 def _merge(demo: dict[str, Path], out: Path, method: str, params: dict, dtype: str | None = None) -> dict[str, torch.Tensor]:
@@ -69,6 +80,10 @@ def test_row_chunks_give_the_held_path_bits(demo, tmp_path, monkeypatch, method,
     assert set(held) == set(chunked)
     for name in held:
         if method == "model_stock":  # its dot products add up chunk by chunk: the same sums, rounded in another order
+            torch.testing.assert_close(chunked[name], held[name], rtol=1e-6, atol=1e-7, msg=name)
+        elif _l1_rescaled_sum(method, params):
+            # the same masks; each task's L1 norm is added up (in float64) over other blocks: the float32 factor
+            # may differ in its last bit
             torch.testing.assert_close(chunked[name], held[name], rtol=1e-6, atol=1e-7, msg=name)
         else:
             assert torch.equal(held[name], chunked[name]), name
@@ -108,6 +123,105 @@ def test_chunked_merge_reads_each_input_at_most_twice(demo, tmp_path, monkeypatc
     _merge(demo, tmp_path / "out", "ties", {"density": 0.3})
     assert whole and max(whole.values()) == 1
     assert len(rows) > 3 * 10 and all(b - a <= 7 for a, b in rows)  # the fine-tunes' rows, in small chunks
+
+
+ENTRYWISE = [
+    ("task_arithmetic", {}),
+    ("task_arithmetic", {"normalize": True}),
+    ("linear", {}),
+    ("linear", {"normalize": False}),
+]
+
+
+def test_every_entrywise_method_is_covered():
+    assert {name for name, m in METHODS.items() if m.entrywise({})} == {name for name, _ in ENTRYWISE}
+
+
+def _dense(demo: dict[str, Path], method: str, params: dict) -> dict[str, torch.Tensor]:
+    """The merge written out plainly over whole float32 tensors (the recipe's weights, λ = 0.8)."""
+    from helpers import DEMO_TASKS
+
+    base = load_state(demo["base"])
+    models = [load_state(demo[t]) for t in DEMO_TASKS]
+    out = {}
+    for name, b in base.items():
+        xs = [m[name].float() for m in models]
+        if method == "task_arithmetic":
+            total = sum(w * (x - b.float()) for w, x in zip(WEIGHTS, xs))
+            if params.get("normalize"):
+                total = total / sum(WEIGHTS)
+            out[name] = (b.float() + 0.8 * total).to(b.dtype)
+        else:  # the base is an input too (mergekit's rule), at weight 1
+            weights = (*WEIGHTS, 1.0)
+            total = sum(w * x for w, x in zip(weights, [*xs, b.float()]))
+            out[name] = (total / sum(weights) if params.get("normalize", True) else total).to(b.dtype)
+    return out
+
+
+@pytest.mark.parametrize("method,params", ENTRYWISE, ids=[f"{m}-{i}" for i, (m, _) in enumerate(ENTRYWISE)])
+@pytest.mark.parametrize("fixture", ["demo", "demo_bf16"])
+def test_entrywise_row_chunks_give_the_whole_tensor_bits(request, tmp_path, monkeypatch, method, params, fixture):
+    """An entrywise method's large tensors are made from re-read rows, chunk by chunk: the same bits as whole."""
+    demo = request.getfixturevalue(fixture)
+    monkeypatch.setattr(execute, "ROW_CHUNK_ENTRIES", 1 << 40)
+    whole = _merge(demo, tmp_path / "whole", method, params)
+    monkeypatch.setattr(execute, "ROW_CHUNK_ENTRIES", 7)
+    calls = []
+    monkeypatch.setattr(execute, "entrywise_output", lambda *a, real=execute.entrywise_output: calls.append(1) or real(*a))
+    chunked = _merge(demo, tmp_path / "chunked", method, params)
+    assert calls  # the chunked path ran
+    dense = _dense(demo, method, params)
+    assert set(whole) == set(chunked) == set(dense)
+    for name in whole:
+        assert torch.equal(whole[name], chunked[name]), name
+        tol = dict(rtol=8e-3, atol=1e-5) if dense[name].dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)  # one bf16 rounding apart at most
+        torch.testing.assert_close(chunked[name].float(), dense[name].float(), **tol, msg=name)
+
+
+def test_entrywise_row_chunks_read_only_rows_and_each_once(demo, tmp_path, monkeypatch):
+    from mergekit_lite import checkpoint as ckpt_module
+
+    whole: list[str] = []
+    original = ckpt_module.Checkpoint.get
+    monkeypatch.setattr(ckpt_module.Checkpoint, "get", lambda self, name: whole.append(name) or original(self, name))
+    rows: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    original_rows = ckpt_module.Checkpoint.get_rows
+
+    def counting_rows(self, name, start, stop):
+        rows.setdefault((self.ref, name), []).append((start, stop))
+        return original_rows(self, name, start, stop)
+
+    monkeypatch.setattr(ckpt_module.Checkpoint, "get_rows", counting_rows)
+    monkeypatch.setattr(execute, "ROW_CHUNK_ENTRIES", 7)
+    plan = mergekit_lite.plan(Recipe.model_validate(ta_recipe(demo)))
+    merged = {job.name: job.out.shape for job in plan.jobs if job.merge and job.out.numel >= 7}
+    plan.close()
+    _merge(demo, tmp_path / "out", "task_arithmetic", {})
+    assert merged and not set(whole) & set(merged)  # no large merged tensor read whole
+    for (ref, name), spans in rows.items():
+        assert name in merged
+        assert spans == row_chunks(merged[name], 7), (ref, name)  # every row once, in order, in chunks of ≤ 7 entries
+    assert len(rows) == 4 * len(merged)  # the base and the three fine-tunes
+
+
+def test_entrywise_row_chunks_refuse_a_non_finite_input_with_its_whole_count(demo, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from helpers import copy_checkpoint
+
+    bad = copy_checkpoint(demo["math"], tmp_path / "bad")
+    file = next(bad.glob("*.safetensors"))
+    state = load_file(str(file))
+    name = next(n for n, t in state.items() if t.dim() == 2 and t.shape[0] > 4)
+    state[name][1, 0] = float("nan")
+    state[name][-1, -1] = float("inf")
+    save_file(state, str(file))
+    data = ta_recipe(demo)
+    data["models"][0]["model"] = str(bad)
+    monkeypatch.setattr(execute, "ROW_CHUNK_ENTRIES", 7)
+    with pytest.raises(mergekit_lite.CheckpointError, match=f"{file.name}: tensor {name} has 2 NaN/Inf value"):
+        mergekit_lite.run(Recipe.model_validate(data), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_row_chunks_cover_the_rows_once():

@@ -250,6 +250,10 @@ class MergeMethod:
     working_copies: Callable[[int], float] = lambda n: 4
     #: model-wide statistics computed in extra passes before the merge (None: not needed)
     statistics: Callable[[Any, dict[str, Any], list[dict[str, Any]]], dict[str, Any]] | None = None
+    #: whether, with these (per-tensor) parameters, each output entry depends only on the inputs' entries at
+    #: the same place: the executor then computes a large tensor row chunk by row chunk from rows read off
+    #: disk, holding no whole input (the same numbers: every entry sees the same operations)
+    entrywise: Callable[[dict[str, Any]], bool] = lambda params: False
     #: how many times the inputs are read, for the plan
     passes: Callable[[dict[str, Any], torch.dtype], int] = lambda params, dtype: 1
     #: what the method writes: a merged Hugging Face checkpoint, or a compressed collection

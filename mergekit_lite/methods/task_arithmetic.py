@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from ..ops import (
@@ -24,11 +25,13 @@ from ..ops import (
     elected_positive,
     generator_for,
     keep_count,
+    l1_norm,
     magnitude_mask,
     majority_sign_count,
     topk_count_mask,
 )
 from ..ops.bitpack import pack_bits, unpack_bit_range
+from ..ops.threads import generator_at
 from .base import CombineFn, CombineRowsFn, HeldTaskVectors, by_row_chunks, MergeMethod, Param, TaskVectorSource, TensorContext, reduce_passes, register
 
 # -- parameters (names and defaults as mergekit 0.1.5 declares them) -------------------------------
@@ -101,7 +104,7 @@ class Kept:
             out = delta if in_place else delta.clone()
         if self.l1_before is not None and self.factor is None:
             assert rows is None, "the L1 factor is fixed on the whole tensor first"
-            after = float(torch.linalg.vector_norm(out, ord=1))
+            after = l1_norm(out)
             self.l1_before, self.factor = (None, None) if self.l1_before < L1_EPS or after < L1_EPS else (None, self.l1_before / after)
         if self.factor is not None:
             out.mul_(self.factor)
@@ -139,7 +142,7 @@ def _rescale(mask: torch.Tensor | None, delta: torch.Tensor, density: float, ctx
         return Kept(mask)
     if ctx.params.get("rescale_rule", "l1") == "density":
         return Kept(mask, divisor=density)
-    return Kept(mask, l1_before=float(torch.linalg.vector_norm(delta, ord=1)))
+    return Kept(mask, l1_before=l1_norm(delta))
 
 
 def sparsify_magnitude(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContext, t: int) -> Kept:
@@ -191,6 +194,41 @@ def sparsify_della(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContext, t
 
 def no_sparsify(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContext, t: int) -> Kept:
     return Kept()
+
+
+# -- the same sparsifiers a few rows of τ_t at a time: (τ_t's shape, context) → a rule (rows of τ_t, t, flat
+# index of the rows' first entry) → what of those rows is kept (an L1 rescale's ``l1_before`` is the rows'
+# share of the norm); None when this tensor's masks cannot be made by rows
+RowRule = Callable[[torch.Tensor, int, int], Kept]
+RowSparsifier = Callable[[tuple[int, ...], TensorContext], "RowRule | None"]
+
+
+def _drawn_rows(draw: Callable[[torch.Tensor, dict[str, Any], np.random.Generator], torch.Tensor], ctx: TensorContext) -> RowRule:
+    """A row rule from ``draw(rows, parameters, generator)``: the generator advanced to the rows' first entry."""
+
+    def rule(rows: torch.Tensor, t: int, first: int) -> Kept:
+        p = ctx.model_params[t]
+        if p["density"] >= 1:
+            return Kept()
+        if p["density"] <= 0:
+            return Kept(nothing=True)
+        generator = generator_at(generator_for(ctx.params["seed"], ctx.model_names[t], ctx.name), first)
+        return _rescale(draw(rows, p, generator), rows, p["density"], ctx)
+
+    return rule
+
+
+def random_rows(shape: tuple[int, ...], ctx: TensorContext) -> RowRule | None:
+    """DARE by rows: each entry's uniform is the one the whole tensor's draw gives it."""
+    return _drawn_rows(lambda rows, p, generator: dare_mask(rows.shape, p["density"], generator).to(rows.device), ctx)
+
+
+def della_rows(shape: tuple[int, ...], ctx: TensorContext) -> RowRule | None:
+    """DELLA by whole rows of a matrix (each row is ranked on its own); other tensors, and the per-entry
+    density rescale, keep the whole-tensor path."""
+    if len(shape) != 2 or (ctx.params.get("rescale", False) and ctx.params.get("rescale_rule", "l1") == "density"):
+        return None
+    return _drawn_rows(lambda rows, p, generator: della_mask(rows, p["density"], p["epsilon"], generator), ctx)
 
 
 # -- combiners --------------------------------------------------------------------------------
@@ -267,7 +305,60 @@ def elect_rows(source: TaskVectorSource, sparsify: Sparsifier, ctx: TensorContex
     return by_row_chunks(source, merge_rows, out=total)  # the sum's memory holds the merged rows
 
 
-def family_combine(sparsify: Sparsifier, consensus: bool) -> tuple[CombineFn, CombineRowsFn | None]:
+def sum_rows(source: TaskVectorSource, sparsify_rows: RowSparsifier, sparsify: Sparsifier, ctx: TensorContext) -> torch.Tensor:
+    """A summing member's Σ_t w_t τ̂_t made row chunk by row chunk, holding no whole τ_t.
+
+    With the L1 rescale, a first pass over each task's row chunks adds up its norm before and after
+    masking and keeps the masks packed (one bit per entry); the sum then applies them with the task's
+    factor. The masks are the whole tensor's (the same draws); the factor can differ from the whole
+    tensor's in its last bit (its norm is added up in another order). A tensor whose masks cannot be
+    made by rows goes through its whole task vectors, one at a time.
+    """
+    rule = sparsify_rows(source.shape, ctx)
+    if rule is None:
+        return combine_sum((sparsify(d, ctx.model_params[t], ctx, t).apply(d, in_place=source.hands_out_new)
+                            for t, d in enumerate(source.whole())), ctx)
+    chunks = source.chunks()
+    per_row = math.prod(source.shape[1:]) if source.shape else 1
+    weights = _weights(ctx)
+    kept: dict[tuple[int, int], Kept] = {}
+    factors: list[float | None] = [None] * source.count
+    if ctx.params.get("rescale", False) and ctx.params.get("rescale_rule", "l1") == "l1":
+        for t in range(source.count):
+            before = after = 0.0
+            for start, stop in chunks:
+                rows = source.rows(t, start, stop)
+                rows_kept = rule(rows, t, start * per_row)
+                if rows_kept.l1_before is not None:
+                    before += rows_kept.l1_before
+                    after += l1_norm(Kept(rows_kept.mask).apply(rows))
+                    rows_kept.l1_before = None
+                kept[t, start] = rows_kept.pack() if len(chunks) > 1 else rows_kept
+                del rows
+            if before >= L1_EPS and after >= L1_EPS:
+                factors[t] = before / after
+
+    def merge_rows(start: int, stop: int, rows: slice | None) -> torch.Tensor:
+        total: torch.Tensor | None = None
+        for t in range(source.count):
+            delta = source.rows(t, start, stop)
+            rows_kept = kept.pop((t, start), None) or rule(delta, t, start * per_row)
+            rows_kept.l1_before, rows_kept.factor = None, factors[t]
+            trimmed = rows_kept.apply(delta, in_place=source.hands_out_new)  # ours to change either way
+            del delta
+            total = trimmed.mul_(weights[t]) if total is None else total.add_(trimmed, alpha=weights[t])
+            del trimmed
+        assert total is not None, "at least one model is required"
+        return total
+
+    merged = by_row_chunks(source, merge_rows)
+    divisor = sum(weights)
+    if ctx.params.get("normalize", False) and abs(divisor) >= 1e-8:
+        merged.div_(divisor)
+    return merged
+
+
+def family_combine(sparsify: Sparsifier, consensus: bool, sparsify_rows: RowSparsifier | None = None) -> tuple[CombineFn, CombineRowsFn | None]:
     """(combine, combine_rows) of one member of the family: sparsify each τ_t, then sum or elect signs.
 
     Summing members need one τ_t at a time (masks applied in place); electing members work in two
@@ -293,7 +384,14 @@ def family_combine(sparsify: Sparsifier, consensus: bool) -> tuple[CombineFn, Co
     def combine(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
         return combine_sum(sparsified(deltas, ctx), ctx)
 
-    return combine, None
+    if sparsify_rows is None:
+        return combine, None
+    by_rows = sparsify_rows
+
+    def combine_summed_rows(source: TaskVectorSource, ctx: TensorContext) -> torch.Tensor:
+        return sum_rows(source, by_rows, sparsify, ctx)
+
+    return combine, combine_summed_rows
 
 
 # -- model-wide TIES statistics (scope: model) --------------------------------------------------
@@ -354,8 +452,8 @@ def ties_passes(params: dict[str, Any], dtype: torch.dtype) -> int:
     return 1 + (2 if dtype == torch.float32 else 4) + 1
 
 
-def _family(sparsify: Sparsifier, consensus: bool) -> dict[str, Any]:
-    combine, combine_rows = family_combine(sparsify, consensus)
+def _family(sparsify: Sparsifier, consensus: bool, sparsify_rows: RowSparsifier | None = None) -> dict[str, Any]:
+    combine, combine_rows = family_combine(sparsify, consensus, sparsify_rows)
     return {"combine": combine, "combine_rows": combine_rows}
 
 
@@ -369,7 +467,8 @@ register(
         params=(normalize_param(False), *COMMON),
         **_family(no_sparsify, consensus=False),
         paper="https://arxiv.org/abs/2212.04089",
-        working_copies=lambda n: n / 3 + 1.5,
+        working_copies=lambda n: 0,  # row chunks (entrywise): only the stored output is whole
+        entrywise=lambda params: True,
     )
 )
 register(
@@ -389,9 +488,9 @@ register(
         name="dare_linear",
         summary="DARE: drop each entry of τ_t with probability 1 − density and rescale, then task arithmetic (Yu et al., 2024).",
         params=(DENSITY, normalize_param(False), rescale_param(True), RESCALE_RULE, SEED, *COMMON),
-        **_family(sparsify_random, consensus=False),
+        **_family(sparsify_random, consensus=False, sparsify_rows=random_rows),
         paper="https://arxiv.org/abs/2311.03099",
-        working_copies=lambda n: 0.25 * n + 2.5,
+        working_copies=lambda n: 2 + n / 32,  # θ_0 and the merged sum whole, the rest in row chunks; packed masks
     )
 )
 register(
@@ -439,8 +538,8 @@ register(
         name="della_linear",
         summary="DELLA's MagPrune drop and rescale, then a weighted sum (mergekit's della_linear).",
         params=(DENSITY, EPSILON, normalize_param(False), rescale_param(True), RESCALE_RULE, SEED, *COMMON),
-        **_family(sparsify_della, consensus=False),
+        **_family(sparsify_della, consensus=False, sparsify_rows=della_rows),
         paper="https://arxiv.org/abs/2406.11617",
-        working_copies=lambda n: 0.28 * n + 2.3,  # measured 3.87 / 5.51 with the stored copy at K = 2 / 8 (heap kept for reuse)
+        working_copies=lambda n: 2 + n / 32,  # θ_0 and the merged sum whole, the rest in row chunks; packed masks
     )
 )

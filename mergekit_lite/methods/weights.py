@@ -51,7 +51,8 @@ register(
         compute=_linear,
         base="optional",
         paper="https://arxiv.org/abs/2203.05482",
-        working_copies=lambda n: 2,
+        working_copies=lambda n: 0,  # row chunks (entrywise): only the stored output is whole
+        entrywise=lambda params: True,
     )
 )
 register(

@@ -31,6 +31,7 @@ from .sparsify import (
     magnitude_mask,
     rescale_l1,
     rescale_to_l1,
+    l1_norm,
     topk_count_mask,
     topk_mask,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "ties_merge",
     "rescale_l1",
     "rescale_to_l1",
+    "l1_norm",
     "topk_count_mask",
     "topk_mask",
     "truncated_svd",

@@ -146,14 +146,26 @@ def apply_mask_(x: Tensor, keep: Tensor) -> Tensor:
     return x.mul_(keep)
 
 
+#: entries per block of ``l1_norm``'s float64 sums (a block's |x| is the only temporary)
+L1_BLOCK = 1 << 20
+
+
+def l1_norm(x: Tensor) -> float:
+    """‖x‖₁, added up in float64 a block at a time. torch's float32 ``vector_norm(x, 1)`` drifts on large
+    tensors and with the thread count (measured on 32.8M entries: 1.5 % low on 2 threads, 6 % on one);
+    the L1 rescale's factor must not (mergekit's ``abs().sum()`` does not either)."""
+    flat = x.reshape(-1)
+    return sum(float(flat[i : i + L1_BLOCK].abs().sum(dtype=torch.float64)) for i in range(0, flat.numel(), L1_BLOCK))
+
+
 def rescale_l1(original: Tensor, masked: Tensor, eps: float = 1e-7) -> Tensor:
     """``masked`` scaled so its L1 norm equals ``original``'s (mergekit's ``rescale``); unchanged when either norm < eps."""
-    return rescale_to_l1(masked, float(torch.linalg.vector_norm(original, ord=1)), eps)
+    return rescale_to_l1(masked, l1_norm(original), eps)
 
 
 def rescale_to_l1(masked: Tensor, l1_before: float, eps: float = 1e-7) -> Tensor:
     """``masked`` scaled in place so its L1 norm equals ``l1_before`` (the norm before masking); unchanged when either < eps."""
-    after = float(torch.linalg.vector_norm(masked, ord=1))
+    after = l1_norm(masked)
     if l1_before < eps or after < eps:
         return masked
     return masked.mul_(l1_before / after)
