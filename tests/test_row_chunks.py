@@ -8,6 +8,7 @@ tiny, so chunks of one to a few rows, uneven at the end) and must give identical
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,9 @@ CASES = [
     ("sce", {"select_topk": 0.3}),
     ("sce", {"select_topk": 1.0, "merge": "sum"}),
     ("sce", {"select_topk": 0.0}),
+    ("task_arithmetic", {"normalize": True}),
+    ("breadcrumbs", {"density": 0.4, "gamma": 0.05}),
+    ("breadcrumbs", {"density": 0.4, "gamma": 0.05, "scope": "row", "rescale": True}),
     ("dare_linear", {"density": 0.5, "seed": 3}),
     ("dare_linear", {"density": 0.5, "rescale": False, "normalize": True}),
     ("dare_linear", {"density": 0.4, "rescale_rule": "density"}),
@@ -73,6 +77,8 @@ def _merge(demo: dict[str, Path], out: Path, method: str, params: dict, dtype: s
 
 @pytest.mark.parametrize("method,params", CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
 def test_row_chunks_give_the_held_path_bits(demo, tmp_path, monkeypatch, method, params):
+    if METHODS[method].entrywise(params):  # task arithmetic: its two-phase form too
+        monkeypatch.setitem(METHODS, method, dataclasses.replace(METHODS[method], entrywise=lambda params: False))
     monkeypatch.setattr(execute, "ROW_CHUNK_ENTRIES", 1 << 40)  # nothing in row chunks
     held = _merge(demo, tmp_path / "held", method, params)
     monkeypatch.setattr(execute, "ROW_CHUNK_ENTRIES", 7)  # everything of 7+ entries in chunks of 1–7 rows

@@ -203,8 +203,8 @@ RowRule = Callable[[torch.Tensor, int, int], Kept]
 RowSparsifier = Callable[[tuple[int, ...], TensorContext], "RowRule | None"]
 
 
-def _drawn_rows(draw: Callable[[torch.Tensor, dict[str, Any], np.random.Generator], torch.Tensor], ctx: TensorContext) -> RowRule:
-    """A row rule from ``draw(rows, parameters, generator)``: the generator advanced to the rows' first entry."""
+def _drawn_rows(kept_of: Callable[[torch.Tensor, dict[str, Any], np.random.Generator], Kept], ctx: TensorContext) -> RowRule:
+    """A row rule from ``kept_of(rows, parameters, generator)``: the generator advanced to the rows' first entry."""
 
     def rule(rows: torch.Tensor, t: int, first: int) -> Kept:
         p = ctx.model_params[t]
@@ -212,23 +212,30 @@ def _drawn_rows(draw: Callable[[torch.Tensor, dict[str, Any], np.random.Generato
             return Kept()
         if p["density"] <= 0:
             return Kept(nothing=True)
-        generator = generator_at(generator_for(ctx.params["seed"], ctx.model_names[t], ctx.name), first)
-        return _rescale(draw(rows, p, generator), rows, p["density"], ctx)
+        return kept_of(rows, p, generator_at(generator_for(ctx.params["seed"], ctx.model_names[t], ctx.name), first))
 
     return rule
 
 
 def random_rows(shape: tuple[int, ...], ctx: TensorContext) -> RowRule | None:
     """DARE by rows: each entry's uniform is the one the whole tensor's draw gives it."""
-    return _drawn_rows(lambda rows, p, generator: dare_mask(rows.shape, p["density"], generator).to(rows.device), ctx)
+    return _drawn_rows(lambda rows, p, g: _rescale(dare_mask(rows.shape, p["density"], g).to(rows.device), rows, p["density"], ctx), ctx)
 
 
 def della_rows(shape: tuple[int, ...], ctx: TensorContext) -> RowRule | None:
-    """DELLA by whole rows of a matrix (each row is ranked on its own); other tensors, and the per-entry
-    density rescale, keep the whole-tensor path."""
-    if len(shape) != 2 or (ctx.params.get("rescale", False) and ctx.params.get("rescale_rule", "l1") == "density"):
+    """DELLA by whole rows of a matrix (each row is ranked on its own, so its probabilities and draws are the
+    whole tensor's); tensors of other ranks are ranked whole."""
+    if len(shape) != 2:
         return None
-    return _drawn_rows(lambda rows, p, generator: della_mask(rows, p["density"], p["epsilon"], generator), ctx)
+    per_entry = ctx.params.get("rescale", False) and ctx.params.get("rescale_rule", "l1") == "density"
+
+    def kept_of(rows: torch.Tensor, p: dict[str, Any], generator: np.random.Generator) -> Kept:
+        keep = della_mask(rows, p["density"], p["epsilon"], generator)
+        if per_entry:  # the paper: each survivor divided by its own keep probability
+            return Kept(keep, divisor=della_keep_probabilities_as(rows, p["density"], p["epsilon"]))
+        return _rescale(keep, rows, p["density"], ctx)
+
+    return _drawn_rows(kept_of, ctx)
 
 
 # -- combiners --------------------------------------------------------------------------------
@@ -305,25 +312,32 @@ def elect_rows(source: TaskVectorSource, sparsify: Sparsifier, ctx: TensorContex
     return by_row_chunks(source, merge_rows, out=total)  # the sum's memory holds the merged rows
 
 
-def sum_rows(source: TaskVectorSource, sparsify_rows: RowSparsifier, sparsify: Sparsifier, ctx: TensorContext) -> torch.Tensor:
-    """A summing member's Σ_t w_t τ̂_t made row chunk by row chunk, holding no whole τ_t.
+def sum_rows(source: TaskVectorSource, sparsify_rows: RowSparsifier | None, sparsify: Sparsifier, ctx: TensorContext) -> torch.Tensor:
+    """A summing member's Σ_t w_t τ̂_t made row chunk by row chunk, holding no two whole task vectors.
 
-    With the L1 rescale, a first pass over each task's row chunks adds up its norm before and after
-    masking and keeps the masks packed (one bit per entry); the sum then applies them with the task's
-    factor. The masks are the whole tensor's (the same draws); the factor can differ from the whole
-    tensor's in its last bit (its norm is added up in another order). A tensor whose masks cannot be
-    made by rows goes through its whole task vectors, one at a time.
+    Phase 1 fixes what each task keeps: with a row rule (masks that can be made a few rows at a time),
+    only the L1 rescale needs it (each task's norm before and after masking, its masks kept packed); else
+    each whole τ_t in turn gives its mask (packed: one bit per entry) and factor. Phase 2 reads each task's
+    rows again, chunk by chunk, and adds them up. The same masks and operations per entry as summing
+    whole task vectors: the same bits (a row rule's L1 norms, added up chunk by chunk, may differ from the
+    whole tensor's in their last float64 bit).
     """
-    rule = sparsify_rows(source.shape, ctx)
-    if rule is None:
-        return combine_sum((sparsify(d, ctx.model_params[t], ctx, t).apply(d, in_place=source.hands_out_new)
-                            for t, d in enumerate(source.whole())), ctx)
     chunks = source.chunks()
+    chunked = len(chunks) > 1
     per_row = math.prod(source.shape[1:]) if source.shape else 1
     weights = _weights(ctx)
-    kept: dict[tuple[int, int], Kept] = {}
+    rule = sparsify_rows(source.shape, ctx) if sparsify_rows is not None else None
+    whole: list[Kept] = []  # no row rule: each task's rule, from its whole τ_t
+    kept: dict[tuple[int, int], Kept] = {}  # row rule and L1 rescale: (task, chunk start) → the chunk's rule
     factors: list[float | None] = [None] * source.count
-    if ctx.params.get("rescale", False) and ctx.params.get("rescale_rule", "l1") == "l1":
+    if rule is None:
+        for t, delta in enumerate(source.whole()):
+            task_rule = sparsify(delta, ctx.model_params[t], ctx, t)
+            if task_rule.l1_before is not None:
+                task_rule.apply(delta, in_place=source.hands_out_new)  # fixes the L1 factor on the whole τ_t
+            whole.append(task_rule.pack() if chunked and not isinstance(task_rule.divisor, torch.Tensor) else task_rule)
+            del delta
+    elif ctx.params.get("rescale", False) and ctx.params.get("rescale_rule", "l1") == "l1":
         for t in range(source.count):
             before = after = 0.0
             for start, stop in chunks:
@@ -333,7 +347,7 @@ def sum_rows(source: TaskVectorSource, sparsify_rows: RowSparsifier, sparsify: S
                     before += rows_kept.l1_before
                     after += l1_norm(Kept(rows_kept.mask).apply(rows))
                     rows_kept.l1_before = None
-                kept[t, start] = rows_kept.pack() if len(chunks) > 1 else rows_kept
+                kept[t, start] = rows_kept.pack() if chunked else rows_kept
                 del rows
             if before >= L1_EPS and after >= L1_EPS:
                 factors[t] = before / after
@@ -342,10 +356,14 @@ def sum_rows(source: TaskVectorSource, sparsify_rows: RowSparsifier, sparsify: S
         total: torch.Tensor | None = None
         for t in range(source.count):
             delta = source.rows(t, start, stop)
-            rows_kept = kept.pop((t, start), None) or rule(delta, t, start * per_row)
-            rows_kept.l1_before, rows_kept.factor = None, factors[t]
-            trimmed = rows_kept.apply(delta, in_place=source.hands_out_new)  # ours to change either way
-            del delta
+            if whole:
+                trimmed = whole[t].apply(delta, rows, in_place=source.hands_out_new)
+            else:
+                assert rule is not None
+                rows_kept = kept.pop((t, start), None) or rule(delta, t, start * per_row)
+                rows_kept.l1_before, rows_kept.factor = None, factors[t]
+                trimmed = rows_kept.apply(delta, in_place=source.hands_out_new)
+            del delta  # ``trimmed`` is ours to change: new, or the source's new tensor changed in place
             total = trimmed.mul_(weights[t]) if total is None else total.add_(trimmed, alpha=weights[t])
             del trimmed
         assert total is not None, "at least one model is required"
@@ -361,8 +379,9 @@ def sum_rows(source: TaskVectorSource, sparsify_rows: RowSparsifier, sparsify: S
 def family_combine(sparsify: Sparsifier, consensus: bool, sparsify_rows: RowSparsifier | None = None) -> tuple[CombineFn, CombineRowsFn | None]:
     """(combine, combine_rows) of one member of the family: sparsify each τ_t, then sum or elect signs.
 
-    Summing members need one τ_t at a time (masks applied in place); electing members work in two
-    phases over a TaskVectorSource (``elect_rows``), and over held task vectors when given them.
+    Both work in two phases over a TaskVectorSource for large tensors: electing members (``elect_rows``, also
+    over held task vectors), summing members (``sum_rows``; held task vectors are summed one at a time, masks
+    applied in place). ``sparsify_rows``: the sparsifier a few rows at a time, where its masks allow it.
     """
     if consensus:
 
@@ -384,12 +403,8 @@ def family_combine(sparsify: Sparsifier, consensus: bool, sparsify_rows: RowSpar
     def combine(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
         return combine_sum(sparsified(deltas, ctx), ctx)
 
-    if sparsify_rows is None:
-        return combine, None
-    by_rows = sparsify_rows
-
     def combine_summed_rows(source: TaskVectorSource, ctx: TensorContext) -> torch.Tensor:
-        return sum_rows(source, by_rows, sparsify, ctx)
+        return sum_rows(source, sparsify_rows, sparsify, ctx)
 
     return combine, combine_summed_rows
 
