@@ -146,16 +146,29 @@ def apply_mask_(x: Tensor, keep: Tensor) -> Tensor:
     return x.mul_(keep)
 
 
-#: entries per block of ``l1_norm``'s float64 sums (a block's |x| is the only temporary)
+#: entries per block of ``l1_norm`` (a block's |x| is its only temporary)
 L1_BLOCK = 1 << 20
+#: entries per partial sum of ``l1_norm``: torch gives each output of a reduction to one thread, so sums of
+#: rows of this length come out the same whatever the thread count
+L1_ROW = 1 << 15
 
 
 def l1_norm(x: Tensor) -> float:
-    """‖x‖₁, added up in float64 a block at a time. torch's float32 ``vector_norm(x, 1)`` drifts on large
-    tensors and with the thread count (measured on 32.8M entries: 1.5 % low on 2 threads, 6 % on one);
-    the L1 rescale's factor must not (mergekit's ``abs().sum()`` does not either)."""
+    """‖x‖₁: float32 sums of rows of L1_ROW entries (torch's cascade sum), added up in float64.
+
+    torch's float32 ``vector_norm(x, 1)`` drifts on large tensors and with the thread count (measured on
+    32.8M entries: 1.5 % low on 2 threads, 6 % on one); the L1 rescale's factor must not (mergekit's
+    ``abs().sum()`` does not either). 7× faster than a float64 sum."""
     flat = x.reshape(-1)
-    return sum(float(flat[i : i + L1_BLOCK].abs().sum(dtype=torch.float64)) for i in range(0, flat.numel(), L1_BLOCK))
+    total = 0.0
+    for start in range(0, flat.numel(), L1_BLOCK):
+        block = flat[start : start + L1_BLOCK].abs()
+        whole = block.numel() - block.numel() % L1_ROW
+        if whole:
+            total += float(block[:whole].view(-1, L1_ROW).sum(dim=1).double().sum())
+        if whole < block.numel():
+            total += float(block[whole:].sum())
+    return total
 
 
 def rescale_l1(original: Tensor, masked: Tensor, eps: float = 1e-7) -> Tensor:
@@ -185,6 +198,9 @@ def magnitude_mask(x: Tensor, threshold: float | Tensor) -> Tensor:
 
 #: uniforms are drawn this many at a time into one float64 buffer (8 MiB), whatever the tensor's size
 DRAW_BLOCK = 1 << 20
+#: draws longer than this are split over the threads (a row chunk's mask, ~1M entries, is: drawn on one thread
+#: the row-chunked DARE-linear took 38 s at K = 8 on the 250M model instead of the whole-tensor path's 21–26 s)
+SPLIT_DRAWS = 1 << 18
 
 
 def dare_mask(shape: torch.Size | tuple[int, ...], density: float, generator: np.random.Generator) -> Tensor:
@@ -212,7 +228,7 @@ def _draw_below(generator: np.random.Generator, probability: float | np.ndarray,
     """out[i] = U_i < probability[i] (or the one probability) for the generator's next len(out)
     float64 uniforms, in order (4× faster than torch.bernoulli's draws, measured). Long fills are split
     over the CPU threads, each part from the generator advanced to its start: the same uniforms."""
-    if not can_jump(generator) or out.size <= DRAW_BLOCK:
+    if not can_jump(generator) or out.size <= SPLIT_DRAWS or thread_count() < 2:
         _draw_below_in_order(generator, probability, out)
         return
     scalar = np.isscalar(probability)
@@ -221,7 +237,7 @@ def _draw_below(generator: np.random.Generator, probability: float | np.ndarray,
         start, stop = part
         _draw_below_in_order(draws, probability if scalar else probability[start:stop], out[start:stop])
 
-    map_from_offsets(generator, draw, split_evenly(out.size, thread_count(), DRAW_BLOCK), lambda part: part[0], out.size)
+    map_from_offsets(generator, draw, split_evenly(out.size, thread_count(), SPLIT_DRAWS // 4), lambda part: part[0], out.size)
 
 
 def _draw_below_in_order(generator: np.random.Generator, probability: float | np.ndarray, out: np.ndarray) -> None:
