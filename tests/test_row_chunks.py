@@ -64,8 +64,9 @@ def test_every_two_phase_method_is_covered():
     assert two_phase == {name for name, _ in CASES}
 
 
-def _l1_rescaled_sum(method: str, params: dict) -> bool:
-    return method in ("dare_linear", "della_linear") and params.get("rescale", True) and params.get("rescale_rule", "l1") == "l1"
+def _l1_rescaled_by_rows(method: str, params: dict) -> bool:
+    """Members whose masks are made by rows, L1-rescaled: their norms are added up over row chunks."""
+    return method in ("dare_linear", "della_linear", "dare_ties", "della") and params.get("rescale", True) and params.get("rescale_rule", "l1") == "l1"
 
 
 def _merge(demo: dict[str, Path], out: Path, method: str, params: dict, dtype: str | None = None) -> dict[str, torch.Tensor]:
@@ -87,7 +88,7 @@ def test_row_chunks_give_the_held_path_bits(demo, tmp_path, monkeypatch, method,
     for name in held:
         if method == "model_stock":  # its dot products add up chunk by chunk: the same sums, rounded in another order
             torch.testing.assert_close(chunked[name], held[name], rtol=1e-6, atol=1e-7, msg=name)
-        elif _l1_rescaled_sum(method, params):
+        elif _l1_rescaled_by_rows(method, params):
             # the same masks; each task's L1 norm is added up (in float64) over other blocks: the float32 factor
             # may differ in its last bit
             torch.testing.assert_close(chunked[name], held[name], rtol=1e-6, atol=1e-7, msg=name)

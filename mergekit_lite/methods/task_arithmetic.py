@@ -277,103 +277,108 @@ def merge_mode(ctx: TensorContext) -> str:
     return "mean" if ctx.params.get("normalize", True) else "sum"
 
 
-def elect_rows(source: TaskVectorSource, sparsify: Sparsifier, ctx: TensorContext) -> torch.Tensor:
-    """TIES election and disjoint merge in two phases, holding masks instead of task vectors.
-
-    Phase 1, one whole τ_t at a time: the sparsifier's keep-mask and rescale, and the running sum
-    Σ_t w_t τ̂_t whose sign is elected (a zero sum counts as positive, as mergekit, or takes the
-    model-wide majority at model scope). Phase 2, per row chunk: each τ_t's rows again, the same
-    mask and rescale, and the disjoint merge of the entries agreeing with the elected sign.
-    """
-    weights = _weights(ctx)
-    fallback = ctx.model_statistics.get("majority", 1.0) if ctx.params.get("scope") == "model" else 1.0
-    total: torch.Tensor | None = None
-    kept: list[Kept] = []
-    chunked = len(source.chunks()) > 1
-    for t, delta in enumerate(source.whole()):
-        rule = sparsify(delta, ctx.model_params[t], ctx, t)
-        trimmed = rule.apply(delta, in_place=source.hands_out_new)
-        del delta
-        if total is None:
-            total = torch.zeros_like(trimmed)
-        total.add_(trimmed, alpha=float(weights[t]))
-        del trimmed
-        kept.append(rule.pack() if chunked else rule)
-    assert total is not None, "at least one model is required"
-    positive = elected_positive(total, fallback)
-    mode = merge_mode(ctx)
-
-    def merge_rows(start: int, stop: int, rows: slice | None) -> torch.Tensor:
-        return disjoint_sum(
-            (rule.apply(source.rows(t, start, stop), rows, in_place=source.hands_out_new) for t, rule in enumerate(kept)),
-            positive if rows is None else positive[rows], weights, mode,
-        )
-
-    return by_row_chunks(source, merge_rows, out=total)  # the sum's memory holds the merged rows
+TrimRows = Callable[[int, int, int, "slice | None"], torch.Tensor]
 
 
-def sum_rows(source: TaskVectorSource, sparsify_rows: RowSparsifier | None, sparsify: Sparsifier, ctx: TensorContext) -> torch.Tensor:
-    """A summing member's Σ_t w_t τ̂_t made row chunk by row chunk, holding no two whole task vectors.
+def fix_what_each_task_keeps(source: TaskVectorSource, sparsify_rows: RowSparsifier | None, sparsify: Sparsifier, ctx: TensorContext) -> TrimRows:
+    """Phase 1 of the two-phase members: fix what each task keeps; returns trim(t, start, stop, rows), the kept,
+    rescaled rows [start, stop) of τ_t (``rows``: their slice, None for the whole tensor), a new tensor.
 
-    Phase 1 fixes what each task keeps: with a row rule (masks that can be made a few rows at a time),
-    only the L1 rescale needs it (each task's norm before and after masking, its masks kept packed); else
-    each whole τ_t in turn gives its mask (packed: one bit per entry) and factor. Phase 2 reads each task's
-    rows again, chunk by chunk, and adds them up. The same masks and operations per entry as summing
-    whole task vectors: the same bits (a row rule's L1 norms, added up chunk by chunk, may differ from the
-    whole tensor's in their last float64 bit).
+    With a row rule (masks that can be made a few rows at a time), only the L1 rescale needs a pass here (each
+    task's norm before and after masking, summed over row chunks, its masks kept packed); without one, each
+    whole τ_t in turn gives its mask (packed: one bit per entry) and L1 factor. No whole task vector outlives
+    its turn, and no sum of them is held: phase 2 works on row chunks only.
     """
     chunks = source.chunks()
     chunked = len(chunks) > 1
-    per_row = math.prod(source.shape[1:]) if source.shape else 1
-    weights = _weights(ctx)
+    in_place = source.hands_out_new
     rule = sparsify_rows(source.shape, ctx) if sparsify_rows is not None else None
-    whole: list[Kept] = []  # no row rule: each task's rule, from its whole τ_t
-    kept: dict[tuple[int, int], Kept] = {}  # row rule and L1 rescale: (task, chunk start) → the chunk's rule
-    factors: list[float | None] = [None] * source.count
     if rule is None:
+        whole: list[Kept] = []
         for t, delta in enumerate(source.whole()):
             task_rule = sparsify(delta, ctx.model_params[t], ctx, t)
             if task_rule.l1_before is not None:
-                task_rule.apply(delta, in_place=source.hands_out_new)  # fixes the L1 factor on the whole τ_t
-            whole.append(task_rule.pack() if chunked and not isinstance(task_rule.divisor, torch.Tensor) else task_rule)
+                task_rule.apply(delta, in_place=in_place)  # fixes the L1 factor on the whole τ_t
+            whole.append(task_rule.pack() if chunked else task_rule)
             del delta
-    elif ctx.params.get("rescale", False) and ctx.params.get("rescale_rule", "l1") == "l1":
+
+        def trim_whole(t: int, start: int, stop: int, rows: slice | None) -> torch.Tensor:
+            return whole[t].apply(source.rows(t, start, stop), rows, in_place=in_place)
+
+        return trim_whole
+
+    per_row = math.prod(source.shape[1:]) if source.shape else 1
+    kept: dict[tuple[int, int], Kept] = {}  # L1 rescale: (task, chunk start) → the chunk's rule, made in phase 1
+    factors: list[float | None] = [None] * source.count
+    if ctx.params.get("rescale", False) and ctx.params.get("rescale_rule", "l1") == "l1":
         for t in range(source.count):
             before = after = 0.0
             for start, stop in chunks:
-                rows = source.rows(t, start, stop)
-                rows_kept = rule(rows, t, start * per_row)
+                delta = source.rows(t, start, stop)
+                rows_kept = rule(delta, t, start * per_row)
                 if rows_kept.l1_before is not None:
                     before += rows_kept.l1_before
-                    after += l1_norm(Kept(rows_kept.mask).apply(rows))
+                    after += l1_norm(Kept(rows_kept.mask).apply(delta))
                     rows_kept.l1_before = None
                 kept[t, start] = rows_kept.pack() if chunked else rows_kept
-                del rows
+                del delta
             if before >= L1_EPS and after >= L1_EPS:
                 factors[t] = before / after
+
+    def trim_by_rule(t: int, start: int, stop: int, rows: slice | None) -> torch.Tensor:
+        delta = source.rows(t, start, stop)
+        rows_kept = kept.pop((t, start), None) or rule(delta, t, start * per_row)
+        rows_kept.l1_before, rows_kept.factor = None, factors[t]
+        return rows_kept.apply(delta, in_place=in_place)
+
+    return trim_by_rule
+
+
+def elect_rows(source: TaskVectorSource, sparsify_rows: RowSparsifier | None, sparsify: Sparsifier, ctx: TensorContext) -> torch.Tensor:
+    """TIES election and disjoint merge in two phases, holding masks instead of task vectors.
+
+    Phase 1 fixes each task's keep-mask and rescale (``fix_what_each_task_keeps``). Phase 2, per row chunk:
+    each τ_t's kept rows, their weighted sum Σ_t w_t τ̂_t whose sign is elected (a zero sum counts as
+    positive, as mergekit, or takes the model-wide majority at model scope), and the disjoint merge of the
+    entries agreeing with it. Every entry sees the operations of a whole-tensor merge, so the same bits.
+    """
+    weights = [float(w) for w in _weights(ctx)]
+    fallback = ctx.model_statistics.get("majority", 1.0) if ctx.params.get("scope") == "model" else 1.0
+    mode = merge_mode(ctx)
+    trim = fix_what_each_task_keeps(source, sparsify_rows, sparsify, ctx)
+
+    def merge_rows(start: int, stop: int, rows: slice | None) -> torch.Tensor:
+        trimmed = [trim(t, start, stop, rows) for t in range(source.count)]
+        total = torch.zeros_like(trimmed[0])
+        for w, kept_rows in zip(weights, trimmed):
+            total.add_(kept_rows, alpha=w)
+        positive = elected_positive(total, fallback)
+        del total
+        return disjoint_sum((trimmed.pop(0) for _ in range(source.count)), positive, weights, mode)
+
+    return by_row_chunks(source, merge_rows)
+
+
+def sum_rows(source: TaskVectorSource, sparsify_rows: RowSparsifier | None, sparsify: Sparsifier, ctx: TensorContext) -> torch.Tensor:
+    """A summing member's Σ_t w_t τ̂_t (divided by Σ_t w_t with normalize) in two phases: what each task
+    keeps (``fix_what_each_task_keeps``), then each task's rows added up chunk by chunk. The same masks and
+    operations per entry as summing whole task vectors: the same bits (a row rule's L1 norms, added up chunk
+    by chunk, may differ from the whole tensor's in their last float64 bit)."""
+    weights = _weights(ctx)
+    divisor = sum(weights)
+    normalize = ctx.params.get("normalize", False) and abs(divisor) >= 1e-8
+    trim = fix_what_each_task_keeps(source, sparsify_rows, sparsify, ctx)
 
     def merge_rows(start: int, stop: int, rows: slice | None) -> torch.Tensor:
         total: torch.Tensor | None = None
         for t in range(source.count):
-            delta = source.rows(t, start, stop)
-            if whole:
-                trimmed = whole[t].apply(delta, rows, in_place=source.hands_out_new)
-            else:
-                assert rule is not None
-                rows_kept = kept.pop((t, start), None) or rule(delta, t, start * per_row)
-                rows_kept.l1_before, rows_kept.factor = None, factors[t]
-                trimmed = rows_kept.apply(delta, in_place=source.hands_out_new)
-            del delta  # ``trimmed`` is ours to change: new, or the source's new tensor changed in place
+            trimmed = trim(t, start, stop, rows)
             total = trimmed.mul_(weights[t]) if total is None else total.add_(trimmed, alpha=weights[t])
             del trimmed
         assert total is not None, "at least one model is required"
-        return total
+        return total.div_(divisor) if normalize else total
 
-    merged = by_row_chunks(source, merge_rows)
-    divisor = sum(weights)
-    if ctx.params.get("normalize", False) and abs(divisor) >= 1e-8:
-        merged.div_(divisor)
-    return merged
+    return by_row_chunks(source, merge_rows)
 
 
 def family_combine(sparsify: Sparsifier, consensus: bool, sparsify_rows: RowSparsifier | None = None) -> tuple[CombineFn, CombineRowsFn | None]:
@@ -386,10 +391,10 @@ def family_combine(sparsify: Sparsifier, consensus: bool, sparsify_rows: RowSpar
     if consensus:
 
         def combine_rows(source: TaskVectorSource, ctx: TensorContext) -> torch.Tensor:
-            return elect_rows(source, sparsify, ctx)
+            return elect_rows(source, sparsify_rows, sparsify, ctx)
 
         def combine_held(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
-            return elect_rows(HeldTaskVectors(deltas), sparsify, ctx)
+            return elect_rows(HeldTaskVectors(deltas), sparsify_rows, sparsify, ctx)
 
         return combine_held, combine_rows
 
@@ -513,7 +518,7 @@ register(
         name="dare_ties",
         summary="DARE drop-and-rescale, then TIES sign election and disjoint merge (mergekit's dare_ties).",
         params=(DENSITY, normalize_param(False), rescale_param(True), RESCALE_RULE, SEED, MERGE_MODE, *COMMON),
-        **_family(sparsify_random, consensus=True),
+        **_family(sparsify_random, consensus=True, sparsify_rows=random_rows),
         paper="https://arxiv.org/abs/2311.03099",
         working_copies=lambda n: 3.5,  # measured 4.45 / 4.44 with the stored copy at K = 2 / 8 (heap kept for reuse)
     )
@@ -543,7 +548,7 @@ register(
         name="della",
         summary="DELLA: drop entries with magnitude-ranked probabilities (MagPrune), rescale, then TIES sign election and disjoint mean (Deep et al., 2024).",
         params=(DENSITY, EPSILON, normalize_param(True), rescale_param(True), RESCALE_RULE, SEED, MERGE_MODE, *COMMON),
-        **_family(sparsify_della, consensus=True),
+        **_family(sparsify_della, consensus=True, sparsify_rows=della_rows),
         paper="https://arxiv.org/abs/2406.11617",
         working_copies=lambda n: 4.0,  # measured 4.94 / 4.86 with the stored copy at K = 2 / 8
     )
