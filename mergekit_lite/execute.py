@@ -19,7 +19,7 @@ from .checkpoint import Checkpoint, TensorInfo
 from .errors import CheckpointError, MergeKitLiteError, RecipeError
 from .methods import TensorContext
 from .methods import base as base_module
-from .methods.base import TaskVectorSource, WeightInputs, row_chunks, task_vectors
+from .methods.base import TaskVectorSource, WeightInputs, chunk_rows, row_chunks, task_vectors
 from .ops.vocab import remap_rows
 from .plan import Plan, TensorJob, TensorRef
 from .progress import progress_bar
@@ -133,36 +133,90 @@ ROW_CHUNK_ENTRIES = base_module.ROW_CHUNK_ENTRIES
 
 
 class RereadTaskVectors(TaskVectorSource):
-    """τ_t = θ_t − θ_0 of one job, read from the checkpoints each time they are asked for: whole
-    tensors (checked for NaN/Inf), then row ranges (only those bytes; the page cache usually has them)."""
+    """τ_t = θ_t − θ_0 of one job, read from the checkpoints each time they are asked for: whole tensors,
+    then row ranges (only those bytes; the page cache usually has them). θ_0 is held whole only while whole
+    task vectors are handed out; rows subtract θ_0's rows, read once per chunk. Every read is checked for
+    NaN/Inf the first time its bytes are read."""
 
-    def __init__(self, plan: Plan, job: TensorJob, base: torch.Tensor, device: torch.device, entries: int):
-        self.plan, self.job, self.base, self.device = plan, job, base, device
+    def __init__(self, plan: Plan, job: TensorJob, device: torch.device, entries: int):
+        assert job.base is not None
+        self.plan, self.job, self.device = plan, job, device
         self.count = len(job.inputs)
-        self.shape = tuple(base.shape)
-        self.dtype, self.device = plan.compute_dtype, device
+        self.shape = tuple(job.out.shape)
+        self.dtype = plan.compute_dtype
         self.hands_out_new = True
         self.entries = entries
+        self.checked: set[tuple[int, int]] = set()  # (input, first row) already checked; input -1: the base
+        self._base_rows: tuple[int, int, torch.Tensor] | None = None
 
     def whole(self) -> Iterator[torch.Tensor]:
         # the next model's tensor is asked of the kernel (page cache), not read ahead into memory: phase 1
         # is where a two-phase method holds the most, and one more tensor there would be its peak
+        assert self.job.base is not None
+        base = _read(self.plan, self.job.base, self.device)
+        self.checked.update((-1, start) for start, _ in self.chunks())
         refs = self.job.inputs
         for i, ref in enumerate(refs):
             if i + 1 < len(refs):
                 self.plan.checkpoints[refs[i + 1].source].advise(refs[i + 1].name)
-            delta = _read(self.plan, ref, self.device).sub_(self.base)
+            delta = _read(self.plan, ref, self.device).sub_(base)
+            self.checked.update((i, start) for start, _ in self.chunks())
             yield delta
             del delta
 
     def rows(self, t: int, start: int, stop: int) -> torch.Tensor:
-        ref = self.job.inputs[t]
-        stored = self.plan.checkpoints[ref.source].get_rows(ref.name, start, stop)
-        base = self.base if self.base.dim() == 0 else self.base[start:stop]
-        return stored.to(device=self.device, dtype=self.plan.compute_dtype).sub_(base)
+        return self._read_rows(t, start, stop).sub_(self.base_rows(start, stop))
+
+    def base_rows(self, start: int, stop: int) -> torch.Tensor:
+        """θ_0's rows [start, stop) in the compute dtype, read once for the chunk being merged (not to be changed)."""
+        if self._base_rows is None or self._base_rows[:2] != (start, stop):
+            self._base_rows = None
+            self._base_rows = (start, stop, self._read_rows(-1, start, stop))
+        return self._base_rows[2]
+
+    def release(self) -> None:
+        """Let go of the base's cached rows."""
+        self._base_rows = None
+
+    def _read_rows(self, t: int, start: int, stop: int) -> torch.Tensor:
+        ref = self.job.base if t < 0 else self.job.inputs[t]
+        assert ref is not None
+        ckpt = self.plan.checkpoints[ref.source]
+        if (t, start) in self.checked:
+            return ckpt.get_rows(ref.name, start, stop).to(device=self.device, dtype=self.dtype)
+        rows = read_rows_for_merge(ckpt, ref.name, start, stop, self.device, self.dtype)
+        self.checked.add((t, start))
+        return rows
 
     def chunks(self) -> list[tuple[int, int]]:
         return row_chunks(self.shape, self.entries)
+
+
+def output_in_row_chunks(plan: Plan, job: TensorJob, device: torch.device) -> torch.Tensor:
+    """A two-phase method's output tensor, on the CPU in its output dtype: θ_0 + λ·merged stored row chunk by
+    row chunk as the method makes the merged rows (θ_0's rows read again), so that after phase 1 only the
+    output and a few chunks are held. Every entry sees the operations of the whole tensor's sum: the same bytes."""
+    out = torch.empty(job.out.shape, dtype=job.out.dtype)
+    source = RereadTaskVectors(plan, job, device, ROW_CHUNK_ENTRIES)
+    lam = job.params.get("lambda", 1.0)
+
+    def keep(rows: slice | None, merged: torch.Tensor) -> None:
+        start, stop = (0, source.shape[0] if source.shape else 1) if rows is None else (rows.start, rows.stop)
+        (out if rows is None else out[rows]).copy_(torch.add(source.base_rows(start, stop), merged, alpha=lam))
+
+    source.keep_merged_rows = keep
+    assert plan.method.combine_rows is not None
+    try:
+        merged = plan.method.combine_rows(source, context(plan, job))
+        if merged is not None:  # a method that needs its whole merged tensor first (Model Stock's angle)
+            for start, stop in source.chunks():
+                rows = chunk_rows(source, start, stop)
+                keep(rows, merged if rows is None else merged[rows])
+            del merged
+    finally:  # source → keep → source is a cycle: broken here, so the output and the chunks go when the caller is done
+        source.keep_merged_rows = None
+        source.release()
+    return out
 
 
 class ReadWeightInputs(WeightInputs):
@@ -256,10 +310,7 @@ def compute_tensor(plan: Plan, job: TensorJob, device: torch.device) -> torch.Te
         if plan.method.compute_inputs is not None and job.vocab is None:
             out = plan.method.compute_inputs(ReadWeightInputs(plan, job, device), context(plan, job))
         elif _in_row_chunks(plan, job):
-            assert job.base is not None
-            base = _read(plan, job.base, device)
-            source = RereadTaskVectors(plan, job, base, device, ROW_CHUNK_ENTRIES)
-            out = plan.method.output_from_source(base, source, context(plan, job))
+            return output_in_row_chunks(plan, job, device)
         else:
             base, models = job_inputs(plan, job, device)
             out = plan.method.output_tensor(base, models, context(plan, job))

@@ -211,7 +211,8 @@ def test_entrywise_row_chunks_read_only_rows_and_each_once(demo, tmp_path, monke
     assert len(rows) == 4 * len(merged)  # the base and the three fine-tunes
 
 
-def test_entrywise_row_chunks_refuse_a_non_finite_input_with_its_whole_count(demo, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method,params", [("task_arithmetic", {})] + CASES, ids=["entrywise"] + [f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
+def test_row_chunks_refuse_a_non_finite_input_with_its_whole_count(demo, tmp_path, monkeypatch, method, params):
     from safetensors.torch import load_file
 
     from helpers import copy_checkpoint
@@ -223,7 +224,7 @@ def test_entrywise_row_chunks_refuse_a_non_finite_input_with_its_whole_count(dem
     state[name][1, 0] = float("nan")
     state[name][-1, -1] = float("inf")
     save_file(state, str(file))
-    data = ta_recipe(demo)
+    data = ta_recipe(demo, merge_method=method, parameters={"lambda": 0.8, **params})
     data["models"][0]["model"] = str(bad)
     monkeypatch.setattr(execute, "ROW_CHUNK_ENTRIES", 7)
     with pytest.raises(mergekit_lite.CheckpointError, match=f"{file.name}: tensor {name} has 2 NaN/Inf value"):
@@ -297,3 +298,42 @@ def test_reread_weight_methods_equal_their_held_form_whatever_the_base_position(
         again = m.compute_inputs(HeldWeightInputs(tensors), ctx)
         assert torch.equal(held, again), job.name
         assert torch.equal(held.to(out[job.name].dtype), out[job.name]), job.name
+
+
+@pytest.mark.parametrize("method,params", [("ties", {"density": 0.3}), ("dare_ties", {"density": 0.5}), ("model_stock", {})])
+def test_chunked_output_is_freed_without_the_garbage_collector(demo, tmp_path, monkeypatch, method, params):
+    """The source hands merged rows to the executor through a callback; no reference cycle may keep the
+    output tensor (or the source's chunks) alive until a garbage collection, which may come many tensors later."""
+    import gc
+    import weakref
+
+    monkeypatch.setattr(execute, "ROW_CHUNK_ENTRIES", 7)
+    plan = mergekit_lite.plan(Recipe.model_validate(ta_recipe(demo, merge_method=method, parameters=params)))
+    job = max((job for job in plan.jobs if job.merge), key=lambda job: job.out.numel)
+    freed: list[bool] = []
+    gc.disable()
+    try:
+        out = execute.compute_tensor(plan, job, torch.device("cpu"))
+        assert tuple(out.shape) == tuple(job.out.shape)
+        ref = weakref.ref(out)
+        del out
+        freed.append(ref() is None)
+    finally:
+        gc.enable()
+        plan.close()
+    assert freed == [True]
+
+
+def test_masks_made_by_rows_read_no_input_whole(demo, tmp_path, monkeypatch):
+    """DARE-TIES: its masks come a few rows at a time, so large tensors are only ever read by rows."""
+    from mergekit_lite import checkpoint as ckpt_module
+
+    whole: list[str] = []
+    original = ckpt_module.Checkpoint.get
+    monkeypatch.setattr(ckpt_module.Checkpoint, "get", lambda self, name: whole.append(name) or original(self, name))
+    monkeypatch.setattr(execute, "ROW_CHUNK_ENTRIES", 7)
+    plan = mergekit_lite.plan(Recipe.model_validate(ta_recipe(demo, merge_method="dare_ties", parameters={"density": 0.5})))
+    large = {job.name for job in plan.jobs if job.merge and job.out.numel >= 7 and job.out.shape}
+    plan.close()
+    _merge(demo, tmp_path / "out", "dare_ties", {"density": 0.5})
+    assert large and not large & set(whole)

@@ -106,6 +106,9 @@ class TaskVectorSource:
     device: torch.device
     #: every tensor handed out is new and the caller's to change (so masks can be applied in place)
     hands_out_new: bool = False
+    #: set by the executor: takes each row chunk of the merged task vector as it is made (its slice, None for
+    #: the whole tensor), so that no whole merged tensor is held; None: the chunks are gathered into one
+    keep_merged_rows: Callable[[slice | None, torch.Tensor], None] | None = None
 
     def whole(self) -> Iterator[torch.Tensor]:
         """Each task's whole τ_t, in model order, one at a time."""
@@ -199,6 +202,18 @@ def by_row_chunks(source: TaskVectorSource, part: Callable[[int, int, slice | No
     return merged
 
 
+def merged_by_row_chunks(source: TaskVectorSource, part: Callable[[int, int, slice | None], torch.Tensor]) -> torch.Tensor | None:
+    """The merged task vector whose rows ``part`` computes chunk by chunk (``by_row_chunks``); where the source
+    takes the merged rows (``keep_merged_rows``), each chunk goes there as it is made and None is returned."""
+    keep = source.keep_merged_rows
+    if keep is None:
+        return by_row_chunks(source, part)
+    for start, stop in source.chunks():
+        rows = chunk_rows(source, start, stop)
+        keep(rows, part(start, stop, rows))
+    return None
+
+
 def row_chunks(shape: tuple[int, ...], entries: int) -> list[tuple[int, int]]:
     """Row ranges along the first dimension of about ``entries`` entries each (at least one row)."""
     if not shape:
@@ -212,7 +227,8 @@ def row_chunks(shape: tuple[int, ...], entries: int) -> list[tuple[int, int]]:
 #: task-vector methods: the task vectors of one tensor (read lazily, in model order) → one merged task vector
 CombineFn = Callable[[Iterable[torch.Tensor], TensorContext], torch.Tensor]
 #: two-phase task-vector methods: a source of whole task vectors and of their row chunks → one merged task vector
-CombineRowsFn = Callable[[TaskVectorSource, TensorContext], torch.Tensor]
+#: (None: its row chunks went to the source's ``keep_merged_rows``, see ``merged_by_row_chunks``)
+CombineRowsFn = Callable[[TaskVectorSource, TensorContext], "torch.Tensor | None"]
 #: weight-space methods: the inputs' tensors (read lazily, the base among them at ctx.base_index) → the output tensor
 ComputeFn = Callable[[Iterator[torch.Tensor], TensorContext], torch.Tensor]
 #: weight-space methods that read inputs again instead of holding them: the inputs → the output tensor
@@ -285,11 +301,6 @@ class MergeMethod:
         assert self.combine is not None and base is not None
         merged = self.combine(task_vectors(models, base), ctx)
         return base.add_(merged, alpha=ctx.params.get("lambda", 1.0))
-
-    def output_from_source(self, base: torch.Tensor, source: TaskVectorSource, ctx: TensorContext) -> torch.Tensor:
-        """θ_0 + λ · combine_rows(source): a two-phase method's output tensor, in the compute dtype."""
-        assert self.combine_rows is not None
-        return base.add_(self.combine_rows(source, ctx), alpha=ctx.params.get("lambda", 1.0))
 
 
 def task_vectors(models: Iterator[torch.Tensor], base: torch.Tensor) -> Iterator[torch.Tensor]:

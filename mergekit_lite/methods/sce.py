@@ -7,7 +7,7 @@ from typing import Iterable
 import torch
 
 from ..ops.sce import SCE_ENERGY_FLOOR, energy_weights, mean_square, sce_erase, task_variance, top_variance_mask
-from .base import HeldTaskVectors, MergeMethod, by_row_chunks, Param, TaskVectorSource, TensorContext, register
+from .base import HeldTaskVectors, MergeMethod, by_row_chunks, merged_by_row_chunks, Param, TaskVectorSource, TensorContext, register
 from .task_arithmetic import INT8_MASK
 
 SELECT_TOPK = Param(
@@ -60,7 +60,7 @@ def sce_rows(source: TaskVectorSource, ctx: TensorContext) -> torch.Tensor:
             stacked.mul_(keep if rows is None else keep[rows])
         return sce_erase(stacked, weights, ctx.params["merge"])
 
-    return by_row_chunks(source, erase_rows)
+    return merged_by_row_chunks(source, erase_rows)
 
 
 def sce_combine(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> torch.Tensor:

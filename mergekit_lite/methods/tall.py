@@ -13,7 +13,7 @@ import torch
 
 from ..errors import RecipeError
 from ..ops import elect_and_merge, magnitude_mask, tall_mask
-from .base import HeldTaskVectors, MergeMethod, by_row_chunks, Param, TaskVectorSource, TensorContext, register, weighted_task_vector
+from .base import HeldTaskVectors, MergeMethod, merged_by_row_chunks, Param, TaskVectorSource, TensorContext, register, weighted_task_vector
 from .task_arithmetic import INT8_MASK, LAMBDA, WEIGHT, ties_model_statistics, ties_passes
 
 AGGREGATE = Param(
@@ -67,7 +67,7 @@ def _consensus_rows(source: TaskVectorSource, ctx: TensorContext) -> torch.Tenso
         kept.clear()
         return tau_mtl.masked_fill_(votes < ctx.params["consensus_k"], 0)
 
-    return by_row_chunks(source, consensus_rows)
+    return merged_by_row_chunks(source, consensus_rows)
 
 
 def _combine_consensus(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> torch.Tensor:

@@ -32,7 +32,7 @@ from ..ops import (
 )
 from ..ops.bitpack import pack_bits, unpack_bit_range
 from ..ops.threads import generator_at
-from .base import CombineFn, CombineRowsFn, HeldTaskVectors, by_row_chunks, MergeMethod, Param, TaskVectorSource, TensorContext, reduce_passes, register
+from .base import CombineFn, CombineRowsFn, HeldTaskVectors, merged_by_row_chunks, MergeMethod, Param, TaskVectorSource, TensorContext, reduce_passes, register
 
 # -- parameters (names and defaults as mergekit 0.1.5 declares them) -------------------------------
 WEIGHT = Param("weight", float, 1.0, "Per-model weight w_t multiplying its task vector (negative forgets a task).", per_model=True)
@@ -311,19 +311,18 @@ def fix_what_each_task_keeps(source: TaskVectorSource, sparsify_rows: RowSparsif
     kept: dict[tuple[int, int], Kept] = {}  # L1 rescale: (task, chunk start) → the chunk's rule, made in phase 1
     factors: list[float | None] = [None] * source.count
     if ctx.params.get("rescale", False) and ctx.params.get("rescale_rule", "l1") == "l1":
-        for t in range(source.count):
-            before = after = 0.0
-            for start, stop in chunks:
+        before, after = [0.0] * source.count, [0.0] * source.count
+        for start, stop in chunks:  # chunk by chunk, every task (the base's rows read once per chunk)
+            for t in range(source.count):
                 delta = source.rows(t, start, stop)
                 rows_kept = rule(delta, t, start * per_row)
                 if rows_kept.l1_before is not None:
-                    before += rows_kept.l1_before
-                    after += l1_norm(Kept(rows_kept.mask).apply(delta))
+                    before[t] += rows_kept.l1_before
+                    after[t] += l1_norm(Kept(rows_kept.mask).apply(delta))
                     rows_kept.l1_before = None
                 kept[t, start] = rows_kept.pack() if chunked else rows_kept
                 del delta
-            if before >= L1_EPS and after >= L1_EPS:
-                factors[t] = before / after
+        factors = [b / a if b >= L1_EPS and a >= L1_EPS else None for b, a in zip(before, after)]
 
     def trim_by_rule(t: int, start: int, stop: int, rows: slice | None) -> torch.Tensor:
         delta = source.rows(t, start, stop)
@@ -356,7 +355,7 @@ def elect_rows(source: TaskVectorSource, sparsify_rows: RowSparsifier | None, sp
         del total
         return disjoint_sum((trimmed.pop(0) for _ in range(source.count)), positive, weights, mode)
 
-    return by_row_chunks(source, merge_rows)
+    return merged_by_row_chunks(source, merge_rows)
 
 
 def sum_rows(source: TaskVectorSource, sparsify_rows: RowSparsifier | None, sparsify: Sparsifier, ctx: TensorContext) -> torch.Tensor:
@@ -378,7 +377,7 @@ def sum_rows(source: TaskVectorSource, sparsify_rows: RowSparsifier | None, spar
         assert total is not None, "at least one model is required"
         return total.div_(divisor) if normalize else total
 
-    return by_row_chunks(source, merge_rows)
+    return merged_by_row_chunks(source, merge_rows)
 
 
 def family_combine(sparsify: Sparsifier, consensus: bool, sparsify_rows: RowSparsifier | None = None) -> tuple[CombineFn, CombineRowsFn | None]:
