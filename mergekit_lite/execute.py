@@ -196,13 +196,15 @@ def output_in_row_chunks(plan: Plan, job: TensorJob, device: torch.device) -> to
     """A two-phase method's output tensor, on the CPU in its output dtype: θ_0 + λ·merged stored row chunk by
     row chunk as the method makes the merged rows (θ_0's rows read again), so that after phase 1 only the
     output and a few chunks are held. Every entry sees the operations of the whole tensor's sum: the same bytes."""
-    out = torch.empty(job.out.shape, dtype=job.out.dtype)
     source = RereadTaskVectors(plan, job, device, ROW_CHUNK_ENTRIES)
     lam = job.params.get("lambda", 1.0)
+    made: list[torch.Tensor] = []  # the output, allocated once phase 1 has freed its memory (less heap left in pieces)
 
     def keep(rows: slice | None, merged: torch.Tensor) -> None:
+        if not made:
+            made.append(torch.empty(job.out.shape, dtype=job.out.dtype))
         start, stop = (0, source.shape[0] if source.shape else 1) if rows is None else (rows.start, rows.stop)
-        (out if rows is None else out[rows]).copy_(torch.add(source.base_rows(start, stop), merged, alpha=lam))
+        (made[0] if rows is None else made[0][rows]).copy_(torch.add(source.base_rows(start, stop), merged, alpha=lam))
 
     source.keep_merged_rows = keep
     assert plan.method.combine_rows is not None
@@ -216,7 +218,7 @@ def output_in_row_chunks(plan: Plan, job: TensorJob, device: torch.device) -> to
     finally:  # source → keep → source is a cycle: broken here, so the output and the chunks go when the caller is done
         source.keep_merged_rows = None
         source.release()
-    return out
+    return made.pop()
 
 
 class ReadWeightInputs(WeightInputs):
