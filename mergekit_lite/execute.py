@@ -227,13 +227,30 @@ class ReadWeightInputs(WeightInputs):
     def __init__(self, plan: Plan, job: TensorJob, device: torch.device):
         self.plan, self.job, self.device = plan, job, device
         self.count = len(job.inputs)
+        self.shape = tuple(job.out.shape)
         self.checked: set[int] = set()
+        self.checked_rows: set[tuple[int, int]] = set()
+        self.by_rows = bool(self.shape) and all(plan.checkpoints[ref.source].row_reads for ref in job.inputs)
 
     def read(self, i: int) -> torch.Tensor:
-        # NaN/Inf are looked for on the first read only: a pass over the tensor saved on each re-read (Karcher: 10 per input)
+        # NaN/Inf are looked for on the first read only: a pass over the tensor saved on each re-read
         tensor = _read(self.plan, self.job.inputs[i], self.device, check=i not in self.checked)
         self.checked.add(i)
         return tensor
+
+    def rows(self, i: int, start: int, stop: int) -> torch.Tensor:
+        if not self.by_rows:
+            tensor = self.read(i)
+            return tensor if tensor.dim() == 0 or (start == 0 and stop >= tensor.shape[0]) else tensor[start:stop].clone()
+        ref = self.job.inputs[i]
+        ckpt = self.plan.checkpoints[ref.source]
+        if i in self.checked or (i, start) in self.checked_rows:
+            return ckpt.get_rows(ref.name, start, stop).to(device=self.device, dtype=self.plan.compute_dtype)
+        self.checked_rows.add((i, start))
+        return read_rows_for_merge(ckpt, ref.name, start, stop, self.device, self.plan.compute_dtype)
+
+    def chunks(self) -> list[tuple[int, int]]:
+        return row_chunks(self.shape, ROW_CHUNK_ENTRIES) if self.by_rows else [(0, self.shape[0] if self.shape else 1)]
 
 
 def _in_row_chunks(plan: Plan, job: TensorJob) -> bool:

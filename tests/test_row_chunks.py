@@ -259,24 +259,31 @@ def test_get_rows_reads_exactly_those_rows(tmp_path, fmt):
 
 
 @pytest.mark.parametrize("zero", [False, True])
-def test_karcher_read_again_at_each_step_equals_the_held_mean(zero):
-    from mergekit_lite.ops.spherical import karcher_mean, karcher_mean_reread
+def test_karcher_by_row_chunks_reads_twice_and_matches_the_iteration_on_whole_tensors(zero):
+    """Two passes over row chunks (the Gram matrix, then the sum) give the mean that the iteration on whole
+    float64 unit vectors gives (test_spherical's reference), whatever the chunks."""
+    from mergekit_lite.methods.base import row_chunks
+    from mergekit_lite.ops.spherical import karcher_mean_by_rows
+    from test_spherical import ref_karcher
 
     torch.manual_seed(4)
     tensors = [torch.randn(6, 5) + i for i in range(4)]
     if zero:
         tensors[1].zero_()
     alphas = [0.25] * 4
-    held = karcher_mean([t.clone() for t in tensors], alphas, max_iter=10, tol=1e-7)
-    reads = []
+    # a zero tensor is left out of the direction and counts in the mean norm: ¾ of the other three's mean
+    want = ref_karcher([t.double() for t in tensors if t.any()], 10, 1e-7) * (0.75 if zero else 1.0)
+    for entries in (1, 7, 30):
+        reads = []
 
-    def read(i):
-        reads.append(i)
-        return tensors[i].clone()
+        def rows(i, a, b):
+            reads.append((i, a, b))
+            return tensors[i][a:b].clone()
 
-    again = karcher_mean_reread(read, 4, alphas, max_iter=10, tol=1e-7)
-    assert torch.equal(held, again)
-    assert len(reads) > 8  # every step read the inputs again
+        chunks = row_chunks((6, 5), entries)
+        got = karcher_mean_by_rows(rows, 4, chunks, (6, 5), alphas, max_iter=10, tol=1e-7)
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+        assert sorted(reads) == sorted([(i, a, b) for a, b in chunks for i in range(4)] * 2)  # every chunk of every input, twice
 
 
 @pytest.mark.parametrize("method,params", [("karcher", {"max_iter": 5}), ("multislerp", {})])

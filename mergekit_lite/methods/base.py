@@ -157,20 +157,38 @@ class WeightInputs:
     the caller may change, as often as asked."""
 
     count: int
+    shape: tuple[int, ...]
 
     def read(self, i: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def rows(self, i: int, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of input i along the first dimension (the whole of a 0-d tensor), a new tensor."""
+        raise NotImplementedError
+
+    def chunks(self) -> list[tuple[int, int]]:
+        """The row ranges to read by, in order, covering the first dimension (one when rows cannot be read apart)."""
+        raise NotImplementedError
+
 
 class HeldWeightInputs(WeightInputs):
-    """Inputs already in memory (re-mapped vocabularies): each read is a copy."""
+    """Inputs already in memory (re-mapped vocabularies, small tensors): each read is a copy."""
 
-    def __init__(self, tensors: Iterable[torch.Tensor]):
+    def __init__(self, tensors: Iterable[torch.Tensor], entries: int | None = None):
         self.tensors = list(tensors)
         self.count = len(self.tensors)
+        self.shape = tuple(self.tensors[0].shape) if self.tensors else ()
+        self.entries = ROW_CHUNK_ENTRIES if entries is None else entries
 
     def read(self, i: int) -> torch.Tensor:
         return self.tensors[i].clone()
+
+    def rows(self, i: int, start: int, stop: int) -> torch.Tensor:
+        tensor = self.tensors[i]
+        return tensor.clone() if tensor.dim() == 0 else tensor[start:stop].clone()
+
+    def chunks(self) -> list[tuple[int, int]]:
+        return row_chunks(self.shape, self.entries)
 
 
 def weighted_task_vector(delta: torch.Tensor, model_params: dict[str, Any], owned: bool) -> torch.Tensor:

@@ -14,8 +14,8 @@ from typing import Iterator
 import torch
 
 from ..errors import RecipeError
-from ..ops.spherical import karcher_mean, karcher_mean_reread, nuslerp, nuslerp_t, spherical_weighted_mean
-from .base import MergeMethod, Param, TensorContext, WeightInputs, register
+from ..ops.spherical import karcher_mean_by_rows, nuslerp, nuslerp_t, spherical_weighted_mean
+from .base import HeldWeightInputs, MergeMethod, Param, TensorContext, WeightInputs, register
 
 WEIGHT = Param("weight", float, 1.0, "Per-model weight (the base's is not used); mergekit requires it, we default it to 1.", per_model=True)
 NUSLERP_FLATTEN = Param("nuslerp_flatten", bool, True, "Interpolate each tensor as one vector; false: vector by vector (see nuslerp_row_wise).")
@@ -87,15 +87,13 @@ def _multislerp(models: Iterator[torch.Tensor], ctx: TensorContext) -> torch.Ten
 
 
 def _karcher(models: Iterator[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
-    tensors = list(models)
-    alphas = [1.0 / len(tensors)] * len(tensors)
-    return karcher_mean(tensors, alphas, max_iter=ctx.params["max_iter"], tol=ctx.params["tol"])
+    return _karcher_inputs(HeldWeightInputs(models), ctx)
 
 
 def _karcher_inputs(inputs: WeightInputs, ctx: TensorContext) -> torch.Tensor:
-    """The Karcher mean with each input read again at every step instead of all of them held."""
+    """The Karcher mean in two passes over row chunks (the Gram matrix, then the weighted sum), holding no whole input."""
     alphas = [1.0 / inputs.count] * inputs.count
-    return karcher_mean_reread(inputs.read, inputs.count, alphas, max_iter=ctx.params["max_iter"], tol=ctx.params["tol"])
+    return karcher_mean_by_rows(inputs.rows, inputs.count, inputs.chunks(), inputs.shape, alphas, max_iter=ctx.params["max_iter"], tol=ctx.params["tol"])
 
 
 def _multislerp_inputs(inputs: WeightInputs, ctx: TensorContext) -> torch.Tensor:

@@ -7,6 +7,7 @@ place on the tensors they are given wherever that saves a copy; each one says wh
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -104,89 +105,102 @@ def spherical_weighted_mean(tensors: Iterable[Tensor], weights: Sequence[float],
     return acc.div_(mean_norm).mul_(scale)
 
 
-def karcher_mean(tensors: list[Tensor], alphas: Sequence[float], *, max_iter: int = 10, tol: float = 1e-5) -> Tensor:
-    """Weighted Karcher (Fréchet) mean of the tensors' directions on the unit sphere, times Σ α_i ‖x_i‖.
+#: the Gram matrix of row chunks is taken over blocks of this many entries (float64 copies of K blocks)
+GRAM_BLOCK = 1 << 16
+
+
+def add_gram_(gram: Tensor, rows: Sequence[Tensor]) -> Tensor:
+    """gram[i, j] += ⟨rows_i, rows_j⟩ in float64 (same-shaped tensors, any dtype), over blocks of GRAM_BLOCK entries."""
+    flat = [r.reshape(-1) for r in rows]
+    n = flat[0].numel()
+    for a in range(0, n, GRAM_BLOCK):
+        block = torch.stack([f[a:a + GRAM_BLOCK] for f in flat]).to(torch.float64)
+        gram.add_((block @ block.T).to(gram.device))
+        del block
+    return gram
+
+
+def karcher_coefficients(gram: Tensor, alphas: Sequence[float], *, max_iter: int = 10, tol: float = 1e-5) -> list[float]:
+    """c with Σ_j c_j x_j = the weighted Karcher (Fréchet) mean of the directions u_i = x_i/‖x_i‖ on the unit
+    sphere, times Σ α_i ‖x_i‖, from the Gram matrix G_ij = ⟨x_i, x_j⟩ alone (float64).
 
     Tensors with ‖x_i‖ ≤ tol are left out of the direction (their α still counts in the scale); the
     others' α are renormalised to sum to 1. Start: the normalised weighted mean of the unit vectors
     (the first unit vector if that mean has norm < tol). Each of at most ``max_iter`` steps: the
     tangent vector T = Σ α_i θ_i/sin θ_i · (u_i − cos θ_i · m) (θ_i = arccos⟨m, u_i⟩, terms with
     θ_i < tol skipped); stop when ‖T‖ < tol, else m ← cos‖T‖ · m + sin‖T‖ · T/‖T‖, renormalised.
-    Overwrites the tensors (they become the unit vectors).
+    m and T stay in the span of the u_i, so the iteration runs on their coefficients: ⟨m, u_i⟩ = (Uβ)_i
+    and ‖m‖² = βᵀUβ with U the Gram matrix of the unit vectors — no pass over the tensors per step, and
+    the angles from float64 dot products (arccos near 1 magnifies a float32 dot's error a thousandfold).
     """
-    if len(tensors) == 1:
-        return tensors[0]
-    norms = [torch.linalg.vector_norm(x) for x in tensors]
-    for x, n in zip(tensors, norms):
-        if float(n) == 0.0:
-            x.zero_()
-        else:
-            x.div_(n)
-    return _karcher_from_units(lambda i: tensors[i], norms, alphas, max_iter=max_iter, tol=tol)
-
-
-def karcher_mean_reread(read: Callable[[int], Tensor], count: int, alphas: Sequence[float], *, max_iter: int = 10, tol: float = 1e-5) -> Tensor:
-    """``karcher_mean`` of tensors read again at each step (``read(i)``: a new tensor) instead of held:
-    about four copies of one tensor at any count, the same numbers (each unit vector is made the same way)."""
-    if count == 1:
-        return read(0)
-    norms = []
-    for i in range(count):
-        x = read(i)
-        norms.append(torch.linalg.vector_norm(x))
-        del x
-
-    def unit(i: int) -> Tensor:
-        x = read(i)
-        return x.zero_() if float(norms[i]) == 0.0 else x.div_(norms[i])
-
-    return _karcher_from_units(unit, norms, alphas, max_iter=max_iter, tol=tol)
-
-
-def _karcher_from_units(unit: Callable[[int], Tensor], norms: list[Tensor], alphas: Sequence[float], *, max_iter: int, tol: float) -> Tensor:
-    """The Karcher iteration over unit vectors handed out by ``unit(i)`` (read-only for the caller's use here)."""
-    valid = [i for i, n in enumerate(norms) if float(n) > tol]
+    g = gram.detach().to("cpu", torch.float64)
+    count = g.shape[0]
+    norms = g.diagonal().clamp(min=0).sqrt()
+    valid = [i for i in range(count) if float(norms[i]) > tol]
+    coefficients = [0.0] * count
     if not valid:
-        return torch.zeros_like(unit(0))
+        return coefficients
+    nv = norms[valid]
+    units = g[valid][:, valid] / torch.outer(nv, nv)
     alpha_sum = sum(alphas[i] for i in valid)
-    weights = [alphas[i] / alpha_sum for i in valid]
-    mean: Tensor | None = None
-    tmp: Tensor | None = None
-    for a, i in zip(weights, valid):
-        u = unit(i)
-        if mean is None:
-            mean, tmp = torch.zeros_like(u), torch.empty_like(u)
-        assert tmp is not None
-        mean.add_(torch.mul(u, a, out=tmp))
-        del u
-    assert mean is not None and tmp is not None
-    mean_norm = torch.linalg.vector_norm(mean)
-    if float(mean_norm) < tol:
-        mean.copy_(unit(valid[0]))
+    weights = torch.tensor([alphas[i] / alpha_sum for i in valid], dtype=torch.float64)
+
+    def norm_of(beta: Tensor) -> float:
+        return float(torch.clamp(beta @ units @ beta, min=0.0).sqrt())
+
+    beta = weights.clone()
+    mean_norm = norm_of(beta)
+    if mean_norm < tol:
+        beta = torch.zeros_like(weights)
+        beta[0] = 1.0
     else:
-        mean.div_(mean_norm)
-    tangent = torch.empty_like(mean)
+        beta /= mean_norm
     for _ in range(max_iter):
-        tangent.zero_()
-        for a, i in zip(weights, valid):
-            u = unit(i)
-            dot = torch.clamp(torch.dot(mean.reshape(-1), u.reshape(-1)), -1.0, 1.0)
-            theta = torch.arccos(dot)
-            if float(theta) < tol:
-                continue
-            coef = a * (theta / torch.sin(theta))
-            torch.mul(mean, dot, out=tmp)
-            torch.sub(u, tmp, out=tmp)
-            del u
-            tangent.add_(tmp.mul_(coef))
-        tangent_norm = torch.linalg.vector_norm(tangent)
-        if float(tangent_norm) < tol:
+        dots = torch.clamp(units @ beta, -1.0, 1.0)
+        theta = torch.arccos(dots)
+        step = torch.where(theta < tol, torch.zeros_like(theta), weights * theta / torch.sin(theta))
+        tangent = step - float(step @ dots) * beta  # T = Σ c_i u_i − (Σ c_i cos θ_i) m
+        tangent_norm = norm_of(tangent)
+        if tangent_norm < tol:
             break
-        tangent.div_(tangent_norm).mul_(torch.sin(tangent_norm))
-        mean.mul_(torch.cos(tangent_norm)).add_(tangent)
-        unit_norm = torch.linalg.vector_norm(mean)
-        if float(unit_norm) > tol:
-            mean.div_(unit_norm)
-    del tmp, tangent
-    scale = sum(a * n for a, n in zip(alphas, norms))
-    return mean.mul_(scale)
+        beta = math.cos(tangent_norm) * beta + (math.sin(tangent_norm) / tangent_norm) * tangent
+        unit_norm = norm_of(beta)
+        if unit_norm > tol:
+            beta /= unit_norm
+    scale = sum(a * float(n) for a, n in zip(alphas, norms))
+    for k, i in enumerate(valid):
+        coefficients[i] = scale * float(beta[k]) / float(norms[i])
+    return coefficients
+
+
+def karcher_mean_by_rows(rows: Callable[[int, int, int], Tensor], count: int, chunks: Sequence[tuple[int, int]], shape: Sequence[int],
+                         alphas: Sequence[float], *, max_iter: int = 10, tol: float = 1e-5) -> Tensor:
+    """``karcher_coefficients`` applied: one pass over row chunks (``rows(i, start, stop)``: rows of input i,
+    a new tensor) for the Gram matrix, then one for Σ_j c_j x_j. Holds the output and a chunk of each input."""
+    if count == 1:
+        return torch.cat([rows(0, a, b) for a, b in chunks]) if len(chunks) > 1 else rows(0, *chunks[0])
+    gram: Tensor | None = None
+    for start, stop in chunks:
+        chunk = [rows(i, start, stop) for i in range(count)]
+        if gram is None:
+            gram = torch.zeros((count, count), dtype=torch.float64)
+        add_gram_(gram, chunk)
+        del chunk
+    assert gram is not None
+    coefficients = karcher_coefficients(gram, alphas, max_iter=max_iter, tol=tol)
+    out: Tensor | None = None
+    for start, stop in chunks:
+        total: Tensor | None = None
+        for i, c in enumerate(coefficients):
+            x = rows(i, start, stop)
+            total = x.mul_(c) if total is None else total.add_(x, alpha=c)
+            del x
+        assert total is not None
+        if len(chunks) == 1:
+            return total
+        if out is None:
+            out = torch.empty(tuple(shape), dtype=total.dtype, device=total.device)
+        out[start:stop] = total
+        del total
+    assert out is not None
+    return out

@@ -128,6 +128,22 @@ def torch_add_row(t, row: int, amount: float):
     return t
 
 
+def _float64_reference(case: harness.Case):
+    """name → the tensor computed in float64 from the inputs, for methods where mergekit's float32 is known to
+    be off: Karcher (nearly parallel inputs, e.g. layer norms: float32 dot products near 1 give arccos errors of
+    ~3e-4 rad, more than the tolerance; measured 2e-4 relative on two layer norms, ours 3e-8). None otherwise."""
+    if case.method != "karcher":
+        return None
+    from test_spherical import ref_karcher
+
+    folders = [m["model"] for m in case.data["models"]]
+    if case.base and case.base not in folders:
+        folders.append(case.base)  # mergekit appends an unlisted base as one more input
+    states = [harness.load_state(Path(f)) for f in folders]
+    params = case.data.get("parameters") or {}
+    return lambda name: ref_karcher([s[name].double() for s in states], int(params.get("max_iter", 10)), float(params.get("tol", 1e-5)))
+
+
 @pytest.mark.parametrize("name", _params())
 def test_same_output_as_mergekit(name: str, compat_cases: dict[str, harness.Case]) -> None:
     case = compat_cases[name]
@@ -151,7 +167,7 @@ def test_same_output_as_mergekit(name: str, compat_cases: dict[str, harness.Case
         pytest.fail(f"mergekit merges this config, we fail: {harness.main_error_line(error, case)}", pytrace=False)
 
     base_state = harness.load_state(Path(case.base)) if case.method in harness.RANDOM_METHODS and case.base else None
-    result = harness.compare(case, base_state)
+    result = harness.compare(case, base_state, _float64_reference(case))
     assert result.ok, "output differs from mergekit's:\n  " + "\n  ".join(result.problems)
 
     if len(case.data.get("slices") or []) > 1:  # a layer stack: it must load and run like mergekit's
