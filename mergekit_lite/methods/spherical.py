@@ -149,7 +149,7 @@ register(
         base="optional",
         min_models=1,
         paper="https://arxiv.org/abs/2603.04972",
-        # inputs read again at each step: the mean, the tangent, one unit vector and a temporary
-        working_copies=lambda n: 3.8,
+        # two passes over row chunks (the Gram matrix, then the sum): the output only; measured 1.00 / 1.07 with it at K = 2 / 8
+        working_copies=lambda n: 0.1,
     )
 )

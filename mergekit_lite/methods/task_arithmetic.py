@@ -497,7 +497,7 @@ register(
         params=(DENSITY, TIES_SCOPE, normalize_param(True), rescale_param(False), MERGE_MODE, *COMMON),
         **_family(sparsify_magnitude, consensus=True),
         paper="https://arxiv.org/abs/2306.01708",
-        working_copies=lambda n: 2.6,  # election by row chunks; measured 3.48–3.53 / 3.25–3.28 with the stored copy at K = 2 / 8
+        working_copies=lambda n: 3.1,  # election by row chunks; measured 3.41–3.53 / 3.25–4.24 with the stored copy at K = 2 / 8 (heap reuse varies)
         statistics=_ties_stats,
         passes=ties_passes,
     )
@@ -549,7 +549,7 @@ register(
         params=(DENSITY, EPSILON, normalize_param(True), rescale_param(True), RESCALE_RULE, SEED, MERGE_MODE, *COMMON),
         **_family(sparsify_della, consensus=True, sparsify_rows=della_rows),
         paper="https://arxiv.org/abs/2406.11617",
-        working_copies=lambda n: 0.3 * n + 1.4,  # masks by rows, election by row chunks; measured 2.52–2.75 / 2.69–3.27 / 3.35–4.62 with the stored copy at K = 2 / 4 / 8 (heap reuse varies)
+        working_copies=lambda n: 0.25 * n + 0.5,  # masks by rows, election and output by row chunks; measured 1.31 / 3.05 with the stored copy at K = 2 / 8
     )
 )
 register(
