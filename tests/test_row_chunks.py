@@ -211,7 +211,9 @@ def test_entrywise_row_chunks_read_only_rows_and_each_once(demo, tmp_path, monke
     assert len(rows) == 4 * len(merged)  # the base and the three fine-tunes
 
 
-@pytest.mark.parametrize("method,params", [("task_arithmetic", {})] + CASES, ids=["entrywise"] + [f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
+@pytest.mark.parametrize(
+    "method,params", [("task_arithmetic", {}), ("karcher", {})] + CASES, ids=["entrywise", "karcher"] + [f"{m}-{i}" for i, (m, _) in enumerate(CASES)]
+)
 def test_row_chunks_refuse_a_non_finite_input_with_its_whole_count(demo, tmp_path, monkeypatch, method, params):
     from safetensors.torch import load_file
 
