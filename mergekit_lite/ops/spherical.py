@@ -1,8 +1,9 @@
 """Spherical combinations of tensors: NuSLERP (whole tensors or their rows/columns), the weighted
 spherical mean of Multi-SLERP, and the Karcher (Riemannian) mean on the unit sphere.
 
-Pure math on tensors, mergekit 0.1.5's arithmetic (see docs/methods.md). The functions work in
-place on the tensors they are given wherever that saves a copy; each one says which.
+Pure math on tensors, mergekit 0.1.5's arithmetic (Karcher: the same iteration, run on a float64 Gram
+matrix; see docs/methods.md). The functions work in place on the tensors they are given wherever that
+saves a copy; each one says which.
 """
 
 from __future__ import annotations
