@@ -132,6 +132,17 @@ def merged_task_vector(plan: Plan, job: TensorJob, device: torch.device) -> tupl
 ROW_CHUNK_ENTRIES = base_module.ROW_CHUNK_ENTRIES
 
 
+def _rows_checked_once(plan: Plan, ref: TensorRef, start: int, stop: int, device: torch.device, checked: set[tuple[int, int]], key: tuple[int, int]) -> torch.Tensor:
+    """Rows [start, stop) of one input in the compute dtype, checked for NaN/Inf unless ``key`` is in ``checked``
+    (these bytes were checked before), which it is afterwards."""
+    ckpt = plan.checkpoints[ref.source]
+    if key in checked:
+        return ckpt.get_rows(ref.name, start, stop).to(device=device, dtype=plan.compute_dtype)
+    rows = read_rows_for_merge(ckpt, ref.name, start, stop, device, plan.compute_dtype)
+    checked.add(key)
+    return rows
+
+
 class RereadTaskVectors(TaskVectorSource):
     """τ_t = θ_t − θ_0 of one job, read from the checkpoints each time they are asked for: whole tensors,
     then row ranges (only those bytes; the page cache usually has them). θ_0 is held whole only while whole
@@ -170,7 +181,7 @@ class RereadTaskVectors(TaskVectorSource):
     def base_rows(self, start: int, stop: int) -> torch.Tensor:
         """θ_0's rows [start, stop) in the compute dtype, read once for the chunk being merged (not to be changed)."""
         if self._base_rows is None or self._base_rows[:2] != (start, stop):
-            self._base_rows = None
+            self._base_rows = None  # the previous chunk's rows go before the next ones are read
             self._base_rows = (start, stop, self._read_rows(-1, start, stop))
         return self._base_rows[2]
 
@@ -181,12 +192,7 @@ class RereadTaskVectors(TaskVectorSource):
     def _read_rows(self, t: int, start: int, stop: int) -> torch.Tensor:
         ref = self.job.base if t < 0 else self.job.inputs[t]
         assert ref is not None
-        ckpt = self.plan.checkpoints[ref.source]
-        if (t, start) in self.checked:
-            return ckpt.get_rows(ref.name, start, stop).to(device=self.device, dtype=self.dtype)
-        rows = read_rows_for_merge(ckpt, ref.name, start, stop, self.device, self.dtype)
-        self.checked.add((t, start))
-        return rows
+        return _rows_checked_once(self.plan, ref, start, stop, self.device, self.checked, (t, start))
 
     def chunks(self) -> list[tuple[int, int]]:
         return row_chunks(self.shape, self.entries)
@@ -198,13 +204,14 @@ def output_in_row_chunks(plan: Plan, job: TensorJob, device: torch.device) -> to
     output and a few chunks are held. Every entry sees the operations of the whole tensor's sum: the same bytes."""
     source = RereadTaskVectors(plan, job, device, ROW_CHUNK_ENTRIES)
     lam = job.params.get("lambda", 1.0)
-    made: list[torch.Tensor] = []  # the output, allocated once phase 1 has freed its memory (less heap left in pieces)
+    out: torch.Tensor | None = None  # allocated at the first chunk, once phase 1 has freed its memory (less heap left in pieces)
 
     def keep(rows: slice | None, merged: torch.Tensor) -> None:
-        if not made:
-            made.append(torch.empty(job.out.shape, dtype=job.out.dtype))
+        nonlocal out
+        if out is None:
+            out = torch.empty(job.out.shape, dtype=job.out.dtype)
         start, stop = (0, source.shape[0] if source.shape else 1) if rows is None else (rows.start, rows.stop)
-        (made[0] if rows is None else made[0][rows]).copy_(torch.add(source.base_rows(start, stop), merged, alpha=lam))
+        (out if rows is None else out[rows]).copy_(torch.add(source.base_rows(start, stop), merged, alpha=lam))
 
     source.keep_merged_rows = keep
     assert plan.method.combine_rows is not None
@@ -218,7 +225,8 @@ def output_in_row_chunks(plan: Plan, job: TensorJob, device: torch.device) -> to
     finally:  # source → keep → source is a cycle: broken here, so the output and the chunks go when the caller is done
         source.keep_merged_rows = None
         source.release()
-    return made.pop()
+    assert out is not None, "every chunk was kept"
+    return out
 
 
 class ReadWeightInputs(WeightInputs):
@@ -236,18 +244,14 @@ class ReadWeightInputs(WeightInputs):
         # NaN/Inf are looked for on the first read only: a pass over the tensor saved on each re-read
         tensor = _read(self.plan, self.job.inputs[i], self.device, check=i not in self.checked)
         self.checked.add(i)
+        self.checked_rows.update((i, start) for start, _ in self.chunks())  # its rows are checked too
         return tensor
 
     def rows(self, i: int, start: int, stop: int) -> torch.Tensor:
         if not self.by_rows:
             tensor = self.read(i)
             return tensor if tensor.dim() == 0 or (start == 0 and stop >= tensor.shape[0]) else tensor[start:stop].clone()
-        ref = self.job.inputs[i]
-        ckpt = self.plan.checkpoints[ref.source]
-        if i in self.checked or (i, start) in self.checked_rows:
-            return ckpt.get_rows(ref.name, start, stop).to(device=self.device, dtype=self.plan.compute_dtype)
-        self.checked_rows.add((i, start))
-        return read_rows_for_merge(ckpt, ref.name, start, stop, self.device, self.plan.compute_dtype)
+        return _rows_checked_once(self.plan, self.job.inputs[i], start, stop, self.device, self.checked_rows, (i, start))
 
     def chunks(self) -> list[tuple[int, int]]:
         return row_chunks(self.shape, ROW_CHUNK_ENTRIES) if self.by_rows else [(0, self.shape[0] if self.shape else 1)]

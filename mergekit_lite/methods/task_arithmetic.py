@@ -184,12 +184,16 @@ def sparsify_della(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContext, t
         return Kept()
     if density <= 0:
         return Kept(nothing=True)
-    generator = generator_for(ctx.params["seed"], ctx.model_names[t], ctx.name)
-    keep = della_mask(delta, density, epsilon, generator)
+    return _della_kept(delta, p, generator_for(ctx.params["seed"], ctx.model_names[t], ctx.name), ctx)
+
+
+def _della_kept(x: torch.Tensor, p: dict[str, Any], generator: np.random.Generator, ctx: TensorContext) -> Kept:
+    """DELLA's keep-mask of ``x`` (a whole τ_t, or whole rows of it) with its rescale: L1 (mergekit), or each
+    survivor divided by its own keep probability (the paper, ``rescale_rule: density``)."""
+    keep = della_mask(x, p["density"], p["epsilon"], generator)
     if ctx.params.get("rescale", False) and ctx.params.get("rescale_rule", "l1") == "density":
-        # the paper: each survivor divided by its own keep probability
-        return Kept(keep, divisor=della_keep_probabilities_as(delta, density, epsilon))
-    return _rescale(keep, delta, density, ctx)
+        return Kept(keep, divisor=della_keep_probabilities_as(x, p["density"], p["epsilon"]))
+    return _rescale(keep, x, p["density"], ctx)
 
 
 def no_sparsify(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContext, t: int) -> Kept:
@@ -227,15 +231,7 @@ def della_rows(shape: tuple[int, ...], ctx: TensorContext) -> RowRule | None:
     whole tensor's); tensors of other ranks are ranked whole."""
     if len(shape) != 2:
         return None
-    per_entry = ctx.params.get("rescale", False) and ctx.params.get("rescale_rule", "l1") == "density"
-
-    def kept_of(rows: torch.Tensor, p: dict[str, Any], generator: np.random.Generator) -> Kept:
-        keep = della_mask(rows, p["density"], p["epsilon"], generator)
-        if per_entry:  # the paper: each survivor divided by its own keep probability
-            return Kept(keep, divisor=della_keep_probabilities_as(rows, p["density"], p["epsilon"]))
-        return _rescale(keep, rows, p["density"], ctx)
-
-    return _drawn_rows(kept_of, ctx)
+    return _drawn_rows(lambda rows, p, g: _della_kept(rows, p, g, ctx), ctx)
 
 
 # -- combiners --------------------------------------------------------------------------------
@@ -333,7 +329,7 @@ def fix_what_each_task_keeps(source: TaskVectorSource, sparsify_rows: RowSparsif
     return trim_by_rule
 
 
-def elect_rows(source: TaskVectorSource, sparsify_rows: RowSparsifier | None, sparsify: Sparsifier, ctx: TensorContext) -> torch.Tensor:
+def elect_rows(source: TaskVectorSource, sparsify_rows: RowSparsifier | None, sparsify: Sparsifier, ctx: TensorContext) -> torch.Tensor | None:
     """TIES election and disjoint merge in two phases, holding masks instead of task vectors.
 
     Phase 1 fixes each task's keep-mask and rescale (``fix_what_each_task_keeps``). Phase 2, per row chunk:
@@ -358,7 +354,7 @@ def elect_rows(source: TaskVectorSource, sparsify_rows: RowSparsifier | None, sp
     return merged_by_row_chunks(source, merge_rows)
 
 
-def sum_rows(source: TaskVectorSource, sparsify_rows: RowSparsifier | None, sparsify: Sparsifier, ctx: TensorContext) -> torch.Tensor:
+def sum_rows(source: TaskVectorSource, sparsify_rows: RowSparsifier | None, sparsify: Sparsifier, ctx: TensorContext) -> torch.Tensor | None:
     """A summing member's Σ_t w_t τ̂_t (divided by Σ_t w_t with normalize) in two phases: what each task
     keeps (``fix_what_each_task_keeps``), then each task's rows added up chunk by chunk. The same masks and
     operations per entry as summing whole task vectors: the same bits (a row rule's L1 norms, added up chunk
