@@ -717,9 +717,36 @@ def test_ties_at_the_threshold_go_to_the_lowest_indices_across_chunks(kind):
         want = torch.zeros(n, dtype=torch.bool)
         want[torch.sort(mag, descending=True, stable=True).indices[:k]] = True
         assert torch.equal(sp.topk_count_mask(x, k), want), k
-    flat = torch.rand(n, generator=g) > 0.7
-    for count in (1, 5, int(flat.sum())):
-        assert torch.equal(sp._first_true(flat, count, chunk=64), torch.nonzero(flat).reshape(-1)[:count])
+        threshold = float(mag[torch.sort(mag, descending=True, stable=True).indices[k - 1]])
+        tied_at = torch.nonzero(mag == threshold).reshape(-1)
+        for count in (1, len(tied_at)):
+            assert sp._index_after_ties(x, threshold, count, chunk=64) == int(tied_at[count - 1]) + 1
+
+
+@pytest.mark.parametrize("kind", ["randn", "quantized", "few", "constant"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_top_cut_applied_chunk_by_chunk_keeps_the_stable_top_k(kind, dtype):
+    """TopCut (threshold + tie cut-off index) re-applied to flat chunks with their offsets keeps exactly the
+    entries of the stable descending top k, as a mask would: the reference is a stable sort of |x|."""
+    from mergekit_lite.ops import sparsify as sp
+
+    g = torch.Generator().manual_seed(5)
+    n = 4099
+    x = {
+        "randn": torch.randn(n, generator=g),
+        "quantized": torch.randn(n, generator=g).to(torch.bfloat16).float(),
+        "few": torch.randint(-2, 3, (n,), generator=g).float(),
+        "constant": torch.zeros(n),
+    }[kind].to(dtype)
+    order = torch.sort(x.abs(), descending=True, stable=True).indices
+    for k in (1, 7, n // 5, n // 2, n - 1):
+        want = torch.zeros(n, dtype=torch.bool)
+        want[order[:k]] = True
+        cut = sp.topk_cut(x, k)
+        assert torch.equal(sp.cut_mask(x, cut), want), k
+        pieces = [sp.apply_cut_(x[a : a + 1000].clone(), cut, first=a) for a in range(0, n, 1000)]
+        assert torch.equal(torch.cat(pieces), torch.where(want, x, torch.zeros_like(x))), k
+        assert int(torch.count_nonzero(sp.cut_mask(x[100:], cut, first=100))) == int(want[100:].sum())
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])

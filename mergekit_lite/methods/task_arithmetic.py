@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..ops import (
+    apply_cut_,
     apply_mask_,
     breadcrumbs_mask,
     dare_mask,
@@ -26,9 +27,9 @@ from ..ops import (
     generator_for,
     keep_count,
     l1_norm,
-    magnitude_mask,
     majority_sign_count,
-    topk_count_mask,
+    TopCut,
+    topk_cut,
 )
 from ..ops.bitpack import pack_bits, unpack_bit_range
 from ..ops.threads import generator_at
@@ -84,6 +85,7 @@ class Kept:
     """
 
     mask: torch.Tensor | None = None  # bool keep-mask; None keeps every entry
+    cut: TopCut | None = None  # in place of a mask: the entries of largest |τ| by a threshold (magnitude trims)
     packed: torch.Tensor | None = None  # the keep-mask packed 8 entries per byte (``pack``), in place of ``mask``
     shape: tuple[int, ...] = ()
     nothing: bool = False  # no entry kept
@@ -95,7 +97,9 @@ class Kept:
         """The kept, rescaled entries of ``delta`` (the whole τ_t, or its ``rows``), in place or as a new tensor."""
         if self.nothing:
             return delta.zero_() if in_place else torch.zeros_like(delta)
-        if self.mask is not None or self.packed is not None:
+        if self.cut is not None:
+            out = apply_cut_(delta if in_place else delta.clone(), self.cut, self._first(rows))
+        elif self.mask is not None or self.packed is not None:
             # a product with the bool mask (faster than masked_fill on the CPU); dropped entries become ±0
             keep = self._mask(rows, delta.shape)
             out = apply_mask_(delta if in_place else delta.clone(), keep)
@@ -120,6 +124,10 @@ class Kept:
             self.shape = tuple(self.mask.shape)
             self.packed, self.mask = pack_bits(self.mask), None
         return self
+
+    def _first(self, rows: slice | None) -> int:
+        """The flat index of the first entry of ``rows`` (0 for the whole tensor)."""
+        return 0 if rows is None else rows.start * math.prod(self.shape[1:])
 
     def _mask(self, rows: slice | None, shape: torch.Size) -> torch.Tensor:
         if self.packed is None:
@@ -146,15 +154,25 @@ def _rescale(mask: torch.Tensor | None, delta: torch.Tensor, density: float, ctx
 
 
 def sparsify_magnitude(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContext, t: int) -> Kept:
-    """TIES trim: per tensor, exactly max(1, ⌊density·n⌋) largest |τ| (mergekit); model scope: |τ| ≥ the task's model-wide threshold."""
+    """TIES trim: per tensor, exactly max(1, ⌊density·n⌋) largest |τ| (mergekit); model scope: |τ| ≥ the task's
+    model-wide threshold. Kept as a threshold cut, re-applied to row chunks without a mask."""
     density = p["density"]
+    shape = tuple(delta.shape)
     if ctx.params.get("scope") == "model":
-        return Kept(magnitude_mask(delta, ctx.model_statistics["thresholds"][t]))
+        threshold = float(torch.as_tensor(ctx.model_statistics["thresholds"][t], dtype=delta.dtype))
+        if threshold == math.inf:
+            return Kept(nothing=True)
+        return Kept(cut=TopCut(threshold, delta.numel()), shape=shape)  # every tie kept: |τ| ≥ threshold
     if density >= 1:
         return Kept()
     if density <= 0 or delta.numel() == 0:
         return Kept(nothing=True)
-    return _rescale(topk_count_mask(delta, max(1, keep_count(delta.numel(), density))), delta, density, ctx)
+    k = max(1, keep_count(delta.numel(), density))
+    if k >= delta.numel():
+        return Kept()
+    kept = _rescale(None, delta, density, ctx)
+    kept.cut, kept.shape = topk_cut(delta, k), shape
+    return kept
 
 
 def sparsify_random(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContext, t: int) -> Kept:

@@ -17,6 +17,8 @@ from .combine import (
     weighted_average,
 )
 from .sparsify import (
+    TopCut,
+    apply_cut_,
     apply_mask_,
     breadcrumbs,
     breadcrumbs_mask,
@@ -33,6 +35,7 @@ from .sparsify import (
     rescale_to_l1,
     l1_norm,
     topk_count_mask,
+    topk_cut,
     topk_mask,
 )
 from .emr import emr_elect, emr_mask, emr_rescaler
@@ -42,6 +45,8 @@ from .tsv import LowRank, low_rank_product, rank_budget, truncated_svd
 __all__ = [
     "LowRank",
     "SLERP_DOT_THRESHOLD",
+    "TopCut",
+    "apply_cut_",
     "apply_mask_",
     "breadcrumbs",
     "breadcrumbs_mask",
@@ -74,6 +79,7 @@ __all__ = [
     "rescale_to_l1",
     "l1_norm",
     "topk_count_mask",
+    "topk_cut",
     "topk_mask",
     "truncated_svd",
     "weighted_average",
