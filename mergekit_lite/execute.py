@@ -80,6 +80,15 @@ def _read(plan: Plan, ref: TensorRef, device: torch.device, check: bool = True) 
     return read_for_merge(plan.checkpoints[ref.source], ref.name, device, plan.compute_dtype, check)
 
 
+def _read_into(plan: Plan, ref: TensorRef, buffer: torch.Tensor) -> torch.Tensor:
+    """One input tensor converted into ``buffer`` (the compute dtype, its shape), refusing NaN/Inf as ``read_for_merge``."""
+    ckpt = plan.checkpoints[ref.source]
+    buffer.copy_(ckpt.get(ref.name))
+    if not _all_finite(buffer):
+        _refuse_non_finite(ckpt, ref.name, buffer)
+    return buffer
+
+
 _READER: ThreadPoolExecutor | None = None
 
 
@@ -160,19 +169,25 @@ class RereadTaskVectors(TaskVectorSource):
         self.checked: set[tuple[int, int]] = set()  # (input, first row) already checked; input -1: the base
         self._base_rows: tuple[int, int, torch.Tensor] | None = None
 
-    def whole(self) -> Iterator[torch.Tensor]:
+    def whole(self, reuse: bool = False) -> Iterator[torch.Tensor]:
         # the next model's tensor is asked of the kernel (page cache), not read ahead into memory: phase 1
         # is where a two-phase method holds the most, and one more tensor there would be its peak
         assert self.job.base is not None
         base = _read(self.plan, self.job.base, self.device)
         self.checked.update((-1, start) for start, _ in self.chunks())
         refs = self.job.inputs
+        reused: torch.Tensor | None = None  # with ``reuse``: each τ_t written over the last (no fresh pages to fault in)
         for i, ref in enumerate(refs):
             if i + 1 < len(refs):
                 self.plan.checkpoints[refs[i + 1].source].advise(refs[i + 1].name)
-            delta = _read(self.plan, ref, self.device).sub_(base)
+            if reused is None:
+                delta = _read(self.plan, ref, self.device).sub_(base)
+            else:
+                delta = _read_into(self.plan, ref, reused).sub_(base)
             self.checked.update((i, start) for start, _ in self.chunks())
             yield delta
+            if reuse:
+                reused = delta
             del delta
 
     def rows(self, t: int, start: int, stop: int) -> torch.Tensor:

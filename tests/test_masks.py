@@ -749,6 +749,41 @@ def test_a_top_cut_applied_chunk_by_chunk_keeps_the_stable_top_k(kind, dtype):
         assert int(torch.count_nonzero(sp.cut_mask(x[100:], cut, first=100))) == int(want[100:].sum())
 
 
+@pytest.mark.parametrize("kind", ["randn", "quantized", "few", "sorted"])
+@pytest.mark.parametrize("sigmas", [5.0, 0.0, -1e9], ids=["bracket", "narrow", "always-missed"])
+def test_the_bracketed_selection_is_exact_whether_the_sample_brackets_the_kth_or_not(monkeypatch, kind, sigmas):
+    """topk_cut's k-th largest from a sample's bracket (small sizes forced here) keeps the stable top k; a bracket
+    that misses the k-th (no margin, or none at all) falls back to partitioning everything, still exact."""
+    from mergekit_lite.ops import sparsify as sp
+
+    monkeypatch.setattr(sp, "BRACKET_MIN", 1000)
+    monkeypatch.setattr(sp, "BRACKET_SAMPLE", 128)
+    monkeypatch.setattr(sp, "BRACKET_BLOCK", 300)
+    monkeypatch.setattr(sp, "BRACKET_SIGMAS", sigmas)
+    calls = []
+    bracketed = sp._bracketed
+    monkeypatch.setattr(sp, "_bracketed", lambda flat, k: calls.append(bracketed(flat, k)) or calls[-1])
+    g = torch.Generator().manual_seed(11)
+    n = 3001
+    x = {
+        "randn": torch.randn(n, generator=g),
+        "quantized": torch.randn(n, generator=g).to(torch.bfloat16).float(),
+        "few": torch.randint(-3, 4, (n,), generator=g).float(),
+        "sorted": torch.linspace(-1, 1, n),
+    }[kind]
+    order = torch.sort(x.abs(), descending=True, stable=True).indices
+    for k in (1, 5, n // 5, n // 2, n - 2):
+        want = torch.zeros(n, dtype=torch.bool)
+        want[order[:k]] = True
+        assert torch.equal(sp.cut_mask(x, sp.topk_cut(x, k)), want), k
+    found = [c is not None for c in calls]
+    assert len(found) == 5
+    if sigmas < 0:
+        assert not any(found)
+    if sigmas == 5.0 and kind in ("randn", "sorted"):
+        assert all(found)  # the bracket, not the fallback, made these
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_dare_draws_split_over_threads_are_the_one_sequential_stream(monkeypatch, threads):
     from mergekit_lite.ops import sparsify as sp

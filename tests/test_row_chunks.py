@@ -227,7 +227,7 @@ def test_row_chunks_refuse_a_non_finite_input_with_its_whole_count(demo, tmp_pat
     state[name][-1, -1] = float("inf")
     save_file(state, str(file))
     data = ta_recipe(demo, merge_method=method, parameters={"lambda": 0.8, **params})
-    data["models"][0]["model"] = str(bad)
+    data["models"][-1]["model"] = str(bad)  # the last: whole task vectors after the first are read into a reused buffer
     monkeypatch.setattr(execute, "ROW_CHUNK_ENTRIES", 7)
     with pytest.raises(mergekit_lite.CheckpointError, match=f"{file.name}: tensor {name} has 2 NaN/Inf value"):
         mergekit_lite.run(Recipe.model_validate(data), tmp_path / "out", progress=False)

@@ -110,8 +110,9 @@ class TaskVectorSource:
     #: the whole tensor), so that no whole merged tensor is held; None: the chunks are gathered into one
     keep_merged_rows: Callable[[slice | None, torch.Tensor], None] | None = None
 
-    def whole(self) -> Iterator[torch.Tensor]:
-        """Each task's whole τ_t, in model order, one at a time."""
+    def whole(self, reuse: bool = False) -> Iterator[torch.Tensor]:
+        """Each task's whole τ_t, in model order, one at a time. ``reuse``: the caller keeps nothing of a τ_t once
+        it asks for the next, so a source that hands out new tensors may write each one into the last one's memory."""
         raise NotImplementedError
 
     def rows(self, t: int, start: int, stop: int) -> torch.Tensor:
@@ -140,7 +141,7 @@ class HeldTaskVectors(TaskVectorSource):
         self.dtype, self.device = self.deltas[0].dtype, self.deltas[0].device
         self.entries = ROW_CHUNK_ENTRIES if entries is None else entries
 
-    def whole(self) -> Iterator[torch.Tensor]:
+    def whole(self, reuse: bool = False) -> Iterator[torch.Tensor]:
         return iter(self.deltas)
 
     def rows(self, t: int, start: int, stop: int) -> torch.Tensor:

@@ -49,7 +49,7 @@ def sce_rows(source: TaskVectorSource, ctx: TensorContext) -> torch.Tensor:
 
         keep = top_variance_mask(by_row_chunks(source, variance_rows), fraction)
     energy = []
-    for delta in source.whole():
+    for delta in source.whole(reuse=True):
         energy.append(mean_square(delta if keep is None else delta.mul_(keep) if source.hands_out_new else delta * keep))
         del delta
     weights = [float(w) for w in energy_weights(energy, ctx.params["energy_floor"], source.dtype)]

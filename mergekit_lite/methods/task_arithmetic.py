@@ -309,7 +309,7 @@ def fix_what_each_task_keeps(source: TaskVectorSource, sparsify_rows: RowSparsif
     rule = sparsify_rows(source.shape, ctx) if sparsify_rows is not None else None
     if rule is None:
         whole: list[Kept] = []
-        for t, delta in enumerate(source.whole()):
+        for t, delta in enumerate(source.whole(reuse=True)):
             task_rule = sparsify(delta, ctx.model_params[t], ctx, t)
             if task_rule.l1_before is not None:
                 task_rule.apply(delta, in_place=in_place)  # fixes the L1 factor on the whole τ_t

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .checks import _check_fraction
-from .threads import can_jump, map_from_offsets, scratch, split_evenly, thread_count
+from .threads import can_jump, map_from_offsets, map_parts, scratch, split_evenly, thread_count
 
 BREADCRUMBS_SCOPES = ("row", "tensor")
 
@@ -114,25 +114,75 @@ class TopCut:
 def topk_cut(x: Tensor, k: int) -> TopCut:
     """The cut keeping exactly k (1 <= k < numel) entries of largest |x|, ties by lowest flat index.
 
-    One selection on a copy of |x| (numpy's partition on the CPU, in a reused buffer); the entries above
-    the k-th come from the partition's top k, and the tied entries' cut-off index is searched only when
-    some tied entries fall outside the k (bfloat16-derived task vectors tie often).
+    On the CPU the k-th largest comes from the entries between two quantiles of a sample (``_bracketed``:
+    one counting pass split over the threads), else from numpy's partition of all of |x|; elsewhere from
+    torch.kthvalue. The tied entries' cut-off index is searched only when some tied entries fall outside
+    the k (bfloat16-derived task vectors tie often).
     """
     flat = x.detach().reshape(-1)
     n = flat.numel()
-    pos = n - k  # 0-based rank of the k-th largest among the ascending magnitudes
-    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
+    if flat.device.type != "cpu" or flat.dtype not in (torch.float32, torch.float64):
+        return _cut_at(flat, torch.kthvalue(flat.abs(), n - k + 1).values, k)
+    found = _bracketed(flat, k) if n >= BRACKET_MIN else None
+    if found is None:  # the whole of |x| partitioned (small tensors, or a sample that missed the k-th)
         magnitudes = torch.abs(flat, out=scratch("topk_cut", n, flat.dtype)).numpy()
-        magnitudes.partition(pos)
-        threshold = magnitudes[pos]
-        above = int(np.count_nonzero(magnitudes[pos + 1 :] > threshold))
-        tied_outside = pos > 0 and magnitudes[:pos].max() == threshold
-    else:
-        return _cut_at(flat, torch.kthvalue(flat.abs(), pos + 1).values, k)
-    missing = k - above  # ≥ 1: the k-th entry itself is tied with the threshold
-    if not tied_outside:
+        found = (magnitudes, 0)
+    values, above = found
+    need = k - above  # how many of ``values`` are among the k
+    pos = values.size - need
+    values.partition(pos)
+    threshold = values[pos]
+    missing = need - int(np.count_nonzero(values[pos + 1 :] > threshold))  # ≥ 1: the k-th entry itself ties
+    if pos == 0 or values[:pos].max() != threshold:  # no tied entry outside the k: all of them are kept
         return TopCut(float(threshold), n)
     return TopCut(float(threshold), _index_after_ties(flat, float(threshold), missing))
+
+
+#: tensors of at least this many entries select their k-th largest magnitude between two sample quantiles
+BRACKET_MIN = 1 << 20
+#: entries sampled for the bracket, and the bracket's margin on each side in standard deviations of a quantile
+BRACKET_SAMPLE = 1 << 16
+BRACKET_SIGMAS = 5.0
+#: entries per block of the counting pass (its temporaries stay in the cache)
+BRACKET_BLOCK = 1 << 16
+
+
+def _bracketed(flat: Tensor, k: int) -> tuple[np.ndarray, int] | None:
+    """(the magnitudes within [lo, hi], how many are above hi) for a bracket [lo, hi] around the k-th largest |x|
+    from quantiles of a fixed-seed sample; None when the k-th largest is not inside it (the caller then
+    partitions everything). Exact either way: the bracket only narrows what is partitioned."""
+    n = flat.numel()
+    sample = flat[torch.randint(n, (BRACKET_SAMPLE,), generator=torch.Generator().manual_seed(0))].abs().numpy()
+    sample.sort()
+    below = (n - k) / n  # fraction of the entries below the k-th largest
+    margin = int(BRACKET_SIGMAS * math.sqrt(BRACKET_SAMPLE * below * (1 - below))) + 16
+    at = below * (BRACKET_SAMPLE - 1)
+    low, high = math.floor(at) - margin, math.ceil(at) + margin
+    lo = 0.0 if low <= 0 else sample[min(low, BRACKET_SAMPLE - 1)]  # past the sample's ends the bracket is open
+    hi = math.inf if high >= BRACKET_SAMPLE - 1 else sample[max(high, 0)]
+    values = flat.numpy()
+
+    def count(part: tuple[int, int]) -> tuple[int, list[np.ndarray]]:
+        magnitudes = scratch("bracket", BRACKET_BLOCK, flat.dtype).numpy()
+        inside = scratch("bracket_in", BRACKET_BLOCK, torch.bool).numpy()
+        upper = scratch("bracket_up", BRACKET_BLOCK, torch.bool).numpy()
+        above, kept = 0, []
+        for start in range(part[0], part[1], BRACKET_BLOCK):
+            block = values[start : min(start + BRACKET_BLOCK, part[1])]
+            size = block.size
+            a = np.abs(block, out=magnitudes[:size])
+            above += int(np.count_nonzero(np.greater(a, hi, out=upper[:size])))
+            np.greater_equal(a, lo, out=inside[:size])
+            np.logical_and(inside[:size], np.logical_not(upper[:size], out=upper[:size]), out=inside[:size])
+            kept.append(a[inside[:size]])
+        return above, kept
+
+    counted = map_parts(count, split_evenly(n, thread_count(), BRACKET_BLOCK))
+    above = sum(part_above for part_above, _ in counted)
+    inside_values = np.concatenate([piece for _, pieces in counted for piece in pieces])
+    if not 1 <= k - above <= inside_values.size:
+        return None
+    return inside_values, above
 
 
 def _cut_at(flat: Tensor, threshold: Tensor, k: int) -> TopCut:
