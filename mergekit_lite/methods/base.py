@@ -124,7 +124,8 @@ class TaskVectorSource:
         raise NotImplementedError
 
 
-#: the row chunks of two-phase methods hold about this many entries per task (4 MiB of float32)
+#: tensors of at least this many entries are merged in row chunks (entrywise methods: of this many entries;
+#: two-phase methods: of half as many, see ``execute.two_phase_chunk_entries``)
 ROW_CHUNK_ENTRIES = 1 << 20
 
 
