@@ -821,3 +821,38 @@ def test_l1_norm_is_accurate_on_a_large_tensor_whatever_the_thread_count():
     assert got[1] == got[2] == got[3]  # the same bits whatever the thread count
     assert abs(got[1][0] - exact) <= 1e-6 * exact
     assert abs(got[1][1] - float(strided.double().abs().sum())) <= 1e-6 * exact
+
+
+@pytest.mark.parametrize("kind", ["randn", "quantized", "few"])
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
+def test_the_methods_cuts_applied_by_row_chunks_keep_the_stable_reference_entries(kind, method):
+    """TIES's and Breadcrumbs' trims are kept as threshold cuts (no mask) and re-applied to row chunks: the
+    entries kept are those of a plain stable descending sort of |τ| (top k; Breadcrumbs: the band after the
+    top γ·n), whatever rows the chunk starts at, bfloat16-like ties included."""
+    from mergekit_lite.methods.base import TensorContext
+    from mergekit_lite.methods.task_arithmetic import sparsify_magnitude, sparsify_outliers
+
+    g = torch.Generator().manual_seed(21)
+    x = {
+        "randn": torch.randn(37, 53, generator=g),
+        "quantized": torch.randn(37, 53, generator=g).to(torch.bfloat16).float(),
+        "few": torch.randint(-3, 4, (37, 53), generator=g).float(),
+    }[kind]
+    n = x.numel()
+    order = torch.sort(x.abs().reshape(-1), descending=True, stable=True).indices
+    density, gamma = 0.3, 0.05
+    ctx = TensorContext("w", ["a"], {"rescale": False}, [{"density": density, "gamma": gamma}])
+    if method == "ties":
+        kept = sparsify_magnitude(x, ctx.model_params[0], ctx, 0)
+        band = order[: math.floor(density * n)]
+    else:
+        kept = sparsify_outliers(x, ctx.model_params[0], ctx, 0)
+        n_top = math.floor(gamma * n)
+        band = order[n_top : n_top + math.floor(density * n)]
+    assert kept.cut is not None and kept.mask is None and kept.packed is None
+    want = torch.zeros(n, dtype=torch.bool)
+    want[band] = True
+    want = want.reshape(x.shape)
+    chunks = [kept.apply(x[a : a + 5].clone(), slice(a, min(a + 5, 37))) for a in range(0, 37, 5)]
+    assert torch.equal(torch.cat(chunks), torch.where(want, x, torch.zeros_like(x)))
+    assert torch.equal(kept.apply(x.clone()) != 0, want & (x != 0))

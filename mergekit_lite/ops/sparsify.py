@@ -441,23 +441,38 @@ def breadcrumbs_mask(x: Tensor, density: float, gamma: float, scope: str = "row"
         return _band_mask(x.detach().abs(), n_top, min(n_top + target, n))
     if d >= 1.0:
         return torch.ones(x.shape, dtype=torch.bool, device=x.device)
-    n = x.numel()
-    target = keep_count(n, d)
-    n_top = min(keep_count(n, g), n - target)
-    # the band [n_top, n_top + target) of the stable descending order, from one partition instead of
-    # a full sort: the top (n_top + target) minus the top n_top (both take ties by lower index first)
-    tops = [k for k in (n_top + target, n_top) if 0 < k < n]
-    thresholds = dict(zip(tops, _order_statistics(x.detach().reshape(-1).abs(), [n - k + 1 for k in tops])))
-
-    def top(k: int) -> Tensor:
-        if k <= 0 or k >= n:
-            return torch.full(x.shape, k > 0, dtype=torch.bool, device=x.device)
-        return cut_mask(x, _cut_at(x.detach().reshape(-1), thresholds[k], k))
-
-    keep = top(n_top + target)
-    if n_top > 0:
-        keep &= ~top(n_top)
+    top, outliers = breadcrumbs_cuts(x, d, g)
+    keep = _as_mask(x, top)
+    if outliers is not False:
+        keep &= ~_as_mask(x, outliers)
     return keep
+
+
+def _as_mask(x: Tensor, cut: TopCut | bool) -> Tensor:
+    return torch.full(x.shape, cut, dtype=torch.bool, device=x.device) if isinstance(cut, bool) else cut_mask(x, cut)
+
+
+def breadcrumbs_cuts(x: Tensor, density: float, gamma: float) -> tuple[TopCut | bool, TopCut | bool]:
+    """Model Breadcrumbs at tensor scope (density < 1) as two cuts: the top (n_top + target) entries, and the
+    top n_top outliers taken out of them; True/False in place of a cut: every entry / none.
+
+    The band [n_top, n_top + target) of the stable descending order, from two selections instead of a sort
+    (both take ties by lower index first); n_top is cut to n − target as mergekit does.
+    """
+    n = x.numel()
+    target = keep_count(n, density)
+    n_top = min(keep_count(n, gamma), n - target)
+
+    def top(k: int) -> TopCut | bool:
+        return k > 0 if k <= 0 or k >= n else topk_cut(x, k)
+
+    return top(n_top + target), top(n_top)
+
+
+def drop_cut_(x: Tensor, cut: TopCut, first: int = 0) -> Tensor:
+    """x (contiguous; from flat index ``first`` of the cut tensor on) with the entries inside the cut zeroed, in place."""
+    flat = x.view(-1)
+    return flat.masked_fill_(cut_mask(flat, cut, first), 0).view(x.shape)
 
 
 def breadcrumbs(x: Tensor, density: float, gamma: float, scope: str = "row") -> Tensor:
