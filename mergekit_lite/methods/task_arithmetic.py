@@ -375,8 +375,8 @@ def elect_rows(source: TaskVectorSource, sparsify_rows: RowSparsifier | None, sp
 
     def merge_rows(start: int, stop: int, rows: slice | None) -> torch.Tensor:
         trimmed = [trim(t, start, stop, rows) for t in range(source.count)]
-        total = torch.zeros_like(trimmed[0])
-        for w, kept_rows in zip(weights, trimmed):
+        total = trimmed[0] * weights[0]  # as 0 + w·τ̂ (a zero's sign aside, which the election reads as 0)
+        for w, kept_rows in zip(weights[1:], trimmed[1:]):
             total.add_(kept_rows, alpha=w)
         positive = elected_positive(total, fallback)
         del total

@@ -166,7 +166,7 @@ def disjoint_sum(trimmed: Iterable[Tensor], positive: Tensor, weights: Sequence[
             best = torch.zeros_like(delta) if mode == "max" else None
             divisor = torch.zeros_like(delta) if mode == "mean" else None
             sign = sign_of(positive, delta.dtype)  # once for every task
-        v = keep_agreeing_(delta.mul_(w), sign, divisor, w)
+        v = keep_agreeing_(delta if w == 1.0 else delta.mul_(w), sign, divisor, w)  # ·1 is exact: skipped
         del delta
         if best is not None:  # max: the agreeing value of largest |v|, the first one on ties (argmax)
             larger = v.abs() > best
