@@ -699,19 +699,28 @@ def test_task_arithmetic_matches_loop():
     assert task_arithmetic(d.float()).dtype == torch.float32
 
 
+def tie_prone(kind: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Test data for selections by magnitude: continuous, bfloat16-rounded (ties like real task vectors'), a few
+    integers (ties everywhere), all zeros, or evenly spaced."""
+    g = torch.Generator().manual_seed(seed)
+    n = math.prod(shape)
+    flat = {
+        "randn": lambda: torch.randn(n, generator=g),
+        "quantized": lambda: torch.randn(n, generator=g).to(torch.bfloat16).float(),
+        "few": lambda: torch.randint(-3, 4, (n,), generator=g).float(),
+        "constant": lambda: torch.zeros(n),
+        "sorted": lambda: torch.linspace(-1, 1, n),
+    }[kind]()
+    return flat.reshape(shape)
+
+
 @pytest.mark.parametrize("kind", ["randn", "quantized", "few", "constant"])
 def test_ties_at_the_threshold_go_to_the_lowest_indices_across_chunks(kind):
     """Tied entries are taken in flat-index order even when they span the search's chunks (forced small here)."""
     from mergekit_lite.ops import sparsify as sp
 
-    g = torch.Generator().manual_seed(3)
     n = 5003
-    x = {
-        "randn": torch.randn(n, generator=g),
-        "quantized": torch.randn(n, generator=g).to(torch.bfloat16).float(),
-        "few": torch.randint(0, 4, (n,), generator=g).float(),
-        "constant": torch.zeros(n),
-    }[kind]
+    x = tie_prone(kind, (n,), seed=3)
     mag = x.abs()
     for k in (1, n // 5, n // 2, n - 1):
         want = torch.zeros(n, dtype=torch.bool)
@@ -730,14 +739,8 @@ def test_a_top_cut_applied_chunk_by_chunk_keeps_the_stable_top_k(kind, dtype):
     entries of the stable descending top k, as a mask would: the reference is a stable sort of |x|."""
     from mergekit_lite.ops import sparsify as sp
 
-    g = torch.Generator().manual_seed(5)
     n = 4099
-    x = {
-        "randn": torch.randn(n, generator=g),
-        "quantized": torch.randn(n, generator=g).to(torch.bfloat16).float(),
-        "few": torch.randint(-2, 3, (n,), generator=g).float(),
-        "constant": torch.zeros(n),
-    }[kind].to(dtype)
+    x = tie_prone(kind, (n,), seed=5).to(dtype)
     order = torch.sort(x.abs(), descending=True, stable=True).indices
     for k in (1, 7, n // 5, n // 2, n - 1):
         want = torch.zeros(n, dtype=torch.bool)
@@ -763,14 +766,8 @@ def test_the_bracketed_selection_is_exact_whether_the_sample_brackets_the_kth_or
     calls = []
     bracketed = sp._bracketed
     monkeypatch.setattr(sp, "_bracketed", lambda flat, k: calls.append(bracketed(flat, k)) or calls[-1])
-    g = torch.Generator().manual_seed(11)
     n = 3001
-    x = {
-        "randn": torch.randn(n, generator=g),
-        "quantized": torch.randn(n, generator=g).to(torch.bfloat16).float(),
-        "few": torch.randint(-3, 4, (n,), generator=g).float(),
-        "sorted": torch.linspace(-1, 1, n),
-    }[kind]
+    x = tie_prone(kind, (n,), seed=11)
     order = torch.sort(x.abs(), descending=True, stable=True).indices
     for k in (1, 5, n // 5, n // 2, n - 2):
         want = torch.zeros(n, dtype=torch.bool)
@@ -832,12 +829,7 @@ def test_the_methods_cuts_applied_by_row_chunks_keep_the_stable_reference_entrie
     from mergekit_lite.methods.base import TensorContext
     from mergekit_lite.methods.task_arithmetic import sparsify_magnitude, sparsify_outliers
 
-    g = torch.Generator().manual_seed(21)
-    x = {
-        "randn": torch.randn(37, 53, generator=g),
-        "quantized": torch.randn(37, 53, generator=g).to(torch.bfloat16).float(),
-        "few": torch.randint(-3, 4, (37, 53), generator=g).float(),
-    }[kind]
+    x = tie_prone(kind, (37, 53), seed=21)
     n = x.numel()
     order = torch.sort(x.abs().reshape(-1), descending=True, stable=True).indices
     density, gamma = 0.3, 0.05
