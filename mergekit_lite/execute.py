@@ -46,10 +46,12 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def read_for_merge(ckpt: Checkpoint, name: str, device: torch.device, dtype: torch.dtype, check: bool = True) -> torch.Tensor:
+def read_for_merge(ckpt: Checkpoint, name: str, device: torch.device, dtype: torch.dtype, check: bool = True,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Read one input tensor in the compute dtype, refusing NaN/Inf (they would poison every merged weight);
-    ``check=False`` for a tensor read again after a checked read."""
-    tensor = ckpt.get(name).to(device=device, dtype=dtype)
+    ``check=False`` for a tensor read again after a checked read; ``out``: a buffer (that dtype, device and shape)
+    to convert it into instead of a new tensor."""
+    tensor = ckpt.get(name).to(device=device, dtype=dtype) if out is None else out.copy_(ckpt.get(name))
     if check and not _all_finite(tensor):
         _refuse_non_finite(ckpt, name, tensor)
     return tensor
@@ -76,17 +78,8 @@ def _refuse_non_finite(ckpt: Checkpoint, name: str, tensor: torch.Tensor) -> Non
     )
 
 
-def _read(plan: Plan, ref: TensorRef, device: torch.device, check: bool = True) -> torch.Tensor:
-    return read_for_merge(plan.checkpoints[ref.source], ref.name, device, plan.compute_dtype, check)
-
-
-def _read_into(plan: Plan, ref: TensorRef, buffer: torch.Tensor) -> torch.Tensor:
-    """One input tensor converted into ``buffer`` (the compute dtype, its shape), refusing NaN/Inf as ``read_for_merge``."""
-    ckpt = plan.checkpoints[ref.source]
-    buffer.copy_(ckpt.get(ref.name))
-    if not _all_finite(buffer):
-        _refuse_non_finite(ckpt, ref.name, buffer)
-    return buffer
+def _read(plan: Plan, ref: TensorRef, device: torch.device, check: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
+    return read_for_merge(plan.checkpoints[ref.source], ref.name, device, plan.compute_dtype, check, out)
 
 
 _READER: ThreadPoolExecutor | None = None
@@ -188,10 +181,7 @@ class RereadTaskVectors(TaskVectorSource):
         for i, ref in enumerate(refs):
             if i + 1 < len(refs):
                 self.plan.checkpoints[refs[i + 1].source].advise(refs[i + 1].name)
-            if reused is None:
-                delta = _read(self.plan, ref, self.device).sub_(base)
-            else:
-                delta = _read_into(self.plan, ref, reused).sub_(base)
+            delta = _read(self.plan, ref, self.device, out=reused).sub_(base)
             self.checked.update((i, start) for start, _ in self.chunks())
             yield delta
             if reuse:

@@ -88,7 +88,7 @@ class Kept:
 
     mask: torch.Tensor | None = None  # bool keep-mask; None keeps every entry
     cut: TopCut | None = None  # in place of a mask: the entries of largest |τ| by a threshold (magnitude trims)
-    drop: TopCut | None = None  # with ``cut``: the entries of largest |τ| taken out again (Breadcrumbs' outliers)
+    drop: TopCut | None = None  # in place of a mask too: the entries of largest |τ| taken out (Breadcrumbs' outliers)
     packed: torch.Tensor | None = None  # the keep-mask packed 8 entries per byte (``pack``), in place of ``mask``
     shape: tuple[int, ...] = ()
     nothing: bool = False  # no entry kept
@@ -100,8 +100,10 @@ class Kept:
         """The kept, rescaled entries of ``delta`` (the whole τ_t, or its ``rows``), in place or as a new tensor."""
         if self.nothing:
             return delta.zero_() if in_place else torch.zeros_like(delta)
-        if self.cut is not None:
-            out = apply_cut_(delta if in_place else delta.clone(), self.cut, self._first(rows))
+        if self.cut is not None or self.drop is not None:
+            out = delta if in_place else delta.clone()
+            if self.cut is not None:
+                apply_cut_(out, self.cut, self._first(rows))
             if self.drop is not None:
                 drop_cut_(out, self.drop, self._first(rows))
         elif self.mask is not None or self.packed is not None:
@@ -197,14 +199,13 @@ def sparsify_outliers(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContext
     scope = ctx.params.get("scope", "tensor")
     if density >= 1 and scope == "tensor":
         return Kept()  # mergekit keeps the whole tensor at density 1, outliers included
-    if scope == "tensor" and delta.dim() > 0 and delta.numel() > 0:
+    if scope == "tensor" and delta.dim() > 0 and delta.numel() > 0:  # kept as cuts, re-applied to row chunks without a mask
         top, outliers = breadcrumbs_cuts(delta, density, p["gamma"])
-        if top is False:
+        if top is False or outliers is True:
             return Kept(nothing=True)
-        if isinstance(top, TopCut) and outliers is not True:  # kept as cuts, re-applied to row chunks without a mask
-            kept = _rescale(None, delta, density, ctx)
-            kept.cut, kept.drop, kept.shape = top, outliers or None, tuple(delta.shape)
-            return kept
+        kept = _rescale(None, delta, density, ctx)
+        kept.cut, kept.drop, kept.shape = (None if top is True else top), (None if outliers is False else outliers), tuple(delta.shape)
+        return kept
     return _rescale(breadcrumbs_mask(delta, density, p["gamma"], scope), delta, density, ctx)
 
 
