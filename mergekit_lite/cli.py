@@ -13,6 +13,7 @@ import click
 from . import __version__
 from .allocator import return_large_buffers, use_huge_pages
 from .errors import MergeKitLiteError
+from .openmp import shorten_spin_waits
 
 RECIPE_HELP = """
 \b
@@ -98,6 +99,7 @@ def main() -> None:
     """
     use_huge_pages()  # before torch's first allocation: large tensors without a page fault per 4 KiB
     return_large_buffers()  # freed tensors leave the process: resident memory stays the working set
+    shorten_spin_waits()  # before torch is imported: torch's idle threads leave the cores to numpy's work sooner
 
 
 @main.command()

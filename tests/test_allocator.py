@@ -58,21 +58,25 @@ def test_the_users_own_setting_wins(monkeypatch):
     assert return_large_buffers() is False
 
 
-def test_the_cli_asks_torch_for_huge_pages_before_torch_is_imported():
+@pytest.mark.parametrize(
+    ("variable", "ours", "user_setting"),
+    [("THP_MEM_ALLOC_ENABLE", "1", {"THP_MEM_ALLOC_ENABLE": "0"}), ("GOMP_SPINCOUNT", "30000", {"GOMP_SPINCOUNT": "5"}), ("GOMP_SPINCOUNT", None, {"OMP_WAIT_POLICY": "passive"})],
+)
+def test_the_cli_sets_torch_s_environment_before_torch_is_imported_unless_the_user_did(variable, ours, user_setting):
     probe = (
         "import os, sys\n"
         "from click.testing import CliRunner\n"
         "from mergekit_lite.cli import main\n"
         "assert 'torch' not in sys.modules\n"
         "CliRunner().invoke(main, ['methods'])\n"
-        "print(os.environ.get('THP_MEM_ALLOC_ENABLE'))\n"
+        f"print(os.environ.get({variable!r}))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
-    assert out.stdout.strip() == "1"
-    env["THP_MEM_ALLOC_ENABLE"] = "0"  # the user's choice stands
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
-    assert out.stdout.strip() == "0"
+    env = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    if ours is not None:
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+        assert out.stdout.strip() == ours
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env={**env, **user_setting}, check=True)
+    assert out.stdout.strip() == user_setting.get(variable, "None")  # the user's choice stands
 
 
 ARENAS = """
