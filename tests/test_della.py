@@ -10,6 +10,7 @@ import mergekit_lite
 from mergekit_lite import Recipe
 from mergekit_lite.methods import TensorContext, get_method
 from mergekit_lite.methods.task_arithmetic import sparsify_della
+from mergekit_lite.ops import sparsify
 from mergekit_lite.ops import della_keep_probabilities, della_keep_probabilities_as, della_mask, generator_for
 
 from helpers import load_state, tiny_llama
@@ -125,13 +126,18 @@ def test_keep_probabilities_of_a_tensor_of_three_dims_rank_along_dim_one_as_merg
     assert torch.equal(della_mask(x, 0.5, 0.2, np.random.Generator(np.random.PCG64DXSM(2))), uniforms < want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_mask_is_the_same_for_any_thread_count_and_leaves_the_generator_where_one_draw_would(threads):
-    """Row blocks run on several threads, each from the generator advanced to its first entry."""
+def test_mask_is_the_same_for_any_thread_count_and_leaves_the_generator_where_one_draw_would(threads, dtype, monkeypatch):
+    """Each block's rows are sorted on several threads, its draws made from the generator advanced to each
+    part's first entry (the split thresholds lowered so that this small tensor is split)."""
+    monkeypatch.setattr(sparsify, "DELLA_SPLIT_MIN", 8)
+    monkeypatch.setattr(sparsify, "SPLIT_DRAWS", 16)
     torch.manual_seed(5)
-    x = torch.randn(53, 19)
+    x = torch.randn(53, 19).to(dtype)
+    x[:, ::2] = torch.randint(-3, 4, (53, 10)).to(dtype)  # ties within each row, broken by position
     plain = np.random.Generator(np.random.PCG64DXSM(11))
-    want = torch.from_numpy(plain.random(x.numel())).reshape(x.shape) < della_keep_probabilities(x, 0.4, 0.1)
+    want = torch.from_numpy(plain.random(x.numel())).reshape(x.shape) < 0.4 - 0.1 + _stable_ranks_plainly(x, 1) / 18 * 0.2
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)

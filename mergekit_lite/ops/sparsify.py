@@ -493,7 +493,8 @@ def della_keep_probabilities(x: Tensor, density: float, epsilon: float) -> Tenso
 
 def _keep_probabilities_into(rows: Tensor, density: float, epsilon: float, out: Tensor, keys: Tensor | None = None) -> Tensor:
     """``della_keep_probabilities`` of a 2-D ``rows`` written into ``out`` (float64, rows' shape); ``keys`` an
-    optional int64 buffer of rows' size for the CPU sort."""
+    optional int64 buffer of rows' size for the CPU sort. Large blocks of rows are sorted on the CPU threads
+    (numpy's sorts run on one), the probabilities scattered here (torch's scatter runs on all)."""
     n = rows.shape[1]
     # (density − ε) + rank/(n−1)·2ε for each rank 0 … n−1, in float64
     by_rank = torch.arange(n, dtype=torch.float64, device=rows.device)
@@ -502,29 +503,45 @@ def _keep_probabilities_into(rows: Tensor, density: float, epsilon: float, out: 
     else:
         by_rank.zero_()
     by_rank.mul_(2 * epsilon).add_(density - epsilon)
-    return out.scatter_(1, _stable_magnitude_order(rows, keys), by_rank.expand(rows.shape))
+    splits = rows.device.type == "cpu" and rows.dtype in _BITS_DTYPES and rows.numel() >= 2 * DELLA_SPLIT_MIN
+    parts = split_evenly(rows.shape[0], thread_count() if splits else 1)
+    keys = keys.view(rows.shape) if keys is not None else None
+    orders = map_parts(lambda part: _stable_magnitude_order(rows[part[0] : part[1]], None if keys is None else keys[part[0] : part[1]]), parts)
+    for (start, stop), order in zip(parts, orders):
+        out[start:stop].scatter_(1, order, by_rank.expand(stop - start, n))
+    return out
+
+
+_BITS_DTYPES = {torch.float32: np.int32, torch.bfloat16: np.int16, torch.float16: np.int16}
+DELLA_SPLIT_MIN = 1 << 16  # entries: a block of rows at least twice this is sorted on several threads
 
 
 def _stable_magnitude_order(rows: Tensor, keys_buffer: Tensor | None = None) -> Tensor:
     """Per row of a 2-D tensor, the indices that sort |row| ascending, ties by lower index (a stable argsort).
 
-    On the CPU, for 16- and 32-bit floats without NaN: one numpy sort of int64 keys |bits| · 2^b + index
-    (the bits of a non-negative float order as it does; the index breaks ties), 2–3× faster than a
-    stable argsort of the magnitudes and the same order. ``keys_buffer``: int64, rows' size, to sort in.
+    On the CPU, for 16- and 32-bit floats without NaN, the magnitudes' bits are sorted as integers (the bits of
+    a non-negative float order as it does): 16-bit ones by numpy's stable argsort, a radix sort (5× faster than
+    torch's stable argsort, 1.3× than the keys below); 32-bit ones as int64 keys |bits| · 2^b + index (the index
+    breaks ties), 2–3× faster than a stable argsort. ``keys_buffer``: int64, rows' size, to sort in.
     """
     n = rows.shape[1]
-    bits_dtype = {torch.float32: np.int32, torch.bfloat16: np.int16, torch.float16: np.int16}.get(rows.dtype)
+    bits_dtype = _BITS_DTYPES.get(rows.dtype)
     if rows.device.type != "cpu" or bits_dtype is None or n == 0 or rows.shape[0] == 0:
         return torch.argsort(rows.abs(), dim=1, stable=True)
     raw = rows.contiguous()
     if raw.dtype == torch.bfloat16:
         raw = raw.view(torch.int16)  # numpy has no bfloat16; only the bits are read
+    infinity_bits = {np.int32: 0x7F800000, np.int16: 0x7F80 if rows.dtype == torch.bfloat16 else 0x7C00}[bits_dtype]
+    if bits_dtype is np.int16:
+        magnitude_bits = raw.numpy().view(np.int16) & np.int16(0x7FFF)
+        if magnitude_bits.max() > infinity_bits:  # a NaN: its payload would order it; torch's sort treats NaNs as equal
+            return torch.argsort(rows.abs(), dim=1, stable=True)
+        return torch.from_numpy(np.argsort(magnitude_bits, axis=1, kind="stable"))
     keys_tensor = torch.empty(rows.shape, dtype=torch.int64) if keys_buffer is None else keys_buffer.view(rows.shape)
     keys = keys_tensor.numpy()
     np.copyto(keys, raw.numpy().view(bits_dtype))
     keys &= np.iinfo(bits_dtype).max  # |x|: the sign bit cleared (the sign-extended high bits too)
-    infinity_bits = {np.int32: 0x7F800000, np.int16: 0x7F80 if rows.dtype == torch.bfloat16 else 0x7C00}[bits_dtype]
-    if keys.max() > infinity_bits:  # a NaN: its payload would order it; torch's sort treats NaNs as equal
+    if keys.max() > infinity_bits:
         return torch.argsort(rows.abs(), dim=1, stable=True)
     index_bits = (n - 1).bit_length()
     keys <<= index_bits
@@ -539,31 +556,23 @@ def della_mask(x: Tensor, density: float, epsilon: float, generator: np.random.G
     U_i < p_i, U_i the generator's i-th float64 uniform (as ``dare_mask``).
 
     Rows are ranked on their own and one uniform is drawn per entry in order, so the probabilities
-    are made a few rows at a time (bounded memory) with the same draws as all at once.
+    are made a few rows at a time (bounded memory) with the same draws as all at once; each block's
+    sort and draws are split over the CPU threads.
     """
     _check_generator(generator)
     mask = torch.empty(x.shape, dtype=torch.bool)
     if x.numel() == 0:
         return mask.to(x.device)
-    blocks = list(_row_blocks(x, chunk_entries))
-    flat_mask = mask.view(-1)
-
-    def draw_blocks(draws: np.random.Generator, group: tuple[int, int]) -> None:
-        for rows, part in blocks[group[0] : group[1]]:
-            start = _block_offset(x, part)
-            if rows.dim() > 2:
-                probabilities = della_keep_probabilities(rows.cpu(), density, epsilon)
-            else:
-                rows = rows.cpu().reshape(1, -1) if rows.dim() < 2 else rows.cpu()
-                out = scratch("della probabilities", rows.numel(), torch.float64).view(rows.shape)
-                probabilities = _keep_probabilities_into(rows, density, epsilon, out, scratch("della keys", rows.numel(), torch.int64))
-            _draw_below_in_order(draws, probabilities.reshape(-1).numpy(), flat_mask[start : start + rows.numel()].numpy())
-
-    if len(blocks) > 1 and can_jump(generator):
-        groups = split_evenly(len(blocks), thread_count())
-        map_from_offsets(generator, draw_blocks, groups, lambda group: _block_offset(x, blocks[group[0]][1]), x.numel())
-    else:
-        draw_blocks(generator, (0, len(blocks)))
+    flat_mask = mask.view(-1).numpy()
+    for rows, part in _row_blocks(x, chunk_entries):
+        start = _block_offset(x, part)
+        if rows.dim() > 2:
+            probabilities = della_keep_probabilities(rows.cpu(), density, epsilon)
+        else:
+            rows = rows.cpu().reshape(1, -1) if rows.dim() < 2 else rows.cpu()
+            out = scratch("della probabilities", rows.numel(), torch.float64).view(rows.shape)
+            probabilities = _keep_probabilities_into(rows, density, epsilon, out, scratch("della keys", rows.numel(), torch.int64))
+        _draw_below(generator, probabilities.reshape(-1).numpy(), flat_mask[start : start + rows.numel()])
     return mask.to(x.device)
 
 
