@@ -6,7 +6,6 @@ stack it is given (the caller's [T, ...] buffer) so a tensor costs T copies plus
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable
 
 import torch
@@ -62,18 +61,19 @@ def task_variance(deltas: Tensor | Iterable[Tensor]) -> Tensor:
         raise ValueError("task_variance needs at least one task vector")
     if first.dtype == torch.float64:  # torch rounds float64 reductions otherwise: use it
         return torch.var(torch.stack([first, *parts]), dim=0, unbiased=False)
-    mean = torch.zeros(first.shape, dtype=torch.float64, device=first.device)
+    # the first update from zeros leaves mean = τ_1 and m2 = +0 exactly; the buffers are reused for every task
+    mean = first.to(torch.float64, copy=True)
     m2 = torch.zeros_like(mean)
-    count = 0
-    for count, delta in enumerate(itertools.chain([first], parts), start=1):
-        data = delta.to(torch.float64)
-        step = data - mean
-        mean.add_(step.div(count))
+    data, step, scaled = torch.empty_like(mean), torch.empty_like(mean), torch.empty_like(mean)
+    count = 1
+    for count, delta in enumerate(parts, start=2):
+        data.copy_(delta)
+        torch.sub(data, mean, out=step)
+        torch.div(step, count, out=scaled)
+        mean.add_(scaled)
         data.sub_(mean)
         m2.add_(step.mul_(data))
-        del data, step
-    dtype = first.dtype
-    return m2.div_(count).to(dtype)
+    return m2.div_(count).to(first.dtype)
 
 
 def top_variance_mask(variance: Tensor, fraction: float) -> Tensor:
