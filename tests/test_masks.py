@@ -741,6 +741,7 @@ def test_a_top_cut_applied_chunk_by_chunk_keeps_the_stable_top_k(kind, dtype):
 
     n = 4099
     x = tie_prone(kind, (n,), seed=5).to(dtype)
+    x[::97] = -0.0  # a negative zero outside the cut stays one
     order = torch.sort(x.abs(), descending=True, stable=True).indices
     for k in (1, 7, n // 5, n // 2, n - 1):
         want = torch.zeros(n, dtype=torch.bool)
@@ -750,6 +751,9 @@ def test_a_top_cut_applied_chunk_by_chunk_keeps_the_stable_top_k(kind, dtype):
         pieces = [sp.apply_cut_(x[a : a + 1000].clone(), cut, first=a) for a in range(0, n, 1000)]
         assert torch.equal(torch.cat(pieces), torch.where(want, x, torch.zeros_like(x))), k
         assert int(torch.count_nonzero(sp.cut_mask(x[100:], cut, first=100))) == int(want[100:].sum())
+        dropped = torch.cat([sp.drop_cut_(x[a : a + 1000].clone(), cut, first=a) for a in range(0, n, 1000)])
+        kept_rest = torch.where(want, torch.zeros_like(x), x)
+        assert torch.equal(dropped, kept_rest) and torch.equal(dropped.signbit(), kept_rest.signbit()), k
 
 
 @pytest.mark.parametrize("kind", ["randn", "quantized", "few", "sorted"])
@@ -765,7 +769,7 @@ def test_the_bracketed_selection_is_exact_whether_the_sample_brackets_the_kth_or
     monkeypatch.setattr(sp, "BRACKET_SIGMAS", sigmas)
     calls = []
     bracketed = sp._bracketed
-    monkeypatch.setattr(sp, "_bracketed", lambda flat, k: calls.append(bracketed(flat, k)) or calls[-1])
+    monkeypatch.setattr(sp, "_bracketed", lambda flat, ks: calls.extend(bracketed(flat, ks)) or calls[-len(ks) :])
     n = 3001
     x = tie_prone(kind, (n,), seed=11)
     order = torch.sort(x.abs(), descending=True, stable=True).indices
@@ -773,8 +777,13 @@ def test_the_bracketed_selection_is_exact_whether_the_sample_brackets_the_kth_or
         want = torch.zeros(n, dtype=torch.bool)
         want[order[:k]] = True
         assert torch.equal(sp.cut_mask(x, sp.topk_cut(x, k)), want), k
+    ks = (1, 5, n // 5, n // 2, n - 2)
+    for k, cut in zip(ks, sp.topk_cuts(x, ks)):  # one counting pass for all of them
+        want = torch.zeros(n, dtype=torch.bool)
+        want[order[:k]] = True
+        assert torch.equal(sp.cut_mask(x, cut), want), k
     found = [c is not None for c in calls]
-    assert len(found) == 5
+    assert len(found) == 10
     if sigmas < 0:
         assert not any(found)
     if sigmas == 5.0 and kind in ("randn", "sorted"):

@@ -38,6 +38,7 @@ from .sparsify import (
     l1_norm,
     topk_count_mask,
     topk_cut,
+    topk_cuts,
     topk_mask,
 )
 from .emr import emr_elect, emr_mask, emr_rescaler
@@ -84,6 +85,7 @@ __all__ = [
     "l1_norm",
     "topk_count_mask",
     "topk_cut",
+    "topk_cuts",
     "topk_mask",
     "truncated_svd",
     "weighted_average",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,11 +112,22 @@ def topk_cut(x: Tensor, k: int) -> TopCut:
     torch.kthvalue. The tied entries' cut-off index is searched only when some tied entries fall outside
     the k (bfloat16-derived task vectors tie often).
     """
+    return topk_cuts(x, [k])[0]
+
+
+def topk_cuts(x: Tensor, ks: Sequence[int]) -> list[TopCut]:
+    """``topk_cut`` of x for each of several k, their brackets counted in one pass over x."""
     flat = x.detach().reshape(-1)
     n = flat.numel()
     if flat.device.type != "cpu" or flat.dtype not in (torch.float32, torch.float64):
-        return _cut_at(flat, torch.kthvalue(flat.abs(), n - k + 1).values, k)
-    found = _bracketed(flat, k) if n >= BRACKET_MIN else None
+        return [_cut_at(flat, torch.kthvalue(flat.abs(), n - k + 1).values, k) for k in ks]
+    bracketed = _bracketed(flat, ks) if n >= BRACKET_MIN else [None] * len(ks)
+    return [_cut_from(flat, k, found) for k, found in zip(ks, bracketed)]
+
+
+def _cut_from(flat: Tensor, k: int, found: tuple[np.ndarray, int] | None) -> TopCut:
+    """The cut of k from the magnitudes that may hold the k-th largest and how many are above them (None: all of |x|)."""
+    n = flat.numel()
     if found is None:  # the whole of |x| partitioned (small tensors, or a sample that missed the k-th)
         magnitudes = torch.abs(flat, out=scratch("topk_cut", n, flat.dtype)).numpy()
         found = (magnitudes, 0)
@@ -125,9 +136,9 @@ def topk_cut(x: Tensor, k: int) -> TopCut:
     pos = values.size - need
     values.partition(pos)
     threshold = values[pos]
-    missing = need - int(np.count_nonzero(values[pos + 1 :] > threshold))  # ≥ 1: the k-th entry itself ties
     if pos == 0 or values[:pos].max() != threshold:  # no tied entry outside the k: all of them are kept
         return TopCut(float(threshold), n)
+    missing = need - int(np.count_nonzero(values[pos + 1 :] > threshold))  # ≥ 1: the k-th entry itself ties
     return TopCut(float(threshold), _index_after_ties(flat, float(threshold), missing))
 
 
@@ -140,42 +151,50 @@ BRACKET_SIGMAS = 5.0
 BRACKET_BLOCK = 1 << 16
 
 
-def _bracketed(flat: Tensor, k: int) -> tuple[np.ndarray, int] | None:
-    """(the magnitudes within [lo, hi], how many are above hi) for a bracket [lo, hi] around the k-th largest |x|
-    from quantiles of a fixed-seed sample; None when the k-th largest is not inside it (the caller then
-    partitions everything). Exact either way: the bracket only narrows what is partitioned."""
+def _bracketed(flat: Tensor, ks: Sequence[int]) -> list[tuple[np.ndarray, int] | None]:
+    """For each k: (the magnitudes within [lo, hi], how many are above hi) for a bracket [lo, hi] around the k-th
+    largest |x| from quantiles of a fixed-seed sample; None when the k-th largest is not inside it (the caller
+    then partitions everything). Exact either way: the bracket only narrows what is partitioned. One pass over
+    x counts for every k."""
     n = flat.numel()
     sample = flat[torch.randint(n, (BRACKET_SAMPLE,), generator=torch.Generator().manual_seed(0))].abs().numpy()
     sample.sort()
-    below = (n - k) / n  # fraction of the entries below the k-th largest
-    margin = int(BRACKET_SIGMAS * math.sqrt(BRACKET_SAMPLE * below * (1 - below))) + 16
-    at = below * (BRACKET_SAMPLE - 1)
-    low, high = math.floor(at) - margin, math.ceil(at) + margin
-    lo = 0.0 if low <= 0 else sample[min(low, BRACKET_SAMPLE - 1)]  # past the sample's ends the bracket is open
-    hi = math.inf if high >= BRACKET_SAMPLE - 1 else sample[max(high, 0)]
+    brackets = []
+    for k in ks:
+        below = (n - k) / n  # fraction of the entries below the k-th largest
+        margin = int(BRACKET_SIGMAS * math.sqrt(BRACKET_SAMPLE * below * (1 - below))) + 16
+        at = below * (BRACKET_SAMPLE - 1)
+        low, high = math.floor(at) - margin, math.ceil(at) + margin
+        lo = 0.0 if low <= 0 else sample[min(low, BRACKET_SAMPLE - 1)]  # past the sample's ends the bracket is open
+        hi = math.inf if high >= BRACKET_SAMPLE - 1 else sample[max(high, 0)]
+        brackets.append((lo, hi))
     values = flat.numpy()
 
-    def count(part: tuple[int, int]) -> tuple[int, list[np.ndarray]]:
+    def count(part: tuple[int, int]) -> list[tuple[int, list[np.ndarray]]]:
         magnitudes = scratch("bracket", BRACKET_BLOCK, flat.dtype).numpy()
         inside = scratch("bracket_in", BRACKET_BLOCK, torch.bool).numpy()
         upper = scratch("bracket_up", BRACKET_BLOCK, torch.bool).numpy()
-        above, kept = 0, []
+        counts: list[tuple[int, list[np.ndarray]]] = [(0, []) for _ in brackets]
         for start in range(part[0], part[1], BRACKET_BLOCK):
             block = values[start : min(start + BRACKET_BLOCK, part[1])]
             size = block.size
             a = np.abs(block, out=magnitudes[:size])
-            above += int(np.count_nonzero(np.greater(a, hi, out=upper[:size])))
-            np.greater_equal(a, lo, out=inside[:size])
-            np.logical_and(inside[:size], np.logical_not(upper[:size], out=upper[:size]), out=inside[:size])
-            kept.append(a[inside[:size]])
-        return above, kept
+            for i, (lo, hi) in enumerate(brackets):
+                above, kept = counts[i]
+                above += int(np.count_nonzero(np.greater(a, hi, out=upper[:size])))
+                np.greater_equal(a, lo, out=inside[:size])
+                np.logical_and(inside[:size], np.logical_not(upper[:size], out=upper[:size]), out=inside[:size])
+                kept.append(a[inside[:size]])
+                counts[i] = (above, kept)
+        return counts
 
     counted = map_parts(count, split_evenly(n, thread_count(), BRACKET_BLOCK))
-    above = sum(part_above for part_above, _ in counted)
-    inside_values = np.concatenate([piece for _, pieces in counted for piece in pieces])
-    if not 1 <= k - above <= inside_values.size:
-        return None
-    return inside_values, above
+    found: list[tuple[np.ndarray, int] | None] = []
+    for i, k in enumerate(ks):
+        above = sum(part[i][0] for part in counted)
+        inside_values = np.concatenate([piece for part in counted for piece in part[i][1]])
+        found.append((inside_values, above) if 1 <= k - above <= inside_values.size else None)
+    return found
 
 
 def _cut_at(flat: Tensor, threshold: Tensor, k: int) -> TopCut:
@@ -456,16 +475,22 @@ def breadcrumbs_cuts(x: Tensor, density: float, gamma: float) -> tuple[TopCut | 
     target = keep_count(n, density)
     n_top = min(keep_count(n, gamma), n - target)
 
-    def top(k: int) -> TopCut | bool:
-        return k > 0 if k <= 0 or k >= n else topk_cut(x, k)
-
-    return top(n_top + target), top(n_top)
+    ks = [n_top + target, n_top]
+    cuts = iter(topk_cuts(x, [k for k in ks if 0 < k < n]))
+    top, outliers = (k > 0 if k <= 0 or k >= n else next(cuts) for k in ks)
+    return top, outliers
 
 
 def drop_cut_(x: Tensor, cut: TopCut, first: int = 0) -> Tensor:
-    """x (contiguous; from flat index ``first`` of the cut tensor on) with the entries inside the cut zeroed, in place."""
+    """x (contiguous; from flat index ``first`` of the cut tensor on) with the entries inside the cut zeroed, in
+    place: x − hardshrink(x) (x − x = +0 inside, x − 0 = x outside, −0 kept), two passes and no bool mask."""
     flat = x.view(-1)
-    return flat.masked_fill_(cut_mask(flat, cut, first), 0).view(x.shape)
+    split = _cut_split(cut, first, flat.numel())
+    if split:
+        flat[:split].sub_(torch.hardshrink(flat[:split], _at_least(cut.threshold, x.dtype)))
+    if split < flat.numel():
+        flat[split:].sub_(torch.hardshrink(flat[split:], cut.threshold))
+    return x
 
 
 def breadcrumbs(x: Tensor, density: float, gamma: float, scope: str = "row") -> Tensor:
