@@ -327,6 +327,33 @@ def test_disjoint_mean_unit_weights_is_mean_of_nonzero_agreeing(T, n, data):
         assert got[i] == (sum(agree) / len(agree) if agree else 0.0)
 
 
+@pytest.mark.parametrize("mode", ["mean", "sum"])
+@pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0], [0.5, -1.5, 2.0]])
+def test_disjoint_sum_is_the_signed_running_sum_bit_for_bit_zeros_signs_included(mode, weights):
+    """disjoint_sum adds the agreeing magnitudes and puts the sign back once: the same bits as adding the agreeing
+    signed values from +0 (a plain where-and-add here), the sign of every zero included."""
+    from mergekit_lite.ops.combine import disjoint_sum
+
+    torch.manual_seed(7)
+    n = 5000
+    trimmed = [torch.randn(n) for _ in weights]
+    for t, d in enumerate(trimmed):
+        d[t::5] = 0.0
+        d[t + 1 :: 7] = -0.0
+        d[::11] = trimmed[0][::11].abs()  # equal magnitudes across tasks
+    positive = torch.rand(n) < 0.5
+    merged, divisor = torch.zeros(n), torch.zeros(n)
+    for d, w in zip(trimmed, weights):
+        v = d * w
+        agree = torch.where(positive, v > 0, v < 0)
+        merged = merged + torch.where(agree, v, torch.zeros(()))
+        divisor = divisor + agree.float() * w
+    want = merged / torch.where(divisor == 0, 1.0, divisor) if mode == "mean" else merged
+    got = disjoint_sum([d.clone() for d in trimmed], positive, weights, mode)
+    assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
+    assert bool((got == 0).any()) and bool(((got == 0) & ~positive).any())  # zeros under a negative sign were made
+
+
 @pytest.mark.parametrize("mode", ["mean", "sum", "max"])
 def test_ties_merge_matches_loop_reference_random(mode):
     T, shape = 4, (5, 6)

@@ -304,3 +304,26 @@ def test_task_variance_is_torch_var_bit_for_bit(count, dtype):
     assert torch.equal(task_variance(deltas), want)
     assert torch.equal(task_variance(iter(deltas)), want)
     assert torch.equal(task_variance(torch.stack(deltas)), want)
+
+
+@pytest.mark.parametrize("mode", ["mean", "sum"])
+def test_sce_erase_is_the_signed_weighted_sum_bit_for_bit(mode):
+    """The erase step adds the agreeing magnitudes and puts the sign back once: the same bits as a plain
+    signed, weighted running sum from +0, the sign of every zero included."""
+    from mergekit_lite.ops.sce import SCE_DIVISOR_FLOOR, sce_erase
+
+    torch.manual_seed(8)
+    deltas = torch.randn(3, 4000)
+    deltas[:, ::9] = 0.0
+    deltas[1, 1::13] = -0.0
+    deltas[:, 5::17] = torch.tensor([1.0, -1.0, 0.0]).unsqueeze(1)  # sums of zero: counted positive
+    weights = [0.2, 0.5, 0.3]
+    positive = deltas.sum(dim=0) >= 0
+    merged, divisor = torch.zeros(4000), torch.zeros(4000)
+    for d, w in zip(deltas, weights):
+        agree = torch.where(positive, d > 0, d < 0)
+        merged = torch.add(merged, torch.where(agree, d, torch.zeros(())), alpha=w)  # torch's fused a + w·b
+        divisor = divisor + agree.float() * w
+    want = merged / divisor.clamp(min=SCE_DIVISOR_FLOOR) if mode == "mean" else merged
+    got = sce_erase(deltas.clone(), weights, mode)
+    assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())

@@ -143,10 +143,23 @@ def keep_agreeing_(v: Tensor, sign: Tensor, count: Tensor | None = None, weight:
     v·s > 0 exactly where v agrees, so v·s is clamped at 0 and multiplied back by s (·±1 is exact):
     5.7× faster on the CPU than a bool ``where`` and product (measured on 16.8M float32 entries).
     """
+    return agreeing_magnitudes_(v, sign, count, weight).mul_(sign)
+
+
+def agreeing_magnitudes_(v: Tensor, sign: Tensor, count: Tensor | None = None, weight: float = 1.0) -> Tensor:
+    """``keep_agreeing_`` before the sign goes back on: |v| where v agrees, 0 elsewhere, in place. A sum of these
+    times the sign is the sum of the agreeing values bit for bit (rounding is symmetric under negation), but for
+    a zero sum's sign: ``with_sign_`` puts the sign back once, not once per task."""
     v.mul_(sign).clamp_(min=0)
     if count is not None:
         count.add_(torch.sign(v), alpha=weight)  # 1 where it agrees, 0 elsewhere
-    return v.mul_(sign)
+    return v
+
+
+def with_sign_(magnitudes: Tensor, sign: Tensor) -> Tensor:
+    """A sum of ``agreeing_magnitudes_`` (or its mean) times the elected sign, in place; + 0 makes
+    a −0 from a negative sign +0, as the signed running sum from +0 gives."""
+    return magnitudes.mul_(sign).add_(0.0)
 
 
 def disjoint_sum(trimmed: Iterable[Tensor], positive: Tensor, weights: Sequence[float], mode: str = "mean") -> Tensor:
@@ -154,7 +167,8 @@ def disjoint_sum(trimmed: Iterable[Tensor], positive: Tensor, weights: Sequence[
     this function may overwrite, handed out one at a time) reduced with running sums.
 
     Works on any slice of a tensor (each entry is reduced on its own), so a caller may run it on row
-    chunks and get the same numbers as on the whole tensor.
+    chunks and get the same numbers as on the whole tensor. Sum and mean add the agreeing magnitudes and
+    put the sign back once (the same bits as adding the signed values).
     """
     _check_mode(mode)
     merged: Tensor | None = None
@@ -166,9 +180,10 @@ def disjoint_sum(trimmed: Iterable[Tensor], positive: Tensor, weights: Sequence[
             best = torch.zeros_like(delta) if mode == "max" else None
             divisor = torch.zeros_like(delta) if mode == "mean" else None
             sign = sign_of(positive, delta.dtype)  # once for every task
-        v = keep_agreeing_(delta if w == 1.0 else delta.mul_(w), sign, divisor, w)  # ·1 is exact: skipped
+        v = agreeing_magnitudes_(delta if w == 1.0 else delta.mul_(w), sign, divisor, w)  # ·1 is exact: skipped
         del delta
         if best is not None:  # max: the agreeing value of largest |v|, the first one on ties (argmax)
+            v.mul_(sign)
             larger = v.abs() > best
             merged = torch.where(larger, v, merged)
             best = torch.where(larger, v.abs(), best)
@@ -179,7 +194,7 @@ def disjoint_sum(trimmed: Iterable[Tensor], positive: Tensor, weights: Sequence[
         raise ValueError("disjoint_sum needs at least one task vector")
     if divisor is not None:
         merged.div_(divisor.masked_fill_(divisor == 0, 1))
-    return merged
+    return merged if best is not None else with_sign_(merged, sign)
 
 
 def ties_merge(

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .checks import _check_stacked
-from .combine import keep_agreeing_, sign_of
+from .combine import agreeing_magnitudes_, sign_of, with_sign_
 from .sparsify import topk_count_mask
 
 #: mergekit 0.1.5's rule: below this summed energy, SCE weights fall back to uniform.
@@ -142,6 +142,6 @@ def sce_erase(deltas: Tensor, weights: list[float], mode: str = "mean") -> Tenso
     sign = sign_of(deltas.sum(dim=0) >= 0, deltas.dtype)
     merged = torch.zeros_like(deltas[0])
     divisor = torch.zeros_like(deltas[0]) if mode == "mean" else None
-    for t, w in enumerate(weights):
-        merged.add_(keep_agreeing_(deltas[t], sign, divisor, w), alpha=w)
-    return merged if divisor is None else merged.div_(divisor.clamp_(min=SCE_DIVISOR_FLOOR))
+    for t, w in enumerate(weights):  # the agreeing magnitudes added, the sign put back once (the same bits)
+        merged.add_(agreeing_magnitudes_(deltas[t], sign, divisor, w), alpha=w)
+    return with_sign_(merged if divisor is None else merged.div_(divisor.clamp_(min=SCE_DIVISOR_FLOOR)), sign)
