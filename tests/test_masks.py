@@ -856,6 +856,21 @@ def test_l1_norm_is_accurate_on_a_large_tensor_whatever_the_thread_count():
     assert abs(got[1][1] - float(strided.double().abs().sum())) <= 1e-6 * exact
 
 
+def test_l1_norm_with_a_keep_mask_is_the_norm_of_the_masked_copy_bit_for_bit():
+    from mergekit_lite.ops import l1_norm
+
+    torch.manual_seed(1)
+    x = torch.randn((2 << 20) + 777) * 0.01
+    x[::5] = -0.0
+    keep = torch.rand(x.shape) < 0.4
+    masked = torch.where(keep, x, torch.zeros(()))
+    assert l1_norm(x, keep) == l1_norm(masked) != l1_norm(x)
+    assert abs(l1_norm(x, keep) - float(masked.double().abs().sum())) <= 1e-6 * float(masked.double().abs().sum())
+    y = x.clone()
+    l1_norm(y, keep)
+    assert torch.equal(y, x) and torch.equal(y.signbit(), x.signbit())  # x itself is left as it was
+
+
 @pytest.mark.parametrize("kind", ["randn", "quantized", "few"])
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
 def test_the_methods_cuts_applied_by_row_chunks_keep_the_stable_reference_entries(kind, method):

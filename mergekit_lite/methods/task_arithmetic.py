@@ -346,7 +346,7 @@ def fix_what_each_task_keeps(source: TaskVectorSource, sparsify_rows: RowSparsif
                 rows_kept = rule(delta, t, start * per_row)
                 if rows_kept.l1_before is not None:
                     before[t] += rows_kept.l1_before
-                    after[t] += l1_norm(Kept(rows_kept.mask).apply(delta))
+                    after[t] += l1_norm(delta, rows_kept.mask)
                     rows_kept.l1_before = None
                 kept[t, start] = rows_kept.pack() if chunked else rows_kept
                 del delta

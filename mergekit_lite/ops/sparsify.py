@@ -279,16 +279,20 @@ L1_BLOCK = 1 << 20
 L1_ROW = 1 << 15
 
 
-def l1_norm(x: Tensor) -> float:
-    """‖x‖₁: float32 sums of rows of L1_ROW entries (torch's cascade sum), added up in float64.
+def l1_norm(x: Tensor, keep: Tensor | None = None) -> float:
+    """‖x‖₁ (with a bool ``keep`` of x's shape: ‖x ⊙ keep‖₁, the same float, without a masked copy of x):
+    float32 sums of rows of L1_ROW entries (torch's cascade sum), added up in float64.
 
     torch's float32 ``vector_norm(x, 1)`` drifts on large tensors and with the thread count (measured on
     32.8M entries: 1.5 % low on 2 threads, 6 % on one); the L1 rescale's factor must not (mergekit's
     ``abs().sum()`` does not either). 7× faster than a float64 sum."""
     flat = x.reshape(-1)
+    kept = None if keep is None else keep.reshape(-1)
     total = 0.0
     for start in range(0, flat.numel(), L1_BLOCK):
         block = flat[start : start + L1_BLOCK].abs()
+        if kept is not None:
+            apply_mask_(block, kept[start : start + L1_BLOCK])  # |x|·keep = |x·keep|, exactly
         whole = block.numel() - block.numel() % L1_ROW
         if whole:
             total += float(block[:whole].view(-1, L1_ROW).sum(dim=1).double().sum())
