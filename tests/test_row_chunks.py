@@ -137,6 +137,8 @@ ENTRYWISE = [
     ("task_arithmetic", {"normalize": True}),
     ("linear", {}),
     ("linear", {"normalize": False}),
+    ("ram", {}),
+    ("ram", {"epsilon": 0.02}),
 ]
 
 
@@ -158,6 +160,12 @@ def _dense(demo: dict[str, Path], method: str, params: dict) -> dict[str, torch.
             if params.get("normalize"):
                 total = total / sum(WEIGHTS)
             out[name] = (b.float() + 0.8 * total).to(b.dtype)
+        elif method == "ram":  # changed entries (|τ| > ε) averaged over the tasks that changed them; no weights, no λ
+            taus = [x - b.float() for x in xs]
+            epsilon = params.get("epsilon", 1e-5)
+            total = sum(torch.where(tau.abs() > epsilon, tau, torch.zeros(())) for tau in taus)
+            count = sum((tau.abs() > epsilon).float() for tau in taus)
+            out[name] = (b.float() + total / count.clamp(min=1)).to(b.dtype)
         else:  # the base is an input too (mergekit's rule), at weight 1
             weights = (*WEIGHTS, 1.0)
             total = sum(w * x for w, x in zip(weights, [*xs, b.float()]))
