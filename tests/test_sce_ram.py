@@ -327,3 +327,24 @@ def test_sce_erase_is_the_signed_weighted_sum_bit_for_bit(mode):
     want = merged / divisor.clamp(min=SCE_DIVISOR_FLOOR) if mode == "mean" else merged
     got = sce_erase(deltas.clone(), weights, mode)
     assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
+
+
+@pytest.mark.parametrize("eps", [0.25, 0.0])
+def test_ram_accumulate_keeps_exactly_the_entries_beyond_epsilon(eps) -> None:
+    """|τ| > ε exactly (entries at ±ε, zeros of either sign, one float32 step past ε), bit for bit with a plain mask."""
+    from mergekit_lite.ops.ram import ram_accumulate
+
+    step = float(torch.nextafter(torch.tensor(0.25), torch.tensor(1.0)))
+    d = torch.tensor([
+        [0.25, -0.25, step, -step, -0.0, 0.0, 1.0, -2.0],
+        [0.5, 0.25, -0.0, 0.1, -0.0, 3.0, -1.0, 0.0],
+    ])
+    state = ram_accumulate((row.clone() for row in d), eps, track_owner=True)
+    active = d.abs() > eps
+    total = torch.zeros(d.shape[1])
+    for row, a in zip(d, active):
+        total = total + torch.where(a, row, torch.zeros(()))
+    assert torch.equal(state.total, total) and torch.equal(state.total.signbit(), total.signbit())
+    assert torch.equal(state.count, active.sum(0).to(torch.int16))
+    assert state.active == [int(a.sum()) for a in active]
+    assert torch.equal(state.owner, torch.where(active[1], 1, torch.where(active[0], 0, -1)).to(torch.int16))

@@ -50,13 +50,18 @@ def ram_accumulate(deltas: Iterable[Tensor], epsilon: float, track_owner: bool =
             state = RamState(torch.zeros_like(delta), torch.zeros(delta.shape, dtype=torch.int16, device=delta.device), owner)
         if t >= 32767:
             raise ValueError("RAM counts at most 32767 task vectors")
-        active = active_mask(delta, epsilon)
+        if epsilon >= 0 and delta.is_floating_point():  # hardshrink keeps |τ| > ε, the rest +0 (as the mask): 1 pass for 4
+            kept = torch.hardshrink(delta, epsilon, out=delta)
+            active = kept != 0  # an active entry is never 0 (|τ| > ε ≥ 0)
+        else:
+            active = active_mask(delta, epsilon)
+            kept = delta.masked_fill_(~active, 0)
         state.active.append(int(torch.count_nonzero(active)))
-        state.total.add_(delta.masked_fill_(~active, 0))
+        state.total.add_(kept)
         state.count.add_(active)
         if state.owner is not None:
             state.owner.masked_fill_(active, t)
-        del active, delta
+        del active, delta, kept
     if state is None:
         raise ValueError("RAM needs at least one task vector")
     return state
