@@ -17,14 +17,14 @@ import torch
 
 from ..ops import (
     apply_cut_,
-    breadcrumbs_cuts,
-    drop_cut_,
     apply_mask_,
+    breadcrumbs_cuts,
     breadcrumbs_mask,
     dare_mask,
     della_keep_probabilities_as,
     della_mask,
     disjoint_sum,
+    drop_cut_,
     elected_positive,
     generator_for,
     keep_count,

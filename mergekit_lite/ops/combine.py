@@ -132,24 +132,18 @@ def elected_positive(total: Tensor, fallback: float = 1.0) -> Tensor:
 
 
 def sign_of(positive: Tensor, dtype: torch.dtype) -> Tensor:
-    """The elected sign as ±1 in ``dtype`` (1 where ``positive``), for ``keep_agreeing_``."""
+    """The elected sign as ±1 in ``dtype`` (1 where ``positive``), for ``agreeing_magnitudes_``."""
     return torch.where(positive, 1.0, -1.0).to(dtype)
 
 
-def keep_agreeing_(v: Tensor, sign: Tensor, count: Tensor | None = None, weight: float = 1.0) -> Tensor:
-    """v's entries of the elected sign (``sign`` ±1 per entry) kept, the others made ±0, in place; ``count``
-    (if given) gets ``weight`` added where v agrees (non-zero, of the elected sign).
-
-    v·s > 0 exactly where v agrees, so v·s is clamped at 0 and multiplied back by s (·±1 is exact):
-    5.7× faster on the CPU than a bool ``where`` and product (measured on 16.8M float32 entries).
-    """
-    return agreeing_magnitudes_(v, sign, count, weight).mul_(sign)
-
-
 def agreeing_magnitudes_(v: Tensor, sign: Tensor, count: Tensor | None = None, weight: float = 1.0) -> Tensor:
-    """``keep_agreeing_`` before the sign goes back on: |v| where v agrees, 0 elsewhere, in place. A sum of these
-    times the sign is the sum of the agreeing values bit for bit (rounding is symmetric under negation), but for
-    a zero sum's sign: ``with_sign_`` puts the sign back once, not once per task."""
+    """|v| where v agrees with the elected sign (``sign`` ±1 per entry), 0 elsewhere, in place; ``count`` (if given)
+    gets ``weight`` added where v agrees (non-zero, of the elected sign).
+
+    v·s > 0 exactly where v agrees, so v·s is clamped at 0 (5.7× faster on the CPU than a bool ``where`` and
+    product, measured on 16.8M float32 entries). A sum of these times the sign is the sum of the agreeing values
+    bit for bit (rounding is symmetric under negation), but for a zero sum's sign: ``with_sign_`` puts the sign
+    back once, not once per task."""
     v.mul_(sign).clamp_(min=0)
     if count is not None:
         count.add_(torch.sign(v), alpha=weight)  # 1 where it agrees, 0 elsewhere

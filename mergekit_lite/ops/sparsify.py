@@ -170,29 +170,28 @@ def _bracketed(flat: Tensor, ks: Sequence[int]) -> list[tuple[np.ndarray, int] |
         brackets.append((lo, hi))
     values = flat.numpy()
 
-    def count(part: tuple[int, int]) -> list[tuple[int, list[np.ndarray]]]:
+    def count(part: tuple[int, int]) -> tuple[list[int], list[list[np.ndarray]]]:
         magnitudes = scratch("bracket", BRACKET_BLOCK, flat.dtype).numpy()
         inside = scratch("bracket_in", BRACKET_BLOCK, torch.bool).numpy()
         upper = scratch("bracket_up", BRACKET_BLOCK, torch.bool).numpy()
-        counts: list[tuple[int, list[np.ndarray]]] = [(0, []) for _ in brackets]
+        above = [0] * len(brackets)
+        kept: list[list[np.ndarray]] = [[] for _ in brackets]
         for start in range(part[0], part[1], BRACKET_BLOCK):
             block = values[start : min(start + BRACKET_BLOCK, part[1])]
             size = block.size
             a = np.abs(block, out=magnitudes[:size])
             for i, (lo, hi) in enumerate(brackets):
-                above, kept = counts[i]
-                above += int(np.count_nonzero(np.greater(a, hi, out=upper[:size])))
+                above[i] += int(np.count_nonzero(np.greater(a, hi, out=upper[:size])))
                 np.greater_equal(a, lo, out=inside[:size])
                 np.logical_and(inside[:size], np.logical_not(upper[:size], out=upper[:size]), out=inside[:size])
-                kept.append(a[inside[:size]])
-                counts[i] = (above, kept)
-        return counts
+                kept[i].append(a[inside[:size]])
+        return above, kept
 
     counted = map_parts(count, split_evenly(n, thread_count(), BRACKET_BLOCK))
     found: list[tuple[np.ndarray, int] | None] = []
     for i, k in enumerate(ks):
-        above = sum(part[i][0] for part in counted)
-        inside_values = np.concatenate([piece for part in counted for piece in part[i][1]])
+        above = sum(part_above[i] for part_above, _ in counted)
+        inside_values = np.concatenate([piece for _, part_kept in counted for piece in part_kept[i]])
         found.append((inside_values, above) if 1 <= k - above <= inside_values.size else None)
     return found
 
@@ -520,6 +519,10 @@ def della_keep_probabilities(x: Tensor, density: float, epsilon: float) -> Tenso
     return _keep_probabilities_into(rows, density, epsilon, out).reshape(x.shape)
 
 
+_BITS_DTYPES = {torch.float32: np.int32, torch.bfloat16: np.int16, torch.float16: np.int16}
+DELLA_SPLIT_MIN = 1 << 16  # entries: a block of rows at least twice this is sorted on several threads
+
+
 def _keep_probabilities_into(rows: Tensor, density: float, epsilon: float, out: Tensor, keys: Tensor | None = None) -> Tensor:
     """``della_keep_probabilities`` of a 2-D ``rows`` written into ``out`` (float64, rows' shape); ``keys`` an
     optional int64 buffer of rows' size for the CPU sort. Large blocks of rows are sorted on the CPU threads
@@ -539,10 +542,6 @@ def _keep_probabilities_into(rows: Tensor, density: float, epsilon: float, out: 
     for (start, stop), order in zip(parts, orders):
         out[start:stop].scatter_(1, order, by_rank.expand(stop - start, n))
     return out
-
-
-_BITS_DTYPES = {torch.float32: np.int32, torch.bfloat16: np.int16, torch.float16: np.int16}
-DELLA_SPLIT_MIN = 1 << 16  # entries: a block of rows at least twice this is sorted on several threads
 
 
 def _stable_magnitude_order(rows: Tensor, keys_buffer: Tensor | None = None) -> Tensor:
