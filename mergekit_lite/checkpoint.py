@@ -9,6 +9,7 @@ through huggingface_hub's cache (honouring HF_HUB_OFFLINE). Pickles are only eve
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import warnings
@@ -324,6 +325,10 @@ class Checkpoint:
 
 
 # -- weight file readers ------------------------------------------------------------------------
+#: reads of at least this many bytes are mapped (copy-on-write) instead of copied: converting straight from the
+#: page cache skips the copy into fresh memory and its page faults (a 65 MB bfloat16 tensor read and converted to
+#: float32: 43 ms with pread, 10 ms mapped); smaller reads use pread (a mapping costs two system calls)
+MAP_MIN_BYTES = 1 << 20
 class _SafetensorsFile:
     """Header-first reader over one .safetensors file, reading each tensor with pread into fresh memory.
 
@@ -447,19 +452,37 @@ class _SafetensorsFile:
         """``nbytes`` of tensor ``name`` from ``skip`` bytes into its data, as a new tensor of ``shape``."""
         info = self._infos[name]
         begin, _ = self._offsets[name]
-        tensor = torch.empty(shape, dtype=info.dtype)
         if nbytes == 0:
-            return tensor
+            return torch.empty(shape, dtype=info.dtype)
         if self._fd is None:
             raise CheckpointError(f"{_show(self.path)}: already closed")
+        position = self._data_start + begin + skip
+        if nbytes >= MAP_MIN_BYTES and position % info.dtype.itemsize == 0:
+            mapped = self._mapped(name, position, nbytes)
+            if mapped is not None:
+                return torch.frombuffer(mapped[0], dtype=info.dtype, offset=mapped[1], count=nbytes // info.dtype.itemsize).view(shape)
+        tensor = torch.empty(shape, dtype=info.dtype)
         buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-        position, done = self._data_start + begin + skip, 0
+        done = 0
         while done < nbytes:
             n = os.preadv(self._fd, [buffer[done:]], position + done)
             if n <= 0:
                 raise CheckpointError(f"{_show(self.path)}: file ended while reading tensor {_show(name)}; it was truncated after opening")
             done += n
         return tensor
+
+    def _mapped(self, name: str, position: int, nbytes: int) -> tuple[mmap.mmap, int] | None:
+        """A private copy-on-write mapping of the bytes [position, position + nbytes) and their offset in it; None
+        where the file cannot be mapped (the caller reads it instead). The tensor made on it owns the mapping:
+        unmapped when the tensor goes, changes to it never reach the file."""
+        assert self._fd is not None
+        if os.fstat(self._fd).st_size < position + nbytes:  # a mapped read past the end would kill the process (SIGBUS)
+            raise CheckpointError(f"{_show(self.path)}: file ended while reading tensor {_show(name)}; it was truncated after opening")
+        start = position - position % mmap.ALLOCATIONGRANULARITY
+        try:
+            return mmap.mmap(self._fd, position + nbytes - start, access=mmap.ACCESS_COPY, offset=start), position - start
+        except (OSError, ValueError):  # a file system without mmap, or a descriptor that is not a regular file
+            return None
 
     def close(self) -> None:
         if self._fd is not None:

@@ -220,3 +220,45 @@ def test_reader_agrees_with_safetensors_for_every_dtype(tmp_path, dtype):
     got = _read_all(tmp_path / "x.safetensors")
     want = load_file(tmp_path / "x.safetensors")
     _assert_same(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8, torch.bool])
+def test_mapped_reads_are_the_files_bytes_and_independent_copies(tmp_path, monkeypatch, dtype):
+    """Reads of at least MAP_MIN_BYTES are mapped copy-on-write: the same values as safetensors' reader, whole and
+    by rows; a change to one stays in it (not in the file, not in the next read); an odd offset is read instead."""
+    from safetensors.torch import load_file
+
+    from mergekit_lite import checkpoint
+
+    monkeypatch.setattr(checkpoint, "MAP_MIN_BYTES", 64)
+    g = torch.Generator().manual_seed(1)
+    tensors = {"big": (torch.randn(300, 70, generator=g) * 10).to(dtype), "odd": torch.ones(3, dtype=torch.int8),
+               "after": (torch.randn(50, 33, generator=g) * 10).to(dtype)}  # at an offset that is not a page's
+    path = tmp_path / "x.safetensors"
+    save_file(tensors, path)
+    before = path.read_bytes()
+    want = load_file(path)
+    mapped = []
+    real = checkpoint._SafetensorsFile._mapped
+    monkeypatch.setattr(checkpoint._SafetensorsFile, "_mapped", lambda self, *a: mapped.append(a) or real(self, *a))
+    with open_checkpoint(path) as ckpt:
+        for name in ("big", "after"):
+            first = ckpt.get(name)
+            assert torch.equal(first, want[name])
+            assert torch.equal(ckpt.get_rows(name, 7, 19), want[name][7:19])
+            first.view(torch.uint8).bitwise_xor_(1)  # written over: a private copy of the page, not the file
+            assert torch.equal(ckpt.get(name), want[name]) and not torch.equal(first, want[name])
+            del first
+    assert len(mapped) >= 4 and path.read_bytes() == before
+
+
+def test_file_truncated_after_opening_is_a_clear_error_for_mapped_reads(tmp_path, monkeypatch):
+    from mergekit_lite import checkpoint
+
+    monkeypatch.setattr(checkpoint, "MAP_MIN_BYTES", 64)
+    path = tmp_path / "x.safetensors"
+    save_file({"a": torch.zeros(100, 100)}, path)
+    with open_checkpoint(path) as ckpt:
+        os.truncate(path, path.stat().st_size - 1000)
+        with pytest.raises(CheckpointError, match="x.safetensors: file ended while reading tensor a; it was truncated"):
+            ckpt.get("a")
