@@ -328,7 +328,7 @@ def test_disjoint_mean_unit_weights_is_mean_of_nonzero_agreeing(T, n, data):
 
 
 @pytest.mark.parametrize("mode", ["mean", "sum"])
-@pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0], [0.5, -1.5, 2.0]])
+@pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0], [0.5, -1.5, 2.0], [0.1, 0.3, 0.7]])  # the last: the clamped divisor
 def test_disjoint_sum_is_the_signed_running_sum_bit_for_bit_zeros_signs_included(mode, weights):
     """disjoint_sum adds the agreeing magnitudes and puts the sign back once: the same bits as adding the agreeing
     signed values from +0 (a plain where-and-add here), the sign of every zero included."""
@@ -349,9 +349,26 @@ def test_disjoint_sum_is_the_signed_running_sum_bit_for_bit_zeros_signs_included
         merged = merged + torch.where(agree, v, torch.zeros(()))
         divisor = divisor + agree.float() * w
     want = merged / torch.where(divisor == 0, 1.0, divisor) if mode == "mean" else merged
-    got = disjoint_sum([d.clone() for d in trimmed], positive, weights, mode)
+    got = disjoint_sum([d.clone() for d in trimmed], torch.where(positive, 1.0, -1.0), weights, mode)
     assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
     assert bool((got == 0).any()) and bool(((got == 0) & ~positive).any())  # zeros under a negative sign were made
+
+
+@pytest.mark.parametrize("fallback", [1.0, 0.0, -1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_elected_sign_is_the_comparison_of_the_sum(fallback, dtype):
+    """elected_sign (float passes) equals the plain reading: +1 where the sum is > 0, or ≥ 0 when the fallback is
+    positive (−0 and +0 alike), −1 elsewhere; tiny and huge sums included."""
+    from mergekit_lite.ops.combine import elected_sign
+
+    torch.manual_seed(3)
+    total = torch.randn(4000, dtype=dtype)
+    total[::7], total[1::7] = 0.0, -0.0
+    total[2::11] = torch.finfo(dtype).tiny / 4  # subnormal
+    total[3::11] = -torch.finfo(dtype).max
+    positive = total >= 0 if fallback > 0 else total > 0
+    got = elected_sign(total.clone(), fallback)
+    assert got.dtype == dtype and torch.equal(got, torch.where(positive, 1.0, -1.0).to(dtype))
 
 
 @pytest.mark.parametrize("mode", ["mean", "sum", "max"])

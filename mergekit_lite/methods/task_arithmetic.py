@@ -25,7 +25,7 @@ from ..ops import (
     della_mask,
     disjoint_sum,
     drop_cut_,
-    elected_positive,
+    elected_sign,
     generator_for,
     keep_count,
     l1_norm,
@@ -379,9 +379,8 @@ def elect_rows(source: TaskVectorSource, sparsify_rows: RowSparsifier | None, sp
         total = trimmed[0] * weights[0]  # as 0 + w·τ̂ (a zero's sign aside, which the election reads as 0)
         for w, kept_rows in zip(weights[1:], trimmed[1:]):
             total.add_(kept_rows, alpha=w)
-        positive = elected_positive(total, fallback)
-        del total
-        return disjoint_sum((trimmed.pop(0) for _ in range(source.count)), positive, weights, mode)
+        sign = elected_sign(total, fallback)  # written over the sum
+        return disjoint_sum((trimmed.pop(0) for _ in range(source.count)), sign, weights, mode)
 
     return merged_by_row_chunks(source, merge_rows)
 

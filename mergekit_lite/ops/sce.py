@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .checks import _check_stacked
-from .combine import agreeing_magnitudes_, sign_of, with_sign_
+from .combine import agreeing_magnitudes_, elected_sign, with_sign_
 from .sparsify import topk_count_mask
 
 #: mergekit 0.1.5's rule: below this summed energy, SCE weights fall back to uniform.
@@ -139,7 +139,7 @@ def sce_erase(deltas: Tensor, weights: list[float], mode: str = "mean") -> Tenso
     γ = sign(Σ_t τ_t) (zero counts as +), then the η-weighted mean (or sum) of the entries agreeing with γ."""
     if mode not in ("mean", "sum"):
         raise ValueError(f"mode must be mean or sum, got {mode!r}")
-    sign = sign_of(deltas.sum(dim=0) >= 0, deltas.dtype)
+    sign = elected_sign(deltas.sum(dim=0))
     merged = torch.zeros_like(deltas[0])
     divisor = torch.zeros_like(deltas[0]) if mode == "mean" else None
     for t, w in enumerate(weights):  # the agreeing magnitudes added, the sign put back once (the same bits)
