@@ -125,13 +125,26 @@ def topk_cuts(x: Tensor, ks: Sequence[int]) -> list[TopCut]:
     return [_cut_from(flat, k, found) for k, found in zip(ks, bracketed)]
 
 
-def _cut_from(flat: Tensor, k: int, found: tuple[np.ndarray, int] | None) -> TopCut:
+@dataclass
+class _Bracket:
+    """What the counting pass found for one k: the magnitudes within the bracket (in flat order, block by block:
+    ``pieces``, each with its block's first flat index), and how many magnitudes are above it."""
+
+    pieces: list[tuple[int, np.ndarray]]
+    above: int
+
+    def values(self) -> np.ndarray:
+        return np.concatenate([piece for _, piece in self.pieces])
+
+
+def _cut_from(flat: Tensor, k: int, found: _Bracket | None) -> TopCut:
     """The cut of k from the magnitudes that may hold the k-th largest and how many are above them (None: all of |x|)."""
     n = flat.numel()
     if found is None:  # the whole of |x| partitioned (small tensors, or a sample that missed the k-th)
-        magnitudes = torch.abs(flat, out=scratch("topk_cut", n, flat.dtype)).numpy()
-        found = (magnitudes, 0)
-    values, above = found
+        values = torch.abs(flat, out=scratch("topk_cut", n, flat.dtype)).numpy()
+        above = 0
+    else:
+        values, above = found.values(), found.above
     need = k - above  # how many of ``values`` are among the k
     pos = values.size - need
     values.partition(pos)
@@ -139,7 +152,21 @@ def _cut_from(flat: Tensor, k: int, found: tuple[np.ndarray, int] | None) -> Top
     if pos == 0 or values[:pos].max() != threshold:  # no tied entry outside the k: all of them are kept
         return TopCut(float(threshold), n)
     missing = need - int(np.count_nonzero(values[pos + 1 :] > threshold))  # ≥ 1: the k-th entry itself ties
-    return TopCut(float(threshold), _index_after_ties(flat, float(threshold), missing))
+    if found is None:
+        return TopCut(float(threshold), _index_after_ties(flat, float(threshold), missing))
+    return TopCut(float(threshold), _index_after_ties_in(found, flat, threshold, missing))
+
+
+def _index_after_ties_in(found: _Bracket, flat: Tensor, threshold: np.floating, count: int) -> int:
+    """``_index_after_ties`` from the bracket's pieces: every tied magnitude is inside the bracket, so the pieces
+    (in flat order) tell which block holds the count-th tie, and only that block of x is searched."""
+    for start, piece in found.pieces:
+        here = int(np.count_nonzero(piece == threshold))
+        if here >= count:
+            block = flat[start : start + BRACKET_BLOCK].numpy()
+            return start + int(np.flatnonzero(np.abs(block) == threshold)[count - 1]) + 1
+        count -= here
+    raise AssertionError("fewer tied entries than the selection counted")
 
 
 #: tensors of at least this many entries select their k-th largest magnitude between two sample quantiles
@@ -151,8 +178,8 @@ BRACKET_SIGMAS = 5.0
 BRACKET_BLOCK = 1 << 16
 
 
-def _bracketed(flat: Tensor, ks: Sequence[int]) -> list[tuple[np.ndarray, int] | None]:
-    """For each k: (the magnitudes within [lo, hi], how many are above hi) for a bracket [lo, hi] around the k-th
+def _bracketed(flat: Tensor, ks: Sequence[int]) -> list[_Bracket | None]:
+    """For each k: the magnitudes within [lo, hi] and how many are above hi, for a bracket [lo, hi] around the k-th
     largest |x| from quantiles of a fixed-seed sample; None when the k-th largest is not inside it (the caller
     then partitions everything). Exact either way: the bracket only narrows what is partitioned. One pass over
     x counts for every k."""
@@ -170,12 +197,12 @@ def _bracketed(flat: Tensor, ks: Sequence[int]) -> list[tuple[np.ndarray, int] |
         brackets.append((lo, hi))
     values = flat.numpy()
 
-    def count(part: tuple[int, int]) -> tuple[list[int], list[list[np.ndarray]]]:
+    def count(part: tuple[int, int]) -> tuple[list[int], list[list[tuple[int, np.ndarray]]]]:
         magnitudes = scratch("bracket", BRACKET_BLOCK, flat.dtype).numpy()
         inside = scratch("bracket_in", BRACKET_BLOCK, torch.bool).numpy()
         upper = scratch("bracket_up", BRACKET_BLOCK, torch.bool).numpy()
         above = [0] * len(brackets)
-        kept: list[list[np.ndarray]] = [[] for _ in brackets]
+        kept: list[list[tuple[int, np.ndarray]]] = [[] for _ in brackets]
         for start in range(part[0], part[1], BRACKET_BLOCK):
             block = values[start : min(start + BRACKET_BLOCK, part[1])]
             size = block.size
@@ -184,15 +211,15 @@ def _bracketed(flat: Tensor, ks: Sequence[int]) -> list[tuple[np.ndarray, int] |
                 not_above = np.less_equal(a, hi, out=upper[:size])
                 above[i] += size - int(np.count_nonzero(not_above))
                 np.logical_and(np.greater_equal(a, lo, out=inside[:size]), not_above, out=inside[:size])
-                kept[i].append(np.compress(inside[:size], a))
+                kept[i].append((start, np.compress(inside[:size], a)))
         return above, kept
 
     counted = map_parts(count, split_evenly(n, thread_count(), BRACKET_BLOCK))
-    found: list[tuple[np.ndarray, int] | None] = []
+    found: list[_Bracket | None] = []
     for i, k in enumerate(ks):
-        above = sum(part_above[i] for part_above, _ in counted)
-        inside_values = np.concatenate([piece for _, part_kept in counted for piece in part_kept[i]])
-        found.append((inside_values, above) if 1 <= k - above <= inside_values.size else None)
+        bracket = _Bracket([piece for _, part_kept in counted for piece in part_kept[i]], sum(part_above[i] for part_above, _ in counted))
+        inside = sum(piece.size for _, piece in bracket.pieces)
+        found.append(bracket if 1 <= k - bracket.above <= inside else None)
     return found
 
 
