@@ -209,6 +209,27 @@ def test_sce_against_dense_reference(agents, tmp_path, params) -> None:
     assert_states_close(got, want)
 
 
+@pytest.mark.parametrize("mode", ["mean", "sum"])
+@pytest.mark.parametrize("select_topk", [0.0, 0.3, 0.7, 1.0])
+def test_sce_rows_masks_the_erased_result_with_the_bits_of_masking_every_task_vector(mode, select_topk) -> None:
+    """sce_rows erases the unmasked task vectors and then zeroes the entries left out of the selection; ``sce_merge``
+    (the plain order: mask every τ_t, then erase) is the reference, bit for bit, every zero's sign included."""
+    from mergekit_lite.methods.base import HeldTaskVectors, TensorContext
+    from mergekit_lite.methods.sce import sce_rows
+
+    torch.manual_seed(5)
+    deltas = torch.randn(4, 60, 70)
+    deltas[1, ::3] = -deltas[0, ::3]  # entries whose sum is 0
+    deltas[:, 5] = -0.0
+    params = {"select_topk": select_topk, "energy_floor": 1e-6, "merge": mode}
+    ctx = TensorContext("w", NAMES, params, [{} for _ in NAMES], {}, None)
+    got = sce_rows(HeldTaskVectors(list(deltas.clone())), ctx)
+    want = sce_merge(deltas.clone(), select_topk, 1e-6, mode)
+    assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
+    if 0 < select_topk < 1:
+        assert bool((got == 0).any())
+
+
 def test_sce_floor_changes_small_tensors_only(agents, tmp_path) -> None:
     mk = merged(recipe(agents, "sce", NAMES), tmp_path, "mk")
     paper = merged(recipe(agents, "sce", NAMES, {"energy_floor": 0.0}), tmp_path, "paper")

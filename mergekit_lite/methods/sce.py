@@ -57,10 +57,12 @@ def sce_rows(source: TaskVectorSource, ctx: TensorContext) -> torch.Tensor:
 
     def erase_rows(start: int, stop: int, rows: slice | None) -> torch.Tensor:
         stacked = torch.stack([source.rows(t, start, stop) for t in range(source.count)])
-        if keep is not None:
-            for task_rows in stacked:  # one product per task: numpy's with a bool mask is 1.7× torch's broadcast one
-                apply_mask_(task_rows, keep if rows is None else keep[rows])
-        return sce_erase(stacked, weights, ctx.params["merge"])
+        merged = sce_erase(stacked, weights, ctx.params["merge"])
+        if keep is None:
+            return merged
+        # each entry is erased on its own, so the selection can mask the result instead of every τ_t: an entry
+        # left out has every τ_t zeroed, which erases to +0 (−0 · 0 + 0 too); numpy's product with a bool mask
+        return apply_mask_(merged, keep if rows is None else keep[rows]).add_(0.0)
 
     return merged_by_row_chunks(source, erase_rows)
 
