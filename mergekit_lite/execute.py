@@ -57,9 +57,12 @@ def read_for_merge(ckpt: Checkpoint, name: str, device: torch.device, dtype: tor
     return tensor
 
 
-def read_rows_for_merge(ckpt: Checkpoint, name: str, start: int, stop: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Rows [start, stop) of one input tensor in the compute dtype (only those bytes read), refusing NaN/Inf."""
-    rows = ckpt.get_rows(name, start, stop).to(device=device, dtype=dtype)
+def read_rows_for_merge(ckpt: Checkpoint, name: str, start: int, stop: int, device: torch.device, dtype: torch.dtype,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows [start, stop) of one input tensor in the compute dtype (only those bytes read; converted into ``out``
+    if given: that dtype, device and shape), refusing NaN/Inf."""
+    rows = ckpt.get_rows(name, start, stop)
+    rows = rows.to(device=device, dtype=dtype) if out is None else out.copy_(rows)
     if not _all_finite(rows):
         _refuse_non_finite(ckpt, name, ckpt.get(name).to(dtype=dtype))
     return rows
@@ -142,13 +145,15 @@ def two_phase_chunk_entries() -> int:
     return max(1, ROW_CHUNK_ENTRIES // 2)
 
 
-def _rows_checked_once(plan: Plan, ref: TensorRef, start: int, stop: int, device: torch.device, checked: set[tuple[int, int]], key: tuple[int, int]) -> torch.Tensor:
-    """Rows [start, stop) of one input in the compute dtype, checked for NaN/Inf unless ``key`` is in ``checked``
-    (these bytes were checked before), which it is afterwards."""
+def _rows_checked_once(plan: Plan, ref: TensorRef, start: int, stop: int, device: torch.device, checked: set[tuple[int, int]], key: tuple[int, int],
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows [start, stop) of one input in the compute dtype (converted into ``out`` if given), checked for NaN/Inf
+    unless ``key`` is in ``checked`` (these bytes were checked before), which it is afterwards."""
     ckpt = plan.checkpoints[ref.source]
     if key in checked:
-        return ckpt.get_rows(ref.name, start, stop).to(device=device, dtype=plan.compute_dtype)
-    rows = read_rows_for_merge(ckpt, ref.name, start, stop, device, plan.compute_dtype)
+        rows = ckpt.get_rows(ref.name, start, stop)
+        return rows.to(device=device, dtype=plan.compute_dtype) if out is None else out.copy_(rows)
+    rows = read_rows_for_merge(ckpt, ref.name, start, stop, device, plan.compute_dtype, out)
     checked.add(key)
     return rows
 
@@ -191,6 +196,15 @@ class RereadTaskVectors(TaskVectorSource):
     def rows(self, t: int, start: int, stop: int) -> torch.Tensor:
         return self._read_rows(t, start, stop).sub_(self.base_rows(start, stop))
 
+    def stacked_rows(self, start: int, stop: int) -> torch.Tensor:
+        # each input's rows converted straight into the stack and θ_0's rows taken off there: no per-task tensor
+        # and no copy into the stack
+        base = self.base_rows(start, stop)
+        stacked = torch.empty((self.count, *base.shape), dtype=base.dtype, device=base.device)
+        for t in range(self.count):
+            self._read_rows(t, start, stop, out=stacked[t]).sub_(base)
+        return stacked
+
     def base_rows(self, start: int, stop: int) -> torch.Tensor:
         """θ_0's rows [start, stop) in the compute dtype, read once for the chunk being merged (not to be changed)."""
         if self._base_rows is None or self._base_rows[:2] != (start, stop):
@@ -202,10 +216,10 @@ class RereadTaskVectors(TaskVectorSource):
         """Let go of the base's cached rows."""
         self._base_rows = None
 
-    def _read_rows(self, t: int, start: int, stop: int) -> torch.Tensor:
+    def _read_rows(self, t: int, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         ref = self.job.base if t < 0 else self.job.inputs[t]
         assert ref is not None
-        return _rows_checked_once(self.plan, ref, start, stop, self.device, self.checked, (t, start))
+        return _rows_checked_once(self.plan, ref, start, stop, self.device, self.checked, (t, start), out)
 
     def chunks(self) -> list[tuple[int, int]]:
         return row_chunks(self.shape, self.entries)

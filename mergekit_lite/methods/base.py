@@ -123,6 +123,10 @@ class TaskVectorSource:
         """The row ranges to work on, in order, covering the first dimension."""
         raise NotImplementedError
 
+    def stacked_rows(self, start: int, stop: int) -> torch.Tensor:
+        """[τ_1[start:stop], …, τ_T[start:stop]] as one new [T, …] tensor (each task's rows made in place there)."""
+        return torch.stack([self.rows(t, start, stop) for t in range(self.count)])
+
 
 #: tensors of at least this many entries are merged in row chunks (entrywise methods: of this many entries;
 #: two-phase methods: of half as many, see ``execute.two_phase_chunk_entries``)

@@ -56,7 +56,7 @@ def sce_rows(source: TaskVectorSource, ctx: TensorContext) -> torch.Tensor:
     weights = [float(w) for w in energy_weights(energy, ctx.params["energy_floor"], source.dtype)]
 
     def erase_rows(start: int, stop: int, rows: slice | None) -> torch.Tensor:
-        stacked = torch.stack([source.rows(t, start, stop) for t in range(source.count)])
+        stacked = source.stacked_rows(start, stop)
         merged = sce_erase(stacked, weights, ctx.params["merge"])
         if keep is None:
             return merged
