@@ -69,8 +69,16 @@ def _l1_rescaled_by_rows(method: str, params: dict) -> bool:
     return method in ("dare_linear", "della_linear", "dare_ties", "della") and params.get("rescale", True) and params.get("rescale_rule", "l1") == "l1"
 
 
+#: methods that take exactly one (two) models besides the base: merged with the first demo fine-tune(s) only
+PAIRWISE = {"nearswap": 1, "slerp": 1, "nuslerp": 2}
+
+
 def _merge(demo: dict[str, Path], out: Path, method: str, params: dict, dtype: str | None = None) -> dict[str, torch.Tensor]:
     data = ta_recipe(demo, merge_method=method, parameters={"lambda": 0.8, **params})
+    if method in PAIRWISE:
+        models = data["models"][: PAIRWISE[method]]
+        data["models"] = models if method == "nuslerp" else [{"model": m["model"]} for m in models]
+        data["parameters"] = dict(params)
     if dtype:
         data["dtype"] = dtype
     return load_state(mergekit_lite.run(Recipe.model_validate(data), out, progress=False))
@@ -139,6 +147,7 @@ ENTRYWISE = [
     ("linear", {"normalize": False}),
     ("ram", {}),
     ("ram", {"epsilon": 0.02}),
+    ("nearswap", {"t": 0.02}),
 ]
 
 
@@ -160,6 +169,9 @@ def _dense(demo: dict[str, Path], method: str, params: dict) -> dict[str, torch.
             if params.get("normalize"):
                 total = total / sum(WEIGHTS)
             out[name] = (b.float() + 0.8 * total).to(b.dtype)
+        elif method == "nearswap":  # w = clamp(t / |θ_base − θ_1|, 0, 1) per entry, θ = w·θ_1 + (1 − w)·θ_base
+            w = (params["t"] / (b.float() - xs[0]).abs().clamp(min=1e-6)).clamp(0, 1)
+            out[name] = (w * xs[0] + (1 - w) * b.float()).to(b.dtype)
         elif method == "ram":  # changed entries (|τ| > ε) averaged over the tasks that changed them; no weights, no λ
             taus = [x - b.float() for x in xs]
             epsilon = params.get("epsilon", 1e-5)
@@ -240,6 +252,36 @@ def test_row_chunks_refuse_a_non_finite_input_with_its_whole_count(demo, tmp_pat
     with pytest.raises(mergekit_lite.CheckpointError, match=f"{file.name}: tensor {name} has 2 NaN/Inf value"):
         mergekit_lite.run(Recipe.model_validate(data), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method,params", [
+    ("slerp", {"t": 0.3}),
+    ("slerp", {"t": 0.7}),
+    ("nuslerp", {}),
+    ("nuslerp", {"nuslerp_flatten": False}),
+    ("nuslerp", {"nuslerp_flatten": False, "nuslerp_row_wise": True}),
+])
+def test_spherical_pairs_by_row_chunks_hold_no_whole_input(demo, tmp_path, monkeypatch, method, params):
+    """slerp and nuslerp read large tensors by rows (two passes: the Gram matrix, then the interpolation) and give
+    the held path's numbers up to the order of the norms' float64 sums; only along the first dimension
+    (nuslerp_row_wise) are inputs read whole."""
+    from mergekit_lite import checkpoint as ckpt_module
+
+    whole: list[str] = []
+    original = ckpt_module.Checkpoint.get
+    monkeypatch.setattr(ckpt_module.Checkpoint, "get", lambda self, name: whole.append(name) or original(self, name))
+    monkeypatch.setattr(execute, "ROW_CHUNK_ENTRIES", 1 << 40)
+    held = _merge(demo, tmp_path / "held", method, params)
+    monkeypatch.setattr(execute, "ROW_CHUNK_ENTRIES", 7)
+    whole.clear()
+    chunked = _merge(demo, tmp_path / "chunked", method, params)
+    big = [name for name, t in held.items() if t.numel() >= 7 and t.dim() > 0]
+    assert big
+    read_whole = set(whole) & set(big)
+    along_first = {name for name in big if held[name].dim() > 1} if params.get("nuslerp_row_wise") else set()  # rank 1: one vector
+    assert read_whole == along_first, sorted(read_whole ^ along_first)[:3]
+    for name in held:
+        torch.testing.assert_close(chunked[name], held[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_row_chunks_cover_the_rows_once():

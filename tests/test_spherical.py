@@ -322,3 +322,26 @@ def test_karcher_of_nearly_parallel_inputs_keeps_float64_angles():
     want = ref_karcher([x.double() for x in xs], 10, 1e-5)
     got = karcher_mean_by_rows(lambda i, a, b: xs[i][a:b].clone(), 4, [(0, 512), (512, 1024)], (1024,), [0.25] * 4, max_iter=10, tol=1e-5)
     assert float((got.double() - want).norm() / want.norm()) < 1e-7
+
+
+def test_interpolation_factors_from_the_gram_matrix():
+    """slerp and nuslerp as c0·v0 + c1·v1 from ‖v0‖², ⟨v0, v1⟩, ‖v1‖² (what the row-chunked passes give): the
+    right angle by hand, colinear pairs, and a random pair against the formulas on the whole vectors."""
+    import math
+
+    from mergekit_lite.ops.combine import slerp, slerp_factors
+    from mergekit_lite.ops.spherical import nuslerp, nuslerp_factors
+
+    right = torch.tensor([[4.0, 0.0], [0.0, 9.0]], dtype=torch.float64)  # ‖v0‖ = 2, ‖v1‖ = 3, orthogonal
+    assert slerp_factors(right, 0.5) == pytest.approx((math.sqrt(0.5), math.sqrt(0.5)))
+    assert nuslerp_factors(right, 0.25) == pytest.approx((math.sin(0.75 * math.pi / 2), math.sin(0.25 * math.pi / 2)))
+    colinear = torch.tensor([[1.0, 2.0], [2.0, 4.0]], dtype=torch.float64)
+    assert slerp_factors(colinear, 0.3) is None  # slerp's caller lerps
+    assert nuslerp_factors(colinear, 0.3) == pytest.approx((0.7, 0.3))
+    torch.manual_seed(2)
+    v0, v1 = torch.randn(1000, dtype=torch.float64), torch.randn(1000, dtype=torch.float64)
+    gram = torch.stack([v0, v1]) @ torch.stack([v0, v1]).T
+    s0, s1 = slerp_factors(gram, 0.3)
+    torch.testing.assert_close(s0 * v0 + s1 * v1, slerp(0.3, v0.clone(), v1.clone()), rtol=1e-12, atol=1e-12)
+    c0, c1 = nuslerp_factors(gram, 0.3)
+    torch.testing.assert_close(c0 * v0 + c1 * v1, nuslerp(0.3, v0.clone(), v1.clone()), rtol=1e-12, atol=1e-12)

@@ -57,8 +57,9 @@ register(
         min_models=2,
         max_models=2,
         paper="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
-        # θ_base, θ_other and the per-entry weight w
-        working_copies=lambda n: 2,
+        # each entry on its own: large tensors go by row chunks off disk, only the stored output is whole
+        working_copies=lambda n: 0,
+        entrywise=lambda params: True,
     )
 )
 register(

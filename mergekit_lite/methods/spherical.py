@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 
 from ..errors import RecipeError
-from ..ops.spherical import karcher_mean_by_rows, nuslerp, nuslerp_t, spherical_weighted_mean
+from ..ops.spherical import add_gram_, assembled_rows, karcher_mean_by_rows, nuslerp, nuslerp_factors, nuslerp_t, spherical_weighted_mean
 from .base import HeldWeightInputs, MergeMethod, Param, TensorContext, WeightInputs, register
 
 WEIGHT = Param("weight", float, 1.0, "Per-model weight (the base's is not used); mergekit requires it, we default it to 1.", per_model=True)
@@ -40,9 +40,48 @@ def _split(tensors: list[torch.Tensor], ctx: TensorContext) -> tuple[torch.Tenso
 
 
 def _nuslerp(models: Iterator[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
-    base, others, weights = _split(list(models), ctx)
+    return _nuslerp_inputs(HeldWeightInputs(models), ctx)
+
+
+def _nuslerp_inputs(inputs: WeightInputs, ctx: TensorContext) -> torch.Tensor:
+    """nuslerp over row chunks, no whole input held. Flattened (and any tensor of rank ≤ 1): the float64 Gram matrix
+    of the two (task) vectors gives the two factors, then each chunk is c0·v0 + c1·v1 (+ θ_0); vector by vector
+    along the last dimension: each chunk's rows on their own; along the first dimension (every vector crosses
+    every chunk): whole tensors."""
+    base_index = ctx.base_index
+    others = [i for i in range(inputs.count) if i != base_index]
     if len(others) != 2:
         raise RecipeError(f"tensor {ctx.name}: nuslerp takes exactly 2 models besides the base, got {len(others)}")
+    flatten = ctx.params["nuslerp_flatten"] or len(inputs.shape) <= 1
+    if not flatten and ctx.params["nuslerp_row_wise"]:
+        return _nuslerp_whole([inputs.read(i) for i in range(inputs.count)], ctx)
+    t = nuslerp_t([float(ctx.model_params[i]["weight"]) for i in others])
+
+    def vectors(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The two models' rows, less the base's rows where there is a base (then those too)."""
+        a, b = inputs.rows(others[0], start, stop), inputs.rows(others[1], start, stop)
+        base = None if base_index is None else inputs.rows(base_index, start, stop)
+        return (a, b, None) if base is None else (a.sub_(base), b.sub_(base), base)
+
+    chunks = inputs.chunks()
+    factors: tuple[float, float] | None = None
+    if flatten:
+        gram = torch.zeros((2, 2), dtype=torch.float64)
+        for start, stop in chunks:
+            add_gram_(gram, vectors(start, stop)[:2])
+        factors = nuslerp_factors(gram, t)
+
+    def interpolated(start: int, stop: int) -> torch.Tensor:
+        a, b, base = vectors(start, stop)
+        merged = nuslerp(t, a, b, flatten=False) if factors is None else a.mul_(factors[0]).add_(b.mul_(factors[1]))
+        return merged if base is None else merged.add_(base)
+
+    return assembled_rows(interpolated, chunks, inputs.shape)
+
+
+def _nuslerp_whole(tensors: list[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+    """nuslerp on whole tensors (vectors along the first dimension, which cross every row chunk)."""
+    base, others, weights = _split(tensors, ctx)
     t = nuslerp_t(weights)
     flatten, row_wise = ctx.params["nuslerp_flatten"], ctx.params["nuslerp_row_wise"]
     if base is None:
@@ -115,12 +154,14 @@ register(
         params=(WEIGHT, NUSLERP_FLATTEN, NUSLERP_ROW_WISE),
         inputs="weights",
         compute=_nuslerp,
+        compute_inputs=_nuslerp_inputs,
         base="optional",
         min_models=2,
         max_models=3,
         paper="https://en.wikipedia.org/wiki/Slerp",
-        # the two inputs (+ the base), one product for the cosines
-        working_copies=lambda n: n,
+        # row chunks (flattened: two passes, the Gram matrix then the interpolation): the output only; vectors along
+        # the first dimension (nuslerp_row_wise) hold the inputs whole, which this figure does not cover
+        working_copies=lambda n: 0.1,
     )
 )
 register(

@@ -12,8 +12,10 @@ from typing import Iterator
 import torch
 
 from ..errors import RecipeError
-from ..ops import slerp, weighted_average
-from .base import MergeMethod, Param, TensorContext, register
+from ..ops import weighted_average
+from ..ops.combine import slerp_factors
+from ..ops.spherical import assembled_rows, gram_by_rows
+from .base import HeldWeightInputs, MergeMethod, Param, TensorContext, WeightInputs, register
 
 LINEAR_WEIGHT = Param("weight", float, 1.0, "Per-model weight w_i of the average.", per_model=True)
 LINEAR_NORMALIZE = Param("normalize", bool, True, "Divide by the sum of the weights (a weight sum of 0 divides by 1).")
@@ -32,14 +34,28 @@ def _passthrough(models: Iterator[torch.Tensor], ctx: TensorContext) -> torch.Te
 
 
 def _slerp(models: Iterator[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
-    tensors = list(models)
-    if len(tensors) == 1:  # only one model has this tensor: it passes through, as mergekit does
-        return tensors[0]
-    if ctx.base_index is None or len(tensors) != 2:
+    return _slerp_inputs(HeldWeightInputs(models), ctx)
+
+
+def _slerp_inputs(inputs: WeightInputs, ctx: TensorContext) -> torch.Tensor:
+    """slerp in two passes over row chunks, no whole input held: the float64 Gram matrix of (θ_base, θ_other)
+    (their norms and inner product) gives the two factors, then each chunk is s0·θ_base + s1·θ_other."""
+    if inputs.count == 1:  # only one model has this tensor: it passes through, as mergekit does
+        return inputs.read(0)
+    if ctx.base_index is None or inputs.count != 2:
         raise RecipeError(f"tensor {ctx.name}: slerp needs the base model and exactly one other model")
-    base = tensors[ctx.base_index]
-    other = tensors[1 - ctx.base_index]
-    return slerp(ctx.params["t"], base, other)
+    pair = (ctx.base_index, 1 - ctx.base_index)
+    t = float(ctx.params["t"])
+    chunks = inputs.chunks()
+    factors = slerp_factors(gram_by_rows(lambda i, start, stop: inputs.rows(pair[i], start, stop), 2, chunks), t)
+
+    def interpolated(start: int, stop: int) -> torch.Tensor:
+        v0, v1 = inputs.rows(pair[0], start, stop), inputs.rows(pair[1], start, stop)
+        if factors is None:  # nearly colinear: the linear interpolation
+            return torch.lerp(v0, v1, t)
+        return v0.mul_(factors[0]).add_(v1.mul_(factors[1]))
+
+    return assembled_rows(interpolated, chunks, inputs.shape)
 
 
 register(
@@ -74,10 +90,12 @@ register(
         params=(SLERP_T,),
         inputs="weights",
         compute=_slerp,
+        compute_inputs=_slerp_inputs,
         base="required",
         min_models=2,
         max_models=2,
         paper="https://en.wikipedia.org/wiki/Slerp",
-        working_copies=lambda n: 4,
+        # two passes over row chunks (the Gram matrix, then the interpolation): the output only
+        working_copies=lambda n: 0.1,
     )
 )

@@ -259,6 +259,20 @@ def weighted_average(tensors: Iterable[Tensor], weights: Sequence[float], normal
 SLERP_DOT_THRESHOLD = 0.9995
 
 
+def slerp_factors(gram: Tensor, t: float, dot_threshold: float = SLERP_DOT_THRESHOLD, eps: float = 1e-8) -> tuple[float, float] | None:
+    """(s0, s1) with ``slerp(t, v0, v1)`` = s0·v0 + s1·v1, from the Gram matrix of (v0, v1) (float64: ‖v0‖², ⟨v0, v1⟩,
+    ‖v1‖²), so the interpolation needs no whole tensor; None where slerp is the linear interpolation (|cos| above
+    ``dot_threshold``). A norm of at most ``eps`` is not divided by, as in ``slerp``."""
+    n0, n1 = (math.sqrt(max(float(gram[i, i]), 0.0)) for i in (0, 1))
+    dot = float(gram[0, 1]) / ((n0 if n0 > eps else 1.0) * (n1 if n1 > eps else 1.0))
+    if abs(dot) > dot_threshold:
+        return None
+    theta_0 = math.acos(dot)
+    sin_theta_0 = math.sin(theta_0)
+    theta_t = theta_0 * t
+    return math.sin(theta_0 - theta_t) / sin_theta_0, math.sin(theta_t) / sin_theta_0
+
+
 def slerp(t: float, v0: Tensor, v1: Tensor, dot_threshold: float = SLERP_DOT_THRESHOLD, eps: float = 1e-8) -> Tensor:
     """Spherical interpolation between v0 (t = 0) and v1 (t = 1), treating each tensor as one vector.
 

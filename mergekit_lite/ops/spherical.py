@@ -174,34 +174,63 @@ def karcher_coefficients(gram: Tensor, alphas: Sequence[float], *, max_iter: int
     return coefficients
 
 
-def karcher_mean_by_rows(rows: Callable[[int, int, int], Tensor], count: int, chunks: Sequence[tuple[int, int]], shape: Sequence[int],
-                         alphas: Sequence[float], *, max_iter: int = 10, tol: float = 1e-5) -> Tensor:
-    """``karcher_coefficients`` applied: one pass over row chunks (``rows(i, start, stop)``: rows of input i,
-    a new tensor) for the Gram matrix, then one for Σ_j c_j x_j. Holds the output and a chunk of each input."""
-    if count == 1:
-        return torch.cat([rows(0, a, b) for a, b in chunks]) if len(chunks) > 1 else rows(0, *chunks[0])
-    gram: Tensor | None = None
+Rows = Callable[[int, int, int], Tensor]  # rows(i, start, stop): rows [start, stop) of input i, a new tensor
+
+
+def gram_by_rows(rows: Rows, count: int, chunks: Sequence[tuple[int, int]]) -> Tensor:
+    """The float64 Gram matrix G_ij = ⟨x_i, x_j⟩ of ``count`` inputs, one row chunk of each at a time."""
+    gram = torch.zeros((count, count), dtype=torch.float64)
     for start, stop in chunks:
         chunk = [rows(i, start, stop) for i in range(count)]
-        if gram is None:
-            gram = torch.zeros((count, count), dtype=torch.float64)
         add_gram_(gram, chunk)
         del chunk
-    assert gram is not None
-    coefficients = karcher_coefficients(gram, alphas, max_iter=max_iter, tol=tol)
+    return gram
+
+
+def assembled_rows(part: Callable[[int, int], Tensor], chunks: Sequence[tuple[int, int]], shape: Sequence[int]) -> Tensor:
+    """The tensor whose rows [start, stop) ``part(start, stop)`` makes, chunk by chunk (one chunk: its result as it is)."""
+    if len(chunks) == 1:
+        return part(*chunks[0])
     out: Tensor | None = None
     for start, stop in chunks:
+        chunk = part(start, stop)
+        if out is None:
+            out = torch.empty(tuple(shape), dtype=chunk.dtype, device=chunk.device)
+        out[start:stop] = chunk
+        del chunk
+    assert out is not None, "at least one row chunk"
+    return out
+
+
+def karcher_mean_by_rows(rows: Rows, count: int, chunks: Sequence[tuple[int, int]], shape: Sequence[int],
+                         alphas: Sequence[float], *, max_iter: int = 10, tol: float = 1e-5) -> Tensor:
+    """``karcher_coefficients`` applied: one pass over row chunks for the Gram matrix, then one for Σ_j c_j x_j.
+    Holds the output and a chunk of each input."""
+    if count == 1:
+        return assembled_rows(lambda start, stop: rows(0, start, stop), chunks, shape)
+    coefficients = karcher_coefficients(gram_by_rows(rows, count, chunks), alphas, max_iter=max_iter, tol=tol)
+
+    def combined(start: int, stop: int) -> Tensor:
         total: Tensor | None = None
         for i, c in enumerate(coefficients):
             x = rows(i, start, stop)
             total = x.mul_(c) if total is None else total.add_(x, alpha=c)
             del x
         assert total is not None
-        if len(chunks) == 1:
-            return total
-        if out is None:
-            out = torch.empty(tuple(shape), dtype=total.dtype, device=total.device)
-        out[start:stop] = total
-        del total
-    assert out is not None
-    return out
+        return total
+
+    return assembled_rows(combined, chunks, shape)
+
+
+def nuslerp_factors(gram: Tensor, t: float, eps: float = NUSLERP_EPS) -> tuple[float, float]:
+    """(c0, c1) with ``nuslerp(t, v0, v1, flatten=True)`` = c0·v0 + c1·v1, from the Gram matrix of (v0, v1) (float64:
+    ‖v0‖², ⟨v0, v1⟩, ‖v1‖²), so the interpolation needs no whole tensor: norms floored at 1e-7, cos clamped to
+    [−1, 1], colinear (1 − cos² ≤ eps²) → (1 − t, t)."""
+    n0 = max(math.sqrt(max(float(gram[0, 0]), 0.0)), NUSLERP_NORM_FLOOR)
+    n1 = max(math.sqrt(max(float(gram[1, 1]), 0.0)), NUSLERP_NORM_FLOOR)
+    cos = min(max(float(gram[0, 1]) / (n0 * n1), -1.0), 1.0)
+    if 1 - cos * cos <= eps**2:
+        return 1 - t, t
+    theta = math.acos(cos)
+    sin_theta = math.sin(theta)
+    return math.sin((1 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
