@@ -330,12 +330,13 @@ class Checkpoint:
 #: float32: 43 ms with pread, 10 ms mapped); smaller reads use pread (a mapping costs two system calls)
 MAP_MIN_BYTES = 1 << 20
 class _SafetensorsFile:
-    """Header-first reader over one .safetensors file, reading each tensor with pread into fresh memory.
+    """Header-first reader over one .safetensors file: each read a new tensor, mapped on its own (≥ MAP_MIN_BYTES) or
+    read with pread into fresh memory.
 
-    safetensors' own ``safe_open`` hands out views on a private memory map: the pages it touches stay
-    resident while the file is open (RSS grows with the model; measured: reading 512 MB through it
+    safetensors' own ``safe_open`` hands out views on one private memory map of the file: the pages it touches
+    stay resident while the file is open (RSS grows with the model; measured: reading 512 MB through it
     -> +517 MB RSS), and an in-place change to one returned tensor shows up in the next read of the
-    same name. Reading with ``os.preadv`` into a new tensor costs one copy and keeps memory flat.
+    same name. A mapping per read, owned by the tensor made on it, goes when the tensor goes: memory stays flat.
     """
 
     MAX_HEADER = 100 * 2**20  # the safetensors format's own limit
