@@ -166,7 +166,6 @@ def disjoint_sum(trimmed: Iterable[Tensor], sign: Tensor, weights: Sequence[floa
     best = divisor = None
     weights = [float(w) for w in weights]
     for delta, w in zip(trimmed, weights):
-        w = float(w)
         if merged is None:
             merged = torch.zeros_like(delta)
             best = torch.zeros_like(delta) if mode == "max" else None
