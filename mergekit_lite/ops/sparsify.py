@@ -163,8 +163,7 @@ def _index_after_ties_in(found: _Bracket, flat: Tensor, threshold: np.floating, 
     for start, piece in found.pieces:
         here = int(np.count_nonzero(piece == threshold))
         if here >= count:
-            block = flat[start : start + BRACKET_BLOCK].numpy()
-            return start + int(np.flatnonzero(np.abs(block) == threshold)[count - 1]) + 1
+            return start + _index_after_ties(flat[start : start + BRACKET_BLOCK], float(threshold), count)
         count -= here
     raise AssertionError("fewer tied entries than the selection counted")
 
