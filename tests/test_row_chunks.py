@@ -70,7 +70,7 @@ def _l1_rescaled_by_rows(method: str, params: dict) -> bool:
 
 
 #: methods that take exactly one (two) models besides the base: merged with the first demo fine-tune(s) only
-PAIRWISE = {"nearswap": 1, "slerp": 1, "nuslerp": 2}
+PAIRWISE = {"nearswap": 1, "slerp": 1, "nuslerp": 2, "passthrough": 1}
 
 
 def _merge(demo: dict[str, Path], out: Path, method: str, params: dict, dtype: str | None = None) -> dict[str, torch.Tensor]:
@@ -79,6 +79,8 @@ def _merge(demo: dict[str, Path], out: Path, method: str, params: dict, dtype: s
         models = data["models"][: PAIRWISE[method]]
         data["models"] = models if method == "nuslerp" else [{"model": m["model"]} for m in models]
         data["parameters"] = dict(params)
+        if method == "passthrough":  # one model, no base
+            data.pop("base_model")
     if dtype:
         data["dtype"] = dtype
     return load_state(mergekit_lite.run(Recipe.model_validate(data), out, progress=False))
@@ -148,6 +150,8 @@ ENTRYWISE = [
     ("ram", {}),
     ("ram", {"epsilon": 0.02}),
     ("nearswap", {"t": 0.02}),
+    ("passthrough", {}),
+    ("passthrough", {"scale": 0.37}),
 ]
 
 
@@ -172,6 +176,8 @@ def _dense(demo: dict[str, Path], method: str, params: dict) -> dict[str, torch.
         elif method == "nearswap":  # w = clamp(t / |θ_base − θ_1|, 0, 1) per entry, θ = w·θ_1 + (1 − w)·θ_base
             w = (params["t"] / (b.float() - xs[0]).abs().clamp(min=1e-6)).clamp(0, 1)
             out[name] = (w * xs[0] + (1 - w) * b.float()).to(b.dtype)
+        elif method == "passthrough":  # the first model's tensor times scale
+            out[name] = (xs[0] * params.get("scale", 1.0)).to(b.dtype)
         elif method == "ram":  # changed entries (|τ| > ε) averaged over the tasks that changed them; no weights, no λ
             taus = [x - b.float() for x in xs]
             epsilon = params.get("epsilon", 1e-5)

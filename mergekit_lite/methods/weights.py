@@ -80,7 +80,8 @@ register(
         compute=_passthrough,
         base="unused",
         max_models=1,
-        working_copies=lambda n: 1,
+        working_copies=lambda n: 0,  # row chunks (entrywise): only the stored output is whole
+        entrywise=lambda params: True,
     )
 )
 register(
