@@ -7,6 +7,7 @@ stack it is given (the caller's [T, ...] buffer) so a tensor costs T copies plus
 from __future__ import annotations
 
 from collections.abc import Iterable
+import math
 
 import torch
 from torch import Tensor
@@ -84,14 +85,32 @@ def top_variance_mask(variance: Tensor, fraction: float) -> Tensor:
 
 
 def mean_square(x: Tensor, chunk: int = 1 << 20) -> float:
-    """mean(x²) accumulated in float64 over chunks (a float32 dot of 50M entries is off by ~1e-3)."""
+    """mean(x²) in float64 (a float32 dot of 50M entries is off by ~1e-3): for a matrix or more, each row's sum
+    of squares (``row_square_sums``) added up exactly, so sums made a few rows at a time give the same number;
+    a vector's chunk dot products added in order."""
+    n = x.numel()
+    if n == 0:
+        return 0.0
+    if x.dim() >= 2:
+        return math.fsum(row_square_sums(x)) / n
     flat = x.reshape(-1)
-    n = flat.numel()
     total = 0.0
     for start in range(0, n, chunk):
         part = flat[start : start + chunk].double()
         total += float(torch.dot(part, part))
-    return total / n if n else 0.0
+    return total / n
+
+
+def row_square_sums(x: Tensor, block_entries: int = 1 << 19) -> list[float]:
+    """Σ x² of each row of x (its first dimension; at least 2 dimensions), squares and sums in float64 (exact
+    squares of float32 entries): a row's number does not depend on which rows it is taken with."""
+    rows = x.reshape(x.shape[0], -1)
+    step = max(1, block_entries // max(1, rows.shape[1]))
+    sums: list[float] = []
+    for start in range(0, rows.shape[0], step):
+        block = rows[start : start + step].to(torch.float64)
+        sums.extend(block.mul_(block).sum(dim=1).tolist())
+    return sums
 
 
 def sce_weights(deltas: Tensor, energy_floor: float = SCE_ENERGY_FLOOR) -> Tensor:
