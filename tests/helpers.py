@@ -5,11 +5,20 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file
 
 from mergekit_lite.demo import DEMO_TASKS
+
+
+def plain_uniforms(generator: np.random.Generator, count: int) -> np.ndarray:
+    """DARE's and DELLA's documented draws written plainly: 32-bit uniforms, two from each 64-bit output of the
+    generator's stream (its low half first), as the float64 numbers u / 2^32; the generator is advanced past them."""
+    words = [int(w) for w in generator.bit_generator.random_raw((count + 1) // 2)]
+    halves = [half for w in words for half in (w & 0xFFFFFFFF, w >> 32)][:count]
+    return np.array(halves, dtype=np.float64) / 2**32
 
 
 def load_state(folder: Path) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ from mergekit_lite.methods.task_arithmetic import sparsify_della
 from mergekit_lite.ops import sparsify
 from mergekit_lite.ops import della_keep_probabilities, della_keep_probabilities_as, della_mask, generator_for
 
-from helpers import load_state, tiny_llama
+from helpers import load_state, plain_uniforms, tiny_llama
 
 
 def test_keep_probabilities_by_rank_within_each_row():
@@ -63,8 +63,8 @@ def test_della_linear_through_the_api_matches_a_plain_computation(tmp_path):
     for name in b:
         tau = f[name] - b[name]
         p = della_keep_probabilities(tau, 0.6, 0.2)
-        uniforms = torch.from_numpy(generator_for(3, "ft", name).random(tau.numel())).reshape(tau.shape)
-        keep = uniforms < p  # the documented draw: one float64 uniform per entry, kept below p_i
+        uniforms = torch.from_numpy(plain_uniforms(generator_for(3, "ft", name), tau.numel())).reshape(tau.shape)
+        keep = uniforms < p  # the documented draw: one 32-bit uniform per entry, kept below p_i
         want = b[name] + 0.5 * torch.where(keep, tau / p.float(), 0)
         torch.testing.assert_close(out[name], want, rtol=1e-5, atol=1e-6, msg=name)
 
@@ -80,7 +80,7 @@ def test_mask_made_in_row_blocks_equals_one_draw_over_the_whole_tensor(shape):
     """The blocked draw gives exactly one uniform per entry, in order, compared with the whole probability tensor."""
     torch.manual_seed(1)
     x = torch.randn(shape)
-    uniforms = torch.from_numpy(np.random.Generator(np.random.PCG64DXSM(9)).random(x.numel())).reshape(shape)
+    uniforms = torch.from_numpy(plain_uniforms(np.random.Generator(np.random.PCG64DXSM(9)), x.numel())).reshape(shape)
     want = uniforms < della_keep_probabilities(x, 0.5, 0.2)
     for chunk in (1, 7, 1 << 20):
         got = della_mask(x, 0.5, 0.2, np.random.Generator(np.random.PCG64DXSM(9)), chunk_entries=chunk)
@@ -122,7 +122,7 @@ def test_keep_probabilities_of_a_tensor_of_three_dims_rank_along_dim_one_as_merg
     x = torch.randn(3, 5, 4)
     want = 0.5 - 0.2 + _stable_ranks_plainly(x, 1) / 4 * 0.4
     torch.testing.assert_close(della_keep_probabilities(x, 0.5, 0.2), want, rtol=0, atol=1e-15)
-    uniforms = torch.from_numpy(np.random.Generator(np.random.PCG64DXSM(2)).random(x.numel())).reshape(x.shape)
+    uniforms = torch.from_numpy(plain_uniforms(np.random.Generator(np.random.PCG64DXSM(2)), x.numel())).reshape(x.shape)
     assert torch.equal(della_mask(x, 0.5, 0.2, np.random.Generator(np.random.PCG64DXSM(2))), uniforms < want)
 
 
@@ -137,7 +137,7 @@ def test_mask_is_the_same_for_any_thread_count_and_leaves_the_generator_where_on
     x = torch.randn(53, 19).to(dtype)
     x[:, ::2] = torch.randint(-3, 4, (53, 10)).to(dtype)  # ties within each row, broken by position
     plain = np.random.Generator(np.random.PCG64DXSM(11))
-    want = torch.from_numpy(plain.random(x.numel())).reshape(x.shape) < 0.4 - 0.1 + _stable_ranks_plainly(x, 1) / 18 * 0.2
+    want = torch.from_numpy(plain_uniforms(plain, x.numel())).reshape(x.shape) < 0.4 - 0.1 + _stable_ranks_plainly(x, 1) / 18 * 0.2
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
@@ -146,4 +146,5 @@ def test_mask_is_the_same_for_any_thread_count_and_leaves_the_generator_where_on
     finally:
         torch.set_num_threads(before)
     assert torch.equal(got, want)
-    assert generator.random() == plain.random()  # the stream continues after the tensor's draws
+    assert generator.random() == plain.random()  # the stream continues after the tensor's draws (x has an odd count)
+    assert x.numel() % 2 == 1

@@ -34,6 +34,7 @@ from mergekit_lite.ops import (
     ties_merge,
     topk_mask,
 )
+from helpers import plain_uniforms
 
 F64 = torch.float64
 INF = math.inf
@@ -485,8 +486,8 @@ def test_ties_and_disjoint_validate_arguments():
 
 
 def _uniforms_below(seed: int, shape: tuple[int, ...], probability) -> torch.Tensor:
-    """The documented draw written plainly: one float64 uniform per entry of PCG64DXSM(seed), kept where below p."""
-    u = np.random.Generator(np.random.PCG64DXSM(seed)).random(int(np.prod(shape)))
+    """The documented draw written plainly: one 32-bit uniform per entry of PCG64DXSM(seed), kept where below p."""
+    u = plain_uniforms(np.random.Generator(np.random.PCG64DXSM(seed)), int(np.prod(shape)))
     return torch.from_numpy(u < np.asarray(probability).reshape(-1)).reshape(shape)
 
 
@@ -583,6 +584,17 @@ def test_dare_validates_arguments():
         dare_mask((3,), 2.0, generator_for(0, "m", "t"))
     with pytest.raises(ValueError, match="numpy.random.Generator"):
         dare_mask((3,), 0.5, torch.Generator())
+    with pytest.raises(ValueError, match="can jump ahead.*SFC64"):  # parts of a long draw start mid-stream
+        dare_mask((3,), 0.5, np.random.Generator(np.random.SFC64(1)))
+
+
+@pytest.mark.parametrize("first", [0, 1, 2, 5, 64])
+def test_dare_mask_of_rows_from_an_offset_is_that_slice_of_the_whole_tensors(first):
+    """Rows of a larger tensor (``first``: their first entry's flat index, odd ones start mid-output) draw the
+    uniforms the whole tensor's draw gives them."""
+    whole = dare_mask((100,), 0.45, generator_for(5, "m", "t"))
+    rows = dare_mask((30,), 0.45, generator_for(5, "m", "t"), first)
+    assert torch.equal(rows, whole[first : first + 30])
     with pytest.raises(ValueError, match="seed must be an integer"):
         generator_for("7", "m", "t")  # type: ignore[arg-type]
 
@@ -840,7 +852,7 @@ def test_dare_draws_split_over_threads_are_the_one_sequential_stream(monkeypatch
 
     monkeypatch.setattr(sp, "DRAW_BLOCK", 64)  # 2112 entries: 33 blocks, split over the threads
     plain = np.random.Generator(np.random.PCG64DXSM(77))
-    want = torch.from_numpy(plain.random(64 * 33) < 0.6).reshape(64, 33)
+    want = torch.from_numpy(plain_uniforms(plain, 64 * 33) < 0.6).reshape(64, 33)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)

@@ -34,7 +34,6 @@ from ..ops import (
     topk_cut,
 )
 from ..ops.bitpack import pack_bits, unpack_bit_range
-from ..ops.threads import generator_at
 from .base import CombineFn, CombineRowsFn, HeldTaskVectors, merged_by_row_chunks, MergeMethod, Param, TaskVectorSource, TensorContext, reduce_passes, register
 
 # -- parameters (names and defaults as mergekit 0.1.5 declares them) -------------------------------
@@ -219,10 +218,10 @@ def sparsify_della(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContext, t
     return _della_kept(delta, p, generator_for(ctx.params["seed"], ctx.model_names[t], ctx.name), ctx)
 
 
-def _della_kept(x: torch.Tensor, p: dict[str, Any], generator: np.random.Generator, ctx: TensorContext) -> Kept:
+def _della_kept(x: torch.Tensor, p: dict[str, Any], generator: np.random.Generator, ctx: TensorContext, first: int = 0) -> Kept:
     """DELLA's keep-mask of ``x`` (a whole τ_t, or whole rows of it) with its rescale: L1 (mergekit), or each
     survivor divided by its own keep probability (the paper, ``rescale_rule: density``)."""
-    keep = della_mask(x, p["density"], p["epsilon"], generator)
+    keep = della_mask(x, p["density"], p["epsilon"], generator, first=first)
     if ctx.params.get("rescale", False) and ctx.params.get("rescale_rule", "l1") == "density":
         return Kept(keep, divisor=della_keep_probabilities_as(x, p["density"], p["epsilon"]))
     return _rescale(keep, x, p["density"], ctx)
@@ -239,8 +238,9 @@ RowRule = Callable[[torch.Tensor, int, int], Kept]
 RowSparsifier = Callable[[tuple[int, ...], TensorContext], "RowRule | None"]
 
 
-def _drawn_rows(kept_of: Callable[[torch.Tensor, dict[str, Any], np.random.Generator], Kept], ctx: TensorContext) -> RowRule:
-    """A row rule from ``kept_of(rows, parameters, generator)``: the generator advanced to the rows' first entry."""
+def _drawn_rows(kept_of: Callable[[torch.Tensor, dict[str, Any], np.random.Generator, int], Kept], ctx: TensorContext) -> RowRule:
+    """A row rule from ``kept_of(rows, parameters, generator, first)``: the tensor's generator and the flat index of
+    the rows' first entry (where their draws start in the tensor's)."""
 
     def rule(rows: torch.Tensor, t: int, first: int) -> Kept:
         p = ctx.model_params[t]
@@ -248,14 +248,14 @@ def _drawn_rows(kept_of: Callable[[torch.Tensor, dict[str, Any], np.random.Gener
             return Kept()
         if p["density"] <= 0:
             return Kept(nothing=True)
-        return kept_of(rows, p, generator_at(generator_for(ctx.params["seed"], ctx.model_names[t], ctx.name), first))
+        return kept_of(rows, p, generator_for(ctx.params["seed"], ctx.model_names[t], ctx.name), first)
 
     return rule
 
 
 def random_rows(shape: tuple[int, ...], ctx: TensorContext) -> RowRule | None:
     """DARE by rows: each entry's uniform is the one the whole tensor's draw gives it."""
-    return _drawn_rows(lambda rows, p, g: _rescale(dare_mask(rows.shape, p["density"], g).to(rows.device), rows, p["density"], ctx), ctx)
+    return _drawn_rows(lambda rows, p, g, first: _rescale(dare_mask(rows.shape, p["density"], g, first).to(rows.device), rows, p["density"], ctx), ctx)
 
 
 def della_rows(shape: tuple[int, ...], ctx: TensorContext) -> RowRule | None:
@@ -263,7 +263,7 @@ def della_rows(shape: tuple[int, ...], ctx: TensorContext) -> RowRule | None:
     whole tensor's); tensors of other ranks are ranked whole."""
     if len(shape) != 2:
         return None
-    return _drawn_rows(lambda rows, p, g: _della_kept(rows, p, g, ctx), ctx)
+    return _drawn_rows(lambda rows, p, g, first: _della_kept(rows, p, g, ctx, first), ctx)
 
 
 # -- combiners --------------------------------------------------------------------------------

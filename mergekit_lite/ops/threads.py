@@ -50,13 +50,8 @@ def split_evenly(count: int, parts: int, multiple: int = 1) -> list[tuple[int, i
     return [(start * multiple, min((start + per) * multiple, count)) for start in range(0, units, per)]
 
 
-def can_jump(generator: np.random.Generator) -> bool:
-    """Whether ``generator_at`` applies: PCG64 family, where one float64 uniform is exactly one step of the stream."""
-    return type(generator.bit_generator) in (np.random.PCG64, np.random.PCG64DXSM)
-
-
 def generator_at(generator: np.random.Generator, offset: int) -> np.random.Generator:
-    """A copy of ``generator`` advanced by ``offset`` 64-bit draws (``offset`` float64 uniforms), the original untouched.
+    """A copy of ``generator`` advanced by ``offset`` 64-bit outputs of its stream, the original untouched.
 
     PCG64DXSM jumps ahead in O(log offset), so part p of a long fill starts where the p − 1 parts
     before it would have left the stream: the same numbers as one sequential fill.
@@ -64,16 +59,6 @@ def generator_at(generator: np.random.Generator, offset: int) -> np.random.Gener
     bits = type(generator.bit_generator)()
     bits.state = generator.bit_generator.state
     return np.random.Generator(bits.advance(offset) if offset else bits)
-
-
-def map_from_offsets(
-    generator: np.random.Generator, work: Callable[[np.random.Generator, Part], None], parts: Sequence[Part], offset: Callable[[Part], int], total: int
-) -> None:
-    """``work(generator advanced to offset(part), part)`` for each part, on the threads; then ``generator``
-    itself advanced by ``total`` uniforms, where one sequential fill of every part would have left it."""
-    map_parts(lambda part: work(generator_at(generator, offset(part)), part), parts)
-    if total:
-        generator.bit_generator.advance(total)
 
 
 def scratch(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
