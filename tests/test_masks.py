@@ -887,6 +887,7 @@ def test_l1_norm_is_accurate_on_a_large_tensor_whatever_the_thread_count():
 
 def test_l1_norm_with_a_keep_mask_is_the_norm_of_the_masked_copy_bit_for_bit():
     from mergekit_lite.ops import l1_norm
+    from mergekit_lite.ops.sparsify import l1_norms
 
     torch.manual_seed(1)
     x = torch.randn((2 << 20) + 777) * 0.01
@@ -898,6 +899,9 @@ def test_l1_norm_with_a_keep_mask_is_the_norm_of_the_masked_copy_bit_for_bit():
     y = x.clone()
     l1_norm(y, keep)
     assert torch.equal(y, x) and torch.equal(y.signbit(), x.signbit())  # x itself is left as it was
+    both = l1_norms(y, keep)  # the two norms in one pass: the same two numbers
+    assert both == (l1_norm(x), l1_norm(masked))
+    assert torch.equal(y, x) and torch.equal(y.signbit(), x.signbit())
 
 
 @pytest.mark.parametrize("kind", ["randn", "quantized", "few"])

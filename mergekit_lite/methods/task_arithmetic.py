@@ -34,6 +34,7 @@ from ..ops import (
     topk_cut,
 )
 from ..ops.bitpack import pack_bits, unpack_bit_range
+from ..ops.sparsify import l1_norms
 from .base import CombineFn, CombineRowsFn, HeldTaskVectors, merged_by_row_chunks, MergeMethod, Param, TaskVectorSource, TensorContext, reduce_passes, register
 
 # -- parameters (names and defaults as mergekit 0.1.5 declares them) -------------------------------
@@ -92,6 +93,7 @@ class Kept:
     shape: tuple[int, ...] = ()
     nothing: bool = False  # no entry kept
     l1_before: float | None = None  # ‖τ‖₁ before masking, for the L1 rescale (factor set on the whole tensor)
+    l1_after: float | None = None  # ‖τ ⊙ mask‖₁, when made with l1_before (one pass for both)
     factor: float | None = None  # survivors multiplied by this (L1 rescale)
     divisor: float | torch.Tensor | None = None  # survivors divided by this (density rule; DELLA: per entry)
 
@@ -114,7 +116,7 @@ class Kept:
             out = delta if in_place else delta.clone()
         if self.l1_before is not None and self.factor is None:
             assert rows is None, "the L1 factor is fixed on the whole tensor first"
-            after = l1_norm(out)
+            after = self.l1_after if self.l1_after is not None else l1_norm(out)
             self.l1_before, self.factor = (None, None) if self.l1_before < L1_EPS or after < L1_EPS else (None, self.l1_before / after)
         if self.factor is not None:
             out.mul_(self.factor)
@@ -156,7 +158,10 @@ def _rescale(mask: torch.Tensor | None, delta: torch.Tensor, density: float, ctx
         return Kept(mask)
     if ctx.params.get("rescale_rule", "l1") == "density":
         return Kept(mask, divisor=density)
-    return Kept(mask, l1_before=l1_norm(delta))
+    if mask is None:
+        return Kept(mask, l1_before=l1_norm(delta))
+    before, after = l1_norms(delta, mask)
+    return Kept(mask, l1_before=before, l1_after=after)
 
 
 def sparsify_magnitude(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContext, t: int) -> Kept:
@@ -346,8 +351,8 @@ def fix_what_each_task_keeps(source: TaskVectorSource, sparsify_rows: RowSparsif
                 rows_kept = rule(delta, t, start * per_row)
                 if rows_kept.l1_before is not None:
                     before[t] += rows_kept.l1_before
-                    after[t] += l1_norm(delta, rows_kept.mask)
-                    rows_kept.l1_before = None
+                    after[t] += rows_kept.l1_after if rows_kept.l1_after is not None else l1_norm(delta, rows_kept.mask)
+                    rows_kept.l1_before = rows_kept.l1_after = None
                 kept[t, start] = rows_kept.pack() if chunked else rows_kept
                 del delta
         factors = [b / a if b >= L1_EPS and a >= L1_EPS else None for b, a in zip(before, after)]

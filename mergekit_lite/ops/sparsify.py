@@ -305,6 +305,29 @@ L1_BLOCK = 1 << 20
 L1_ROW = 1 << 15
 
 
+def l1_norms(x: Tensor, keep: Tensor) -> tuple[float, float]:
+    """(‖x‖₁, ‖x ⊙ keep‖₁) in one pass over x: the two numbers of ``l1_norm(x)`` and ``l1_norm(x, keep)``
+    (the same blocks and sums; each block's |x| made once)."""
+    flat, kept = x.reshape(-1), keep.reshape(-1)
+    before = after = 0.0
+    for start in range(0, flat.numel(), L1_BLOCK):
+        block = flat[start : start + L1_BLOCK].abs()
+        before += _block_l1(block)
+        after += _block_l1(apply_mask_(block, kept[start : start + L1_BLOCK]))
+    return before, after
+
+
+def _block_l1(block: Tensor) -> float:
+    """The sum of a block of magnitudes as ``l1_norm`` adds it: float32 sums of rows of L1_ROW entries, in float64."""
+    whole = block.numel() - block.numel() % L1_ROW
+    total = 0.0
+    if whole:
+        total += float(block[:whole].view(-1, L1_ROW).sum(dim=1).double().sum())
+    if whole < block.numel():
+        total += float(block[whole:].sum())
+    return total
+
+
 def l1_norm(x: Tensor, keep: Tensor | None = None) -> float:
     """‖x‖₁ (with a bool ``keep`` of x's shape: ‖x ⊙ keep‖₁, the same float, without a masked copy of x):
     float32 sums of rows of L1_ROW entries (torch's cascade sum), added up in float64.
@@ -319,11 +342,7 @@ def l1_norm(x: Tensor, keep: Tensor | None = None) -> float:
         block = flat[start : start + L1_BLOCK].abs()
         if kept is not None:
             apply_mask_(block, kept[start : start + L1_BLOCK])  # |x|·keep = |x·keep|, exactly
-        whole = block.numel() - block.numel() % L1_ROW
-        if whole:
-            total += float(block[:whole].view(-1, L1_ROW).sum(dim=1).double().sum())
-        if whole < block.numel():
-            total += float(block[whole:].sum())
+        total += _block_l1(block)
     return total
 
 
