@@ -209,13 +209,20 @@ def test_sce_against_dense_reference(agents, tmp_path, params) -> None:
     assert_states_close(got, want)
 
 
+@pytest.mark.parametrize("gather", [False, True])
 @pytest.mark.parametrize("mode", ["mean", "sum"])
 @pytest.mark.parametrize("select_topk", [0.0, 0.3, 0.7, 1.0])
-def test_sce_rows_masks_the_erased_result_with_the_bits_of_masking_every_task_vector(mode, select_topk) -> None:
-    """sce_rows erases the unmasked task vectors and then zeroes the entries left out of the selection; ``sce_merge``
+def test_sce_rows_masks_the_erased_result_with_the_bits_of_masking_every_task_vector(mode, select_topk, gather, monkeypatch) -> None:
+    """sce_rows erases the unmasked task vectors and then zeroes the entries left out of the selection (or, with
+    ``gather``, erases only the kept entries' columns, gathered in the energy pass, chunk by chunk); ``sce_merge``
     (the plain order: mask every τ_t, then erase) is the reference, bit for bit, every zero's sign included."""
+    from mergekit_lite.methods import sce as sce_module
     from mergekit_lite.methods.base import HeldTaskVectors, TensorContext
     from mergekit_lite.methods.sce import sce_rows
+
+    monkeypatch.setattr(sce_module, "GATHER_COPIES", 1e9 if gather else 0.0)
+    erased = []
+    monkeypatch.setattr(sce_module, "sce_erase", lambda d, *a, real=sce_module.sce_erase: erased.append(d.shape) or real(d, *a))
 
     torch.manual_seed(5)
     deltas = torch.randn(4, 60, 70)
@@ -223,9 +230,13 @@ def test_sce_rows_masks_the_erased_result_with_the_bits_of_masking_every_task_ve
     deltas[:, 5] = -0.0
     params = {"select_topk": select_topk, "energy_floor": 1e-6, "merge": mode}
     ctx = TensorContext("w", NAMES, params, [{} for _ in NAMES], {}, None)
-    got = sce_rows(HeldTaskVectors(list(deltas.clone())), ctx)
+    got = sce_rows(HeldTaskVectors(list(deltas.clone()), entries=700), ctx)  # chunks of 10 rows
     want = sce_merge(deltas.clone(), select_topk, 1e-6, mode)
     assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
+    if select_topk == 0:  # nothing kept: nothing to gather or erase
+        assert erased == []
+    elif select_topk < 1:  # gathered: [T, kept entries] per chunk; else [T, 10 rows, 70]
+        assert len(erased) == 6 and all(len(shape) == (2 if gather else 3) for shape in erased)
     if 0 < select_topk < 1:
         assert bool((got == 0).any())
 
