@@ -851,6 +851,7 @@ def test_dare_draws_split_over_threads_are_the_one_sequential_stream(monkeypatch
     from mergekit_lite.ops import sparsify as sp
 
     monkeypatch.setattr(sp, "DRAW_BLOCK", 64)  # 2112 entries: 33 blocks, split over the threads
+    monkeypatch.setattr(sp, "SPLIT_DRAWS", 16)
     plain = np.random.Generator(np.random.PCG64DXSM(77))
     want = torch.from_numpy(plain_uniforms(plain, 64 * 33) < 0.6).reshape(64, 33)
     before = torch.get_num_threads()

@@ -35,6 +35,7 @@ from ..ops import (
 )
 from ..ops.bitpack import pack_bits, unpack_bit_range
 from ..ops.sparsify import l1_norms
+from ..ops.threads import map_parts, split_evenly, thread_count
 from .base import CombineFn, CombineRowsFn, HeldTaskVectors, merged_by_row_chunks, MergeMethod, Param, TaskVectorSource, TensorContext, reduce_passes, register
 
 # -- parameters (names and defaults as mergekit 0.1.5 declares them) -------------------------------
@@ -259,8 +260,37 @@ def _drawn_rows(kept_of: Callable[[torch.Tensor, dict[str, Any], np.random.Gener
 
 
 def random_rows(shape: tuple[int, ...], ctx: TensorContext) -> RowRule | None:
-    """DARE by rows: each entry's uniform is the one the whole tensor's draw gives it."""
-    return _drawn_rows(lambda rows, p, g, first: _rescale(dare_mask(rows.shape, p["density"], g, first).to(rows.device), rows, p["density"], ctx), ctx)
+    """DARE by rows: each entry's uniform is the one the whole tensor's draw gives it. The first task's call for
+    a row chunk draws every task's mask of it, the tasks split over the CPU threads (one hand-off per chunk; a
+    single chunk's draw is too short to split: a thread hand-off costs ~90 µs on this project's VM)."""
+    drawn: dict[int, list[torch.Tensor | None]] = {}  # the current chunk's first entry → each task's mask
+
+    def masks(rows_shape: torch.Size, first: int) -> list[torch.Tensor | None]:
+        def draw(tasks: tuple[int, int]) -> list[torch.Tensor | None]:
+            return [_task_mask(t, rows_shape, first) for t in range(*tasks)]
+
+        return [mask for part in map_parts(draw, split_evenly(len(ctx.model_params), thread_count())) for mask in part]
+
+    def _task_mask(t: int, rows_shape: torch.Size, first: int) -> torch.Tensor | None:
+        density = ctx.model_params[t]["density"]
+        if not 0 < density < 1:
+            return None
+        return dare_mask(rows_shape, density, generator_for(ctx.params["seed"], ctx.model_names[t], ctx.name), first, split=False)
+
+    def rule(rows: torch.Tensor, t: int, first: int) -> Kept:
+        p = ctx.model_params[t]
+        if p["density"] >= 1:
+            return Kept()
+        if p["density"] <= 0:
+            return Kept(nothing=True)
+        if first not in drawn:
+            drawn.clear()
+            drawn[first] = masks(rows.shape, first)
+        mask = drawn[first][t]
+        assert mask is not None and mask.shape == rows.shape
+        return _rescale(mask.to(rows.device), rows, p["density"], ctx)
+
+    return rule
 
 
 def della_rows(shape: tuple[int, ...], ctx: TensorContext) -> RowRule | None:

@@ -373,21 +373,22 @@ def magnitude_mask(x: Tensor, threshold: float | Tensor) -> Tensor:
 
 #: uniforms are drawn this many at a time (rounded down to whole 64-bit outputs), whatever the tensor's size
 DRAW_BLOCK = 1 << 20
-#: draws longer than this are split over the threads (a row chunk's mask, ~1M entries, is: drawn on one thread
-#: the row-chunked DARE-linear took 38 s at K = 8 on the 250M model instead of the whole-tensor path's 21–26 s)
-SPLIT_DRAWS = 1 << 18
+#: draws longer than this are split over the threads: a thread hand-off costs ~90 µs on this project's VM, so
+#: 2^19 entries (0.5 ms) drawn on two threads took as long as on one; 2^21 entries 2.2× less
+SPLIT_DRAWS = 1 << 21
 #: a 32-bit uniform u stands for u / 2^32
 UNIFORM_SCALE = float(1 << 32)
 
 
-def dare_mask(shape: torch.Size | tuple[int, ...], density: float, generator: np.random.Generator, first: int = 0) -> Tensor:
+def dare_mask(shape: torch.Size | tuple[int, ...], density: float, generator: np.random.Generator, first: int = 0, split: bool = True) -> Tensor:
     """Bool keep-mask, each entry kept with probability `density` (drop probability p = 1 - density).
 
     Entry i (flat order) is kept iff U_{first+i} < density, U_j the generator's j-th 32-bit uniform
     (``uniforms32``: each 64-bit output of its stream gives two, low half first), so the mask depends
     only on the generator, not on the device, dtype, thread count or block size. ``first``: where a few
     rows of a larger tensor start in its draws. The generator is left after the entries drawn. density 0
-    and 1 return all-False / all-True without drawing (each generator serves one tensor).
+    and 1 return all-False / all-True without drawing (each generator serves one tensor). ``split=False``
+    draws on this thread only (the caller splits its work over the threads itself).
     """
     d = _check_fraction("density", density)
     _check_generator(generator)
@@ -397,7 +398,7 @@ def dare_mask(shape: torch.Size | tuple[int, ...], density: float, generator: np
     if d == 1.0:
         return torch.ones(shape, dtype=torch.bool)
     mask = torch.empty(shape, dtype=torch.bool)
-    _draw_below(generator, d * UNIFORM_SCALE, mask.numpy().reshape(-1), first)
+    (_draw_below if split else _draw_below_in_order)(generator, d * UNIFORM_SCALE, mask.numpy().reshape(-1), first)
     _skip_words(generator, first + mask.numel())
     return mask
 
