@@ -267,11 +267,11 @@ def random_rows(shape: tuple[int, ...], ctx: TensorContext) -> RowRule | None:
 
     def masks(rows_shape: torch.Size, first: int) -> list[torch.Tensor | None]:
         def draw(tasks: tuple[int, int]) -> list[torch.Tensor | None]:
-            return [_task_mask(t, rows_shape, first) for t in range(*tasks)]
+            return [task_mask(t, rows_shape, first) for t in range(*tasks)]
 
         return [mask for part in map_parts(draw, split_evenly(len(ctx.model_params), thread_count())) for mask in part]
 
-    def _task_mask(t: int, rows_shape: torch.Size, first: int) -> torch.Tensor | None:
+    def task_mask(t: int, rows_shape: torch.Size, first: int) -> torch.Tensor | None:
         density = ctx.model_params[t]["density"]
         if not 0 < density < 1:
             return None

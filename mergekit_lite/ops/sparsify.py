@@ -383,8 +383,8 @@ UNIFORM_SCALE = float(1 << 32)
 def dare_mask(shape: torch.Size | tuple[int, ...], density: float, generator: np.random.Generator, first: int = 0, split: bool = True) -> Tensor:
     """Bool keep-mask, each entry kept with probability `density` (drop probability p = 1 - density).
 
-    Entry i (flat order) is kept iff U_{first+i} < density, U_j the generator's j-th 32-bit uniform
-    (``uniforms32``: each 64-bit output of its stream gives two, low half first), so the mask depends
+    Entry i (flat order) is kept iff U_{first+i} < density, U_j = u_j / 2^32 the generator's j-th 32-bit
+    uniform (each 64-bit output of its stream gives two, its low half first), so the mask depends
     only on the generator, not on the device, dtype, thread count or block size. ``first``: where a few
     rows of a larger tensor start in its draws. The generator is left after the entries drawn. density 0
     and 1 return all-False / all-True without drawing (each generator serves one tensor). ``split=False``
@@ -401,13 +401,6 @@ def dare_mask(shape: torch.Size | tuple[int, ...], density: float, generator: np
     (_draw_below if split else _draw_below_in_order)(generator, d * UNIFORM_SCALE, mask.numpy().reshape(-1), first)
     _skip_words(generator, first + mask.numel())
     return mask
-
-
-def uniforms32(generator: np.random.Generator, count: int) -> np.ndarray:
-    """The documented draws written plainly: the generator's next ``count`` 32-bit uniforms (uint32; u stands
-    for u / 2^32), two from each 64-bit output of its stream, the low half first (the generator is advanced)."""
-    words = generator.bit_generator.random_raw((count + 1) // 2)
-    return np.stack([words & 0xFFFFFFFF, words >> 32], axis=1).reshape(-1)[:count].astype(np.uint32)
 
 
 def _skip_words(generator: np.random.Generator, entries: int) -> None:
