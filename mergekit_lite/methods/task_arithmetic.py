@@ -244,16 +244,24 @@ RowRule = Callable[[torch.Tensor, int, int], Kept]
 RowSparsifier = Callable[[tuple[int, ...], TensorContext], "RowRule | None"]
 
 
+def _without_draws(density: float) -> Kept | None:
+    """What a random sparsifier keeps when it needs no draws: everything at density ≥ 1, nothing at ≤ 0."""
+    if density >= 1:
+        return Kept()
+    if density <= 0:
+        return Kept(nothing=True)
+    return None
+
+
 def _drawn_rows(kept_of: Callable[[torch.Tensor, dict[str, Any], np.random.Generator, int], Kept], ctx: TensorContext) -> RowRule:
     """A row rule from ``kept_of(rows, parameters, generator, first)``: the tensor's generator and the flat index of
     the rows' first entry (where their draws start in the tensor's)."""
 
     def rule(rows: torch.Tensor, t: int, first: int) -> Kept:
         p = ctx.model_params[t]
-        if p["density"] >= 1:
-            return Kept()
-        if p["density"] <= 0:
-            return Kept(nothing=True)
+        trivial = _without_draws(p["density"])
+        if trivial is not None:
+            return trivial
         return kept_of(rows, p, generator_for(ctx.params["seed"], ctx.model_names[t], ctx.name), first)
 
     return rule
@@ -279,10 +287,9 @@ def random_rows(shape: tuple[int, ...], ctx: TensorContext) -> RowRule | None:
 
     def rule(rows: torch.Tensor, t: int, first: int) -> Kept:
         p = ctx.model_params[t]
-        if p["density"] >= 1:
-            return Kept()
-        if p["density"] <= 0:
-            return Kept(nothing=True)
+        trivial = _without_draws(p["density"])
+        if trivial is not None:
+            return trivial
         if first not in drawn:
             drawn.clear()
             drawn[first] = masks(rows.shape, first)
