@@ -52,14 +52,14 @@ def sce_rows(source: TaskVectorSource, ctx: TensorContext) -> torch.Tensor:
             return task_variance(source.rows(t, start, stop) for t in range(source.count))
 
         keep = top_variance_mask(by_row_chunks(source, variance_rows), fraction)
-    # a sparse selection's kept entries of every τ_t are gathered in the energy pass (``_Gathered``): the erase
-    # then reads nothing and works on those entries only
-    gathered = _Gathered(source) if keep is not None and _gathers(source, keep) else None
+    # a sparse selection's kept entries of every τ_t are gathered in the energy pass (per chunk's first row: their
+    # flat positions and each τ_t's values there): the erase then reads nothing and works on those entries only
+    gathered: Gathered | None = {} if keep is not None and _gathers(source, keep) else None
     weights = [float(w) for w in energy_weights(_energies(source, keep, gathered), ctx.params["energy_floor"], source.dtype)]
 
     def erase_rows(start: int, stop: int, rows: slice | None) -> torch.Tensor:
         if gathered is not None:  # the same erase on the kept entries' columns, + 0 as below; the rest +0
-            positions, values = gathered.chunks.pop(start)
+            positions, values = gathered.pop(start)
             out = torch.zeros((stop - start, *source.shape[1:]), dtype=source.dtype)
             if positions.size:
                 merged = sce_erase(torch.from_numpy(np.stack(values)), weights, ctx.params["merge"]).add_(0.0)
@@ -89,14 +89,11 @@ def _gathers(source: TaskVectorSource, keep: torch.Tensor) -> bool:
     )
 
 
-class _Gathered:
-    """Per row chunk (by its first row): the flat positions of its kept entries and each τ_t's values there."""
-
-    def __init__(self, source: TaskVectorSource):
-        self.chunks: dict[int, tuple[np.ndarray, list[np.ndarray]]] = {}
+#: per row chunk (by its first row): the flat positions of its kept entries and each τ_t's values there
+Gathered = dict[int, tuple[np.ndarray, list[np.ndarray]]]
 
 
-def _energies(source: TaskVectorSource, keep: torch.Tensor | None, gathered: _Gathered | None = None) -> list[float]:
+def _energies(source: TaskVectorSource, keep: torch.Tensor | None, gathered: Gathered | None = None) -> list[float]:
     """mean(τ_t²) of each task's selected entries: a matrix's by row chunks (each row's float64 sum of squares,
     added up exactly: ``mean_square``'s number, with less memory than a whole τ_t), a vector's from the whole τ_t.
     With ``gathered``, each chunk's kept entries of every τ_t are gathered there too."""
@@ -121,7 +118,7 @@ def _energies(source: TaskVectorSource, keep: torch.Tensor | None, gathered: _Ga
             sums[t].extend(row_square_sums(delta))
             del delta
         if gathered is not None and positions is not None:
-            gathered.chunks[start] = (positions, values)
+            gathered[start] = (positions, values)
     n = math.prod(source.shape)
     return [math.fsum(s) / n if n else 0.0 for s in sums]
 
