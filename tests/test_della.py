@@ -133,6 +133,7 @@ def test_mask_is_the_same_for_any_thread_count_and_leaves_the_generator_where_on
     part's first entry (the split thresholds lowered so that this small tensor is split)."""
     monkeypatch.setattr(sparsify, "DELLA_SPLIT_MIN", 8)
     monkeypatch.setattr(sparsify, "SPLIT_DRAWS", 16)
+    monkeypatch.setattr(sparsify, "RANK_BLOCK", 40)  # each thread ranks its rows two at a time
     torch.manual_seed(5)
     x = torch.randn(53, 19).to(dtype)
     x[:, ::2] = torch.randint(-3, 4, (53, 10)).to(dtype)  # ties within each row, broken by position
@@ -148,3 +149,39 @@ def test_mask_is_the_same_for_any_thread_count_and_leaves_the_generator_where_on
     assert torch.equal(got, want)
     assert generator.random() == plain.random()  # the stream continues after the tensor's draws (x has an odd count)
     assert x.numel() % 2 == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("first", [0, 1, 6])
+def test_mask_ranks_ties_zeros_and_special_values_as_a_stable_sort_from_any_first_draw(dtype, first, monkeypatch):
+    """The mask's integer-key ranking and integer thresholds against the plain definition (ranks by counting,
+    float64 probabilities, float64 uniforms), a few rows at a time, from a first draw that may be a high half;
+    with a NaN the tensor takes the general path and still ranks it as torch's stable sort (NaN last)."""
+    monkeypatch.setattr(sparsify, "RANK_BLOCK", 64)
+    torch.manual_seed(6)
+    x = torch.randn(11, 40).to(dtype)
+    x[:, ::4] = 0.0
+    x[:, 1::4] = -0.0
+    x[:, 2::7] = x[:, 3::7]
+    x[0, 5], x[1, 6], x[2, 7] = float("inf"), -float("inf"), 1000.0
+    for with_nan in (False, True):
+        if with_nan:
+            x[3, 8] = float("nan")
+        plain = np.random.Generator(np.random.PCG64DXSM(12))
+        uniforms = plain_uniforms(plain, first + x.numel())[first:]
+        want = torch.from_numpy(uniforms).reshape(x.shape) < 0.5 - 0.3 + _stable_ranks_plainly(x, 1) / 39 * 0.6
+        got = della_mask(x, 0.5, 0.3, np.random.Generator(np.random.PCG64DXSM(12)), first=first)
+        assert torch.equal(got, want), with_nan
+
+
+def test_mask_of_a_row_longer_than_a_ranking_block_and_probabilities_near_one(monkeypatch):
+    """A row is never split (RANK_BLOCK smaller than it), and a probability within 2^-32 of 1 (no 32-bit
+    ceiling) takes the float64 comparison: the same mask as the plain definition either way."""
+    monkeypatch.setattr(sparsify, "RANK_BLOCK", 16)
+    torch.manual_seed(7)
+    x = torch.randn(5, 33)
+    for density, epsilon in ((0.5, 0.25), (0.5, 0.5 - 2**-34)):
+        plain = np.random.Generator(np.random.PCG64DXSM(13))
+        probabilities = density - epsilon + _stable_ranks_plainly(x, 1) / 32 * (2 * epsilon)
+        want = torch.from_numpy(plain_uniforms(plain, x.numel())).reshape(x.shape) < probabilities
+        assert torch.equal(della_mask(x, density, epsilon, np.random.Generator(np.random.PCG64DXSM(13))), want)

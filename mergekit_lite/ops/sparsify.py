@@ -426,10 +426,7 @@ def _draw_below(generator: np.random.Generator, threshold: float | np.ndarray, o
 
 
 def _draw_below_in_order(generator: np.random.Generator, threshold: float | np.ndarray, out: np.ndarray, first: int) -> None:
-    """``_draw_below`` on this thread, DRAW_BLOCK uniforms at a time, from a copy of the generator advanced to
-    the 64-bit output that holds U_first (the generator itself is not moved)."""
-    bits = generator_at(generator, first // 2).bit_generator
-    skip = first % 2  # U_first is the high half of its output
+    """``_draw_below`` on this thread, DRAW_BLOCK uniforms at a time (the generator itself is not moved)."""
     integer = None
     if np.isscalar(threshold):  # u < t ⟺ u < ⌈t⌉ for an integer u: an integer comparison
         ceiling = math.ceil(float(threshold))
@@ -437,17 +434,34 @@ def _draw_below_in_order(generator: np.random.Generator, threshold: float | np.n
             out[:] = True
             return
         integer = np.uint32(max(ceiling, 0))
-    done = 0
-    while done < out.size:
-        count = min(2 * max(1, DRAW_BLOCK // 2) - skip, out.size - done)  # whole outputs: the next block starts on one
-        uniforms = bits.random_raw((skip + count + 1) // 2).view(np.uint32)
+    uniforms = UniformStream(generator, first)
+    for done in range(0, out.size, DRAW_BLOCK):
+        count = min(DRAW_BLOCK, out.size - done)
+        np.less(uniforms.take(count), integer if integer is not None else threshold[done : done + count], out=out[done : done + count])
+
+
+class UniformStream:
+    """The generator's 32-bit uniforms U_first, U_first+1, … handed out in consecutive runs, from a copy of the
+    generator advanced to the 64-bit output that holds U_first (each output gives two, its low half first; the
+    generator itself is not moved)."""
+
+    def __init__(self, generator: np.random.Generator, first: int) -> None:
+        self._bits = generator_at(generator, first // 2).bit_generator
+        self._left = self._halves(1)[1:] if first % 2 else None  # U_first is the high half of its output
+
+    def _halves(self, outputs: int) -> np.ndarray:
+        uniforms = self._bits.random_raw(outputs).view(np.uint32)
         if _BIG_ENDIAN:  # the low half of each output first, as on a little-endian machine
             uniforms = uniforms.reshape(-1, 2)[:, ::-1].reshape(-1)
-        uniforms = uniforms[skip : skip + count]
-        target = out[done : done + count]
-        np.less(uniforms, integer if integer is not None else threshold[done : done + count], out=target)
-        done += count
-        skip = 0
+        return uniforms
+
+    def take(self, count: int) -> np.ndarray:
+        """The next ``count`` uniforms (uint32)."""
+        left = self._left
+        need = count - (0 if left is None else left.size)
+        fresh = self._halves((need + 1) // 2)
+        self._left = fresh[need:] if fresh.size > need else None
+        return fresh[:need] if left is None else np.concatenate((left, fresh[:need]))
 
 
 _BIG_ENDIAN = sys.byteorder == "big"
@@ -594,6 +608,7 @@ def della_keep_probabilities(x: Tensor, density: float, epsilon: float) -> Tenso
 
 
 _BITS_DTYPES = {torch.float32: np.int32, torch.bfloat16: np.int16, torch.float16: np.int16}
+_INFINITY_BITS = {torch.float32: 0x7F800000, torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
 DELLA_SPLIT_MIN = 1 << 16  # entries: a block of rows at least twice this is sorted on several threads
 
 
@@ -602,15 +617,7 @@ def _keep_probabilities_into(rows: Tensor, density: float, epsilon: float, out: 
     (a power of two: exact); ``keys`` an optional int64 buffer of rows' size for the CPU sort. Large blocks of rows
     are sorted on the CPU threads (numpy's sorts run on one), the probabilities scattered here (torch's on all)."""
     n = rows.shape[1]
-    # (density − ε) + rank/(n−1)·2ε for each rank 0 … n−1, in float64
-    by_rank = torch.arange(n, dtype=torch.float64, device=rows.device)
-    if n > 1:
-        by_rank.div_(n - 1)
-    else:
-        by_rank.zero_()
-    by_rank.mul_(2 * epsilon).add_(density - epsilon)
-    if scale != 1.0:
-        by_rank.mul_(scale)
+    by_rank = _probabilities_by_rank(n, density, epsilon, scale, rows.device)
     splits = rows.device.type == "cpu" and rows.dtype in _BITS_DTYPES and rows.numel() >= 2 * DELLA_SPLIT_MIN
     parts = split_evenly(rows.shape[0], thread_count() if splits else 1)
     keys = keys.view(rows.shape) if keys is not None else None
@@ -618,6 +625,83 @@ def _keep_probabilities_into(rows: Tensor, density: float, epsilon: float, out: 
     for (start, stop), order in zip(parts, orders):
         out[start:stop].scatter_(1, order, by_rank.expand(stop - start, n))
     return out
+
+
+def _probabilities_by_rank(n: int, density: float, epsilon: float, scale: float = 1.0, device: torch.device | str = "cpu") -> Tensor:
+    """(density − ε) + rank/(n−1)·2ε for each rank 0 … n−1, in float64, times ``scale`` (a power of two: exact)."""
+    by_rank = torch.arange(n, dtype=torch.float64, device=device)
+    if n > 1:
+        by_rank.div_(n - 1)
+    else:
+        by_rank.zero_()
+    by_rank.mul_(2 * epsilon).add_(density - epsilon)
+    if scale != 1.0:
+        by_rank.mul_(scale)
+    return by_rank
+
+
+#: entries of the rows one thread ranks at a time: their int64 keys (1 MiB) stay in its core's L2 cache
+RANK_BLOCK = 1 << 17
+_POSITIONS = np.arange(0, dtype=np.int64)
+
+
+def _positions(count: int) -> np.ndarray:
+    """0 … count − 1 (int64), shared and never written: made once for the largest count asked."""
+    global _POSITIONS
+    if _POSITIONS.size < count:
+        _POSITIONS = np.arange(count, dtype=np.int64)
+    return _POSITIONS[:count]
+
+
+def _draw_ranked_rows(rows: Tensor, density: float, epsilon: float, generator: np.random.Generator, out: np.ndarray, first: int) -> bool:
+    """``della_mask`` of a 2-D ``rows`` into ``out`` (bool, rows' entries in order), U from U_first on; False
+    where this path does not apply (``out`` then partly written): not a CPU float32/bfloat16/float16 tensor,
+    a NaN, or a probability within 2^-32 of 1.
+
+    Each thread takes whole rows and ranks them RANK_BLOCK entries at a time, all in numpy (no torch kernel
+    starts a team of threads of its own): int64 keys |bits| · 2^b + position (the position breaks ties),
+    sorted by row; each rank's threshold ⌈p_r·2^32⌉ put at its entry (an integer u is below p_r·2^32 iff below
+    its ceiling); the draws compared with them. (Against float64 probabilities scattered by torch, DELLA at
+    K = 4 on the 250M benchmark model went from 17.9 to 15.8 s.)
+    """
+    bits_dtype = _BITS_DTYPES.get(rows.dtype)
+    if rows.device.type != "cpu" or bits_dtype is None:
+        return False
+    n = rows.shape[1]
+    if n == 0 or rows.shape[0] == 0:
+        return True
+    ceilings = _probabilities_by_rank(n, density, epsilon, UNIFORM_SCALE).ceil_().numpy()
+    if ceilings.max() > 0xFFFFFFFF:
+        return False
+    by_rank = ceilings.astype(np.uint32)
+    raw = rows.contiguous()
+    bits = (raw.view(torch.int16) if raw.dtype == torch.bfloat16 else raw).numpy().view(bits_dtype)
+    magnitude = np.iinfo(bits_dtype).max  # clears the sign bit
+    infinity = _INFINITY_BITS[rows.dtype]  # a larger magnitude is a NaN, whose payload bits would order it
+    step = max(1, RANK_BLOCK // n)
+
+    def draw(part: tuple[int, int]) -> bool:
+        size = min(step, part[1] - part[0]) * n
+        index_bits = (size - 1).bit_length()
+        keys = scratch("della keys", size, torch.int64).numpy()  # this thread's own
+        thresholds = scratch("della thresholds", size, torch.int32).numpy().view(np.uint32)
+        uniforms = UniformStream(generator, first + part[0] * n)
+        for start in range(part[0], part[1], step):
+            stop = min(start + step, part[1])
+            count = (stop - start) * n
+            block = keys[:count].reshape(stop - start, n)
+            np.bitwise_and(bits[start:stop], magnitude, out=block)
+            if block.max() > infinity:
+                return False
+            block <<= index_bits
+            block |= _positions(count).reshape(stop - start, n)
+            block.sort(axis=1)
+            block &= (1 << index_bits) - 1  # each row's positions, its smallest magnitude first
+            thresholds[block] = by_rank
+            np.less(uniforms.take(count), thresholds[:count], out=out[start * n : stop * n])
+        return True
+
+    return all(map_parts(draw, split_evenly(rows.shape[0], thread_count() if rows.numel() >= 2 * DELLA_SPLIT_MIN else 1)))
 
 
 def _stable_magnitude_order(rows: Tensor, keys_buffer: Tensor | None = None) -> Tensor:
@@ -635,7 +719,7 @@ def _stable_magnitude_order(rows: Tensor, keys_buffer: Tensor | None = None) -> 
     raw = rows.contiguous()
     if raw.dtype == torch.bfloat16:
         raw = raw.view(torch.int16)  # numpy has no bfloat16; only the bits are read
-    infinity_bits = {np.int32: 0x7F800000, np.int16: 0x7F80 if rows.dtype == torch.bfloat16 else 0x7C00}[bits_dtype]
+    infinity_bits = _INFINITY_BITS[rows.dtype]
     if bits_dtype is np.int16:
         magnitude_bits = raw.numpy().view(np.int16) & np.int16(0x7FFF)
         if magnitude_bits.max() > infinity_bits:  # a NaN: its payload would order it; torch's sort treats NaNs as equal
@@ -675,6 +759,8 @@ def della_mask(x: Tensor, density: float, epsilon: float, generator: np.random.G
             thresholds = della_keep_probabilities(rows.cpu(), density, epsilon).mul_(UNIFORM_SCALE)
         else:
             rows = rows.cpu().reshape(1, -1) if rows.dim() < 2 else rows.cpu()
+            if _draw_ranked_rows(rows, density, epsilon, generator, flat_mask[start : start + rows.numel()], first + start):
+                continue
             out = scratch("della probabilities", rows.numel(), torch.float64).view(rows.shape)
             thresholds = _keep_probabilities_into(rows, density, epsilon, out, scratch("della keys", rows.numel(), torch.int64), UNIFORM_SCALE)
         _draw_below(generator, thresholds.reshape(-1).numpy(), flat_mask[start : start + rows.numel()], first + start)

@@ -29,16 +29,22 @@ def thread_count() -> int:
 
 
 def map_parts(work: Callable[[Part], Result], parts: Sequence[Part]) -> list[Result]:
-    """``[work(p) for p in parts]``, the parts run on up to ``thread_count()`` threads."""
+    """``[work(p) for p in parts]``, the parts run on up to ``thread_count()`` threads: the first on the calling
+    thread, which would otherwise wait (a sleeping thread takes 0.1–0.3 ms to wake on this project's VM)."""
     global _POOL, _POOL_SIZE
     if len(parts) <= 1 or thread_count() == 1:
         return [work(part) for part in parts]
-    if _POOL is None or _POOL_SIZE != thread_count():
+    if _POOL is None or _POOL_SIZE != thread_count() - 1:
         if _POOL is not None:
             _POOL.shutdown(wait=False)
-        _POOL_SIZE = thread_count()
+        _POOL_SIZE = thread_count() - 1
         _POOL = ThreadPoolExecutor(max_workers=_POOL_SIZE, thread_name_prefix="mergekit-lite-compute")
-    return list(_POOL.map(work, parts))
+    others = [_POOL.submit(work, part) for part in parts[1:]]
+    try:
+        first = work(parts[0])
+    finally:
+        done = [future.result() for future in others]  # every part finished (or failed) before returning
+    return [first, *done]
 
 
 def split_evenly(count: int, parts: int, multiple: int = 1) -> list[tuple[int, int]]:
