@@ -48,34 +48,48 @@ def variance_select_mask(deltas: Tensor, fraction: float) -> Tensor:
     return top_variance_mask(task_variance(deltas), fraction)
 
 
+#: entries whose variance is updated task by task at a time on the CPU: the four float64 buffers (4 MiB) stay
+#: in the cores' L2 caches (task_variance of K = 8 tasks: 1.26 ns per entry and task against 1.83 at 2^19)
+VARIANCE_BLOCK = 1 << 17
+
+
 def task_variance(deltas: Tensor | Iterable[Tensor]) -> Tensor:
-    """Population variance of each entry across the T task vectors (stacked, or handed out one at a time;
-    any slice of entries), in their dtype.
+    """Population variance of each entry across the T task vectors (stacked, or handed out one at a time and
+    held; any slice of entries), in their dtype.
 
     The arithmetic of ``torch.var(stack, dim=0, unbiased=False)`` on the CPU (Welford's update in float64,
     then the division and one rounding to the dtype), so the numbers, and the entries the select step
     keeps, are torch.var's bit for bit, without a stack and 2–13× faster than its reduction over dim 0.
+    Each entry's update is its own, so VARIANCE_BLOCK entries are taken through every task at a time.
     """
-    parts = iter(deltas)  # a stacked tensor hands out its rows
-    first = next(parts, None)
-    if first is None:
+    tasks = list(deltas)  # a stacked tensor hands out its rows
+    if not tasks:
         raise ValueError("task_variance needs at least one task vector")
+    first = tasks[0]
     if first.dtype == torch.float64:  # torch rounds float64 reductions otherwise: use it
-        return torch.var(torch.stack([first, *parts]), dim=0, unbiased=False)
-    # the first update from zeros leaves mean = τ_1 and m2 = +0 exactly; the buffers are reused for every task.
-    # addcdiv (mean + 1·(step / count)) and addcmul (m2 + 1·step·data) round as the separate division or product
-    # and sum do (no fused multiply-add on the CPU; the test against torch.var checks it): 7 → 5 passes, 18 % faster
-    mean = first.to(torch.float64, copy=True)
-    m2 = torch.zeros_like(mean)
-    data, step = torch.empty_like(mean), torch.empty_like(mean)
-    count = 1
-    for count, delta in enumerate(parts, start=2):
-        data.copy_(delta)
-        torch.sub(data, mean, out=step)
-        mean.addcdiv_(step, torch.tensor(float(count), dtype=torch.float64, device=mean.device))
-        data.sub_(mean)
-        m2.addcmul_(step, data)
-    return m2.div_(count).to(first.dtype)
+        return torch.var(torch.stack(tasks), dim=0, unbiased=False)
+    out = torch.empty(first.shape, dtype=first.dtype, device=first.device)
+    flats = [t.reshape(-1) for t in tasks]
+    n = out.numel()
+    block = min(n, VARIANCE_BLOCK) if first.device.type == "cpu" else n
+    buffers = [torch.empty(block, dtype=torch.float64, device=first.device) for _ in range(4)]
+    counts = [torch.tensor(float(count), dtype=torch.float64, device=first.device) for count in range(2, len(tasks) + 1)]
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        mean, m2, data, step = (buffer[: stop - start] for buffer in buffers)
+        # the first update from zeros leaves mean = τ_1 and m2 = +0 exactly. addcdiv (mean + 1·(step / count))
+        # and addcmul (m2 + 1·step·data) round as the separate division or product and sum do (no fused
+        # multiply-add on the CPU; the test against torch.var checks it): 7 → 5 passes, 18 % faster
+        mean.copy_(flats[0][start:stop])
+        m2.zero_()
+        for count, delta in zip(counts, flats[1:]):
+            data.copy_(delta[start:stop])
+            torch.sub(data, mean, out=step)
+            mean.addcdiv_(step, count)
+            data.sub_(mean)
+            m2.addcmul_(step, data)
+        out.view(-1)[start:stop].copy_(m2.div_(len(tasks)))
+    return out
 
 
 def top_variance_mask(variance: Tensor, fraction: float) -> Tensor:
