@@ -128,8 +128,8 @@ class TaskVectorSource:
         return torch.stack([self.rows(t, start, stop) for t in range(self.count)])
 
 
-#: tensors of at least this many entries are merged in row chunks (entrywise methods: of this many entries;
-#: two-phase methods: of half as many, see ``execute.two_phase_chunk_entries``)
+#: entries per row chunk; tensors of at least this many entries are merged in row chunks (two-phase methods:
+#: from half as many, see ``execute.two_phase_min_entries``)
 ROW_CHUNK_ENTRIES = 1 << 20
 
 
