@@ -340,6 +340,8 @@ def test_task_variance_is_torch_var_bit_for_bit(count, dtype, block, monkeypatch
     assert torch.equal(task_variance(deltas), want)
     assert torch.equal(task_variance(iter(deltas)), want)
     assert torch.equal(task_variance(torch.stack(deltas)), want)
+    empty = [torch.empty(0, 3, dtype=dtype) for _ in range(count)]  # no entries: an empty variance
+    assert task_variance(empty).shape == (0, 3)
 
 
 @pytest.mark.parametrize("mode", ["mean", "sum"])

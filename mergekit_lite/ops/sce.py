@@ -71,7 +71,7 @@ def task_variance(deltas: Tensor | Iterable[Tensor]) -> Tensor:
     out = torch.empty(first.shape, dtype=first.dtype, device=first.device)
     flats = [t.reshape(-1) for t in tasks]
     n = out.numel()
-    block = min(n, VARIANCE_BLOCK) if first.device.type == "cpu" else n
+    block = max(1, min(n, VARIANCE_BLOCK) if first.device.type == "cpu" else n)
     buffers = [torch.empty(block, dtype=torch.float64, device=first.device) for _ in range(4)]
     counts = [torch.tensor(float(count), dtype=torch.float64, device=first.device) for count in range(2, len(tasks) + 1)]
     for start in range(0, n, block):
