@@ -206,6 +206,7 @@ class Checkpoint:
         self._shard_of: dict[str, Path] = {}
         self._infos: dict[str, TensorInfo] = {}
         self._handles: dict[Path, Any] = {}
+        self._window: tuple[str, int, int, torch.Tensor] | None = None  # rows_as: (tensor, first row, end row, its rows)
         self._load_headers(shards)
         self._aliases = self._tied_aliases()
 
@@ -294,6 +295,37 @@ class Checkpoint:
         except OSError as exc:
             raise CheckpointError(f"{_show(file)}: could not read tensor {_show(real)}: {_first_line(exc)}; the file may be truncated or corrupt") from exc
 
+    def rows_as(self, name: str, start: int, stop: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, stop) of one tensor converted to ``dtype`` on ``device`` (or into ``out``: that dtype, device
+        and shape): a new tensor the caller owns. Consecutive row ranges of a mapped tensor come from one window of
+        ROW_WINDOW_BYTES mapped at once, not a mapping per call (each mapping made and dropped costs ~0.1 ms here)."""
+        rows = self._window_rows(name, start, stop) if self.row_reads else None
+        if rows is None:
+            rows = self.get_rows(name, start, stop)
+        return rows.to(device=device, dtype=dtype, copy=True) if out is None else out.copy_(rows)
+
+    def _window_rows(self, name: str, start: int, stop: int) -> torch.Tensor | None:
+        """Rows [start, stop) as a view of the current window (mapped anew when they fall outside it; the last
+        window goes first), None where the rows are read on their own (small tensors, long ranges, unmapped files).
+        The view is shared with later calls: never handed out unconverted."""
+        real = self._aliases.get(name, name)
+        file = self._shard_of.get(real)
+        info = self._infos.get(real)
+        if file is None or info is None or not info.shape or info.shape[0] == 0 or not self._handles[file].maps_rows:
+            return None
+        rows = info.shape[0]
+        row_bytes = info.nbytes // rows
+        start, stop = max(0, min(start, rows)), max(0, min(stop, rows))
+        if stop <= start or row_bytes == 0 or info.nbytes < MAP_MIN_BYTES or (stop - start) * row_bytes > ROW_WINDOW_BYTES:
+            return None
+        window = self._window
+        if window is None or window[0] != real or not (window[1] <= start and stop <= window[2]):
+            self._window = None
+            last = min(rows, max(stop, start + ROW_WINDOW_BYTES // row_bytes))
+            window = self._window = (real, start, last, self.get_rows(real, start, last))
+        return window[3][start - window[1] : stop - window[1]]
+
     def advise(self, name: str) -> None:
         """Ask the kernel to start reading one tensor's bytes into the page cache (returns at once; no memory of ours)."""
         real = self._aliases.get(name, name)
@@ -310,6 +342,7 @@ class Checkpoint:
         return sum(i.nbytes for i in self._infos.values())
 
     def close(self) -> None:
+        self._window = None
         for reader in self._handles.values():
             reader.close()
         self._handles.clear()
@@ -329,6 +362,11 @@ class Checkpoint:
 #: page cache skips the copy into fresh memory and its page faults (a 65 MB bfloat16 tensor read and converted to
 #: float32: 43 ms with pread, 10 ms mapped); smaller reads use pread (a mapping costs two system calls)
 MAP_MIN_BYTES = 1 << 20
+#: ``Checkpoint.rows_as`` maps this many bytes of a tensor's rows at once and serves the row chunks inside from that
+#: mapping: converting 250M bfloat16 entries in 2^20-entry chunks, a mapping per chunk 0.39 ns per entry, 8 MiB
+#: windows 0.27, 32 MiB 0.27, the whole tensor 0.25 (dropping a touched mapping costs ~0.1 ms on this VM). Each
+#: checkpoint holds one window: (K + 1) × 16 MiB of mapped pages more in RSS at most.
+ROW_WINDOW_BYTES = 16 << 20
 class _SafetensorsFile:
     """Header-first reader over one .safetensors file: each read a new tensor, mapped on its own (≥ MAP_MIN_BYTES) or
     read with pread into fresh memory.
@@ -340,6 +378,7 @@ class _SafetensorsFile:
     """
 
     MAX_HEADER = 100 * 2**20  # the safetensors format's own limit
+    maps_rows = True  # get_rows of ≥ MAP_MIN_BYTES is a mapping, not a copy: worth serving row chunks from a window
 
     def __init__(self, path: Path):
         self.path = path
@@ -540,6 +579,8 @@ class _TorchFile:
 
     def get(self, name: str) -> torch.Tensor:
         return self._state[name].clone()
+
+    maps_rows = False  # get_rows copies the rows out of the unpickled state
 
     def advise(self, name: str) -> None:
         """Nothing to do: the legacy file is unpickled (and memory-mapped) as a whole."""

@@ -61,8 +61,7 @@ def read_rows_for_merge(ckpt: Checkpoint, name: str, start: int, stop: int, devi
                         out: torch.Tensor | None = None) -> torch.Tensor:
     """Rows [start, stop) of one input tensor in the compute dtype (only those bytes read; converted into ``out``
     if given: that dtype, device and shape), refusing NaN/Inf."""
-    rows = ckpt.get_rows(name, start, stop)
-    rows = rows.to(device=device, dtype=dtype) if out is None else out.copy_(rows)
+    rows = ckpt.rows_as(name, start, stop, dtype, device, out)
     if not _all_finite(rows):
         _refuse_non_finite(ckpt, name, ckpt.get(name).to(dtype=dtype))
     return rows
@@ -158,8 +157,7 @@ def _rows_checked_once(plan: Plan, ref: TensorRef, start: int, stop: int, device
     unless ``key`` is in ``checked`` (these bytes were checked before), which it is afterwards."""
     ckpt = plan.checkpoints[ref.source]
     if key in checked:
-        rows = ckpt.get_rows(ref.name, start, stop)
-        return rows.to(device=device, dtype=plan.compute_dtype) if out is None else out.copy_(rows)
+        return ckpt.rows_as(ref.name, start, stop, plan.compute_dtype, device, out)
     rows = read_rows_for_merge(ckpt, ref.name, start, stop, device, plan.compute_dtype, out)
     checked.add(key)
     return rows

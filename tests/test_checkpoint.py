@@ -252,6 +252,42 @@ def test_mapped_reads_are_the_files_bytes_and_independent_copies(tmp_path, monke
     assert len(mapped) >= 4 and path.read_bytes() == before
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rows_as_serves_row_chunks_from_shared_windows_as_owned_conversions(tmp_path, monkeypatch, dtype):
+    """rows_as gives rows[start:stop].to(dtype) for any ranges, in or across windows, into ``out`` or new; consecutive
+    chunks share a mapping; and writing into what it returned never shows in a later read of the same rows."""
+    from mergekit_lite import checkpoint
+
+    monkeypatch.setattr(checkpoint, "MAP_MIN_BYTES", 64)
+    monkeypatch.setattr(checkpoint, "ROW_WINDOW_BYTES", 40 * 33 * dtype.itemsize)  # a window of 40 rows of "b"
+    g = torch.Generator().manual_seed(3)
+    tensors = {"a": torch.randn(300, 70, generator=g).to(dtype), "b": torch.randn(301, 33, generator=g).to(dtype),
+               "small": torch.randn(3, 2, generator=g).to(dtype), "v": torch.randn(500, generator=g).to(dtype)}
+    path = tmp_path / "x.safetensors"
+    save_file(tensors, path)
+    before = path.read_bytes()
+    mapped = []
+    real = checkpoint._SafetensorsFile._mapped
+    monkeypatch.setattr(checkpoint._SafetensorsFile, "_mapped", lambda self, *a: mapped.append(a) or real(self, *a))
+    with open_checkpoint(path) as ckpt:
+        for start in range(0, 301, 10):  # "b" in chunks of 10 rows: 40-row windows, so about one mapping per 4 chunks
+            got = ckpt.rows_as("b", start, start + 10, torch.float32)
+            assert got.dtype == torch.float32 and torch.equal(got, tensors["b"][start : start + 10].float())
+        assert 8 <= len(mapped) <= 9
+        ranges = [(0, 5), (3, 9), (35, 45), (290, 400), (7, 7), (0, 301), (299, 301), (-2, 3)]
+        g2 = torch.Generator().manual_seed(4)
+        ranges += [tuple(sorted(torch.randint(0, 302, (2,), generator=g2).tolist())) for _ in range(40)]
+        for name in ("a", "b", "small", "v", "b", "a"):  # interleaved tensors: each window replaced by the next
+            for a, b in ranges:
+                want = tensors[name][max(a, 0) : b]
+                got = ckpt.rows_as(name, a, b, dtype)
+                assert got.dtype == dtype and torch.equal(got, want), (name, a, b)
+                got.view(torch.uint8).bitwise_xor_(1)  # the caller owns it: no later read may see this
+                out = torch.full(want.shape, 7.0, dtype=torch.float64)
+                assert ckpt.rows_as(name, a, b, torch.float64, out=out) is out and torch.equal(out, want.double())
+    assert path.read_bytes() == before
+
+
 def test_file_truncated_after_opening_is_a_clear_error_for_mapped_reads(tmp_path, monkeypatch):
     from mergekit_lite import checkpoint
 
