@@ -386,3 +386,43 @@ def test_ram_accumulate_keeps_exactly_the_entries_beyond_epsilon(eps) -> None:
     assert torch.equal(state.count, active.sum(0).to(torch.int16))
     assert state.active == [int(a.sum()) for a in active]
     assert torch.equal(state.owner, torch.where(active[1], 1, torch.where(active[0], 0, -1)).to(torch.int16))
+
+
+def test_nonzero_mask_is_torchs_comparison_on_every_path() -> None:
+    """numpy's comparison (CPU float32/float64, contiguous) and torch's (everything else) give x != 0 exactly:
+    zeros of both signs, subnormals, infinities and NaN included."""
+    from mergekit_lite.ops.ram import nonzero_mask
+
+    tiny = float(torch.finfo(torch.float32).tiny) / 4  # a subnormal
+    values = torch.tensor([0.0, -0.0, tiny, -tiny, 1.0, float("inf"), float("-inf"), float("nan"), -3.5, 0.0])
+    for x in (values, values.double(), values.reshape(2, 5), values.reshape(5, 2).t(), values.bfloat16(), values[::2], torch.tensor(-0.0), torch.tensor(2.0)):
+        got = nonzero_mask(x)
+        assert got.dtype == torch.bool and got.shape == x.shape and torch.equal(got, x != 0), x
+
+
+@pytest.mark.parametrize("block", [1, 3, 7, 1 << 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_ramplus_scaling_and_counts_match_a_loop_per_task(monkeypatch, block, dtype) -> None:
+    """unique_counts (one bincount) and ramplus_finish (a gather by owner, in blocks over the threads) against a
+    comparison per task: the same counts and the same bits, for any block size and on torch's path (bfloat16)."""
+    from mergekit_lite.ops import ram as ram_ops
+
+    monkeypatch.setattr(ram_ops, "SCALE_BLOCK", block)
+    g = torch.Generator().manual_seed(7)
+    deltas = (torch.randn(5, 13, 11, generator=g) * (torch.rand(5, 13, 11, generator=g) < 0.4)).to(dtype)
+    deltas[2, 0, 0] = -0.0
+    scales = [1.0, 1.25, 0.5, 1.0 + 2**-20, 3.0]
+    state = ram_ops.ram_accumulate((d.clone() for d in deltas), 0.0, track_owner=True)
+    active = deltas != 0
+    count = active.sum(0)
+    owner = torch.full(count.shape, -1, dtype=torch.long)
+    for t in range(5):
+        owner[active[t] & (count == 1)] = t
+    assert ram_ops.unique_counts(state) == [int((owner == t).sum()) for t in range(5)]
+    total = state.total.clone()
+    want = total.clone()
+    for t, lam in enumerate(scales):
+        want = torch.where(owner == t, want * lam, want)
+    want = want / count.clamp(min=1).to(dtype)
+    got = ram_ops.ramplus_finish(state, scales)
+    assert got.dtype == dtype and torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
