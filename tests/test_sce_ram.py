@@ -385,7 +385,29 @@ def test_ram_accumulate_keeps_exactly_the_entries_beyond_epsilon(eps) -> None:
     assert torch.equal(state.total, total) and torch.equal(state.total.signbit(), total.signbit())
     assert torch.equal(state.count, active.sum(0).to(torch.int16))
     assert state.active == [int(a.sum()) for a in active]
-    assert torch.equal(state.owner, torch.where(active[1], 1, torch.where(active[0], 0, -1)).to(torch.int16))
+    assert torch.equal(state.owner, active[1].to(torch.int16))  # Σ_t t·[τ_t active] until unique_counts
+    from mergekit_lite.ops.ram import unique_counts
+
+    assert unique_counts(state) == [int((a & (active.sum(0) == 1)).sum()) for a in active]
+    assert torch.equal(state.owner, torch.where(active.sum(0) == 1, torch.where(active[1], 1, 0), -1).to(torch.int16))
+
+
+def test_ram_owner_map_survives_int16_wrap_with_many_task_vectors() -> None:
+    """The owner map is a sum of task indices modulo 2^16: with 300 task vectors the sum wraps where many tasks are
+    active, and the entries one task owns (the only ones read) still name that task."""
+    from mergekit_lite.ops.ram import ram_accumulate, unique_counts
+
+    count = 300
+    deltas = torch.zeros(count, 5)
+    deltas[299, 0] = 1.0  # owned by the last task
+    deltas[:, 1] = 1.0  # every task: Σ t = 44850, past int16
+    deltas[0, 2] = -2.0  # owned by the first
+    deltas[150:, 3] = 0.5  # shared by half of them
+    deltas[7, 4] = 3.0
+    state = ram_accumulate((d.clone() for d in deltas), 1e-5, track_owner=True)
+    unique = unique_counts(state)
+    assert state.owner.tolist() == [299, -1, 0, -1, 7]
+    assert unique == [1 if t in (0, 7, 299) else 0 for t in range(count)]
 
 
 def test_nonzero_mask_is_torchs_comparison_on_every_path() -> None:

@@ -296,6 +296,9 @@ class MergeMethod:
     entrywise: Callable[[dict[str, Any]], bool] = lambda params: False
     #: how many times the inputs are read, for the plan
     passes: Callable[[dict[str, Any], torch.dtype], int] = lambda params, dtype: 1
+    #: whether ``combine`` is done with each task vector (keeps no reference to it or a view of it) before it
+    #: asks for the next: the executor then reads whole inputs into two buffers in turn instead of fresh memory
+    inputs_in_turn: bool = False
     #: what the method writes: a merged Hugging Face checkpoint, or a compressed collection
     output: str = "model"
     #: pairs of parameters a recipe may not give together (two ways to say one thing)

@@ -97,5 +97,6 @@ register(
         working_copies=lambda n: 0.3 * n + 5,
         statistics=ramplus_statistics,
         passes=lambda params, dtype: 2 if params.get("scope") == "model" else 1,
+        inputs_in_turn=True,  # ram_accumulate overwrites each task vector and lets it go before the next
     )
 )
