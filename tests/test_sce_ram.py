@@ -448,3 +448,12 @@ def test_ramplus_scaling_and_counts_match_a_loop_per_task(monkeypatch, block, dt
     want = want / count.clamp(min=1).to(dtype)
     got = ram_ops.ramplus_finish(state, scales)
     assert got.dtype == dtype and torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
+
+
+def test_count_true_on_every_path() -> None:
+    from mergekit_lite.ops.ram import count_true
+
+    g = torch.Generator().manual_seed(2)
+    mask = torch.rand(37, 11, generator=g) < 0.3
+    for m in (mask, mask.t(), mask[::3], mask[0, 0], torch.zeros(0, 4, dtype=torch.bool)):
+        assert count_true(m) == int(m.sum())
