@@ -20,6 +20,7 @@ from .errors import CheckpointError, MergeKitLiteError, RecipeError
 from .methods import TensorContext
 from .methods import base as base_module
 from .methods.base import TaskVectorSource, WeightInputs, chunk_rows, row_chunks, task_vectors
+from .ops.threads import map_strided, thread_count
 from .ops.vocab import remap_rows
 from .plan import Plan, TensorJob, TensorRef
 from .progress import progress_bar
@@ -333,6 +334,16 @@ def entrywise_output(plan: Plan, job: TensorJob, device: torch.device) -> torch.
         return read_rows_for_merge(plan.checkpoints[ref.source], ref.name, start, stop, device, dtype)
 
     chunks = row_chunks(job.out.shape, ROW_CHUNK_ENTRIES)
+    if device.type == "cpu" and thread_count() > 1 and len(chunks) > 1:
+        # chunks in parallel, each thread's kernels inline (no read-ahead: each thread reads its own chunk's rows):
+        # RAM K = 8 7.46 -> 6.25 s, task arithmetic K = 8 5.75 -> 5.22, linear K = 4 3.52 -> 3.31 (250M bfloat16)
+        def merge_chunk(chunk: tuple[int, int]) -> None:
+            start, stop = chunk
+            base = rows(job.base, start, stop) if job.base is not None else None
+            out[start:stop] = plan.method.output_tensor(base, (rows(ref, start, stop) for ref in job.inputs), ctx)
+
+        map_strided(merge_chunk, chunks)
+        return out
     firsts = (job.base,) if job.base is not None else ()
     # every read of the job in order (per chunk: the base's rows, then each input's), one read ahead
     reads = read_ahead([partial(rows, ref, start, stop) for start, stop in chunks for ref in (*firsts, *job.inputs)])

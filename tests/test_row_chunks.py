@@ -9,6 +9,7 @@ tiny, so chunks of one to a few rows, uneven at the end) and must give identical
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import pytest
@@ -233,7 +234,7 @@ def test_entrywise_row_chunks_read_only_rows_and_each_once(demo, tmp_path, monke
     assert merged and not set(whole) & set(merged)  # no large merged tensor read whole
     for (ref, name), spans in rows.items():
         assert name in merged
-        assert spans == row_chunks(merged[name], 7), (ref, name)  # every row once, in order, in chunks of ≤ 7 entries
+        assert sorted(spans) == row_chunks(merged[name], 7), (ref, name)  # every row once, in chunks of ≤ 7 entries (chunks run in parallel)
     assert len(rows) == 4 * len(merged)  # the base and the three fine-tunes
 
 
@@ -402,3 +403,49 @@ def test_masks_made_by_rows_read_no_input_whole(demo, tmp_path, monkeypatch):
     plan.close()
     _merge(demo, tmp_path / "out", "dare_ties", {"density": 0.5})
     assert large and not large & set(whole)
+
+
+def test_map_strided_runs_each_item_once_with_inline_torch_and_stops_on_failure():
+    """Every item once, on thread i mod threads, torch single-threaded inside and the caller's count put back; a
+    failing item's error is raised and the other thread stops at its next item."""
+    import threading
+
+    from mergekit_lite.ops.threads import map_strided
+
+    seen: list[tuple[int, str, int]] = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        map_strided(lambda i: seen.append((i, threading.current_thread().name, torch.get_num_threads())), list(range(9)))
+        assert sorted(i for i, _, _ in seen) == list(range(9)) and {n for _, _, n in seen} == {1}
+        assert len({name for _, name, _ in seen}) == 2 and torch.get_num_threads() == 2
+        done: list[int] = []
+
+        def work(i: int) -> None:
+            if i == 2:
+                raise ValueError("item 2")
+            done.append(i)
+            time.sleep(0.02)
+
+        with pytest.raises(ValueError, match="item 2"):
+            map_strided(work, list(range(40)))
+        assert len(done) < 10 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("method,params", [("task_arithmetic", {}), ("ram", {}), ("linear", {})])
+def test_entrywise_chunks_in_parallel_give_the_bytes_of_one_thread(demo, tmp_path, monkeypatch, method, params):
+    """Row chunks merged on two threads (kernels inline) or on one: the same bytes."""
+    monkeypatch.setattr(execute, "ROW_CHUNK_ENTRIES", 50)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _merge(demo, tmp_path / "one", method, params)
+        torch.set_num_threads(2)
+        two = _merge(demo, tmp_path / "two", method, params)
+    finally:
+        torch.set_num_threads(before)
+    assert one.keys() == two.keys()
+    for name in one:
+        assert torch.equal(one[name].view(torch.uint8), two[name].view(torch.uint8)), name

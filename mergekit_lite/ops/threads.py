@@ -1,4 +1,4 @@
-"""Split single-threaded numpy work (sorts, random draws) over the CPU threads torch is allowed.
+"""Split single-threaded numpy work (sorts, random draws), or many short torch kernels, over the CPU threads torch is allowed.
 
 numpy's sort and its random fills release the GIL but use one core each; torch's own kernels are
 already parallel. Work is split into contiguous parts whose results do not depend on the split,
@@ -7,8 +7,9 @@ so outputs are the same for any thread count.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 import threading
 from typing import TypeVar
 
@@ -45,6 +46,43 @@ def map_parts(work: Callable[[Part], Result], parts: Sequence[Part]) -> list[Res
     finally:
         done = [future.result() for future in others]  # every part finished (or failed) before returning
     return [first, *done]
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count on this thread set to ``count`` for the block, then put back."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def map_strided(work: Callable[[Part], None], items: Sequence[Part]) -> None:
+    """``work(item)`` for every item, item i on thread i mod ``thread_count()``, each thread's torch kernels run
+    inline (one torch thread each): for many short kernels, parallel over items instead of inside each kernel,
+    where every kernel would wake the other threads (~0.1 ms each on this project's VM). A failure stops every
+    thread at its next item and is raised."""
+    threads = min(thread_count(), len(items))
+    if threads <= 1:
+        for item in items:
+            work(item)
+        return
+    failed = threading.Event()
+
+    def run(first: int) -> None:
+        with torch_threads(1):
+            for item in items[first::threads]:
+                if failed.is_set():
+                    return
+                try:
+                    work(item)
+                except BaseException:
+                    failed.set()
+                    raise
+
+    map_parts(run, list(range(threads)))
 
 
 def split_evenly(count: int, parts: int, multiple: int = 1) -> list[tuple[int, int]]:
