@@ -21,3 +21,11 @@ def shorten_spin_waits() -> None:
     is imported (libgomp reads it when it loads)."""
     if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
         os.environ["GOMP_SPINCOUNT"] = str(SPIN_ROUNDS)
+
+
+def no_blas_threads() -> None:
+    """One OpenBLAS thread for numpy (``OPENBLAS_NUM_THREADS=1``) unless the user set it: nothing here multiplies
+    matrices with numpy (torch has its own BLAS), and the idle threads numpy's OpenBLAS starts took ~1 % of the CPU
+    time of a merge (``perf``); RAM K = 8 at 250M with both this and ``gc.freeze``: 5.98 → 5.71 s (median of 3).
+    Takes effect only before numpy is imported."""
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")

@@ -199,3 +199,19 @@ def test_real_process_prints_no_traceback(demo, tmp_path):
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert "missing-model" in result.stderr
+
+
+def test_cli_gives_numpy_one_blas_thread_unless_the_user_chose(monkeypatch):
+    """``OPENBLAS_NUM_THREADS`` is set to 1 by the command's start when unset, and a user's value is kept."""
+    import os
+
+    from click.testing import CliRunner
+
+    from mergekit_lite.cli import main
+
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    assert CliRunner().invoke(main, ["methods"]).exit_code == 0
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")
+    assert CliRunner().invoke(main, ["methods"]).exit_code == 0
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "3"
