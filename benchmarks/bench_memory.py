@@ -15,6 +15,10 @@ by the difference of the largest tensor's float32 bytes is the number of copies 
 
     measured = (peak_big - peak_small) / (4 * (numel_big - numel_small))
 
+Each peak is taken without the mapped row windows of the largest tensor's job (``execute.window_bytes``: at most
+16 MiB of page cache per checkpoint read by row chunks, counted in RSS but not a copy of the tensor; the
+estimate adds them apart).
+
 Interpreter, imports and small tensors cancel out. The check passes when ``measured <=
 declared + 1`` (the estimate's stored copy) + 0.25 (page-granularity and allocator slack); a
 method that holds less than declared is reported too ("over-declared" by more than 1.5 copies),
@@ -94,11 +98,26 @@ def measure(method: str, k: int, work: Path, log) -> Row:
         result = run_child([str(CLI), "run", str(recipe), str(out), "--force", "-q"])
         if result.rc != 0:
             raise RuntimeError(f"{method} K={k} ({size}) failed: {result.stderr.strip()[-500:]}")
-        peaks[size] = result.maxrss_kib * 1024
+        peaks[size] = result.maxrss_kib * 1024 - _windows(recipe)
         numel[size] = model.largest[1]
     measured = (peaks["mem-big"] - peaks["mem-small"]) / (4 * (numel["mem-big"] - numel["mem-small"]))
     declared = METHODS[method].working_copies(_inputs(recipe))
     return Row(method, k, declared, measured, peaks["mem-big"] / MiB, peaks["mem-small"] / MiB)
+
+
+def _windows(recipe: Path) -> int:
+    """The mapped row windows the largest merged tensor's job holds (``execute.window_bytes``): page cache counted in
+    the RSS, a fixed size per checkpoint (not a copy of the tensor), so taken out of the peak before comparing."""
+    from mergekit_lite.api import plan
+    from mergekit_lite.execute import window_bytes
+    from mergekit_lite.recipe import Recipe
+
+    the_plan = plan(Recipe.from_yaml(recipe))
+    try:
+        job = max((job for job in the_plan.jobs if job.merge), key=lambda job: job.out.numel)
+        return window_bytes(the_plan, job)
+    finally:
+        the_plan.close()
 
 
 def _inputs(recipe: Path) -> int:

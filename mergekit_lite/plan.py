@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from .adapter import is_adapter_reference, open_model, split_adapter_reference
-from .checkpoint import Checkpoint, TensorInfo
+from .checkpoint import ROW_WINDOW_BYTES, Checkpoint, TensorInfo
 from .errors import CheckpointError, RecipeError
 from .methods import MergeMethod
 from .ops.tsv import rank_budget
@@ -140,8 +140,10 @@ class Plan:
 
     @property
     def peak_memory_estimate(self) -> int:
-        """Interpreter + working copies of the largest merged tensor in the compute dtype + one stored copy;
-        at least, for a re-mapped vocabulary tensor, every input's tensor and its re-mapped copy held at once."""
+        """Interpreter + working copies of the largest merged tensor in the compute dtype + one stored copy + a
+        window of mapped rows per checkpoint read (``ROW_WINDOW_BYTES``, page cache the kernel may take back, but
+        counted in RSS); at least, for a re-mapped vocabulary tensor, every input's tensor and its re-mapped copy
+        held at once."""
         largest = self.largest_merged
         size = self.compute_dtype.itemsize
         remapped = max((sum(self.info(r).numel for r in j.reads) * size + len(j.reads) * j.out.numel * size + j.out.nbytes
@@ -150,7 +152,8 @@ class Plan:
             return INTERPRETER_BYTES + max(max((j.out.nbytes for j in self.jobs), default=0), remapped)
         inputs = max(len(j.inputs) for j in self.jobs if j.merge)
         copies = self.method.working_copies(inputs)
-        return INTERPRETER_BYTES + max(int(largest.numel * (copies * size + 4)), remapped)
+        windows = (inputs + 1) * min(ROW_WINDOW_BYTES, largest.nbytes)
+        return INTERPRETER_BYTES + max(int(largest.numel * (copies * size + 4)) + windows, remapped)
 
     def summary(self) -> str:
         merged = sum(1 for j in self.jobs if j.merge)

@@ -449,3 +449,23 @@ def test_entrywise_chunks_in_parallel_give_the_bytes_of_one_thread(demo, tmp_pat
     assert one.keys() == two.keys()
     for name in one:
         assert torch.equal(one[name].view(torch.uint8), two[name].view(torch.uint8)), name
+
+
+def test_window_bytes_counts_one_window_per_checkpoint_of_row_chunked_jobs(demo, monkeypatch):
+    """A job read by row chunks holds one window per checkpoint, each at most ROW_WINDOW_BYTES and at most the
+    tensor; a job read whole holds none; the plan's estimate counts them for the largest tensor."""
+    from mergekit_lite import checkpoint
+
+    monkeypatch.setattr(execute, "ROW_CHUNK_ENTRIES", 7)
+    monkeypatch.setattr(execute, "ROW_WINDOW_BYTES", 64)
+    plan = mergekit_lite.plan(Recipe.model_validate(ta_recipe(demo)))
+    try:
+        for job in plan.jobs:
+            info = plan.checkpoints[job.reads[0].source].info(job.reads[0].name)
+            chunked = job.merge and job.out.numel >= 7 and bool(job.out.shape)
+            assert execute.window_bytes(plan, job) == (len(job.reads) * min(64, info.nbytes) if chunked else 0), job.name
+        monkeypatch.setattr(execute, "ROW_CHUNK_ENTRIES", 10**12)  # nothing by rows
+        assert all(execute.window_bytes(plan, job) == 0 for job in plan.jobs)
+        assert checkpoint.ROW_WINDOW_BYTES == 16 << 20
+    finally:
+        plan.close()

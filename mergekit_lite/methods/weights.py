@@ -80,7 +80,7 @@ register(
         compute=_passthrough,
         base="unused",
         max_models=1,
-        working_copies=lambda n: 0,  # row chunks (entrywise): only the stored output is whole
+        working_copies=lambda n: 0.35,  # row chunks (entrywise), two threads' at once: only the stored output is whole; measured 1.55 with it
         entrywise=lambda params: True,
     )
 )
