@@ -67,7 +67,7 @@ register(
         compute=_linear,
         base="optional",
         paper="https://arxiv.org/abs/2203.05482",
-        working_copies=lambda n: 0,  # row chunks (entrywise): only the stored output is whole
+        working_copies=lambda n: 1,  # row chunks (entrywise), two threads' at once, from one heap: only the stored output is whole; measured 0.66–2.17 with it
         entrywise=lambda params: True,
     )
 )
