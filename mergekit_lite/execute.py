@@ -7,6 +7,7 @@ It knows the plan and the method declarations, never the products: they register
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from itertools import islice
@@ -194,7 +195,8 @@ class RereadTaskVectors(TaskVectorSource):
         self.hands_out_new = True
         self.entries = entries
         self.checked: set[tuple[int, int]] = set()  # (input, first row) already checked; input -1: the base
-        self._base_rows: tuple[int, int, torch.Tensor] | None = None
+        #: per thread (a method may work on row chunks on several threads): the base rows of its current chunk
+        self._base_rows: dict[int, tuple[int, int, torch.Tensor]] = {}
 
     def whole(self, reuse: bool = False) -> Iterator[torch.Tensor]:
         # the next model's tensor is asked of the kernel (page cache), not read ahead into memory: phase 1
@@ -227,15 +229,17 @@ class RereadTaskVectors(TaskVectorSource):
         return stacked
 
     def base_rows(self, start: int, stop: int) -> torch.Tensor:
-        """θ_0's rows [start, stop) in the compute dtype, read once for the chunk being merged (not to be changed)."""
-        if self._base_rows is None or self._base_rows[:2] != (start, stop):
-            self._base_rows = None  # the previous chunk's rows go before the next ones are read
-            self._base_rows = (start, stop, self._read_rows(-1, start, stop))
-        return self._base_rows[2]
+        """θ_0's rows [start, stop) in the compute dtype, read once for the chunk this thread is merging (not to be changed)."""
+        thread = threading.get_ident()
+        cached = self._base_rows.get(thread)
+        if cached is None or cached[:2] != (start, stop):
+            self._base_rows.pop(thread, None)  # the previous chunk's rows go before the next ones are read
+            cached = self._base_rows[thread] = (start, stop, self._read_rows(-1, start, stop))
+        return cached[2]
 
     def release(self) -> None:
-        """Let go of the base's cached rows."""
-        self._base_rows = None
+        """Let go of the base's cached rows (every thread's)."""
+        self._base_rows.clear()
 
     def _read_rows(self, t: int, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         ref = self.job.base if t < 0 else self.job.inputs[t]
@@ -253,11 +257,14 @@ def output_in_row_chunks(plan: Plan, job: TensorJob, device: torch.device) -> to
     source = RereadTaskVectors(plan, job, device, two_phase_chunk_entries())
     lam = job.params.get("lambda", 1.0)
     out: torch.Tensor | None = None  # allocated at the first chunk, once phase 1 has freed its memory (less heap left in pieces)
+    allocating = threading.Lock()  # a method may keep chunks from several threads
 
     def keep(rows: slice | None, merged: torch.Tensor) -> None:
         nonlocal out
         if out is None:
-            out = torch.empty(job.out.shape, dtype=job.out.dtype)
+            with allocating:
+                if out is None:
+                    out = torch.empty(job.out.shape, dtype=job.out.dtype)
         start, stop = (0, source.shape[0] if source.shape else 1) if rows is None else (rows.start, rows.stop)
         (out if rows is None else out[rows]).copy_(torch.add(source.base_rows(start, stop), merged, alpha=lam))
 

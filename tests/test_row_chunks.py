@@ -57,6 +57,11 @@ CASES = [
     ("model_stock", {}),
     ("model_stock", {"filter_wise": True}),
     ("iso_cts", {"common_space_fraction": 0.5}),
+    # epsilon near the demo's changes: entries that no, one or several models changed (unique entries boosted)
+    ("ramplus_tl", {"epsilon": 0.003}),
+    ("ramplus_tl", {"epsilon": 0.001, "r": 0.5, "alpha": 3.0}),
+    ("ramplus_tl", {"epsilon": 0.003, "scope": "model", "r": 0.2, "alpha": 1.0}),
+    ("ramplus_tl", {"r": 0.0}),
 ]
 
 

@@ -457,3 +457,35 @@ def test_count_true_on_every_path() -> None:
     mask = torch.rand(37, 11, generator=g) < 0.3
     for m in (mask, mask.t(), mask[::3], mask[0, 0], torch.zeros(0, 4, dtype=torch.bool)):
         assert count_true(m) == int(m.sum())
+
+
+@pytest.mark.parametrize("entries", [11, 30, 1 << 20])
+@pytest.mark.parametrize("scope", ["tensor", "model"])
+@pytest.mark.parametrize("keep_rows", [False, True])
+def test_ramplus_rows_gives_the_stacked_ramplus_bits(entries, scope, keep_rows) -> None:
+    """ramplus_rows (row chunks on the threads, counts added up over chunks, each chunk finished with the tensor's
+    scales) against the stacked ``ramplus`` and ``ref_ram`` with per-task λ from counts written out here: the same
+    bits whether the chunks are kept one by one or the merged tensor is returned."""
+    from mergekit_lite.methods.base import HeldTaskVectors, TensorContext
+    from mergekit_lite.methods.ram import ramplus_rows
+
+    g = torch.Generator().manual_seed(11)
+    deltas = torch.randn(4, 17, 6, generator=g) * (torch.rand(4, 17, 6, generator=g) < torch.tensor([0.2, 0.5, 0.1, 0.7])[:, None, None])
+    deltas[1, 3] = 1e-7  # below epsilon
+    params = {"epsilon": EPS, "r": 0.5, "alpha": 3.0, "scope": scope}
+    _, _, shared, unique = ref_ram_counts(deltas, EPS)
+    stats = {"ram_shared": [s + 5 for s in shared], "ram_unique": [u + 1 for u in unique]} if scope == "model" else {}
+    lambdas = ref_lambdas(*(stats.values() if stats else (shared, unique)), 0.5, 3.0, EPS)
+    assert len(set(lambdas)) > 1
+    source = HeldTaskVectors(list(deltas), entries=entries)
+    kept: dict[int, torch.Tensor] = {}
+    if keep_rows:
+        source.keep_merged_rows = lambda rows, merged: kept.__setitem__(0 if rows is None else rows.start, merged.clone())
+    got = ramplus_rows(source, TensorContext("w", NAMES, params, [{} for _ in NAMES], stats, None))
+    if keep_rows:
+        assert got is None and len(kept) == len(source.chunks())
+        got = torch.cat([kept[start] for start in sorted(kept)])
+    if scope == "tensor":
+        assert torch.equal(got, ramplus(deltas.clone(), 0.5, 3.0, EPS))
+    torch.testing.assert_close(got.double(), ref_ram(deltas, EPS, lambdas), rtol=1e-6, atol=1e-7)
+    assert torch.equal(deltas[1, 3], torch.full((6,), 1e-7))  # the held task vectors were not changed

@@ -65,11 +65,19 @@ def count_true(mask: Tensor) -> int:
     return int(torch.count_nonzero(mask))
 
 
-def ram_accumulate(deltas: Iterable[Tensor], epsilon: float, track_owner: bool = False) -> RamState:
-    """Read the task vectors of one tensor in order, keeping only RamState (each delta is overwritten)."""
+def ram_accumulate(deltas: Iterable[Tensor], epsilon: float, track_owner: bool = False, into: RamState | None = None) -> RamState:
+    """Read the task vectors of one tensor in order, keeping only RamState (each delta is overwritten). ``into``: a
+    state whose tensors (the deltas' shape and dtype, int16 count and owner) are zeroed and used instead of new ones
+    (a row chunk's views of whole-tensor buffers); its owner, if any, decides ``track_owner``."""
     state: RamState | None = None
     active: Tensor | None = None  # the mask of the last task vector, written over by the next (no fresh pages)
     for t, delta in enumerate(deltas):
+        if state is None and into is not None:
+            state = into
+            for part in (state.total, state.count, state.owner):
+                if part is not None:
+                    part.zero_()
+            state.active = []
         if state is None:
             owner = torch.zeros(delta.shape, dtype=torch.int16, device=delta.device) if track_owner else None
             state = RamState(torch.zeros_like(delta), torch.zeros(delta.shape, dtype=torch.int16, device=delta.device), owner)
