@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal
 import torch
 
 from ..errors import RecipeError
+from ..ops.threads import map_strided
 
 
 @dataclass(frozen=True)
@@ -236,6 +237,16 @@ def merged_by_row_chunks(source: TaskVectorSource, part: Callable[[int, int, sli
         rows = chunk_rows(source, start, stop)
         keep(rows, part(start, stop, rows))
     return None
+
+
+def each_chunk(work: Callable[[tuple[int, int]], None], chunks: list[tuple[int, int]], device: torch.device) -> None:
+    """``work`` for every row chunk: on the CPU, chunk i on thread i mod the thread count, each thread's kernels
+    inline (``map_strided``: many short kernels, no hand-off per kernel); elsewhere one after another."""
+    if device.type == "cpu":
+        map_strided(work, chunks)
+    else:
+        for chunk in chunks:
+            work(chunk)
 
 
 def row_chunks(shape: tuple[int, ...], entries: int) -> list[tuple[int, int]]:

@@ -11,13 +11,12 @@ extra pass, as the authors' code does.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator
 
 import torch
 
 from ..ops.ram import RamState, ram_accumulate, ram_finish, ramplus_finish, ramplus_scales, unique_counts
-from ..ops.threads import map_strided
-from .base import MergeMethod, Param, TaskVectorSource, TensorContext, chunk_rows, reduce_passes, register
+from .base import MergeMethod, Param, TaskVectorSource, TensorContext, chunk_rows, each_chunk, reduce_passes, register
 
 PAPER = "https://arxiv.org/abs/2601.13572"
 
@@ -72,7 +71,7 @@ def ramplus_rows(source: TaskVectorSource, ctx: TensorContext) -> torch.Tensor |
         state = ram_accumulate(deltas(*chunk), p["epsilon"], into=state_of(*chunk))
         counted[chunk[0]] = (state.active, unique_counts(state))
 
-    in_parallel(accumulate, chunks, source.device)
+    each_chunk(accumulate, chunks, source.device)
     active = [sum(c[0][t] for c in counted.values()) for t in range(source.count)]
     unique = [sum(c[1][t] for c in counted.values()) for t in range(source.count)]
     if p.get("scope") == "model":
@@ -87,17 +86,8 @@ def ramplus_rows(source: TaskVectorSource, ctx: TensorContext) -> torch.Tensor |
     def finish(chunk: tuple[int, int]) -> None:
         keep(chunk_rows(source, *chunk), ramplus_finish(state_of(*chunk), scales))
 
-    in_parallel(finish, chunks, source.device)
+    each_chunk(finish, chunks, source.device)
     return None
-
-
-def in_parallel(work: Callable[[tuple[int, int]], None], chunks: Sequence[tuple[int, int]], device: torch.device) -> None:
-    """``work`` for every row chunk, on the CPU threads in turn (each thread's kernels inline), else one after another."""
-    if device.type == "cpu":
-        map_strided(work, chunks)
-    else:
-        for chunk in chunks:
-            work(chunk)
 
 
 def ramplus_statistics(source: Any, params: dict[str, Any], model_params: list[dict[str, Any]]) -> dict[str, Any]:

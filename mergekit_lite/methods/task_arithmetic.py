@@ -9,6 +9,7 @@ rules are mergekit 0.1.5's; the papers' variants are one key away (``scope``, ``
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -36,7 +37,7 @@ from ..ops import (
 from ..ops.bitpack import pack_bits, unpack_bit_range
 from ..ops.sparsify import l1_norms
 from ..ops.threads import map_parts, split_evenly, thread_count
-from .base import CombineFn, CombineRowsFn, HeldTaskVectors, merged_by_row_chunks, MergeMethod, Param, TaskVectorSource, TensorContext, reduce_passes, register
+from .base import CombineFn, CombineRowsFn, HeldTaskVectors, each_chunk, merged_by_row_chunks, MergeMethod, Param, TaskVectorSource, TensorContext, reduce_passes, register
 
 # -- parameters (names and defaults as mergekit 0.1.5 declares them) -------------------------------
 WEIGHT = Param("weight", float, 1.0, "Per-model weight w_t multiplying its task vector (negative forgets a task).", per_model=True)
@@ -271,7 +272,8 @@ def random_rows(shape: tuple[int, ...], ctx: TensorContext) -> RowRule | None:
     """DARE by rows: each entry's uniform is the one the whole tensor's draw gives it. The first task's call for
     a row chunk draws every task's mask of it, the tasks split over the CPU threads (one hand-off per chunk; a
     single chunk's draw is too short to split: a thread hand-off costs ~90 µs on this project's VM)."""
-    drawn: dict[int, list[torch.Tensor | None]] = {}  # the current chunk's first entry → each task's mask
+    #: per thread (chunks may be worked on by several): (its current chunk's first entry, each task's mask)
+    drawn: dict[int, tuple[int, list[torch.Tensor | None]]] = {}
 
     def masks(rows_shape: torch.Size, first: int) -> list[torch.Tensor | None]:
         def draw(tasks: tuple[int, int]) -> list[torch.Tensor | None]:
@@ -290,10 +292,11 @@ def random_rows(shape: tuple[int, ...], ctx: TensorContext) -> RowRule | None:
         trivial = _without_draws(p["density"])
         if trivial is not None:
             return trivial
-        if first not in drawn:
-            drawn.clear()
-            drawn[first] = masks(rows.shape, first)
-        mask = drawn[first][t]
+        thread = threading.get_ident()
+        if thread not in drawn or drawn[thread][0] != first:
+            drawn.pop(thread, None)  # the last chunk's masks go before the next ones are drawn
+            drawn[thread] = (first, masks(rows.shape, first))
+        mask = drawn[thread][1][t]
         assert mask is not None and mask.shape == rows.shape
         return _rescale(mask.to(rows.device), rows, p["density"], ctx)
 
@@ -381,17 +384,31 @@ def fix_what_each_task_keeps(source: TaskVectorSource, sparsify_rows: RowSparsif
     kept: dict[tuple[int, int], Kept] = {}  # L1 rescale: (task, chunk start) → the chunk's rule, made in phase 1
     factors: list[float | None] = [None] * source.count
     if ctx.params.get("rescale", False) and ctx.params.get("rescale_rule", "l1") == "l1":
-        before, after = [0.0] * source.count, [0.0] * source.count
-        for start, stop in chunks:  # chunk by chunk, every task (the base's rows read once per chunk)
+        norms: dict[int, list[tuple[float, float] | None]] = {}  # chunk start → per task (before, after) or None
+
+        def norms_of_chunk(chunk: tuple[int, int]) -> None:  # every task's rows (the base's rows read once per chunk)
+            start, stop = chunk
+            part: list[tuple[float, float] | None] = []
             for t in range(source.count):
                 delta = source.rows(t, start, stop)
                 rows_kept = rule(delta, t, start * per_row)
+                part.append(None)
                 if rows_kept.l1_before is not None:
-                    before[t] += rows_kept.l1_before
-                    after[t] += rows_kept.l1_after if rows_kept.l1_after is not None else l1_norm(delta, rows_kept.mask)
+                    part[t] = (rows_kept.l1_before, rows_kept.l1_after if rows_kept.l1_after is not None else l1_norm(delta, rows_kept.mask))
                     rows_kept.l1_before = rows_kept.l1_after = None
                 kept[t, start] = rows_kept.pack() if chunked else rows_kept
                 del delta
+            norms[start] = part
+
+        # chunks on the threads in turn (each chunk's masks depend on its offset only: the same draws on any thread);
+        # the norms added up in chunk order afterwards, as one thread would
+        each_chunk(norms_of_chunk, chunks, source.device)
+        before, after = [0.0] * source.count, [0.0] * source.count
+        for start, _ in chunks:
+            for t, pair in enumerate(norms[start]):
+                if pair is not None:
+                    before[t] += pair[0]
+                    after[t] += pair[1]
         factors = [b / a if b >= L1_EPS and a >= L1_EPS else None for b, a in zip(before, after)]
 
     def trim_by_rule(t: int, start: int, stop: int, rows: slice | None) -> torch.Tensor:
