@@ -20,7 +20,7 @@ from .checkpoint import ROW_WINDOW_BYTES, Checkpoint, TensorInfo
 from .errors import CheckpointError, MergeKitLiteError, RecipeError
 from .methods import TensorContext
 from .methods import base as base_module
-from .methods.base import TaskVectorSource, WeightInputs, chunk_rows, row_chunks, task_vectors
+from .methods.base import TaskVectorSource, WeightInputs, chunk_rows, each_chunk, row_chunks, task_vectors
 from .ops.threads import map_strided, thread_count
 from .ops.vocab import remap_rows
 from .plan import Plan, TensorJob, TensorRef
@@ -273,10 +273,14 @@ def output_in_row_chunks(plan: Plan, job: TensorJob, device: torch.device) -> to
     try:
         merged = plan.method.combine_rows(source, context(plan, job))
         if merged is not None:  # a method that needs its whole merged tensor first (Model Stock's angle)
-            for start, stop in source.chunks():
-                rows = chunk_rows(source, start, stop)
-                keep(rows, merged if rows is None else merged[rows])
-            del merged
+            whole = merged
+
+            def keep_chunk(chunk: tuple[int, int]) -> None:
+                rows = chunk_rows(source, *chunk)
+                keep(rows, whole if rows is None else whole[rows])
+
+            each_chunk(keep_chunk, source.chunks(), device)
+            del merged, whole
     finally:  # source → keep → source is a cycle: broken here, so the output and the chunks go when the caller is done
         source.keep_merged_rows = None
         source.release()

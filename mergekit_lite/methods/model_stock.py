@@ -12,7 +12,7 @@ from typing import Iterable
 import torch
 
 from ..ops.selection import model_stock_ratio_from_gram, pairwise_gram, scale_mean
-from .base import HeldTaskVectors, MergeMethod, Param, TaskVectorSource, TensorContext, by_row_chunks, register
+from .base import HeldTaskVectors, MergeMethod, Param, TaskVectorSource, TensorContext, chunk_rows, each_chunk, register
 
 FILTER_WISE = Param(
     "filter_wise", bool, False,
@@ -21,26 +21,31 @@ FILTER_WISE = Param(
 
 
 def model_stock_rows(source: TaskVectorSource, ctx: TensorContext) -> torch.Tensor:
-    """Model Stock in one pass over row chunks: each chunk's Gram matrix (the pairwise dot products and
-    norms add up over chunks) and the sum of the task vectors; t once every chunk is seen. Never holds
-    the K task vectors of a tensor at once (only K chunks of them)."""
+    """Model Stock in one pass over row chunks (on the threads in turn): each chunk's Gram matrix (the pairwise dot
+    products and norms add up over chunks, in chunk order) and the sum of the task vectors; t once every chunk is
+    seen. Never holds the K task vectors of a tensor at once (only K chunks of them per thread)."""
     count = source.count
     if count < 2:
         raise ValueError(f"model_stock needs at least 2 models besides the base for {ctx.name}, got {count}")
     filter_wise = ctx.params["filter_wise"]
     per_row = filter_wise and len(source.shape) > 1
-    grams: list[torch.Tensor] = []
+    chunks = source.chunks()
+    grams: dict[int, torch.Tensor] = {}  # chunk start → its Gram matrix, added up (or concatenated) in chunk order
+    total = torch.empty(source.shape, dtype=source.dtype, device=source.device)
 
-    def summed_rows(start: int, stop: int, rows: slice | None) -> torch.Tensor:
-        chunk = [source.rows(t, start, stop) for t in range(count)]
-        grams.append(pairwise_gram(chunk, per_row))
-        total = chunk[0] if source.hands_out_new else chunk[0].clone()
-        for other in chunk[1:]:
-            total.add_(other)
-        return total
+    def sum_chunk(chunk: tuple[int, int]) -> None:
+        start, stop = chunk
+        rows = chunk_rows(source, start, stop)
+        deltas = [source.rows(t, start, stop) for t in range(count)]
+        grams[start] = pairwise_gram(deltas, per_row)
+        summed = total if rows is None else total[rows]
+        summed.copy_(deltas[0])
+        for other in deltas[1:]:
+            summed.add_(other)
 
-    total = by_row_chunks(source, summed_rows)
-    gram = torch.cat(grams) if per_row else torch.stack(grams).sum(dim=0)
+    each_chunk(sum_chunk, chunks, source.device)
+    ordered = [grams[start] for start, _ in chunks]
+    gram = torch.cat(ordered) if per_row else torch.stack(ordered).sum(dim=0)
     return scale_mean(total, count, model_stock_ratio_from_gram(gram, total.dtype), filter_wise)
 
 
