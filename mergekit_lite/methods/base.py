@@ -124,9 +124,11 @@ class TaskVectorSource:
         """The row ranges to work on, in order, covering the first dimension."""
         raise NotImplementedError
 
-    def stacked_rows(self, start: int, stop: int) -> torch.Tensor:
-        """[τ_1[start:stop], …, τ_T[start:stop]] as one new [T, …] tensor (each task's rows made in place there)."""
-        return torch.stack([self.rows(t, start, stop) for t in range(self.count)])
+    def stacked_rows(self, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[τ_1[start:stop], …, τ_T[start:stop]] as one new [T, …] tensor (each task's rows made in place there), or
+        written into ``out`` (that shape, dtype and device: a buffer reused from chunk to chunk)."""
+        rows = [self.rows(t, start, stop) for t in range(self.count)]
+        return torch.stack(rows) if out is None else torch.stack(rows, out=out)
 
 
 #: entries per row chunk; tensors of at least this many entries are merged in row chunks (two-phase methods:

@@ -60,8 +60,13 @@ def pairwise_gram(deltas: Sequence[Tensor], per_row: bool = False) -> Tensor:
     if per_row:
         stacked = torch.stack([d.reshape(-1, d.shape[-1]) for d in deltas], dim=1)  # [R, K, n]
         return torch.bmm(stacked, stacked.transpose(1, 2)).double()
-    stacked = torch.stack([d.reshape(-1) for d in deltas])  # [K, n]
-    return (stacked @ stacked.T).double()
+    return stacked_gram(torch.stack([d.reshape(-1) for d in deltas]))
+
+
+def stacked_gram(stacked: Tensor) -> Tensor:
+    """``pairwise_gram`` of task vectors already stacked [K, ...] (contiguous): the same product, no second stack."""
+    flat = stacked.reshape(stacked.shape[0], -1)  # [K, n]
+    return (flat @ flat.T).double()
 
 
 def model_stock_ratio_from_gram(gram: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
