@@ -219,11 +219,13 @@ class RereadTaskVectors(TaskVectorSource):
     def rows(self, t: int, start: int, stop: int) -> torch.Tensor:
         return self._read_rows(t, start, stop).sub_(self.base_rows(start, stop))
 
-    def stacked_rows(self, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    def stacked_rows(self, start: int, stop: int, reuse: bool = False) -> torch.Tensor:
         # each input's rows converted straight into the stack and θ_0's rows taken off there: no per-task tensor
         # and no copy into the stack
         base = self.base_rows(start, stop)
-        stacked = torch.empty((self.count, *base.shape), dtype=base.dtype, device=base.device) if out is None else out
+        stacked = self.stack_buffer(start, stop) if reuse else None
+        if stacked is None:
+            stacked = torch.empty((self.count, *base.shape), dtype=base.dtype, device=base.device)
         for t in range(self.count):
             self._read_rows(t, start, stop, out=stacked[t]).sub_(base)
         return stacked

@@ -10,7 +10,6 @@ import torch
 
 from ..ops.sce import SCE_ENERGY_FLOOR, energy_weights, mean_square, row_square_sums, sce_erase, task_variance, top_variance_mask
 from ..ops.sparsify import apply_mask_
-from ..ops.threads import scratch
 from .base import HeldTaskVectors, MergeMethod, by_row_chunks, chunk_rows, merged_by_row_chunks, Param, TaskVectorSource, TensorContext, register
 from .task_arithmetic import INT8_MASK
 
@@ -66,11 +65,7 @@ def sce_rows(source: TaskVectorSource, ctx: TensorContext) -> torch.Tensor:
                 merged = sce_erase(torch.from_numpy(np.stack(values)), weights, ctx.params["merge"]).add_(0.0)
                 out.numpy().reshape(-1)[positions] = merged.numpy()
             return out
-        # the tasks' rows stacked into a buffer reused from chunk to chunk (the erase makes a new tensor): at K = 8 a
-        # fresh [K, 2^20] float32 stack is at malloc's 32 MiB mmap threshold, mapped and faulted in anew per chunk
-        shape = (stop - start, *source.shape[1:]) if rows is not None else source.shape
-        buffer = scratch("sce_rows", source.count * math.prod(shape), source.dtype) if source.device.type == "cpu" else None
-        stacked = source.stacked_rows(start, stop, out=None if buffer is None else buffer.view(source.count, *shape))
+        stacked = source.stacked_rows(start, stop, reuse=True)  # this thread's buffer: the erase makes a new tensor
         merged = sce_erase(stacked, weights, ctx.params["merge"])
         if keep is None:
             return merged

@@ -392,10 +392,11 @@ def fix_what_each_task_keeps(source: TaskVectorSource, sparsify_rows: RowSparsif
             for t in range(source.count):
                 delta = source.rows(t, start, stop)
                 rows_kept = rule(delta, t, start * per_row)
-                part.append(None)
+                pair = None
                 if rows_kept.l1_before is not None:
-                    part[t] = (rows_kept.l1_before, rows_kept.l1_after if rows_kept.l1_after is not None else l1_norm(delta, rows_kept.mask))
+                    pair = (rows_kept.l1_before, rows_kept.l1_after if rows_kept.l1_after is not None else l1_norm(delta, rows_kept.mask))
                     rows_kept.l1_before = rows_kept.l1_after = None
+                part.append(pair)
                 kept[t, start] = rows_kept.pack() if chunked else rows_kept
                 del delta
             norms[start] = part
