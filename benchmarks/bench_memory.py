@@ -20,8 +20,9 @@ Each peak is taken without the mapped row windows of the largest tensor's job (`
 estimate adds them apart).
 
 Interpreter, imports and small tensors cancel out. The check passes when ``measured <=
-declared + 1`` (the estimate's stored copy) + 0.25 (page-granularity and allocator slack); a
-method that holds less than declared is reported too ("over-declared" by more than 1.5 copies),
+declared + 2`` (the estimate's stored copy, and the previous tensor's output while it is written in the
+background) + 0.25 (page-granularity and allocator slack); a method that holds less than declared is reported
+too ("over-declared": more than 1.5 copies below declared + 1),
 since the estimate should be near the truth, not only above it. Exit status 1 on any failure.
 """
 
@@ -43,6 +44,8 @@ from bench_speed import CLI, MiB, RESULTS, build_model, run_child, runs_at, writ
 SECTION = "## Memory model"
 COMMAND = ".venv/bin/python benchmarks/bench_memory.py --write"
 SLACK = 0.25
+#: output copies on top of the working copies: the one being made and the last one, written while the next is made
+OUTPUTS = 2
 OVER_DECLARED = 1.5
 
 _ONE_LAYER = dict(
@@ -70,7 +73,7 @@ class Row:
 
     @property
     def verdict(self) -> str:
-        if self.measured > self.declared + 1 + SLACK:
+        if self.measured > self.declared + OUTPUTS + SLACK:
             return "FAIL: holds more than declared"
         if self.measured < self.declared + 1 - OVER_DECLARED:
             return "over-declared"
@@ -134,11 +137,11 @@ def _inputs(recipe: Path) -> int:
 
 def table(rows: list[Row]) -> str:
     lines = [
-        "| method | K | declared copies (+1 stored) | measured copies | peak RSS big / small (MiB) | check |",
+        "| method | K | declared copies (+1 stored, +1 being written) | measured copies | peak RSS big / small (MiB) | check |",
         "|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        lines.append(f"| {r.method} | {r.k} | {r.declared:.3g} + 1 | {r.measured:.2f} | {r.peak_big_mib:.0f} / {r.peak_small_mib:.0f} | {r.verdict} |")
+        lines.append(f"| {r.method} | {r.k} | {r.declared:.3g} + 2 | {r.measured:.2f} | {r.peak_big_mib:.0f} / {r.peak_small_mib:.0f} | {r.verdict} |")
     return "\n".join(lines)
 
 
@@ -184,9 +187,9 @@ def main(argv: list[str]) -> int:
             f"{SECTION}\n\n"
             f"Command: `{COMMAND}` ({platform.machine()}, {platform.python_version()}). Each method's declared\n"
             "working copies of the largest tensor (`mergekit-lite methods NAME`; `run --dry-run` adds one stored\n"
-            "copy) against the copies measured from two runs that differ only in the size of the largest\n"
-            "tensor (see the script's docstring). `ok`: measured within declared + 1 + 0.25; `over-declared`:\n"
-            "more than 1.5 copies below the declaration.\n\n"
+            "copy and the previous output, written while the next is made) against the copies measured from two runs\n"
+            "that differ only in the size of the largest tensor (see the script's docstring). `ok`: measured within\n"
+            "declared + 2 + 0.25; `over-declared`: more than 1.5 copies below declared + 1.\n\n"
             f"{body}\n"
         )
         if skipped:

@@ -143,17 +143,18 @@ class Plan:
         """Interpreter + working copies of the largest merged tensor in the compute dtype + one stored copy + a
         window of mapped rows per checkpoint read (``ROW_WINDOW_BYTES``, page cache the kernel may take back, but
         counted in RSS); at least, for a re-mapped vocabulary tensor, every input's tensor and its re-mapped copy
-        held at once."""
+        held at once. Plus the largest output tensor once more: the one being written while the next is made."""
         largest = self.largest_merged
         size = self.compute_dtype.itemsize
         remapped = max((sum(self.info(r).numel for r in j.reads) * size + len(j.reads) * j.out.numel * size + j.out.nbytes
                         for j in self.jobs if j.vocab is not None), default=0)
+        writing = max((j.out.nbytes for j in self.jobs), default=0)  # written in the background (``BackgroundWrites``)
         if largest is None:
-            return INTERPRETER_BYTES + max(max((j.out.nbytes for j in self.jobs), default=0), remapped)
+            return INTERPRETER_BYTES + writing + max(writing, remapped)
         inputs = max(len(j.inputs) for j in self.jobs if j.merge)
         copies = self.method.working_copies(inputs)
         windows = (inputs + 1) * min(ROW_WINDOW_BYTES, largest.nbytes)
-        return INTERPRETER_BYTES + max(int(largest.numel * (copies * size + 4)) + windows, remapped)
+        return INTERPRETER_BYTES + writing + max(int(largest.numel * (copies * size + 4)) + windows, remapped)
 
     def summary(self) -> str:
         merged = sum(1 for j in self.jobs if j.merge)

@@ -14,6 +14,8 @@ import os
 import shutil
 import struct
 import tempfile
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -91,11 +93,14 @@ class ShardedSafetensorsWriter:
 
     Every tensor's shard and offset are known from the plan, so each write lands at its place
     (``os.pwrite``) and an executor may finish tensors in any order. A shard's SHA-256 is
-    computed while writing when its tensors arrive in order, else read back once when it completes.
+    computed while writing when its tensors arrive in order, else read back once when it completes;
+    ``digests=False`` skips it (a merged checkpoint lists none: ~0.5 ns per byte saved).
     """
 
-    def __init__(self, folder: Path, infos: list[TensorInfo], shard_size: int, prefix: str = "model", metadata: dict[str, str] | None = None):
+    def __init__(self, folder: Path, infos: list[TensorInfo], shard_size: int, prefix: str = "model", metadata: dict[str, str] | None = None,
+                 digests: bool = True):
         self.folder = Path(folder)
+        self.hashing = digests
         groups = plan_shards(infos, shard_size)
         count = len(groups)
         self.shards = [
@@ -119,7 +124,7 @@ class ShardedSafetensorsWriter:
         self._files: dict[int, int] = {}  # open shard → file descriptor
         self._hashes: dict[int, Any] = {}  # shard → running SHA-256 while its tensors come in order (None once not)
         self._in_order: dict[int, int] = {}  # shard → how many of its tensors arrived in order so far
-        #: SHA-256 and size of every finished shard
+        #: SHA-256 and size of every finished shard (none without ``digests``)
         self.digests: dict[str, tuple[str, int]] = {}
 
     @property
@@ -191,7 +196,7 @@ class ShardedSafetensorsWriter:
         except OSError as exc:
             raise OutputError(f"{path}: cannot create: {exc.strerror or exc}") from exc
         self._files[index] = fd
-        self._hashes[index] = hashlib.sha256(shard.header)
+        self._hashes[index] = hashlib.sha256(shard.header) if self.hashing else None
         self._in_order[index] = 0
         self._pwrite(fd, index, memoryview(shard.header), 0)
         return fd
@@ -212,6 +217,8 @@ class ShardedSafetensorsWriter:
         except OSError as exc:
             raise OutputError(f"{self.folder / shard.file_name}: write failed: {exc.strerror or exc}") from exc
         digest = self._hashes.pop(index)
+        if not self.hashing:
+            return
         hexdigest = digest.hexdigest() if digest is not None else sha256_file(self.folder / shard.file_name)
         self.digests[shard.file_name] = (hexdigest, len(shard.header) + shard.nbytes)
 
@@ -223,7 +230,8 @@ class ShardedSafetensorsWriter:
         for shard in self.shards:
             if not shard.tensors:
                 (self.folder / shard.file_name).write_bytes(shard.header)
-                self.digests[shard.file_name] = (hashlib.sha256(shard.header).hexdigest(), len(shard.header))
+                if self.hashing:
+                    self.digests[shard.file_name] = (hashlib.sha256(shard.header).hexdigest(), len(shard.header))
         if len(self.shards) > 1:
             index = {
                 "metadata": {"total_size": self.total_size},
@@ -248,6 +256,47 @@ class ShardedSafetensorsWriter:
             except OSError:
                 pass
         self._files.clear()
+
+
+class BackgroundWrites:
+    """Tensors handed to ``write(name, tensor)`` on one background thread, in the order given, while the caller
+    computes the next ones: a merge costs about max(compute, write) instead of their sum (the write's copy into
+    the page cache releases the GIL). At most ``limit`` bytes wait or are being written: beyond it, ``put`` waits
+    for the oldest. A failed write is raised by the next ``put`` or by ``finish``; leaving the block on an error
+    drops the writes not yet started and waits for the one under way (no write after the caller cleans up)."""
+
+    def __init__(self, write: Callable[[str, torch.Tensor], None], limit: int):
+        self._write = write
+        self._limit = limit
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergekit-lite-writer")
+        self._pending: deque[tuple[Future[None], int]] = deque()
+        self._bytes = 0
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        while self._pending and (self._pending[0][0].done() or self._bytes + size > self._limit):
+            self._wait_oldest()
+        self._pending.append((self._pool.submit(self._write, name, tensor), size))
+        self._bytes += size
+
+    def finish(self) -> None:
+        """Wait for every write handed over (raising the first failure)."""
+        while self._pending:
+            self._wait_oldest()
+
+    def _wait_oldest(self) -> None:
+        future, size = self._pending.popleft()
+        self._bytes -= size
+        future.result()
+
+    def __enter__(self) -> "BackgroundWrites":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for future, _ in self._pending:
+            future.cancel()
+        self._pending.clear()
+        self._pool.shutdown(wait=True)
 
 
 @dataclass(frozen=True)
@@ -466,15 +515,17 @@ def write_checkpoint(
     folder = AtomicFolder(out_dir, force=force)
     total = sum(j.nbytes for j in jobs)
     with folder as tmp:
-        writer = ShardedSafetensorsWriter(tmp, jobs, shard_size)
+        writer = ShardedSafetensorsWriter(tmp, jobs, shard_size, digests=False)  # a checkpoint lists no digests
         try:
             if fill is not None:  # another executor writes the tensors (and shows its own progress)
                 fill(writer)
             else:
-                with progress_bar(total, description, progress) as bar:
+                # each tensor written while the next is computed; at most the largest tensor's bytes wait
+                with progress_bar(total, description, progress) as bar, BackgroundWrites(writer.write, max((j.nbytes for j in jobs), default=0)) as writes:
                     for info in jobs:
-                        writer.write(info.name, produce(info))
+                        writes.put(info.name, produce(info))
                         bar.update(info.nbytes)
+                    writes.finish()
             writer.close()
         except OSError as exc:
             raise OutputError(f"{out_dir}: failed while writing: {exc.strerror or exc}; nothing was written") from exc

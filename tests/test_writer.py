@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import threading
+import time
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from safetensors.torch import load_file
 
 from mergekit_lite.checkpoint import TensorInfo
 from mergekit_lite.errors import OutputError
-from mergekit_lite.writer import ShardedSafetensorsWriter, sha256_file
+from mergekit_lite.writer import BackgroundWrites, ShardedSafetensorsWriter, sha256_file
 
 
 @pytest.mark.parametrize("order", ["planned", "reversed", "shuffled"])
@@ -85,3 +87,78 @@ def test_reserved_shards_written_elsewhere_equal_the_ones_written_in_order(tmp_p
     assert reserved.digests == ordered.digests
     with pytest.raises(OutputError, match="twice"):
         reserved.written_elsewhere("t0")
+
+
+def test_without_digests_the_files_are_the_same_and_none_is_listed(tmp_path):
+    tensors = {f"t{i}": torch.arange(4 * (i + 1), dtype=torch.float32) for i in range(5)}
+    infos = [TensorInfo(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    files = {}
+    for digests in (True, False):
+        folder = tmp_path / str(digests)
+        folder.mkdir()
+        writer = ShardedSafetensorsWriter(folder, infos, shard_size=40, digests=digests)
+        for n, t in tensors.items():
+            writer.write(n, t)
+        writer.close()
+        assert bool(writer.digests) == digests
+        files[digests] = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert files[True] == files[False]
+
+
+def test_background_writes_keep_the_order_and_the_byte_limit():
+    """One thread writes in the order given; ``put`` waits while more than ``limit`` bytes are pending."""
+    written: list[str] = []
+    pending = {"bytes": 0, "most": 0}
+    lock = threading.Lock()
+
+    def slow_write(name: str, tensor: torch.Tensor) -> None:  # slower than the puts: without the limit all 12 would pend
+        time.sleep(0.01)
+        with lock:
+            written.append(name)
+            pending["bytes"] -= tensor.numel() * tensor.element_size()
+
+    names = [f"t{i}" for i in range(12)]
+    with BackgroundWrites(slow_write, limit=100) as writes:
+        for i, name in enumerate(names):
+            tensor = torch.zeros(10 + i, dtype=torch.float32)  # 40-84 bytes: at most two fit under 100
+            with lock:
+                pending["bytes"] += tensor.numel() * 4
+                pending["most"] = max(pending["most"], pending["bytes"])
+            writes.put(name, tensor)
+        writes.finish()
+    assert written == names
+    # a tensor is put while at most `limit` bytes (and one more tensor than fits) are pending: never 3 of them
+    assert pending["most"] <= 100 + 84
+
+
+def test_a_failed_background_write_is_raised_and_later_writes_are_dropped():
+    written: list[str] = []
+
+    def write(name: str, tensor: torch.Tensor) -> None:
+        if name == "bad":
+            raise OutputError("disk full")
+        written.append(name)
+
+    with pytest.raises(OutputError, match="disk full"):
+        with BackgroundWrites(write, limit=10**9) as writes:
+            writes.put("a", torch.zeros(1))
+            writes.put("bad", torch.zeros(1))
+            writes.finish()
+    assert written == ["a"]
+
+    started = threading.Event()
+
+    def blocking(name: str, tensor: torch.Tensor) -> None:
+        started.set()
+        time.sleep(0.05)
+        written.append(name)
+
+    written.clear()
+    with pytest.raises(RuntimeError, match="compute failed"):
+        with BackgroundWrites(blocking, limit=10**9) as writes:
+            writes.put("first", torch.zeros(1))
+            writes.put("second", torch.zeros(1))
+            started.wait(5)
+            raise RuntimeError("compute failed")
+    # leaving the block waited for the write under way and dropped the one not started
+    assert written == ["first"]
