@@ -161,11 +161,14 @@ def two_phase_min_entries() -> int:
 
 
 def two_phase_chunk_entries() -> int:
-    """Entries per row chunk of a two-phase method: ``ROW_CHUNK_ENTRIES``, as the entrywise methods (their inner
-    loops keep their own blocks in the cores' caches; fewer chunks, fewer hand-offs between threads). Measured
-    at 250M against half of it: SCE K = 8 17.4, 16.9 → 15.5, 15.9 s; DELLA K = 4 16.0, 16.0 → 15.6, 15.0 s;
-    DARE-TIES K = 4 9.7, 9.6 → 9.2, 9.1 s; TIES K = 4 9.0, 9.1 → 9.3, 8.7 s."""
-    return ROW_CHUNK_ENTRIES
+    """Entries per row chunk of a two-phase method: half of ``ROW_CHUNK_ENTRIES``. Since both phases give each
+    thread whole chunks (no hand-off per chunk), a smaller chunk keeps a chunk's K task vectors, masks and sums
+    in the shared cache (at 2^20 entries and K = 8 they were 8 × 4 MiB). Measured at 250M, 2^20 → 2^19, medians of
+    3–4 interleaved runs: DARE-TIES K = 4 5.88 → 5.40 s, K = 8 7.70 → 7.17; TIES K = 4 6.10 → 5.86; DELLA K = 4
+    8.28 → 7.92; SCE K = 8 6.62 → 6.31; Model Stock K = 8 6.88 → 4.98; RAM+ K = 8 5.04 → 4.67; DARE-linear K = 4
+    5.06 → 4.87. Sums kept per chunk (L1 norms, Gram matrices) are added up in chunk order, so the chunk size
+    can move their last bits (DELLA, Model Stock and DARE-TIES K = 8 outputs differ in a few rounded entries)."""
+    return ROW_CHUNK_ENTRIES // 2
 
 
 def _rows_checked_once(plan: Plan, ref: TensorRef, start: int, stop: int, device: torch.device, checked: set[tuple[int, int]], key: tuple[int, int],
