@@ -350,6 +350,47 @@ def test_karcher_by_row_chunks_reads_twice_and_matches_the_iteration_on_whole_te
         assert sorted(reads) == sorted([(i, a, b) for a, b in chunks for i in range(4)] * 2)  # every chunk of every input, twice
 
 
+@pytest.mark.parametrize("with_base", [False, True])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_multislerp_by_row_chunks_matches_the_reference(with_base, normalize):
+    """Multi-SLERP in three passes over row chunks (norms, Σ a_i x_i, its scale) equals the whole-tensor reference
+    with its tangent step, for any chunking; each model's chunks are read twice, the base's three times."""
+    from mergekit_lite.methods.base import HeldWeightInputs, METHODS, TensorContext
+    from test_spherical import ref_multislerp
+
+    torch.manual_seed(5)
+    base = torch.randn(6, 5)
+    models = [base + torch.randn(6, 5) * (i + 1) for i in range(3)]
+    weights = [0.5, 2.0, 1.0]
+    tensors = [base, *models] if with_base else models
+    xs = [m - base for m in models] if with_base else models
+    want = ref_multislerp([x.double() for x in xs], weights, normalize) + (base.double() if with_base else 0)
+    ctx = TensorContext("w", [f"m{i}" for i in range(len(tensors))], {"normalize_weights": normalize, "eps": 1e-8},
+                        [{"weight": 1.0}] * (len(tensors) - 3) + [{"weight": w} for w in weights], base_index=0 if with_base else None)
+    for entries in (1, 7, 30):
+        inputs = HeldWeightInputs(tensors, entries)
+        reads = []
+        rows = inputs.rows
+        inputs.rows = lambda i, a, b: reads.append((i, a, b)) or rows(i, a, b)
+        got = METHODS["multislerp"].compute_inputs(inputs, ctx)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        chunks = row_chunks((6, 5), entries)
+        models_read = [(i, a, b) for i in range(1 if with_base else 0, len(tensors)) for a, b in chunks] * 2
+        assert sorted(reads) == sorted(models_read + ([(0, a, b) for a, b in chunks] * 3 if with_base else []))
+
+
+def test_multislerp_refuses_weights_that_sum_to_zero_and_falls_back_where_directions_cancel():
+    from mergekit_lite.ops.spherical import multislerp_degenerate, multislerp_terms
+
+    with pytest.raises(ValueError, match="sum to zero"):
+        multislerp_terms([1.0, 1.0], [1.0, -1.0])
+    assert multislerp_terms([2.0, 4.0], [1.0, 3.0], eps=0.0) == ([0.25, 0.75], [0.125, 0.1875], 3.5)
+    assert multislerp_degenerate([0.5, 0.5], [1.0, 1.0]) == [0.5, 0.5]  # two antipodal vectors: linear
+    assert multislerp_degenerate([0.2, 0.3, 0.5], [0.0, 0.0, 0.0]) == [0.0, 0.0, 0.0]  # all zero: zero
+    with pytest.raises(ValueError, match="cancel out"):
+        multislerp_degenerate([0.2, 0.3, 0.5], [1.0, 0.0, 1.0])
+
+
 @pytest.mark.parametrize("method,params", [("karcher", {"max_iter": 5}), ("multislerp", {})])
 def test_reread_weight_methods_equal_their_held_form_whatever_the_base_position(demo, tmp_path, method, params):
     """The executor reads karcher's and multislerp's inputs again (base first); the held form gives the same bits."""

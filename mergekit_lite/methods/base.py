@@ -177,6 +177,7 @@ class WeightInputs:
 
     count: int
     shape: tuple[int, ...]
+    device: torch.device  # where the tensors handed out live
 
     def read(self, i: int) -> torch.Tensor:
         raise NotImplementedError
@@ -197,6 +198,7 @@ class HeldWeightInputs(WeightInputs):
         self.tensors = list(tensors)
         self.count = len(self.tensors)
         self.shape = tuple(self.tensors[0].shape) if self.tensors else ()
+        self.device = self.tensors[0].device if self.tensors else torch.device("cpu")
         self.entries = ROW_CHUNK_ENTRIES if entries is None else entries
 
     def read(self, i: int) -> torch.Tensor:

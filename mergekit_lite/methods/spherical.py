@@ -8,14 +8,15 @@ The math is in ``ops/spherical.py``.
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Iterator
+import math
+import threading
+from typing import Callable, Iterator
 
 import torch
 
 from ..errors import RecipeError
-from ..ops.spherical import add_gram_, assembled_rows, karcher_mean_by_rows, nuslerp, nuslerp_factors, nuslerp_t, spherical_weighted_mean
-from .base import HeldWeightInputs, MergeMethod, Param, TensorContext, WeightInputs, register
+from ..ops.spherical import add_gram_, assembled_rows, karcher_mean_by_rows, multislerp_degenerate, multislerp_terms, nuslerp, nuslerp_factors, nuslerp_t
+from .base import HeldWeightInputs, MergeMethod, Param, TensorContext, WeightInputs, each_chunk, register
 
 WEIGHT = Param("weight", float, 1.0, "Per-model weight (the base's is not used); mergekit requires it, we default it to 1.", per_model=True)
 NUSLERP_FLATTEN = Param("nuslerp_flatten", bool, True, "Interpolate each tensor as one vector; false: vector by vector (see nuslerp_row_wise).")
@@ -91,38 +92,7 @@ def _nuslerp_whole(tensors: list[torch.Tensor], ctx: TensorContext) -> torch.Ten
 
 
 def _multislerp(models: Iterator[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
-    count = len(ctx.model_params)
-    base_index = ctx.base_index
-    others = count - (1 if base_index is not None else 0)
-    if others < 1:
-        raise RecipeError(f"tensor {ctx.name}: multislerp needs at least 1 model besides the base")
-    weights = [float(p["weight"]) for i, p in enumerate(ctx.model_params) if i != base_index]
-    if base_index is None:
-        if others == 1:
-            return next(iter(models))
-        return spherical_weighted_mean(models, weights, normalize_weights=ctx.params["normalize_weights"], eps=ctx.params["eps"])
-    # The base is needed before any task vector can be formed: inputs read before it wait for it.
-    waiting: list[torch.Tensor] = []
-    base: torch.Tensor | None = None
-    iterator = iter(models)
-    for i in range(count):
-        tensor = next(iterator)
-        if i == base_index:
-            base = tensor
-            break
-        waiting.append(tensor)
-    assert base is not None
-    if others == 1:  # one model: its tensor as it is (mergekit returns it without interpolating)
-        return waiting[0] if waiting else next(iterator)
-
-    def deltas(base: torch.Tensor = base) -> Iterator[torch.Tensor]:
-        while waiting:  # released one by one as they are consumed
-            yield waiting.pop(0).sub_(base)
-        for tensor in iterator:
-            yield tensor.sub_(base)
-
-    merged = spherical_weighted_mean(deltas(), weights, normalize_weights=ctx.params["normalize_weights"], eps=ctx.params["eps"])
-    return merged.add_(base)
+    return _multislerp_inputs(HeldWeightInputs(models), ctx)
 
 
 def _karcher(models: Iterator[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
@@ -136,15 +106,108 @@ def _karcher_inputs(inputs: WeightInputs, ctx: TensorContext) -> torch.Tensor:
 
 
 def _multislerp_inputs(inputs: WeightInputs, ctx: TensorContext) -> torch.Tensor:
-    """multislerp with the base read first, wherever the recipe lists it: no input waits for it."""
-    order = list(range(inputs.count))
-    if ctx.base_index is not None:
-        order.remove(ctx.base_index)
-        order.insert(0, ctx.base_index)
-    return _multislerp((inputs.read(i) for i in order), replace(
-        ctx, model_names=[ctx.model_names[i] for i in order], model_params=[ctx.model_params[i] for i in order],
-        base_index=None if ctx.base_index is None else 0,
-    ))
+    """multislerp in three passes over row chunks, chunk i on thread i mod the thread count (``each_chunk``),
+    holding one whole tensor (the result, in the compute dtype), never the inputs: each (task) vector's norm
+    (float64 sums of the chunks' squared float32 norms, added up in chunk order), then Σ a_i x_i stored with its
+    own norm, then its scale to the weighted mean norm (+ θ_0) (``multislerp_terms``)."""
+    base_index = ctx.base_index
+    others = [i for i in range(inputs.count) if i != base_index]
+    if not others:
+        raise RecipeError(f"tensor {ctx.name}: multislerp needs at least 1 model besides the base")
+    if len(others) == 1:  # one model: its tensor as it is (mergekit returns it without interpolating)
+        return inputs.read(others[0])
+    chunks = inputs.chunks()
+
+    def base_rows(start: int, stop: int) -> torch.Tensor | None:
+        return None if base_index is None else inputs.rows(base_index, start, stop)
+
+    def combination(coefficients: list[float], start: int, stop: int, base: torch.Tensor | None) -> torch.Tensor:
+        """Σ_i c_i x_i over the rows of the (task) vectors x_i (each model's rows less the base's, given a base)."""
+        total: torch.Tensor | None = None
+        for i, c in zip(others, coefficients):
+            x = inputs.rows(i, start, stop)
+            if base is not None:
+                x.sub_(base)
+            total = x.mul_(c) if total is None else total.add_(x, alpha=c)
+        assert total is not None
+        return total
+
+    def summed_by_chunks(per_chunk: Callable[[tuple[int, int]], list[float]]) -> list[float]:
+        """``per_chunk`` run on every chunk (on the threads in turn), its numbers added up in chunk order."""
+        parts: dict[int, list[float]] = {}
+        each_chunk(lambda chunk: parts.__setitem__(chunk[0], per_chunk(chunk)), chunks, inputs.device)
+        sums = [0.0] * len(parts[chunks[0][0]])
+        for start, _ in chunks:
+            sums = [total + part for total, part in zip(sums, parts.pop(start))]
+        return sums
+
+    def squared_norms_of_chunk(chunk: tuple[int, int]) -> list[float]:
+        base = base_rows(*chunk)
+        squared = []
+        for i in others:
+            x = inputs.rows(i, *chunk)
+            squared.append(float(torch.linalg.vector_norm(x if base is None else x.sub_(base))) ** 2)
+        return squared
+
+    norms = [math.sqrt(s) for s in summed_by_chunks(squared_norms_of_chunk)]
+    w, a, scale = multislerp_terms(norms, [float(ctx.model_params[i]["weight"]) for i in others],
+                                   normalize_weights=ctx.params["normalize_weights"], eps=ctx.params["eps"])
+    result = ChunkedTensor(inputs.shape)
+
+    def direction_of_chunk(chunk: tuple[int, int]) -> list[float]:  # Σ a_i x_i stored, its squared norm returned
+        return [float(torch.linalg.vector_norm(result.store(chunk, combination(a, *chunk, base_rows(*chunk))))) ** 2]
+
+    mean_norm = math.sqrt(summed_by_chunks(direction_of_chunk)[0])
+    if mean_norm < ctx.params["eps"]:  # the directions (nearly) cancel: a linear fallback, or an error
+        fallback = multislerp_degenerate(w, norms)
+
+        def fallback_chunk(chunk: tuple[int, int]) -> None:
+            base = base_rows(*chunk)
+            rows = combination(fallback, *chunk, base)
+            result.store(chunk, rows if base is None else rows.add_(base))
+
+        each_chunk(fallback_chunk, chunks, inputs.device)
+        return result.whole()
+    factor = scale / mean_norm
+
+    def scaled_chunk(chunk: tuple[int, int]) -> None:
+        rows = result.rows(chunk).mul_(factor)
+        base = base_rows(*chunk)
+        if base is not None:
+            rows.add_(base)
+
+    each_chunk(scaled_chunk, chunks, inputs.device)
+    return result.whole()
+
+
+class ChunkedTensor:
+    """A tensor made row chunk by row chunk, possibly on several threads: allocated when the first chunk comes (its
+    dtype and device); a chunk that covers the whole tensor is kept as it is."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = shape
+        self._whole: torch.Tensor | None = None
+        self._allocating = threading.Lock()
+
+    def store(self, chunk: tuple[int, int], rows: torch.Tensor) -> torch.Tensor:
+        """Keep ``rows`` as rows [start, stop) (the whole of a 0-d tensor); returns the stored rows."""
+        with self._allocating:
+            if self._whole is None:
+                if tuple(rows.shape) == tuple(self.shape):
+                    self._whole = rows
+                    return rows
+                self._whole = torch.empty(self.shape, dtype=rows.dtype, device=rows.device)
+        target = self.rows(chunk)
+        target.copy_(rows)
+        return target
+
+    def rows(self, chunk: tuple[int, int]) -> torch.Tensor:
+        assert self._whole is not None, "a chunk was stored"
+        return self._whole if self._whole.dim() == 0 else self._whole[chunk[0]:chunk[1]]
+
+    def whole(self) -> torch.Tensor:
+        assert self._whole is not None, "a chunk was stored"
+        return self._whole
 
 
 register(
@@ -175,8 +238,9 @@ register(
         base="optional",
         min_models=1,
         paper="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
-        # streamed, the base read first: the running sum, the tensor read and one temporary (+ the base)
-        working_copies=lambda n: 3.7,
+        # three passes over row chunks: the result (compute dtype) and each thread's chunks; measured 1.15 / 1.82 / 1.18
+        # with the stored copies at K = 2 / 4 / 8
+        working_copies=lambda n: 0.8,
     )
 )
 register(

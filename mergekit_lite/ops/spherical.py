@@ -56,56 +56,6 @@ def nuslerp(t: float, v0: Tensor, v1: Tensor, *, flatten: bool = True, along_fir
     return a.transpose(0, -1) if along_first else a
 
 
-def spherical_weighted_mean(tensors: Iterable[Tensor], weights: Sequence[float], *, normalize_weights: bool = True, eps: float = 1e-8) -> Tensor:
-    """Multi-SLERP's barycentre of K ≥ 2 tensors, streamed: each tensor is read once and dropped.
-
-    With u_i = x_i / (‖x_i‖ + eps) and w the weights (divided by their sum if ``normalize_weights``):
-    m = Σ w_i u_i / ‖Σ w_i u_i‖ and the result is m · Σ w_i ‖x_i‖. (mergekit then projects the u_i
-    onto the tangent space at m and maps their weighted sum back with the exponential map; that sum
-    is Σ w_i u_i − ⟨Σ w_i u_i, m⟩ m = 0, so the step leaves m unchanged up to rounding.)
-
-    When ‖Σ w_i u_i‖ < eps: two tensors give the linear combination w_1 x_1 + w_2 x_2; K tensors that
-    are all zero give zero; otherwise ValueError (the weighted directions cancel out). Overwrites the
-    inputs except when K = 2 (they are kept for the linear fallback).
-    """
-    w = torch.tensor(list(weights), dtype=torch.float64)
-    count = len(w)
-    kept: list[Tensor] = []
-    acc: Tensor | None = None
-    scale: Tensor | None = None
-    all_zero = True
-    for i, x in enumerate(tensors):
-        if i == 0:
-            w = w.to(device=x.device, dtype=x.dtype)
-            if normalize_weights:
-                w = w / w.sum()
-        norm = torch.linalg.vector_norm(x)
-        all_zero = all_zero and float(norm) == 0.0
-        scale = norm * w[i] if scale is None else scale + norm * w[i]
-        if count == 2:
-            kept.append(x)
-            unit = x / (norm + eps)
-        else:
-            unit = x.div_(norm + eps)
-        if acc is None:
-            acc = unit.mul_(w[i]) if count != 2 else unit.mul(w[i])
-        else:
-            acc.add_(unit.mul_(w[i]))
-        del unit
-    assert acc is not None and scale is not None, "spherical_weighted_mean needs at least one tensor"
-    mean_norm = torch.linalg.vector_norm(acc)
-    if float(mean_norm) < eps:
-        if count == 2:
-            return kept[0].mul(w[0]).add_(kept[1].mul(w[1]))
-        if all_zero:
-            return acc.zero_()
-        raise ValueError(
-            "the weighted directions of the models cancel out (their weighted sum is zero), e.g. a and −a with "
-            "equal weights; use different weights"
-        )
-    return acc.div_(mean_norm).mul_(scale)
-
-
 #: the Gram matrix of row chunks is taken over blocks of this many entries (float64 copies of K blocks)
 GRAM_BLOCK = 1 << 16
 
@@ -220,6 +170,36 @@ def karcher_mean_by_rows(rows: Rows, count: int, chunks: Sequence[tuple[int, int
         return total
 
     return assembled_rows(combined, chunks, shape)
+
+
+def multislerp_terms(norms: Sequence[float], weights: Sequence[float], *, normalize_weights: bool = True, eps: float = 1e-8) -> tuple[list[float], list[float], float]:
+    """(w, a, scale) of Multi-SLERP's barycentre of x_1..x_K, from their norms ‖x_i‖ alone: the result is
+    Σ a_i x_i · scale / ‖Σ a_i x_i‖, with w the weights (divided by their sum if ``normalize_weights``),
+    a_i = w_i / (‖x_i‖ + eps) (so Σ a_i x_i = Σ w_i u_i for the unit vectors u_i = x_i / (‖x_i‖ + eps)) and
+    scale = Σ w_i ‖x_i‖. (mergekit then projects the u_i onto the tangent space at the mean direction m and maps
+    their weighted sum back with the exponential map; that sum is Σ w_i u_i − ⟨Σ w_i u_i, m⟩ m = 0, so the step
+    leaves m unchanged up to rounding.) Where ‖Σ a_i x_i‖ < eps, ``multislerp_degenerate`` says what to do."""
+    w = [float(x) for x in weights]
+    if normalize_weights:
+        total = sum(w)
+        if total == 0:
+            raise ValueError("the models' weights sum to zero, so they cannot be normalised; change a weight or set normalize_weights: false")
+        w = [x / total for x in w]
+    a = [wi / (ni + eps) for wi, ni in zip(w, norms)]
+    return w, a, sum(wi * ni for wi, ni in zip(w, norms))
+
+
+def multislerp_degenerate(w: Sequence[float], norms: Sequence[float]) -> list[float]:
+    """c with Σ c_i x_i = Multi-SLERP's result when the weighted directions sum to (nearly) zero: two tensors give
+    w_1 x_1 + w_2 x_2, tensors that are all zero give zero; otherwise ValueError (the directions cancel out)."""
+    if len(w) == 2:
+        return list(w)
+    if all(n == 0.0 for n in norms):
+        return [0.0] * len(w)
+    raise ValueError(
+        "the weighted directions of the models cancel out (their weighted sum is zero), e.g. a and −a with "
+        "equal weights; use different weights"
+    )
 
 
 def nuslerp_factors(gram: Tensor, t: float, eps: float = NUSLERP_EPS) -> tuple[float, float]:
