@@ -219,8 +219,8 @@ class RereadTaskVectors(TaskVectorSource):
                 reused = delta
             del delta
 
-    def rows(self, t: int, start: int, stop: int) -> torch.Tensor:
-        return self._read_rows(t, start, stop).sub_(self.base_rows(start, stop))
+    def rows(self, t: int, start: int, stop: int, reuse: bool = False) -> torch.Tensor:
+        return self._read_rows(t, start, stop, out=self.row_buffer(start, stop) if reuse else None).sub_(self.base_rows(start, stop))
 
     def stacked_rows(self, start: int, stop: int, reuse: bool = False) -> torch.Tensor:
         # each input's rows converted straight into the stack and θ_0's rows taken off there: no per-task tensor

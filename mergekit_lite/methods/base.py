@@ -116,8 +116,10 @@ class TaskVectorSource:
         it asks for the next, so a source that hands out new tensors may write each one into the last one's memory."""
         raise NotImplementedError
 
-    def rows(self, t: int, start: int, stop: int) -> torch.Tensor:
-        """τ_t[start:stop] along the first dimension (the whole τ_t for a 0-d tensor)."""
+    def rows(self, t: int, start: int, stop: int, reuse: bool = False) -> torch.Tensor:
+        """τ_t[start:stop] along the first dimension (the whole τ_t for a 0-d tensor). ``reuse``: the caller is done
+        with these rows before this thread asks for any more, so a source that hands out new tensors may write them
+        into this thread's buffer (``row_buffer``) instead of fresh memory."""
         raise NotImplementedError
 
     def chunks(self) -> list[tuple[int, int]]:
@@ -130,6 +132,15 @@ class TaskVectorSource:
         rows = [self.rows(t, start, stop) for t in range(self.count)]
         out = self.stack_buffer(start, stop) if reuse else None
         return torch.stack(rows) if out is None else torch.stack(rows, out=out)
+
+    def row_buffer(self, start: int, stop: int) -> torch.Tensor | None:
+        """This thread's buffer for one task's rows [start, stop), reused from call to call (None off the CPU): a fresh
+        2 MiB row chunk per task was faulted in anew (DARE-TIES K = 8: its L1 norms 2.99 → 1.75 CPU-s with a reused
+        block, measured)."""
+        if self.device.type != "cpu":
+            return None
+        shape = (stop - start, *self.shape[1:]) if self.shape else ()
+        return scratch("task_rows", math.prod(shape), self.dtype).view(shape)
 
     def stack_buffer(self, start: int, stop: int) -> torch.Tensor | None:
         """This thread's [T, rows…] buffer for rows [start, stop), reused from chunk to chunk (None off the CPU): at K = 8
@@ -162,7 +173,7 @@ class HeldTaskVectors(TaskVectorSource):
     def whole(self, reuse: bool = False) -> Iterator[torch.Tensor]:
         return iter(self.deltas)
 
-    def rows(self, t: int, start: int, stop: int) -> torch.Tensor:
+    def rows(self, t: int, start: int, stop: int, reuse: bool = False) -> torch.Tensor:
         delta = self.deltas[t]
         return delta if delta.dim() == 0 or (start == 0 and stop >= delta.shape[0]) else delta[start:stop]
 

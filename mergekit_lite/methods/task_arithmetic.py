@@ -390,7 +390,7 @@ def fix_what_each_task_keeps(source: TaskVectorSource, sparsify_rows: RowSparsif
             start, stop = chunk
             part: list[tuple[float, float] | None] = []
             for t in range(source.count):
-                delta = source.rows(t, start, stop)
+                delta = source.rows(t, start, stop, reuse=True)  # nothing of it is kept past this task
                 rows_kept = rule(delta, t, start * per_row)
                 pair = None
                 if rows_kept.l1_before is not None:

@@ -311,10 +311,17 @@ def l1_norms(x: Tensor, keep: Tensor) -> tuple[float, float]:
     flat, kept = x.reshape(-1), keep.reshape(-1)
     before = after = 0.0
     for start in range(0, flat.numel(), L1_BLOCK):
-        block = flat[start : start + L1_BLOCK].abs()
+        block = _magnitudes(flat[start : start + L1_BLOCK])
         before += _block_l1(block)
         after += _block_l1(apply_mask_(block, kept[start : start + L1_BLOCK]))
     return before, after
+
+
+def _magnitudes(block: Tensor) -> Tensor:
+    """|block| in this thread's reused buffer (CPU): a fresh block per call was mapped and faulted in anew."""
+    if block.device.type != "cpu":
+        return block.abs()
+    return torch.abs(block, out=scratch("l1 block", block.numel(), block.dtype))
 
 
 def _block_l1(block: Tensor) -> float:
@@ -339,7 +346,7 @@ def l1_norm(x: Tensor, keep: Tensor | None = None) -> float:
     kept = None if keep is None else keep.reshape(-1)
     total = 0.0
     for start in range(0, flat.numel(), L1_BLOCK):
-        block = flat[start : start + L1_BLOCK].abs()
+        block = _magnitudes(flat[start : start + L1_BLOCK])
         if kept is not None:
             apply_mask_(block, kept[start : start + L1_BLOCK])  # |x|·keep = |x·keep|, exactly
         total += _block_l1(block)
