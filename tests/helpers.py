@@ -21,6 +21,29 @@ def plain_uniforms(generator: np.random.Generator, count: int) -> np.ndarray:
     return np.array(halves, dtype=np.float64) / 2**32
 
 
+def plain_tie_word(generator: np.random.Generator, j: int) -> int:
+    """DARE's documented low half L_j of entry j's 32-bit uniform, written plainly: the low 16 bits of SplitMix64
+    of key + (j + 1)·0x9E3779B97F4A7C15, the key the generator's state and increment folded to 64 bits."""
+    m = 2**64 - 1
+    state = generator.bit_generator.state["state"]
+    key = (state["state"] ^ (state["state"] >> 64) ^ state["inc"]) & m
+    z = (key + (j + 1) * 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return (z ^ (z >> 31)) & 0xFFFF
+
+
+def plain_dare_keep(generator: np.random.Generator, count: int, density: float) -> np.ndarray:
+    """DARE's documented draws written plainly: entry j kept iff 2^16·H_j + L_j < density·2^32, H_j the generator's
+    j-th 16-bit word (four from each 64-bit output, the lowest first), L_j ``plain_tie_word``; the generator is
+    advanced past the outputs drawn."""
+    key_source = np.random.Generator(type(generator.bit_generator)())
+    key_source.bit_generator.state = generator.bit_generator.state
+    words = [int(w) for w in generator.bit_generator.random_raw((count + 3) // 4)]
+    high = [(w >> (16 * k)) & 0xFFFF for w in words for k in range(4)][:count]
+    return np.array([h * 2**16 + plain_tie_word(key_source, j) < density * 2**32 for j, h in enumerate(high)], dtype=bool)
+
+
 def load_state(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint folder, read plainly (safetensors or .bin, sharded or not)."""
     folder = Path(folder)

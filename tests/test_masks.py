@@ -34,7 +34,7 @@ from mergekit_lite.ops import (
     ties_merge,
     topk_mask,
 )
-from helpers import plain_uniforms
+from helpers import plain_dare_keep, plain_tie_word
 
 F64 = torch.float64
 INF = math.inf
@@ -485,10 +485,10 @@ def test_ties_and_disjoint_validate_arguments():
 # ----------------------------------------------------------------------------- DARE
 
 
-def _uniforms_below(seed: int, shape: tuple[int, ...], probability) -> torch.Tensor:
-    """The documented draw written plainly: one 32-bit uniform per entry of PCG64DXSM(seed), kept where below p."""
-    u = plain_uniforms(np.random.Generator(np.random.PCG64DXSM(seed)), int(np.prod(shape)))
-    return torch.from_numpy(u < np.asarray(probability).reshape(-1)).reshape(shape)
+def _uniforms_below(seed: int, shape: tuple[int, ...], density: float) -> torch.Tensor:
+    """DARE's documented draw written plainly: a 32-bit uniform per entry of PCG64DXSM(seed), its high half a 16-bit
+    word of the stream, kept where below the density."""
+    return torch.from_numpy(plain_dare_keep(np.random.Generator(np.random.PCG64DXSM(seed)), int(np.prod(shape)), density)).reshape(shape)
 
 
 def test_dare_mask_is_one_uniform_per_entry_and_thread_and_block_independent(monkeypatch):
@@ -597,6 +597,26 @@ def test_dare_mask_of_rows_from_an_offset_is_that_slice_of_the_whole_tensors(fir
     assert torch.equal(rows, whole[first : first + 30])
     with pytest.raises(ValueError, match="seed must be an integer"):
         generator_for("7", "m", "t")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("below", [0, 1])
+def test_dare_entry_on_the_thresholds_high_half_is_decided_by_its_low_half(monkeypatch, below):
+    """Where an entry's 16-bit word is the threshold's high half, its tie word decides (the 32-bit comparison),
+    in a whole draw, in uneven blocks and in rows drawn from an offset."""
+    from mergekit_lite.ops import sparsify as sp
+
+    seed, n, j = 31, 5000, 4321
+    words = [int(w) for w in np.random.Generator(np.random.PCG64DXSM(seed)).bit_generator.random_raw((n + 3) // 4)]
+    high = (words[j // 4] >> (16 * (j % 4))) & 0xFFFF
+    low = plain_tie_word(np.random.Generator(np.random.PCG64DXSM(seed)), j)
+    density = (high * 2**16 + low + below) / 2**32  # entry j kept iff low < low + below
+    whole = dare_mask((n,), density, np.random.Generator(np.random.PCG64DXSM(seed)))
+    assert bool(whole[j]) == bool(below)
+    assert torch.equal(whole, _uniforms_below(seed, (n,), density))
+    rows = dare_mask((10,), density, np.random.Generator(np.random.PCG64DXSM(seed)), first=j - 3)
+    assert torch.equal(rows, whole[j - 3 : j + 7])
+    monkeypatch.setattr(sp, "DRAW_BLOCK", 13)
+    assert torch.equal(dare_mask((n,), density, np.random.Generator(np.random.PCG64DXSM(seed))), whole)
 
 
 # ----------------------------------------------------------------------------- Model Breadcrumbs
@@ -853,7 +873,7 @@ def test_dare_draws_split_over_threads_are_the_one_sequential_stream(monkeypatch
     monkeypatch.setattr(sp, "DRAW_BLOCK", 64)  # 2112 entries: 33 blocks, split over the threads
     monkeypatch.setattr(sp, "SPLIT_DRAWS", 16)
     plain = np.random.Generator(np.random.PCG64DXSM(77))
-    want = torch.from_numpy(plain_uniforms(plain, 64 * 33) < 0.6).reshape(64, 33)
+    want = torch.from_numpy(plain_dare_keep(plain, 64 * 33, 0.6)).reshape(64, 33)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)

@@ -19,7 +19,7 @@ from mergekit_lite import Recipe
 from mergekit_lite.demo import DEMO_TASKS
 from mergekit_lite.ops import generator_for
 
-from helpers import load_state, plain_uniforms, ta_recipe
+from helpers import load_state, plain_dare_keep, ta_recipe
 
 WEIGHTS = [1.0, 0.5, -0.25]
 
@@ -181,7 +181,7 @@ def ref_dare(tau: torch.Tensor, density: float, seed: int, model: str, name: str
     """Drop with probability 1 − density using the documented per-(seed, model, tensor) generator."""
     if density == 0:
         return torch.zeros_like(tau)
-    keep = torch.from_numpy(plain_uniforms(generator_for(seed, model, name), tau.numel()) < density).reshape(tau.shape)
+    keep = torch.from_numpy(plain_dare_keep(generator_for(seed, model, name), tau.numel(), density)).reshape(tau.shape)
     out = torch.where(keep, tau, 0)
     return out / density if rescale else out
 
