@@ -592,10 +592,23 @@ class Row:
     mk_error: str = ""
     mk_check: str = ""
     agree: str = ""
+    torch_import: float = float("nan")  # `python -c "import torch"` in our venv (median)
 
     @property
     def floor(self) -> float:
         return self.read + self.write
+
+    def goal(self) -> str:
+        """Issue 12's speed goal for this row and whether it is met: ours ≤ mergekit's wall ÷ 5, or, where mergekit
+        is within 5× of the floor with torch's import (read + write + import torch), ours ≤ 1.5× that floor."""
+        if self.error or self.mk_absent or self.mk_error or math.isnan(self.torch_import):
+            return "—"
+        floor = self.floor + self.torch_import
+        if self.mk_wall <= 5 * floor:
+            limit, what = 1.5 * floor, f"≤ 1.5 × {floor:.2f} s"
+        else:
+            limit, what = self.mk_wall / 5, "≥ 5×"
+        return f"{what}: {'met' if self.wall <= limit else 'not met'} ({self.wall / limit:.2f} of the limit)"
 
 
 def profile_once(recipe: Path, out: Path, prof: Path, log) -> None:
@@ -621,8 +634,8 @@ def tables(rows: list[Row]) -> str:
     dash = "—"
     out = [
         "| model | K | method | ours wall (s) | mergekit wall (s) | mergekit/ours speed ratio | ours peak RSS (MiB) "
-        "| mergekit peak RSS (MiB) | RSS ratio ours/mergekit | floor (s) | ours/floor |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| mergekit peak RSS (MiB) | RSS ratio ours/mergekit | floor (s) | ours/floor | import torch (s) | speed goal |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         ours_ok = not r.error
@@ -639,7 +652,7 @@ def tables(rows: list[Row]) -> str:
         vs_floor = f"{r.wall / r.floor:.1f}" if ours_ok else ""
         out.append(
             f"| {r.size} | {r.k} | {r.method} | {ours_wall} | {mk_wall} | {speed} | {ours_rss} | {mk_rss} | {rss_ratio} "
-            f"| {r.floor:.2f} | {vs_floor} |"
+            f"| {r.floor:.2f} | {vs_floor} | {r.torch_import:.2f} | {r.goal()} |"
         )
     out += [
         "",
@@ -828,6 +841,7 @@ def main(argv: list[str]) -> int:
                 read_bytes = sum(f.stat().st_size for f in inputs)
                 absent = mk_missing or ("" if method in MERGEKIT_RECIPES else "ours only")
                 reads, writes, walls, rss, dry_walls, dry_rss, startups, busy = [], [], [], [], [], [], [], []
+                torch_imports: list[float] = []
                 mk_walls, mk_rss, mk_busy = [], [], []
                 error = mk_error = ""
 
@@ -851,6 +865,7 @@ def main(argv: list[str]) -> int:
 
                 for rep in range(args.repeats):  # interleaved, so slow spells of a shared machine hit all alike
                     startups.append(run_child([str(CLI), "--version"]).wall)
+                    torch_imports.append(run_child([str(VENV_PYTHON), "-c", "import torch"]).wall)
                     dry = run_child([str(CLI), "run", str(recipe), str(out), "--dry-run", "--force", "-q"], args.timeout)
                     dry_walls.append(dry.wall)
                     dry_rss.append(dry.maxrss_kib / 1024)
@@ -891,6 +906,7 @@ def main(argv: list[str]) -> int:
                     size, model, k, method, median(walls), median(startups), median(reads), median(writes), median(rss),
                     median(dry_rss), median(dry_walls), read_bytes, write_bytes, check, error, walls, busy,
                     absent, median(mk_walls), median(mk_rss), mk_walls, mk_busy, mk_error, mk_check, agree,
+                    torch_import=median(torch_imports),
                 )
                 rows.append(row)
                 if args.profile and not error:
