@@ -14,6 +14,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from .threads import map_strided
+
 #: NuSLERP: vectors whose 1 − cos²θ is at most this squared are treated as colinear (lerp)
 NUSLERP_EPS = 1e-8
 #: NuSLERP: a vector norm is never taken below this when normalising
@@ -127,20 +129,61 @@ def karcher_coefficients(gram: Tensor, alphas: Sequence[float], *, max_iter: int
 Rows = Callable[[int, int, int], Tensor]  # rows(i, start, stop): rows [start, stop) of input i, a new tensor
 
 
-def gram_by_rows(rows: Rows, count: int, chunks: Sequence[tuple[int, int]]) -> Tensor:
-    """The float64 Gram matrix G_ij = ⟨x_i, x_j⟩ of ``count`` inputs, one row chunk of each at a time."""
-    gram = torch.zeros((count, count), dtype=torch.float64)
-    for start, stop in chunks:
-        chunk = [rows(i, start, stop) for i in range(count)]
-        add_gram_(gram, chunk)
-        del chunk
-    return gram
+def gram_by_rows(rows: Rows, count: int, chunks: Sequence[tuple[int, int]], parallel: bool = False) -> Tensor:
+    """The float64 Gram matrix G_ij = ⟨x_i, x_j⟩ of ``count`` inputs, one row chunk of each at a time; ``parallel``
+    (CPU rows): the chunks on the threads in turn (``gram_by_chunks``)."""
+    return gram_by_chunks(lambda chunk: [rows(i, *chunk) for i in range(count)], count, chunks, parallel)
 
 
-def assembled_rows(part: Callable[[int, int], Tensor], chunks: Sequence[tuple[int, int]], shape: Sequence[int]) -> Tensor:
-    """The tensor whose rows [start, stop) ``part(start, stop)`` makes, chunk by chunk (one chunk: its result as it is)."""
+def gram_by_chunks(vectors_of: Callable[[tuple[int, int]], Sequence[Tensor]], count: int, chunks: Sequence[tuple[int, int]],
+                   parallel: bool = False) -> Tensor:
+    """The float64 Gram matrix of the ``count`` vectors whose row chunks ``vectors_of(chunk)`` makes: each chunk's
+    matrix from zero, added up in chunk order; ``parallel`` (CPU rows): the chunks on the threads in turn, the same sum."""
+    def chunk_gram(chunk: tuple[int, int]) -> Tensor:
+        return add_gram_(torch.zeros((count, count), dtype=torch.float64), vectors_of(chunk))
+
+    if not parallel:
+        return grams_added(chunks, chunk_gram)
+    partial: dict[int, Tensor] = {}
+
+    def store(chunk: tuple[int, int]) -> None:
+        partial[chunk[0]] = chunk_gram(chunk)
+
+    map_strided(store, chunks)
+    return grams_added(chunks, lambda chunk: partial.pop(chunk[0]))
+
+
+def grams_added(chunks: Sequence[tuple[int, int]], gram_of: Callable[[tuple[int, int]], Tensor]) -> Tensor:
+    """Σ over the chunks, in chunk order, of each chunk's Gram matrix: the same sum whichever thread made which."""
+    total: Tensor | None = None
+    for chunk in chunks:
+        gram = gram_of(chunk)
+        total = gram if total is None else total.add_(gram)
+    assert total is not None, "at least one row chunk"
+    return total
+
+
+def assembled_rows(part: Callable[[int, int], Tensor], chunks: Sequence[tuple[int, int]], shape: Sequence[int],
+                   parallel: bool = False) -> Tensor:
+    """The tensor whose rows [start, stop) ``part(start, stop)`` makes, chunk by chunk (one chunk: its result as it
+    is); ``parallel``: after the first, the chunks of CPU rows on the threads in turn (``part`` must allow it)."""
     if len(chunks) == 1:
         return part(*chunks[0])
+    if parallel:
+        first = part(*chunks[0])
+        whole = torch.empty(tuple(shape), dtype=first.dtype, device=first.device)
+        whole[chunks[0][0] : chunks[0][1]] = first
+        del first
+
+        def store(chunk: tuple[int, int]) -> None:
+            whole[chunk[0] : chunk[1]] = part(*chunk)
+
+        if whole.device.type == "cpu":
+            map_strided(store, chunks[1:])
+        else:
+            for chunk in chunks[1:]:
+                store(chunk)
+        return whole
     out: Tensor | None = None
     for start, stop in chunks:
         chunk = part(start, stop)
@@ -153,12 +196,12 @@ def assembled_rows(part: Callable[[int, int], Tensor], chunks: Sequence[tuple[in
 
 
 def karcher_mean_by_rows(rows: Rows, count: int, chunks: Sequence[tuple[int, int]], shape: Sequence[int],
-                         alphas: Sequence[float], *, max_iter: int = 10, tol: float = 1e-5) -> Tensor:
-    """``karcher_coefficients`` applied: one pass over row chunks for the Gram matrix, then one for Σ_j c_j x_j.
-    Holds the output and a chunk of each input."""
+                         alphas: Sequence[float], *, max_iter: int = 10, tol: float = 1e-5, parallel: bool = False) -> Tensor:
+    """``karcher_coefficients`` applied: one pass over row chunks for the Gram matrix, then one for Σ_j c_j x_j
+    (``parallel``, CPU rows: each pass's chunks on the threads in turn). Holds the output and a chunk of each input."""
     if count == 1:
         return assembled_rows(lambda start, stop: rows(0, start, stop), chunks, shape)
-    coefficients = karcher_coefficients(gram_by_rows(rows, count, chunks), alphas, max_iter=max_iter, tol=tol)
+    coefficients = karcher_coefficients(gram_by_rows(rows, count, chunks, parallel), alphas, max_iter=max_iter, tol=tol)
 
     def combined(start: int, stop: int) -> Tensor:
         total: Tensor | None = None
@@ -169,7 +212,7 @@ def karcher_mean_by_rows(rows: Rows, count: int, chunks: Sequence[tuple[int, int
         assert total is not None
         return total
 
-    return assembled_rows(combined, chunks, shape)
+    return assembled_rows(combined, chunks, shape, parallel)
 
 
 def multislerp_terms(norms: Sequence[float], weights: Sequence[float], *, normalize_weights: bool = True, eps: float = 1e-8) -> tuple[list[float], list[float], float]:
