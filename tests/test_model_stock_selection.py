@@ -246,6 +246,30 @@ def test_quartile_positions_and_order_statistics():
         assert all(g.dtype == x.dtype for g in got)
 
 
+@pytest.mark.parametrize("kind", ["normal", "ties", "constant", "negative"])
+def test_order_statistics_of_large_tensors_are_the_sorted_values(kind):
+    """The bracketed selection (tensors of 2^20 entries or more) gives exactly the sorted tensor's values, for the
+    quartiles and the two ends, with heavy ties, one value throughout, and values all below zero."""
+    from mergekit_lite.ops.selection import _ranked_in_brackets
+
+    gen = torch.Generator().manual_seed(3)
+    n = (1 << 20) + 12_345
+    x = {
+        "normal": torch.randn(n, generator=gen),
+        "ties": torch.randint(0, 7, (n,), generator=gen).to(torch.float32),
+        "constant": torch.full((n,), 0.25),
+        "negative": -torch.rand(n, generator=gen, dtype=torch.float64) * 1e-9,
+    }[kind]
+    ordered = x.sort().values
+    ranks = [*quartile_positions(n), 0, n - 1, 17]
+    assert _ranked_in_brackets(x.numpy(), ranks) is not None  # the bracketed path, not the fallback
+    got = order_statistics(x, ranks)
+    assert [float(g) for g in got] == [float(ordered[r]) for r in ranks]
+    assert all(g.dtype == x.dtype for g in got)
+    x[n // 2] = float("nan")
+    assert _ranked_in_brackets(x.numpy(), ranks) is None  # NaN: every value partitioned instead
+
+
 def test_arcee_fusion_by_hand():
     # one row: KL(p‖q) is one positive factor, so the importance ranks like |Δ|. Sorted |Δ| =
     # 1..7, 30 (n = 8): Q1 = #1 = 2, median = #3 = 4, Q3 = #5 = 6; threshold 4 + 1.5·(6 − 2) = 10 (× KL)
