@@ -379,6 +379,26 @@ def test_multislerp_by_row_chunks_matches_the_reference(with_base, normalize):
         assert sorted(reads) == sorted(models_read + ([(0, a, b) for a, b in chunks] * 3 if with_base else []))
 
 
+@pytest.mark.parametrize("shape", [(6, 5), (4, 3, 5), (9,)])
+@pytest.mark.parametrize("base_index", [0, 1])
+def test_arcee_fusion_by_row_chunks_equals_the_whole_tensor_computation(shape, base_index):
+    """Arcee Fusion's two passes over row chunks (each row's importance, then the fused rows) on both threads give
+    the whole-tensor ``arcee_fusion``'s bits for any chunking and base position (a vector goes whole)."""
+    from mergekit_lite.methods.base import HeldWeightInputs, METHODS, TensorContext
+    from mergekit_lite.ops.selection import arcee_fusion
+
+    gen = torch.Generator().manual_seed(11)
+    base = torch.randn(shape, generator=gen)
+    other = base + torch.randn(shape, generator=gen) * torch.rand(shape, generator=gen) ** 4  # a few large moves
+    tensors = [base, other] if base_index == 0 else [other, base]
+    want = arcee_fusion(base.clone(), other.clone())
+    assert 0 < int((want != base).sum()) < want.numel()  # some entries taken, some not
+    ctx = TensorContext("w", ["a", "b"], {}, [{}, {}], base_index=base_index)
+    for entries in (1, 7, 30):
+        got = METHODS["arcee_fusion"].compute_inputs(HeldWeightInputs([t.clone() for t in tensors], entries), ctx)
+        assert torch.equal(got, want), entries
+
+
 def test_multislerp_refuses_weights_that_sum_to_zero_and_falls_back_where_directions_cancel():
     from mergekit_lite.ops.spherical import multislerp_degenerate, multislerp_terms
 

@@ -14,8 +14,9 @@ from typing import Iterator
 import torch
 
 from ..errors import RecipeError
-from ..ops.selection import arcee_fusion, nearswap
-from .base import MergeMethod, Param, TensorContext, register
+from ..ops.selection import arcee_fusion, arcee_importance, iqr_threshold, nearswap
+from ..ops.spherical import assembled_rows
+from .base import MergeMethod, Param, TensorContext, WeightInputs, each_chunk, register
 
 NEARSWAP_T = Param(
     "t", float, None,
@@ -46,6 +47,39 @@ def _arcee_fusion(models: Iterator[torch.Tensor], ctx: TensorContext) -> torch.T
     return arcee_fusion(base, other)
 
 
+def _arcee_fusion_inputs(inputs: WeightInputs, ctx: TensorContext) -> torch.Tensor:
+    """Arcee Fusion in two passes over row chunks (each row's softmax and KL need that row alone), on both threads:
+    the importance of every row, stored whole (its quartiles need all of it); then each chunk's rows re-read and
+    θ_base + keep ⊙ (θ_other − θ_base) made. The operations of ``arcee_fusion`` entry by entry: the same numbers,
+    holding the importance and the output instead of both inputs, their two softmax distributions and a copy."""
+    if ctx.base_index is None or inputs.count != 2:
+        raise RecipeError(f"tensor {ctx.name}: arcee_fusion needs the base model and exactly one other model as its inputs")
+    base_at, other_at = ctx.base_index, 1 - ctx.base_index
+    chunks = inputs.chunks()
+    if len(inputs.shape) < 2 or len(chunks) == 1:  # a vector's softmax spans all of it: whole tensors
+        return arcee_fusion(inputs.read(base_at), inputs.read(other_at))
+    importance: torch.Tensor | None = None
+
+    def importance_of_chunk(chunk: tuple[int, int]) -> None:
+        start, stop = chunk
+        assert importance is not None
+        importance[start:stop] = arcee_importance(inputs.rows(base_at, start, stop), inputs.rows(other_at, start, stop))
+
+    first = arcee_importance(inputs.rows(base_at, *chunks[0]), inputs.rows(other_at, *chunks[0]))
+    importance = torch.empty(inputs.shape, dtype=first.dtype, device=first.device)
+    importance[chunks[0][0] : chunks[0][1]] = first
+    del first
+    each_chunk(importance_of_chunk, chunks[1:], inputs.device)
+    threshold = iqr_threshold(importance).to(importance.device)
+
+    def fused(start: int, stop: int) -> torch.Tensor:
+        base = inputs.rows(base_at, start, stop)
+        delta = inputs.rows(other_at, start, stop).sub_(base)
+        return base.add_(delta.mul_(importance[start:stop] >= threshold))
+
+    return assembled_rows(fused, chunks, inputs.shape, parallel=inputs.device.type == "cpu")
+
+
 register(
     MergeMethod(
         name="nearswap",
@@ -69,12 +103,13 @@ register(
         params=(),
         inputs="weights",
         compute=_arcee_fusion,
+        compute_inputs=_arcee_fusion_inputs,
         base="required",
         min_models=2,
         max_models=2,
         paper="https://arcee.ai",
-        # θ_base, θ_other and the two softmax distributions; then θ_base, Δ, the importance and its
-        # partitioned copy (CPU; kthvalue on CUDA holds a value copy and int64 indices: one more)
+        # by row chunks (matrices): the importance whole, the output, two threads' chunks; vectors and CUDA (kthvalue
+        # holds a value copy and int64 indices) whole: θ_base, θ_other and the two softmax distributions
         working_copies=lambda n: 3.5,
     )
 )
