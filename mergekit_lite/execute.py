@@ -259,7 +259,8 @@ def output_in_row_chunks(plan: Plan, job: TensorJob, device: torch.device) -> to
     """A two-phase method's output tensor, on the CPU in its output dtype: θ_0 + λ·merged stored row chunk by
     row chunk as the method makes the merged rows (θ_0's rows read again), so that after phase 1 only the
     output and a few chunks are held. Every entry sees the operations of the whole tensor's sum: the same bytes."""
-    source = RereadTaskVectors(plan, job, device, two_phase_chunk_entries())
+    entries = plan.method.chunk_entries(len(job.inputs)) if plan.method.chunk_entries is not None else two_phase_chunk_entries()
+    source = RereadTaskVectors(plan, job, device, entries)
     lam = job.params.get("lambda", 1.0)
     out: torch.Tensor | None = None  # allocated at the first chunk, once phase 1 has freed its memory (less heap left in pieces)
     allocating = threading.Lock()  # a method may keep chunks from several threads
@@ -318,7 +319,7 @@ class ReadWeightInputs(WeightInputs):
         return _rows_checked_once(self.plan, self.job.inputs[i], start, stop, self.device, self.checked_rows, (i, start))
 
     def chunks(self) -> list[tuple[int, int]]:
-        return row_chunks(self.shape, ROW_CHUNK_ENTRIES) if self.by_rows else [(0, self.shape[0] if self.shape else 1)]
+        return row_chunks(self.shape, base_module.REREAD_CHUNK_ENTRIES) if self.by_rows else [(0, self.shape[0] if self.shape else 1)]
 
 
 def window_bytes(plan: Plan, job: TensorJob) -> int:
