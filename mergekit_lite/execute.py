@@ -304,6 +304,7 @@ class ReadWeightInputs(WeightInputs):
         self.checked: set[int] = set()
         self.checked_rows: set[tuple[int, int]] = set()
         self.by_rows = bool(self.shape) and all(plan.checkpoints[ref.source].row_reads for ref in job.inputs)
+        self.out_dtype = job.out.dtype
 
     def read(self, i: int) -> torch.Tensor:
         # NaN/Inf are looked for on the first read only: a pass over the tensor saved on each re-read

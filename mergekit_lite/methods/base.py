@@ -195,6 +195,9 @@ class WeightInputs:
     count: int
     shape: tuple[int, ...]
     device: torch.device  # where the tensors handed out live
+    #: the dtype the caller stores the output in (None: not known); a method that assembles its output chunk by
+    #: chunk may store the chunks in it directly, the same rounding as converting the whole output afterwards
+    out_dtype: torch.dtype | None = None
 
     def read(self, i: int) -> torch.Tensor:
         raise NotImplementedError

@@ -77,7 +77,7 @@ def _arcee_fusion_inputs(inputs: WeightInputs, ctx: TensorContext) -> torch.Tens
         delta = inputs.rows(other_at, start, stop).sub_(base)
         return base.add_(delta.mul_(importance[start:stop] >= threshold))
 
-    return assembled_rows(fused, chunks, inputs.shape, parallel=inputs.device.type == "cpu")
+    return assembled_rows(fused, chunks, inputs.shape, parallel=inputs.device.type == "cpu", dtype=inputs.out_dtype)
 
 
 register(

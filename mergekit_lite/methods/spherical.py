@@ -75,7 +75,7 @@ def _nuslerp_inputs(inputs: WeightInputs, ctx: TensorContext) -> torch.Tensor:
         merged = nuslerp(t, a, b, flatten=False) if factors is None else a.mul_(factors[0]).add_(b.mul_(factors[1]))
         return merged if base is None else merged.add_(base)
 
-    return assembled_rows(interpolated, chunks, inputs.shape, on_cpu)
+    return assembled_rows(interpolated, chunks, inputs.shape, on_cpu, inputs.out_dtype)
 
 
 def _nuslerp_whole(tensors: list[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
@@ -101,7 +101,7 @@ def _karcher_inputs(inputs: WeightInputs, ctx: TensorContext) -> torch.Tensor:
     """The Karcher mean in two passes over row chunks (the Gram matrix, then the weighted sum), holding no whole input."""
     alphas = [1.0 / inputs.count] * inputs.count
     return karcher_mean_by_rows(inputs.rows, inputs.count, inputs.chunks(), inputs.shape, alphas, max_iter=ctx.params["max_iter"], tol=ctx.params["tol"],
-                                parallel=inputs.device.type == "cpu")
+                                parallel=inputs.device.type == "cpu", dtype=inputs.out_dtype)
 
 
 def _multislerp_inputs(inputs: WeightInputs, ctx: TensorContext) -> torch.Tensor:

@@ -56,7 +56,7 @@ def _slerp_inputs(inputs: WeightInputs, ctx: TensorContext) -> torch.Tensor:
             return torch.lerp(v0, v1, t)
         return v0.mul_(factors[0]).add_(v1.mul_(factors[1]))
 
-    return assembled_rows(interpolated, chunks, inputs.shape, parallel=on_cpu)
+    return assembled_rows(interpolated, chunks, inputs.shape, parallel=on_cpu, dtype=inputs.out_dtype)
 
 
 register(

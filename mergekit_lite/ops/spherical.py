@@ -164,14 +164,15 @@ def grams_added(chunks: Sequence[tuple[int, int]], gram_of: Callable[[tuple[int,
 
 
 def assembled_rows(part: Callable[[int, int], Tensor], chunks: Sequence[tuple[int, int]], shape: Sequence[int],
-                   parallel: bool = False) -> Tensor:
+                   parallel: bool = False, dtype: torch.dtype | None = None) -> Tensor:
     """The tensor whose rows [start, stop) ``part(start, stop)`` makes, chunk by chunk (one chunk: its result as it
-    is); ``parallel``: after the first, the chunks of CPU rows on the threads in turn (``part`` must allow it)."""
+    is); ``parallel``: after the first, the chunks of CPU rows on the threads in turn (``part`` must allow it);
+    ``dtype``: stored in that dtype as they come (the rounding of converting the whole tensor, without holding it)."""
     if len(chunks) == 1:
         return part(*chunks[0])
     if parallel:
         first = part(*chunks[0])
-        whole = torch.empty(tuple(shape), dtype=first.dtype, device=first.device)
+        whole = torch.empty(tuple(shape), dtype=dtype or first.dtype, device=first.device)
         whole[chunks[0][0] : chunks[0][1]] = first
         del first
 
@@ -188,7 +189,7 @@ def assembled_rows(part: Callable[[int, int], Tensor], chunks: Sequence[tuple[in
     for start, stop in chunks:
         chunk = part(start, stop)
         if out is None:
-            out = torch.empty(tuple(shape), dtype=chunk.dtype, device=chunk.device)
+            out = torch.empty(tuple(shape), dtype=dtype or chunk.dtype, device=chunk.device)
         out[start:stop] = chunk
         del chunk
     assert out is not None, "at least one row chunk"
@@ -196,7 +197,8 @@ def assembled_rows(part: Callable[[int, int], Tensor], chunks: Sequence[tuple[in
 
 
 def karcher_mean_by_rows(rows: Rows, count: int, chunks: Sequence[tuple[int, int]], shape: Sequence[int],
-                         alphas: Sequence[float], *, max_iter: int = 10, tol: float = 1e-5, parallel: bool = False) -> Tensor:
+                         alphas: Sequence[float], *, max_iter: int = 10, tol: float = 1e-5, parallel: bool = False,
+                         dtype: torch.dtype | None = None) -> Tensor:
     """``karcher_coefficients`` applied: one pass over row chunks for the Gram matrix, then one for Σ_j c_j x_j
     (``parallel``, CPU rows: each pass's chunks on the threads in turn). Holds the output and a chunk of each input."""
     if count == 1:
@@ -212,7 +214,7 @@ def karcher_mean_by_rows(rows: Rows, count: int, chunks: Sequence[tuple[int, int
         assert total is not None
         return total
 
-    return assembled_rows(combined, chunks, shape, parallel)
+    return assembled_rows(combined, chunks, shape, parallel, dtype)
 
 
 def multislerp_terms(norms: Sequence[float], weights: Sequence[float], *, normalize_weights: bool = True, eps: float = 1e-8) -> tuple[list[float], list[float], float]:
