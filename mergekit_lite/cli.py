@@ -275,7 +275,8 @@ def validate(recipe: str) -> None:
     file, tensor or recipe field, and what to do) and exits 2. For a chain: its names, references
     and order, each document, and the inputs of the steps that read no other step's output.
     """
-    from .chain import Chain, load_recipe
+    with _collector_paused():  # the imports bring torch
+        from .chain import Chain, load_recipe
     from .errors import RecipeError
 
     try:
@@ -303,7 +304,8 @@ def validate(recipe: str) -> None:
 
 def _check_inputs(parsed: Any) -> str:
     """Plan a recipe from its inputs' headers; say what it would do (and, on stderr, what its output would lack)."""
-    from .api import plan
+    with _collector_paused():  # the imports bring torch
+        from .api import plan
 
     the_plan = plan(parsed)
     try:
@@ -347,7 +349,8 @@ def masks(recipe: str, as_json: bool, plot: str | None, tall_lambda: float | Non
     """
     import json
 
-    from .products import mask_statistics
+    with _collector_paused():  # the imports bring torch
+        from .products import mask_statistics
     from .recipe import Recipe
 
     if tall_lambda is not None and (tall_lambda < 0 or tall_lambda != tall_lambda):
@@ -381,7 +384,8 @@ def extract(collection: str, args: tuple[str, ...], all_tasks: bool, force: bool
     each checked against its SHA-256 first. `--all` extracts every task into OUT_DIR/NNN-<task>/
     (NNN = the task's index; the name made file-safe), all or none.
     """
-    from .products import Collection
+    with _collector_paused():  # the imports bring torch
+        from .products import Collection
     from .errors import MergeKitLiteError
 
     if all_tasks and len(args) != 1 or not all_tasks and len(args) != 2:
@@ -442,7 +446,8 @@ def extract_lora_command(finetuned: str, base: str, out_dir: str, rank: int, sv_
     adapter's size. Modules are read and decomposed one at a time. Unchanged modules are left out.
     FINETUNED may itself be an adapter (BASE+ADAPTER, or an adapter folder on BASE) to re-rank it.
     """
-    from .products.lora import extract_lora
+    with _collector_paused():  # the imports bring torch
+        from .products.lora import extract_lora
 
     report = extract_lora(finetuned, base, out_dir, rank=rank, sv_epsilon=sv_epsilon, include=include, exclude=exclude,
                           embed_lora=embed_lora, save_modules=save_modules, skip_undecomposable=skip_undecomposable,
@@ -474,7 +479,8 @@ def inspect(collection: str, as_json: bool, verify: bool) -> None:
     """
     import json
 
-    from .products import Collection
+    with _collector_paused():  # the imports bring torch
+        from .products import Collection
 
     coll = Collection.open(collection)
     checked = coll.verify() if verify else None
@@ -521,7 +527,8 @@ def inspect(collection: str, as_json: bool, verify: bool) -> None:
 @friendly_errors
 def methods(name: str | None) -> None:
     """List the merge methods with a one-line summary (or one method's declaration and parameters, by NAME)."""
-    from .methods import METHODS, get_method
+    with _collector_paused():  # the imports bring torch
+        from .methods import METHODS, get_method
 
     if not name:
         width = max(len(n) for n in METHODS)
