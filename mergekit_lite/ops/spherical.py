@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from .threads import map_strided
+from .threads import map_strided, scratch
 
 #: NuSLERP: vectors whose 1 − cos²θ is at most this squared are treated as colinear (lerp)
 NUSLERP_EPS = 1e-8
@@ -66,8 +66,15 @@ def add_gram_(gram: Tensor, rows: Sequence[Tensor]) -> Tensor:
     """gram[i, j] += ⟨rows_i, rows_j⟩ in float64 (same-shaped tensors, any dtype), over blocks of GRAM_BLOCK entries."""
     flat = [r.reshape(-1) for r in rows]
     n = flat[0].numel()
+    on_cpu = flat[0].device.type == "cpu"
     for a in range(0, n, GRAM_BLOCK):
-        block = torch.stack([f[a:a + GRAM_BLOCK] for f in flat]).to(torch.float64)
+        size = min(GRAM_BLOCK, n - a)
+        if on_cpu:  # each block converted straight into this thread's float64 buffer (no stack, no fresh memory)
+            block = scratch("gram block", len(flat) * size, torch.float64).view(len(flat), size)
+            for i, f in enumerate(flat):
+                block[i].copy_(f[a : a + size])
+        else:
+            block = torch.stack([f[a : a + size] for f in flat]).to(torch.float64)
         gram.add_((block @ block.T).to(gram.device))
         del block
     return gram
