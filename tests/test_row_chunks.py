@@ -548,3 +548,23 @@ def test_rows_assembled_in_the_output_dtype_equal_the_whole_result_converted(par
     assert len(chunks) > 2
     got = assembled_rows(lambda a, b: whole[a:b].clone(), chunks, (37, 11), parallel, torch.bfloat16)
     assert got.dtype == torch.bfloat16 and torch.equal(got, whole.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("method", ["multislerp", "slerp", "karcher", "arcee_fusion"])
+def test_reread_methods_storing_in_the_output_dtype_round_as_converting_afterwards(method):
+    """With the caller's output dtype known (bfloat16), the row-chunked methods store their chunks in it: the same
+    bytes as their float32 result converted."""
+    from mergekit_lite.methods.base import HeldWeightInputs, METHODS, TensorContext
+
+    gen = torch.Generator().manual_seed(8)
+    base = torch.randn(9, 6, generator=gen)
+    tensors = [base, *(base + torch.randn(9, 6, generator=gen) * 0.3 for _ in range(1 if method in ("slerp", "arcee_fusion") else 3))]
+    params = {"multislerp": {"normalize_weights": True, "eps": 1e-8}, "slerp": {"t": 0.3}, "karcher": {"max_iter": 5, "tol": 1e-5},
+              "arcee_fusion": {}}[method]
+    ctx = TensorContext("w", [f"m{i}" for i in range(len(tensors))], params, [{"weight": 1.0 + i} for i in range(len(tensors))], base_index=0)
+    m = METHODS[method]
+    want = m.compute_inputs(HeldWeightInputs([t.clone() for t in tensors], 12), ctx).to(torch.bfloat16)
+    inputs = HeldWeightInputs([t.clone() for t in tensors], 12)
+    inputs.out_dtype = torch.bfloat16
+    got = m.compute_inputs(inputs, ctx)
+    assert len(inputs.chunks()) > 2 and got.dtype == torch.bfloat16 and torch.equal(got, want)

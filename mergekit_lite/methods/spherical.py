@@ -168,15 +168,20 @@ def _multislerp_inputs(inputs: WeightInputs, ctx: TensorContext) -> torch.Tensor
         each_chunk(fallback_chunk, chunks, inputs.device)
         return result.whole()
     factor = scale / mean_norm
+    stored = result.whole()
+    # the scaled rows stored in the output dtype as they are made (the rounding of converting the whole result)
+    out = stored if inputs.out_dtype in (None, stored.dtype) or stored.dim() == 0 else torch.empty(inputs.shape, dtype=inputs.out_dtype, device=stored.device)
 
     def scaled_chunk(chunk: tuple[int, int]) -> None:
         rows = result.rows(chunk).mul_(factor)
         base = base_rows(*chunk)
         if base is not None:
             rows.add_(base)
+        if out is not stored:
+            out[chunk[0] : chunk[1]] = rows
 
     each_chunk(scaled_chunk, chunks, inputs.device)
-    return result.whole()
+    return out
 
 
 class ChunkedTensor:
