@@ -60,20 +60,27 @@ class SequentialDirectWriter:
             done += n
             if self._filled == BUFFER_BYTES:
                 self._write_out(BUFFER_BYTES)
+                self.position += BUFFER_BYTES
+                self._filled = 0
 
     def close(self) -> None:
         """Write what is gathered (its aligned part directly, the rest through ``fd``) and close the direct descriptor."""
-        aligned = self._filled - self._filled % ALIGN
-        if aligned:
-            self._write_out(aligned)
-        self.spill()
+        self._flush(self._filled - self._filled % ALIGN)
 
     def spill(self) -> None:
         """Write the gathered bytes through ``fd`` and stop writing directly."""
-        if self._filled:
-            _write_all(self._fd, memoryview(self._map)[: self._filled], self.position)
-            self.position += self._filled
-            self._filled = 0
+        self._flush(0)
+
+    def _flush(self, direct_bytes: int) -> None:
+        """The buffer's first ``direct_bytes`` (a multiple of ALIGN) written directly, the rest through ``fd``; then
+        no more direct writes."""
+        if direct_bytes:
+            self._write_out(direct_bytes)
+        if self._filled > direct_bytes:
+            with memoryview(self._map) as view:
+                _write_all(self._fd, view[direct_bytes : self._filled], self.position + direct_bytes)
+        self.position += self._filled
+        self._filled = 0
         self._close_direct()
 
     def abandon(self) -> None:
@@ -82,7 +89,7 @@ class SequentialDirectWriter:
         self._close_direct()
 
     def _write_out(self, nbytes: int) -> None:
-        """Write the buffer's first ``nbytes`` (a multiple of ALIGN) and move any rest to its front."""
+        """Write the buffer's first ``nbytes`` (a multiple of ALIGN) at ``position``, directly while the file system allows."""
         view = memoryview(self._map)
         try:
             if self._direct_fd is None:
@@ -95,11 +102,6 @@ class SequentialDirectWriter:
             _write_all(self._fd, view[:nbytes], self.position)
         finally:
             view.release()
-        rest = self._filled - nbytes
-        if rest:
-            self._buffer[:rest].copy_(self._buffer[nbytes : self._filled].clone())
-        self.position += nbytes
-        self._filled = rest
 
     def _close_direct(self) -> None:
         if self._direct_fd is not None:

@@ -16,7 +16,7 @@ import torch
 from ..errors import RecipeError
 from ..ops.selection import arcee_fusion, arcee_importance, iqr_threshold, nearswap
 from ..ops.spherical import assembled_rows
-from .base import MergeMethod, Param, TensorContext, WeightInputs, each_chunk, register
+from .base import MergeMethod, Param, TensorContext, WeightInputs, register
 
 NEARSWAP_T = Param(
     "t", float, None,
@@ -58,18 +58,9 @@ def _arcee_fusion_inputs(inputs: WeightInputs, ctx: TensorContext) -> torch.Tens
     chunks = inputs.chunks()
     if len(inputs.shape) < 2 or len(chunks) == 1:  # a vector's softmax spans all of it: whole tensors
         return arcee_fusion(inputs.read(base_at), inputs.read(other_at))
-    importance: torch.Tensor | None = None
-
-    def importance_of_chunk(chunk: tuple[int, int]) -> None:
-        start, stop = chunk
-        assert importance is not None
-        importance[start:stop] = arcee_importance(inputs.rows(base_at, start, stop), inputs.rows(other_at, start, stop))
-
-    first = arcee_importance(inputs.rows(base_at, *chunks[0]), inputs.rows(other_at, *chunks[0]))
-    importance = torch.empty(inputs.shape, dtype=first.dtype, device=first.device)
-    importance[chunks[0][0] : chunks[0][1]] = first
-    del first
-    each_chunk(importance_of_chunk, chunks[1:], inputs.device)
+    on_cpu = inputs.device.type == "cpu"
+    importance = assembled_rows(lambda start, stop: arcee_importance(inputs.rows(base_at, start, stop), inputs.rows(other_at, start, stop)),
+                                chunks, inputs.shape, parallel=on_cpu)
     threshold = iqr_threshold(importance).to(importance.device)
 
     def fused(start: int, stop: int) -> torch.Tensor:
@@ -77,7 +68,7 @@ def _arcee_fusion_inputs(inputs: WeightInputs, ctx: TensorContext) -> torch.Tens
         delta = inputs.rows(other_at, start, stop).sub_(base)
         return base.add_(delta.mul_(importance[start:stop] >= threshold))
 
-    return assembled_rows(fused, chunks, inputs.shape, parallel=inputs.device.type == "cpu", dtype=inputs.out_dtype)
+    return assembled_rows(fused, chunks, inputs.shape, parallel=on_cpu, dtype=inputs.out_dtype)
 
 
 register(

@@ -7,7 +7,6 @@ recipes.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
@@ -15,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .sparsify import BRACKET_BLOCK, BRACKET_MIN, BRACKET_SAMPLE, BRACKET_SIGMAS
+from .sparsify import BRACKET_BLOCK, BRACKET_MIN, sample_brackets
 from .threads import map_parts, scratch, split_evenly, thread_count
 
 __all__ = [
@@ -192,15 +191,7 @@ def _ranked_in_brackets(values: np.ndarray, ranks: Sequence[int]) -> list[np.flo
     threads); None where a bracket misses its rank or the values hold NaN (the caller then partitions everything).
     Exact either way: a bracket only narrows what is partitioned. 3 quartiles of 33M float32: 3.4 s → ~0.3 s."""
     n = values.size
-    sample = np.sort(values[torch.randint(n, (BRACKET_SAMPLE,), generator=torch.Generator().manual_seed(0)).numpy()])
-    brackets = []
-    for rank in ranks:
-        at = rank / max(n - 1, 1) * (BRACKET_SAMPLE - 1)
-        margin = int(BRACKET_SIGMAS * math.sqrt(at * (1 - at / (BRACKET_SAMPLE - 1)))) + 16
-        low, high = math.floor(at) - margin, math.ceil(at) + margin
-        lo = -np.inf if low <= 0 else sample[min(low, BRACKET_SAMPLE - 1)]  # past the sample's ends the bracket is open
-        hi = np.inf if high >= BRACKET_SAMPLE - 1 else sample[max(high, 0)]
-        brackets.append((lo, hi))
+    brackets = sample_brackets(values, [rank / max(n - 1, 1) for rank in ranks])
 
     def count(part: tuple[int, int]) -> tuple[list[int], list[int], list[list[np.ndarray]]]:
         inside = scratch("ranked_in", BRACKET_BLOCK, torch.bool).numpy()

@@ -178,24 +178,34 @@ BRACKET_SIGMAS = 5.0
 BRACKET_BLOCK = 1 << 16
 
 
+def sample_brackets(values: np.ndarray, fractions: Sequence[float], magnitudes: bool = False) -> list[tuple[float, float]]:
+    """For each fraction q: [lo, hi] around the value with a fraction q of ``values`` below it (of |values| with
+    ``magnitudes``), from a fixed-seed sample of BRACKET_SAMPLE entries, BRACKET_SIGMAS standard deviations of the
+    sample quantile wide on each side; open (±inf) past the sample's ends. The true value falls inside almost always;
+    callers check and fall back."""
+    n = values.size
+    sample = values[torch.randint(n, (BRACKET_SAMPLE,), generator=torch.Generator().manual_seed(0)).numpy()]
+    sample = np.abs(sample) if magnitudes else sample.copy()
+    sample.sort()
+    brackets = []
+    for q in fractions:
+        margin = int(BRACKET_SIGMAS * math.sqrt(BRACKET_SAMPLE * q * (1 - q))) + 16
+        at = q * (BRACKET_SAMPLE - 1)
+        low, high = math.floor(at) - margin, math.ceil(at) + margin
+        lo = -math.inf if low <= 0 else float(sample[min(low, BRACKET_SAMPLE - 1)])
+        hi = math.inf if high >= BRACKET_SAMPLE - 1 else float(sample[max(high, 0)])
+        brackets.append((lo, hi))
+    return brackets
+
+
 def _bracketed(flat: Tensor, ks: Sequence[int]) -> list[_Bracket | None]:
     """For each k: the magnitudes within [lo, hi] and how many are above hi, for a bracket [lo, hi] around the k-th
     largest |x| from quantiles of a fixed-seed sample; None when the k-th largest is not inside it (the caller
     then partitions everything). Exact either way: the bracket only narrows what is partitioned. One pass over
     x counts for every k."""
     n = flat.numel()
-    sample = flat[torch.randint(n, (BRACKET_SAMPLE,), generator=torch.Generator().manual_seed(0))].abs().numpy()
-    sample.sort()
-    brackets = []
-    for k in ks:
-        below = (n - k) / n  # fraction of the entries below the k-th largest
-        margin = int(BRACKET_SIGMAS * math.sqrt(BRACKET_SAMPLE * below * (1 - below))) + 16
-        at = below * (BRACKET_SAMPLE - 1)
-        low, high = math.floor(at) - margin, math.ceil(at) + margin
-        lo = 0.0 if low <= 0 else sample[min(low, BRACKET_SAMPLE - 1)]  # past the sample's ends the bracket is open
-        hi = math.inf if high >= BRACKET_SAMPLE - 1 else sample[max(high, 0)]
-        brackets.append((lo, hi))
     values = flat.numpy()
+    brackets = sample_brackets(values, [(n - k) / n for k in ks], magnitudes=True)  # the fraction below the k-th largest
 
     def count(part: tuple[int, int]) -> tuple[list[int], list[list[tuple[int, np.ndarray]]]]:
         magnitudes = scratch("bracket", BRACKET_BLOCK, flat.dtype).numpy()

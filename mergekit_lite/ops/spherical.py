@@ -146,28 +146,25 @@ def gram_by_chunks(vectors_of: Callable[[tuple[int, int]], Sequence[Tensor]], co
                    parallel: bool = False) -> Tensor:
     """The float64 Gram matrix of the ``count`` vectors whose row chunks ``vectors_of(chunk)`` makes: each chunk's
     matrix from zero, added up in chunk order; ``parallel`` (CPU rows): the chunks on the threads in turn, the same sum."""
-    def chunk_gram(chunk: tuple[int, int]) -> Tensor:
-        return add_gram_(torch.zeros((count, count), dtype=torch.float64), vectors_of(chunk))
-
-    if not parallel:
-        return grams_added(chunks, chunk_gram)
     partial: dict[int, Tensor] = {}
 
-    def store(chunk: tuple[int, int]) -> None:
-        partial[chunk[0]] = chunk_gram(chunk)
+    def chunk_gram(chunk: tuple[int, int]) -> None:
+        partial[chunk[0]] = add_gram_(torch.zeros((count, count), dtype=torch.float64), vectors_of(chunk))
 
-    map_strided(store, chunks)
-    return grams_added(chunks, lambda chunk: partial.pop(chunk[0]))
-
-
-def grams_added(chunks: Sequence[tuple[int, int]], gram_of: Callable[[tuple[int, int]], Tensor]) -> Tensor:
-    """Σ over the chunks, in chunk order, of each chunk's Gram matrix: the same sum whichever thread made which."""
-    total: Tensor | None = None
-    for chunk in chunks:
-        gram = gram_of(chunk)
-        total = gram if total is None else total.add_(gram)
-    assert total is not None, "at least one row chunk"
+    _each(chunk_gram, chunks, parallel)
+    total = partial.pop(chunks[0][0])
+    for start, _ in chunks[1:]:  # in chunk order: the same sum whichever thread made which
+        total.add_(partial.pop(start))
     return total
+
+
+def _each(work: Callable[[tuple[int, int]], None], chunks: Sequence[tuple[int, int]], parallel: bool) -> None:
+    """``work`` for every chunk: on the threads in turn where ``parallel``, else one after another."""
+    if parallel:
+        map_strided(work, chunks)
+    else:
+        for chunk in chunks:
+            work(chunk)
 
 
 def assembled_rows(part: Callable[[int, int], Tensor], chunks: Sequence[tuple[int, int]], shape: Sequence[int],
@@ -177,30 +174,16 @@ def assembled_rows(part: Callable[[int, int], Tensor], chunks: Sequence[tuple[in
     ``dtype``: stored in that dtype as they come (the rounding of converting the whole tensor, without holding it)."""
     if len(chunks) == 1:
         return part(*chunks[0])
-    if parallel:
-        first = part(*chunks[0])
-        whole = torch.empty(tuple(shape), dtype=dtype or first.dtype, device=first.device)
-        whole[chunks[0][0] : chunks[0][1]] = first
-        del first
+    first = part(*chunks[0])  # its dtype and device make the whole tensor's
+    whole = torch.empty(tuple(shape), dtype=dtype or first.dtype, device=first.device)
+    whole[chunks[0][0] : chunks[0][1]] = first
+    del first
 
-        def store(chunk: tuple[int, int]) -> None:
-            whole[chunk[0] : chunk[1]] = part(*chunk)
+    def store(chunk: tuple[int, int]) -> None:
+        whole[chunk[0] : chunk[1]] = part(*chunk)
 
-        if whole.device.type == "cpu":
-            map_strided(store, chunks[1:])
-        else:
-            for chunk in chunks[1:]:
-                store(chunk)
-        return whole
-    out: Tensor | None = None
-    for start, stop in chunks:
-        chunk = part(start, stop)
-        if out is None:
-            out = torch.empty(tuple(shape), dtype=dtype or chunk.dtype, device=chunk.device)
-        out[start:stop] = chunk
-        del chunk
-    assert out is not None, "at least one row chunk"
-    return out
+    _each(store, chunks[1:], parallel and whole.device.type == "cpu")
+    return whole
 
 
 def karcher_mean_by_rows(rows: Rows, count: int, chunks: Sequence[tuple[int, int]], shape: Sequence[int],
