@@ -113,6 +113,13 @@ def ensure_venv() -> None:
         os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), str(Path(__file__).resolve()), *sys.argv[1:]])
 
 
+def compile_ours() -> None:
+    """Write our package's .pyc files before timing, as pip does when it installs a package (mergekit's venv has
+    them): the editable install here has none when PYTHONDONTWRITEBYTECODE is set (it is on this machine), and
+    compiling our ~56 modules at every start cost each timed run ~0.15 s."""
+    subprocess.run([str(VENV_PYTHON), "-m", "compileall", "-q", str(REPO / "mergekit_lite")], check=True, stdout=subprocess.DEVNULL)
+
+
 def machine() -> str:
     mem = 0
     try:
@@ -760,6 +767,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     ensure_venv()
     args = parse_args(argv)
+    compile_ours()
     import torch  # noqa: F401  (after the venv check)
     from mergekit_lite.methods import METHODS
 

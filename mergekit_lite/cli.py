@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import gc
+import os
 import sys
 import warnings
 from typing import Any, Callable, Iterator
@@ -558,5 +560,28 @@ def methods(name: str | None) -> None:
         click.echo(f"    {p.name} ({p.kind.__name__}, default {p.default!r}, {where});{choices}{fixed} {p.doc}")
 
 
+def console_main() -> None:
+    """The ``mergekit-lite`` console script: ``main``, then the process ends without tearing the interpreter down.
+
+    Freeing what torch's import made, object by object, took 0.11-0.12 s of every run's wall time (250M merges,
+    ~5 %). By the time ``main`` returns, every output file is closed and in place (outputs are renamed into place
+    only when complete); exit handlers still run (logging, Ray, temporary folders) and both streams are flushed.
+    Only the command line leaves this way: the Python API and in-process tests call ``main`` and keep the usual exit.
+    """
+    try:
+        main()  # click's standalone mode: always ends in SystemExit
+        code: Any = 0
+    except SystemExit as done:
+        code = done.code
+    if code is not None and not isinstance(code, int):  # sys.exit("message"): printed, exit status 1
+        print(code, file=sys.stderr)
+        code = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe (`| head`) or stream: nothing more to say
+            stream.flush()
+    os._exit(code or 0)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    console_main()

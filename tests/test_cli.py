@@ -201,6 +201,37 @@ def test_real_process_prints_no_traceback(demo, tmp_path):
     assert "missing-model" in result.stderr
 
 
+def test_console_script_runs_exit_handlers_flushes_and_keeps_exit_codes(demo, tmp_path):
+    """The console entry ends the process without interpreter teardown: exit handlers still run, piped output
+    arrives whole, a merge's output is complete on disk, and exit codes are main's (0, 2, and 1 for a message)."""
+    start = ("import atexit, sys\n"
+             "atexit.register(lambda: print('handler ran', file=sys.stderr))\n"
+             "from mergekit_lite.cli import console_main\n")
+
+    def console(*args: str, body: str = "console_main()") -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", start + body, *args], capture_output=True, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+    version = console("--version")
+    assert (version.returncode, version.stdout) == (0, f"mergekit-lite, version {__version__}\n")
+    assert version.stderr == "handler ran\n"
+    data = ta_recipe(demo)
+    merged = console("run", str(write_recipe(tmp_path / "recipe.yml", data)), str(tmp_path / "console"), "-q")
+    assert merged.returncode == 0, merged.stderr
+    assert merged.stdout.strip() == str(tmp_path / "console") and "handler ran" in merged.stderr
+    assert run_recipe(tmp_path, data).exit_code == 0  # in process, the usual exit: the same bytes
+    console_out, usual_out = load_state(tmp_path / "console"), load_state(tmp_path / "out")
+    assert console_out.keys() == usual_out.keys()
+    assert all(torch.equal(console_out[name], usual_out[name]) for name in usual_out)
+    refused = console("run", str(tmp_path / "missing.yml"), str(tmp_path / "refused"))
+    assert refused.returncode == 2 and refused.stderr.splitlines()[0].startswith("error:")
+    assert not (tmp_path / "refused").exists()
+    message = console(body="import mergekit_lite.cli as cli\n"
+                           "def stop(): print('x'); raise SystemExit('stopped: a message')\n"
+                           "cli.main = stop\nconsole_main()")
+    assert (message.returncode, message.stdout) == (1, "x\n")
+    assert message.stderr == "stopped: a message\nhandler ran\n"
+
 def test_cli_gives_numpy_one_blas_thread_unless_the_user_chose(monkeypatch):
     """``OPENBLAS_NUM_THREADS`` is set to 1 by the command's start when unset, and a user's value is kept."""
     import os
