@@ -1,5 +1,6 @@
 # One command each: `make demo` runs the main job on built-in demo checkpoints, `make test` runs the tests.
-# Both create the virtual environment on first use (torch==2.13.0 first, then the package and its extras).
+# Both create the virtual environment on first use (torch==2.13.0 first, then the package and its extras; a C compiler,
+# where there is one, builds the native kernel mergekit_lite/native/fused.c: without one everything runs on torch).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -13,7 +14,7 @@ MK_STAMP := $(MK_VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py mergekit_lite/native/fused.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'

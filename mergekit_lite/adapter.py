@@ -291,6 +291,9 @@ class AdapterCheckpoint(Checkpoint):
     #: rows are not read on their own: ΔW's rows come from a product whose rounding may depend on its size
     row_reads = False
 
+    def reads_into(self, name: str) -> bool:
+        return False  # the stored bytes are the base's, not the adapted weight's
+
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         tensor = self.get(name)
         return tensor[start:stop].clone() if tensor.dim() else tensor

@@ -326,6 +326,20 @@ class Checkpoint:
             window = self._window = (real, start, last, self.get_rows(real, start, last))
         return window[3][start - window[1] : stop - window[1]]
 
+    def reads_into(self, name: str) -> bool:
+        """Whether ``read_into`` can serve this tensor (a safetensors file's; not a pickled .bin's)."""
+        file = self._shard_of.get(self._aliases.get(name, name))
+        return file is not None and getattr(self._handles[file], "reads_into", False)
+
+    def read_into(self, name: str, skip: int, buffer: memoryview) -> None:
+        """Fill ``buffer`` with one tensor's stored bytes from ``skip`` bytes into its data (see ``reads_into``)."""
+        real = self._aliases.get(name, name)
+        file = self._shard_of[real]
+        try:
+            self._handles[file].read_into(real, skip, buffer)
+        except OSError as exc:
+            raise CheckpointError(f"{_show(file)}: could not read tensor {_show(real)}: {_first_line(exc)}; the file may be truncated or corrupt") from exc
+
     def advise(self, name: str) -> None:
         """Ask the kernel to start reading one tensor's bytes into the page cache (returns at once; no memory of ours)."""
         real = self._aliases.get(name, name)
@@ -379,6 +393,7 @@ class _SafetensorsFile:
 
     MAX_HEADER = 100 * 2**20  # the safetensors format's own limit
     maps_rows = True  # get_rows of ≥ MAP_MIN_BYTES is a mapping, not a copy: worth serving row chunks from a window
+    reads_into = True  # read_into: stored bytes straight into a caller's buffer
 
     def __init__(self, path: Path):
         self.path = path
@@ -502,14 +517,26 @@ class _SafetensorsFile:
             if mapped is not None:
                 return torch.frombuffer(mapped[0], dtype=info.dtype, offset=mapped[1], count=nbytes // info.dtype.itemsize).view(shape)
         tensor = torch.empty(shape, dtype=info.dtype)
-        buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        self._read_exactly(name, position, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+        return tensor
+
+    def read_into(self, name: str, skip: int, buffer: memoryview) -> None:
+        """Fill ``buffer`` with tensor ``name``'s stored bytes from ``skip`` bytes into its data (no new memory)."""
+        begin, end = self._offsets[name]
+        if skip < 0 or begin + skip + len(buffer) > end:
+            raise ValueError(f"bytes [{skip}, {skip + len(buffer)}) are outside tensor {name}")
+        if self._fd is None:
+            raise CheckpointError(f"{_show(self.path)}: already closed")
+        self._read_exactly(name, self._data_start + begin + skip, buffer)
+
+    def _read_exactly(self, name: str, position: int, buffer: memoryview) -> None:
+        assert self._fd is not None
         done = 0
-        while done < nbytes:
+        while done < len(buffer):
             n = os.preadv(self._fd, [buffer[done:]], position + done)
             if n <= 0:
                 raise CheckpointError(f"{_show(self.path)}: file ended while reading tensor {_show(name)}; it was truncated after opening")
             done += n
-        return tensor
 
     def _mapped(self, name: str, position: int, nbytes: int) -> tuple[mmap.mmap, int] | None:
         """A private copy-on-write mapping of the bytes [position, position + nbytes) and their offset in it; None

@@ -20,6 +20,7 @@ import mergekit_lite
 from mergekit_lite import Recipe, execute
 from mergekit_lite.checkpoint import open_checkpoint
 from mergekit_lite.methods.base import METHODS, row_chunks
+from mergekit_lite.ops import fused
 
 from helpers import load_state, ta_recipe
 
@@ -218,6 +219,7 @@ def test_entrywise_row_chunks_give_the_whole_tensor_bits(request, tmp_path, monk
 
 
 def test_entrywise_row_chunks_read_only_rows_and_each_once(demo, tmp_path, monkeypatch):
+    monkeypatch.setenv("MERGEKIT_LITE_NATIVE", "0")  # the torch path (the native kernel's reads: the next test)
     from mergekit_lite import checkpoint as ckpt_module
 
     whole: list[str] = []
@@ -241,6 +243,39 @@ def test_entrywise_row_chunks_read_only_rows_and_each_once(demo, tmp_path, monke
         assert name in merged
         assert sorted(spans) == row_chunks(merged[name], 7), (ref, name)  # every row once, in chunks of ≤ 7 entries (chunks run in parallel)
     assert len(rows) == 4 * len(merged)  # the base and the three fine-tunes
+
+
+@pytest.mark.skipif(not fused.available(), reason="the native kernel is not built")
+@pytest.mark.parametrize("method", ["task_arithmetic", "linear"])
+def test_native_kernel_reads_every_input_byte_once_in_chunks(demo, tmp_path, monkeypatch, method):
+    """The native path reads each input's stored bytes straight into buffers, each byte once, in chunks of
+    FUSED_CHUNK_ENTRIES entries, and reads no merged tensor whole."""
+    from mergekit_lite import checkpoint as ckpt_module
+
+    whole: list[str] = []
+    original = ckpt_module.Checkpoint.get
+    monkeypatch.setattr(ckpt_module.Checkpoint, "get", lambda self, name: whole.append(name) or original(self, name))
+    spans: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    original_into = ckpt_module.Checkpoint.read_into
+
+    def counting_into(self, name, skip, buffer):
+        spans.setdefault((self.ref, name), []).append((skip, skip + len(buffer)))
+        return original_into(self, name, skip, buffer)
+
+    monkeypatch.setattr(ckpt_module.Checkpoint, "read_into", counting_into)
+    monkeypatch.setattr(execute, "ROW_CHUNK_ENTRIES", 7)
+    monkeypatch.setattr(execute, "FUSED_CHUNK_ENTRIES", 5)
+    data = ta_recipe(demo, merge_method=method)
+    plan = mergekit_lite.plan(Recipe.model_validate(data))
+    merged = {job.name: job.out.numel * 4 for job in plan.jobs if job.merge and job.out.numel >= 7}  # float32 bytes
+    plan.close()
+    _merge(demo, tmp_path / "out", method, {})
+    assert merged and not set(whole) & set(merged)
+    inputs = 4  # the base and three fine-tunes (linear: the base is an input too)
+    assert len(spans) == inputs * len(merged)
+    for (ref, name), read in spans.items():
+        nbytes = merged[name]
+        assert sorted(read) == [(start, min(nbytes, start + 20)) for start in range(0, nbytes, 20)], (ref, name)
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal
 import torch
 
 from ..errors import RecipeError
+from ..ops.fused import LinearForm
 from ..ops.threads import map_strided, scratch
 
 
@@ -348,6 +349,9 @@ class MergeMethod:
     #: the same place: the executor then computes a large tensor row chunk by row chunk from rows read off
     #: disk, holding no whole input (the same numbers: every entry sees the same operations)
     entrywise: Callable[[dict[str, Any]], bool] = lambda params: False
+    #: the output for a tensor as a fixed linear combination of its inputs (ops.fused.LinearForm), which the
+    #: native kernel computes in one pass with the same bytes as ``output_tensor``; None where it is not one
+    linear_form: Callable[[TensorContext], LinearForm | None] = lambda ctx: None
     #: how many times the inputs are read, for the plan
     passes: Callable[[dict[str, Any], torch.dtype], int] = lambda params, dtype: 1
     #: whether ``combine`` is done with each task vector (keeps no reference to it or a view of it) before it

@@ -35,6 +35,8 @@ from ..ops import (
     topk_cut,
 )
 from ..ops.bitpack import pack_bits, unpack_bit_range
+from ..ops.combine import weight_sum_divisor
+from ..ops.fused import LinearForm
 from ..ops.sparsify import l1_norms
 from ..ops.threads import map_parts, split_evenly, thread_count
 from .base import CombineFn, CombineRowsFn, HeldTaskVectors, each_chunk, merged_by_row_chunks, MergeMethod, Param, TaskVectorSource, TensorContext, reduce_passes, register
@@ -324,10 +326,16 @@ def combine_sum(sparsified: Iterable[torch.Tensor], ctx: TensorContext) -> torch
         total = delta.mul_(w) if total is None else total.add_(delta, alpha=w)
         del delta
     assert total is not None, "at least one model is required"
-    divisor = sum(weights)
-    if ctx.params.get("normalize", False) and abs(divisor) >= 1e-8:
+    divisor = weight_sum_divisor(weights, ctx.params.get("normalize", False))
+    if divisor is not None:
         total.div_(divisor)
     return total
+
+
+def task_arithmetic_form(ctx: TensorContext) -> LinearForm:
+    """Task arithmetic (nothing sparsified) as the native kernel's form: ``combine_sum`` then θ_0 + λ·merged."""
+    weights = _weights(ctx)
+    return LinearForm(tuple(weights), weight_sum_divisor(weights, ctx.params.get("normalize", False)), float(ctx.params.get("lambda", 1.0)))
 
 
 def stack_deltas(deltas: Iterable[torch.Tensor], count: int) -> torch.Tensor:
@@ -572,6 +580,7 @@ register(
         summary="θ = θ_0 + λ · Σ_t w_t τ_t (Ilharco et al., 2023).",
         params=(normalize_param(False), *COMMON),
         **_family(no_sparsify, consensus=False),
+        linear_form=task_arithmetic_form,
         paper="https://arxiv.org/abs/2212.04089",
         working_copies=lambda n: 0.25,  # row chunks (entrywise), two threads' at once: only the stored output is whole; measured 1.15–1.38 / 0.63 with it at K = 2 / 8
         entrywise=lambda params: True,

@@ -13,7 +13,8 @@ import torch
 
 from ..errors import RecipeError
 from ..ops import weighted_average
-from ..ops.combine import slerp_factors
+from ..ops.combine import slerp_factors, weight_sum_divisor
+from ..ops.fused import LinearForm
 from ..ops.spherical import assembled_rows, gram_by_rows
 from .base import HeldWeightInputs, MergeMethod, Param, TensorContext, WeightInputs, register
 
@@ -25,6 +26,12 @@ SLERP_T = Param("t", float, 0.5, "Interpolation factor: 0 gives the base model, 
 
 def _linear(models: Iterator[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
     return weighted_average(models, [p["weight"] for p in ctx.model_params], ctx.params["normalize"])
+
+
+def _linear_form(ctx: TensorContext) -> LinearForm:
+    """linear as the native kernel's form: ``weighted_average``'s running sum and divisor."""
+    weights = [p["weight"] for p in ctx.model_params]
+    return LinearForm(tuple(weights), weight_sum_divisor(weights, ctx.params["normalize"]), None)
 
 
 def _passthrough(models: Iterator[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
@@ -66,6 +73,7 @@ register(
         params=(LINEAR_WEIGHT, LINEAR_NORMALIZE),
         inputs="weights",
         compute=_linear,
+        linear_form=_linear_form,
         base="optional",
         paper="https://arxiv.org/abs/2203.05482",
         working_copies=lambda n: 1,  # row chunks (entrywise), two threads' at once, from one heap: only the stored output is whole; measured 0.66–2.17 with it

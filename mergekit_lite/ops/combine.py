@@ -247,11 +247,17 @@ def weighted_average(tensors: Iterable[Tensor], weights: Sequence[float], normal
         del x
     if total is None:
         raise ValueError("weighted_average needs at least one tensor")
-    if normalize:
-        divisor = float(sum(weights))
-        if abs(divisor) >= 1e-8:
-            total.div_(divisor)
+    divisor = weight_sum_divisor(weights, normalize)
+    if divisor is not None:
+        total.div_(divisor)
     return total
+
+
+def weight_sum_divisor(weights: Sequence[float], normalize: bool) -> float | None:
+    """What a normalized weighted sum is divided by: Σ w (mergekit's rule: None, no division, when not
+    normalizing or when |Σ w| < 1e-8)."""
+    divisor = float(sum(weights))
+    return divisor if normalize and abs(divisor) >= 1e-8 else None
 
 
 #: |cos| above which SLERP falls back to linear interpolation (the vectors are nearly colinear).

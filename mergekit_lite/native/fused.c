@@ -1,0 +1,210 @@
+/* mergekit_lite._fused: one pass per entry for the methods whose output is a fixed linear combination of their inputs
+ * (task arithmetic, linear). The torch path makes a pass per operation per model (convert, check, subtract,
+ * accumulate), each streaming float32 chunks through the caches; here every input is read once, from its stored
+ * bytes, and each entry goes through the same float32 operations in the same order (products added with fused
+ * multiply-add where torch's add(alpha=) does), so the bytes written are the torch path's. The Python side checks
+ * that at run time on a sample before it uses this, and falls back to torch where they differ.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { KIND_F32 = 0, KIND_BF16 = 1 };
+#define BLOCK 1024
+#define MAX_INPUTS 4096
+
+/* Entries [0, n) of one stored input as float32 into dst; nonzero when any of them is NaN or infinite. */
+static inline __attribute__((always_inline)) int to_float(const void *src, int kind, Py_ssize_t n, float *dst) {
+    uint32_t special = 0;
+    if (kind == KIND_BF16) {
+        const uint16_t *h = (const uint16_t *)src;
+        for (Py_ssize_t j = 0; j < n; j++) {
+            uint32_t u = (uint32_t)h[j] << 16;
+            special |= (uint32_t)((u & 0x7f800000u) == 0x7f800000u);
+            memcpy(&dst[j], &u, 4);
+        }
+    } else {
+        const uint32_t *w = (const uint32_t *)src;
+        for (Py_ssize_t j = 0; j < n; j++) {
+            uint32_t u = w[j];
+            special |= (uint32_t)((u & 0x7f800000u) == 0x7f800000u);
+            memcpy(&dst[j], &u, 4);
+        }
+    }
+    return special != 0;
+}
+
+/* float32 -> stored kind; bfloat16 rounds to nearest even (NaN stays a quiet NaN), as torch converts. */
+static inline __attribute__((always_inline)) void store(const float *src, Py_ssize_t n, void *dst, int kind) {
+    if (kind == KIND_BF16) {
+        uint16_t *h = (uint16_t *)dst;
+        for (Py_ssize_t j = 0; j < n; j++) {
+            uint32_t u;
+            memcpy(&u, &src[j], 4);
+            uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+            h[j] = (uint16_t)(((u & 0x7fffffffu) > 0x7f800000u) ? ((u >> 16) | 0x40u) : rounded);
+        }
+    } else {
+        memcpy(dst, src, (size_t)n * 4);
+    }
+}
+
+typedef struct {
+    void *out;
+    int out_kind;
+    Py_ssize_t n;
+    const void *base; /* NULL: the inputs are combined as they are (linear); else their differences from it */
+    int base_kind;
+    Py_ssize_t count;
+    const void **inputs;
+    const int *kinds;
+    const float *weights;
+    float divisor; /* 0: none */
+    float lam;     /* with a base: out = base + lam * combination */
+} Job;
+
+/* -1 when every input entry is finite, else the first input (0 the base when there is one, then 1 + model) with a
+ * NaN or infinite entry. */
+static inline __attribute__((always_inline)) Py_ssize_t combine_body(const Job *job) {
+    float b[BLOCK], x[BLOCK], acc[BLOCK];
+    Py_ssize_t first_bad = -1;
+    for (Py_ssize_t i0 = 0; i0 < job->n; i0 += BLOCK) {
+        Py_ssize_t m = job->n - i0 < BLOCK ? job->n - i0 : BLOCK;
+        if (job->base != NULL) {
+            size_t size = job->base_kind == KIND_BF16 ? 2 : 4;
+            if (to_float((const char *)job->base + (size_t)i0 * size, job->base_kind, m, b) && first_bad < 0)
+                first_bad = 0;
+        }
+        for (Py_ssize_t t = 0; t < job->count; t++) {
+            size_t size = job->kinds[t] == KIND_BF16 ? 2 : 4;
+            if (to_float((const char *)job->inputs[t] + (size_t)i0 * size, job->kinds[t], m, x) && (first_bad < 0 || first_bad > t + 1))
+                first_bad = t + 1;
+            const float w = job->weights[t];
+            if (job->base != NULL) {
+                /* task vectors: tau = x - base; the first is scaled (mul), the rest accumulated (fma) */
+                if (t == 0)
+                    for (Py_ssize_t j = 0; j < m; j++) acc[j] = (x[j] - b[j]) * w;
+                else
+                    for (Py_ssize_t j = 0; j < m; j++) acc[j] = fmaf(x[j] - b[j], w, acc[j]);
+            } else {
+                /* weights: a running sum from zero, each added with fma */
+                if (t == 0)
+                    for (Py_ssize_t j = 0; j < m; j++) acc[j] = fmaf(x[j], w, 0.0f);
+                else
+                    for (Py_ssize_t j = 0; j < m; j++) acc[j] = fmaf(x[j], w, acc[j]);
+            }
+        }
+        if (job->divisor != 0.0f)
+            for (Py_ssize_t j = 0; j < m; j++) acc[j] = acc[j] / job->divisor;
+        if (job->base != NULL)
+            for (Py_ssize_t j = 0; j < m; j++) acc[j] = fmaf(acc[j], job->lam, b[j]);
+        store(acc, m, (char *)job->out + (size_t)i0 * (job->out_kind == KIND_BF16 ? 2 : 4), job->out_kind);
+    }
+    return first_bad;
+}
+
+static Py_ssize_t combine_generic(const Job *job) { return combine_body(job); }
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+__attribute__((target("avx2,fma"))) static Py_ssize_t combine_avx2(const Job *job) { return combine_body(job); }
+static int has_avx2_fma(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+#endif
+
+static Py_ssize_t combine(const Job *job) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    static int avx2 = -1;
+    if (avx2 < 0) avx2 = has_avx2_fma();
+    if (avx2) return combine_avx2(job);
+#endif
+    return combine_generic(job);
+}
+
+static int parse_kind(PyObject *value, int *kind) {
+    long k = PyLong_AsLong(value);
+    if (k == -1 && PyErr_Occurred()) return 0;
+    if (k != KIND_F32 && k != KIND_BF16) {
+        PyErr_SetString(PyExc_ValueError, "unknown storage kind");
+        return 0;
+    }
+    *kind = (int)k;
+    return 1;
+}
+
+PyDoc_STRVAR(linear_combination_doc,
+    "linear_combination(out, out_kind, n, base, base_kind, inputs, kinds, weights, divisor, lam) -> int\n\n"
+    "Entries [0, n) at address ``out`` from the inputs at the given addresses (kinds: 0 float32, 1 bfloat16). Without\n"
+    "a base (address 0): sum_t w_t x_t; with one: base + lam * sum_t w_t (x_t - base). Divided by ``divisor`` before\n"
+    "lam when it is not 0. Returns -1, or the first input with a NaN/Inf entry (0 the base, 1 + t model t).\n"
+    "The addresses are the caller's to keep valid; the GIL is released while it runs.");
+
+static PyObject *linear_combination(PyObject *self, PyObject *args) {
+    unsigned long long out_addr, base_addr;
+    int out_kind, base_kind;
+    Py_ssize_t n;
+    PyObject *inputs_obj, *kinds_obj, *weights_obj;
+    double divisor, lam;
+    if (!PyArg_ParseTuple(args, "KinKiOOOdd", &out_addr, &out_kind, &n, &base_addr, &base_kind, &inputs_obj, &kinds_obj,
+                          &weights_obj, &divisor, &lam))
+        return NULL;
+    if ((out_kind != KIND_F32 && out_kind != KIND_BF16) || (base_kind != KIND_F32 && base_kind != KIND_BF16) || n < 0) {
+        PyErr_SetString(PyExc_ValueError, "unknown storage kind or negative count");
+        return NULL;
+    }
+    PyObject *inputs = PySequence_Fast(inputs_obj, "inputs must be a sequence");
+    PyObject *kinds = inputs ? PySequence_Fast(kinds_obj, "kinds must be a sequence") : NULL;
+    PyObject *weights = kinds ? PySequence_Fast(weights_obj, "weights must be a sequence") : NULL;
+    PyObject *result = NULL;
+    const void **addrs = NULL;
+    int *input_kinds = NULL;
+    float *ws = NULL;
+    if (weights == NULL) goto done;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(inputs);
+    if (count < 1 || count > MAX_INPUTS || PySequence_Fast_GET_SIZE(kinds) != count || PySequence_Fast_GET_SIZE(weights) != count) {
+        PyErr_SetString(PyExc_ValueError, "inputs, kinds and weights must have the same length (1 to 4096)");
+        goto done;
+    }
+    addrs = PyMem_Malloc((size_t)count * sizeof(*addrs));
+    input_kinds = PyMem_Malloc((size_t)count * sizeof(*input_kinds));
+    ws = PyMem_Malloc((size_t)count * sizeof(*ws));
+    if (addrs == NULL || input_kinds == NULL || ws == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t t = 0; t < count; t++) {
+        unsigned long long a = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(inputs, t));
+        if (PyErr_Occurred() || !parse_kind(PySequence_Fast_GET_ITEM(kinds, t), &input_kinds[t])) goto done;
+        double w = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(weights, t));
+        if (w == -1.0 && PyErr_Occurred()) goto done;
+        addrs[t] = (const void *)(uintptr_t)a;
+        ws[t] = (float)w;
+    }
+    Job job = {(void *)(uintptr_t)out_addr, out_kind, n, (const void *)(uintptr_t)base_addr, base_kind, count, addrs, input_kinds,
+               ws, (float)divisor, (float)lam};
+    Py_ssize_t bad;
+    Py_BEGIN_ALLOW_THREADS
+    bad = combine(&job);
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromSsize_t(bad);
+done:
+    PyMem_Free(addrs);
+    PyMem_Free(input_kinds);
+    PyMem_Free(ws);
+    Py_XDECREF(inputs);
+    Py_XDECREF(kinds);
+    Py_XDECREF(weights);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"linear_combination", linear_combination, METH_VARARGS, linear_combination_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fused", "Fused entrywise kernels (see fused.c).", -1, methods};
+
+PyMODINIT_FUNC PyInit__fused(void) { return PyModule_Create(&module); }

@@ -1,0 +1,240 @@
+"""The native fused kernel (mergekit_lite/native/fused.c): the bytes of the torch operations it replaces, written
+out plainly here, for every size, dtype mix and form; within a rounding of the exact (float64) combination; NaN/Inf
+found and named; and whole merges identical with the kernel on and off, falling back to torch where it disagrees."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import mergekit_lite
+from mergekit_lite import Recipe, execute
+from mergekit_lite.ops import fused
+from mergekit_lite.ops.fused import LinearForm
+
+from helpers import load_state, ta_recipe
+
+pytestmark = pytest.mark.skipif(not fused.available(), reason="the native kernel is not built (no C compiler at install)")
+
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def torch_steps(base: torch.Tensor | None, inputs: list[torch.Tensor], form: LinearForm) -> torch.Tensor:
+    """The torch path's operations in its order: task vectors scaled then added with add(alpha=), or a running sum
+    from zero; divided; then θ_0 + λ·sum."""
+    if base is not None:
+        b = base.to(torch.float32, copy=True)
+        total = None
+        for w, x in zip(form.weights, inputs):
+            d = x.to(torch.float32, copy=True).sub_(b)
+            total = d.mul_(w) if total is None else total.add_(d, alpha=w)
+    else:
+        total = torch.zeros(inputs[0].shape)
+        for w, x in zip(form.weights, inputs):
+            total.add_(x.to(torch.float32), alpha=w)
+    if form.divisor is not None:
+        total.div_(form.divisor)
+    return b.add_(total, alpha=form.lam) if base is not None else total
+
+
+def exact(base: torch.Tensor | None, inputs: list[torch.Tensor], form: LinearForm) -> torch.Tensor:
+    """The same combination in float64."""
+    total = sum(w * (x.double() - (base.double() if base is not None else 0)) for w, x in zip(form.weights, inputs))
+    if form.divisor is not None:
+        total = total / form.divisor
+    return base.double() + form.lam * total if base is not None else total
+
+
+def values(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * 2.0 ** torch.randint(-8, 9, (n,), generator=g)
+    x[::11] = 0.0
+    x[5::11] = -0.0
+    return x.to(dtype)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16 if t.dtype.itemsize == 2 else torch.int32)
+
+
+def native(out_dtype, base, inputs, form) -> tuple[torch.Tensor, int]:
+    out = torch.empty(inputs[0].numel(), dtype=out_dtype)
+    return out, fused.linear_combination_into(out, base, inputs, form)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 31, 67, 1023, 1024, 1025, 5000])
+@pytest.mark.parametrize("in_dtype,out_dtype", [(a, b) for a in DTYPES for b in DTYPES])
+@pytest.mark.parametrize(
+    "form,with_base",
+    [
+        (LinearForm((1.0, 1.0, 1.0, 1.0), None, 0.5), True),  # task arithmetic as benchmarked
+        (LinearForm((1.0, 0.5, -0.25), None, 0.7), True),
+        (LinearForm((0.3, 0.3), 0.6, 0.9), True),  # normalize: true
+        (LinearForm((1.0,), None, 1.0), True),
+        (LinearForm((0.2, 0.7, 0.1), 1.0, None), False),  # linear
+        (LinearForm((1.0, -0.37, 2.5, 0.0), 3.13, None), False),
+        (LinearForm((0.5, 0.5), None, None), False),  # normalize: false
+    ],
+)
+def test_the_bytes_of_the_torch_operations(n, in_dtype, out_dtype, form, with_base):
+    inputs = [values(n, in_dtype, seed) for seed in range(len(form.weights))]
+    base = values(n, in_dtype, 99) if with_base else None
+    got, bad = native(out_dtype, base, inputs, form)
+    expected = torch_steps(base, inputs, form).to(out_dtype)
+    assert bad == -1
+    assert torch.equal(bits(got), bits(expected))
+    reference = exact(base, inputs, form)
+    # each float32 step rounds by at most 2^-24 of the magnitudes it combines (bounded per entry below); a bfloat16
+    # output adds half an ulp of 8 bits
+    b = base.double().abs() if base is not None else 0
+    magnitude = sum(abs(w) * (x.double().abs() + b) for w, x in zip(form.weights, inputs)) / (abs(form.divisor) if form.divisor else 1)
+    magnitude = magnitude * abs(form.lam) + b if base is not None else magnitude
+    tolerance = (2.0 ** -8 if out_dtype == torch.bfloat16 else 0.0) * reference.abs() + 2.0 ** -20 * magnitude
+    assert bool(((got.double() - reference).abs() <= tolerance).all())
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    n=st.integers(1, 2100),
+    weights=st.lists(st.floats(-4, 4, allow_nan=False, width=32), min_size=1, max_size=6),
+    lam=st.one_of(st.none(), st.floats(-3, 3, allow_nan=False, width=32)),
+    divisor=st.one_of(st.none(), st.floats(0.015625, 10), st.floats(-10, -0.015625)),
+    dtypes=st.lists(st.sampled_from(DTYPES), min_size=8, max_size=8),
+    seed=st.integers(0, 2**16),
+)
+def test_property_any_form_any_dtype_mix(n, weights, lam, divisor, dtypes, seed):
+    """Each input (and the base, and the output) may have its own stored dtype."""
+    form = LinearForm(tuple(weights), divisor, lam)
+    inputs = [values(n, dtypes[t], seed + t) for t in range(len(weights))]
+    base = values(n, dtypes[6], seed + 77) if lam is not None else None
+    got, bad = native(dtypes[7], base, inputs, form)
+    assert bad == -1
+    assert torch.equal(bits(got), bits(torch_steps(base, inputs, form).to(dtypes[7])))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")])
+def test_finds_the_first_input_with_a_non_finite_entry(dtype, poison):
+    n = 3000
+    inputs = [values(n, dtype, seed) for seed in range(3)]
+    base = values(n, dtype, 9)
+    inputs[2][2500] = poison
+    inputs[1][2999] = poison
+    assert native(torch.float32, base, inputs, LinearForm((1.0, 1.0, 1.0), None, 1.0))[1] == 2  # model 1 (1 + t)
+    assert native(torch.float32, None, inputs, LinearForm((1.0, 1.0, 1.0), None, None))[1] == 2
+    base[0] = poison
+    assert native(torch.float32, base, inputs, LinearForm((1.0, 1.0, 1.0), None, 1.0))[1] == 0  # the base
+
+
+def test_overflow_of_finite_inputs_rounds_as_torch_does():
+    """Finite inputs whose combination leaves float32's or bfloat16's range: the same infinities as torch."""
+    big = torch.full((40,), 3.0e38)
+    for out_dtype in DTYPES:
+        got, bad = native(out_dtype, None, [big, big], LinearForm((1.0, 1.0), None, None))
+        assert bad == -1 and torch.equal(bits(got), bits(torch_steps(None, [big, big], LinearForm((1.0, 1.0), None, None)).to(out_dtype)))
+    near = torch.full((40,), 3.3895e38)  # rounds up to bfloat16's infinity
+    got, _ = native(torch.bfloat16, None, [near], LinearForm((1.0,), None, None))
+    assert torch.equal(bits(got), bits(near.to(torch.bfloat16)))
+
+
+def test_refuses_mismatched_arguments():
+    x = torch.zeros(10)
+    with pytest.raises(ValueError):
+        fused.linear_combination_into(torch.empty(9), None, [x], LinearForm((1.0,), None, None))
+    with pytest.raises(ValueError):
+        fused.linear_combination_into(torch.empty(10), None, [x, x], LinearForm((1.0,), None, None))
+    with pytest.raises(ValueError):
+        fused.linear_combination_into(torch.empty(10), None, [x], LinearForm((1.0,), None, 1.0))  # task vectors need a base
+    with pytest.raises(ValueError):
+        fused.linear_combination_into(torch.empty(10), None, [x.double()], LinearForm((1.0,), None, None))
+    with pytest.raises(ValueError):
+        fused.linear_combination_into(torch.empty(10), None, [torch.zeros(20)[::2]], LinearForm((1.0,), None, None))
+
+
+# -- whole merges --------------------------------------------------------------------------------
+RECIPES = [
+    ("task_arithmetic", {"lambda": 0.8}),
+    ("task_arithmetic", {"lambda": 0.37, "normalize": True}),
+    ("linear", {}),
+    ("linear", {"normalize": False}),
+]
+
+
+def _run(demo, out, method, params, monkeypatch, native_on: bool):
+    monkeypatch.setenv("MERGEKIT_LITE_NATIVE", "1" if native_on else "0")
+    data = ta_recipe(demo, merge_method=method, parameters=params)
+    return load_state(mergekit_lite.run(Recipe.model_validate(data), out, progress=False))
+
+
+@pytest.mark.parametrize("method,params", RECIPES)
+@pytest.mark.parametrize("fixture", ["demo", "demo_bf16"])
+def test_whole_merges_are_identical_with_the_kernel_on_and_off(request, tmp_path, monkeypatch, method, params, fixture):
+    demo = request.getfixturevalue(fixture)
+    monkeypatch.setattr(execute, "ROW_CHUNK_ENTRIES", 7)  # every tensor of 7+ entries goes the entrywise way
+    monkeypatch.setattr(execute, "FUSED_CHUNK_ENTRIES", 50)  # in uneven chunks, on both threads
+    calls = []
+    original = fused.linear_combination_into
+    monkeypatch.setattr(fused, "linear_combination_into", lambda *a: calls.append(a[0].numel()) or original(*a))
+    torch_out = _run(demo, tmp_path / "torch", method, params, monkeypatch, native_on=False)
+    assert not calls
+    native_out = _run(demo, tmp_path / "native", method, params, monkeypatch, native_on=True)
+    assert any(n != execute.FUSED_SAMPLE_ENTRIES for n in calls)  # the kernel made outputs, not only the sample
+    assert torch_out.keys() == native_out.keys()
+    for name in torch_out:
+        assert torch.equal(bits(torch_out[name]), bits(native_out[name])), name
+
+
+def test_a_kernel_that_disagrees_on_the_sample_is_not_used(demo, tmp_path, monkeypatch):
+    """Where the kernel's bytes differ from the method's torch path (another CPU's roundings), torch is used."""
+    monkeypatch.setattr(execute, "ROW_CHUNK_ENTRIES", 7)
+    monkeypatch.setattr(execute, "_FUSED_CHECKED", {})
+    original = fused.linear_combination_into
+    calls = []
+
+    def off_by_a_bit(out, base, inputs, form):
+        calls.append(out.numel())
+        result = original(out, base, inputs, form)
+        out.view(torch.int32)[0] ^= 1
+        return result
+
+    monkeypatch.setattr(fused, "linear_combination_into", off_by_a_bit)
+    merged = _run(demo, tmp_path / "out", "task_arithmetic", {"lambda": 0.8}, monkeypatch, native_on=True)
+    assert calls and set(calls) == {execute.FUSED_SAMPLE_ENTRIES}  # tried on the sample only
+    monkeypatch.setattr(fused, "linear_combination_into", original)
+    reference = _run(demo, tmp_path / "ref", "task_arithmetic", {"lambda": 0.8}, monkeypatch, native_on=False)
+    for name in reference:
+        assert torch.equal(merged[name], reference[name]), name
+
+
+def test_non_finite_input_is_refused_naming_file_and_tensor(demo, tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    from helpers import copy_checkpoint
+    from mergekit_lite.errors import CheckpointError
+
+    bad = copy_checkpoint(demo["math"], tmp_path / "bad")
+    file = next(bad.glob("*.safetensors"))
+    state = load_file(str(file))
+    name = next(n for n, t in state.items() if t.dim() == 2 and t.shape[0] > 4)
+    state[name][-1, -1] = float("inf")
+    state[name][2, 3] = float("nan")
+    save_file(state, str(file))
+    monkeypatch.setattr(execute, "ROW_CHUNK_ENTRIES", 7)
+    monkeypatch.setattr(execute, "FUSED_CHUNK_ENTRIES", 16)
+    data = ta_recipe(demo)
+    data["models"][0]["model"] = str(bad)
+    with pytest.raises(CheckpointError, match=rf"{file.name}.*{name.replace('.', '[.]')} has 2 NaN/Inf"):
+        mergekit_lite.run(Recipe.model_validate(data), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_kernel_needs_float32_arithmetic_and_stays_off_for_float64(demo, tmp_path, monkeypatch):
+    monkeypatch.setattr(execute, "ROW_CHUNK_ENTRIES", 7)
+    calls = []
+    original = fused.linear_combination_into
+    monkeypatch.setattr(fused, "linear_combination_into", lambda *a: calls.append(1) or original(*a))
+    data = ta_recipe(demo)
+    data["dtype"] = "float64"
+    mergekit_lite.run(Recipe.model_validate(data), tmp_path / "out", progress=False)
+    assert not calls
