@@ -404,7 +404,8 @@ _FUSED_CHECKED: dict[tuple[Any, ...], bool] = {}
 def _native_form(plan: Plan, job: TensorJob, device: torch.device) -> fused.LinearForm | None:
     """The job's output as the native kernel's linear form, where the kernel can compute it (built and on, CPU,
     float32 arithmetic, float32/bfloat16 files read as stored, the same bytes as torch on a sample); else None."""
-    if device.type != "cpu" or plan.compute_dtype != torch.float32 or not fused.available() or not fused.handles(job.out.dtype):
+    if device.type != "cpu" or plan.compute_dtype != torch.float32 or not fused.available() or not fused.handles(job.out.dtype) \
+            or len(job.reads) > fused.MAX_INPUTS:
         return None
     for ref in job.reads:
         ckpt = plan.checkpoints[ref.source]

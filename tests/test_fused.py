@@ -138,6 +138,15 @@ def test_overflow_of_finite_inputs_rounds_as_torch_does():
     assert torch.equal(bits(got), bits(near.to(torch.bfloat16)))
 
 
+def test_switched_off_by_the_environment_or_absent(monkeypatch):
+    monkeypatch.setenv("MERGEKIT_LITE_NATIVE", "0")
+    assert not fused.available()
+    monkeypatch.setenv("MERGEKIT_LITE_NATIVE", "1")
+    assert fused.available()
+    monkeypatch.setattr(fused, "_fused", None)  # built without a C compiler
+    assert not fused.available()
+
+
 def test_refuses_mismatched_arguments():
     x = torch.zeros(10)
     with pytest.raises(ValueError):

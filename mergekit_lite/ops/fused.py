@@ -3,13 +3,14 @@ inputs in one pass over their bytes, with the torch path's roundings.
 
 A method whose output for a tensor is such a combination (task arithmetic, linear) describes it as a ``LinearForm``;
 the executor reads the inputs' stored bytes in chunks and calls ``linear_combination_into``. Whether the kernel gives
-the torch path's bytes on this machine is checked on a sample first (``same_as``); the torch path stays the reference.
-Set MERGEKIT_LITE_NATIVE=0 to use torch alone.
+the torch path's bytes on this machine is checked on a sample first (``execute._fused_same_as_torch``); the torch
+path stays the reference. Set MERGEKIT_LITE_NATIVE=0 to use torch alone.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -22,6 +23,8 @@ except ImportError:  # built without a C compiler (setup.py's optional extension
 
 #: the stored dtypes the kernel reads and writes, by the code it knows them by
 KINDS = {torch.float32: 0, torch.bfloat16: 1}
+#: the most inputs one call takes (the kernel's own limit)
+MAX_INPUTS = 4096
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,8 @@ class LinearForm:
 
 def available() -> bool:
     """Whether the kernel was built and is not switched off (MERGEKIT_LITE_NATIVE=0)."""
-    return _fused is not None and os.environ.get("MERGEKIT_LITE_NATIVE", "1") != "0"
+    # safetensors' bytes are little-endian, and the kernel reads them as the host's numbers
+    return _fused is not None and sys.byteorder == "little" and os.environ.get("MERGEKIT_LITE_NATIVE", "1") != "0"
 
 
 def handles(dtype: torch.dtype) -> bool:
