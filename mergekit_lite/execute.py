@@ -323,6 +323,46 @@ class ReadWeightInputs(WeightInputs):
     def chunks(self) -> list[tuple[int, int]]:
         return row_chunks(self.shape, base_module.REREAD_CHUNK_ENTRIES) if self.by_rows else [(0, self.shape[0] if self.shape else 1)]
 
+    def _native(self, indices: Sequence[int]) -> list[StoredSource] | None:
+        if not self.by_rows:
+            return None
+        return _stored_sources(self.plan, [self.job.inputs[i] for i in indices], self.job.out.numel, self.device)
+
+    def native_gram(self, indices: Sequence[int]) -> torch.Tensor | None:
+        sources = self._native(indices)
+        if sources is None:
+            return None
+        partial: dict[int, torch.Tensor] = {}
+
+        def chunk_gram(start: int, stop: int, stored: list[torch.Tensor]) -> int:
+            partial[start], bad = fused.gram(None, stored)
+            return bad
+
+        _each_stored_chunk(sources, self.job.out.numel, chunk_gram, self.plan.compute_dtype)
+        for i in indices:  # every entry looked at: later reads need not check again
+            self.checked.add(i)
+            self.checked_rows.update((i, start) for start, _ in self.chunks())
+        total = torch.zeros((len(indices), len(indices)), dtype=torch.float64)
+        for start in sorted(partial):  # in chunk order, whichever thread made which
+            total.add_(partial[start])
+        return total
+
+    def native_combination(self, indices: Sequence[int], form: fused.LinearForm, label: str,
+                           torch_result: Callable[[list[torch.Tensor]], torch.Tensor]) -> torch.Tensor | None:
+        sources = self._native(indices)
+        if sources is None or self.out_dtype is None or not fused.handles(self.out_dtype) or form.of_task_vectors:
+            return None
+        if not _kernel_matches((label,), [dtype for _, _, dtype in sources], False, self.out_dtype, form, lambda _, xs: torch_result(xs)):
+            return None
+        out = torch.empty(self.shape, dtype=self.out_dtype)
+        flat = out.view(-1)
+
+        def combine(start: int, stop: int, stored: list[torch.Tensor]) -> int:
+            return fused.linear_combination_into(flat[start:stop], None, stored, form)
+
+        _each_stored_chunk(sources, flat.numel(), combine, self.plan.compute_dtype)
+        return out
+
 
 def window_bytes(plan: Plan, job: TensorJob) -> int:
     """The most bytes of mapped row windows (``Checkpoint.rows_as``) a job holds at once: one window per checkpoint
@@ -401,29 +441,52 @@ FUSED_SAMPLE_ENTRIES = 67
 _FUSED_CHECKED: dict[tuple[Any, ...], bool] = {}
 
 
-def _native_form(plan: Plan, job: TensorJob, device: torch.device) -> fused.LinearForm | None:
-    """The job's output as the native kernel's linear form, where the kernel can compute it (built and on, CPU,
-    float32 arithmetic, float32/bfloat16 files read as stored, the same bytes as torch on a sample); else None."""
-    if device.type != "cpu" or plan.compute_dtype != torch.float32 or not fused.available() or not fused.handles(job.out.dtype) \
-            or len(job.reads) > fused.MAX_INPUTS:
+#: one input of the native kernel: its checkpoint, tensor name and stored dtype
+StoredSource = tuple[Checkpoint, str, torch.dtype]
+
+
+def _stored_sources(plan: Plan, refs: Sequence[TensorRef], numel: int, device: torch.device) -> list[StoredSource] | None:
+    """The refs as the native kernel's inputs, where it can read them (built and on, CPU, float32 arithmetic,
+    float32/bfloat16 safetensors of ``numel`` entries, at most MAX_INPUTS); else None."""
+    if device.type != "cpu" or plan.compute_dtype != torch.float32 or not fused.available() or len(refs) > fused.MAX_INPUTS:
         return None
-    for ref in job.reads:
+    sources = []
+    for ref in refs:
         ckpt = plan.checkpoints[ref.source]
         info = ckpt.info(ref.name)
-        if not (fused.handles(info.dtype) and info.numel == job.out.numel and ckpt.reads_into(ref.name)):
+        if not (fused.handles(info.dtype) and info.numel == numel and ckpt.reads_into(ref.name)):
             return None
-    ctx = context(plan, job)
-    form = plan.method.linear_form(ctx)
-    if form is None or form.of_task_vectors != (job.base is not None) or len(form.weights) != len(job.inputs):
-        return None
-    return form if _fused_same_as_torch(plan, job, ctx, form) else None
+        sources.append((ckpt, ref.name, info.dtype))
+    return sources
 
 
-def _fused_same_as_torch(plan: Plan, job: TensorJob, ctx: TensorContext, form: fused.LinearForm) -> bool:
-    """Whether the native kernel gives the method's torch path's bytes for this form and these dtypes (checked once
-    per process on a sample: the torch path's roundings, fused multiply-adds included, depend on its CPU kernels)."""
-    stored = [plan.checkpoints[ref.source].info(ref.name).dtype for ref in _base_first(job)]
-    key = (plan.method.name, form, tuple(stored), job.out.dtype)
+def _each_stored_chunk(sources: Sequence[StoredSource], numel: int, work: Callable[[int, int, list[torch.Tensor]], int],
+                       compute_dtype: torch.dtype) -> None:
+    """``work(start, stop, stored)`` for every chunk of FUSED_CHUNK_ENTRIES entries (on the threads in turn), ``stored``
+    each source's entries [start, stop) as stored, read into this thread's reused buffers; ``work`` returns the kernel's
+    answer (-1, or 1 + the index of a source with a NaN/Inf entry: refused as the torch path refuses it)."""
+
+    def chunk(span: tuple[int, int]) -> None:
+        start, stop = span
+        stored = []
+        for i, (ckpt, name, dtype) in enumerate(sources):
+            buffer = scratch(f"fused_input{i}", (stop - start) * dtype.itemsize, torch.uint8)
+            ckpt.read_into(name, start * dtype.itemsize, memoryview(buffer.numpy()))
+            stored.append(buffer.view(dtype))
+        bad = work(start, stop, stored)
+        if bad >= 0:
+            ckpt, name, _ = sources[bad - 1]
+            _refuse_non_finite(ckpt, name, ckpt.get(name).to(dtype=compute_dtype))
+
+    map_strided(chunk, [(start, min(numel, start + FUSED_CHUNK_ENTRIES)) for start in range(0, numel, FUSED_CHUNK_ENTRIES)])
+
+
+def _kernel_matches(key: tuple[Any, ...], stored: Sequence[torch.dtype], has_base: bool, out_dtype: torch.dtype, form: fused.LinearForm,
+                    torch_result: Callable[[torch.Tensor | None, list[torch.Tensor]], torch.Tensor]) -> bool:
+    """Whether the native kernel gives the torch code's bytes for this form and these dtypes, ``torch_result(base,
+    inputs)`` on float32 copies of a sample (checked once per process and key: the torch path's roundings, fused
+    multiply-adds included, depend on its CPU kernels)."""
+    key = (*key, form, tuple(stored), out_dtype)
     known = _FUSED_CHECKED.get(key)
     if known is None:
         generator = torch.Generator().manual_seed(0)
@@ -434,16 +497,34 @@ def _fused_same_as_torch(plan: Plan, job: TensorJob, ctx: TensorContext, form: f
             return values.to(dtype)
 
         samples = [sample(dtype) for dtype in stored]
-        base, inputs = (samples[0], samples[1:]) if job.base is not None else (None, samples)
-        def working(x: torch.Tensor) -> torch.Tensor:  # a float32 copy: the method changes its inputs in place
+        base, inputs = (samples[0], samples[1:]) if has_base else (None, samples)
+
+        def working(x: torch.Tensor) -> torch.Tensor:  # a float32 copy: the torch code changes its inputs in place
             return x.to(torch.float32, copy=True)
 
-        expected = plan.method.output_tensor(None if base is None else working(base), iter([working(x) for x in inputs]), ctx).to(job.out.dtype)
-        got = torch.empty(FUSED_SAMPLE_ENTRIES, dtype=job.out.dtype)
+        expected = torch_result(None if base is None else working(base), [working(x) for x in inputs]).to(out_dtype)
+        got = torch.empty(FUSED_SAMPLE_ENTRIES, dtype=out_dtype)
         fused.linear_combination_into(got, base, inputs, form)
-        bits = torch.int16 if job.out.dtype.itemsize == 2 else torch.int32
+        bits = torch.int16 if out_dtype.itemsize == 2 else torch.int32
         known = _FUSED_CHECKED[key] = torch.equal(got.view(bits), expected.view(bits))
     return known
+
+
+def _native_form(plan: Plan, job: TensorJob, device: torch.device) -> fused.LinearForm | None:
+    """The job's output as the native kernel's linear form, where the kernel can compute it (``_stored_sources``,
+    an output dtype it writes, the same bytes as the method's torch code on a sample); else None."""
+    if not fused.handles(job.out.dtype) or _stored_sources(plan, _base_first(job), job.out.numel, device) is None:
+        return None
+    ctx = context(plan, job)
+    form = plan.method.linear_form(ctx)
+    if form is None or form.of_task_vectors != (job.base is not None) or len(form.weights) != len(job.inputs):
+        return None
+    stored = [plan.checkpoints[ref.source].info(ref.name).dtype for ref in _base_first(job)]
+
+    def method_result(base: torch.Tensor | None, inputs: list[torch.Tensor]) -> torch.Tensor:
+        return plan.method.output_tensor(base, iter(inputs), ctx)
+
+    return form if _kernel_matches((plan.method.name,), stored, job.base is not None, job.out.dtype, form, method_result) else None
 
 
 def _base_first(job: TensorJob) -> tuple[TensorRef, ...]:
@@ -456,23 +537,15 @@ def fused_output(plan: Plan, job: TensorJob, form: fused.LinearForm) -> torch.Te
     read into this thread's reused buffer and every entry combined in one pass; NaN/Inf refused as the torch path does."""
     out = torch.empty(job.out.shape, dtype=job.out.dtype)
     flat = out.view(-1)
-    sources = [(plan.checkpoints[ref.source], ref.name, plan.checkpoints[ref.source].info(ref.name).dtype) for ref in _base_first(job)]
+    sources = _stored_sources(plan, _base_first(job), job.out.numel, torch.device("cpu"))
+    assert sources is not None
 
-    def combine_chunk(span: tuple[int, int]) -> None:
-        start, stop = span
-        stored = []
-        for i, (ckpt, name, dtype) in enumerate(sources):
-            buffer = scratch(f"fused_input{i}", (stop - start) * dtype.itemsize, torch.uint8)
-            ckpt.read_into(name, start * dtype.itemsize, memoryview(buffer.numpy()))
-            stored.append(buffer.view(dtype))
+    def combine(start: int, stop: int, stored: list[torch.Tensor]) -> int:
         base, inputs = (stored[0], stored[1:]) if job.base is not None else (None, stored)
         bad = fused.linear_combination_into(flat[start:stop], base, inputs, form)
-        if bad >= 0:
-            ckpt, name, _ = sources[bad if job.base is not None else bad - 1]  # the kernel counts the base as 0
-            _refuse_non_finite(ckpt, name, ckpt.get(name).to(dtype=plan.compute_dtype))
+        return bad if bad < 0 or job.base is None else bad + 1  # the kernel counts the base as 0, here it is source 0 (1 - 1)
 
-    total = flat.numel()
-    map_strided(combine_chunk, [(start, min(total, start + FUSED_CHUNK_ENTRIES)) for start in range(0, total, FUSED_CHUNK_ENTRIES)])
+    _each_stored_chunk(sources, flat.numel(), combine, plan.compute_dtype)
     return out
 
 

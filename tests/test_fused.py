@@ -1,6 +1,7 @@
 """The native fused kernel (mergekit_lite/native/fused.c): the bytes of the torch operations it replaces, written
-out plainly here, for every size, dtype mix and form; within a rounding of the exact (float64) combination; NaN/Inf
-found and named; and whole merges identical with the kernel on and off, falling back to torch where it disagrees."""
+out plainly here, for every size, dtype mix and form; within a rounding of the exact (float64) combination; its Gram
+matrix within float64 rounding of a plain one; NaN/Inf found and named; and whole merges identical with the kernel
+on and off, falling back to torch where it disagrees."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 import mergekit_lite
 from mergekit_lite import Recipe, execute
+from mergekit_lite.methods import base as base_module
 from mergekit_lite.ops import fused
 from mergekit_lite.ops.fused import LinearForm
 
@@ -29,6 +31,11 @@ def torch_steps(base: torch.Tensor | None, inputs: list[torch.Tensor], form: Lin
         for w, x in zip(form.weights, inputs):
             d = x.to(torch.float32, copy=True).sub_(b)
             total = d.mul_(w) if total is None else total.add_(d, alpha=w)
+    elif form.rounded_products:  # slerp's x_0·w_0 + x_1·w_1, each product rounded
+        total = None
+        for w, x in zip(form.weights, inputs):
+            product = x.to(torch.float32, copy=True).mul_(w)
+            total = product if total is None else total.add_(product)
     else:
         total = torch.zeros(inputs[0].shape)
         for w, x in zip(form.weights, inputs):
@@ -75,6 +82,8 @@ def native(out_dtype, base, inputs, form) -> tuple[torch.Tensor, int]:
         (LinearForm((0.2, 0.7, 0.1), 1.0, None), False),  # linear
         (LinearForm((1.0, -0.37, 2.5, 0.0), 3.13, None), False),
         (LinearForm((0.5, 0.5), None, None), False),  # normalize: false
+        (LinearForm((0.8123, 0.2211), None, None, rounded_products=True), False),  # slerp's factors
+        (LinearForm((-1.5, 2.75, 0.3), 1.7, None, rounded_products=True), False),
     ],
 )
 def test_the_bytes_of_the_torch_operations(n, in_dtype, out_dtype, form, with_base):
@@ -100,12 +109,13 @@ def test_the_bytes_of_the_torch_operations(n, in_dtype, out_dtype, form, with_ba
     weights=st.lists(st.floats(-4, 4, allow_nan=False, width=32), min_size=1, max_size=6),
     lam=st.one_of(st.none(), st.floats(-3, 3, allow_nan=False, width=32)),
     divisor=st.one_of(st.none(), st.floats(0.015625, 10), st.floats(-10, -0.015625)),
+    rounded=st.booleans(),
     dtypes=st.lists(st.sampled_from(DTYPES), min_size=8, max_size=8),
     seed=st.integers(0, 2**16),
 )
-def test_property_any_form_any_dtype_mix(n, weights, lam, divisor, dtypes, seed):
+def test_property_any_form_any_dtype_mix(n, weights, lam, divisor, rounded, dtypes, seed):
     """Each input (and the base, and the output) may have its own stored dtype."""
-    form = LinearForm(tuple(weights), divisor, lam)
+    form = LinearForm(tuple(weights), divisor, lam, rounded_products=rounded and lam is None)
     inputs = [values(n, dtypes[t], seed + t) for t in range(len(weights))]
     base = values(n, dtypes[6], seed + 77) if lam is not None else None
     got, bad = native(dtypes[7], base, inputs, form)
@@ -125,6 +135,32 @@ def test_finds_the_first_input_with_a_non_finite_entry(dtype, poison):
     assert native(torch.float32, None, inputs, LinearForm((1.0, 1.0, 1.0), None, None))[1] == 2
     base[0] = poison
     assert native(torch.float32, base, inputs, LinearForm((1.0, 1.0, 1.0), None, 1.0))[1] == 0  # the base
+
+
+@pytest.mark.parametrize("n", [1, 5, 1024, 3001])
+@pytest.mark.parametrize("with_base", [False, True])
+def test_gram_is_the_float64_gram_matrix(n, with_base):
+    """Each product of two float32 numbers is exact in float64; only the order of the sums differs from a plain
+    float64 reference, so they agree to float64 rounding of the sums."""
+    inputs = [values(n, dtype, seed) for seed, dtype in enumerate((torch.bfloat16, torch.float32, torch.bfloat16))]
+    base = values(n, torch.bfloat16, 50) if with_base else None
+    got, bad = fused.gram(base, inputs)
+    vectors = torch.stack([x.float() - (base.float() if base is not None else 0) for x in inputs]).double()
+    expected = vectors @ vectors.T
+    assert bad == -1 and got.dtype == torch.float64 and got.shape == (3, 3)
+    assert torch.equal(got, got.T)
+    magnitude = vectors.abs() @ vectors.abs().T
+    assert bool(((got - expected).abs() <= 1e-13 * magnitude + 1e-300).all())
+
+
+def test_gram_finds_non_finite_entries():
+    inputs = [values(2000, torch.float32, seed) for seed in range(3)]
+    base = values(2000, torch.float32, 9)
+    inputs[1][1999] = float("inf")
+    assert fused.gram(None, inputs)[1] == 2
+    assert fused.gram(base, inputs)[1] == 2
+    base[3] = float("nan")
+    assert fused.gram(base, inputs)[1] == 0
 
 
 def test_overflow_of_finite_inputs_rounds_as_torch_does():
@@ -163,6 +199,7 @@ def test_refuses_mismatched_arguments():
 
 # -- whole merges --------------------------------------------------------------------------------
 RECIPES = [
+    ("slerp", {"t": 0.3}),
     ("task_arithmetic", {"lambda": 0.8}),
     ("task_arithmetic", {"lambda": 0.37, "normalize": True}),
     ("linear", {}),
@@ -173,6 +210,8 @@ RECIPES = [
 def _run(demo, out, method, params, monkeypatch, native_on: bool):
     monkeypatch.setenv("MERGEKIT_LITE_NATIVE", "1" if native_on else "0")
     data = ta_recipe(demo, merge_method=method, parameters=params)
+    if method == "slerp":  # the base and one other model
+        data["models"] = [{"model": data["models"][0]["model"]}]
     return load_state(mergekit_lite.run(Recipe.model_validate(data), out, progress=False))
 
 
@@ -182,6 +221,7 @@ def test_whole_merges_are_identical_with_the_kernel_on_and_off(request, tmp_path
     demo = request.getfixturevalue(fixture)
     monkeypatch.setattr(execute, "ROW_CHUNK_ENTRIES", 7)  # every tensor of 7+ entries goes the entrywise way
     monkeypatch.setattr(execute, "FUSED_CHUNK_ENTRIES", 50)  # in uneven chunks, on both threads
+    monkeypatch.setattr(base_module, "REREAD_CHUNK_ENTRIES", 40)  # slerp's torch passes in chunks too
     calls = []
     original = fused.linear_combination_into
     monkeypatch.setattr(fused, "linear_combination_into", lambda *a: calls.append(a[0].numel()) or original(*a))

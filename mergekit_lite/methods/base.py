@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import torch
 
@@ -210,6 +210,19 @@ class WeightInputs:
     def chunks(self) -> list[tuple[int, int]]:
         """The row ranges to read by, in order, covering the first dimension (one when rows cannot be read apart)."""
         raise NotImplementedError
+
+    def native_gram(self, indices: Sequence[int]) -> torch.Tensor | None:
+        """The float64 Gram matrix of inputs ``indices`` made by the native kernel from their stored bytes (each product
+        exact, summed in float64 in the kernel's order: it may differ from ``gram_by_rows``'s in the last bits); None
+        where the kernel cannot read them (the caller makes it with torch)."""
+        return None
+
+    def native_combination(self, indices: Sequence[int], form: LinearForm, label: str,
+                           torch_result: Callable[[list[torch.Tensor]], torch.Tensor]) -> torch.Tensor | None:
+        """The output Σ_t w_t·x_t of inputs ``indices`` (``form``, no base) in ``out_dtype``, made by the native kernel
+        where it gives the bytes of ``torch_result`` (the caller's torch code on float32 rows of those inputs, checked
+        on a sample once per ``label`` and form); None otherwise (the caller makes it with torch)."""
+        return None
 
 
 class HeldWeightInputs(WeightInputs):

@@ -46,7 +46,8 @@ def _slerp(models: Iterator[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
 
 def _slerp_inputs(inputs: WeightInputs, ctx: TensorContext) -> torch.Tensor:
     """slerp in two passes over row chunks, no whole input held: the float64 Gram matrix of (θ_base, θ_other)
-    (their norms and inner product) gives the two factors, then each chunk is s0·θ_base + s1·θ_other."""
+    (their norms and inner product) gives the two factors, then each chunk is s0·θ_base + s1·θ_other. Both passes by
+    the native kernel where it reads the inputs (the second only where it gives the torch code's bytes)."""
     if inputs.count == 1:  # only one model has this tensor: it passes through, as mergekit does
         return inputs.read(0)
     if ctx.base_index is None or inputs.count != 2:
@@ -55,13 +56,23 @@ def _slerp_inputs(inputs: WeightInputs, ctx: TensorContext) -> torch.Tensor:
     t = float(ctx.params["t"])
     chunks = inputs.chunks()
     on_cpu = inputs.device.type == "cpu"  # both passes' chunks on the threads in turn
-    factors = slerp_factors(gram_by_rows(lambda i, start, stop: inputs.rows(pair[i], start, stop), 2, chunks, parallel=on_cpu), t)
+    gram = inputs.native_gram(pair)
+    if gram is None:
+        gram = gram_by_rows(lambda i, start, stop: inputs.rows(pair[i], start, stop), 2, chunks, parallel=on_cpu)
+    factors = slerp_factors(gram, t)
 
-    def interpolated(start: int, stop: int) -> torch.Tensor:
-        v0, v1 = inputs.rows(pair[0], start, stop), inputs.rows(pair[1], start, stop)
+    def combine(v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
         if factors is None:  # nearly colinear: the linear interpolation
             return torch.lerp(v0, v1, t)
         return v0.mul_(factors[0]).add_(v1.mul_(factors[1]))
+
+    if factors is not None:
+        native = inputs.native_combination(pair, LinearForm(factors, None, None, rounded_products=True), "slerp", lambda rows: combine(*rows))
+        if native is not None:
+            return native
+
+    def interpolated(start: int, stop: int) -> torch.Tensor:
+        return combine(inputs.rows(pair[0], start, stop), inputs.rows(pair[1], start, stop))
 
     return assembled_rows(interpolated, chunks, inputs.shape, parallel=on_cpu, dtype=inputs.out_dtype)
 

@@ -4,6 +4,7 @@
  * bytes, and each entry goes through the same float32 operations in the same order (products added with fused
  * multiply-add where torch's add(alpha=) does), so the bytes written are the torch path's. The Python side checks
  * that at run time on a sample before it uses this, and falls back to torch where they differ.
+ * Also the float64 Gram matrix of stored inputs (slerp's first pass), summed in its own fixed order.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -63,6 +64,7 @@ typedef struct {
     const float *weights;
     float divisor; /* 0: none */
     float lam;     /* with a base: out = base + lam * combination */
+    int rounded;   /* weights only: each product rounded, then added (torch's mul_ then add_) instead of fma */
 } Job;
 
 /* -1 when every input entry is finite, else the first input (0 the base when there is one, then 1 + model) with a
@@ -89,11 +91,19 @@ static inline __attribute__((always_inline)) Py_ssize_t combine_body(const Job *
                 else
                     for (Py_ssize_t j = 0; j < m; j++) acc[j] = fmaf(x[j] - b[j], w, acc[j]);
             } else {
-                /* weights: a running sum from zero, each added with fma */
-                if (t == 0)
-                    for (Py_ssize_t j = 0; j < m; j++) acc[j] = fmaf(x[j], w, 0.0f);
-                else
-                    for (Py_ssize_t j = 0; j < m; j++) acc[j] = fmaf(x[j], w, acc[j]);
+                if (job->rounded) {
+                    /* weights, products rounded: x_0 w_0, then + x_t w_t */
+                    if (t == 0)
+                        for (Py_ssize_t j = 0; j < m; j++) acc[j] = x[j] * w;
+                    else
+                        for (Py_ssize_t j = 0; j < m; j++) acc[j] = acc[j] + x[j] * w;
+                } else {
+                    /* weights: a running sum from zero, each added with fma */
+                    if (t == 0)
+                        for (Py_ssize_t j = 0; j < m; j++) acc[j] = fmaf(x[j], w, 0.0f);
+                    else
+                        for (Py_ssize_t j = 0; j < m; j++) acc[j] = fmaf(x[j], w, acc[j]);
+                }
             }
         }
         if (job->divisor != 0.0f)
@@ -124,6 +134,73 @@ static Py_ssize_t combine(const Job *job) {
     return combine_generic(job);
 }
 
+typedef struct {
+    Py_ssize_t n;
+    const void *base; /* NULL: the inputs themselves; else their differences from it */
+    int base_kind;
+    Py_ssize_t count;
+    const void **inputs;
+    const int *kinds;
+    float *scratch; /* count * BLOCK floats */
+    double *gram;   /* count * count, added to */
+} GramJob;
+
+/* gram[i][j] += sum over entries of x_i x_j (x the float32 inputs or their differences from the base), each product
+ * exact in float64 and summed in float64, in blocks, four partial sums per pair: a fixed order. Returns as
+ * combine_body does. */
+static inline __attribute__((always_inline)) Py_ssize_t gram_body(const GramJob *job) {
+    float b[BLOCK];
+    Py_ssize_t first_bad = -1;
+    const Py_ssize_t K = job->count;
+    for (Py_ssize_t i0 = 0; i0 < job->n; i0 += BLOCK) {
+        Py_ssize_t m = job->n - i0 < BLOCK ? job->n - i0 : BLOCK;
+        if (job->base != NULL) {
+            size_t size = job->base_kind == KIND_BF16 ? 2 : 4;
+            if (to_float((const char *)job->base + (size_t)i0 * size, job->base_kind, m, b) && first_bad < 0)
+                first_bad = 0;
+        }
+        for (Py_ssize_t t = 0; t < K; t++) {
+            float *x = job->scratch + (size_t)t * BLOCK;
+            size_t size = job->kinds[t] == KIND_BF16 ? 2 : 4;
+            if (to_float((const char *)job->inputs[t] + (size_t)i0 * size, job->kinds[t], m, x) && (first_bad < 0 || first_bad > t + 1))
+                first_bad = t + 1;
+            if (job->base != NULL)
+                for (Py_ssize_t j = 0; j < m; j++) x[j] = x[j] - b[j];
+        }
+        for (Py_ssize_t p = 0; p < K; p++) {
+            const float *xp = job->scratch + (size_t)p * BLOCK;
+            for (Py_ssize_t q = p; q < K; q++) {
+                const float *xq = job->scratch + (size_t)q * BLOCK;
+                double lane[4] = {0.0, 0.0, 0.0, 0.0};
+                Py_ssize_t j = 0;
+                for (; j + 4 <= m; j += 4)
+                    for (int l = 0; l < 4; l++) lane[l] += (double)xp[j + l] * (double)xq[j + l];
+                for (; j < m; j++) lane[0] += (double)xp[j] * (double)xq[j];
+                double block_sum = (lane[0] + lane[1]) + (lane[2] + lane[3]);
+                job->gram[p * K + q] += block_sum;
+            }
+        }
+    }
+    for (Py_ssize_t p = 0; p < K; p++)
+        for (Py_ssize_t q = 0; q < p; q++) job->gram[p * K + q] = job->gram[q * K + p];
+    return first_bad;
+}
+
+static Py_ssize_t gram_generic(const GramJob *job) { return gram_body(job); }
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+__attribute__((target("avx2,fma"))) static Py_ssize_t gram_avx2(const GramJob *job) { return gram_body(job); }
+#endif
+
+static Py_ssize_t gram(const GramJob *job) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    static int avx2 = -1;
+    if (avx2 < 0) avx2 = has_avx2_fma();
+    if (avx2) return gram_avx2(job);
+#endif
+    return gram_generic(job);
+}
+
 static int parse_kind(PyObject *value, int *kind) {
     long k = PyLong_AsLong(value);
     if (k == -1 && PyErr_Occurred()) return 0;
@@ -136,10 +213,11 @@ static int parse_kind(PyObject *value, int *kind) {
 }
 
 PyDoc_STRVAR(linear_combination_doc,
-    "linear_combination(out, out_kind, n, base, base_kind, inputs, kinds, weights, divisor, lam) -> int\n\n"
+    "linear_combination(out, out_kind, n, base, base_kind, inputs, kinds, weights, divisor, lam, rounded) -> int\n\n"
     "Entries [0, n) at address ``out`` from the inputs at the given addresses (kinds: 0 float32, 1 bfloat16). Without\n"
     "a base (address 0): sum_t w_t x_t; with one: base + lam * sum_t w_t (x_t - base). Divided by ``divisor`` before\n"
-    "lam when it is not 0. Returns -1, or the first input with a NaN/Inf entry (0 the base, 1 + t model t).\n"
+    "lam when it is not 0. rounded (no base): each product rounded before it is added, else fma.\n"
+    "Returns -1, or the first input with a NaN/Inf entry (0 the base, 1 + t model t).\n"
     "The addresses are the caller's to keep valid; the GIL is released while it runs.");
 
 static PyObject *linear_combination(PyObject *self, PyObject *args) {
@@ -148,8 +226,9 @@ static PyObject *linear_combination(PyObject *self, PyObject *args) {
     Py_ssize_t n;
     PyObject *inputs_obj, *kinds_obj, *weights_obj;
     double divisor, lam;
-    if (!PyArg_ParseTuple(args, "KinKiOOOdd", &out_addr, &out_kind, &n, &base_addr, &base_kind, &inputs_obj, &kinds_obj,
-                          &weights_obj, &divisor, &lam))
+    int rounded;
+    if (!PyArg_ParseTuple(args, "KinKiOOOddp", &out_addr, &out_kind, &n, &base_addr, &base_kind, &inputs_obj, &kinds_obj,
+                          &weights_obj, &divisor, &lam, &rounded))
         return NULL;
     if ((out_kind != KIND_F32 && out_kind != KIND_BF16) || (base_kind != KIND_F32 && base_kind != KIND_BF16) || n < 0) {
         PyErr_SetString(PyExc_ValueError, "unknown storage kind or negative count");
@@ -184,7 +263,7 @@ static PyObject *linear_combination(PyObject *self, PyObject *args) {
         ws[t] = (float)w;
     }
     Job job = {(void *)(uintptr_t)out_addr, out_kind, n, (const void *)(uintptr_t)base_addr, base_kind, count, addrs, input_kinds,
-               ws, (float)divisor, (float)lam};
+               ws, (float)divisor, (float)lam, rounded};
     Py_ssize_t bad;
     Py_BEGIN_ALLOW_THREADS
     bad = combine(&job);
@@ -200,8 +279,77 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(gram_doc,
+    "gram(n, base, base_kind, inputs, kinds) -> (int, list[float])\n\n"
+    "The float64 Gram matrix (row-major, K * K) of the inputs' entries [0, n) at the given addresses, or of their\n"
+    "differences from the base (address 0: none), each product exact and summed in float64; and -1, or the first\n"
+    "input with a NaN/Inf entry (0 the base, 1 + t input t). The GIL is released while it runs.");
+
+static PyObject *gram_matrix(PyObject *self, PyObject *args) {
+    unsigned long long base_addr;
+    int base_kind;
+    Py_ssize_t n;
+    PyObject *inputs_obj, *kinds_obj;
+    if (!PyArg_ParseTuple(args, "nKiOO", &n, &base_addr, &base_kind, &inputs_obj, &kinds_obj)) return NULL;
+    if ((base_kind != KIND_F32 && base_kind != KIND_BF16) || n < 0) {
+        PyErr_SetString(PyExc_ValueError, "unknown storage kind or negative count");
+        return NULL;
+    }
+    PyObject *inputs = PySequence_Fast(inputs_obj, "inputs must be a sequence");
+    PyObject *kinds = inputs ? PySequence_Fast(kinds_obj, "kinds must be a sequence") : NULL;
+    PyObject *result = NULL;
+    const void **addrs = NULL;
+    int *input_kinds = NULL;
+    float *scratch = NULL;
+    double *matrix = NULL;
+    if (kinds == NULL) goto done;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(inputs);
+    if (count < 1 || count > 256 || PySequence_Fast_GET_SIZE(kinds) != count) {
+        PyErr_SetString(PyExc_ValueError, "inputs and kinds must have the same length (1 to 256)");
+        goto done;
+    }
+    addrs = PyMem_Malloc((size_t)count * sizeof(*addrs));
+    input_kinds = PyMem_Malloc((size_t)count * sizeof(*input_kinds));
+    scratch = PyMem_RawMalloc((size_t)count * BLOCK * sizeof(float));
+    matrix = PyMem_RawCalloc((size_t)(count * count), sizeof(double));
+    if (addrs == NULL || input_kinds == NULL || scratch == NULL || matrix == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t t = 0; t < count; t++) {
+        unsigned long long a = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(inputs, t));
+        if (PyErr_Occurred() || !parse_kind(PySequence_Fast_GET_ITEM(kinds, t), &input_kinds[t])) goto done;
+        addrs[t] = (const void *)(uintptr_t)a;
+    }
+    GramJob job = {n, (const void *)(uintptr_t)base_addr, base_kind, count, addrs, input_kinds, scratch, matrix};
+    Py_ssize_t bad;
+    Py_BEGIN_ALLOW_THREADS
+    bad = gram(&job);
+    Py_END_ALLOW_THREADS
+    PyObject *values = PyList_New(count * count);
+    if (values == NULL) goto done;
+    for (Py_ssize_t i = 0; i < count * count; i++) {
+        PyObject *v = PyFloat_FromDouble(matrix[i]);
+        if (v == NULL) {
+            Py_DECREF(values);
+            goto done;
+        }
+        PyList_SET_ITEM(values, i, v);
+    }
+    result = Py_BuildValue("(nN)", bad, values);
+done:
+    PyMem_Free(addrs);
+    PyMem_Free(input_kinds);
+    PyMem_RawFree(scratch);
+    PyMem_RawFree(matrix);
+    Py_XDECREF(inputs);
+    Py_XDECREF(kinds);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"linear_combination", linear_combination, METH_VARARGS, linear_combination_doc},
+    {"gram", gram_matrix, METH_VARARGS, gram_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -35,6 +35,8 @@ class LinearForm:
     weights: tuple[float, ...]
     divisor: float | None
     lam: float | None
+    #: (no base) each product w_t·x_t rounded before it is added (torch's ``mul_`` then ``add_``), not fused
+    rounded_products: bool = False
 
     @property
     def of_task_vectors(self) -> bool:
@@ -60,11 +62,25 @@ def linear_combination_into(out: torch.Tensor, base: torch.Tensor | None, inputs
     tensors = [out, *inputs] + ([base] if base is not None else [])
     if any(t.device.type != "cpu" or not t.is_contiguous() or t.numel() != n or t.dtype not in KINDS for t in tensors):
         raise ValueError("linear_combination_into: flat contiguous CPU float32/bfloat16 tensors of one length")
-    if len(inputs) != len(form.weights) or form.of_task_vectors != (base is not None):
-        raise ValueError("linear_combination_into: one weight per input, and a base exactly for task vectors")
+    if len(inputs) != len(form.weights) or form.of_task_vectors != (base is not None) or (form.rounded_products and form.of_task_vectors):
+        raise ValueError("linear_combination_into: one weight per input, a base exactly for task vectors, rounded products without")
     return _fused.linear_combination(
         out.data_ptr(), KINDS[out.dtype], n,
         base.data_ptr() if base is not None else 0, KINDS[base.dtype] if base is not None else 0,
         [t.data_ptr() for t in inputs], [KINDS[t.dtype] for t in inputs], list(form.weights),
-        form.divisor or 0.0, form.lam if form.lam is not None else 0.0,
+        form.divisor or 0.0, form.lam if form.lam is not None else 0.0, form.rounded_products,
     )
+
+
+def gram(base: torch.Tensor | None, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """The float64 Gram matrix ⟨x_i, x_j⟩ of flat, contiguous float32/bfloat16 CPU tensors of one length (or of
+    their differences from ``base``), each product exact and summed in float64 in a fixed order, and -1 or the first
+    input with a NaN/Inf entry (as ``linear_combination_into``)."""
+    assert _fused is not None, "the native kernel is not built"
+    n = inputs[0].numel()
+    tensors = [*inputs] + ([base] if base is not None else [])
+    if any(t.device.type != "cpu" or not t.is_contiguous() or t.numel() != n or t.dtype not in KINDS for t in tensors) or len(inputs) > 256:
+        raise ValueError("gram: at most 256 flat contiguous CPU float32/bfloat16 tensors of one length")
+    bad, values = _fused.gram(n, base.data_ptr() if base is not None else 0, KINDS[base.dtype] if base is not None else 0,
+                              [t.data_ptr() for t in inputs], [KINDS[t.dtype] for t in inputs])
+    return torch.tensor(values, dtype=torch.float64).view(len(inputs), len(inputs)), bad
