@@ -247,6 +247,26 @@ class RereadTaskVectors(TaskVectorSource):
         """Let go of the base's cached rows (every thread's)."""
         self._base_rows.clear()
 
+    def native_sum_gram(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        assert self.job.base is not None
+        sources = _stored_sources(self.plan, [self.job.base, *self.job.inputs], self.job.out.numel, self.device)
+        if sources is None:
+            return None
+        total = torch.empty(self.shape, dtype=self.dtype)
+        flat = total.view(-1)
+        partial: dict[int, torch.Tensor] = {}
+
+        def chunk(start: int, stop: int, stored: list[torch.Tensor]) -> int:
+            partial[start], bad = fused.gram(stored[0], stored[1:], flat[start:stop])
+            return bad if bad < 0 else bad + 1  # the kernel counts the base as 0, here it is source 0
+
+        _each_stored_chunk(sources, flat.numel(), chunk, self.dtype)
+        self.checked.update((t, start) for t in range(-1, self.count) for start, _ in self.chunks())  # every entry looked at
+        gram = torch.zeros((self.count, self.count), dtype=torch.float64)
+        for start in sorted(partial):  # in chunk order, whichever thread made which
+            gram.add_(partial[start])
+        return total, gram
+
     def _read_rows(self, t: int, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         ref = self.job.base if t < 0 else self.job.inputs[t]
         assert ref is not None

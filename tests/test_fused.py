@@ -153,6 +153,26 @@ def test_gram_is_the_float64_gram_matrix(n, with_base):
     assert bool(((got - expected).abs() <= 1e-13 * magnitude + 1e-300).all())
 
 
+def test_portable_and_vector_code_give_the_same_bytes():
+    """The kernel's portable code (CPUs without AVX2) and its AVX2 code: the same operations, the same bytes."""
+    inputs = [values(3001, dtype, seed) for seed, dtype in enumerate((torch.bfloat16, torch.float32, torch.bfloat16, torch.float32))]
+    base = values(3001, torch.bfloat16, 50)
+    forms = [(LinearForm((0.3, -1.2, 2.5, 0.7), 2.3, 0.9), base), (LinearForm((0.3, -1.2, 2.5, 0.7), None, None), None),
+             (LinearForm((0.3, -1.2, 2.5, 0.7), None, None, rounded_products=True), None)]
+    results = []
+    try:
+        for generic in (False, True):
+            fused._fused._generic_only(generic)
+            grams = [fused.gram(b, inputs, torch.empty(3001))[0] for b in (None, base)]
+            outs = [native(torch.bfloat16, b, inputs, form)[0] for form, b in forms]
+            results.append((grams, outs))
+    finally:
+        fused._fused._generic_only(False)
+    (grams_fast, outs_fast), (grams_portable, outs_portable) = results
+    assert all(torch.equal(a, b) for a, b in zip(grams_fast, grams_portable))
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(outs_fast, outs_portable))
+
+
 def test_gram_finds_non_finite_entries():
     inputs = [values(2000, torch.float32, seed) for seed in range(3)]
     base = values(2000, torch.float32, 9)
@@ -232,6 +252,38 @@ def test_whole_merges_are_identical_with_the_kernel_on_and_off(request, tmp_path
     assert torch_out.keys() == native_out.keys()
     for name in torch_out:
         assert torch.equal(bits(torch_out[name]), bits(native_out[name])), name
+
+
+@pytest.mark.parametrize("fixture", ["demo", "demo_bf16"])
+def test_model_stock_with_the_kernel_is_the_torch_merge_up_to_its_gram_rounding(request, tmp_path, monkeypatch, fixture):
+    """The kernel's pass makes the same sum of task vectors and a float64 Gram matrix (torch's is float32): the
+    ratio t differs by float32's error in the dot products (absolute, ~1e-7), so the outputs agree to about a
+    rounding of their dtype."""
+    from mergekit_lite.ops import selection
+
+    demo = request.getfixturevalue(fixture)
+    monkeypatch.setattr(execute, "FUSED_CHUNK_ENTRIES", 50)
+    monkeypatch.setattr(execute, "two_phase_min_entries", lambda: 7)  # every tensor of 7+ entries by row chunks
+    calls = []
+    original = fused.gram
+    monkeypatch.setattr(fused, "gram", lambda *a: calls.append(1) or original(*a))
+    ratios = {}
+    original_ratio = selection.model_stock_ratio_from_gram
+    monkeypatch.setattr("mergekit_lite.methods.model_stock.model_stock_ratio_from_gram",
+                        lambda gram, dtype=torch.float32: ratios.setdefault(len(ratios), original_ratio(gram, dtype)))
+    torch_out = _run(demo, tmp_path / "torch", "model_stock", {}, monkeypatch, native_on=False)
+    torch_ratios, ratios = dict(ratios), {}
+    monkeypatch.setattr("mergekit_lite.methods.model_stock.model_stock_ratio_from_gram",
+                        lambda gram, dtype=torch.float32: ratios.setdefault(len(ratios), original_ratio(gram, dtype)))
+    assert not calls
+    native_out = _run(demo, tmp_path / "native", "model_stock", {}, monkeypatch, native_on=True)
+    assert calls
+    assert len(ratios) == len(torch_ratios)
+    for i in ratios:  # where cos θ is near 0, float32's dot products are far off in relative terms: t itself is ~K·cos θ
+        torch.testing.assert_close(ratios[i], torch_ratios[i], rtol=0, atol=1e-6)
+    for name in torch_out:
+        tol = dict(rtol=2 ** -7, atol=1e-6) if torch_out[name].dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(native_out[name].float(), torch_out[name].float(), **tol, msg=name)
 
 
 def test_a_kernel_that_disagrees_on_the_sample_is_not_used(demo, tmp_path, monkeypatch):

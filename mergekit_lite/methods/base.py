@@ -127,6 +127,12 @@ class TaskVectorSource:
         """The row ranges to work on, in order, covering the first dimension."""
         raise NotImplementedError
 
+    def native_sum_gram(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(Σ_t τ_t in the compute dtype, the float64 Gram matrix of the τ_t) made by the native kernel in one pass
+        over the stored bytes (the sum with torch's roundings; each product exact, summed in float64 in the kernel's
+        order); None where the kernel cannot read the inputs (the caller makes them with torch)."""
+        return None
+
     def stacked_rows(self, start: int, stop: int, reuse: bool = False) -> torch.Tensor:
         """[τ_1[start:stop], …, τ_T[start:stop]] as one new [T, …] tensor (each task's rows made in place there);
         ``reuse``: in this thread's buffer instead (``stack_buffer``), for a caller done with it before its next chunk."""

@@ -29,6 +29,10 @@ def model_stock_rows(source: TaskVectorSource, ctx: TensorContext) -> torch.Tens
         raise ValueError(f"model_stock needs at least 2 models besides the base for {ctx.name}, got {count}")
     filter_wise = ctx.params["filter_wise"]
     per_row = filter_wise and len(source.shape) > 1
+    native = None if per_row else source.native_sum_gram()
+    if native is not None:  # the same sum; the Gram matrix in float64 (torch's below: float32), so t may differ in its last bit
+        total, gram = native
+        return scale_mean(total, count, model_stock_ratio_from_gram(gram, total.dtype), filter_wise)
     chunks = source.chunks()
     grams: dict[int, torch.Tensor] = {}  # chunk start → its Gram matrix, added up (or concatenated) in chunk order
     total = torch.empty(source.shape, dtype=source.dtype, device=source.device)

@@ -125,11 +125,14 @@ static int has_avx2_fma(void) {
 }
 #endif
 
+/* set by tests (_generic_only): the portable versions even where AVX2 is there, to compare the two */
+static int generic_only = 0;
+
 static Py_ssize_t combine(const Job *job) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
     static int avx2 = -1;
     if (avx2 < 0) avx2 = has_avx2_fma();
-    if (avx2) return combine_avx2(job);
+    if (avx2 && !generic_only) return combine_avx2(job);
 #endif
     return combine_generic(job);
 }
@@ -141,17 +144,55 @@ typedef struct {
     Py_ssize_t count;
     const void **inputs;
     const int *kinds;
-    float *scratch; /* count * BLOCK floats */
-    double *gram;   /* count * count, added to */
+    double *scratch; /* count * BLOCK doubles */
+    double *gram;    /* count * count, added to */
+    float *sum;     /* NULL, or where sum_t x_t goes (x_0, then + x_t in order: torch's copy_ then add_) */
 } GramJob;
 
 /* gram[i][j] += sum over entries of x_i x_j (x the float32 inputs or their differences from the base), each product
- * exact in float64 and summed in float64, in blocks, four partial sums per pair: a fixed order. Returns as
- * combine_body does. */
-static inline __attribute__((always_inline)) Py_ssize_t gram_body(const GramJob *job) {
-    float b[BLOCK];
+ * exact in float64 and added with one rounding (fma), sixteen partial sums per pair per block: a fixed order.
+ * Returns as combine_body does. */
+#define LANES 16
+
+/* sum_j a_j b_j over [0, padded) (a multiple of LANES): lane l adds the products of entries j = l mod LANES with fma,
+ * then the lanes are added pairwise. The AVX2 version makes the same operations four lanes at a time. */
+static inline double lanes_total(const double *lane) {
+    double half[LANES / 2];
+    for (int l = 0; l < LANES / 2; l++) half[l] = lane[l] + lane[l + LANES / 2];
+    return ((half[0] + half[4]) + (half[2] + half[6])) + ((half[1] + half[5]) + (half[3] + half[7]));
+}
+
+static double dot_generic(const double *a, const double *b, Py_ssize_t padded) {
+    double lane[LANES] = {0.0};
+    for (Py_ssize_t j = 0; j < padded; j += LANES)
+        for (int l = 0; l < LANES; l++) lane[l] = fma(a[j + l], b[j + l], lane[l]);
+    return lanes_total(lane);
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+__attribute__((target("avx2,fma"))) static double dot_avx2(const double *a, const double *b, Py_ssize_t padded) {
+    __m256d v0 = _mm256_setzero_pd(), v1 = _mm256_setzero_pd(), v2 = _mm256_setzero_pd(), v3 = _mm256_setzero_pd();
+    for (Py_ssize_t j = 0; j < padded; j += LANES) {
+        v0 = _mm256_fmadd_pd(_mm256_loadu_pd(a + j), _mm256_loadu_pd(b + j), v0);
+        v1 = _mm256_fmadd_pd(_mm256_loadu_pd(a + j + 4), _mm256_loadu_pd(b + j + 4), v1);
+        v2 = _mm256_fmadd_pd(_mm256_loadu_pd(a + j + 8), _mm256_loadu_pd(b + j + 8), v2);
+        v3 = _mm256_fmadd_pd(_mm256_loadu_pd(a + j + 12), _mm256_loadu_pd(b + j + 12), v3);
+    }
+    double lane[LANES];
+    _mm256_storeu_pd(lane, v0);
+    _mm256_storeu_pd(lane + 4, v1);
+    _mm256_storeu_pd(lane + 8, v2);
+    _mm256_storeu_pd(lane + 12, v3);
+    return lanes_total(lane);
+}
+#endif
+
+static inline __attribute__((always_inline)) Py_ssize_t gram_body(const GramJob *job, int avx2) {
+    float b[BLOCK], x[BLOCK];
     Py_ssize_t first_bad = -1;
     const Py_ssize_t K = job->count;
+    double *xd = job->scratch; /* K * BLOCK doubles: the block's vectors, converted once */
     for (Py_ssize_t i0 = 0; i0 < job->n; i0 += BLOCK) {
         Py_ssize_t m = job->n - i0 < BLOCK ? job->n - i0 : BLOCK;
         if (job->base != NULL) {
@@ -159,24 +200,34 @@ static inline __attribute__((always_inline)) Py_ssize_t gram_body(const GramJob 
             if (to_float((const char *)job->base + (size_t)i0 * size, job->base_kind, m, b) && first_bad < 0)
                 first_bad = 0;
         }
+        float *s = job->sum != NULL ? job->sum + i0 : NULL;
         for (Py_ssize_t t = 0; t < K; t++) {
-            float *x = job->scratch + (size_t)t * BLOCK;
+            double *d = xd + (size_t)t * BLOCK;
             size_t size = job->kinds[t] == KIND_BF16 ? 2 : 4;
             if (to_float((const char *)job->inputs[t] + (size_t)i0 * size, job->kinds[t], m, x) && (first_bad < 0 || first_bad > t + 1))
                 first_bad = t + 1;
             if (job->base != NULL)
                 for (Py_ssize_t j = 0; j < m; j++) x[j] = x[j] - b[j];
+            for (Py_ssize_t j = 0; j < m; j++) d[j] = (double)x[j];
+            for (Py_ssize_t j = m; j < (m + LANES - 1) / LANES * LANES; j++) d[j] = 0.0; /* the last lanes' padding */
+            if (s != NULL) {
+                if (t == 0)
+                    memcpy(s, x, (size_t)m * sizeof(float));
+                else
+                    for (Py_ssize_t j = 0; j < m; j++) s[j] = s[j] + x[j];
+            }
         }
+        Py_ssize_t padded = (m + LANES - 1) / LANES * LANES;
         for (Py_ssize_t p = 0; p < K; p++) {
-            const float *xp = job->scratch + (size_t)p * BLOCK;
+            const double *xp = xd + (size_t)p * BLOCK;
             for (Py_ssize_t q = p; q < K; q++) {
-                const float *xq = job->scratch + (size_t)q * BLOCK;
-                double lane[4] = {0.0, 0.0, 0.0, 0.0};
-                Py_ssize_t j = 0;
-                for (; j + 4 <= m; j += 4)
-                    for (int l = 0; l < 4; l++) lane[l] += (double)xp[j + l] * (double)xq[j + l];
-                for (; j < m; j++) lane[0] += (double)xp[j] * (double)xq[j];
-                double block_sum = (lane[0] + lane[1]) + (lane[2] + lane[3]);
+                const double *xq = xd + (size_t)q * BLOCK;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+                double block_sum = avx2 ? dot_avx2(xp, xq, padded) : dot_generic(xp, xq, padded);
+#else
+                (void)avx2;
+                double block_sum = dot_generic(xp, xq, padded);
+#endif
                 job->gram[p * K + q] += block_sum;
             }
         }
@@ -186,17 +237,17 @@ static inline __attribute__((always_inline)) Py_ssize_t gram_body(const GramJob 
     return first_bad;
 }
 
-static Py_ssize_t gram_generic(const GramJob *job) { return gram_body(job); }
+static Py_ssize_t gram_generic(const GramJob *job) { return gram_body(job, 0); }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-__attribute__((target("avx2,fma"))) static Py_ssize_t gram_avx2(const GramJob *job) { return gram_body(job); }
+__attribute__((target("avx2,fma"))) static Py_ssize_t gram_avx2(const GramJob *job) { return gram_body(job, 1); }
 #endif
 
 static Py_ssize_t gram(const GramJob *job) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
     static int avx2 = -1;
     if (avx2 < 0) avx2 = has_avx2_fma();
-    if (avx2) return gram_avx2(job);
+    if (avx2 && !generic_only) return gram_avx2(job);
 #endif
     return gram_generic(job);
 }
@@ -280,17 +331,18 @@ done:
 }
 
 PyDoc_STRVAR(gram_doc,
-    "gram(n, base, base_kind, inputs, kinds) -> (int, list[float])\n\n"
+    "gram(n, base, base_kind, inputs, kinds, sum) -> (int, list[float])\n\n"
     "The float64 Gram matrix (row-major, K * K) of the inputs' entries [0, n) at the given addresses, or of their\n"
-    "differences from the base (address 0: none), each product exact and summed in float64; and -1, or the first\n"
-    "input with a NaN/Inf entry (0 the base, 1 + t input t). The GIL is released while it runs.");
+    "differences from the base (address 0: none), each product exact, added with fma in float64; and -1, or the first\n"
+    "input with a NaN/Inf entry (0 the base, 1 + t input t). sum (address 0: none): n float32 entries that receive\n"
+    "x_0 + x_1 + ... in that order. The GIL is released while it runs.");
 
 static PyObject *gram_matrix(PyObject *self, PyObject *args) {
-    unsigned long long base_addr;
+    unsigned long long base_addr, sum_addr;
     int base_kind;
     Py_ssize_t n;
     PyObject *inputs_obj, *kinds_obj;
-    if (!PyArg_ParseTuple(args, "nKiOO", &n, &base_addr, &base_kind, &inputs_obj, &kinds_obj)) return NULL;
+    if (!PyArg_ParseTuple(args, "nKiOOK", &n, &base_addr, &base_kind, &inputs_obj, &kinds_obj, &sum_addr)) return NULL;
     if ((base_kind != KIND_F32 && base_kind != KIND_BF16) || n < 0) {
         PyErr_SetString(PyExc_ValueError, "unknown storage kind or negative count");
         return NULL;
@@ -300,7 +352,7 @@ static PyObject *gram_matrix(PyObject *self, PyObject *args) {
     PyObject *result = NULL;
     const void **addrs = NULL;
     int *input_kinds = NULL;
-    float *scratch = NULL;
+    double *scratch = NULL;
     double *matrix = NULL;
     if (kinds == NULL) goto done;
     Py_ssize_t count = PySequence_Fast_GET_SIZE(inputs);
@@ -310,7 +362,7 @@ static PyObject *gram_matrix(PyObject *self, PyObject *args) {
     }
     addrs = PyMem_Malloc((size_t)count * sizeof(*addrs));
     input_kinds = PyMem_Malloc((size_t)count * sizeof(*input_kinds));
-    scratch = PyMem_RawMalloc((size_t)count * BLOCK * sizeof(float));
+    scratch = PyMem_RawMalloc((size_t)count * BLOCK * sizeof(double));
     matrix = PyMem_RawCalloc((size_t)(count * count), sizeof(double));
     if (addrs == NULL || input_kinds == NULL || scratch == NULL || matrix == NULL) {
         PyErr_NoMemory();
@@ -321,7 +373,7 @@ static PyObject *gram_matrix(PyObject *self, PyObject *args) {
         if (PyErr_Occurred() || !parse_kind(PySequence_Fast_GET_ITEM(kinds, t), &input_kinds[t])) goto done;
         addrs[t] = (const void *)(uintptr_t)a;
     }
-    GramJob job = {n, (const void *)(uintptr_t)base_addr, base_kind, count, addrs, input_kinds, scratch, matrix};
+    GramJob job = {n, (const void *)(uintptr_t)base_addr, base_kind, count, addrs, input_kinds, scratch, matrix, (float *)(uintptr_t)sum_addr};
     Py_ssize_t bad;
     Py_BEGIN_ALLOW_THREADS
     bad = gram(&job);
@@ -347,7 +399,15 @@ done:
     return result;
 }
 
+static PyObject *set_generic_only(PyObject *self, PyObject *arg) {
+    int flag = PyObject_IsTrue(arg);
+    if (flag < 0) return NULL;
+    generic_only = flag;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"_generic_only", set_generic_only, METH_O, "For tests: use the portable code paths only (True) or the fastest (False)."},
     {"linear_combination", linear_combination, METH_VARARGS, linear_combination_doc},
     {"gram", gram_matrix, METH_VARARGS, gram_doc},
     {NULL, NULL, 0, NULL},
