@@ -186,6 +186,36 @@ __attribute__((target("avx2,fma"))) static double dot_avx2(const double *a, cons
     _mm256_storeu_pd(lane + 12, v3);
     return lanes_total(lane);
 }
+
+/* dot_avx2(a, b, ...) and dot_avx2(a, c, ...) at once: a's entries loaded once for both (the same operations) */
+__attribute__((target("avx2,fma"))) static void dot2_avx2(const double *a, const double *b, const double *c, Py_ssize_t padded,
+                                                         double *ab, double *ac) {
+    __m256d b0 = _mm256_setzero_pd(), b1 = _mm256_setzero_pd(), b2 = _mm256_setzero_pd(), b3 = _mm256_setzero_pd();
+    __m256d c0 = _mm256_setzero_pd(), c1 = _mm256_setzero_pd(), c2 = _mm256_setzero_pd(), c3 = _mm256_setzero_pd();
+    for (Py_ssize_t j = 0; j < padded; j += LANES) {
+        __m256d a0 = _mm256_loadu_pd(a + j), a1 = _mm256_loadu_pd(a + j + 4);
+        __m256d a2 = _mm256_loadu_pd(a + j + 8), a3 = _mm256_loadu_pd(a + j + 12);
+        b0 = _mm256_fmadd_pd(a0, _mm256_loadu_pd(b + j), b0);
+        b1 = _mm256_fmadd_pd(a1, _mm256_loadu_pd(b + j + 4), b1);
+        b2 = _mm256_fmadd_pd(a2, _mm256_loadu_pd(b + j + 8), b2);
+        b3 = _mm256_fmadd_pd(a3, _mm256_loadu_pd(b + j + 12), b3);
+        c0 = _mm256_fmadd_pd(a0, _mm256_loadu_pd(c + j), c0);
+        c1 = _mm256_fmadd_pd(a1, _mm256_loadu_pd(c + j + 4), c1);
+        c2 = _mm256_fmadd_pd(a2, _mm256_loadu_pd(c + j + 8), c2);
+        c3 = _mm256_fmadd_pd(a3, _mm256_loadu_pd(c + j + 12), c3);
+    }
+    double lane[LANES];
+    _mm256_storeu_pd(lane, b0);
+    _mm256_storeu_pd(lane + 4, b1);
+    _mm256_storeu_pd(lane + 8, b2);
+    _mm256_storeu_pd(lane + 12, b3);
+    *ab = lanes_total(lane);
+    _mm256_storeu_pd(lane, c0);
+    _mm256_storeu_pd(lane + 4, c1);
+    _mm256_storeu_pd(lane + 8, c2);
+    _mm256_storeu_pd(lane + 12, c3);
+    *ac = lanes_total(lane);
+}
 #endif
 
 static inline __attribute__((always_inline)) Py_ssize_t gram_body(const GramJob *job, int avx2) {
@@ -220,16 +250,21 @@ static inline __attribute__((always_inline)) Py_ssize_t gram_body(const GramJob 
         Py_ssize_t padded = (m + LANES - 1) / LANES * LANES;
         for (Py_ssize_t p = 0; p < K; p++) {
             const double *xp = xd + (size_t)p * BLOCK;
-            for (Py_ssize_t q = p; q < K; q++) {
-                const double *xq = xd + (size_t)q * BLOCK;
+            Py_ssize_t q = p;
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-                double block_sum = avx2 ? dot_avx2(xp, xq, padded) : dot_generic(xp, xq, padded);
-#else
-                (void)avx2;
-                double block_sum = dot_generic(xp, xq, padded);
-#endif
-                job->gram[p * K + q] += block_sum;
+            if (avx2) {
+                for (; q + 2 <= K; q += 2) {  /* two pairs per pass over x_p */
+                    double first, second;
+                    dot2_avx2(xp, xd + (size_t)q * BLOCK, xd + (size_t)(q + 1) * BLOCK, padded, &first, &second);
+                    job->gram[p * K + q] += first;
+                    job->gram[p * K + q + 1] += second;
+                }
+                for (; q < K; q++) job->gram[p * K + q] += dot_avx2(xp, xd + (size_t)q * BLOCK, padded);
             }
+#else
+            (void)avx2;
+#endif
+            for (; q < K; q++) job->gram[p * K + q] += dot_generic(xp, xd + (size_t)q * BLOCK, padded);
         }
     }
     for (Py_ssize_t p = 0; p < K; p++)
