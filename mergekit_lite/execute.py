@@ -253,18 +253,8 @@ class RereadTaskVectors(TaskVectorSource):
         if sources is None:
             return None
         total = torch.empty(self.shape, dtype=self.dtype)
-        flat = total.view(-1)
-        partial: dict[int, torch.Tensor] = {}
-
-        def chunk(start: int, stop: int, stored: list[torch.Tensor]) -> int:
-            partial[start], bad = fused.gram(stored[0], stored[1:], flat[start:stop])
-            return bad if bad < 0 else bad + 1  # the kernel counts the base as 0, here it is source 0
-
-        _each_stored_chunk(sources, flat.numel(), chunk, self.dtype)
+        gram = _gram_of_stored(sources, True, self.dtype, sum_into=total.view(-1))
         self.checked.update((t, start) for t in range(-1, self.count) for start, _ in self.chunks())  # every entry looked at
-        gram = torch.zeros((self.count, self.count), dtype=torch.float64)
-        for start in sorted(partial):  # in chunk order, whichever thread made which
-            gram.add_(partial[start])
         return total, gram
 
     def _read_rows(self, t: int, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -352,20 +342,11 @@ class ReadWeightInputs(WeightInputs):
         sources = self._native(indices)
         if sources is None:
             return None
-        partial: dict[int, torch.Tensor] = {}
-
-        def chunk_gram(start: int, stop: int, stored: list[torch.Tensor]) -> int:
-            partial[start], bad = fused.gram(None, stored)
-            return bad
-
-        _each_stored_chunk(sources, self.job.out.numel, chunk_gram, self.plan.compute_dtype)
+        gram = _gram_of_stored(sources, False, self.plan.compute_dtype)
         for i in indices:  # every entry looked at: later reads need not check again
             self.checked.add(i)
             self.checked_rows.update((i, start) for start, _ in self.chunks())
-        total = torch.zeros((len(indices), len(indices)), dtype=torch.float64)
-        for start in sorted(partial):  # in chunk order, whichever thread made which
-            total.add_(partial[start])
-        return total
+        return gram
 
     def native_combination(self, indices: Sequence[int], form: fused.LinearForm, label: str,
                            torch_result: Callable[[list[torch.Tensor]], torch.Tensor]) -> torch.Tensor | None:
@@ -380,7 +361,7 @@ class ReadWeightInputs(WeightInputs):
         def combine(start: int, stop: int, stored: list[torch.Tensor]) -> int:
             return fused.linear_combination_into(flat[start:stop], None, stored, form)
 
-        _each_stored_chunk(sources, flat.numel(), combine, self.plan.compute_dtype)
+        _each_stored_chunk(sources, False, combine, self.plan.compute_dtype)
         return out
 
 
@@ -417,9 +398,9 @@ def entrywise_output(plan: Plan, job: TensorJob, device: torch.device) -> torch.
     each input's rows read (only those bytes), the method run on them, the rows stored. It holds the
     output and a few chunks instead of whole float32 copies of the inputs, and every entry goes through
     the same operations as in a whole-tensor merge, so the bytes are the same."""
-    form = _native_form(plan, job, device)
-    if form is not None:
-        return fused_output(plan, job, form)
+    native = _native_form(plan, job, device)
+    if native is not None:
+        return fused_output(plan, job, *native)
     out = torch.empty(job.out.shape, dtype=job.out.dtype)
     ctx = context(plan, job)
     dtype = plan.compute_dtype
@@ -480,11 +461,13 @@ def _stored_sources(plan: Plan, refs: Sequence[TensorRef], numel: int, device: t
     return sources
 
 
-def _each_stored_chunk(sources: Sequence[StoredSource], numel: int, work: Callable[[int, int, list[torch.Tensor]], int],
+def _each_stored_chunk(sources: Sequence[StoredSource], has_base: bool, work: Callable[[int, int, list[torch.Tensor]], int],
                        compute_dtype: torch.dtype) -> None:
     """``work(start, stop, stored)`` for every chunk of FUSED_CHUNK_ENTRIES entries (on the threads in turn), ``stored``
-    each source's entries [start, stop) as stored, read into this thread's reused buffers; ``work`` returns the kernel's
-    answer (-1, or 1 + the index of a source with a NaN/Inf entry: refused as the torch path refuses it)."""
+    each source's entries [start, stop) as stored, read into this thread's reused buffers. ``work`` returns the
+    kernel's answer: -1, or the input with a NaN/Inf entry (0 the base, the first source where ``has_base``; 1 + t
+    input t), refused as the torch path refuses it."""
+    numel = sources[0][0].info(sources[0][1]).numel
 
     def chunk(span: tuple[int, int]) -> None:
         start, stop = span
@@ -495,10 +478,30 @@ def _each_stored_chunk(sources: Sequence[StoredSource], numel: int, work: Callab
             stored.append(buffer.view(dtype))
         bad = work(start, stop, stored)
         if bad >= 0:
-            ckpt, name, _ = sources[bad - 1]
+            ckpt, name, _ = sources[bad if has_base else bad - 1]
             _refuse_non_finite(ckpt, name, ckpt.get(name).to(dtype=compute_dtype))
 
     map_strided(chunk, [(start, min(numel, start + FUSED_CHUNK_ENTRIES)) for start in range(0, numel, FUSED_CHUNK_ENTRIES)])
+
+
+def _gram_of_stored(sources: Sequence[StoredSource], has_base: bool, compute_dtype: torch.dtype,
+                    sum_into: torch.Tensor | None = None) -> torch.Tensor:
+    """The float64 Gram matrix of the sources (of their differences from the first, the base, where ``has_base``) by
+    the native kernel, chunk by chunk on the threads, the chunks' matrices added in chunk order (the same sum on any
+    thread count); ``sum_into`` (flat float32) receives the sum of the (differences of the) sources."""
+    partial: dict[int, torch.Tensor] = {}
+
+    def chunk_gram(start: int, stop: int, stored: list[torch.Tensor]) -> int:
+        base, inputs = (stored[0], stored[1:]) if has_base else (None, stored)
+        partial[start], bad = fused.gram(base, inputs, None if sum_into is None else sum_into[start:stop])
+        return bad
+
+    _each_stored_chunk(sources, has_base, chunk_gram, compute_dtype)
+    count = len(sources) - int(has_base)
+    total = torch.zeros((count, count), dtype=torch.float64)
+    for start in sorted(partial):
+        total.add_(partial[start])
+    return total
 
 
 def _kernel_matches(key: tuple[Any, ...], stored: Sequence[torch.dtype], has_base: bool, out_dtype: torch.dtype, form: fused.LinearForm,
@@ -530,21 +533,23 @@ def _kernel_matches(key: tuple[Any, ...], stored: Sequence[torch.dtype], has_bas
     return known
 
 
-def _native_form(plan: Plan, job: TensorJob, device: torch.device) -> fused.LinearForm | None:
-    """The job's output as the native kernel's linear form, where the kernel can compute it (``_stored_sources``,
-    an output dtype it writes, the same bytes as the method's torch code on a sample); else None."""
-    if not fused.handles(job.out.dtype) or _stored_sources(plan, _base_first(job), job.out.numel, device) is None:
+def _native_form(plan: Plan, job: TensorJob, device: torch.device) -> tuple[fused.LinearForm, list[StoredSource]] | None:
+    """The job's output as the native kernel's linear form, and its inputs as the kernel reads them (the base first),
+    where the kernel can compute it (``_stored_sources``, an output dtype it writes, the same bytes as the method's
+    torch code on a sample); else None."""
+    sources = _stored_sources(plan, _base_first(job), job.out.numel, device) if fused.handles(job.out.dtype) else None
+    if sources is None:
         return None
     ctx = context(plan, job)
     form = plan.method.linear_form(ctx)
     if form is None or form.of_task_vectors != (job.base is not None) or len(form.weights) != len(job.inputs):
         return None
-    stored = [plan.checkpoints[ref.source].info(ref.name).dtype for ref in _base_first(job)]
 
     def method_result(base: torch.Tensor | None, inputs: list[torch.Tensor]) -> torch.Tensor:
         return plan.method.output_tensor(base, iter(inputs), ctx)
 
-    return form if _kernel_matches((plan.method.name,), stored, job.base is not None, job.out.dtype, form, method_result) else None
+    stored = [dtype for _, _, dtype in sources]
+    return (form, sources) if _kernel_matches((plan.method.name,), stored, job.base is not None, job.out.dtype, form, method_result) else None
 
 
 def _base_first(job: TensorJob) -> tuple[TensorRef, ...]:
@@ -552,20 +557,17 @@ def _base_first(job: TensorJob) -> tuple[TensorRef, ...]:
     return ((job.base,) if job.base is not None else ()) + tuple(job.inputs)
 
 
-def fused_output(plan: Plan, job: TensorJob, form: fused.LinearForm) -> torch.Tensor:
+def fused_output(plan: Plan, job: TensorJob, form: fused.LinearForm, sources: list[StoredSource]) -> torch.Tensor:
     """A linear-form job's output by the native kernel: chunk by chunk (on every thread), each input's stored bytes
     read into this thread's reused buffer and every entry combined in one pass; NaN/Inf refused as the torch path does."""
     out = torch.empty(job.out.shape, dtype=job.out.dtype)
     flat = out.view(-1)
-    sources = _stored_sources(plan, _base_first(job), job.out.numel, torch.device("cpu"))
-    assert sources is not None
 
     def combine(start: int, stop: int, stored: list[torch.Tensor]) -> int:
         base, inputs = (stored[0], stored[1:]) if job.base is not None else (None, stored)
-        bad = fused.linear_combination_into(flat[start:stop], base, inputs, form)
-        return bad if bad < 0 or job.base is None else bad + 1  # the kernel counts the base as 0, here it is source 0 (1 - 1)
+        return fused.linear_combination_into(flat[start:stop], base, inputs, form)
 
-    _each_stored_chunk(sources, flat.numel(), combine, plan.compute_dtype)
+    _each_stored_chunk(sources, job.base is not None, combine, plan.compute_dtype)
     return out
 
 
