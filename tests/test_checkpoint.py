@@ -298,3 +298,23 @@ def test_file_truncated_after_opening_is_a_clear_error_for_mapped_reads(tmp_path
         os.truncate(path, path.stat().st_size - 1000)
         with pytest.raises(CheckpointError, match="x.safetensors: file ended while reading tensor a; it was truncated"):
             ckpt.get("a")
+
+
+def test_read_into_fills_a_buffer_with_stored_bytes_and_refuses_what_is_not_there(tmp_path):
+    """``read_into``: any byte range of a tensor's stored data into the caller's buffer; outside the tensor a
+    ValueError; a file truncated after opening the same clear error as the other reads."""
+    path = tmp_path / "x.safetensors"
+    a = torch.arange(300, dtype=torch.float32).reshape(10, 30).to(torch.bfloat16)
+    save_file({"a": a, "b": torch.ones(7)}, path)
+    stored = a.reshape(-1).view(torch.uint8)
+    with open_checkpoint(path) as ckpt:
+        assert ckpt.reads_into("a") and ckpt.reads_into("b")
+        for skip, size in [(0, 600), (2, 10), (598, 2), (100, 0)]:
+            buffer = torch.full((size,), 255, dtype=torch.uint8)
+            ckpt.read_into("a", skip, memoryview(buffer.numpy()))
+            assert torch.equal(buffer, stored[skip : skip + size])
+        with pytest.raises(ValueError):
+            ckpt.read_into("a", 590, memoryview(bytearray(20)))
+        os.truncate(path, path.stat().st_size - 300)
+        with pytest.raises(CheckpointError, match="x.safetensors: file ended while reading tensor a; it was truncated"):
+            ckpt.read_into("a", 0, memoryview(bytearray(600)))
