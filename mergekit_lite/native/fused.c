@@ -13,6 +13,12 @@
 #include <string.h>
 
 enum { KIND_F32 = 0, KIND_BF16 = 1 };
+/* x86-64 with GCC or clang: AVX2 + FMA versions beside the portable ones, chosen at run time */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define X86_DISPATCH 1
+#else
+#define X86_DISPATCH 0
+#endif
 #define BLOCK 1024
 #define MAX_INPUTS 4096
 
@@ -117,7 +123,7 @@ static inline __attribute__((always_inline)) Py_ssize_t combine_body(const Job *
 
 static Py_ssize_t combine_generic(const Job *job) { return combine_body(job); }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if X86_DISPATCH
 __attribute__((target("avx2,fma"))) static Py_ssize_t combine_avx2(const Job *job) { return combine_body(job); }
 static int has_avx2_fma(void) {
     __builtin_cpu_init();
@@ -128,11 +134,20 @@ static int has_avx2_fma(void) {
 /* set by tests (_generic_only): the portable versions even where AVX2 is there, to compare the two */
 static int generic_only = 0;
 
-static Py_ssize_t combine(const Job *job) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+/* whether to run the AVX2 + FMA versions (the CPU has them, tests have not asked for the portable ones) */
+static int use_avx2(void) {
+#if X86_DISPATCH
     static int avx2 = -1;
     if (avx2 < 0) avx2 = has_avx2_fma();
-    if (avx2 && !generic_only) return combine_avx2(job);
+    return avx2 && !generic_only;
+#else
+    return 0;
+#endif
+}
+
+static Py_ssize_t combine(const Job *job) {
+#if X86_DISPATCH
+    if (use_avx2()) return combine_avx2(job);
 #endif
     return combine_generic(job);
 }
@@ -169,7 +184,7 @@ static double dot_generic(const double *a, const double *b, Py_ssize_t padded) {
     return lanes_total(lane);
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if X86_DISPATCH
 #include <immintrin.h>
 __attribute__((target("avx2,fma"))) static double dot_avx2(const double *a, const double *b, Py_ssize_t padded) {
     __m256d v0 = _mm256_setzero_pd(), v1 = _mm256_setzero_pd(), v2 = _mm256_setzero_pd(), v3 = _mm256_setzero_pd();
@@ -251,7 +266,7 @@ static inline __attribute__((always_inline)) Py_ssize_t gram_body(const GramJob 
         for (Py_ssize_t p = 0; p < K; p++) {
             const double *xp = xd + (size_t)p * BLOCK;
             Py_ssize_t q = p;
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if X86_DISPATCH
             if (avx2) {
                 for (; q + 2 <= K; q += 2) {  /* two pairs per pass over x_p */
                     double first, second;
@@ -274,15 +289,13 @@ static inline __attribute__((always_inline)) Py_ssize_t gram_body(const GramJob 
 
 static Py_ssize_t gram_generic(const GramJob *job) { return gram_body(job, 0); }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if X86_DISPATCH
 __attribute__((target("avx2,fma"))) static Py_ssize_t gram_avx2(const GramJob *job) { return gram_body(job, 1); }
 #endif
 
 static Py_ssize_t gram(const GramJob *job) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-    static int avx2 = -1;
-    if (avx2 < 0) avx2 = has_avx2_fma();
-    if (avx2 && !generic_only) return gram_avx2(job);
+#if X86_DISPATCH
+    if (use_avx2()) return gram_avx2(job);
 #endif
     return gram_generic(job);
 }
