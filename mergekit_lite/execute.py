@@ -338,12 +338,13 @@ class ReadWeightInputs(WeightInputs):
             return None
         return _stored_sources(self.plan, [self.job.inputs[i] for i in indices], self.job.out.numel, self.device)
 
-    def native_gram(self, indices: Sequence[int]) -> torch.Tensor | None:
-        sources = self._native(indices)
+    def native_gram(self, indices: Sequence[int], base: int | None = None, diagonal: bool = False) -> torch.Tensor | None:
+        looked_at = ([base] if base is not None else []) + list(indices)
+        sources = self._native(looked_at)
         if sources is None:
             return None
-        gram = _gram_of_stored(sources, False, self.plan.compute_dtype)
-        for i in indices:  # every entry looked at: later reads need not check again
+        gram = _gram_of_stored(sources, base is not None, self.plan.compute_dtype, diagonal=diagonal)
+        for i in looked_at:  # every entry looked at: later reads need not check again
             self.checked.add(i)
             self.checked_rows.update((i, start) for start, _ in self.chunks())
         return gram
@@ -485,15 +486,16 @@ def _each_stored_chunk(sources: Sequence[StoredSource], has_base: bool, work: Ca
 
 
 def _gram_of_stored(sources: Sequence[StoredSource], has_base: bool, compute_dtype: torch.dtype,
-                    sum_into: torch.Tensor | None = None) -> torch.Tensor:
+                    sum_into: torch.Tensor | None = None, diagonal: bool = False) -> torch.Tensor:
     """The float64 Gram matrix of the sources (of their differences from the first, the base, where ``has_base``) by
     the native kernel, chunk by chunk on the threads, the chunks' matrices added in chunk order (the same sum on any
-    thread count); ``sum_into`` (flat float32) receives the sum of the (differences of the) sources."""
+    thread count); ``sum_into`` (flat float32) receives the sum of the (differences of the) sources; ``diagonal``:
+    only the squared norms."""
     partial: dict[int, torch.Tensor] = {}
 
     def chunk_gram(start: int, stop: int, stored: list[torch.Tensor]) -> int:
         base, inputs = (stored[0], stored[1:]) if has_base else (None, stored)
-        partial[start], bad = fused.gram(base, inputs, None if sum_into is None else sum_into[start:stop])
+        partial[start], bad = fused.gram(base, inputs, None if sum_into is None else sum_into[start:stop], diagonal)
         return bad
 
     _each_stored_chunk(sources, has_base, chunk_gram, compute_dtype)

@@ -173,6 +173,15 @@ def test_portable_and_vector_code_give_the_same_bytes():
     assert all(torch.equal(bits(a), bits(b)) for a, b in zip(outs_fast, outs_portable))
 
 
+def test_gram_diagonal_only_is_the_full_matrix_diagonal():
+    inputs = [values(2500, torch.bfloat16, seed) for seed in range(5)]
+    base = values(2500, torch.float32, 8)
+    for b in (None, base):
+        full, _ = fused.gram(b, inputs)
+        diagonal, bad = fused.gram(b, inputs, diagonal=True)
+        assert bad == -1 and torch.equal(diagonal, torch.diag(torch.diagonal(full)))
+
+
 def test_gram_finds_non_finite_entries():
     inputs = [values(2000, torch.float32, seed) for seed in range(3)]
     base = values(2000, torch.float32, 9)
@@ -220,6 +229,7 @@ def test_refuses_mismatched_arguments():
 # -- whole merges --------------------------------------------------------------------------------
 RECIPES = [
     ("slerp", {"t": 0.3}),
+    ("multislerp", {}),
     ("task_arithmetic", {"lambda": 0.8}),
     ("task_arithmetic", {"lambda": 0.37, "normalize": True}),
     ("linear", {}),
@@ -242,9 +252,10 @@ def test_whole_merges_are_identical_with_the_kernel_on_and_off(request, tmp_path
     monkeypatch.setattr(execute, "ROW_CHUNK_ENTRIES", 7)  # every tensor of 7+ entries goes the entrywise way
     monkeypatch.setattr(execute, "FUSED_CHUNK_ENTRIES", 50)  # in uneven chunks, on both threads
     monkeypatch.setattr(base_module, "REREAD_CHUNK_ENTRIES", 40)  # slerp's torch passes in chunks too
-    calls = []
-    original = fused.linear_combination_into
+    calls = []  # the entries of each kernel call (its output's, or its first input's)
+    original, original_gram = fused.linear_combination_into, fused.gram
     monkeypatch.setattr(fused, "linear_combination_into", lambda *a: calls.append(a[0].numel()) or original(*a))
+    monkeypatch.setattr(fused, "gram", lambda *a, **k: calls.append(a[1][0].numel()) or original_gram(*a, **k))
     torch_out = _run(demo, tmp_path / "torch", method, params, monkeypatch, native_on=False)
     assert not calls
     native_out = _run(demo, tmp_path / "native", method, params, monkeypatch, native_on=True)

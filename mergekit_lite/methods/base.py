@@ -217,10 +217,11 @@ class WeightInputs:
         """The row ranges to read by, in order, covering the first dimension (one when rows cannot be read apart)."""
         raise NotImplementedError
 
-    def native_gram(self, indices: Sequence[int]) -> torch.Tensor | None:
-        """The float64 Gram matrix of inputs ``indices`` made by the native kernel from their stored bytes (each product
-        exact, summed in float64 in the kernel's order: it may differ from ``gram_by_rows``'s in the last bits); None
-        where the kernel cannot read them (the caller makes it with torch)."""
+    def native_gram(self, indices: Sequence[int], base: int | None = None, diagonal: bool = False) -> torch.Tensor | None:
+        """The float64 Gram matrix of inputs ``indices`` (of their differences from input ``base``; ``diagonal``: only
+        their squared norms, the rest 0) made by the native kernel from their stored bytes (each product exact, summed
+        in float64 in the kernel's order: it may differ from ``gram_by_rows``'s in the last bits); None where the kernel
+        cannot read them (the caller makes it with torch)."""
         return None
 
     def native_combination(self, indices: Sequence[int], form: LinearForm, label: str,

@@ -107,7 +107,8 @@ def _karcher_inputs(inputs: WeightInputs, ctx: TensorContext) -> torch.Tensor:
 def _multislerp_inputs(inputs: WeightInputs, ctx: TensorContext) -> torch.Tensor:
     """multislerp in three passes over row chunks, chunk i on thread i mod the thread count (``each_chunk``),
     holding one whole tensor (the result, in the compute dtype), never the inputs: each (task) vector's norm
-    (float64 sums of the chunks' squared float32 norms, added up in chunk order), then Σ a_i x_i stored with its
+    (float64 sums of the chunks' float64 squared norms, added up in chunk order; by the native kernel where it reads
+    the inputs), then Σ a_i x_i stored with its
     own norm, then its scale to the weighted mean norm (+ θ_0) (``multislerp_terms``)."""
     base_index = ctx.base_index
     others = [i for i in range(inputs.count) if i != base_index]
@@ -145,10 +146,12 @@ def _multislerp_inputs(inputs: WeightInputs, ctx: TensorContext) -> torch.Tensor
         squared = []
         for i in others:
             x = inputs.rows(i, *chunk)
-            squared.append(float(torch.linalg.vector_norm(x if base is None else x.sub_(base))) ** 2)
+            squared.append(float(torch.linalg.vector_norm(x if base is None else x.sub_(base), dtype=torch.float64)) ** 2)
         return squared
 
-    norms = [math.sqrt(s) for s in summed_by_chunks(squared_norms_of_chunk)]
+    gram = inputs.native_gram(others, base=base_index, diagonal=True)  # the same float64 squares, summed in its order
+    squares = [float(gram[i, i]) for i in range(len(others))] if gram is not None else summed_by_chunks(squared_norms_of_chunk)
+    norms = [math.sqrt(s) for s in squares]
     w, a, scale = multislerp_terms(norms, [float(ctx.model_params[i]["weight"]) for i in others],
                                    normalize_weights=ctx.params["normalize_weights"], eps=ctx.params["eps"])
     result = ChunkedTensor(inputs.shape)

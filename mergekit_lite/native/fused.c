@@ -162,6 +162,7 @@ typedef struct {
     double *scratch; /* count * BLOCK doubles */
     double *gram;    /* count * count, added to */
     float *sum;     /* NULL, or where sum_t x_t goes (x_0, then + x_t in order: torch's copy_ then add_) */
+    int diagonal;   /* only the squared norms (the diagonal; the rest stays 0) */
 } GramJob;
 
 /* gram[i][j] += sum over entries of x_i x_j (x the float32 inputs or their differences from the base), each product
@@ -265,21 +266,22 @@ static inline __attribute__((always_inline)) Py_ssize_t gram_body(const GramJob 
         Py_ssize_t padded = (m + LANES - 1) / LANES * LANES;
         for (Py_ssize_t p = 0; p < K; p++) {
             const double *xp = xd + (size_t)p * BLOCK;
+            const Py_ssize_t end = job->diagonal ? p + 1 : K; /* the pairs (p, q), q from p to end - 1 */
             Py_ssize_t q = p;
 #if X86_DISPATCH
             if (avx2) {
-                for (; q + 2 <= K; q += 2) {  /* two pairs per pass over x_p */
+                for (; q + 2 <= end; q += 2) {  /* two pairs per pass over x_p */
                     double first, second;
                     dot2_avx2(xp, xd + (size_t)q * BLOCK, xd + (size_t)(q + 1) * BLOCK, padded, &first, &second);
                     job->gram[p * K + q] += first;
                     job->gram[p * K + q + 1] += second;
                 }
-                for (; q < K; q++) job->gram[p * K + q] += dot_avx2(xp, xd + (size_t)q * BLOCK, padded);
+                for (; q < end; q++) job->gram[p * K + q] += dot_avx2(xp, xd + (size_t)q * BLOCK, padded);
             }
 #else
             (void)avx2;
 #endif
-            for (; q < K; q++) job->gram[p * K + q] += dot_generic(xp, xd + (size_t)q * BLOCK, padded);
+            for (; q < end; q++) job->gram[p * K + q] += dot_generic(xp, xd + (size_t)q * BLOCK, padded);
         }
     }
     for (Py_ssize_t p = 0; p < K; p++)
@@ -379,18 +381,20 @@ done:
 }
 
 PyDoc_STRVAR(gram_doc,
-    "gram(n, base, base_kind, inputs, kinds, sum) -> (int, list[float])\n\n"
+    "gram(n, base, base_kind, inputs, kinds, sum, diagonal) -> (int, list[float])\n\n"
     "The float64 Gram matrix (row-major, K * K) of the inputs' entries [0, n) at the given addresses, or of their\n"
     "differences from the base (address 0: none), each product exact, added with fma in float64; and -1, or the first\n"
     "input with a NaN/Inf entry (0 the base, 1 + t input t). sum (address 0: none): n float32 entries that receive\n"
-    "x_0 + x_1 + ... in that order. The GIL is released while it runs.");
+    "x_0 + x_1 + ... in that order. diagonal: only the squared norms (the other entries 0).\n"
+    "The GIL is released while it runs.");
 
 static PyObject *gram_matrix(PyObject *self, PyObject *args) {
     unsigned long long base_addr, sum_addr;
     int base_kind;
     Py_ssize_t n;
     PyObject *inputs_obj, *kinds_obj;
-    if (!PyArg_ParseTuple(args, "nKiOOK", &n, &base_addr, &base_kind, &inputs_obj, &kinds_obj, &sum_addr)) return NULL;
+    int diagonal;
+    if (!PyArg_ParseTuple(args, "nKiOOKp", &n, &base_addr, &base_kind, &inputs_obj, &kinds_obj, &sum_addr, &diagonal)) return NULL;
     if ((base_kind != KIND_F32 && base_kind != KIND_BF16) || n < 0) {
         PyErr_SetString(PyExc_ValueError, "unknown storage kind or negative count");
         return NULL;
@@ -421,7 +425,7 @@ static PyObject *gram_matrix(PyObject *self, PyObject *args) {
         if (PyErr_Occurred() || !parse_kind(PySequence_Fast_GET_ITEM(kinds, t), &input_kinds[t])) goto done;
         addrs[t] = (const void *)(uintptr_t)a;
     }
-    GramJob job = {n, (const void *)(uintptr_t)base_addr, base_kind, count, addrs, input_kinds, scratch, matrix, (float *)(uintptr_t)sum_addr};
+    GramJob job = {n, (const void *)(uintptr_t)base_addr, base_kind, count, addrs, input_kinds, scratch, matrix, (float *)(uintptr_t)sum_addr, diagonal};
     Py_ssize_t bad;
     Py_BEGIN_ALLOW_THREADS
     bad = gram(&job);

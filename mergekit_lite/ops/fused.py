@@ -72,11 +72,12 @@ def linear_combination_into(out: torch.Tensor, base: torch.Tensor | None, inputs
     )
 
 
-def gram(base: torch.Tensor | None, inputs: Sequence[torch.Tensor], sum_into: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+def gram(base: torch.Tensor | None, inputs: Sequence[torch.Tensor], sum_into: torch.Tensor | None = None,
+         diagonal: bool = False) -> tuple[torch.Tensor, int]:
     """The float64 Gram matrix ⟨x_i, x_j⟩ of flat, contiguous float32/bfloat16 CPU tensors of one length (or of
     their differences from ``base``), each product exact and summed in float64 in a fixed order, and -1 or the first
     input with a NaN/Inf entry (as ``linear_combination_into``). ``sum_into`` (flat float32): receives x_0 + x_1 + …
-    in that order, the bytes of torch's ``copy_`` then ``add_``."""
+    in that order, the bytes of torch's ``copy_`` then ``add_``. ``diagonal``: only the squared norms (the rest 0)."""
     assert _fused is not None, "the native kernel is not built"
     n = inputs[0].numel()
     tensors = [*inputs] + ([base] if base is not None else [])
@@ -84,5 +85,6 @@ def gram(base: torch.Tensor | None, inputs: Sequence[torch.Tensor], sum_into: to
             or (sum_into is not None and (sum_into.dtype != torch.float32 or not sum_into.is_contiguous() or sum_into.numel() != n or sum_into.device.type != "cpu")):
         raise ValueError("gram: at most 256 flat contiguous CPU float32/bfloat16 tensors of one length (a float32 sum of it)")
     bad, values = _fused.gram(n, base.data_ptr() if base is not None else 0, KINDS[base.dtype] if base is not None else 0,
-                              [t.data_ptr() for t in inputs], [KINDS[t.dtype] for t in inputs], sum_into.data_ptr() if sum_into is not None else 0)
+                              [t.data_ptr() for t in inputs], [KINDS[t.dtype] for t in inputs], sum_into.data_ptr() if sum_into is not None else 0,
+                              diagonal)
     return torch.tensor(values, dtype=torch.float64).view(len(inputs), len(inputs)), bad
