@@ -249,7 +249,8 @@ class RereadTaskVectors(TaskVectorSource):
 
     def native_sum_gram(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         assert self.job.base is not None
-        sources = _stored_sources(self.plan, [self.job.base, *self.job.inputs], self.job.out.numel, self.device)
+        sources = _stored_sources(self.plan, [self.job.base, *self.job.inputs], self.job.out.numel, self.device,
+                                  fused.MAX_GRAM_INPUTS + 1)  # the base besides
         if sources is None:
             return None
         total = torch.empty(self.shape, dtype=self.dtype)
@@ -333,14 +334,14 @@ class ReadWeightInputs(WeightInputs):
     def chunks(self) -> list[tuple[int, int]]:
         return row_chunks(self.shape, base_module.REREAD_CHUNK_ENTRIES) if self.by_rows else [(0, self.shape[0] if self.shape else 1)]
 
-    def _native(self, indices: Sequence[int]) -> list[StoredSource] | None:
+    def _native(self, indices: Sequence[int], most: int = fused.MAX_INPUTS) -> list[StoredSource] | None:
         if not self.by_rows:
             return None
-        return _stored_sources(self.plan, [self.job.inputs[i] for i in indices], self.job.out.numel, self.device)
+        return _stored_sources(self.plan, [self.job.inputs[i] for i in indices], self.job.out.numel, self.device, most)
 
     def native_gram(self, indices: Sequence[int], base: int | None = None, diagonal: bool = False) -> torch.Tensor | None:
         looked_at = ([base] if base is not None else []) + list(indices)
-        sources = self._native(looked_at)
+        sources = self._native(looked_at, fused.MAX_GRAM_INPUTS + (base is not None))
         if sources is None:
             return None
         gram = _gram_of_stored(sources, base is not None, self.plan.compute_dtype, diagonal=diagonal)
@@ -447,10 +448,11 @@ _FUSED_CHECKED: dict[tuple[Any, ...], bool] = {}
 StoredSource = tuple[Checkpoint, str, torch.dtype]
 
 
-def _stored_sources(plan: Plan, refs: Sequence[TensorRef], numel: int, device: torch.device) -> list[StoredSource] | None:
+def _stored_sources(plan: Plan, refs: Sequence[TensorRef], numel: int, device: torch.device,
+                    most: int = fused.MAX_INPUTS) -> list[StoredSource] | None:
     """The refs as the native kernel's inputs, where it can read them (built and on, CPU, float32 arithmetic,
-    float32/bfloat16 safetensors of ``numel`` entries, at most MAX_INPUTS); else None."""
-    if device.type != "cpu" or plan.compute_dtype != torch.float32 or not fused.available() or len(refs) > fused.MAX_INPUTS:
+    float32/bfloat16 safetensors of ``numel`` entries, at most ``most`` of them); else None."""
+    if device.type != "cpu" or plan.compute_dtype != torch.float32 or not fused.available() or len(refs) > most:
         return None
     sources = []
     for ref in refs:

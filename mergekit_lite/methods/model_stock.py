@@ -30,7 +30,7 @@ def model_stock_rows(source: TaskVectorSource, ctx: TensorContext) -> torch.Tens
     filter_wise = ctx.params["filter_wise"]
     per_row = filter_wise and len(source.shape) > 1
     native = None if per_row else source.native_sum_gram()
-    if native is not None:  # the same sum; the Gram matrix in float64 (torch's below: float32), so t may differ in its last bit
+    if native is not None:  # the same sum; the Gram matrix in float64 (torch's below: float32): t moves by float32's dot error
         total, gram = native
         return scale_mean(total, count, model_stock_ratio_from_gram(gram, total.dtype), filter_wise)
     chunks = source.chunks()

@@ -1,10 +1,11 @@
 """The native fused kernel (``mergekit_lite/native/fused.c``), where it was built: a fixed linear combination of stored
 inputs in one pass over their bytes, with the torch path's roundings.
 
-A method whose output for a tensor is such a combination (task arithmetic, linear) describes it as a ``LinearForm``;
-the executor reads the inputs' stored bytes in chunks and calls ``linear_combination_into``. Whether the kernel gives
-the torch path's bytes on this machine is checked on a sample first (``execute._fused_same_as_torch``); the torch
-path stays the reference. Set MERGEKIT_LITE_NATIVE=0 to use torch alone.
+A method whose output for a tensor is such a combination (task arithmetic, linear; slerp's second pass) describes it
+as a ``LinearForm``; the executor reads the inputs' stored bytes in chunks and calls ``linear_combination_into``.
+Whether the kernel gives the torch path's bytes on this machine is checked on a sample first
+(``execute._kernel_matches``); the torch path stays the reference. ``gram`` makes float64 Gram matrices (slerp,
+Model Stock, Multi-SLERP's norms). Set MERGEKIT_LITE_NATIVE=0 to use torch alone.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ except ImportError:  # built without a C compiler (setup.py's optional extension
 
 #: the stored dtypes the kernel reads and writes, by the code it knows them by
 KINDS = {torch.float32: 0, torch.bfloat16: 1}
-#: the most inputs one call takes (the kernel's own limit)
+#: the most inputs one call takes (the kernel's own limits: a combination's, a Gram matrix's)
 MAX_INPUTS = 4096
+MAX_GRAM_INPUTS = 256
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ def gram(base: torch.Tensor | None, inputs: Sequence[torch.Tensor], sum_into: to
     assert _fused is not None, "the native kernel is not built"
     n = inputs[0].numel()
     tensors = [*inputs] + ([base] if base is not None else [])
-    if any(t.device.type != "cpu" or not t.is_contiguous() or t.numel() != n or t.dtype not in KINDS for t in tensors) or len(inputs) > 256 \
+    if any(t.device.type != "cpu" or not t.is_contiguous() or t.numel() != n or t.dtype not in KINDS for t in tensors) or len(inputs) > MAX_GRAM_INPUTS \
             or (sum_into is not None and (sum_into.dtype != torch.float32 or not sum_into.is_contiguous() or sum_into.numel() != n or sum_into.device.type != "cpu")):
         raise ValueError("gram: at most 256 flat contiguous CPU float32/bfloat16 tensors of one length (a float32 sum of it)")
     bad, values = _fused.gram(n, base.data_ptr() if base is not None else 0, KINDS[base.dtype] if base is not None else 0,
