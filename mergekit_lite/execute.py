@@ -271,6 +271,9 @@ def output_in_row_chunks(plan: Plan, job: TensorJob, device: torch.device) -> to
     """A two-phase method's output tensor, on the CPU in its output dtype: θ_0 + λ·merged stored row chunk by
     row chunk as the method makes the merged rows (θ_0's rows read again), so that after phase 1 only the
     output and a few chunks are held. Every entry sees the operations of the whole tensor's sum: the same bytes."""
+    native = _native_form(plan, job, device)
+    if native is not None:  # DARE-linear: the native kernel's passes over the stored bytes
+        return fused_output(plan, job, *native)
     entries = plan.method.chunk_entries(len(job.inputs)) if plan.method.chunk_entries is not None else two_phase_chunk_entries()
     source = RereadTaskVectors(plan, job, device, entries)
     lam = job.params.get("lambda", 1.0)
@@ -508,18 +511,40 @@ def _gram_of_stored(sources: Sequence[StoredSource], has_base: bool, compute_dty
     return total
 
 
+def _dare_norms_of_stored(sources: Sequence[StoredSource], form: fused.LinearForm, compute_dtype: torch.dtype) -> list[tuple[float, float]]:
+    """Each task's (‖τ_t‖₁, ‖τ_t ⊙ keep_t‖₁) over the whole tensor by the native kernel (the base the first source),
+    chunk by chunk on the threads, the chunks' norms added in chunk order (the same sums on any thread count)."""
+    assert form.keeps is not None
+    partial: dict[int, list[tuple[float, float]]] = {}
+
+    def chunk_norms(start: int, stop: int, stored: list[torch.Tensor]) -> int:
+        partial[start], bad = fused.dare_norms(stored[0], stored[1:], form.keeps or (), first=start)
+        return bad
+
+    _each_stored_chunk(sources, True, chunk_norms, compute_dtype)
+    before, after = [0.0] * len(form.keeps), [0.0] * len(form.keeps)
+    for start in sorted(partial):
+        for t, (b, a) in enumerate(partial[start]):
+            before[t] += b
+            after[t] += a
+    return list(zip(before, after))
+
+
 def _kernel_matches(key: tuple[Any, ...], stored: Sequence[torch.dtype], has_base: bool, out_dtype: torch.dtype, form: fused.LinearForm,
                     torch_result: Callable[[torch.Tensor | None, list[torch.Tensor]], torch.Tensor]) -> bool:
     """Whether the native kernel gives the torch code's bytes for this form and these dtypes, ``torch_result(base,
     inputs)`` on float32 copies of a sample (checked once per process and key: the torch path's roundings, fused
     multiply-adds included, depend on its CPU kernels)."""
-    key = (*key, form, tuple(stored), out_dtype)
+    key = (*key, form.rounding_key(), tuple(stored), out_dtype)
     known = _FUSED_CHECKED.get(key)
     if known is None:
         generator = torch.Generator().manual_seed(0)
 
         def sample(dtype: torch.dtype) -> torch.Tensor:
-            values = torch.randn(FUSED_SAMPLE_ENTRIES, generator=generator) * 4.0 ** torch.randint(-6, 7, (FUSED_SAMPLE_ENTRIES,), generator=generator)
+            if form.keeps is not None:  # multiples of 1/64 below 4 in magnitude: L1 norms exact in any order, the same factor
+                values = torch.randint(-256, 257, (FUSED_SAMPLE_ENTRIES,), generator=generator) / 64.0
+            else:
+                values = torch.randn(FUSED_SAMPLE_ENTRIES, generator=generator) * 4.0 ** torch.randint(-6, 7, (FUSED_SAMPLE_ENTRIES,), generator=generator)
             values[::13], values[6::13] = 0.0, -0.0
             return values.to(dtype)
 
@@ -531,6 +556,9 @@ def _kernel_matches(key: tuple[Any, ...], stored: Sequence[torch.dtype], has_bas
 
         expected = torch_result(None if base is None else working(base), [working(x) for x in inputs]).to(out_dtype)
         got = torch.empty(FUSED_SAMPLE_ENTRIES, dtype=out_dtype)
+        if form.needs_norms:
+            assert base is not None
+            form = form.with_norms(fused.dare_norms(base, inputs, form.keeps or ())[0])
         fused.linear_combination_into(got, base, inputs, form)
         bits = torch.int16 if out_dtype.itemsize == 2 else torch.int32
         known = _FUSED_CHECKED[key] = torch.equal(got.view(bits), expected.view(bits))
@@ -563,13 +591,16 @@ def _base_first(job: TensorJob) -> tuple[TensorRef, ...]:
 
 def fused_output(plan: Plan, job: TensorJob, form: fused.LinearForm, sources: list[StoredSource]) -> torch.Tensor:
     """A linear-form job's output by the native kernel: chunk by chunk (on every thread), each input's stored bytes
-    read into this thread's reused buffer and every entry combined in one pass; NaN/Inf refused as the torch path does."""
+    read into this thread's reused buffer and every entry combined in one pass; NaN/Inf refused as the torch path does.
+    An L1 rescale (DARE) takes a pass before: each task's norms by chunk, added up in chunk order (any thread count)."""
+    if form.needs_norms:
+        form = form.with_norms(_dare_norms_of_stored(sources, form, plan.compute_dtype))
     out = torch.empty(job.out.shape, dtype=job.out.dtype)
     flat = out.view(-1)
 
     def combine(start: int, stop: int, stored: list[torch.Tensor]) -> int:
         base, inputs = (stored[0], stored[1:]) if job.base is not None else (None, stored)
-        return fused.linear_combination_into(flat[start:stop], base, inputs, form)
+        return fused.linear_combination_into(flat[start:stop], base, inputs, form, first=start)
 
     _each_stored_chunk(sources, job.base is not None, combine, plan.compute_dtype)
     return out

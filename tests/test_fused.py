@@ -254,7 +254,7 @@ def test_whole_merges_are_identical_with_the_kernel_on_and_off(request, tmp_path
     monkeypatch.setattr(base_module, "REREAD_CHUNK_ENTRIES", 40)  # slerp's torch passes in chunks too
     calls = []  # the entries of each kernel call (its output's, or its first input's)
     original, original_gram = fused.linear_combination_into, fused.gram
-    monkeypatch.setattr(fused, "linear_combination_into", lambda *a: calls.append(a[0].numel()) or original(*a))
+    monkeypatch.setattr(fused, "linear_combination_into", lambda *a, **k: calls.append(a[0].numel()) or original(*a, **k))
     monkeypatch.setattr(fused, "gram", lambda *a, **k: calls.append(a[1][0].numel()) or original_gram(*a, **k))
     torch_out = _run(demo, tmp_path / "torch", method, params, monkeypatch, native_on=False)
     assert not calls
@@ -304,9 +304,9 @@ def test_a_kernel_that_disagrees_on_the_sample_is_not_used(demo, tmp_path, monke
     original = fused.linear_combination_into
     calls = []
 
-    def off_by_a_bit(out, base, inputs, form):
+    def off_by_a_bit(out, base, inputs, form, first=0):
         calls.append(out.numel())
-        result = original(out, base, inputs, form)
+        result = original(out, base, inputs, form, first=first)
         out.view(torch.int32)[0] ^= 1
         return result
 

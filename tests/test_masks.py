@@ -595,6 +595,8 @@ def test_dare_mask_of_rows_from_an_offset_is_that_slice_of_the_whole_tensors(fir
     whole = dare_mask((100,), 0.45, generator_for(5, "m", "t"))
     rows = dare_mask((30,), 0.45, generator_for(5, "m", "t"), first)
     assert torch.equal(rows, whole[first : first + 30])
+    for count in (1, 2, 3):  # fewer entries than the rest of their first output (the last, short chunk of a tensor)
+        assert torch.equal(dare_mask((count,), 0.45, generator_for(5, "m", "t"), first), whole[first : first + count])
     with pytest.raises(ValueError, match="seed must be an integer"):
         generator_for("7", "m", "t")  # type: ignore[arg-type]
 

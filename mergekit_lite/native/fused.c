@@ -58,6 +58,105 @@ static inline __attribute__((always_inline)) void store(const float *src, Py_ssi
     }
 }
 
+/* ---- DARE's draws: numpy's PCG64DXSM stream, 16-bit words, and the tie words (ops/sparsify.dare_mask) ---- */
+#define DXSM_MULTIPLIER 0xda942042e4dd58b5ULL
+typedef unsigned __int128 u128;
+
+typedef struct {
+    u128 state, inc; /* the generator's 128-bit state and increment, as numpy keeps them */
+    uint64_t left;   /* words of the last output not handed out yet, lowest first */
+    int nleft;
+} Stream;
+
+/* numpy's pcg_cm_random_r: the DXSM output of the state before the step, then the cheap-multiplier step */
+static inline uint64_t dxsm_next(Stream *s) {
+    uint64_t hi = (uint64_t)(s->state >> 64), lo = (uint64_t)s->state | 1u;
+    hi ^= hi >> 32;
+    hi *= DXSM_MULTIPLIER;
+    hi ^= hi >> 48;
+    hi *= lo;
+    s->state = s->state * (u128)DXSM_MULTIPLIER + s->inc;
+    return hi;
+}
+
+/* the state `delta` steps ahead (Brown's jump-ahead for an LCG, as numpy's advance) */
+static u128 dxsm_advance(u128 state, u128 inc, uint64_t delta) {
+    u128 acc_mult = 1, acc_plus = 0, cur_mult = DXSM_MULTIPLIER, cur_plus = inc;
+    while (delta > 0) {
+        if (delta & 1) {
+            acc_mult *= cur_mult;
+            acc_plus = acc_plus * cur_mult + cur_plus;
+        }
+        cur_plus = (cur_mult + 1) * cur_plus;
+        cur_mult *= cur_mult;
+        delta >>= 1;
+    }
+    return acc_mult * state + acc_plus;
+}
+
+/* the stream positioned at 16-bit word `first` (word j: bits 16 (j mod 4) up of output j / 4) */
+static void stream_at(Stream *s, u128 state, u128 inc, uint64_t first) {
+    s->state = dxsm_advance(state, inc, first / 4);
+    s->inc = inc;
+    s->nleft = 0;
+    if (first % 4) {
+        s->left = dxsm_next(s) >> (16 * (first % 4));
+        s->nleft = (int)(4 - first % 4);
+    }
+}
+
+static inline void next_words(Stream *s, uint16_t *dst, Py_ssize_t n) {
+    Py_ssize_t j = 0;
+    for (; s->nleft > 0 && j < n; s->nleft--, s->left >>= 16) dst[j++] = (uint16_t)s->left;
+    for (; j + 4 <= n; j += 4) {
+        uint64_t v = dxsm_next(s);
+        dst[j] = (uint16_t)v;
+        dst[j + 1] = (uint16_t)(v >> 16);
+        dst[j + 2] = (uint16_t)(v >> 32);
+        dst[j + 3] = (uint16_t)(v >> 48);
+    }
+    if (j < n) {
+        s->left = dxsm_next(s);
+        s->nleft = 4;
+        for (; j < n; s->nleft--, s->left >>= 16) dst[j++] = (uint16_t)s->left;
+    }
+}
+
+/* the low half of entry j's 32-bit uniform: SplitMix64 of key + (j + 1) * golden gamma, low 16 bits (tie_words) */
+static inline uint32_t tie_word(uint64_t key, uint64_t j) {
+    uint64_t z = (j + 1) * 0x9E3779B97F4A7C15ULL + key;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    z ^= z >> 31;
+    return (uint32_t)(z & 0xFFFFu);
+}
+
+enum { SCALE_NONE = 0, SCALE_MUL = 1, SCALE_DIV = 2 };
+typedef struct {
+    int draws;         /* 0: every entry kept; else entry j kept iff its 32-bit uniform < ceiling */
+    u128 state, inc;   /* the tensor's generator where its draws start (entry 0) */
+    uint64_t key;      /* its tie key */
+    uint64_t ceiling;  /* ceil(density * 2^32); above 2^32 - 1 every entry is kept */
+    int scale;         /* SCALE_*: survivors multiplied or divided by `by` (float32), or left */
+    float by;
+    Stream stream;     /* working state: where the draws are */
+} Keep;
+
+/* keep[j] = 1.0f or 0.0f for entries first .. first + m - 1 (the stream at `first`) */
+static inline __attribute__((always_inline)) void keep_block(Keep *k, Py_ssize_t first, Py_ssize_t m, float *keep) {
+    if (!k->draws || k->ceiling > 0xFFFFFFFFull) {
+        for (Py_ssize_t j = 0; j < m; j++) keep[j] = 1.0f;
+        return;
+    }
+    uint16_t h[BLOCK];
+    next_words(&k->stream, h, m);
+    const uint32_t high = (uint32_t)(k->ceiling >> 16), low = (uint32_t)(k->ceiling & 0xFFFFu);
+    for (Py_ssize_t j = 0; j < m; j++) keep[j] = h[j] < high ? 1.0f : 0.0f;
+    if (low)
+        for (Py_ssize_t j = 0; j < m; j++)
+            if (h[j] == high && tie_word(k->key, (uint64_t)(first + j)) < low) keep[j] = 1.0f;
+}
+
 typedef struct {
     void *out;
     int out_kind;
@@ -71,13 +170,18 @@ typedef struct {
     float divisor; /* 0: none */
     float lam;     /* with a base: out = base + lam * combination */
     int rounded;   /* weights only: each product rounded, then added (torch's mul_ then add_) instead of fma */
+    Keep *keeps;   /* NULL, or per input (task vectors only): which entries survive and how they are rescaled */
+    Py_ssize_t first; /* the flat index of entry 0 in the whole tensor (where the keeps' draws start) */
 } Job;
 
 /* -1 when every input entry is finite, else the first input (0 the base when there is one, then 1 + model) with a
  * NaN or infinite entry. */
 static inline __attribute__((always_inline)) Py_ssize_t combine_body(const Job *job) {
-    float b[BLOCK], x[BLOCK], acc[BLOCK];
+    float b[BLOCK], x[BLOCK], acc[BLOCK], keep[BLOCK];
     Py_ssize_t first_bad = -1;
+    if (job->keeps != NULL)
+        for (Py_ssize_t t = 0; t < job->count; t++)
+            if (job->keeps[t].draws) stream_at(&job->keeps[t].stream, job->keeps[t].state, job->keeps[t].inc, (uint64_t)job->first);
     for (Py_ssize_t i0 = 0; i0 < job->n; i0 += BLOCK) {
         Py_ssize_t m = job->n - i0 < BLOCK ? job->n - i0 : BLOCK;
         if (job->base != NULL) {
@@ -90,7 +194,20 @@ static inline __attribute__((always_inline)) Py_ssize_t combine_body(const Job *
             if (to_float((const char *)job->inputs[t] + (size_t)i0 * size, job->kinds[t], m, x) && (first_bad < 0 || first_bad > t + 1))
                 first_bad = t + 1;
             const float w = job->weights[t];
-            if (job->base != NULL) {
+            if (job->keeps != NULL) {
+                /* DARE: tau = x - base, times 1 or 0 (a dropped entry becomes +-0), then rescaled, as Kept.apply */
+                Keep *k = &job->keeps[t];
+                keep_block(k, job->first + i0, m, keep);
+                for (Py_ssize_t j = 0; j < m; j++) x[j] = (x[j] - b[j]) * keep[j];
+                if (k->scale == SCALE_MUL)
+                    for (Py_ssize_t j = 0; j < m; j++) x[j] = x[j] * k->by;
+                else if (k->scale == SCALE_DIV)
+                    for (Py_ssize_t j = 0; j < m; j++) x[j] = x[j] / k->by;
+                if (t == 0)
+                    for (Py_ssize_t j = 0; j < m; j++) acc[j] = x[j] * w;
+                else
+                    for (Py_ssize_t j = 0; j < m; j++) acc[j] = fmaf(x[j], w, acc[j]);
+            } else if (job->base != NULL) {
                 /* task vectors: tau = x - base; the first is scaled (mul), the rest accumulated (fma) */
                 if (t == 0)
                     for (Py_ssize_t j = 0; j < m; j++) acc[j] = (x[j] - b[j]) * w;
@@ -302,6 +419,56 @@ static Py_ssize_t gram(const GramJob *job) {
     return gram_generic(job);
 }
 
+/* DARE's first pass: per input, the L1 norms of tau = x - base before and after its keep draws (sum |tau| and
+ * sum |tau| * keep), each |tau| exact in float64 and added in sixteen lanes (entry j to lane j mod 16, in order),
+ * the lanes then added pairwise: a fixed order. lanes: 2 * LANES * count doubles of scratch; norms: 2 * count
+ * doubles (before, after per input), added to. Returns as combine_body does. */
+static inline __attribute__((always_inline)) Py_ssize_t norms_body(const Job *job, double *lanes, double *norms) {
+    float b[BLOCK], x[BLOCK], keep[BLOCK];
+    Py_ssize_t first_bad = -1;
+    memset(lanes, 0, sizeof(double) * 2 * LANES * (size_t)job->count);
+    for (Py_ssize_t t = 0; t < job->count; t++)
+        if (job->keeps[t].draws) stream_at(&job->keeps[t].stream, job->keeps[t].state, job->keeps[t].inc, (uint64_t)job->first);
+    for (Py_ssize_t i0 = 0; i0 < job->n; i0 += BLOCK) {
+        Py_ssize_t m = job->n - i0 < BLOCK ? job->n - i0 : BLOCK;
+        Py_ssize_t padded = (m + LANES - 1) / LANES * LANES;
+        size_t bsize = job->base_kind == KIND_BF16 ? 2 : 4;
+        if (to_float((const char *)job->base + (size_t)i0 * bsize, job->base_kind, m, b) && first_bad < 0) first_bad = 0;
+        for (Py_ssize_t t = 0; t < job->count; t++) {
+            size_t size = job->kinds[t] == KIND_BF16 ? 2 : 4;
+            if (to_float((const char *)job->inputs[t] + (size_t)i0 * size, job->kinds[t], m, x) && (first_bad < 0 || first_bad > t + 1))
+                first_bad = t + 1;
+            keep_block(&job->keeps[t], job->first + i0, m, keep);
+            for (Py_ssize_t j = 0; j < m; j++) x[j] = fabsf(x[j] - b[j]);
+            for (Py_ssize_t j = m; j < padded; j++) x[j] = keep[j] = 0.0f;
+            double *before = lanes + 2 * LANES * t, *after = before + LANES;
+            for (Py_ssize_t j = 0; j < padded; j += LANES)
+                for (int l = 0; l < LANES; l++) {
+                    before[l] += (double)x[j + l];
+                    after[l] += (double)(x[j + l] * keep[j + l]);
+                }
+        }
+    }
+    for (Py_ssize_t t = 0; t < job->count; t++) {
+        norms[2 * t] += lanes_total(lanes + 2 * LANES * t);
+        norms[2 * t + 1] += lanes_total(lanes + 2 * LANES * t + LANES);
+    }
+    return first_bad;
+}
+
+static Py_ssize_t norms_generic(const Job *job, double *lanes, double *norms) { return norms_body(job, lanes, norms); }
+
+#if X86_DISPATCH
+__attribute__((target("avx2,fma"))) static Py_ssize_t norms_avx2(const Job *job, double *lanes, double *norms) { return norms_body(job, lanes, norms); }
+#endif
+
+static Py_ssize_t dare_norms_of(const Job *job, double *lanes, double *norms) {
+#if X86_DISPATCH
+    if (use_avx2()) return norms_avx2(job, lanes, norms);
+#endif
+    return norms_generic(job, lanes, norms);
+}
+
 static int parse_kind(PyObject *value, int *kind) {
     long k = PyLong_AsLong(value);
     if (k == -1 && PyErr_Occurred()) return 0;
@@ -313,11 +480,58 @@ static int parse_kind(PyObject *value, int *kind) {
     return 1;
 }
 
+/* keeps: a sequence of `count` tuples (draws, state_hi, state_lo, inc_hi, inc_lo, key, ceiling, scale, by); NULL
+ * with an exception set on a bad one */
+static Keep *parse_keeps(PyObject *keeps_obj, Py_ssize_t count) {
+    PyObject *seq = PySequence_Fast(keeps_obj, "keeps must be a sequence");
+    if (seq == NULL) return NULL;
+    Keep *keeps = NULL;
+    if (PySequence_Fast_GET_SIZE(seq) != count) {
+        PyErr_SetString(PyExc_ValueError, "one keep per input");
+        goto done;
+    }
+    keeps = PyMem_Calloc((size_t)count, sizeof(Keep));
+    if (keeps == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t t = 0; t < count; t++) {
+        int draws, scale;
+        unsigned long long state_hi, state_lo, inc_hi, inc_lo, key, ceiling;
+        double by;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, t), "pKKKKKKid", &draws, &state_hi, &state_lo, &inc_hi, &inc_lo, &key, &ceiling,
+                              &scale, &by)) {
+            PyMem_Free(keeps);
+            keeps = NULL;
+            goto done;
+        }
+        if (scale != SCALE_NONE && scale != SCALE_MUL && scale != SCALE_DIV) {
+            PyErr_SetString(PyExc_ValueError, "unknown rescale");
+            PyMem_Free(keeps);
+            keeps = NULL;
+            goto done;
+        }
+        keeps[t].draws = draws;
+        keeps[t].state = ((u128)state_hi << 64) | state_lo;
+        keeps[t].inc = ((u128)inc_hi << 64) | inc_lo;
+        keeps[t].key = key;
+        keeps[t].ceiling = ceiling;
+        keeps[t].scale = scale;
+        keeps[t].by = (float)by;
+    }
+done:
+    Py_DECREF(seq);
+    return keeps;
+}
+
 PyDoc_STRVAR(linear_combination_doc,
     "linear_combination(out, out_kind, n, base, base_kind, inputs, kinds, weights, divisor, lam, rounded) -> int\n\n"
     "Entries [0, n) at address ``out`` from the inputs at the given addresses (kinds: 0 float32, 1 bfloat16). Without\n"
     "a base (address 0): sum_t w_t x_t; with one: base + lam * sum_t w_t (x_t - base). Divided by ``divisor`` before\n"
     "lam when it is not 0. rounded (no base): each product rounded before it is added, else fma.\n"
+    "keeps (task vectors only; None: none): per input (draws, state_hi, state_lo, inc_hi, inc_lo, key, ceiling, scale,\n"
+    "by): DARE's keep draws from a PCG64DXSM state (entry 0 of the tensor; ``first``: the flat index of entry 0 here)\n"
+    "and survivors multiplied (scale 1) or divided (2) by ``by``.\n"
     "Returns -1, or the first input with a NaN/Inf entry (0 the base, 1 + t model t).\n"
     "The addresses are the caller's to keep valid; the GIL is released while it runs.");
 
@@ -328,9 +542,15 @@ static PyObject *linear_combination(PyObject *self, PyObject *args) {
     PyObject *inputs_obj, *kinds_obj, *weights_obj;
     double divisor, lam;
     int rounded;
-    if (!PyArg_ParseTuple(args, "KinKiOOOddp", &out_addr, &out_kind, &n, &base_addr, &base_kind, &inputs_obj, &kinds_obj,
-                          &weights_obj, &divisor, &lam, &rounded))
+    PyObject *keeps_obj = Py_None;
+    Py_ssize_t first = 0;
+    if (!PyArg_ParseTuple(args, "KinKiOOOddp|On", &out_addr, &out_kind, &n, &base_addr, &base_kind, &inputs_obj, &kinds_obj,
+                          &weights_obj, &divisor, &lam, &rounded, &keeps_obj, &first))
         return NULL;
+    if (keeps_obj != Py_None && (base_addr == 0 || rounded || first < 0)) {
+        PyErr_SetString(PyExc_ValueError, "keeps need a base, fused products and first >= 0");
+        return NULL;
+    }
     if ((out_kind != KIND_F32 && out_kind != KIND_BF16) || (base_kind != KIND_F32 && base_kind != KIND_BF16) || n < 0) {
         PyErr_SetString(PyExc_ValueError, "unknown storage kind or negative count");
         return NULL;
@@ -342,6 +562,7 @@ static PyObject *linear_combination(PyObject *self, PyObject *args) {
     const void **addrs = NULL;
     int *input_kinds = NULL;
     float *ws = NULL;
+    Keep *keeps = NULL;
     if (weights == NULL) goto done;
     Py_ssize_t count = PySequence_Fast_GET_SIZE(inputs);
     if (count < 1 || count > MAX_INPUTS || PySequence_Fast_GET_SIZE(kinds) != count || PySequence_Fast_GET_SIZE(weights) != count) {
@@ -363,8 +584,9 @@ static PyObject *linear_combination(PyObject *self, PyObject *args) {
         addrs[t] = (const void *)(uintptr_t)a;
         ws[t] = (float)w;
     }
+    if (keeps_obj != Py_None && (keeps = parse_keeps(keeps_obj, count)) == NULL) goto done;
     Job job = {(void *)(uintptr_t)out_addr, out_kind, n, (const void *)(uintptr_t)base_addr, base_kind, count, addrs, input_kinds,
-               ws, (float)divisor, (float)lam, rounded};
+               ws, (float)divisor, (float)lam, rounded, keeps, first};
     Py_ssize_t bad;
     Py_BEGIN_ALLOW_THREADS
     bad = combine(&job);
@@ -374,9 +596,81 @@ done:
     PyMem_Free(addrs);
     PyMem_Free(input_kinds);
     PyMem_Free(ws);
+    PyMem_Free(keeps);
     Py_XDECREF(inputs);
     Py_XDECREF(kinds);
     Py_XDECREF(weights);
+    return result;
+}
+
+PyDoc_STRVAR(dare_norms_doc,
+    "dare_norms(n, base, base_kind, inputs, kinds, keeps, first) -> (int, list[float])\n\n"
+    "Per input, the L1 norms of tau = x - base over entries [0, n) before and after its keep draws (as\n"
+    "linear_combination's keeps; the scale is not applied): [before_0, after_0, before_1, ...], each |tau| exact in\n"
+    "float64, summed in a fixed order; and -1, or the first input with a NaN/Inf entry (0 the base, 1 + t input t).\n"
+    "The GIL is released while it runs.");
+
+static PyObject *dare_norms(PyObject *self, PyObject *args) {
+    unsigned long long base_addr;
+    int base_kind;
+    Py_ssize_t n, first;
+    PyObject *inputs_obj, *kinds_obj, *keeps_obj;
+    if (!PyArg_ParseTuple(args, "nKiOOOn", &n, &base_addr, &base_kind, &inputs_obj, &kinds_obj, &keeps_obj, &first)) return NULL;
+    if ((base_kind != KIND_F32 && base_kind != KIND_BF16) || n < 0 || first < 0 || base_addr == 0) {
+        PyErr_SetString(PyExc_ValueError, "unknown storage kind, negative count or first, or no base");
+        return NULL;
+    }
+    PyObject *inputs = PySequence_Fast(inputs_obj, "inputs must be a sequence");
+    PyObject *kinds = inputs ? PySequence_Fast(kinds_obj, "kinds must be a sequence") : NULL;
+    PyObject *result = NULL;
+    const void **addrs = NULL;
+    int *input_kinds = NULL;
+    Keep *keeps = NULL;
+    double *lanes = NULL, *norms = NULL;
+    if (kinds == NULL) goto done;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(inputs);
+    if (count < 1 || count > MAX_INPUTS || PySequence_Fast_GET_SIZE(kinds) != count) {
+        PyErr_SetString(PyExc_ValueError, "inputs and kinds must have the same length (1 to 4096)");
+        goto done;
+    }
+    addrs = PyMem_Malloc((size_t)count * sizeof(*addrs));
+    input_kinds = PyMem_Malloc((size_t)count * sizeof(*input_kinds));
+    lanes = PyMem_RawMalloc((size_t)count * 2 * LANES * sizeof(double));
+    norms = PyMem_RawCalloc((size_t)count * 2, sizeof(double));
+    if (addrs == NULL || input_kinds == NULL || lanes == NULL || norms == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t t = 0; t < count; t++) {
+        unsigned long long a = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(inputs, t));
+        if (PyErr_Occurred() || !parse_kind(PySequence_Fast_GET_ITEM(kinds, t), &input_kinds[t])) goto done;
+        addrs[t] = (const void *)(uintptr_t)a;
+    }
+    if ((keeps = parse_keeps(keeps_obj, count)) == NULL) goto done;
+    Job job = {NULL, KIND_F32, n, (const void *)(uintptr_t)base_addr, base_kind, count, addrs, input_kinds, NULL, 0.0f, 0.0f, 0, keeps, first};
+    Py_ssize_t bad;
+    Py_BEGIN_ALLOW_THREADS
+    bad = dare_norms_of(&job, lanes, norms);
+    Py_END_ALLOW_THREADS
+    PyObject *values = PyList_New(count * 2);
+    if (values == NULL) goto done;
+    for (Py_ssize_t i = 0; i < count * 2; i++) {
+        PyObject *v = PyFloat_FromDouble(norms[i]);
+        if (v == NULL) {
+            Py_DECREF(values);
+            goto done;
+        }
+        PyList_SET_ITEM(values, i, v);
+    }
+    result = Py_BuildValue("(nN)", bad, values);
+done:
+    PyMem_Free(addrs);
+    PyMem_Free(input_kinds);
+    PyMem_Free(keeps);
+    PyMem_RawFree(lanes);
+    PyMem_RawFree(norms);
+    Py_XDECREF(inputs);
+    Py_XDECREF(kinds);
     return result;
 }
 
@@ -462,6 +756,7 @@ static PyMethodDef methods[] = {
     {"_generic_only", set_generic_only, METH_O, "For tests: use the portable code paths only (True) or the fastest (False)."},
     {"linear_combination", linear_combination, METH_VARARGS, linear_combination_doc},
     {"gram", gram_matrix, METH_VARARGS, gram_doc},
+    {"dare_norms", dare_norms, METH_VARARGS, dare_norms_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -10,12 +10,16 @@ Model Stock, Multi-SLERP's norms). Set MERGEKIT_LITE_NATIVE=0 to use torch alone
 
 from __future__ import annotations
 
+import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
+import numpy as np
 import torch
+
+from .sparsify import UNIFORM_SCALE, tie_key
 
 try:
     from .. import _fused
@@ -30,6 +34,40 @@ MAX_GRAM_INPUTS = 256
 
 
 @dataclass(frozen=True)
+class DareDraws:
+    """DARE's keep draws of one tensor (``ops.sparsify.dare_mask``): its generator's PCG64DXSM state and increment at
+    the tensor's entry 0, the tie key, and ⌈density·2^32⌉ (an entry is kept where its 32-bit uniform is below it)."""
+
+    state: int
+    inc: int
+    key: int
+    ceiling: int
+
+    @classmethod
+    def of(cls, generator: np.random.Generator, density: float) -> "DareDraws":
+        if not isinstance(generator.bit_generator, np.random.PCG64DXSM):
+            raise ValueError("DARE's draws come from a PCG64DXSM generator (ops.sparsify.generator_for)")
+        state = generator.bit_generator.state["state"]
+        return cls(state["state"], state["inc"], tie_key(generator), math.ceil(density * UNIFORM_SCALE))
+
+
+@dataclass(frozen=True)
+class Keep:
+    """What survives of one task vector in a linear form, and how: its DARE draws (None: every entry), then the
+    survivors multiplied (``"mul"``) or divided (``"div"``) by ``by``, or, ``"l1"``, multiplied by the ratio of its L1
+    norms before and after the draws (found by ``dare_norms`` first; none where either is below ``l1_eps``)."""
+
+    draws: DareDraws | None
+    scale: str | None = None
+    by: float = 0.0
+    l1_eps: float = 0.0
+
+
+_SCALES = {None: 0, "mul": 1, "div": 2}
+_WORD = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
 class LinearForm:
     """One tensor's output as Σ_t w_t·x_t ÷ divisor (``lam`` None: the inputs' weights, as linear), or of task
     vectors, θ_0 + λ·(Σ_t w_t·(x_t − θ_0) ÷ divisor) (task arithmetic). ``divisor`` None: no division."""
@@ -39,10 +77,34 @@ class LinearForm:
     lam: float | None
     #: (no base) each product w_t·x_t rounded before it is added (torch's ``mul_`` then ``add_``), not fused
     rounded_products: bool = False
+    #: (task vectors) what survives of each τ_t before it is weighted (DARE); None: all of it
+    keeps: tuple[Keep, ...] | None = None
 
     @property
     def of_task_vectors(self) -> bool:
         return self.lam is not None
+
+    @property
+    def needs_norms(self) -> bool:
+        """Whether a pass of ``dare_norms`` must fix the L1 rescale first (``with_norms``)."""
+        return self.keeps is not None and any(k.scale == "l1" for k in self.keeps)
+
+    def with_norms(self, norms: Sequence[tuple[float, float]]) -> "LinearForm":
+        """The form with each L1 rescale fixed from its task's (before, after) norms of the whole tensor."""
+        assert self.keeps is not None and len(norms) == len(self.keeps)
+        keeps = []
+        for keep, (before, after) in zip(self.keeps, norms):
+            if keep.scale == "l1":
+                small = before < keep.l1_eps or after < keep.l1_eps
+                keep = Keep(keep.draws) if small else Keep(keep.draws, "mul", before / after)
+            keeps.append(keep)
+        return replace(self, keeps=tuple(keeps))
+
+    def rounding_key(self) -> tuple:
+        """What the kernel's roundings depend on (not the draws' states, nor an L1 factor's value): the key under
+        which a sample check of this form stands for every tensor's."""
+        keeps = None if self.keeps is None else tuple((k.draws is not None, k.scale, k.by if k.scale == "div" else None) for k in self.keeps)
+        return (self.weights, self.divisor, self.lam, self.rounded_products, keeps)
 
 
 def available() -> bool:
@@ -55,22 +117,59 @@ def handles(dtype: torch.dtype) -> bool:
     return dtype in KINDS
 
 
-def linear_combination_into(out: torch.Tensor, base: torch.Tensor | None, inputs: Sequence[torch.Tensor], form: LinearForm) -> int:
+def _keep_args(keeps: Sequence[Keep]) -> list[tuple]:
+    args = []
+    for k in keeps:
+        if k.scale not in _SCALES:
+            raise ValueError("an L1 rescale must be fixed first (LinearForm.with_norms)")
+        d = k.draws
+        if d is None:
+            args.append((False, 0, 0, 0, 0, 0, 0, _SCALES[k.scale], k.by))
+        else:
+            args.append((True, d.state >> 64, d.state & _WORD, d.inc >> 64, d.inc & _WORD, d.key, min(d.ceiling, _WORD), _SCALES[k.scale], k.by))
+    return args
+
+
+def _checked(tensors: Sequence[torch.Tensor], n: int, what: str) -> None:
+    if any(t.device.type != "cpu" or not t.is_contiguous() or t.numel() != n or t.dtype not in KINDS for t in tensors):
+        raise ValueError(f"{what}: flat contiguous CPU float32/bfloat16 tensors of one length")
+
+
+def dare_norms(base: torch.Tensor, inputs: Sequence[torch.Tensor], keeps: Sequence[Keep], first: int = 0) -> tuple[list[tuple[float, float]], int]:
+    """Per input, (‖τ_t‖₁, ‖τ_t ⊙ keep_t‖₁) of τ_t = x_t − base over these entries (flat, contiguous, CPU; ``first``: the
+    flat index of entry 0 in the tensor, where the draws are), each |τ| exact in float64 and summed in the kernel's
+    fixed order; and -1 or the first input with a NaN/Inf entry (as ``linear_combination_into``)."""
+    assert _fused is not None, "the native kernel is not built"
+    n = base.numel()
+    _checked([base, *inputs], n, "dare_norms")
+    if len(keeps) != len(inputs) or not 0 < len(inputs) <= MAX_INPUTS:
+        raise ValueError("dare_norms: one keep per input, 1 to 4096 inputs")
+    plain = [Keep(k.draws) for k in keeps]  # the norms do not depend on the rescale
+    bad, values = _fused.dare_norms(n, base.data_ptr(), KINDS[base.dtype], [t.data_ptr() for t in inputs], [KINDS[t.dtype] for t in inputs],
+                                    _keep_args(plain), first)
+    return [(values[2 * t], values[2 * t + 1]) for t in range(len(inputs))], bad
+
+
+def linear_combination_into(out: torch.Tensor, base: torch.Tensor | None, inputs: Sequence[torch.Tensor], form: LinearForm,
+                            first: int = 0) -> int:
     """``out`` (flat, float32 or bfloat16) = the form applied entry by entry to ``inputs`` (and ``base``, for task
-    vectors), all flat, contiguous, on the CPU and of ``out``'s length. Returns -1, or the first input holding a NaN
-    or infinite entry (0: the base, 1 + t: input t), whose entries the caller must then not use."""
+    vectors), all flat, contiguous, on the CPU and of ``out``'s length (``first``: the flat index of their entry 0 in
+    the tensor, where a keep's draws are). Returns -1, or the first input holding a NaN or infinite entry (0: the
+    base, 1 + t: input t), whose entries the caller must then not use."""
     assert _fused is not None, "the native kernel is not built"
     n = out.numel()
     tensors = [out, *inputs] + ([base] if base is not None else [])
     if any(t.device.type != "cpu" or not t.is_contiguous() or t.numel() != n or t.dtype not in KINDS for t in tensors):
         raise ValueError("linear_combination_into: flat contiguous CPU float32/bfloat16 tensors of one length")
-    if len(inputs) != len(form.weights) or form.of_task_vectors != (base is not None) or (form.rounded_products and form.of_task_vectors):
-        raise ValueError("linear_combination_into: one weight per input, a base exactly for task vectors, rounded products without")
+    if len(inputs) != len(form.weights) or form.of_task_vectors != (base is not None) or (form.rounded_products and form.of_task_vectors) \
+            or (form.keeps is not None and (not form.of_task_vectors or len(form.keeps) != len(inputs))) or first < 0:
+        raise ValueError("linear_combination_into: one weight per input, a base exactly for task vectors, rounded products without, keeps with it")
+    keeps = None if form.keeps is None else _keep_args(form.keeps)
     return _fused.linear_combination(
         out.data_ptr(), KINDS[out.dtype], n,
         base.data_ptr() if base is not None else 0, KINDS[base.dtype] if base is not None else 0,
         [t.data_ptr() for t in inputs], [KINDS[t.dtype] for t in inputs], list(form.weights),
-        form.divisor or 0.0, form.lam if form.lam is not None else 0.0, form.rounded_products,
+        form.divisor or 0.0, form.lam if form.lam is not None else 0.0, form.rounded_products, keeps, first,
     )
 
 

@@ -527,6 +527,9 @@ class UniformStream:
     def take(self, count: int) -> np.ndarray:
         """The next ``count`` uniforms (uint32, or uint16 words)."""
         left = self._left
+        if left is not None and left.size >= count:  # the rest of the last output is enough
+            self._left = left[count:] if left.size > count else None
+            return left[:count]
         need = count - (0 if left is None else left.size)
         fresh = self._halves(-(-need // self._per))
         self._left = fresh[need:] if fresh.size > need else None

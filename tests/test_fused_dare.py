@@ -1,0 +1,246 @@
+"""DARE in the native kernel (mergekit_lite/native/fused.c): its keep draws are ops.sparsify.dare_mask's, entry for
+entry (PCG64DXSM's 16-bit words and the tie words, from any offset); its L1 norms are float64 sums of |τ| within
+float64 rounding of a plain sum; its masked, rescaled combination is the torch operations' bytes, written out plainly
+here; and whole DARE-linear merges agree with the torch path's: identical without the L1 rescale, within a rounding
+of the output dtype with it (the norms are summed in another order, so the factor may move in its last bit)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import mergekit_lite
+from mergekit_lite import Recipe, execute
+from mergekit_lite.ops import fused
+from mergekit_lite.ops.fused import DareDraws, Keep, LinearForm
+from mergekit_lite.ops.sparsify import UNIFORM_SCALE, dare_mask, generator_for
+
+from helpers import load_state, ta_recipe
+
+pytestmark = pytest.mark.skipif(not fused.available(), reason="the native kernel is not built (no C compiler at install)")
+
+
+def draws(density: float, seed: int = 0, model: str = "m", tensor: str = "w") -> DareDraws:
+    return DareDraws.of(generator_for(seed, model, tensor), density)
+
+
+def kernel_mask(keep: Keep, n: int, first: int) -> np.ndarray:
+    """The kernel's keep-mask of entries [first, first + n): base 0, input 1, weight 1, λ 1."""
+    out = torch.empty(n)
+    form = LinearForm((1.0,), None, 1.0, keeps=(keep,))
+    assert fused.linear_combination_into(out, torch.zeros(n), [torch.ones(n)], form, first=first) == -1
+    return out.numpy() != 0
+
+
+def reference_mask(density: float, n: int, first: int, seed: int = 0) -> np.ndarray:
+    return dare_mask((n,), density, generator_for(seed, "m", "w"), first, split=False).numpy()
+
+
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.9, 0.3 + 2.0**-20, 0.25, 1 - 1e-12, 2.0**-33])
+@pytest.mark.parametrize("first", [0, 1, 2, 3, 5, 1000, 7 * 262144 + 2])
+@pytest.mark.parametrize("n", [1, 2, 7, 1024, 1025, 5000])
+def test_keep_draws_are_dare_masks_from_any_offset(density, first, n):
+    assert np.array_equal(kernel_mask(Keep(draws(density)), n, first), reference_mask(density, n, first))
+
+
+def test_the_tie_words_decide_where_the_high_half_is_the_thresholds():
+    """At a density whose threshold has a low half, the entries whose 16-bit word equals the threshold's high half
+    (about 1 in 65,536) are decided by the tie words: the masks agree there too, and both outcomes occur."""
+    density, n = 0.3 + 2.0**-20, 1 << 20
+    ceiling = math.ceil(density * UNIFORM_SCALE)
+    assert ceiling & 0xFFFF
+    generator = generator_for(0, "m", "w")
+    words = generator.bit_generator.random_raw(n // 4).view(np.uint16)
+    ties = np.flatnonzero(words == ceiling >> 16)
+    got, want = kernel_mask(Keep(draws(density)), n, 0), reference_mask(density, n, 0)
+    assert ties.size >= 5 and want[ties].any() and not want[ties].all()
+    assert np.array_equal(got, want)
+
+
+@settings(max_examples=60, deadline=None)
+@given(density=st.floats(1e-6, 1 - 1e-6), first=st.integers(0, 10**9), n=st.integers(1, 3000), seed=st.integers(0, 2**31))
+def test_property_keep_draws_are_dare_masks(density, first, n, seed):
+    keep = Keep(DareDraws.of(generator_for(seed, "m", "w"), density))
+    assert np.array_equal(kernel_mask(keep, n, first), reference_mask(density, n, first, seed))
+
+
+def values(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * 2.0 ** torch.randint(-8, 9, (n,), generator=g)
+    x[::11] = 0.0
+    x[5::11] = -0.0
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,first", [(1, 0), (67, 3), (5000, 0), (300_001, 11)])
+def test_norms_are_float64_l1_norms_before_and_after_the_draws(dtype, n, first):
+    base = values(n, dtype, 1)
+    inputs = [values(n, dtype, s) for s in (2, 3)]
+    keeps = [Keep(draws(0.37, tensor="a")), Keep(None)]
+    norms, bad = fused.dare_norms(base, inputs, keeps, first=first)
+    assert bad == -1
+    for x, keep, (before, after) in zip(inputs, keeps, norms):
+        tau = (x.float() - base.float()).double().abs()
+        mask = torch.ones(n, dtype=torch.bool) if keep.draws is None else dare_mask((n,), 0.37, generator_for(0, "m", "a"), first, split=False)
+        assert before == pytest.approx(float(tau.sum()), rel=1e-13, abs=0)
+        assert after == pytest.approx(float(tau[mask].sum()), rel=1e-13, abs=0)
+
+
+def torch_steps(base: torch.Tensor, inputs: list[torch.Tensor], form: LinearForm, masks: list[torch.Tensor | None]) -> torch.Tensor:
+    """The torch path's operations in its order (Kept.apply, then the weighted sum, then θ_0 + λ·sum): τ = x − θ_0,
+    times the 0/1 mask, times the factor or divided by the density, scaled or added with add(alpha=)."""
+    b = base.to(torch.float32, copy=True)
+    total = None
+    for w, x, keep, mask in zip(form.weights, inputs, form.keeps, masks):
+        d = x.to(torch.float32, copy=True).sub_(b)
+        if mask is not None:
+            d.mul_(mask)
+        if keep.scale == "mul":
+            d.mul_(keep.by)
+        elif keep.scale == "div":
+            d.div_(keep.by)
+        total = d.mul_(w) if total is None else total.add_(d, alpha=w)
+    if form.divisor is not None:
+        total.div_(form.divisor)
+    return b.add_(total, alpha=form.lam)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16 if t.dtype.itemsize == 2 else torch.int32)
+
+
+@pytest.mark.parametrize("n,first", [(1, 0), (67, 1), (1024, 0), (5003, 262144)])
+@pytest.mark.parametrize("in_dtype,out_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("scales", [(None, None, None), ("mul", "div", None), ("div", "mul", "mul")])
+@pytest.mark.parametrize("divisor", [None, 1.75])
+def test_masked_combination_is_the_bytes_of_the_torch_operations(n, first, in_dtype, out_dtype, scales, divisor):
+    base = values(n, in_dtype, 0)
+    inputs = [values(n, in_dtype, s) for s in (1, 2, 3)]
+    densities = (0.1, 0.55, None)  # the last keeps everything
+    keeps = tuple(Keep(None if d is None else draws(d, tensor=str(t)), s, 1.37 if s == "mul" else (d or 0.8) if s == "div" else 0.0)
+                  for t, (d, s) in enumerate(zip(densities, scales)))
+    form = LinearForm((1.0, -0.7, 0.3), divisor, 0.8, keeps=keeps)
+    masks = [None if d is None else dare_mask((n,), d, generator_for(0, "m", str(t)), first, split=False)
+             for t, d in enumerate(densities)]
+    out = torch.empty(n, dtype=out_dtype)
+    assert fused.linear_combination_into(out, base, inputs, form, first=first) == -1
+    assert torch.equal(bits(out), bits(torch_steps(base, inputs, form, masks).to(out_dtype)))
+
+
+def test_portable_and_vector_code_give_the_same_bytes_and_norms():
+    n = 100_003
+    base = values(n, torch.bfloat16, 0)
+    inputs = [values(n, torch.bfloat16, s) for s in (1, 2)]
+    keeps = (Keep(draws(0.2, tensor="x")), Keep(draws(0.6, tensor="y")))
+    form = LinearForm((0.6, 0.4), None, 1.0, keeps=(Keep(keeps[0].draws, "mul", 1.9), Keep(keeps[1].draws, "div", 0.6)))
+    results = []
+    for generic in (False, True):
+        fused._fused._generic_only(generic)
+        try:
+            out = torch.empty(n, dtype=torch.bfloat16)
+            fused.linear_combination_into(out, base, inputs, form, first=5)
+            results.append((bits(out), fused.dare_norms(base, inputs, keeps, first=5)))
+        finally:
+            fused._fused._generic_only(False)
+    assert torch.equal(results[0][0], results[1][0])
+    assert results[0][1] == results[1][1]
+
+
+def test_norms_find_non_finite_entries():
+    base, x = torch.zeros(100), torch.ones(100)
+    x[40] = float("nan")
+    assert fused.dare_norms(base, [torch.ones(100), x], [Keep(None), Keep(draws(0.5))])[1] == 2
+    base[3] = float("inf")
+    assert fused.dare_norms(base, [x], [Keep(None)])[1] == 0
+
+
+def test_with_norms_fixes_the_l1_factor_as_the_torch_rule_does():
+    form = LinearForm((1.0, 1.0, 1.0), None, 1.0, keeps=(Keep(draws(0.5), "l1", l1_eps=1e-7), Keep(draws(0.5), "l1", l1_eps=1e-7), Keep(None)))
+    fixed = form.with_norms([(3.0, 1.5), (1.0, 1e-9), (5.0, 5.0)])
+    assert [(k.scale, k.by) for k in fixed.keeps] == [("mul", 2.0), (None, 0.0), (None, 0.0)]
+    assert not fixed.needs_norms and form.needs_norms
+    assert fixed.rounding_key() != form.rounding_key()
+    other = LinearForm(form.weights, None, 1.0, keeps=(Keep(draws(0.5, seed=9), "l1", l1_eps=1e-7),) * 2 + (Keep(None),))
+    assert other.rounding_key() == form.rounding_key()  # the draws' states do not change the roundings
+
+
+def test_refuses_an_unfixed_l1_rescale_and_keeps_without_a_base():
+    keep = Keep(draws(0.5), "l1", l1_eps=1e-7)
+    with pytest.raises(ValueError, match="with_norms"):
+        fused.linear_combination_into(torch.empty(4), torch.zeros(4), [torch.ones(4)], LinearForm((1.0,), None, 1.0, keeps=(keep,)))
+    with pytest.raises(ValueError):
+        fused.linear_combination_into(torch.empty(4), None, [torch.ones(4)], LinearForm((1.0,), None, None, keeps=(Keep(None),)))
+
+
+# -- whole merges --------------------------------------------------------------------------------
+def _dare(demo, out, params, monkeypatch, native_on: bool, model_params=None):
+    monkeypatch.setenv("MERGEKIT_LITE_NATIVE", "1" if native_on else "0")
+    data = ta_recipe(demo, merge_method="dare_linear", parameters={"lambda": 0.9, **params})
+    for m, p in zip(data["models"], model_params or ({"density": 0.3}, {"density": 0.6}, {"density": 1.0})):
+        m["parameters"].update(p)
+    return load_state(mergekit_lite.run(Recipe.model_validate(data), out, progress=False))
+
+
+def _count_calls(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    original = fused.linear_combination_into
+    monkeypatch.setattr(fused, "linear_combination_into", lambda *a, **k: calls.append(a[0].numel()) or original(*a, **k))
+    return calls
+
+
+def _small_chunks(monkeypatch) -> None:
+    monkeypatch.setattr(execute, "two_phase_min_entries", lambda: 7)  # every tensor of 7+ entries by row chunks
+    monkeypatch.setattr(execute, "two_phase_chunk_entries", lambda: 24)
+    monkeypatch.setattr(execute, "FUSED_CHUNK_ENTRIES", 50)  # the kernel in uneven chunks, on both threads
+
+
+@pytest.mark.parametrize("params", [{"rescale": False}, {"rescale_rule": "density"}, {"rescale_rule": "density", "normalize": True}])
+@pytest.mark.parametrize("fixture", ["demo", "demo_bf16"])
+def test_dare_linear_without_the_l1_rescale_is_identical_with_the_kernel_on_and_off(request, tmp_path, monkeypatch, params, fixture):
+    demo = request.getfixturevalue(fixture)
+    _small_chunks(monkeypatch)
+    calls = _count_calls(monkeypatch)
+    torch_out = _dare(demo, tmp_path / "torch", params, monkeypatch, native_on=False)
+    assert not calls
+    native_out = _dare(demo, tmp_path / "native", params, monkeypatch, native_on=True)
+    assert any(n != execute.FUSED_SAMPLE_ENTRIES for n in calls)
+    for name in torch_out:
+        assert torch.equal(bits(torch_out[name]), bits(native_out[name])), name
+
+
+@pytest.mark.parametrize("fixture", ["demo", "demo_bf16"])
+def test_dare_linear_with_the_l1_rescale_agrees_with_the_torch_path_to_a_rounding(request, tmp_path, monkeypatch, fixture):
+    """The same masks (the same dropped entries), the factor from float64 norms: the outputs agree to about a
+    rounding of their dtype, and the kernel's merge is the same on one thread and on two."""
+    demo = request.getfixturevalue(fixture)
+    _small_chunks(monkeypatch)
+    calls = _count_calls(monkeypatch)
+    torch_out = _dare(demo, tmp_path / "torch", {}, monkeypatch, native_on=False)
+    native_out = _dare(demo, tmp_path / "native", {}, monkeypatch, native_on=True)
+    assert any(n != execute.FUSED_SAMPLE_ENTRIES for n in calls)
+    base = load_state(demo["base"])
+    for name in torch_out:
+        tol = dict(rtol=2**-7, atol=1e-6) if torch_out[name].dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(native_out[name].float(), torch_out[name].float(), **tol, msg=name)
+    changed = sum(int((native_out[n] != base[n]).sum()) for n in native_out if n in base)
+    assert changed > 0
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = _dare(demo, tmp_path / "one", {}, monkeypatch, native_on=True)
+    finally:
+        torch.set_num_threads(before)
+    for name in native_out:
+        assert torch.equal(bits(one_thread[name]), bits(native_out[name])), name
+
+
+def test_a_model_that_keeps_nothing_leaves_dare_linear_to_torch(demo, tmp_path, monkeypatch):
+    _small_chunks(monkeypatch)
+    calls = _count_calls(monkeypatch)
+    _dare(demo, tmp_path / "out", {}, monkeypatch, native_on=True, model_params=({"density": 0.0}, {"density": 0.5}, {"density": 0.5}))
+    assert not calls
