@@ -511,14 +511,19 @@ def _gram_of_stored(sources: Sequence[StoredSource], has_base: bool, compute_dty
     return total
 
 
-def _dare_norms_of_stored(sources: Sequence[StoredSource], form: fused.LinearForm, compute_dtype: torch.dtype) -> list[tuple[float, float]]:
+def _dare_norms_of_stored(sources: Sequence[StoredSource], form: fused.LinearForm, compute_dtype: torch.dtype,
+                          masks: dict[int, list[torch.Tensor | None]]) -> list[tuple[float, float]]:
     """Each task's (‖τ_t‖₁, ‖τ_t ⊙ keep_t‖₁) over the whole tensor by the native kernel (the base the first source),
-    chunk by chunk on the threads, the chunks' norms added in chunk order (the same sums on any thread count)."""
-    assert form.keeps is not None
+    chunk by chunk on the threads, the chunks' norms added in chunk order (the same sums on any thread count). Each
+    chunk's keep-masks go into ``masks`` (one bit per entry: K/32 of a float32 copy), for the second pass."""
+    keeps = form.keeps
+    assert keeps is not None
     partial: dict[int, list[tuple[float, float]]] = {}
 
     def chunk_norms(start: int, stop: int, stored: list[torch.Tensor]) -> int:
-        partial[start], bad = fused.dare_norms(stored[0], stored[1:], form.keeps or (), first=start)
+        size = fused.mask_bytes(stop - start)
+        chunk_masks = masks[start] = [None if k.draws is None else torch.empty(size, dtype=torch.uint8) for k in keeps]
+        partial[start], bad = fused.dare_norms(stored[0], stored[1:], keeps, first=start, masks_out=chunk_masks)
         return bad
 
     _each_stored_chunk(sources, True, chunk_norms, compute_dtype)
@@ -593,14 +598,15 @@ def fused_output(plan: Plan, job: TensorJob, form: fused.LinearForm, sources: li
     """A linear-form job's output by the native kernel: chunk by chunk (on every thread), each input's stored bytes
     read into this thread's reused buffer and every entry combined in one pass; NaN/Inf refused as the torch path does.
     An L1 rescale (DARE) takes a pass before: each task's norms by chunk, added up in chunk order (any thread count)."""
+    masks: dict[int, list[torch.Tensor | None]] = {}  # chunk start → each task's keep-mask, drawn in the norms pass
     if form.needs_norms:
-        form = form.with_norms(_dare_norms_of_stored(sources, form, plan.compute_dtype))
+        form = form.with_norms(_dare_norms_of_stored(sources, form, plan.compute_dtype, masks))
     out = torch.empty(job.out.shape, dtype=job.out.dtype)
     flat = out.view(-1)
 
     def combine(start: int, stop: int, stored: list[torch.Tensor]) -> int:
         base, inputs = (stored[0], stored[1:]) if job.base is not None else (None, stored)
-        return fused.linear_combination_into(flat[start:stop], base, inputs, form, first=start)
+        return fused.linear_combination_into(flat[start:stop], base, inputs, form, first=start, masks=masks.pop(start, None))
 
     _each_stored_chunk(sources, job.base is not None, combine, plan.compute_dtype)
     return out

@@ -151,6 +151,30 @@ def test_portable_and_vector_code_give_the_same_bytes_and_norms():
     assert results[0][1] == results[1][1]
 
 
+@pytest.mark.parametrize("n,first", [(1, 0), (13, 5), (1024, 0), (5003, 262144)])
+def test_masks_written_by_the_norms_pass_give_the_drawn_combination(n, first):
+    """The second pass reads the keep-masks the first wrote (one bit per entry) instead of drawing again: the same
+    bytes, and the masks are the draws' bits, entry j at bit j mod 8 of byte j // 8."""
+    base = values(n, torch.bfloat16, 0)
+    inputs = [values(n, torch.bfloat16, s) for s in (1, 2)]
+    keeps = (Keep(draws(0.3 + 2.0**-20, tensor="p")), Keep(None))
+    masks = [torch.full((fused.mask_bytes(n),), 0xA5, dtype=torch.uint8), None]
+    fused.dare_norms(base, inputs, keeps, first=first, masks_out=masks)
+    expected_bits = np.packbits(reference_mask_of("p", 0.3 + 2.0**-20, n, first), bitorder="little")
+    assert np.array_equal(masks[0].numpy(), expected_bits)
+    form = LinearForm((0.5, 2.0), None, 0.7, keeps=(Keep(keeps[0].draws, "mul", 1.7), Keep(None)))
+    drawn, read = torch.empty(n, dtype=torch.bfloat16), torch.empty(n, dtype=torch.bfloat16)
+    fused.linear_combination_into(drawn, base, inputs, form, first=first)
+    fused.linear_combination_into(read, base, inputs, form, first=first, masks=masks)
+    assert torch.equal(bits(drawn), bits(read))
+    with pytest.raises(ValueError, match="keep-masks"):
+        fused.linear_combination_into(read, base, inputs, form, first=first, masks=[torch.empty(0, dtype=torch.uint8), None])
+
+
+def reference_mask_of(tensor: str, density: float, n: int, first: int) -> np.ndarray:
+    return dare_mask((n,), density, generator_for(0, "m", tensor), first, split=False).numpy()
+
+
 def test_norms_find_non_finite_entries():
     base, x = torch.zeros(100), torch.ones(100)
     x[40] = float("nan")

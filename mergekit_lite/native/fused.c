@@ -4,7 +4,9 @@
  * bytes, and each entry goes through the same float32 operations in the same order (products added with fused
  * multiply-add where torch's add(alpha=) does), so the bytes written are the torch path's. The Python side checks
  * that at run time on a sample before it uses this, and falls back to torch where they differ.
- * Also the float64 Gram matrix of stored inputs (slerp's first pass), summed in its own fixed order.
+ * Also the float64 Gram matrix of stored inputs (slerp, Model Stock, Multi-SLERP), summed in its own fixed order, and
+ * DARE: its keep draws (numpy's PCG64DXSM words and the tie words of ops/sparsify.dare_mask, bit for bit), the L1
+ * norms of its first pass, and the masked, rescaled task vectors of its combination.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -16,6 +18,7 @@ enum { KIND_F32 = 0, KIND_BF16 = 1 };
 /* x86-64 with GCC or clang: AVX2 + FMA versions beside the portable ones, chosen at run time */
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define X86_DISPATCH 1
+#include <immintrin.h>
 #else
 #define X86_DISPATCH 0
 #endif
@@ -66,7 +69,12 @@ typedef struct {
     u128 state, inc; /* the generator's 128-bit state and increment, as numpy keeps them */
     uint64_t left;   /* words of the last output not handed out yet, lowest first */
     int nleft;
+    u128 jump_mult, jump_plus; /* state -> jump_mult * state + jump_plus: JUMP outputs ahead */
 } Stream;
+
+/* a block of BLOCK words is drawn as four runs of JUMP outputs, each from the state JUMP outputs after the last's,
+ * stepped side by side: four independent multiply chains instead of one (the same words, in the same places) */
+#define JUMP (BLOCK / 16)
 
 /* numpy's pcg_cm_random_r: the DXSM output of the state before the step, then the cheap-multiplier step */
 static inline uint64_t dxsm_next(Stream *s) {
@@ -79,8 +87,9 @@ static inline uint64_t dxsm_next(Stream *s) {
     return hi;
 }
 
-/* the state `delta` steps ahead (Brown's jump-ahead for an LCG, as numpy's advance) */
-static u128 dxsm_advance(u128 state, u128 inc, uint64_t delta) {
+/* (mult, plus) with state -> mult * state + plus the step `delta` times (Brown's jump-ahead for an LCG, as numpy's
+ * advance) */
+static void dxsm_jump(u128 inc, uint64_t delta, u128 *mult, u128 *plus) {
     u128 acc_mult = 1, acc_plus = 0, cur_mult = DXSM_MULTIPLIER, cur_plus = inc;
     while (delta > 0) {
         if (delta & 1) {
@@ -91,13 +100,53 @@ static u128 dxsm_advance(u128 state, u128 inc, uint64_t delta) {
         cur_mult *= cur_mult;
         delta >>= 1;
     }
-    return acc_mult * state + acc_plus;
+    *mult = acc_mult;
+    *plus = acc_plus;
+}
+
+static u128 dxsm_advance(u128 state, u128 inc, uint64_t delta) {
+    u128 mult, plus;
+    dxsm_jump(inc, delta, &mult, &plus);
+    return mult * state + plus;
+}
+
+static inline uint64_t dxsm_output(u128 state) {
+    uint64_t hi = (uint64_t)(state >> 64), lo = (uint64_t)state | 1u;
+    hi ^= hi >> 32;
+    hi *= DXSM_MULTIPLIER;
+    hi ^= hi >> 48;
+    return hi * lo;
+}
+
+static inline void put_words(uint16_t *dst, uint64_t v) {
+    dst[0] = (uint16_t)v;
+    dst[1] = (uint16_t)(v >> 16);
+    dst[2] = (uint16_t)(v >> 32);
+    dst[3] = (uint16_t)(v >> 48);
+}
+
+/* BLOCK words from a stream at an output's start (no words left over): four runs of JUMP outputs side by side */
+static inline void block_words(Stream *s, uint16_t *dst) {
+    const u128 m = DXSM_MULTIPLIER, inc = s->inc;
+    u128 s0 = s->state, s1 = s->jump_mult * s0 + s->jump_plus, s2 = s->jump_mult * s1 + s->jump_plus, s3 = s->jump_mult * s2 + s->jump_plus;
+    for (int i = 0; i < JUMP; i++) {
+        put_words(dst + 4 * i, dxsm_output(s0));
+        put_words(dst + 4 * (JUMP + i), dxsm_output(s1));
+        put_words(dst + 4 * (2 * JUMP + i), dxsm_output(s2));
+        put_words(dst + 4 * (3 * JUMP + i), dxsm_output(s3));
+        s0 = s0 * m + inc;
+        s1 = s1 * m + inc;
+        s2 = s2 * m + inc;
+        s3 = s3 * m + inc;
+    }
+    s->state = s3;
 }
 
 /* the stream positioned at 16-bit word `first` (word j: bits 16 (j mod 4) up of output j / 4) */
 static void stream_at(Stream *s, u128 state, u128 inc, uint64_t first) {
     s->state = dxsm_advance(state, inc, first / 4);
     s->inc = inc;
+    dxsm_jump(inc, JUMP, &s->jump_mult, &s->jump_plus);
     s->nleft = 0;
     if (first % 4) {
         s->left = dxsm_next(s) >> (16 * (first % 4));
@@ -106,6 +155,10 @@ static void stream_at(Stream *s, u128 state, u128 inc, uint64_t first) {
 }
 
 static inline void next_words(Stream *s, uint16_t *dst, Py_ssize_t n) {
+    if (n == BLOCK && s->nleft == 0) {
+        block_words(s, dst);
+        return;
+    }
     Py_ssize_t j = 0;
     for (; s->nleft > 0 && j < n; s->nleft--, s->left >>= 16) dst[j++] = (uint16_t)s->left;
     for (; j + 4 <= n; j += 4) {
@@ -139,22 +192,83 @@ typedef struct {
     uint64_t ceiling;  /* ceil(density * 2^32); above 2^32 - 1 every entry is kept */
     int scale;         /* SCALE_*: survivors multiplied or divided by `by` (float32), or left */
     float by;
+    const uint8_t *bits_in; /* NULL, or the call's keep-mask, one bit per entry (LSB first), used instead of drawing */
+    uint8_t *bits_out;      /* NULL, or where the drawn keep-mask goes, as bits_in reads it */
     Stream stream;     /* working state: where the draws are */
 } Keep;
 
-/* keep[j] = 1.0f or 0.0f for entries first .. first + m - 1 (the stream at `first`) */
-static inline __attribute__((always_inline)) void keep_block(Keep *k, Py_ssize_t first, Py_ssize_t m, float *keep) {
-    if (!k->draws || k->ceiling > 0xFFFFFFFFull) {
-        for (Py_ssize_t j = 0; j < m; j++) keep[j] = 1.0f;
+/* keep[j] = 1.0f or 0.0f for the call's entries i0 .. i0 + m - 1 (flat index first + i0 + j in the tensor; the stream
+ * there): read from bits_in, or drawn (then written to bits_out, where given). m is a multiple of 8 but in the last
+ * block, and keep has room for m rounded up to LANES entries. */
+/* the eight keep values of each mask byte (bit b: entry b), filled at module load */
+static float keep_of_byte[256][8];
+
+static void fill_keep_of_byte(void) {
+    for (int v = 0; v < 256; v++)
+        for (int bit = 0; bit < 8; bit++) keep_of_byte[v][bit] = (float)((v >> bit) & 1);
+}
+
+#if X86_DISPATCH
+/* the whole bytes of pack_keep, eight entries per vector comparison */
+__attribute__((target("avx2,fma"))) static Py_ssize_t pack_keep_avx2(const float *keep, Py_ssize_t m, uint8_t *dst) {
+    Py_ssize_t byte = 0;
+    for (; byte < m / 8; byte++)
+        dst[byte] = (uint8_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(keep + 8 * byte), _mm256_setzero_ps(), _CMP_NEQ_OQ));
+    return byte;
+}
+#endif
+
+/* dst's bits (LSB first) = keep[0 .. m - 1] != 0 */
+static inline __attribute__((always_inline)) void pack_keep(const float *keep, Py_ssize_t m, uint8_t *dst, int avx2) {
+    Py_ssize_t byte = 0;
+#if X86_DISPATCH
+    if (avx2) byte = pack_keep_avx2(keep, m, dst);
+#else
+    (void)avx2;
+#endif
+    for (; byte < (m + 7) / 8; byte++) {
+        unsigned v = 0;
+        for (int bit = 0; bit < 8 && byte * 8 + bit < m; bit++) v |= (unsigned)(keep[byte * 8 + bit] != 0.0f) << bit;
+        dst[byte] = (uint8_t)v;
+    }
+}
+
+static inline __attribute__((always_inline)) void keep_block(Keep *k, Py_ssize_t first, Py_ssize_t i0, Py_ssize_t m, float *keep, int avx2) {
+    if (k->bits_in != NULL) {
+        const uint8_t *src = k->bits_in + i0 / 8;
+        Py_ssize_t whole = m / 8;
+        for (Py_ssize_t byte = 0; byte < whole; byte++) memcpy(keep + 8 * byte, keep_of_byte[src[byte]], sizeof(keep_of_byte[0]));
+        for (Py_ssize_t j = whole * 8; j < m; j++) keep[j] = (float)((src[j >> 3] >> (j & 7)) & 1u);
         return;
     }
-    uint16_t h[BLOCK];
-    next_words(&k->stream, h, m);
-    const uint32_t high = (uint32_t)(k->ceiling >> 16), low = (uint32_t)(k->ceiling & 0xFFFFu);
-    for (Py_ssize_t j = 0; j < m; j++) keep[j] = h[j] < high ? 1.0f : 0.0f;
-    if (low)
-        for (Py_ssize_t j = 0; j < m; j++)
-            if (h[j] == high && tie_word(k->key, (uint64_t)(first + j)) < low) keep[j] = 1.0f;
+    if (!k->draws || k->ceiling > 0xFFFFFFFFull) {
+        for (Py_ssize_t j = 0; j < m; j++) keep[j] = 1.0f;
+    } else {
+        uint16_t h[BLOCK];
+        next_words(&k->stream, h, m);
+        const uint16_t high = (uint16_t)(k->ceiling >> 16), low = (uint16_t)(k->ceiling & 0xFFFFu);
+        int ties = 0;
+        for (Py_ssize_t j = 0; j < m; j++) {
+            keep[j] = h[j] < high ? 1.0f : 0.0f;
+            ties |= h[j] == high;
+        }
+        if (low && ties) /* about one block in 64: the low half decides where the high half is the threshold's */
+            for (Py_ssize_t j = 0; j < m; j++)
+                if (h[j] == high && tie_word(k->key, (uint64_t)(first + i0 + j)) < low) keep[j] = 1.0f;
+    }
+    if (k->bits_out != NULL) pack_keep(keep, m, k->bits_out + i0 / 8, avx2);
+}
+
+/* acc (t == 0: =, else fma) += w * rescaled(keep * (x - b)), as Kept.apply then the weighted sum; the constant
+ * arguments make one loop per case */
+static inline __attribute__((always_inline)) void masked_accumulate(const float *x, const float *b, const float *keep, int scale, float by,
+                                                                    float w, int first_task, float *acc, Py_ssize_t m) {
+    for (Py_ssize_t j = 0; j < m; j++) {
+        float v = (x[j] - b[j]) * keep[j];
+        if (scale == SCALE_MUL) v = v * by;
+        if (scale == SCALE_DIV) v = v / by;
+        acc[j] = first_task ? v * w : fmaf(v, w, acc[j]);
+    }
 }
 
 typedef struct {
@@ -176,7 +290,7 @@ typedef struct {
 
 /* -1 when every input entry is finite, else the first input (0 the base when there is one, then 1 + model) with a
  * NaN or infinite entry. */
-static inline __attribute__((always_inline)) Py_ssize_t combine_body(const Job *job) {
+static inline __attribute__((always_inline)) Py_ssize_t combine_body(const Job *job, int avx2) {
     float b[BLOCK], x[BLOCK], acc[BLOCK], keep[BLOCK];
     Py_ssize_t first_bad = -1;
     if (job->keeps != NULL)
@@ -197,16 +311,15 @@ static inline __attribute__((always_inline)) Py_ssize_t combine_body(const Job *
             if (job->keeps != NULL) {
                 /* DARE: tau = x - base, times 1 or 0 (a dropped entry becomes +-0), then rescaled, as Kept.apply */
                 Keep *k = &job->keeps[t];
-                keep_block(k, job->first + i0, m, keep);
-                for (Py_ssize_t j = 0; j < m; j++) x[j] = (x[j] - b[j]) * keep[j];
-                if (k->scale == SCALE_MUL)
-                    for (Py_ssize_t j = 0; j < m; j++) x[j] = x[j] * k->by;
-                else if (k->scale == SCALE_DIV)
-                    for (Py_ssize_t j = 0; j < m; j++) x[j] = x[j] / k->by;
-                if (t == 0)
-                    for (Py_ssize_t j = 0; j < m; j++) acc[j] = x[j] * w;
-                else
-                    for (Py_ssize_t j = 0; j < m; j++) acc[j] = fmaf(x[j], w, acc[j]);
+                keep_block(k, job->first, i0, m, keep, avx2);
+                switch (k->scale * 2 + (t == 0)) {
+                case SCALE_NONE * 2: masked_accumulate(x, b, keep, SCALE_NONE, 0.0f, w, 0, acc, m); break;
+                case SCALE_NONE * 2 + 1: masked_accumulate(x, b, keep, SCALE_NONE, 0.0f, w, 1, acc, m); break;
+                case SCALE_MUL * 2: masked_accumulate(x, b, keep, SCALE_MUL, k->by, w, 0, acc, m); break;
+                case SCALE_MUL * 2 + 1: masked_accumulate(x, b, keep, SCALE_MUL, k->by, w, 1, acc, m); break;
+                case SCALE_DIV * 2: masked_accumulate(x, b, keep, SCALE_DIV, k->by, w, 0, acc, m); break;
+                default: masked_accumulate(x, b, keep, SCALE_DIV, k->by, w, 1, acc, m); break;
+                }
             } else if (job->base != NULL) {
                 /* task vectors: tau = x - base; the first is scaled (mul), the rest accumulated (fma) */
                 if (t == 0)
@@ -238,10 +351,10 @@ static inline __attribute__((always_inline)) Py_ssize_t combine_body(const Job *
     return first_bad;
 }
 
-static Py_ssize_t combine_generic(const Job *job) { return combine_body(job); }
+static Py_ssize_t combine_generic(const Job *job) { return combine_body(job, 0); }
 
 #if X86_DISPATCH
-__attribute__((target("avx2,fma"))) static Py_ssize_t combine_avx2(const Job *job) { return combine_body(job); }
+__attribute__((target("avx2,fma"))) static Py_ssize_t combine_avx2(const Job *job) { return combine_body(job, 1); }
 static int has_avx2_fma(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -303,7 +416,6 @@ static double dot_generic(const double *a, const double *b, Py_ssize_t padded) {
 }
 
 #if X86_DISPATCH
-#include <immintrin.h>
 __attribute__((target("avx2,fma"))) static double dot_avx2(const double *a, const double *b, Py_ssize_t padded) {
     __m256d v0 = _mm256_setzero_pd(), v1 = _mm256_setzero_pd(), v2 = _mm256_setzero_pd(), v3 = _mm256_setzero_pd();
     for (Py_ssize_t j = 0; j < padded; j += LANES) {
@@ -419,11 +531,48 @@ static Py_ssize_t gram(const GramJob *job) {
     return gram_generic(job);
 }
 
+/* lane l (of LANES) += |tau_j| and |tau_j| * keep_j for the entries j = l mod LANES of [0, padded), in order, in float64 */
+static inline __attribute__((always_inline)) void l1_lanes_generic(const float *x, const float *keep, Py_ssize_t padded, double *before, double *after) {
+    for (Py_ssize_t j = 0; j < padded; j += LANES)
+        for (int l = 0; l < LANES; l++) {
+            before[l] += (double)x[j + l];
+            after[l] += (double)(x[j + l] * keep[j + l]);
+        }
+}
+
+#if X86_DISPATCH
+/* the same additions, four lanes per vector */
+__attribute__((target("avx2,fma"))) static void l1_lanes_avx2(const float *x, const float *keep, Py_ssize_t padded, double *before, double *after) {
+    __m256d b0 = _mm256_loadu_pd(before), b1 = _mm256_loadu_pd(before + 4), b2 = _mm256_loadu_pd(before + 8), b3 = _mm256_loadu_pd(before + 12);
+    __m256d a0 = _mm256_loadu_pd(after), a1 = _mm256_loadu_pd(after + 4), a2 = _mm256_loadu_pd(after + 8), a3 = _mm256_loadu_pd(after + 12);
+    for (Py_ssize_t j = 0; j < padded; j += LANES) {
+        __m256 x0 = _mm256_loadu_ps(x + j), x1 = _mm256_loadu_ps(x + j + 8);
+        __m256 k0 = _mm256_mul_ps(x0, _mm256_loadu_ps(keep + j)), k1 = _mm256_mul_ps(x1, _mm256_loadu_ps(keep + j + 8));
+        b0 = _mm256_add_pd(b0, _mm256_cvtps_pd(_mm256_castps256_ps128(x0)));
+        b1 = _mm256_add_pd(b1, _mm256_cvtps_pd(_mm256_extractf128_ps(x0, 1)));
+        b2 = _mm256_add_pd(b2, _mm256_cvtps_pd(_mm256_castps256_ps128(x1)));
+        b3 = _mm256_add_pd(b3, _mm256_cvtps_pd(_mm256_extractf128_ps(x1, 1)));
+        a0 = _mm256_add_pd(a0, _mm256_cvtps_pd(_mm256_castps256_ps128(k0)));
+        a1 = _mm256_add_pd(a1, _mm256_cvtps_pd(_mm256_extractf128_ps(k0, 1)));
+        a2 = _mm256_add_pd(a2, _mm256_cvtps_pd(_mm256_castps256_ps128(k1)));
+        a3 = _mm256_add_pd(a3, _mm256_cvtps_pd(_mm256_extractf128_ps(k1, 1)));
+    }
+    _mm256_storeu_pd(before, b0);
+    _mm256_storeu_pd(before + 4, b1);
+    _mm256_storeu_pd(before + 8, b2);
+    _mm256_storeu_pd(before + 12, b3);
+    _mm256_storeu_pd(after, a0);
+    _mm256_storeu_pd(after + 4, a1);
+    _mm256_storeu_pd(after + 8, a2);
+    _mm256_storeu_pd(after + 12, a3);
+}
+#endif
+
 /* DARE's first pass: per input, the L1 norms of tau = x - base before and after its keep draws (sum |tau| and
  * sum |tau| * keep), each |tau| exact in float64 and added in sixteen lanes (entry j to lane j mod 16, in order),
  * the lanes then added pairwise: a fixed order. lanes: 2 * LANES * count doubles of scratch; norms: 2 * count
  * doubles (before, after per input), added to. Returns as combine_body does. */
-static inline __attribute__((always_inline)) Py_ssize_t norms_body(const Job *job, double *lanes, double *norms) {
+static inline __attribute__((always_inline)) Py_ssize_t norms_body(const Job *job, double *lanes, double *norms, int avx2) {
     float b[BLOCK], x[BLOCK], keep[BLOCK];
     Py_ssize_t first_bad = -1;
     memset(lanes, 0, sizeof(double) * 2 * LANES * (size_t)job->count);
@@ -438,17 +587,19 @@ static inline __attribute__((always_inline)) Py_ssize_t norms_body(const Job *jo
             size_t size = job->kinds[t] == KIND_BF16 ? 2 : 4;
             if (to_float((const char *)job->inputs[t] + (size_t)i0 * size, job->kinds[t], m, x) && (first_bad < 0 || first_bad > t + 1))
                 first_bad = t + 1;
-            keep_block(&job->keeps[t], job->first + i0, m, keep);
+            keep_block(&job->keeps[t], job->first, i0, m, keep, avx2);
             for (Py_ssize_t j = 0; j < m; j++) x[j] = fabsf(x[j] - b[j]);
             for (Py_ssize_t j = m; j < padded; j++) x[j] = keep[j] = 0.0f;
             double *before = lanes + 2 * LANES * t, *after = before + LANES;
-            for (Py_ssize_t j = 0; j < padded; j += LANES)
-                for (int l = 0; l < LANES; l++) {
-                    before[l] += (double)x[j + l];
-                    after[l] += (double)(x[j + l] * keep[j + l]);
-                }
+#if X86_DISPATCH
+            if (avx2)
+                l1_lanes_avx2(x, keep, padded, before, after);
+            else
+#endif
+                l1_lanes_generic(x, keep, padded, before, after);
         }
     }
+    (void)avx2;
     for (Py_ssize_t t = 0; t < job->count; t++) {
         norms[2 * t] += lanes_total(lanes + 2 * LANES * t);
         norms[2 * t + 1] += lanes_total(lanes + 2 * LANES * t + LANES);
@@ -456,10 +607,10 @@ static inline __attribute__((always_inline)) Py_ssize_t norms_body(const Job *jo
     return first_bad;
 }
 
-static Py_ssize_t norms_generic(const Job *job, double *lanes, double *norms) { return norms_body(job, lanes, norms); }
+static Py_ssize_t norms_generic(const Job *job, double *lanes, double *norms) { return norms_body(job, lanes, norms, 0); }
 
 #if X86_DISPATCH
-__attribute__((target("avx2,fma"))) static Py_ssize_t norms_avx2(const Job *job, double *lanes, double *norms) { return norms_body(job, lanes, norms); }
+__attribute__((target("avx2,fma"))) static Py_ssize_t norms_avx2(const Job *job, double *lanes, double *norms) { return norms_body(job, lanes, norms, 1); }
 #endif
 
 static Py_ssize_t dare_norms_of(const Job *job, double *lanes, double *norms) {
@@ -480,8 +631,8 @@ static int parse_kind(PyObject *value, int *kind) {
     return 1;
 }
 
-/* keeps: a sequence of `count` tuples (draws, state_hi, state_lo, inc_hi, inc_lo, key, ceiling, scale, by); NULL
- * with an exception set on a bad one */
+/* keeps: a sequence of `count` tuples (draws, state_hi, state_lo, inc_hi, inc_lo, key, ceiling, scale, by[, bits_in,
+ * bits_out]); NULL with an exception set on a bad one */
 static Keep *parse_keeps(PyObject *keeps_obj, Py_ssize_t count) {
     PyObject *seq = PySequence_Fast(keeps_obj, "keeps must be a sequence");
     if (seq == NULL) return NULL;
@@ -497,10 +648,10 @@ static Keep *parse_keeps(PyObject *keeps_obj, Py_ssize_t count) {
     }
     for (Py_ssize_t t = 0; t < count; t++) {
         int draws, scale;
-        unsigned long long state_hi, state_lo, inc_hi, inc_lo, key, ceiling;
+        unsigned long long state_hi, state_lo, inc_hi, inc_lo, key, ceiling, bits_in = 0, bits_out = 0;
         double by;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, t), "pKKKKKKid", &draws, &state_hi, &state_lo, &inc_hi, &inc_lo, &key, &ceiling,
-                              &scale, &by)) {
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, t), "pKKKKKKid|KK", &draws, &state_hi, &state_lo, &inc_hi, &inc_lo, &key, &ceiling,
+                              &scale, &by, &bits_in, &bits_out)) {
             PyMem_Free(keeps);
             keeps = NULL;
             goto done;
@@ -518,6 +669,8 @@ static Keep *parse_keeps(PyObject *keeps_obj, Py_ssize_t count) {
         keeps[t].ceiling = ceiling;
         keeps[t].scale = scale;
         keeps[t].by = (float)by;
+        keeps[t].bits_in = (const uint8_t *)(uintptr_t)bits_in;
+        keeps[t].bits_out = (uint8_t *)(uintptr_t)bits_out;
     }
 done:
     Py_DECREF(seq);
@@ -762,4 +915,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fused", "Fused entrywise kernels (see fused.c).", -1, methods};
 
-PyMODINIT_FUNC PyInit__fused(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__fused(void) {
+    fill_keep_of_byte();
+    return PyModule_Create(&module);
+}

@@ -5,7 +5,9 @@ A method whose output for a tensor is such a combination (task arithmetic, linea
 as a ``LinearForm``; the executor reads the inputs' stored bytes in chunks and calls ``linear_combination_into``.
 Whether the kernel gives the torch path's bytes on this machine is checked on a sample first
 (``execute._kernel_matches``); the torch path stays the reference. ``gram`` makes float64 Gram matrices (slerp,
-Model Stock, Multi-SLERP's norms). Set MERGEKIT_LITE_NATIVE=0 to use torch alone.
+Model Stock, Multi-SLERP's norms). DARE-linear's form keeps part of each task vector (``Keep``: ``dare_mask``'s
+draws, made in the kernel, and a rescale); its L1 rescale takes a first pass, ``dare_norms``. Set
+MERGEKIT_LITE_NATIVE=0 to use torch alone.
 """
 
 from __future__ import annotations
@@ -117,16 +119,26 @@ def handles(dtype: torch.dtype) -> bool:
     return dtype in KINDS
 
 
-def _keep_args(keeps: Sequence[Keep]) -> list[tuple]:
+def mask_bytes(n: int) -> int:
+    """Bytes of one task's keep-mask of n entries, one bit per entry (``dare_norms``' ``masks_out``)."""
+    return -(-n // 8)
+
+
+def _keep_args(keeps: Sequence[Keep], n: int, masks_in: Sequence[torch.Tensor | None] | None = None,
+               masks_out: Sequence[torch.Tensor | None] | None = None) -> list[tuple]:
+    for masks in (masks_in, masks_out):
+        if masks is not None and (len(masks) != len(keeps) or any(
+                m is not None and (m.dtype != torch.uint8 or not m.is_contiguous() or m.numel() < mask_bytes(n) or m.device.type != "cpu") for m in masks)):
+            raise ValueError(f"keep-masks: one per input (or None), contiguous uint8 CPU tensors of {mask_bytes(n)} bytes")
     args = []
-    for k in keeps:
+    for t, k in enumerate(keeps):
         if k.scale not in _SCALES:
             raise ValueError("an L1 rescale must be fixed first (LinearForm.with_norms)")
         d = k.draws
-        if d is None:
-            args.append((False, 0, 0, 0, 0, 0, 0, _SCALES[k.scale], k.by))
-        else:
-            args.append((True, d.state >> 64, d.state & _WORD, d.inc >> 64, d.inc & _WORD, d.key, min(d.ceiling, _WORD), _SCALES[k.scale], k.by))
+        drawn = (False, 0, 0, 0, 0, 0, 0) if d is None else (True, d.state >> 64, d.state & _WORD, d.inc >> 64, d.inc & _WORD, d.key, min(d.ceiling, _WORD))
+        mask_in = masks_in[t] if masks_in is not None and d is not None else None
+        mask_out = masks_out[t] if masks_out is not None and d is not None else None
+        args.append((*drawn, _SCALES[k.scale], k.by, 0 if mask_in is None else mask_in.data_ptr(), 0 if mask_out is None else mask_out.data_ptr()))
     return args
 
 
@@ -135,10 +147,13 @@ def _checked(tensors: Sequence[torch.Tensor], n: int, what: str) -> None:
         raise ValueError(f"{what}: flat contiguous CPU float32/bfloat16 tensors of one length")
 
 
-def dare_norms(base: torch.Tensor, inputs: Sequence[torch.Tensor], keeps: Sequence[Keep], first: int = 0) -> tuple[list[tuple[float, float]], int]:
+def dare_norms(base: torch.Tensor, inputs: Sequence[torch.Tensor], keeps: Sequence[Keep], first: int = 0,
+               masks_out: Sequence[torch.Tensor | None] | None = None) -> tuple[list[tuple[float, float]], int]:
     """Per input, (‖τ_t‖₁, ‖τ_t ⊙ keep_t‖₁) of τ_t = x_t − base over these entries (flat, contiguous, CPU; ``first``: the
     flat index of entry 0 in the tensor, where the draws are), each |τ| exact in float64 and summed in the kernel's
-    fixed order; and -1 or the first input with a NaN/Inf entry (as ``linear_combination_into``)."""
+    fixed order; and -1 or the first input with a NaN/Inf entry (as ``linear_combination_into``). ``masks_out``: per
+    input with draws, a uint8 tensor of ``mask_bytes(n)`` that receives its keep-mask (for ``linear_combination_into``'s
+    ``masks``: the second pass reads it instead of drawing again)."""
     assert _fused is not None, "the native kernel is not built"
     n = base.numel()
     _checked([base, *inputs], n, "dare_norms")
@@ -146,16 +161,17 @@ def dare_norms(base: torch.Tensor, inputs: Sequence[torch.Tensor], keeps: Sequen
         raise ValueError("dare_norms: one keep per input, 1 to 4096 inputs")
     plain = [Keep(k.draws) for k in keeps]  # the norms do not depend on the rescale
     bad, values = _fused.dare_norms(n, base.data_ptr(), KINDS[base.dtype], [t.data_ptr() for t in inputs], [KINDS[t.dtype] for t in inputs],
-                                    _keep_args(plain), first)
+                                    _keep_args(plain, n, masks_out=masks_out), first)
     return [(values[2 * t], values[2 * t + 1]) for t in range(len(inputs))], bad
 
 
 def linear_combination_into(out: torch.Tensor, base: torch.Tensor | None, inputs: Sequence[torch.Tensor], form: LinearForm,
-                            first: int = 0) -> int:
+                            first: int = 0, masks: Sequence[torch.Tensor | None] | None = None) -> int:
     """``out`` (flat, float32 or bfloat16) = the form applied entry by entry to ``inputs`` (and ``base``, for task
     vectors), all flat, contiguous, on the CPU and of ``out``'s length (``first``: the flat index of their entry 0 in
-    the tensor, where a keep's draws are). Returns -1, or the first input holding a NaN or infinite entry (0: the
-    base, 1 + t: input t), whose entries the caller must then not use."""
+    the tensor, where a keep's draws are; ``masks``: keep-masks ``dare_norms`` wrote for these entries, used instead of
+    the draws). Returns -1, or the first input holding a NaN or infinite entry (0: the base, 1 + t: input t), whose
+    entries the caller must then not use."""
     assert _fused is not None, "the native kernel is not built"
     n = out.numel()
     tensors = [out, *inputs] + ([base] if base is not None else [])
@@ -164,7 +180,7 @@ def linear_combination_into(out: torch.Tensor, base: torch.Tensor | None, inputs
     if len(inputs) != len(form.weights) or form.of_task_vectors != (base is not None) or (form.rounded_products and form.of_task_vectors) \
             or (form.keeps is not None and (not form.of_task_vectors or len(form.keeps) != len(inputs))) or first < 0:
         raise ValueError("linear_combination_into: one weight per input, a base exactly for task vectors, rounded products without, keeps with it")
-    keeps = None if form.keeps is None else _keep_args(form.keeps)
+    keeps = None if form.keeps is None else _keep_args(form.keeps, n, masks_in=masks)
     return _fused.linear_combination(
         out.data_ptr(), KINDS[out.dtype], n,
         base.data_ptr() if base is not None else 0, KINDS[base.dtype] if base is not None else 0,
