@@ -354,19 +354,23 @@ class ReadWeightInputs(WeightInputs):
         return gram
 
     def native_combination(self, indices: Sequence[int], form: fused.LinearForm, label: str,
-                           torch_result: Callable[[list[torch.Tensor]], torch.Tensor]) -> torch.Tensor | None:
-        sources = self._native(indices)
-        if sources is None or self.out_dtype is None or not fused.handles(self.out_dtype) or form.of_task_vectors:
+                           torch_result: Callable[[torch.Tensor | None, list[torch.Tensor]], torch.Tensor],
+                           base: int | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        dtype = out_dtype or self.out_dtype
+        has_base = base is not None
+        sources = self._native(([base] if base is not None else []) + list(indices))
+        if sources is None or dtype is None or not fused.handles(dtype) or form.of_task_vectors != has_base:
             return None
-        if not _kernel_matches((label,), [dtype for _, _, dtype in sources], False, self.out_dtype, form, lambda _, xs: torch_result(xs)):
+        if not _kernel_matches((label,), [dtype for _, _, dtype in sources], has_base, dtype, form, torch_result):
             return None
-        out = torch.empty(self.shape, dtype=self.out_dtype)
+        out = torch.empty(self.shape, dtype=dtype)
         flat = out.view(-1)
 
         def combine(start: int, stop: int, stored: list[torch.Tensor]) -> int:
-            return fused.linear_combination_into(flat[start:stop], None, stored, form)
+            first_base, inputs = (stored[0], stored[1:]) if has_base else (None, stored)
+            return fused.linear_combination_into(flat[start:stop], first_base, inputs, form)
 
-        _each_stored_chunk(sources, False, combine, self.plan.compute_dtype)
+        _each_stored_chunk(sources, has_base, combine, self.plan.compute_dtype)
         return out
 
 

@@ -9,12 +9,12 @@ The math is in ``ops/spherical.py``.
 from __future__ import annotations
 
 import math
-import threading
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from ..errors import RecipeError
+from ..ops.fused import LinearForm
 from ..ops.spherical import assembled_rows, gram_by_chunks, karcher_mean_by_rows, multislerp_degenerate, multislerp_terms, nuslerp, nuslerp_factors, nuslerp_t
 from .base import HeldWeightInputs, MergeMethod, Param, TensorContext, WeightInputs, each_chunk, register
 
@@ -105,11 +105,11 @@ def _karcher_inputs(inputs: WeightInputs, ctx: TensorContext) -> torch.Tensor:
 
 
 def _multislerp_inputs(inputs: WeightInputs, ctx: TensorContext) -> torch.Tensor:
-    """multislerp in three passes over row chunks, chunk i on thread i mod the thread count (``each_chunk``),
-    holding one whole tensor (the result, in the compute dtype), never the inputs: each (task) vector's norm
-    (float64 sums of the chunks' float64 squared norms, added up in chunk order; by the native kernel where it reads
-    the inputs), then Σ a_i x_i stored with its
-    own norm, then its scale to the weighted mean norm (+ θ_0) (``multislerp_terms``)."""
+    """multislerp in two passes over row chunks, holding no whole input: the float64 Gram matrix G of the (task)
+    vectors x_i (by the native kernel where it reads the inputs, else by row chunks on the threads), which gives their
+    norms, the coefficients a_i and the direction's norm ‖Σ a_i x_i‖ = √(aᵀGa); then each chunk's
+    Σ a_i x_i · (scale / ‖Σ a_i x_i‖) (+ θ_0), stored in the output dtype as it is made (by the kernel where it gives
+    this torch code's bytes) (``multislerp_terms``)."""
     base_index = ctx.base_index
     others = [i for i in range(inputs.count) if i != base_index]
     if not others:
@@ -117,104 +117,58 @@ def _multislerp_inputs(inputs: WeightInputs, ctx: TensorContext) -> torch.Tensor
     if len(others) == 1:  # one model: its tensor as it is (mergekit returns it without interpolating)
         return inputs.read(others[0])
     chunks = inputs.chunks()
+    on_cpu = inputs.device.type == "cpu"
 
     def base_rows(start: int, stop: int) -> torch.Tensor | None:
         return None if base_index is None else inputs.rows(base_index, start, stop)
 
-    def combination(coefficients: list[float], start: int, stop: int, base: torch.Tensor | None) -> torch.Tensor:
-        """Σ_i c_i x_i over the rows of the (task) vectors x_i (each model's rows less the base's, given a base)."""
+    def combined(coefficients: Sequence[float], rows: Iterable[torch.Tensor], base: torch.Tensor | None, factor: float | None = None) -> torch.Tensor:
+        """Σ_i c_i x_i of the rows of the (task) vectors x_i (each model's rows less the base's, given a base), in
+        place; times ``factor`` and plus the base's rows, given those."""
         total: torch.Tensor | None = None
-        for i, c in zip(others, coefficients):
-            x = inputs.rows(i, start, stop)
+        for c, x in zip(coefficients, rows):
             if base is not None:
                 x.sub_(base)
             total = x.mul_(c) if total is None else total.add_(x, alpha=c)
         assert total is not None
+        if factor is not None:
+            total.mul_(factor)
+            if base is not None:
+                total.add_(base)
         return total
 
-    def summed_by_chunks(per_chunk: Callable[[tuple[int, int]], list[float]]) -> list[float]:
-        """``per_chunk`` run on every chunk (on the threads in turn), its numbers added up in chunk order."""
-        parts: dict[int, list[float]] = {}
-        each_chunk(lambda chunk: parts.__setitem__(chunk[0], per_chunk(chunk)), chunks, inputs.device)
-        sums = [0.0] * len(parts[chunks[0][0]])
-        for start, _ in chunks:
-            sums = [total + part for total, part in zip(sums, parts.pop(start))]
-        return sums
-
-    def squared_norms_of_chunk(chunk: tuple[int, int]) -> list[float]:
+    def vectors_of(chunk: tuple[int, int]) -> list[torch.Tensor]:
         base = base_rows(*chunk)
-        squared = []
-        for i in others:
-            x = inputs.rows(i, *chunk)
-            squared.append(float(torch.linalg.vector_norm(x if base is None else x.sub_(base), dtype=torch.float64)) ** 2)
-        return squared
+        rows = [inputs.rows(i, *chunk) for i in others]
+        return rows if base is None else [x.sub_(base) for x in rows]
 
-    gram = inputs.native_gram(others, base=base_index, diagonal=True)  # the same float64 squares, summed in its order
-    squares = [float(gram[i, i]) for i in range(len(others))] if gram is not None else summed_by_chunks(squared_norms_of_chunk)
-    norms = [math.sqrt(s) for s in squares]
+    gram = inputs.native_gram(others, base=base_index)
+    if gram is None:
+        gram = gram_by_chunks(vectors_of, len(others), chunks, parallel=on_cpu)
+    norms = [math.sqrt(max(float(gram[i, i]), 0.0)) for i in range(len(others))]
     w, a, scale = multislerp_terms(norms, [float(ctx.model_params[i]["weight"]) for i in others],
                                    normalize_weights=ctx.params["normalize_weights"], eps=ctx.params["eps"])
-    result = ChunkedTensor(inputs.shape)
-
-    def direction_of_chunk(chunk: tuple[int, int]) -> list[float]:  # Σ a_i x_i stored, its squared norm returned
-        return [float(torch.linalg.vector_norm(result.store(chunk, combination(a, *chunk, base_rows(*chunk))))) ** 2]
-
-    mean_norm = math.sqrt(summed_by_chunks(direction_of_chunk)[0])
+    coefficients = torch.tensor(a, dtype=torch.float64)
+    mean_norm = math.sqrt(max(float(coefficients @ gram @ coefficients), 0.0))
     if mean_norm < ctx.params["eps"]:  # the directions (nearly) cancel: a linear fallback, or an error
         fallback = multislerp_degenerate(w, norms)
 
-        def fallback_chunk(chunk: tuple[int, int]) -> None:
-            base = base_rows(*chunk)
-            rows = combination(fallback, *chunk, base)
-            result.store(chunk, rows if base is None else rows.add_(base))
+        def fallback_chunk(start: int, stop: int) -> torch.Tensor:
+            base = base_rows(start, stop)
+            rows = combined(fallback, (inputs.rows(i, start, stop) for i in others), base)
+            return rows if base is None else rows.add_(base)
 
-        each_chunk(fallback_chunk, chunks, inputs.device)
-        return result.whole()
+        return assembled_rows(fallback_chunk, chunks, inputs.shape, parallel=on_cpu, dtype=inputs.out_dtype)
     factor = scale / mean_norm
-    stored = result.whole()
-    # the scaled rows stored in the output dtype as they are made (the rounding of converting the whole result)
-    out = stored if inputs.out_dtype in (None, stored.dtype) or stored.dim() == 0 else torch.empty(inputs.shape, dtype=inputs.out_dtype, device=stored.device)
+    form = LinearForm(tuple(a), None, 1.0 if base_index is not None else None, post_scale=factor)
+    native = inputs.native_combination(others, form, "multislerp", lambda base, rows: combined(a, rows, base, factor), base=base_index)
+    if native is not None:
+        return native
 
-    def scaled_chunk(chunk: tuple[int, int]) -> None:
-        rows = result.rows(chunk).mul_(factor)
-        base = base_rows(*chunk)
-        if base is not None:
-            rows.add_(base)
-        if out is not stored:
-            out[chunk[0] : chunk[1]] = rows
+    def scaled_chunk(start: int, stop: int) -> torch.Tensor:
+        return combined(a, (inputs.rows(i, start, stop) for i in others), base_rows(start, stop), factor)
 
-    each_chunk(scaled_chunk, chunks, inputs.device)
-    return out
-
-
-class ChunkedTensor:
-    """A tensor made row chunk by row chunk, possibly on several threads: allocated when the first chunk comes (its
-    dtype and device); a chunk that covers the whole tensor is kept as it is."""
-
-    def __init__(self, shape: tuple[int, ...]):
-        self.shape = shape
-        self._whole: torch.Tensor | None = None
-        self._allocating = threading.Lock()
-
-    def store(self, chunk: tuple[int, int], rows: torch.Tensor) -> torch.Tensor:
-        """Keep ``rows`` as rows [start, stop) (the whole of a 0-d tensor); returns the stored rows."""
-        with self._allocating:
-            if self._whole is None:
-                if tuple(rows.shape) == tuple(self.shape):
-                    self._whole = rows
-                    return rows
-                self._whole = torch.empty(self.shape, dtype=rows.dtype, device=rows.device)
-        target = self.rows(chunk)
-        target.copy_(rows)
-        return target
-
-    def rows(self, chunk: tuple[int, int]) -> torch.Tensor:
-        assert self._whole is not None, "a chunk was stored"
-        return self._whole if self._whole.dim() == 0 else self._whole[chunk[0]:chunk[1]]
-
-    def whole(self) -> torch.Tensor:
-        assert self._whole is not None, "a chunk was stored"
-        return self._whole
+    return assembled_rows(scaled_chunk, chunks, inputs.shape, parallel=on_cpu, dtype=inputs.out_dtype)
 
 
 register(
@@ -246,8 +200,8 @@ register(
         base="optional",
         min_models=1,
         paper="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
-        # three passes over row chunks: the result (compute dtype) and each thread's chunks; measured 1.15 / 1.82 / 1.18
-        # with the stored copies at K = 2 / 4 / 8
+        # two passes over row chunks: each thread's chunks and the output; measured 1.15 / 1.82 / 1.18 with the stored
+        # copies at K = 2 / 4 / 8 when a third pass held the float32 result (not measured again since)
         working_copies=lambda n: 0.8,
     )
 )

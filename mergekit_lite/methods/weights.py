@@ -67,7 +67,7 @@ def _slerp_inputs(inputs: WeightInputs, ctx: TensorContext) -> torch.Tensor:
         return v0.mul_(factors[0]).add_(v1.mul_(factors[1]))
 
     if factors is not None:
-        native = inputs.native_combination(pair, LinearForm(factors, None, None, rounded_products=True), "slerp", lambda rows: combine(*rows))
+        native = inputs.native_combination(pair, LinearForm(factors, None, None, rounded_products=True), "slerp", lambda _, rows: combine(*rows))
         if native is not None:
             return native
 

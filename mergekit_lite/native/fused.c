@@ -286,6 +286,8 @@ typedef struct {
     int rounded;   /* weights only: each product rounded, then added (torch's mul_ then add_) instead of fma */
     Keep *keeps;   /* NULL, or per input (task vectors only): which entries survive and how they are rescaled */
     Py_ssize_t first; /* the flat index of entry 0 in the whole tensor (where the keeps' draws start) */
+    int has_post;     /* the combination multiplied by post (rounded) before the base is added */
+    float post;
 } Job;
 
 /* -1 when every input entry is finite, else the first input (0 the base when there is one, then 1 + model) with a
@@ -344,6 +346,8 @@ static inline __attribute__((always_inline)) Py_ssize_t combine_body(const Job *
         }
         if (job->divisor != 0.0f)
             for (Py_ssize_t j = 0; j < m; j++) acc[j] = acc[j] / job->divisor;
+        if (job->has_post)
+            for (Py_ssize_t j = 0; j < m; j++) acc[j] = acc[j] * job->post;
         if (job->base != NULL)
             for (Py_ssize_t j = 0; j < m; j++) acc[j] = fmaf(acc[j], job->lam, b[j]);
         store(acc, m, (char *)job->out + (size_t)i0 * (job->out_kind == KIND_BF16 ? 2 : 4), job->out_kind);
@@ -678,13 +682,14 @@ done:
 }
 
 PyDoc_STRVAR(linear_combination_doc,
-    "linear_combination(out, out_kind, n, base, base_kind, inputs, kinds, weights, divisor, lam, rounded) -> int\n\n"
+    "linear_combination(out, out_kind, n, base, base_kind, inputs, kinds, weights, divisor, lam, rounded[, keeps, first, post]) -> int\n\n"
     "Entries [0, n) at address ``out`` from the inputs at the given addresses (kinds: 0 float32, 1 bfloat16). Without\n"
     "a base (address 0): sum_t w_t x_t; with one: base + lam * sum_t w_t (x_t - base). Divided by ``divisor`` before\n"
     "lam when it is not 0. rounded (no base): each product rounded before it is added, else fma.\n"
     "keeps (task vectors only; None: none): per input (draws, state_hi, state_lo, inc_hi, inc_lo, key, ceiling, scale,\n"
     "by): DARE's keep draws from a PCG64DXSM state (entry 0 of the tensor; ``first``: the flat index of entry 0 here)\n"
-    "and survivors multiplied (scale 1) or divided (2) by ``by``.\n"
+    "and survivors multiplied (scale 1) or divided (2) by ``by``. post (None: none): the combination, after the\n"
+    "divisor, multiplied by it (rounded) before base + lam * ....\n"
     "Returns -1, or the first input with a NaN/Inf entry (0 the base, 1 + t model t).\n"
     "The addresses are the caller's to keep valid; the GIL is released while it runs.");
 
@@ -697,9 +702,12 @@ static PyObject *linear_combination(PyObject *self, PyObject *args) {
     int rounded;
     PyObject *keeps_obj = Py_None;
     Py_ssize_t first = 0;
-    if (!PyArg_ParseTuple(args, "KinKiOOOddp|On", &out_addr, &out_kind, &n, &base_addr, &base_kind, &inputs_obj, &kinds_obj,
-                          &weights_obj, &divisor, &lam, &rounded, &keeps_obj, &first))
+    PyObject *post_obj = Py_None;
+    if (!PyArg_ParseTuple(args, "KinKiOOOddp|OnO", &out_addr, &out_kind, &n, &base_addr, &base_kind, &inputs_obj, &kinds_obj,
+                          &weights_obj, &divisor, &lam, &rounded, &keeps_obj, &first, &post_obj))
         return NULL;
+    double post = post_obj == Py_None ? 1.0 : PyFloat_AsDouble(post_obj);
+    if (post == -1.0 && PyErr_Occurred()) return NULL;
     if (keeps_obj != Py_None && (base_addr == 0 || rounded || first < 0)) {
         PyErr_SetString(PyExc_ValueError, "keeps need a base, fused products and first >= 0");
         return NULL;
@@ -739,7 +747,7 @@ static PyObject *linear_combination(PyObject *self, PyObject *args) {
     }
     if (keeps_obj != Py_None && (keeps = parse_keeps(keeps_obj, count)) == NULL) goto done;
     Job job = {(void *)(uintptr_t)out_addr, out_kind, n, (const void *)(uintptr_t)base_addr, base_kind, count, addrs, input_kinds,
-               ws, (float)divisor, (float)lam, rounded, keeps, first};
+               ws, (float)divisor, (float)lam, rounded, keeps, first, post_obj != Py_None, (float)post};
     Py_ssize_t bad;
     Py_BEGIN_ALLOW_THREADS
     bad = combine(&job);
@@ -800,7 +808,7 @@ static PyObject *dare_norms(PyObject *self, PyObject *args) {
         addrs[t] = (const void *)(uintptr_t)a;
     }
     if ((keeps = parse_keeps(keeps_obj, count)) == NULL) goto done;
-    Job job = {NULL, KIND_F32, n, (const void *)(uintptr_t)base_addr, base_kind, count, addrs, input_kinds, NULL, 0.0f, 0.0f, 0, keeps, first};
+    Job job = {NULL, KIND_F32, n, (const void *)(uintptr_t)base_addr, base_kind, count, addrs, input_kinds, NULL, 0.0f, 0.0f, 0, keeps, first, 0, 1.0f};
     Py_ssize_t bad;
     Py_BEGIN_ALLOW_THREADS
     bad = dare_norms_of(&job, lanes, norms);

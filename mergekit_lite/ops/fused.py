@@ -81,6 +81,9 @@ class LinearForm:
     rounded_products: bool = False
     #: (task vectors) what survives of each τ_t before it is weighted (DARE); None: all of it
     keeps: tuple[Keep, ...] | None = None
+    #: the combination (÷ divisor) multiplied by this, a rounded product, before θ_0 + λ·… (Multi-SLERP's scale, with
+    #: λ = 1: torch's ``mul_`` then ``add_``); None: no such step
+    post_scale: float | None = None
 
     @property
     def of_task_vectors(self) -> bool:
@@ -106,7 +109,7 @@ class LinearForm:
         """What the kernel's roundings depend on (not the draws' states, nor an L1 factor's value): the key under
         which a sample check of this form stands for every tensor's."""
         keeps = None if self.keeps is None else tuple((k.draws is not None, k.scale, k.by if k.scale == "div" else None) for k in self.keeps)
-        return (self.weights, self.divisor, self.lam, self.rounded_products, keeps)
+        return (self.weights, self.divisor, self.lam, self.rounded_products, keeps, self.post_scale is not None)
 
 
 def available() -> bool:
@@ -185,7 +188,7 @@ def linear_combination_into(out: torch.Tensor, base: torch.Tensor | None, inputs
         out.data_ptr(), KINDS[out.dtype], n,
         base.data_ptr() if base is not None else 0, KINDS[base.dtype] if base is not None else 0,
         [t.data_ptr() for t in inputs], [KINDS[t.dtype] for t in inputs], list(form.weights),
-        form.divisor or 0.0, form.lam if form.lam is not None else 0.0, form.rounded_products, keeps, first,
+        form.divisor or 0.0, form.lam if form.lam is not None else 0.0, form.rounded_products, keeps, first, form.post_scale,
     )
 
 
