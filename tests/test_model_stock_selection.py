@@ -7,6 +7,7 @@ import itertools
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -246,11 +247,18 @@ def test_quartile_positions_and_order_statistics():
         assert all(g.dtype == x.dtype for g in got)
 
 
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("kind", ["normal", "ties", "constant", "negative"])
-def test_order_statistics_of_large_tensors_are_the_sorted_values(kind):
+def test_order_statistics_of_large_tensors_are_the_sorted_values(kind, native, monkeypatch):
     """The bracketed selection (tensors of 2^20 entries or more) gives exactly the sorted tensor's values, for the
-    quartiles and the two ends, with heavy ties, one value throughout, and values all below zero."""
+    quartiles and the two ends, with heavy ties, one value throughout, and values all below zero; with the native
+    kernel's counting pass and with numpy's."""
+    from mergekit_lite.ops import fused, selection
     from mergekit_lite.ops.selection import _ranked_in_brackets
+
+    if native and not fused.available():
+        pytest.skip("the native kernel is not built")
+    monkeypatch.setattr(selection.fused, "available", lambda: native)
 
     gen = torch.Generator().manual_seed(3)
     n = (1 << 20) + 12_345
@@ -268,6 +276,36 @@ def test_order_statistics_of_large_tensors_are_the_sorted_values(kind):
     assert all(g.dtype == x.dtype for g in got)
     x[n // 2] = float("nan")
     assert _ranked_in_brackets(x.numpy(), ranks) is None  # NaN: every value partitioned instead
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_native_bracket_counts_are_numpys(dtype):
+    """The kernel's counts (a NaN below and above at once) and the values inside each bracket, in order, as numpy
+    finds them, for open and closed brackets, at every length (the vector code's groups of 8 and its tail); None
+    where a bracket holds more than the room given."""
+    from mergekit_lite.ops import fused
+
+    if not fused.available():
+        pytest.skip("the native kernel is not built")
+    rng = np.random.default_rng(4)
+    for n in (1, 7, 8, 9, 100, 4099):
+        values = rng.standard_normal(n).astype(dtype)
+        values[::17] = 0.5
+        values[3::29] = np.nan
+        brackets = [(-0.3, 0.5), (-np.inf, -1.0), (1.0, np.inf), (0.5, 0.5)]
+        for generic in (False, True):  # the vector code and the portable code
+            fused._fused._generic_only(generic)
+            try:
+                got = fused.bracket_counts(values, brackets, n)
+            finally:
+                fused._fused._generic_only(False)
+            for (lo, hi), (below, above, inside) in zip(brackets, got):
+                assert below == int(np.count_nonzero(~(values >= lo)))
+                assert above == int(np.count_nonzero(~(values <= hi)))
+                assert np.array_equal(inside, values[(values >= lo) & (values <= hi)])
+                assert inside.dtype == dtype
+    assert fused.bracket_counts(np.zeros(50, dtype=np.float32), [(-1.0, 1.0)], 49) is None
+    assert fused.bracket_counts(np.zeros(50, dtype=np.float32), [(-1.0, 1.0)], 50)[0][2].size == 50
 
 
 def test_arcee_fusion_by_hand():

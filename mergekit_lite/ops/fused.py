@@ -208,3 +208,21 @@ def gram(base: torch.Tensor | None, inputs: Sequence[torch.Tensor], sum_into: to
                               [t.data_ptr() for t in inputs], [KINDS[t.dtype] for t in inputs], sum_into.data_ptr() if sum_into is not None else 0,
                               diagonal)
     return torch.tensor(values, dtype=torch.float64).view(len(inputs), len(inputs)), bad
+
+
+def bracket_counts(values: np.ndarray, brackets: Sequence[tuple[float, float]], capacity: int) -> list[tuple[int, int, np.ndarray]] | None:
+    """For a flat, contiguous float32/float64 array and each bracket (lo, hi): how many values are not ≥ lo, how many
+    not ≤ hi (a NaN counts in both), and the values inside [lo, hi] in order: one pass over the values for every
+    bracket (``ops.selection``'s order statistics). None where a bracket holds more than ``capacity`` values."""
+    assert _fused is not None, "the native kernel is not built"
+    if values.dtype not in (np.float32, np.float64) or values.ndim != 1 or not values.flags.c_contiguous:
+        raise ValueError("bracket_counts: a flat contiguous float32/float64 array")
+    if not 0 < len(brackets) <= 64:
+        raise ValueError("bracket_counts: 1 to 64 brackets")
+    room = min(capacity, values.size)
+    outs = [np.empty(room + 1, dtype=values.dtype) for _ in brackets]  # one spare slot: the kernel's stores past the room
+    counted = _fused.bracket_counts(values.ctypes.data, values.size, values.dtype == np.float64, [(float(lo), float(hi)) for lo, hi in brackets],
+                                    [out.ctypes.data for out in outs], [room] * len(outs))
+    if any(inside > room for _, _, inside in counted):
+        return None
+    return [(below, above, out[:inside]) for (below, above, inside), out in zip(counted, outs)]
