@@ -6,7 +6,8 @@
  * that at run time on a sample before it uses this, and falls back to torch where they differ.
  * Also the float64 Gram matrix of stored inputs (slerp, Model Stock, Multi-SLERP), summed in its own fixed order, and
  * DARE: its keep draws (numpy's PCG64DXSM words and the tie words of ops/sparsify.dare_mask, bit for bit), the L1
- * norms of its first pass, and the masked, rescaled task vectors of its combination.
+ * norms of its first pass, and the masked, rescaled task vectors of its combination; and the one-pass bracket counts
+ * of exact order statistics.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

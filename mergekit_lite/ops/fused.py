@@ -6,8 +6,8 @@ as a ``LinearForm``; the executor reads the inputs' stored bytes in chunks and c
 Whether the kernel gives the torch path's bytes on this machine is checked on a sample first
 (``execute._kernel_matches``); the torch path stays the reference. ``gram`` makes float64 Gram matrices (slerp,
 Model Stock, Multi-SLERP's norms). DARE-linear's form keeps part of each task vector (``Keep``: ``dare_mask``'s
-draws, made in the kernel, and a rescale); its L1 rescale takes a first pass, ``dare_norms``. Set
-MERGEKIT_LITE_NATIVE=0 to use torch alone.
+draws, made in the kernel, and a rescale); its L1 rescale takes a first pass, ``dare_norms``. ``bracket_counts`` serves
+exact order statistics (``ops.selection``). Set MERGEKIT_LITE_NATIVE=0 to use torch alone.
 """
 
 from __future__ import annotations
