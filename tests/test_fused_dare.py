@@ -20,6 +20,7 @@ from mergekit_lite.ops.fused import DareDraws, Keep, LinearForm
 from mergekit_lite.ops.sparsify import UNIFORM_SCALE, dare_mask, generator_for
 
 from helpers import load_state, ta_recipe
+from test_fused import bits, values
 
 pytestmark = pytest.mark.skipif(not fused.available(), reason="the native kernel is not built (no C compiler at install)")
 
@@ -68,14 +69,6 @@ def test_property_keep_draws_are_dare_masks(density, first, n, seed):
     assert np.array_equal(kernel_mask(keep, n, first), reference_mask(density, n, first, seed))
 
 
-def values(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, generator=g) * 2.0 ** torch.randint(-8, 9, (n,), generator=g)
-    x[::11] = 0.0
-    x[5::11] = -0.0
-    return x.to(dtype)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,first", [(1, 0), (67, 3), (5000, 0), (300_001, 11)])
 def test_norms_are_float64_l1_norms_before_and_after_the_draws(dtype, n, first):
@@ -108,10 +101,6 @@ def torch_steps(base: torch.Tensor, inputs: list[torch.Tensor], form: LinearForm
     if form.divisor is not None:
         total.div_(form.divisor)
     return b.add_(total, alpha=form.lam)
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.int16 if t.dtype.itemsize == 2 else torch.int32)
 
 
 @pytest.mark.parametrize("n,first", [(1, 0), (67, 1), (1024, 0), (5003, 262144)])

@@ -421,6 +421,14 @@ static double dot_generic(const double *a, const double *b, Py_ssize_t padded) {
 }
 
 #if X86_DISPATCH
+/* sixteen lanes from four vectors of four */
+__attribute__((target("avx2,fma"))) static inline void store_lanes(double *lane, __m256d v0, __m256d v1, __m256d v2, __m256d v3) {
+    _mm256_storeu_pd(lane, v0);
+    _mm256_storeu_pd(lane + 4, v1);
+    _mm256_storeu_pd(lane + 8, v2);
+    _mm256_storeu_pd(lane + 12, v3);
+}
+
 __attribute__((target("avx2,fma"))) static double dot_avx2(const double *a, const double *b, Py_ssize_t padded) {
     __m256d v0 = _mm256_setzero_pd(), v1 = _mm256_setzero_pd(), v2 = _mm256_setzero_pd(), v3 = _mm256_setzero_pd();
     for (Py_ssize_t j = 0; j < padded; j += LANES) {
@@ -430,10 +438,7 @@ __attribute__((target("avx2,fma"))) static double dot_avx2(const double *a, cons
         v3 = _mm256_fmadd_pd(_mm256_loadu_pd(a + j + 12), _mm256_loadu_pd(b + j + 12), v3);
     }
     double lane[LANES];
-    _mm256_storeu_pd(lane, v0);
-    _mm256_storeu_pd(lane + 4, v1);
-    _mm256_storeu_pd(lane + 8, v2);
-    _mm256_storeu_pd(lane + 12, v3);
+    store_lanes(lane, v0, v1, v2, v3);
     return lanes_total(lane);
 }
 
@@ -455,15 +460,9 @@ __attribute__((target("avx2,fma"))) static void dot2_avx2(const double *a, const
         c3 = _mm256_fmadd_pd(a3, _mm256_loadu_pd(c + j + 12), c3);
     }
     double lane[LANES];
-    _mm256_storeu_pd(lane, b0);
-    _mm256_storeu_pd(lane + 4, b1);
-    _mm256_storeu_pd(lane + 8, b2);
-    _mm256_storeu_pd(lane + 12, b3);
+    store_lanes(lane, b0, b1, b2, b3);
     *ab = lanes_total(lane);
-    _mm256_storeu_pd(lane, c0);
-    _mm256_storeu_pd(lane + 4, c1);
-    _mm256_storeu_pd(lane + 8, c2);
-    _mm256_storeu_pd(lane + 12, c3);
+    store_lanes(lane, c0, c1, c2, c3);
     *ac = lanes_total(lane);
 }
 #endif
@@ -562,14 +561,8 @@ __attribute__((target("avx2,fma"))) static void l1_lanes_avx2(const float *x, co
         a2 = _mm256_add_pd(a2, _mm256_cvtps_pd(_mm256_castps256_ps128(k1)));
         a3 = _mm256_add_pd(a3, _mm256_cvtps_pd(_mm256_extractf128_ps(k1, 1)));
     }
-    _mm256_storeu_pd(before, b0);
-    _mm256_storeu_pd(before + 4, b1);
-    _mm256_storeu_pd(before + 8, b2);
-    _mm256_storeu_pd(before + 12, b3);
-    _mm256_storeu_pd(after, a0);
-    _mm256_storeu_pd(after + 4, a1);
-    _mm256_storeu_pd(after + 8, a2);
-    _mm256_storeu_pd(after + 12, a3);
+    store_lanes(before, b0, b1, b2, b3);
+    store_lanes(after, a0, a1, a2, a3);
 }
 #endif
 
@@ -634,6 +627,31 @@ static int parse_kind(PyObject *value, int *kind) {
     }
     *kind = (int)k;
     return 1;
+}
+
+/* addrs[t], kinds_out[t] from the sequences inputs (addresses) and kinds; 0 with an exception set on a bad one */
+static int parse_inputs(PyObject *inputs, PyObject *kinds, Py_ssize_t count, const void **addrs, int *kinds_out) {
+    for (Py_ssize_t t = 0; t < count; t++) {
+        unsigned long long a = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(inputs, t));
+        if (PyErr_Occurred() || !parse_kind(PySequence_Fast_GET_ITEM(kinds, t), &kinds_out[t])) return 0;
+        addrs[t] = (const void *)(uintptr_t)a;
+    }
+    return 1;
+}
+
+/* (bad, [values[0], ..., values[count - 1]]) as Python objects; NULL with an exception set */
+static PyObject *bad_and_doubles(Py_ssize_t bad, const double *values, Py_ssize_t count) {
+    PyObject *list = PyList_New(count);
+    if (list == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *v = PyFloat_FromDouble(values[i]);
+        if (v == NULL) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, i, v);
+    }
+    return Py_BuildValue("(nN)", bad, list);
 }
 
 /* keeps: a sequence of `count` tuples (draws, state_hi, state_lo, inc_hi, inc_lo, key, ceiling, scale, by[, bits_in,
@@ -738,12 +756,10 @@ static PyObject *linear_combination(PyObject *self, PyObject *args) {
         PyErr_NoMemory();
         goto done;
     }
+    if (!parse_inputs(inputs, kinds, count, addrs, input_kinds)) goto done;
     for (Py_ssize_t t = 0; t < count; t++) {
-        unsigned long long a = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(inputs, t));
-        if (PyErr_Occurred() || !parse_kind(PySequence_Fast_GET_ITEM(kinds, t), &input_kinds[t])) goto done;
         double w = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(weights, t));
         if (w == -1.0 && PyErr_Occurred()) goto done;
-        addrs[t] = (const void *)(uintptr_t)a;
         ws[t] = (float)w;
     }
     if (keeps_obj != Py_None && (keeps = parse_keeps(keeps_obj, count)) == NULL) goto done;
@@ -803,28 +819,14 @@ static PyObject *dare_norms(PyObject *self, PyObject *args) {
         PyErr_NoMemory();
         goto done;
     }
-    for (Py_ssize_t t = 0; t < count; t++) {
-        unsigned long long a = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(inputs, t));
-        if (PyErr_Occurred() || !parse_kind(PySequence_Fast_GET_ITEM(kinds, t), &input_kinds[t])) goto done;
-        addrs[t] = (const void *)(uintptr_t)a;
-    }
+    if (!parse_inputs(inputs, kinds, count, addrs, input_kinds)) goto done;
     if ((keeps = parse_keeps(keeps_obj, count)) == NULL) goto done;
     Job job = {NULL, KIND_F32, n, (const void *)(uintptr_t)base_addr, base_kind, count, addrs, input_kinds, NULL, 0.0f, 0.0f, 0, keeps, first, 0, 1.0f};
     Py_ssize_t bad;
     Py_BEGIN_ALLOW_THREADS
     bad = dare_norms_of(&job, lanes, norms);
     Py_END_ALLOW_THREADS
-    PyObject *values = PyList_New(count * 2);
-    if (values == NULL) goto done;
-    for (Py_ssize_t i = 0; i < count * 2; i++) {
-        PyObject *v = PyFloat_FromDouble(norms[i]);
-        if (v == NULL) {
-            Py_DECREF(values);
-            goto done;
-        }
-        PyList_SET_ITEM(values, i, v);
-    }
-    result = Py_BuildValue("(nN)", bad, values);
+    result = bad_and_doubles(bad, norms, count * 2);
 done:
     PyMem_Free(addrs);
     PyMem_Free(input_kinds);
@@ -876,27 +878,13 @@ static PyObject *gram_matrix(PyObject *self, PyObject *args) {
         PyErr_NoMemory();
         goto done;
     }
-    for (Py_ssize_t t = 0; t < count; t++) {
-        unsigned long long a = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(inputs, t));
-        if (PyErr_Occurred() || !parse_kind(PySequence_Fast_GET_ITEM(kinds, t), &input_kinds[t])) goto done;
-        addrs[t] = (const void *)(uintptr_t)a;
-    }
+    if (!parse_inputs(inputs, kinds, count, addrs, input_kinds)) goto done;
     GramJob job = {n, (const void *)(uintptr_t)base_addr, base_kind, count, addrs, input_kinds, scratch, matrix, (float *)(uintptr_t)sum_addr, diagonal};
     Py_ssize_t bad;
     Py_BEGIN_ALLOW_THREADS
     bad = gram(&job);
     Py_END_ALLOW_THREADS
-    PyObject *values = PyList_New(count * count);
-    if (values == NULL) goto done;
-    for (Py_ssize_t i = 0; i < count * count; i++) {
-        PyObject *v = PyFloat_FromDouble(matrix[i]);
-        if (v == NULL) {
-            Py_DECREF(values);
-            goto done;
-        }
-        PyList_SET_ITEM(values, i, v);
-    }
-    result = Py_BuildValue("(nN)", bad, values);
+    result = bad_and_doubles(bad, matrix, count * count);
 done:
     PyMem_Free(addrs);
     PyMem_Free(input_kinds);
