@@ -354,8 +354,8 @@ class ReadWeightInputs(WeightInputs):
         return gram
 
     def native_combination(self, indices: Sequence[int], form: fused.LinearForm, label: str,
-                           torch_result: Callable[[torch.Tensor | None, list[torch.Tensor]], torch.Tensor],
-                           base: int | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor | None:
+                           torch_result: Callable[..., torch.Tensor],
+                           base: int | None = None, out_dtype: torch.dtype | None = None, gate: torch.Tensor | None = None) -> torch.Tensor | None:
         dtype = out_dtype or self.out_dtype
         has_base = base is not None
         sources = self._native(([base] if base is not None else []) + list(indices))
@@ -365,10 +365,15 @@ class ReadWeightInputs(WeightInputs):
             return None
         out = torch.empty(self.shape, dtype=dtype)
         flat = out.view(-1)
+        gated = [k.gate_min is not None for k in form.keeps] if form.keeps is not None else []
+        if any(gated) and (gate is None or gate.dtype != torch.float32 or gate.numel() != out.numel() or gate.device.type != "cpu"):
+            return None
+        gate_flat = gate.reshape(-1).contiguous() if gate is not None else None
 
         def combine(start: int, stop: int, stored: list[torch.Tensor]) -> int:
             first_base, inputs = (stored[0], stored[1:]) if has_base else (None, stored)
-            return fused.linear_combination_into(flat[start:stop], first_base, inputs, form)
+            gates = [gate_flat[start:stop] if g else None for g in gated] if gate_flat is not None and gated else None
+            return fused.linear_combination_into(flat[start:stop], first_base, inputs, form, gates=gates)
 
         _each_stored_chunk(sources, has_base, combine, self.plan.compute_dtype)
         return out
@@ -563,12 +568,25 @@ def _kernel_matches(key: tuple[Any, ...], stored: Sequence[torch.dtype], has_bas
         def working(x: torch.Tensor) -> torch.Tensor:  # a float32 copy: the torch code changes its inputs in place
             return x.to(torch.float32, copy=True)
 
-        expected = torch_result(None if base is None else working(base), [working(x) for x in inputs]).to(out_dtype)
+        gated = form.keeps is not None and any(k.gate_min is not None for k in form.keeps)
+        gates = None
+        if gated:  # gate values around each gated keep's threshold, some equal to it, one NaN
+            assert form.keeps is not None
+            gates = []
+            for k in form.keeps:
+                if k.gate_min is None:
+                    gates.append(None)
+                    continue
+                gate = k.gate_min + torch.randn(FUSED_SAMPLE_ENTRIES, generator=generator) * max(abs(k.gate_min), 1.0)
+                gate[::5], gate[3] = k.gate_min, float("nan")
+                gates.append(gate.to(torch.float32))
+        arguments = (None if base is None else working(base), [working(x) for x in inputs])
+        expected = (torch_result(*arguments, next(g for g in gates if g is not None)) if gates is not None else torch_result(*arguments)).to(out_dtype)
         got = torch.empty(FUSED_SAMPLE_ENTRIES, dtype=out_dtype)
         if form.needs_norms:
             assert base is not None
             form = form.with_norms(fused.dare_norms(base, inputs, form.keeps or ())[0])
-        fused.linear_combination_into(got, base, inputs, form)
+        fused.linear_combination_into(got, base, inputs, form, gates=gates)
         bits = torch.int16 if out_dtype.itemsize == 2 else torch.int32
         known = _FUSED_CHECKED[key] = torch.equal(got.view(bits), expected.view(bits))
     return known

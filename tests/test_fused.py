@@ -234,13 +234,14 @@ RECIPES = [
     ("task_arithmetic", {"lambda": 0.37, "normalize": True}),
     ("linear", {}),
     ("linear", {"normalize": False}),
+    ("arcee_fusion", {}),
 ]
 
 
 def _run(demo, out, method, params, monkeypatch, native_on: bool):
     monkeypatch.setenv("MERGEKIT_LITE_NATIVE", "1" if native_on else "0")
     data = ta_recipe(demo, merge_method=method, parameters=params)
-    if method == "slerp":  # the base and one other model
+    if method in ("slerp", "arcee_fusion"):  # the base and one other model
         data["models"] = [{"model": data["models"][0]["model"]}]
     return load_state(mergekit_lite.run(Recipe.model_validate(data), out, progress=False))
 
@@ -304,9 +305,9 @@ def test_a_kernel_that_disagrees_on_the_sample_is_not_used(demo, tmp_path, monke
     original = fused.linear_combination_into
     calls = []
 
-    def off_by_a_bit(out, base, inputs, form, first=0):
+    def off_by_a_bit(out, base, inputs, form, **options):
         calls.append(out.numel())
-        result = original(out, base, inputs, form, first=first)
+        result = original(out, base, inputs, form, **options)
         out.view(torch.int32)[0] ^= 1
         return result
 

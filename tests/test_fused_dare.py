@@ -164,6 +164,28 @@ def reference_mask_of(tensor: str, density: float, n: int, first: int) -> np.nda
     return dare_mask((n,), density, generator_for(0, "m", tensor), first, split=False).numpy()
 
 
+@pytest.mark.parametrize("n", [1, 67, 1024, 5003])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_keep_is_the_bytes_of_arcee_fusions_torch_operations(n, dtype):
+    """A keep gated by float32 values (Arcee Fusion's importance ≥ its threshold): θ_base + (θ_other − θ_base)·keep,
+    as torch's sub_, mul_ by the comparison, add_; values equal to the threshold kept, a NaN not."""
+    base, other = values(n, dtype, 0), values(n, dtype, 1)
+    gate = torch.randn(n, generator=torch.Generator().manual_seed(2))
+    threshold = 0.25
+    gate[::4] = threshold
+    gate[1::9] = float("nan")
+    form = LinearForm((1.0,), None, 1.0, keeps=(Keep(None, gate_min=threshold),))
+    out = torch.empty(n, dtype=dtype)
+    assert fused.linear_combination_into(out, base, [other], form, gates=[gate]) == -1
+    b = base.float()
+    expected = b.clone().add_(other.float().sub_(b).mul_(gate >= torch.tensor(threshold)))
+    assert torch.equal(bits(out), bits(expected.to(dtype)))
+    with pytest.raises(ValueError, match="gates"):
+        fused.linear_combination_into(out, base, [other], form)
+    with pytest.raises(ValueError, match="gates"):
+        fused.linear_combination_into(out, base, [other], form, gates=[gate[:-1] if n > 1 else gate.double()])
+
+
 def test_norms_find_non_finite_entries():
     base, x = torch.zeros(100), torch.ones(100)
     x[40] = float("nan")

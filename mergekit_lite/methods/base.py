@@ -225,12 +225,13 @@ class WeightInputs:
         return None
 
     def native_combination(self, indices: Sequence[int], form: LinearForm, label: str,
-                           torch_result: Callable[[torch.Tensor | None, list[torch.Tensor]], torch.Tensor],
-                           base: int | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor | None:
+                           torch_result: Callable[..., torch.Tensor],
+                           base: int | None = None, out_dtype: torch.dtype | None = None, gate: torch.Tensor | None = None) -> torch.Tensor | None:
         """``form`` applied to inputs ``indices`` (Σ_t w_t·x_t; with ``base``, an input index, to their differences from
         it: a task-vector form) in ``out_dtype`` (default: the inputs' ``out_dtype``), made by the native kernel where
-        it gives the bytes of ``torch_result(base rows or None, rows)`` (the caller's torch code on float32 rows,
-        checked on a sample once per ``label`` and form); None otherwise (the caller makes it with torch)."""
+        it gives the bytes of ``torch_result(base rows or None, rows[, gate values])`` (the caller's torch code on
+        float32 rows, checked on a sample once per ``label`` and form); ``gate``: the float32 tensor (of the output's
+        shape) that the form's gated keep compares; None otherwise (the caller makes it with torch)."""
         return None
 
 

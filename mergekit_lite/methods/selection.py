@@ -15,6 +15,7 @@ import torch
 
 from ..errors import RecipeError
 from ..ops.selection import arcee_fusion, arcee_importance, iqr_threshold, nearswap
+from ..ops.fused import Keep, LinearForm
 from ..ops.spherical import assembled_rows
 from .base import MergeMethod, Param, TensorContext, WeightInputs, register
 
@@ -63,10 +64,20 @@ def _arcee_fusion_inputs(inputs: WeightInputs, ctx: TensorContext) -> torch.Tens
                                 chunks, inputs.shape, parallel=on_cpu)
     threshold = iqr_threshold(importance).to(importance.device)
 
+    def taken(base: torch.Tensor, other: torch.Tensor, importance_rows: torch.Tensor) -> torch.Tensor:
+        """θ_base + [importance ≥ threshold]·(θ_other − θ_base) of some rows, in place on ``base``."""
+        return base.add_(other.sub_(base).mul_(importance_rows >= threshold))
+
+    # the fused rows by the native kernel where it reads the inputs and gives this code's bytes: its keep compares the
+    # importance with the threshold (the same float32 comparison)
+    form = LinearForm((1.0,), None, 1.0, keeps=(Keep(None, gate_min=float(threshold)),))
+    native = inputs.native_combination([other_at], form, "arcee_fusion", lambda base, rows, gate: taken(base, rows[0], gate), base=base_at,
+                                       gate=importance)
+    if native is not None:
+        return native
+
     def fused(start: int, stop: int) -> torch.Tensor:
-        base = inputs.rows(base_at, start, stop)
-        delta = inputs.rows(other_at, start, stop).sub_(base)
-        return base.add_(delta.mul_(importance[start:stop] >= threshold))
+        return taken(inputs.rows(base_at, start, stop), inputs.rows(other_at, start, stop), importance[start:stop])
 
     return assembled_rows(fused, chunks, inputs.shape, parallel=on_cpu, dtype=inputs.out_dtype)
 

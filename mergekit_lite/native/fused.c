@@ -194,6 +194,8 @@ typedef struct {
     int scale;         /* SCALE_*: survivors multiplied or divided by `by` (float32), or left */
     float by;
     const uint8_t *bits_in; /* NULL, or the call's keep-mask, one bit per entry (LSB first), used instead of drawing */
+    const float *gate;      /* NULL, or per entry of the call a float32 that keeps the entry where it is >= gate_min */
+    float gate_min;
     uint8_t *bits_out;      /* NULL, or where the drawn keep-mask goes, as bits_in reads it */
     Stream stream;     /* working state: where the draws are */
 } Keep;
@@ -235,6 +237,11 @@ static inline __attribute__((always_inline)) void pack_keep(const float *keep, P
 }
 
 static inline __attribute__((always_inline)) void keep_block(Keep *k, Py_ssize_t first, Py_ssize_t i0, Py_ssize_t m, float *keep, int avx2) {
+    if (k->gate != NULL) { /* Arcee Fusion: importance >= threshold (a NaN keeps nothing, as torch's comparison) */
+        const float *g = k->gate + i0;
+        for (Py_ssize_t j = 0; j < m; j++) keep[j] = g[j] >= k->gate_min ? 1.0f : 0.0f;
+        return;
+    }
     if (k->bits_in != NULL) {
         const uint8_t *src = k->bits_in + i0 / 8;
         Py_ssize_t whole = m / 8;
@@ -486,8 +493,12 @@ static inline __attribute__((always_inline)) Py_ssize_t gram_body(const GramJob 
             if (to_float((const char *)job->inputs[t] + (size_t)i0 * size, job->kinds[t], m, x) && (first_bad < 0 || first_bad > t + 1))
                 first_bad = t + 1;
             if (job->base != NULL)
-                for (Py_ssize_t j = 0; j < m; j++) x[j] = x[j] - b[j];
-            for (Py_ssize_t j = 0; j < m; j++) d[j] = (double)x[j];
+                for (Py_ssize_t j = 0; j < m; j++) {
+                    x[j] = x[j] - b[j];
+                    d[j] = (double)x[j];
+                }
+            else
+                for (Py_ssize_t j = 0; j < m; j++) d[j] = (double)x[j];
             for (Py_ssize_t j = m; j < (m + LANES - 1) / LANES * LANES; j++) d[j] = 0.0; /* the last lanes' padding */
             if (s != NULL) {
                 if (t == 0)
@@ -655,7 +666,7 @@ static PyObject *bad_and_doubles(Py_ssize_t bad, const double *values, Py_ssize_
 }
 
 /* keeps: a sequence of `count` tuples (draws, state_hi, state_lo, inc_hi, inc_lo, key, ceiling, scale, by[, bits_in,
- * bits_out]); NULL with an exception set on a bad one */
+ * bits_out, gate, gate_min]); NULL with an exception set on a bad one */
 static Keep *parse_keeps(PyObject *keeps_obj, Py_ssize_t count) {
     PyObject *seq = PySequence_Fast(keeps_obj, "keeps must be a sequence");
     if (seq == NULL) return NULL;
@@ -671,10 +682,10 @@ static Keep *parse_keeps(PyObject *keeps_obj, Py_ssize_t count) {
     }
     for (Py_ssize_t t = 0; t < count; t++) {
         int draws, scale;
-        unsigned long long state_hi, state_lo, inc_hi, inc_lo, key, ceiling, bits_in = 0, bits_out = 0;
-        double by;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, t), "pKKKKKKid|KK", &draws, &state_hi, &state_lo, &inc_hi, &inc_lo, &key, &ceiling,
-                              &scale, &by, &bits_in, &bits_out)) {
+        unsigned long long state_hi, state_lo, inc_hi, inc_lo, key, ceiling, bits_in = 0, bits_out = 0, gate = 0;
+        double by, gate_min = 0.0;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, t), "pKKKKKKid|KKKd", &draws, &state_hi, &state_lo, &inc_hi, &inc_lo, &key, &ceiling,
+                              &scale, &by, &bits_in, &bits_out, &gate, &gate_min)) {
             PyMem_Free(keeps);
             keeps = NULL;
             goto done;
@@ -694,6 +705,8 @@ static Keep *parse_keeps(PyObject *keeps_obj, Py_ssize_t count) {
         keeps[t].by = (float)by;
         keeps[t].bits_in = (const uint8_t *)(uintptr_t)bits_in;
         keeps[t].bits_out = (uint8_t *)(uintptr_t)bits_out;
+        keeps[t].gate = (const float *)(uintptr_t)gate;
+        keeps[t].gate_min = (float)gate_min;
     }
 done:
     Py_DECREF(seq);

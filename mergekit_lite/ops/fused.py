@@ -63,6 +63,9 @@ class Keep:
     scale: str | None = None
     by: float = 0.0
     l1_eps: float = 0.0
+    #: instead of draws: keep the entries whose gate value (a float32 tensor given with the call) is ≥ this (Arcee
+    #: Fusion's importance against its threshold; a NaN keeps nothing)
+    gate_min: float | None = None
 
 
 _SCALES = {None: 0, "mul": 1, "div": 2}
@@ -108,7 +111,8 @@ class LinearForm:
     def rounding_key(self) -> tuple:
         """What the kernel's roundings depend on (not the draws' states, nor an L1 factor's value): the key under
         which a sample check of this form stands for every tensor's."""
-        keeps = None if self.keeps is None else tuple((k.draws is not None, k.scale, k.by if k.scale == "div" else None) for k in self.keeps)
+        keeps = None if self.keeps is None else tuple((k.draws is not None, k.scale, k.by if k.scale == "div" else None, k.gate_min is not None)
+                                                      for k in self.keeps)
         return (self.weights, self.divisor, self.lam, self.rounded_products, keeps, self.post_scale is not None)
 
 
@@ -128,11 +132,16 @@ def mask_bytes(n: int) -> int:
 
 
 def _keep_args(keeps: Sequence[Keep], n: int, masks_in: Sequence[torch.Tensor | None] | None = None,
-               masks_out: Sequence[torch.Tensor | None] | None = None) -> list[tuple]:
+               masks_out: Sequence[torch.Tensor | None] | None = None, gates: Sequence[torch.Tensor | None] | None = None) -> list[tuple]:
     for masks in (masks_in, masks_out):
         if masks is not None and (len(masks) != len(keeps) or any(
                 m is not None and (m.dtype != torch.uint8 or not m.is_contiguous() or m.numel() < mask_bytes(n) or m.device.type != "cpu") for m in masks)):
             raise ValueError(f"keep-masks: one per input (or None), contiguous uint8 CPU tensors of {mask_bytes(n)} bytes")
+    gated = [k.gate_min is not None for k in keeps]
+    if any(gated) and (gates is None or len(gates) != len(keeps) or any(
+            (g is None) == wanted or (g is not None and (g.dtype != torch.float32 or not g.is_contiguous() or g.numel() != n or g.device.type != "cpu"))
+            for g, wanted in zip(gates, gated))):
+        raise ValueError(f"gates: a contiguous float32 CPU tensor of {n} entries for each gated keep, None for the others")
     args = []
     for t, k in enumerate(keeps):
         if k.scale not in _SCALES:
@@ -141,7 +150,9 @@ def _keep_args(keeps: Sequence[Keep], n: int, masks_in: Sequence[torch.Tensor | 
         drawn = (False, 0, 0, 0, 0, 0, 0) if d is None else (True, d.state >> 64, d.state & _WORD, d.inc >> 64, d.inc & _WORD, d.key, min(d.ceiling, _WORD))
         mask_in = masks_in[t] if masks_in is not None and d is not None else None
         mask_out = masks_out[t] if masks_out is not None and d is not None else None
-        args.append((*drawn, _SCALES[k.scale], k.by, 0 if mask_in is None else mask_in.data_ptr(), 0 if mask_out is None else mask_out.data_ptr()))
+        gate = gates[t] if gates is not None and k.gate_min is not None else None
+        args.append((*drawn, _SCALES[k.scale], k.by, 0 if mask_in is None else mask_in.data_ptr(), 0 if mask_out is None else mask_out.data_ptr(),
+                     0 if gate is None else gate.data_ptr(), 0.0 if k.gate_min is None else float(k.gate_min)))
     return args
 
 
@@ -169,12 +180,14 @@ def dare_norms(base: torch.Tensor, inputs: Sequence[torch.Tensor], keeps: Sequen
 
 
 def linear_combination_into(out: torch.Tensor, base: torch.Tensor | None, inputs: Sequence[torch.Tensor], form: LinearForm,
-                            first: int = 0, masks: Sequence[torch.Tensor | None] | None = None) -> int:
+                            first: int = 0, masks: Sequence[torch.Tensor | None] | None = None,
+                            gates: Sequence[torch.Tensor | None] | None = None) -> int:
     """``out`` (flat, float32 or bfloat16) = the form applied entry by entry to ``inputs`` (and ``base``, for task
     vectors), all flat, contiguous, on the CPU and of ``out``'s length (``first``: the flat index of their entry 0 in
     the tensor, where a keep's draws are; ``masks``: keep-masks ``dare_norms`` wrote for these entries, used instead of
-    the draws). Returns -1, or the first input holding a NaN or infinite entry (0: the base, 1 + t: input t), whose
-    entries the caller must then not use."""
+    the draws; ``gates``: the float32 values a gated keep compares, per input, for these entries). Returns -1, or the
+    first input holding a NaN or infinite entry (0: the base, 1 + t: input t), whose entries the caller must then not
+    use."""
     assert _fused is not None, "the native kernel is not built"
     n = out.numel()
     tensors = [out, *inputs] + ([base] if base is not None else [])
@@ -183,7 +196,7 @@ def linear_combination_into(out: torch.Tensor, base: torch.Tensor | None, inputs
     if len(inputs) != len(form.weights) or form.of_task_vectors != (base is not None) or (form.rounded_products and form.of_task_vectors) \
             or (form.keeps is not None and (not form.of_task_vectors or len(form.keeps) != len(inputs))) or first < 0:
         raise ValueError("linear_combination_into: one weight per input, a base exactly for task vectors, rounded products without, keeps with it")
-    keeps = None if form.keeps is None else _keep_args(form.keeps, n, masks_in=masks)
+    keeps = None if form.keeps is None else _keep_args(form.keeps, n, masks_in=masks, gates=gates)
     return _fused.linear_combination(
         out.data_ptr(), KINDS[out.dtype], n,
         base.data_ptr() if base is not None else 0, KINDS[base.dtype] if base is not None else 0,
