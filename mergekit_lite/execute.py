@@ -361,13 +361,13 @@ class ReadWeightInputs(WeightInputs):
         sources = self._native(([base] if base is not None else []) + list(indices))
         if sources is None or dtype is None or not fused.handles(dtype) or form.of_task_vectors != has_base:
             return None
+        gated = [k.gate_min is not None for k in form.keeps] if form.keeps is not None else []
+        if any(gated) and (gate is None or gate.dtype != torch.float32 or gate.numel() != self.job.out.numel or gate.device.type != "cpu"):
+            return None
         if not _kernel_matches((label,), [dtype for _, _, dtype in sources], has_base, dtype, form, torch_result):
             return None
         out = torch.empty(self.shape, dtype=dtype)
         flat = out.view(-1)
-        gated = [k.gate_min is not None for k in form.keeps] if form.keeps is not None else []
-        if any(gated) and (gate is None or gate.dtype != torch.float32 or gate.numel() != out.numel() or gate.device.type != "cpu"):
-            return None
         gate_flat = gate.reshape(-1).contiguous() if gate is not None else None
 
         def combine(start: int, stop: int, stored: list[torch.Tensor]) -> int:
@@ -545,10 +545,11 @@ def _dare_norms_of_stored(sources: Sequence[StoredSource], form: fused.LinearFor
 
 
 def _kernel_matches(key: tuple[Any, ...], stored: Sequence[torch.dtype], has_base: bool, out_dtype: torch.dtype, form: fused.LinearForm,
-                    torch_result: Callable[[torch.Tensor | None, list[torch.Tensor]], torch.Tensor]) -> bool:
+                    torch_result: Callable[..., torch.Tensor]) -> bool:
     """Whether the native kernel gives the torch code's bytes for this form and these dtypes, ``torch_result(base,
-    inputs)`` on float32 copies of a sample (checked once per process and key: the torch path's roundings, fused
-    multiply-adds included, depend on its CPU kernels)."""
+    inputs)`` on float32 copies of a sample (``torch_result(base, inputs, gate values)`` for a gated keep), checked once
+    per process and ``form.rounding_key()`` (the torch path's roundings, fused multiply-adds included, depend on its
+    CPU kernels: not on the draws' states, an L1 factor, a post-scale or a gate's threshold)."""
     key = (*key, form.rounding_key(), tuple(stored), out_dtype)
     known = _FUSED_CHECKED.get(key)
     if known is None:
