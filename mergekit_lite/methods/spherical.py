@@ -9,14 +9,14 @@ The math is in ``ops/spherical.py``.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
 from ..errors import RecipeError
 from ..ops.fused import LinearForm
 from ..ops.spherical import assembled_rows, gram_by_chunks, karcher_mean_by_rows, multislerp_degenerate, multislerp_terms, nuslerp, nuslerp_factors, nuslerp_t
-from .base import HeldWeightInputs, MergeMethod, Param, TensorContext, WeightInputs, each_chunk, register
+from .base import HeldWeightInputs, MergeMethod, Param, TensorContext, WeightInputs, register
 
 WEIGHT = Param("weight", float, 1.0, "Per-model weight (the base's is not used); mergekit requires it, we default it to 1.", per_model=True)
 NUSLERP_FLATTEN = Param("nuslerp_flatten", bool, True, "Interpolate each tensor as one vector; false: vector by vector (see nuslerp_row_wise).")

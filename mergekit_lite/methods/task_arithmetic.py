@@ -482,8 +482,7 @@ def sum_rows(source: TaskVectorSource, sparsify_rows: RowSparsifier | None, spar
     operations per entry as summing whole task vectors: the same bits (a row rule's L1 norms, added up chunk
     by chunk, may differ from the whole tensor's in their last float64 bit)."""
     weights = _weights(ctx)
-    divisor = sum(weights)
-    normalize = ctx.params.get("normalize", False) and abs(divisor) >= 1e-8
+    divisor = weight_sum_divisor(weights, ctx.params.get("normalize", False))
     trim = fix_what_each_task_keeps(source, sparsify_rows, sparsify, ctx)
 
     def merge_rows(start: int, stop: int, rows: slice | None) -> torch.Tensor:
@@ -493,7 +492,7 @@ def sum_rows(source: TaskVectorSource, sparsify_rows: RowSparsifier | None, spar
             total = trimmed.mul_(weights[t]) if total is None else total.add_(trimmed, alpha=weights[t])
             del trimmed
         assert total is not None, "at least one model is required"
-        return total.div_(divisor) if normalize else total
+        return total.div_(divisor) if divisor is not None else total
 
     return merged_by_row_chunks(source, merge_rows)
 
