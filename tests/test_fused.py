@@ -153,24 +153,59 @@ def test_gram_is_the_float64_gram_matrix(n, with_base):
     assert bool(((got - expected).abs() <= 1e-13 * magnitude + 1e-300).all())
 
 
+ISA_LEVELS = (0, 1, 2)  # the kernel's portable code, at most AVX2, the fastest the CPU has (AVX-512 where it is there)
+
+
 def test_portable_and_vector_code_give_the_same_bytes():
-    """The kernel's portable code (CPUs without AVX2) and its AVX2 code: the same operations, the same bytes."""
+    """The kernel's portable code (CPUs without AVX2), its AVX2 code and its AVX-512 code: the same operations, the
+    same bytes."""
     inputs = [values(3001, dtype, seed) for seed, dtype in enumerate((torch.bfloat16, torch.float32, torch.bfloat16, torch.float32))]
     base = values(3001, torch.bfloat16, 50)
     forms = [(LinearForm((0.3, -1.2, 2.5, 0.7), 2.3, 0.9), base), (LinearForm((0.3, -1.2, 2.5, 0.7), None, None), None),
              (LinearForm((0.3, -1.2, 2.5, 0.7), None, None, rounded_products=True), None)]
     results = []
     try:
-        for generic in (False, True):
-            fused._fused._generic_only(generic)
+        for level in ISA_LEVELS:
+            fused._fused._max_isa(level)
             grams = [fused.gram(b, inputs, torch.empty(3001))[0] for b in (None, base)]
             outs = [native(torch.bfloat16, b, inputs, form)[0] for form, b in forms]
             results.append((grams, outs))
     finally:
-        fused._fused._generic_only(False)
-    (grams_fast, outs_fast), (grams_portable, outs_portable) = results
-    assert all(torch.equal(a, b) for a, b in zip(grams_fast, grams_portable))
-    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(outs_fast, outs_portable))
+        fused._fused._max_isa(2)
+    (grams_portable, outs_portable), *vector = results
+    for grams, outs in vector:
+        assert all(torch.equal(a, b) for a, b in zip(grams, grams_portable))
+        assert all(torch.equal(bits(a), bits(b)) for a, b in zip(outs, outs_portable))
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 5, 7, 8, 9, 13, 17, 40])
+def test_gram_and_sum_are_the_same_bytes_on_every_code_path(count):
+    """The Gram matrix's tiles of pairs and stretches of a block (AVX-512), its pairs two at a time (AVX2), one at a
+    time (portable): the same sums, lane for lane, for any number of inputs and any length (tails of 1–15 entries,
+    blocks and stretches cut anywhere); the sum and the non-finite answer too."""
+    for n in (1, 15, 17, 255, 1024, 1041, 2048 + 513):
+        inputs = [values(n, (torch.bfloat16, torch.float32)[t % 2], 100 + t) for t in range(count)]
+        base = values(n, torch.bfloat16, 7)
+        if n > 600:
+            inputs[-1][n - 3] = float("inf")  # in the last tail
+            inputs[0][600] = float("nan")  # inside a stretch
+        results = []
+        try:
+            for level in ISA_LEVELS:
+                fused._fused._max_isa(level)
+                for b in (None, base):
+                    for diagonal in (False, True):
+                        total = torch.empty(n)
+                        gram, bad = fused.gram(b, inputs, total, diagonal)
+                        results.append((level, b is None, diagonal, gram, bad, bits(total)))
+        finally:
+            fused._fused._max_isa(2)
+        portable = {(no_base, diagonal): rest for level, no_base, diagonal, *rest in results if level == 0}
+        for level, no_base, diagonal, gram, bad, total in results:
+            want_gram, want_bad, want_total = portable[(no_base, diagonal)]
+            assert torch.equal(gram.nan_to_num(7.0), want_gram.nan_to_num(7.0)) and bad == want_bad and torch.equal(total, want_total), (level, n)
+            if n > 600:
+                assert bad == 1
 
 
 def test_gram_diagonal_only_is_the_full_matrix_diagonal():

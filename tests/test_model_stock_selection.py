@@ -293,12 +293,12 @@ def test_native_bracket_counts_are_numpys(dtype):
         values[::17] = 0.5
         values[3::29] = np.nan
         brackets = [(-0.3, 0.5), (-np.inf, -1.0), (1.0, np.inf), (0.5, 0.5)]
-        for generic in (False, True):  # the vector code and the portable code
-            fused._fused._generic_only(generic)
+        for level in (2, 0):  # the vector code and the portable code
+            fused._fused._max_isa(level)
             try:
                 got = fused.bracket_counts(values, brackets, n)
             finally:
-                fused._fused._generic_only(False)
+                fused._fused._max_isa(2)
             for (lo, hi), (below, above, inside) in zip(brackets, got):
                 assert below == int(np.count_nonzero(~(values >= lo)))
                 assert above == int(np.count_nonzero(~(values <= hi)))

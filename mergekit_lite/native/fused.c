@@ -373,19 +373,32 @@ static int has_avx2_fma(void) {
 }
 #endif
 
-/* set by tests (_generic_only): the portable versions even where AVX2 is there, to compare the two */
-static int generic_only = 0;
+/* set by tests (_max_isa): 0 the portable versions, 1 at most AVX2, 2 (the default) the fastest the CPU has */
+static int max_isa = 2;
 
 /* whether to run the AVX2 + FMA versions (the CPU has them, tests have not asked for the portable ones) */
 static int use_avx2(void) {
 #if X86_DISPATCH
     static int avx2 = -1;
     if (avx2 < 0) avx2 = has_avx2_fma();
-    return avx2 && !generic_only;
+    return avx2 && max_isa >= 1;
 #else
     return 0;
 #endif
 }
+
+#if X86_DISPATCH
+#define AVX512 "avx512f,avx512dq,avx512bw,avx2,fma"
+/* whether to run the AVX-512 versions (F, DQ and BW, with the OS saving their registers: GCC's check includes it) */
+static int use_avx512(void) {
+    static int avx512 = -1;
+    if (avx512 < 0) {
+        __builtin_cpu_init();
+        avx512 = has_avx2_fma() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
+    }
+    return avx512 && max_isa >= 2;
+}
+#endif
 
 static Py_ssize_t combine(const Job *job) {
 #if X86_DISPATCH
@@ -401,7 +414,7 @@ typedef struct {
     Py_ssize_t count;
     const void **inputs;
     const int *kinds;
-    double *scratch; /* count * BLOCK doubles */
+    double *scratch; /* count * BLOCK doubles (then count * count * LANES for gram_avx512) */
     double *gram;    /* count * count, added to */
     float *sum;     /* NULL, or where sum_t x_t goes (x_0, then + x_t in order: torch's copy_ then add_) */
     int diagonal;   /* only the squared norms (the diagonal; the rest stays 0) */
@@ -539,8 +552,143 @@ static Py_ssize_t gram_generic(const GramJob *job) { return gram_body(job, 0); }
 __attribute__((target("avx2,fma"))) static Py_ssize_t gram_avx2(const GramJob *job) { return gram_body(job, 1); }
 #endif
 
+#if X86_DISPATCH
+/* gram_body with AVX-512: the same float32 operations in the conversion, and each pair's sixteen lanes in two
+ * registers of eight, so that a tile of up to 3 x 4 pairs keeps its sums in registers and loads each operand once per
+ * sixteen entries for the tile (gram_body's dot2_avx2 loads three per two products): the same sums, lane for lane. */
+__attribute__((target(AVX512))) static inline __m512 bits_avx512(const void *src, int kind, Py_ssize_t j, __mmask16 *special) {
+    __m512i u = kind == KIND_BF16 ? _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)src + j))), 16)
+                                  : _mm512_loadu_si512((const void *)((const float *)src + j));
+    const __m512i exponent = _mm512_set1_epi32(0x7f800000);
+    *special |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(u, exponent), exponent);
+    return _mm512_castsi512_ps(u);
+}
+
+__attribute__((target(AVX512))) static inline void store_doubles_avx512(double *d, __m512 x) {
+    _mm512_storeu_pd(d, _mm512_cvtps_pd(_mm512_castps512_ps256(x)));
+    _mm512_storeu_pd(d + 8, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1))));
+}
+
+/* the pairs (p0 + r, q0 + c), r < R, c < C: their sixteen lanes (lanes[pair * 16], pair = p * K + q) go on adding the
+ * products of the stretch's padded entries, in order */
+__attribute__((target(AVX512))) static inline __attribute__((always_inline)) void tile_avx512(const double *xd, Py_ssize_t stride, Py_ssize_t K,
+                                                                                            Py_ssize_t p0, int R, Py_ssize_t q0, int C,
+                                                                                            Py_ssize_t padded, double *lanes) {
+    __m512d acc[3][4][2];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) {
+            const double *lane = lanes + (size_t)((p0 + r) * K + q0 + c) * LANES;
+            acc[r][c][0] = _mm512_loadu_pd(lane);
+            acc[r][c][1] = _mm512_loadu_pd(lane + 8);
+        }
+    for (Py_ssize_t j = 0; j < padded; j += LANES)
+        for (int h = 0; h < 2; h++) {
+            __m512d row[3];
+            for (int r = 0; r < R; r++) row[r] = _mm512_loadu_pd(xd + (size_t)(p0 + r) * stride + j + 8 * h);
+            for (int c = 0; c < C; c++) {
+                __m512d col = _mm512_loadu_pd(xd + (size_t)(q0 + c) * stride + j + 8 * h);
+                for (int r = 0; r < R; r++) acc[r][c][h] = _mm512_fmadd_pd(row[r], col, acc[r][c][h]);
+            }
+        }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) {
+            double *lane = lanes + (size_t)((p0 + r) * K + q0 + c) * LANES;
+            _mm512_storeu_pd(lane, acc[r][c][0]);
+            _mm512_storeu_pd(lane + 8, acc[r][c][1]);
+        }
+}
+
+#define TILE_CASE(R, C) case (R) * 8 + (C): tile_avx512(xd, stride, K, p0, R, q0, C, padded, lanes); break;
+
+/* One stored input's entries [j0, j1) of the block (a multiple of 16 of them, or the block's last) as float32 (their
+ * differences from the base b, the block's float32 base), into d as float64, added into s (t > 0) or copied there;
+ * nonzero when one is NaN or infinite */
+__attribute__((target(AVX512))) static inline int convert_avx512(const void *src, int kind, const float *b, Py_ssize_t j0, Py_ssize_t j1,
+                                                                double *d, float *s, int first) {
+    __mmask16 special = 0;
+    Py_ssize_t vector_end = j0 + (j1 - j0) / 16 * 16;
+    for (Py_ssize_t j = j0; j < vector_end; j += 16) {
+        __m512 x = bits_avx512(src, kind, j, &special);
+        if (b != NULL) x = _mm512_sub_ps(x, _mm512_loadu_ps(b + j));
+        store_doubles_avx512(d + (j - j0), x);
+        if (s != NULL) _mm512_storeu_ps(s + j, first ? x : _mm512_add_ps(_mm512_loadu_ps(s + j), x));
+    }
+    int bad = special != 0;
+    if (vector_end < j1) {
+        float x[16];
+        bad |= to_float((const char *)src + (size_t)vector_end * (kind == KIND_BF16 ? 2 : 4), kind, j1 - vector_end, x);
+        for (Py_ssize_t j = vector_end; j < j1; j++) {
+            float v = b != NULL ? x[j - vector_end] - b[j] : x[j - vector_end];
+            d[j - j0] = (double)v;
+            if (s != NULL) s[j] = first ? v : s[j] + v;
+        }
+    }
+    return bad;
+}
+
+/* gram_body in stretches of the block whose float64 vectors stay in the level-1 cache (K * stride * 8 bytes <= 16 KiB),
+ * each pair's lanes carried from stretch to stretch: the same sums, lane for lane. job->scratch: K * BLOCK doubles,
+ * then K * K * 16 for the lanes */
+__attribute__((target(AVX512))) static Py_ssize_t gram_avx512(const GramJob *job) {
+    float b[BLOCK];
+    Py_ssize_t first_bad = -1;
+    const Py_ssize_t K = job->count;
+    const int diagonal = job->diagonal;
+    Py_ssize_t stride = 2048 / K / LANES * LANES;
+    if (stride < LANES) stride = LANES;
+    double *xd = job->scratch;
+    double *lanes = job->scratch + (size_t)K * BLOCK;
+    memset(lanes, 0, (size_t)(K * K * LANES) * sizeof(double));
+    for (Py_ssize_t i0 = 0; i0 < job->n; i0 += BLOCK) {
+        Py_ssize_t m = job->n - i0 < BLOCK ? job->n - i0 : BLOCK;
+        const float *bb = NULL;
+        if (job->base != NULL) {
+            const char *src = (const char *)job->base + (size_t)i0 * (job->base_kind == KIND_BF16 ? 2 : 4);
+            __mmask16 special = 0;
+            Py_ssize_t vector_end = m / 16 * 16;
+            for (Py_ssize_t j = 0; j < vector_end; j += 16) _mm512_storeu_ps(b + j, bits_avx512(src, job->base_kind, j, &special));
+            int tail_bad = vector_end < m && to_float(src + (size_t)vector_end * (job->base_kind == KIND_BF16 ? 2 : 4), job->base_kind, m - vector_end, b + vector_end);
+            if ((special || tail_bad) && first_bad < 0) first_bad = 0;
+            bb = b;
+        }
+        float *s = job->sum != NULL ? job->sum + i0 : NULL;
+        for (Py_ssize_t j0 = 0; j0 < m; j0 += stride) {
+            Py_ssize_t j1 = m - j0 < stride ? m : j0 + stride;
+            Py_ssize_t padded = (j1 - j0 + LANES - 1) / LANES * LANES;
+            for (Py_ssize_t t = 0; t < K; t++) {
+                double *d = xd + (size_t)t * stride;
+                const char *src = (const char *)job->inputs[t] + (size_t)i0 * (job->kinds[t] == KIND_BF16 ? 2 : 4);
+                if (convert_avx512(src, job->kinds[t], bb, j0, j1, d, s, t == 0) && (first_bad < 0 || first_bad > t + 1)) first_bad = t + 1;
+                for (Py_ssize_t j = j1 - j0; j < padded; j++) d[j] = 0.0; /* the block's last lanes' padding */
+            }
+            for (Py_ssize_t p0 = 0; p0 < K; p0 += diagonal ? 1 : 3) {
+                int R = diagonal ? 1 : (K - p0 < 3 ? (int)(K - p0) : 3);
+                for (Py_ssize_t q0 = p0; q0 < (diagonal ? p0 + 1 : K); q0 += 4) {
+                    int C = diagonal ? 1 : (K - q0 < 4 ? (int)(K - q0) : 4);
+                    switch (R * 8 + C) {
+                        TILE_CASE(1, 1) TILE_CASE(1, 2) TILE_CASE(1, 3) TILE_CASE(1, 4)
+                        TILE_CASE(2, 1) TILE_CASE(2, 2) TILE_CASE(2, 3) TILE_CASE(2, 4)
+                        TILE_CASE(3, 1) TILE_CASE(3, 2) TILE_CASE(3, 3) TILE_CASE(3, 4)
+                    }
+                }
+            }
+        }
+        for (Py_ssize_t p = 0; p < K; p++)
+            for (Py_ssize_t q = p; q < (diagonal ? p + 1 : K); q++) {
+                double *lane = lanes + (size_t)(p * K + q) * LANES;
+                job->gram[p * K + q] += lanes_total(lane);
+                memset(lane, 0, LANES * sizeof(double));
+            }
+    }
+    for (Py_ssize_t p = 0; p < K; p++)
+        for (Py_ssize_t q = 0; q < p; q++) job->gram[p * K + q] = job->gram[q * K + p];
+    return first_bad;
+}
+#endif
+
 static Py_ssize_t gram(const GramJob *job) {
 #if X86_DISPATCH
+    if (use_avx512()) return gram_avx512(job);
     if (use_avx2()) return gram_avx2(job);
 #endif
     return gram_generic(job);
@@ -885,7 +1033,7 @@ static PyObject *gram_matrix(PyObject *self, PyObject *args) {
     }
     addrs = PyMem_Malloc((size_t)count * sizeof(*addrs));
     input_kinds = PyMem_Malloc((size_t)count * sizeof(*input_kinds));
-    scratch = PyMem_RawMalloc((size_t)count * BLOCK * sizeof(double));
+    scratch = PyMem_RawMalloc(((size_t)count * BLOCK + (size_t)(count * count) * LANES) * sizeof(double)); /* + gram_avx512's lanes */
     matrix = PyMem_RawCalloc((size_t)(count * count), sizeof(double));
     if (addrs == NULL || input_kinds == NULL || scratch == NULL || matrix == NULL) {
         PyErr_NoMemory();
@@ -1074,15 +1222,19 @@ done:
     return result;
 }
 
-static PyObject *set_generic_only(PyObject *self, PyObject *arg) {
-    int flag = PyObject_IsTrue(arg);
-    if (flag < 0) return NULL;
-    generic_only = flag;
+static PyObject *set_max_isa(PyObject *self, PyObject *arg) {
+    long level = PyLong_AsLong(arg);
+    if (level == -1 && PyErr_Occurred()) return NULL;
+    if (level < 0 || level > 2) {
+        PyErr_SetString(PyExc_ValueError, "0 (portable), 1 (AVX2 at most) or 2 (the fastest)");
+        return NULL;
+    }
+    max_isa = (int)level;
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
-    {"_generic_only", set_generic_only, METH_O, "For tests: use the portable code paths only (True) or the fastest (False)."},
+    {"_max_isa", set_max_isa, METH_O, "For tests: 0 the portable code paths only, 1 AVX2 at most, 2 the fastest the CPU has."},
     {"linear_combination", linear_combination, METH_VARARGS, linear_combination_doc},
     {"gram", gram_matrix, METH_VARARGS, gram_doc},
     {"dare_norms", dare_norms, METH_VARARGS, dare_norms_doc},
