@@ -199,6 +199,8 @@ class RereadTaskVectors(TaskVectorSource):
         self.hands_out_new = True
         self.entries = entries
         self.checked: set[tuple[int, int]] = set()  # (input, first row) already checked; input -1: the base
+        #: set by ``output_in_row_chunks``: takes the finished output (``native_scaled_sum``'s)
+        self.keep_output: Callable[[torch.Tensor], None] | None = None
         #: per thread (a method may work on row chunks on several threads): the base rows of its current chunk
         self._base_rows: dict[int, tuple[int, int, torch.Tensor]] = {}
 
@@ -253,10 +255,33 @@ class RereadTaskVectors(TaskVectorSource):
                                   fused.MAX_GRAM_INPUTS + 1)  # the base besides
         if sources is None:
             return None
-        total = torch.empty(self.shape, dtype=self.dtype)
+        # this thread's buffer, kept from tensor to tensor: no fresh pages to fault in for every tensor's sum (the
+        # method is done with it before its next tensor)
+        total = scratch("native_sum", self.job.out.numel, self.dtype).view(self.shape)
         gram = _gram_of_stored(sources, True, self.dtype, sum_into=total.view(-1))
         self.checked.update((t, start) for t in range(-1, self.count) for start, _ in self.chunks())  # every entry looked at
         return total, gram
+
+    def native_scaled_sum(self, total: torch.Tensor, divisor: float, post_scale: float,
+                          torch_merged: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+        sources = _stored_sources(self.plan, [self.job.base], self.job.out.numel, self.device) if fused.handles(self.job.out.dtype) else None
+        if sources is None or self.keep_output is None or total.dtype != torch.float32 or not total.is_contiguous():
+            return False
+        lam = self.job.params.get("lambda", 1.0)
+        form = fused.LinearForm((1.0,), float(divisor), lam, post_scale=post_scale, given_task_vectors=True)
+        if not _kernel_matches(("scaled_sum",), [sources[0][2], torch.float32], True, self.job.out.dtype, form,
+                               lambda base, inputs: plus_base(base, torch_merged(inputs[0]), lam)):
+            return False
+        out = torch.empty(self.shape, dtype=self.job.out.dtype)
+        flat, summed = out.view(-1), total.view(-1)
+
+        def combine(start: int, stop: int, stored: list[torch.Tensor]) -> int:
+            bad = fused.linear_combination_into(flat[start:stop], stored[0], [summed[start:stop]], form)
+            return 0 if bad == 0 else -1  # an overflowed sum goes through IEEE arithmetic as torch's (the inputs were checked)
+
+        _each_stored_chunk(sources, True, combine, self.plan.compute_dtype)
+        self.keep_output(out)
+        return True
 
     def _read_rows(self, t: int, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         ref = self.job.base if t < 0 else self.job.inputs[t]
@@ -265,6 +290,11 @@ class RereadTaskVectors(TaskVectorSource):
 
     def chunks(self) -> list[tuple[int, int]]:
         return row_chunks(self.shape, self.entries)
+
+
+def plus_base(base: torch.Tensor, merged: torch.Tensor, lam: float) -> torch.Tensor:
+    """θ_0 + λ·merged, a two-phase method's output rows in the compute dtype (one rounding: torch's add with alpha)."""
+    return torch.add(base, merged, alpha=lam)
 
 
 def output_in_row_chunks(plan: Plan, job: TensorJob, device: torch.device) -> torch.Tensor:
@@ -287,9 +317,13 @@ def output_in_row_chunks(plan: Plan, job: TensorJob, device: torch.device) -> to
                 if out is None:
                     out = torch.empty(job.out.shape, dtype=job.out.dtype)
         start, stop = (0, source.shape[0] if source.shape else 1) if rows is None else (rows.start, rows.stop)
-        (out if rows is None else out[rows]).copy_(torch.add(source.base_rows(start, stop), merged, alpha=lam))
+        (out if rows is None else out[rows]).copy_(plus_base(source.base_rows(start, stop), merged, lam))
 
-    source.keep_merged_rows = keep
+    def keep_output(whole: torch.Tensor) -> None:
+        nonlocal out
+        out = whole
+
+    source.keep_merged_rows, source.keep_output = keep, keep_output
     assert plan.method.combine_rows is not None
     try:
         merged = plan.method.combine_rows(source, context(plan, job))
@@ -303,7 +337,7 @@ def output_in_row_chunks(plan: Plan, job: TensorJob, device: torch.device) -> to
             each_chunk(keep_chunk, source.chunks(), device)
             del merged, whole
     finally:  # source → keep → source is a cycle: broken here, so the output and the chunks go when the caller is done
-        source.keep_merged_rows = None
+        source.keep_merged_rows = source.keep_output = None
         source.release()
     assert out is not None, "every chunk was kept"
     return out

@@ -23,13 +23,15 @@ DTYPES = (torch.float32, torch.bfloat16)
 
 
 def torch_steps(base: torch.Tensor | None, inputs: list[torch.Tensor], form: LinearForm) -> torch.Tensor:
-    """The torch path's operations in its order: task vectors scaled then added with add(alpha=), or a running sum
-    from zero; divided; then θ_0 + λ·sum."""
+    """The torch path's operations in its order: task vectors scaled then added with add(alpha=) (given, or taken off
+    θ_0), or a running sum from zero; divided; multiplied by the post-scale; then θ_0 + λ·sum."""
     if base is not None:
         b = base.to(torch.float32, copy=True)
         total = None
         for w, x in zip(form.weights, inputs):
-            d = x.to(torch.float32, copy=True).sub_(b)
+            d = x.to(torch.float32, copy=True)
+            if not form.given_task_vectors:
+                d.sub_(b)
             total = d.mul_(w) if total is None else total.add_(d, alpha=w)
     elif form.rounded_products:  # slerp's x_0·w_0 + x_1·w_1, each product rounded
         total = None
@@ -42,14 +44,19 @@ def torch_steps(base: torch.Tensor | None, inputs: list[torch.Tensor], form: Lin
             total.add_(x.to(torch.float32), alpha=w)
     if form.divisor is not None:
         total.div_(form.divisor)
+    if form.post_scale is not None:
+        total.mul_(form.post_scale)
     return b.add_(total, alpha=form.lam) if base is not None else total
 
 
 def exact(base: torch.Tensor | None, inputs: list[torch.Tensor], form: LinearForm) -> torch.Tensor:
     """The same combination in float64."""
-    total = sum(w * (x.double() - (base.double() if base is not None else 0)) for w, x in zip(form.weights, inputs))
+    taken_off = base.double() if base is not None and not form.given_task_vectors else 0
+    total = sum(w * (x.double() - taken_off) for w, x in zip(form.weights, inputs))
     if form.divisor is not None:
         total = total / form.divisor
+    if form.post_scale is not None:
+        total = total * form.post_scale
     return base.double() + form.lam * total if base is not None else total
 
 
@@ -79,6 +86,8 @@ def native(out_dtype, base, inputs, form) -> tuple[torch.Tensor, int]:
         (LinearForm((1.0, 0.5, -0.25), None, 0.7), True),
         (LinearForm((0.3, 0.3), 0.6, 0.9), True),  # normalize: true
         (LinearForm((1.0,), None, 1.0), True),
+        (LinearForm((1.0,), 8.0, 1.0, post_scale=0.7321, given_task_vectors=True), True),  # Model Stock's θ_0 + t·Σ/K
+        (LinearForm((1.0, 0.5), 3.0, 0.6, post_scale=-1.3, given_task_vectors=True), True),
         (LinearForm((0.2, 0.7, 0.1), 1.0, None), False),  # linear
         (LinearForm((1.0, -0.37, 2.5, 0.0), 3.13, None), False),
         (LinearForm((0.5, 0.5), None, None), False),  # normalize: false
@@ -97,7 +106,9 @@ def test_the_bytes_of_the_torch_operations(n, in_dtype, out_dtype, form, with_ba
     # each float32 step rounds by at most 2^-24 of the magnitudes it combines (bounded per entry below); a bfloat16
     # output adds half an ulp of 8 bits
     b = base.double().abs() if base is not None else 0
-    magnitude = sum(abs(w) * (x.double().abs() + b) for w, x in zip(form.weights, inputs)) / (abs(form.divisor) if form.divisor else 1)
+    taken_off = b if not form.given_task_vectors else 0
+    magnitude = sum(abs(w) * (x.double().abs() + taken_off) for w, x in zip(form.weights, inputs)) / (abs(form.divisor) if form.divisor else 1)
+    magnitude = magnitude * abs(form.post_scale) if form.post_scale is not None else magnitude
     magnitude = magnitude * abs(form.lam) + b if base is not None else magnitude
     tolerance = (2.0 ** -8 if out_dtype == torch.bfloat16 else 0.0) * reference.abs() + 2.0 ** -20 * magnitude
     assert bool(((got.double() - reference).abs() <= tolerance).all())
@@ -331,6 +342,27 @@ def test_model_stock_with_the_kernel_is_the_torch_merge_up_to_its_gram_rounding(
     for name in torch_out:
         tol = dict(rtol=2 ** -7, atol=1e-6) if torch_out[name].dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(native_out[name].float(), torch_out[name].float(), **tol, msg=name)
+
+
+@pytest.mark.parametrize("fixture", ["demo", "demo_bf16"])
+@pytest.mark.parametrize("params", [{}, {"lambda": 0.7}])
+def test_model_stock_output_pass_in_the_kernel_is_the_torch_steps_bytes(request, tmp_path, monkeypatch, fixture, params):
+    """θ_0 + λ·t·Σ/K from the kernel's stored sum: one kernel pass (θ_0 read again) against scale_mean and the
+    executor's θ_0 + λ·merged in torch, on the same sum and t (the kernel's Gram pass in both runs): the same bytes."""
+    demo = request.getfixturevalue(fixture)
+    monkeypatch.setattr(execute, "FUSED_CHUNK_ENTRIES", 50)  # uneven chunks on both threads
+    monkeypatch.setattr(execute, "two_phase_min_entries", lambda: 7)
+    passes = []
+    original = execute.RereadTaskVectors.native_scaled_sum
+    monkeypatch.setattr(execute.RereadTaskVectors, "native_scaled_sum", lambda *a: passes.append(original(*a)) or passes[-1])
+    native_out = _run(demo, tmp_path / "native", "model_stock", params, monkeypatch, native_on=True)
+    assert passes and all(passes)  # every row-chunked tensor's output made by the kernel
+    monkeypatch.setattr(execute.RereadTaskVectors, "native_scaled_sum", lambda *a: False)
+    torch_out = _run(demo, tmp_path / "torch", "model_stock", params, monkeypatch, native_on=True)
+    assert torch_out.keys() == native_out.keys()
+    assert any(not torch.equal(torch_out[name], load_state(demo["base"])[name]) for name in torch_out)  # a merge, not the base
+    for name in torch_out:
+        assert torch.equal(bits(torch_out[name]), bits(native_out[name])), name
 
 
 def test_a_kernel_that_disagrees_on_the_sample_is_not_used(demo, tmp_path, monkeypatch):

@@ -133,6 +133,14 @@ class TaskVectorSource:
         order); None where the kernel cannot read the inputs (the caller makes them with torch)."""
         return None
 
+    def native_scaled_sum(self, total: torch.Tensor, divisor: float, post_scale: float,
+                          torch_merged: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+        """Hand the output θ_0 + λ·((total ÷ divisor)·post_scale) to the executor, made by the native kernel in one
+        pass (``total``: a sum of the τ_t, e.g. ``native_sum_gram``'s), where its bytes are those of ``torch_merged``
+        (the method's torch steps from ``total`` to the merged task vector) and the executor's θ_0 + λ·merged; True
+        then, and the method returns None. False: the method goes on with torch."""
+        return False
+
     def stacked_rows(self, start: int, stop: int, reuse: bool = False) -> torch.Tensor:
         """[τ_1[start:stop], …, τ_T[start:stop]] as one new [T, …] tensor (each task's rows made in place there);
         ``reuse``: in this thread's buffer instead (``stack_buffer``), for a caller done with it before its next chunk."""

@@ -32,7 +32,10 @@ def model_stock_rows(source: TaskVectorSource, ctx: TensorContext) -> torch.Tens
     native = None if per_row else source.native_sum_gram()
     if native is not None:  # the same sum; the Gram matrix in float64 (torch's below: float32): t moves by float32's dot error
         total, gram = native
-        return scale_mean(total, count, model_stock_ratio_from_gram(gram, total.dtype), filter_wise)
+        ratio = model_stock_ratio_from_gram(gram, total.dtype)
+        if source.native_scaled_sum(total, count, float(ratio), lambda summed: scale_mean(summed, count, ratio, filter_wise)):
+            return None  # θ_0 + λ·t·Σ/K made in the kernel's pass (θ_0 read again), the output already handed over
+        return scale_mean(total, count, ratio, filter_wise)
     chunks = source.chunks()
     grams: dict[int, torch.Tensor] = {}  # chunk start → its Gram matrix, added up (or concatenated) in chunk order
     total = torch.empty(source.shape, dtype=source.dtype, device=source.device)

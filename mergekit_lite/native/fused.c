@@ -296,6 +296,7 @@ typedef struct {
     Py_ssize_t first; /* the flat index of entry 0 in the whole tensor (where the keeps' draws start) */
     int has_post;     /* the combination multiplied by post (rounded) before the base is added */
     float post;
+    int given;        /* with a base: the inputs are task vectors already (a sum of them): the base is added, not taken off */
 } Job;
 
 /* -1 when every input entry is finite, else the first input (0 the base when there is one, then 1 + model) with a
@@ -330,6 +331,12 @@ static inline __attribute__((always_inline)) Py_ssize_t combine_body(const Job *
                 case SCALE_DIV * 2: masked_accumulate(x, b, keep, SCALE_DIV, k->by, w, 0, acc, m); break;
                 default: masked_accumulate(x, b, keep, SCALE_DIV, k->by, w, 1, acc, m); break;
                 }
+            } else if (job->base != NULL && job->given) {
+                /* task vectors as they are: the first scaled (mul), the rest accumulated (fma) */
+                if (t == 0)
+                    for (Py_ssize_t j = 0; j < m; j++) acc[j] = x[j] * w;
+                else
+                    for (Py_ssize_t j = 0; j < m; j++) acc[j] = fmaf(x[j], w, acc[j]);
             } else if (job->base != NULL) {
                 /* task vectors: tau = x - base; the first is scaled (mul), the rest accumulated (fma) */
                 if (t == 0)
@@ -862,14 +869,15 @@ done:
 }
 
 PyDoc_STRVAR(linear_combination_doc,
-    "linear_combination(out, out_kind, n, base, base_kind, inputs, kinds, weights, divisor, lam, rounded[, keeps, first, post]) -> int\n\n"
+    "linear_combination(out, out_kind, n, base, base_kind, inputs, kinds, weights, divisor, lam, rounded[, keeps, first, post, given]) -> int\n\n"
     "Entries [0, n) at address ``out`` from the inputs at the given addresses (kinds: 0 float32, 1 bfloat16). Without\n"
     "a base (address 0): sum_t w_t x_t; with one: base + lam * sum_t w_t (x_t - base). Divided by ``divisor`` before\n"
     "lam when it is not 0. rounded (no base): each product rounded before it is added, else fma.\n"
     "keeps (task vectors only; None: none): per input (draws, state_hi, state_lo, inc_hi, inc_lo, key, ceiling, scale,\n"
     "by): DARE's keep draws from a PCG64DXSM state (entry 0 of the tensor; ``first``: the flat index of entry 0 here)\n"
     "and survivors multiplied (scale 1) or divided (2) by ``by``. post (None: none): the combination, after the\n"
-    "divisor, multiplied by it (rounded) before base + lam * ....\n"
+    "divisor, multiplied by it (rounded) before base + lam * .... given (with a base): the inputs are task vectors\n"
+    "already, base + lam * sum_t w_t x_t.\n"
     "Returns -1, or the first input with a NaN/Inf entry (0 the base, 1 + t model t).\n"
     "The addresses are the caller's to keep valid; the GIL is released while it runs.");
 
@@ -883,13 +891,14 @@ static PyObject *linear_combination(PyObject *self, PyObject *args) {
     PyObject *keeps_obj = Py_None;
     Py_ssize_t first = 0;
     PyObject *post_obj = Py_None;
-    if (!PyArg_ParseTuple(args, "KinKiOOOddp|OnO", &out_addr, &out_kind, &n, &base_addr, &base_kind, &inputs_obj, &kinds_obj,
-                          &weights_obj, &divisor, &lam, &rounded, &keeps_obj, &first, &post_obj))
+    int given = 0;
+    if (!PyArg_ParseTuple(args, "KinKiOOOddp|OnOp", &out_addr, &out_kind, &n, &base_addr, &base_kind, &inputs_obj, &kinds_obj,
+                          &weights_obj, &divisor, &lam, &rounded, &keeps_obj, &first, &post_obj, &given))
         return NULL;
     double post = post_obj == Py_None ? 1.0 : PyFloat_AsDouble(post_obj);
     if (post == -1.0 && PyErr_Occurred()) return NULL;
-    if (keeps_obj != Py_None && (base_addr == 0 || rounded || first < 0)) {
-        PyErr_SetString(PyExc_ValueError, "keeps need a base, fused products and first >= 0");
+    if ((keeps_obj != Py_None && (base_addr == 0 || rounded || first < 0 || given)) || (given && base_addr == 0)) {
+        PyErr_SetString(PyExc_ValueError, "keeps need a base, fused products, first >= 0 and inputs that are not given task vectors; given task vectors a base");
         return NULL;
     }
     if ((out_kind != KIND_F32 && out_kind != KIND_BF16) || (base_kind != KIND_F32 && base_kind != KIND_BF16) || n < 0) {
@@ -925,7 +934,7 @@ static PyObject *linear_combination(PyObject *self, PyObject *args) {
     }
     if (keeps_obj != Py_None && (keeps = parse_keeps(keeps_obj, count)) == NULL) goto done;
     Job job = {(void *)(uintptr_t)out_addr, out_kind, n, (const void *)(uintptr_t)base_addr, base_kind, count, addrs, input_kinds,
-               ws, (float)divisor, (float)lam, rounded, keeps, first, post_obj != Py_None, (float)post};
+               ws, (float)divisor, (float)lam, rounded, keeps, first, post_obj != Py_None, (float)post, given};
     Py_ssize_t bad;
     Py_BEGIN_ALLOW_THREADS
     bad = combine(&job);

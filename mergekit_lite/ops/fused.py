@@ -87,6 +87,9 @@ class LinearForm:
     #: the combination (÷ divisor) multiplied by this, a rounded product, before θ_0 + λ·… (Multi-SLERP's scale, with
     #: λ = 1: torch's ``mul_`` then ``add_``); None: no such step
     post_scale: float | None = None
+    #: (task vectors) the inputs are the τ_t themselves (Model Stock's stored sum of them): θ_0 + λ·(Σ_t w_t·x_t ÷ …),
+    #: θ_0 added, never taken off
+    given_task_vectors: bool = False
 
     @property
     def of_task_vectors(self) -> bool:
@@ -113,7 +116,7 @@ class LinearForm:
         which a sample check of this form stands for every tensor's."""
         keeps = None if self.keeps is None else tuple((k.draws is not None, k.scale, k.by if k.scale == "div" else None, k.gate_min is not None)
                                                       for k in self.keeps)
-        return (self.weights, self.divisor, self.lam, self.rounded_products, keeps, self.post_scale is not None)
+        return (self.weights, self.divisor, self.lam, self.rounded_products, keeps, self.post_scale is not None, self.given_task_vectors)
 
 
 def available() -> bool:
@@ -194,14 +197,17 @@ def linear_combination_into(out: torch.Tensor, base: torch.Tensor | None, inputs
     if any(t.device.type != "cpu" or not t.is_contiguous() or t.numel() != n or t.dtype not in KINDS for t in tensors):
         raise ValueError("linear_combination_into: flat contiguous CPU float32/bfloat16 tensors of one length")
     if len(inputs) != len(form.weights) or form.of_task_vectors != (base is not None) or (form.rounded_products and form.of_task_vectors) \
-            or (form.keeps is not None and (not form.of_task_vectors or len(form.keeps) != len(inputs))) or first < 0:
-        raise ValueError("linear_combination_into: one weight per input, a base exactly for task vectors, rounded products without, keeps with it")
+            or (form.keeps is not None and (not form.of_task_vectors or len(form.keeps) != len(inputs) or form.given_task_vectors)) or first < 0 \
+            or (form.given_task_vectors and not form.of_task_vectors):
+        raise ValueError("linear_combination_into: one weight per input, a base exactly for task vectors, rounded products without, keeps with "
+                         "it (not with given task vectors)")
     keeps = None if form.keeps is None else _keep_args(form.keeps, n, masks_in=masks, gates=gates)
     return _fused.linear_combination(
         out.data_ptr(), KINDS[out.dtype], n,
         base.data_ptr() if base is not None else 0, KINDS[base.dtype] if base is not None else 0,
         [t.data_ptr() for t in inputs], [KINDS[t.dtype] for t in inputs], list(form.weights),
         form.divisor or 0.0, form.lam if form.lam is not None else 0.0, form.rounded_products, keeps, first, form.post_scale,
+        form.given_task_vectors,
     )
 
 
