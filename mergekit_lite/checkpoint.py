@@ -331,6 +331,12 @@ class Checkpoint:
         file = self._shard_of.get(self._aliases.get(name, name))
         return file is not None and getattr(self._handles[file], "reads_into", False)
 
+    def file_span(self, name: str) -> tuple[int, int]:
+        """(open file descriptor, byte position of the tensor's data) for a reader that reads the stored bytes itself
+        (the native kernel; see ``reads_into``). The descriptor stays the checkpoint's: valid until it is closed."""
+        real = self._aliases.get(name, name)
+        return self._handles[self._shard_of[real]].span(real)
+
     def read_into(self, name: str, skip: int, buffer: memoryview) -> None:
         """Fill ``buffer`` with one tensor's stored bytes from ``skip`` bytes into its data (see ``reads_into``)."""
         real = self._aliases.get(name, name)
@@ -528,6 +534,11 @@ class _SafetensorsFile:
         if self._fd is None:
             raise CheckpointError(f"{_show(self.path)}: already closed")
         self._read_exactly(name, self._data_start + begin + skip, buffer)
+
+    def span(self, name: str) -> tuple[int, int]:
+        if self._fd is None:
+            raise CheckpointError(f"{_show(self.path)}: already closed")
+        return self._fd, self._data_start + self._offsets[name][0]
 
     def _read_exactly(self, name: str, position: int, buffer: memoryview) -> None:
         assert self._fd is not None

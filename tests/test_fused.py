@@ -302,7 +302,7 @@ def test_whole_merges_are_identical_with_the_kernel_on_and_off(request, tmp_path
     calls = []  # the entries of each kernel call (its output's, or its first input's)
     original, original_gram = fused.linear_combination_into, fused.gram
     monkeypatch.setattr(fused, "linear_combination_into", lambda *a, **k: calls.append(a[0].numel()) or original(*a, **k))
-    monkeypatch.setattr(fused, "gram", lambda *a, **k: calls.append(a[1][0].numel()) or original_gram(*a, **k))
+    monkeypatch.setattr(fused, "gram", lambda *a, **k: calls.append(k["n"] if "n" in k else a[1][0].numel()) or original_gram(*a, **k))
     torch_out = _run(demo, tmp_path / "torch", method, params, monkeypatch, native_on=False)
     assert not calls
     native_out = _run(demo, tmp_path / "native", method, params, monkeypatch, native_on=True)
@@ -324,7 +324,7 @@ def test_model_stock_with_the_kernel_is_the_torch_merge_up_to_its_gram_rounding(
     monkeypatch.setattr(execute, "two_phase_min_entries", lambda: 7)  # every tensor of 7+ entries by row chunks
     calls = []
     original = fused.gram
-    monkeypatch.setattr(fused, "gram", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(fused, "gram", lambda *a, **k: calls.append(1) or original(*a, **k))
     ratios = {}
     original_ratio = selection.model_stock_ratio_from_gram
     monkeypatch.setattr("mergekit_lite.methods.model_stock.model_stock_ratio_from_gram",

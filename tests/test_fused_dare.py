@@ -6,7 +6,10 @@ of the output dtype with it (the norms are summed in another order, so the facto
 
 from __future__ import annotations
 
+import errno
 import math
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -279,3 +282,103 @@ def test_a_model_that_keeps_nothing_leaves_dare_linear_to_torch(demo, tmp_path, 
     calls = _count_calls(monkeypatch)
     _dare(demo, tmp_path / "out", {}, monkeypatch, native_on=True, model_params=({"density": 0.0}, {"density": 0.5}, {"density": 0.5}))
     assert not calls
+
+
+def _spans_of(tmp_path, tensors: list[torch.Tensor], lead: int = 13) -> tuple[list[fused.Span], list[int]]:
+    """The tensors' bytes in one file after ``lead`` bytes (an odd start), and each as a span; the open descriptor."""
+    path = tmp_path / "stored.bin"
+    blobs = [t.reshape(-1).view(torch.uint8).numpy().tobytes() for t in tensors]
+    path.write_bytes(b"x" * lead + b"".join(blobs))
+    fd = os.open(path, os.O_RDONLY)
+    spans, position = [], lead
+    for t, blob in zip(tensors, blobs):
+        spans.append(fused.Span(fd, position, t.dtype))
+        position += len(blob)
+    return spans, [fd]
+
+
+@pytest.mark.parametrize("n", [1, 1000, 16384, 16385, 40_003])
+def test_the_kernel_reading_files_itself_gives_the_bytes_it_gives_from_memory(tmp_path, n):
+    """Spans instead of tensors: the kernel reads stretches of the files itself (16 Ki entries at a time); the Gram
+    matrix, the sum, the combination (DARE's draws, masks in and out, a gate included) are those from memory."""
+    base = values(n, torch.bfloat16, 0)
+    inputs = [values(n, torch.bfloat16, 1), values(n, torch.float32, 2), values(n, torch.bfloat16, 3)]
+    spans, fds = _spans_of(tmp_path, [base, *inputs])
+    try:
+        for b, b_span in ((base, spans[0]), (None, None)):
+            sums = torch.empty(n), torch.empty(n)
+            from_memory = fused.gram(b, inputs, sums[0])
+            from_files = fused.gram(b_span, spans[1:], sums[1], n=n)
+            assert torch.equal(from_memory[0], from_files[0]) and from_memory[1] == from_files[1] and torch.equal(bits(sums[0]), bits(sums[1]))
+        keeps = (Keep(draws(0.3, tensor="a"), "mul", 1.7), Keep(None), Keep(draws(0.6, tensor="b"), "div", 0.6))
+        gate = torch.randn(n)
+        forms = [LinearForm((0.5, -1.0, 2.0), 3.0, 0.8, post_scale=1.3), LinearForm((0.5, -1.0, 2.0), None, 1.0, keeps=keeps),
+                 LinearForm((1.0, 1.0, 1.0), None, 0.4, keeps=(Keep(None), Keep(None, gate_min=0.1), Keep(None)))]
+        for form in forms:
+            gates = [None, gate, None] if form.keeps is not None and form.keeps[1].gate_min is not None else None
+            outs = [torch.empty(n, dtype=torch.bfloat16) for _ in range(2)]
+            masks = [[None if k.draws is None else torch.zeros(fused.mask_bytes(n), dtype=torch.uint8) for k in keeps] for _ in range(2)]
+            norms = [fused.dare_norms(base, inputs, keeps, first=7, masks_out=masks[0])]
+            assert fused.linear_combination_into(outs[0], base, inputs, form, first=7, gates=gates) == -1
+            assert fused.linear_combination_into(outs[1], spans[0], spans[1:], form, first=7, gates=gates) == -1
+            assert torch.equal(bits(outs[0]), bits(outs[1]))
+            if form.keeps is keeps:  # the masks the norms pass wrote, read back in stretches
+                again = torch.empty(n, dtype=torch.bfloat16)
+                assert fused.linear_combination_into(again, spans[0], spans[1:], form, first=7, masks=masks[0]) == -1
+                assert torch.equal(bits(again), bits(outs[0])) and norms
+        mixed = torch.empty(n, dtype=torch.bfloat16)  # a sum in memory beside a base in a file (Model Stock's output pass)
+        given = LinearForm((1.0,), 8.0, 1.0, post_scale=0.7, given_task_vectors=True)
+        fused.linear_combination_into(mixed, spans[0], [inputs[1]], given)
+        want = torch.empty(n, dtype=torch.bfloat16)
+        fused.linear_combination_into(want, base, [inputs[1]], given)
+        assert torch.equal(bits(mixed), bits(want))
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_a_read_the_kernel_cannot_make_is_a_read_failure_naming_the_input(tmp_path):
+    base, x = values(3000, torch.bfloat16, 0), values(3000, torch.bfloat16, 1)
+    spans, fds = _spans_of(tmp_path, [base, x])
+    try:
+        past_the_end = fused.Span(spans[1].fd, spans[1].position + 100, torch.bfloat16)
+        with pytest.raises(fused.ReadFailed) as failure:
+            fused.linear_combination_into(torch.empty(3000), spans[0], [past_the_end], LinearForm((1.0,), None, 1.0))
+        assert (failure.value.index, failure.value.errno) == (1, -1)
+        with pytest.raises(fused.ReadFailed) as failure:
+            fused.gram(None, [spans[1], past_the_end], n=3000)
+        assert (failure.value.index, failure.value.errno) == (2, -1)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    with pytest.raises(fused.ReadFailed) as failure:  # the descriptor closed
+        fused.gram(spans[0], [spans[1]], n=3000)
+    assert failure.value.index == 0 and failure.value.errno == errno.EBADF
+
+
+def test_a_file_truncated_during_a_merge_is_one_clear_error(demo_bf16, tmp_path, monkeypatch):
+    """The kernel reads the stored bytes itself: a shard cut short after the plan opened it stops the merge with the
+    reader's one-line error, naming the file and the tensor, and nothing is written."""
+    from mergekit_lite.errors import CheckpointError
+
+    copies = {}
+    for name in ("base", "math", "code"):
+        copies[name] = tmp_path / name
+        shutil.copytree(demo_bf16[name], copies[name])
+    data = {"merge_method": "task_arithmetic", "base_model": str(copies["base"]), "dtype": "float32",
+            "models": [{"model": str(copies["math"]), "parameters": {"weight": 1.0}}, {"model": str(copies["code"]), "parameters": {"weight": 0.5}}]}
+    monkeypatch.setattr(execute, "ROW_CHUNK_ENTRIES", 7)
+    original = execute._each_stored_chunk
+    cut = []
+
+    def truncating(sources, *args, **kwargs):
+        if not cut:
+            shard = next((copies["code"]).glob("*.safetensors"))
+            os.truncate(shard, 1000)
+            cut.append(shard)
+        return original(sources, *args, **kwargs)
+
+    monkeypatch.setattr(execute, "_each_stored_chunk", truncating)
+    with pytest.raises(CheckpointError, match=r"safetensors: file ended while reading tensor .*truncated"):
+        mergekit_lite.run(Recipe.model_validate(data), tmp_path / "out", progress=False)
+    assert cut and not (tmp_path / "out").exists()

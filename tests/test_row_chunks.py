@@ -248,21 +248,32 @@ def test_entrywise_row_chunks_read_only_rows_and_each_once(demo, tmp_path, monke
 @pytest.mark.skipif(not fused.available(), reason="the native kernel is not built")
 @pytest.mark.parametrize("method", ["task_arithmetic", "linear"])
 def test_native_kernel_reads_every_input_byte_once_in_chunks(demo, tmp_path, monkeypatch, method):
-    """The native path reads each input's stored bytes straight into buffers, each byte once, in chunks of
-    FUSED_CHUNK_ENTRIES entries, and reads no merged tensor whole."""
+    """The native path has the kernel read each input's stored bytes from its file itself, each byte once, in
+    chunks of FUSED_CHUNK_ENTRIES entries, and reads no merged tensor whole."""
     from mergekit_lite import checkpoint as ckpt_module
 
     whole: list[str] = []
     original = ckpt_module.Checkpoint.get
     monkeypatch.setattr(ckpt_module.Checkpoint, "get", lambda self, name: whole.append(name) or original(self, name))
-    spans: dict[tuple[str, str], list[tuple[int, int]]] = {}
-    original_into = ckpt_module.Checkpoint.read_into
+    starts: dict[tuple[int, int], tuple[str, str]] = {}  # (descriptor, position of the data) → (checkpoint, tensor)
+    original_span = ckpt_module.Checkpoint.file_span
 
-    def counting_into(self, name, skip, buffer):
-        spans.setdefault((self.ref, name), []).append((skip, skip + len(buffer)))
-        return original_into(self, name, skip, buffer)
+    def recording_span(self, name):
+        where = original_span(self, name)
+        starts[where] = (self.ref, name)
+        return where
 
-    monkeypatch.setattr(ckpt_module.Checkpoint, "read_into", counting_into)
+    monkeypatch.setattr(ckpt_module.Checkpoint, "file_span", recording_span)
+    read: list[tuple[int, int, int]] = []  # (descriptor, first byte, end) of each span the kernel was given
+    original_combination = fused.linear_combination_into
+
+    def recording_combination(out, base, inputs, form, **options):
+        for x in [base, *inputs]:
+            if isinstance(x, fused.Span):
+                read.append((x.fd, x.position, x.position + out.numel() * x.dtype.itemsize))
+        return original_combination(out, base, inputs, form, **options)
+
+    monkeypatch.setattr(fused, "linear_combination_into", recording_combination)
     monkeypatch.setattr(execute, "ROW_CHUNK_ENTRIES", 7)
     monkeypatch.setattr(execute, "FUSED_CHUNK_ENTRIES", 5)
     data = ta_recipe(demo, merge_method=method)
@@ -271,11 +282,15 @@ def test_native_kernel_reads_every_input_byte_once_in_chunks(demo, tmp_path, mon
     plan.close()
     _merge(demo, tmp_path / "out", method, {})
     assert merged and not set(whole) & set(merged)
+    spans: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    for fd, begin, end in read:
+        (data_fd, data_start), key = max(((where, key) for where, key in starts.items() if where[0] == fd and where[1] <= begin), key=lambda w: w[0][1])
+        spans.setdefault(key, []).append((begin - data_start, end - data_start))
     inputs = 4  # the base and three fine-tunes (linear: the base is an input too)
     assert len(spans) == inputs * len(merged)
-    for (ref, name), read in spans.items():
+    for (ref, name), chunks in spans.items():
         nbytes = merged[name]
-        assert sorted(read) == [(start, min(nbytes, start + 20)) for start in range(0, nbytes, 20)], (ref, name)
+        assert sorted(chunks) == [(start, min(nbytes, start + 20)) for start in range(0, nbytes, 20)], (ref, name)
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,13 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__unix__) || defined(__APPLE__)
+#define HAVE_PREAD 1
+#include <errno.h>
+#include <unistd.h>
+#else
+#define HAVE_PREAD 0
+#endif
 
 enum { KIND_F32 = 0, KIND_BF16 = 1 };
 /* x86-64 with GCC or clang: AVX2 + FMA versions beside the portable ones, chosen at run time */
@@ -816,6 +823,107 @@ static PyObject *bad_and_doubles(Py_ssize_t bad, const double *values, Py_ssize_
     return Py_BuildValue("(nN)", bad, list);
 }
 
+/* ---- inputs in memory or in files: the kernel reads a file's stretches itself, small enough to stay in the level-2
+ * cache, so that each stretch's bytes go from the page cache through the arithmetic while they are still there rather
+ * than a whole chunk copied out to memory and read back. A multiple of BLOCK and of 8: the Gram matrix's blocks (and so
+ * its sums) and the keep-masks' bytes are those of the whole call. ---- */
+#define READ_STRETCH (16 * BLOCK)
+
+typedef struct {
+    const char *addr;   /* in memory: the bytes of entry 0; NULL: in a file */
+    int fd;
+    long long position; /* in a file: the byte position of entry 0 */
+    int kind;
+    char *buffer;       /* in a file: where each stretch of it is read (READ_STRETCH entries) */
+} Source;
+
+/* an address (an int) or a (file descriptor, position) pair; 0 with an exception set on a bad one */
+static int parse_source(PyObject *item, int kind, Source *src) {
+    memset(src, 0, sizeof(*src));
+    src->kind = kind;
+    if (PyTuple_Check(item)) {
+        if (!PyArg_ParseTuple(item, "iL", &src->fd, &src->position)) return 0;
+        if (src->fd < 0 || src->position < 0) {
+            PyErr_SetString(PyExc_ValueError, "a file source is a descriptor and a position, neither negative");
+            return 0;
+        }
+        return 1;
+    }
+    unsigned long long a = PyLong_AsUnsignedLongLong(item);
+    if (PyErr_Occurred()) return 0;
+    if (a == 0) {
+        PyErr_SetString(PyExc_ValueError, "a source's address is 0");
+        return 0;
+    }
+    src->addr = (const char *)(uintptr_t)a;
+    return 1;
+}
+
+/* sources[t] from the sequences items and kinds; 0 with an exception set */
+static int parse_sources(PyObject *items, PyObject *kinds, Py_ssize_t count, Source *sources) {
+    for (Py_ssize_t t = 0; t < count; t++) {
+        int kind;
+        if (!parse_kind(PySequence_Fast_GET_ITEM(kinds, t), &kind) || !parse_source(PySequence_Fast_GET_ITEM(items, t), kind, &sources[t])) return 0;
+    }
+    return 1;
+}
+
+/* One allocation for the buffers of the file sources (NULL, no exception, where there are none; NULL with
+ * MemoryError set where it fails: *failed 1) */
+static char *file_buffers(Source *sources, Py_ssize_t count, int *failed) {
+    Py_ssize_t files = 0;
+    *failed = 0;
+    for (Py_ssize_t t = 0; t < count; t++) files += sources[t].addr == NULL;
+    if (files == 0) return NULL;
+    char *storage = PyMem_RawMalloc((size_t)files * READ_STRETCH * 4);
+    if (storage == NULL) {
+        *failed = 1;
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (Py_ssize_t t = 0, f = 0; t < count; t++)
+        if (sources[t].addr == NULL) sources[t].buffer = storage + (size_t)(f++) * READ_STRETCH * 4;
+    return storage;
+}
+
+/* nbytes of the file from position into dst: 0, or errno of a failed read (-1: the file ended first) */
+static int read_span(int fd, char *dst, size_t nbytes, long long position) {
+#if HAVE_PREAD
+    while (nbytes > 0) {
+        ssize_t got = pread(fd, dst, nbytes, (off_t)position);
+        if (got < 0 && errno == EINTR) continue;
+        if (got < 0) return errno != 0 ? errno : EIO;
+        if (got == 0) return -1;
+        dst += got;
+        nbytes -= (size_t)got;
+        position += got;
+    }
+    return 0;
+#else
+    (void)fd; (void)dst; (void)nbytes; (void)position;
+    return ENOSYS;
+#endif
+}
+
+/* at[t]: where each source's entries [first, first + m) are (a file's read into its buffer; m <= READ_STRETCH for a
+ * file); -1, or the first source whose read failed (*err its errno, -1: the file ended) */
+static Py_ssize_t stretch_at(const Source *sources, Py_ssize_t count, Py_ssize_t first, Py_ssize_t m, const void **at, int *err) {
+    for (Py_ssize_t t = 0; t < count; t++) {
+        size_t size = sources[t].kind == KIND_BF16 ? 2 : 4;
+        if (sources[t].addr != NULL) {
+            at[t] = sources[t].addr + (size_t)first * size;
+            continue;
+        }
+        int e = read_span(sources[t].fd, sources[t].buffer, (size_t)m * size, sources[t].position + (long long)first * (long long)size);
+        if (e != 0) {
+            *err = e;
+            return t;
+        }
+        at[t] = sources[t].buffer;
+    }
+    return -1;
+}
+
 /* keeps: a sequence of `count` tuples (draws, state_hi, state_lo, inc_hi, inc_lo, key, ceiling, scale, by[, bits_in,
  * bits_out, gate, gate_min]); NULL with an exception set on a bad one */
 static Keep *parse_keeps(PyObject *keeps_obj, Py_ssize_t count) {
@@ -865,20 +973,24 @@ done:
 }
 
 PyDoc_STRVAR(linear_combination_doc,
-    "linear_combination(out, out_kind, n, base, base_kind, inputs, kinds, weights, divisor, lam, rounded[, keeps, first, post, given]) -> int\n\n"
-    "Entries [0, n) at address ``out`` from the inputs at the given addresses (kinds: 0 float32, 1 bfloat16). Without\n"
-    "a base (address 0): sum_t w_t x_t; with one: base + lam * sum_t w_t (x_t - base). Divided by ``divisor`` before\n"
+    "linear_combination(out, out_kind, n, base, base_kind, inputs, kinds, weights, divisor, lam, rounded[, keeps, first, post, given])\n"
+    "-> (int, int, int)\n\n"
+    "Entries [0, n) at address ``out`` from the inputs (kinds: 0 float32, 1 bfloat16), each an address in memory or a\n"
+    "(file descriptor, byte position) pair of its entry 0, read by stretches. Without\n"
+    "a base (0): sum_t w_t x_t; with one: base + lam * sum_t w_t (x_t - base). Divided by ``divisor`` before\n"
     "lam when it is not 0. rounded (no base): each product rounded before it is added, else fma.\n"
     "keeps (task vectors only; None: none): per input (draws, state_hi, state_lo, inc_hi, inc_lo, key, ceiling, scale,\n"
     "by): DARE's keep draws from a PCG64DXSM state (entry 0 of the tensor; ``first``: the flat index of entry 0 here)\n"
     "and survivors multiplied (scale 1) or divided (2) by ``by``. post (None: none): the combination, after the\n"
     "divisor, multiplied by it (rounded) before base + lam * .... given (with a base): the inputs are task vectors\n"
     "already, base + lam * sum_t w_t x_t.\n"
-    "Returns -1, or the first input with a NaN/Inf entry (0 the base, 1 + t model t).\n"
+    "Returns (bad, failed, err): bad -1, or the first input with a NaN/Inf entry (0 the base, 1 + t model t); failed -1,\n"
+    "or the source whose read failed (numbered as bad; err its errno, -1 where the file ended): nothing else is to be used.\n"
     "The addresses are the caller's to keep valid; the GIL is released while it runs.");
 
 static PyObject *linear_combination(PyObject *self, PyObject *args) {
-    unsigned long long out_addr, base_addr;
+    unsigned long long out_addr;
+    PyObject *base_obj;
     int out_kind, base_kind;
     Py_ssize_t n;
     PyObject *inputs_obj, *kinds_obj, *weights_obj;
@@ -888,12 +1000,14 @@ static PyObject *linear_combination(PyObject *self, PyObject *args) {
     Py_ssize_t first = 0;
     PyObject *post_obj = Py_None;
     int given = 0;
-    if (!PyArg_ParseTuple(args, "KinKiOOOddp|OnOp", &out_addr, &out_kind, &n, &base_addr, &base_kind, &inputs_obj, &kinds_obj,
+    if (!PyArg_ParseTuple(args, "KinOiOOOddp|OnOp", &out_addr, &out_kind, &n, &base_obj, &base_kind, &inputs_obj, &kinds_obj,
                           &weights_obj, &divisor, &lam, &rounded, &keeps_obj, &first, &post_obj, &given))
         return NULL;
+    int has_base = !(PyLong_Check(base_obj) && PyLong_AsUnsignedLongLong(base_obj) == 0);
+    if (PyErr_Occurred()) return NULL;
     double post = post_obj == Py_None ? 1.0 : PyFloat_AsDouble(post_obj);
     if (post == -1.0 && PyErr_Occurred()) return NULL;
-    if ((keeps_obj != Py_None && (base_addr == 0 || rounded || first < 0 || given)) || (given && base_addr == 0)) {
+    if ((keeps_obj != Py_None && (!has_base || rounded || first < 0 || given)) || (given && !has_base)) {
         PyErr_SetString(PyExc_ValueError, "keeps need a base, fused products, first >= 0 and inputs that are not given task vectors; given task vectors a base");
         return NULL;
     }
@@ -905,42 +1019,78 @@ static PyObject *linear_combination(PyObject *self, PyObject *args) {
     PyObject *kinds = inputs ? PySequence_Fast(kinds_obj, "kinds must be a sequence") : NULL;
     PyObject *weights = kinds ? PySequence_Fast(weights_obj, "weights must be a sequence") : NULL;
     PyObject *result = NULL;
-    const void **addrs = NULL;
+    Source *sources = NULL;
+    const void **at = NULL;
     int *input_kinds = NULL;
     float *ws = NULL;
-    Keep *keeps = NULL;
+    Keep *keeps = NULL, *stretch_keeps = NULL;
+    char *storage = NULL;
     if (weights == NULL) goto done;
     Py_ssize_t count = PySequence_Fast_GET_SIZE(inputs);
     if (count < 1 || count > MAX_INPUTS || PySequence_Fast_GET_SIZE(kinds) != count || PySequence_Fast_GET_SIZE(weights) != count) {
         PyErr_SetString(PyExc_ValueError, "inputs, kinds and weights must have the same length (1 to 4096)");
         goto done;
     }
-    addrs = PyMem_Malloc((size_t)count * sizeof(*addrs));
+    sources = PyMem_Malloc((size_t)(count + 1) * sizeof(*sources)); /* the base first (unused without one) */
+    at = PyMem_Malloc((size_t)(count + 1) * sizeof(*at));
     input_kinds = PyMem_Malloc((size_t)count * sizeof(*input_kinds));
     ws = PyMem_Malloc((size_t)count * sizeof(*ws));
-    if (addrs == NULL || input_kinds == NULL || ws == NULL) {
+    if (sources == NULL || at == NULL || input_kinds == NULL || ws == NULL) {
         PyErr_NoMemory();
         goto done;
     }
-    if (!parse_inputs(inputs, kinds, count, addrs, input_kinds)) goto done;
+    if (has_base && !parse_source(base_obj, base_kind, &sources[0])) goto done;
+    if (!parse_sources(inputs, kinds, count, sources + 1)) goto done;
     for (Py_ssize_t t = 0; t < count; t++) {
+        input_kinds[t] = sources[t + 1].kind;
         double w = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(weights, t));
         if (w == -1.0 && PyErr_Occurred()) goto done;
         ws[t] = (float)w;
     }
-    if (keeps_obj != Py_None && (keeps = parse_keeps(keeps_obj, count)) == NULL) goto done;
-    Job job = {(void *)(uintptr_t)out_addr, out_kind, n, (const void *)(uintptr_t)base_addr, base_kind, count, addrs, input_kinds,
-               ws, (float)divisor, (float)lam, rounded, keeps, first, post_obj != Py_None, (float)post, given};
-    Py_ssize_t bad;
+    if (keeps_obj != Py_None) {
+        if ((keeps = parse_keeps(keeps_obj, count)) == NULL) goto done;
+        if ((stretch_keeps = PyMem_Malloc((size_t)count * sizeof(*stretch_keeps))) == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+    }
+    int no_memory;
+    storage = file_buffers(sources + !has_base, count + has_base, &no_memory);
+    if (no_memory) goto done;
+    Py_ssize_t stretch = storage != NULL ? READ_STRETCH : (n > 0 ? n : 1);
+    Py_ssize_t bad = -1, failed = -1;
+    int err = 0;
+    const size_t out_size = out_kind == KIND_BF16 ? 2 : 4;
     Py_BEGIN_ALLOW_THREADS
-    bad = combine(&job);
+    for (Py_ssize_t start = 0; start < n; start += stretch) {
+        Py_ssize_t m = n - start < stretch ? n - start : stretch;
+        failed = stretch_at(sources + !has_base, count + has_base, start, m, at + !has_base, &err);
+        if (failed >= 0) {
+            failed += !has_base;
+            break;
+        }
+        if (keeps != NULL) /* the stretch's part of each keep's masks and gates (stretches start at multiples of 8) */
+            for (Py_ssize_t t = 0; t < count; t++) {
+                stretch_keeps[t] = keeps[t];
+                if (keeps[t].bits_in != NULL) stretch_keeps[t].bits_in = keeps[t].bits_in + start / 8;
+                if (keeps[t].bits_out != NULL) stretch_keeps[t].bits_out = keeps[t].bits_out + start / 8;
+                if (keeps[t].gate != NULL) stretch_keeps[t].gate = keeps[t].gate + start;
+            }
+        Job job = {(char *)(uintptr_t)out_addr + (size_t)start * out_size, out_kind, m, has_base ? at[0] : NULL, base_kind, count, at + 1,
+                   input_kinds, ws, (float)divisor, (float)lam, rounded, stretch_keeps, first + start, post_obj != Py_None, (float)post, given};
+        Py_ssize_t b = combine(&job);
+        if (b >= 0 && (bad < 0 || b < bad)) bad = b;
+    }
     Py_END_ALLOW_THREADS
-    result = PyLong_FromSsize_t(bad);
+    result = Py_BuildValue("(nni)", bad, failed, err);
 done:
-    PyMem_Free(addrs);
+    PyMem_Free(sources);
+    PyMem_Free(at);
     PyMem_Free(input_kinds);
     PyMem_Free(ws);
     PyMem_Free(keeps);
+    PyMem_Free(stretch_keeps);
+    PyMem_RawFree(storage);
     Py_XDECREF(inputs);
     Py_XDECREF(kinds);
     Py_XDECREF(weights);
@@ -1005,20 +1155,22 @@ done:
 }
 
 PyDoc_STRVAR(gram_doc,
-    "gram(n, base, base_kind, inputs, kinds, sum, diagonal) -> (int, list[float])\n\n"
-    "The float64 Gram matrix (row-major, K * K) of the inputs' entries [0, n) at the given addresses, or of their\n"
-    "differences from the base (address 0: none), each product exact, added with fma in float64; and -1, or the first\n"
-    "input with a NaN/Inf entry (0 the base, 1 + t input t). sum (address 0: none): n float32 entries that receive\n"
-    "x_0 + x_1 + ... in that order. diagonal: only the squared norms (the other entries 0).\n"
-    "The GIL is released while it runs.");
+    "gram(n, base, base_kind, inputs, kinds, sum, diagonal) -> (int, int, int, list[float])\n\n"
+    "The float64 Gram matrix (row-major, K * K) of the inputs' entries [0, n), or of their differences from the base\n"
+    "(0: none), each product exact, added with fma in float64. Each input (and the base) is an address in memory or a\n"
+    "(file descriptor, byte position) pair of its entry 0, read by stretches. sum (address 0: none): n float32 entries\n"
+    "that receive x_0 + x_1 + ... in that order. diagonal: only the squared norms (the other entries 0).\n"
+    "Returns (bad, failed, err, values): bad -1, or the first input with a NaN/Inf entry (0 the base, 1 + t input t);\n"
+    "failed -1, or the source whose read failed (numbered as bad; err its errno, -1 where the file ended), and then\n"
+    "nothing else is to be used. The GIL is released while it runs.");
 
 static PyObject *gram_matrix(PyObject *self, PyObject *args) {
-    unsigned long long base_addr, sum_addr;
+    unsigned long long sum_addr;
     int base_kind;
     Py_ssize_t n;
-    PyObject *inputs_obj, *kinds_obj;
+    PyObject *base_obj, *inputs_obj, *kinds_obj;
     int diagonal;
-    if (!PyArg_ParseTuple(args, "nKiOOKp", &n, &base_addr, &base_kind, &inputs_obj, &kinds_obj, &sum_addr, &diagonal)) return NULL;
+    if (!PyArg_ParseTuple(args, "nOiOOKp", &n, &base_obj, &base_kind, &inputs_obj, &kinds_obj, &sum_addr, &diagonal)) return NULL;
     if ((base_kind != KIND_F32 && base_kind != KIND_BF16) || n < 0) {
         PyErr_SetString(PyExc_ValueError, "unknown storage kind or negative count");
         return NULL;
@@ -1026,8 +1178,10 @@ static PyObject *gram_matrix(PyObject *self, PyObject *args) {
     PyObject *inputs = PySequence_Fast(inputs_obj, "inputs must be a sequence");
     PyObject *kinds = inputs ? PySequence_Fast(kinds_obj, "kinds must be a sequence") : NULL;
     PyObject *result = NULL;
-    const void **addrs = NULL;
+    Source *sources = NULL;
+    const void **at = NULL;
     int *input_kinds = NULL;
+    char *storage = NULL;
     double *scratch = NULL;
     double *matrix = NULL;
     if (kinds == NULL) goto done;
@@ -1036,24 +1190,49 @@ static PyObject *gram_matrix(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "inputs and kinds must have the same length (1 to 256)");
         goto done;
     }
-    addrs = PyMem_Malloc((size_t)count * sizeof(*addrs));
+    sources = PyMem_Malloc((size_t)(count + 1) * sizeof(*sources)); /* the base first (unused without one) */
+    at = PyMem_Malloc((size_t)(count + 1) * sizeof(*at));
     input_kinds = PyMem_Malloc((size_t)count * sizeof(*input_kinds));
     scratch = PyMem_RawMalloc(((size_t)count * BLOCK + (size_t)(count * count) * LANES) * sizeof(double)); /* + gram_avx512's lanes */
     matrix = PyMem_RawCalloc((size_t)(count * count), sizeof(double));
-    if (addrs == NULL || input_kinds == NULL || scratch == NULL || matrix == NULL) {
+    if (sources == NULL || at == NULL || input_kinds == NULL || scratch == NULL || matrix == NULL) {
         PyErr_NoMemory();
         goto done;
     }
-    if (!parse_inputs(inputs, kinds, count, addrs, input_kinds)) goto done;
-    GramJob job = {n, (const void *)(uintptr_t)base_addr, base_kind, count, addrs, input_kinds, scratch, matrix, (float *)(uintptr_t)sum_addr, diagonal};
-    Py_ssize_t bad;
+    int has_base = !(PyLong_Check(base_obj) && PyLong_AsUnsignedLongLong(base_obj) == 0);
+    if (PyErr_Occurred() || (has_base && !parse_source(base_obj, base_kind, &sources[0]))) goto done;
+    if (!parse_sources(inputs, kinds, count, sources + 1)) goto done;
+    for (Py_ssize_t t = 0; t < count; t++) input_kinds[t] = sources[t + 1].kind;
+    int no_memory;
+    storage = file_buffers(sources + !has_base, count + has_base, &no_memory);
+    if (no_memory) goto done;
+    Py_ssize_t stretch = storage != NULL ? READ_STRETCH : (n > 0 ? n : 1);
+    Py_ssize_t bad = -1, failed = -1;
+    int err = 0;
     Py_BEGIN_ALLOW_THREADS
-    bad = gram(&job);
+    for (Py_ssize_t first = 0; first < n; first += stretch) {
+        Py_ssize_t m = n - first < stretch ? n - first : stretch;
+        failed = stretch_at(sources + !has_base, count + has_base, first, m, at + !has_base, &err);
+        if (failed >= 0) {
+            failed += !has_base;
+            break;
+        }
+        GramJob job = {m, has_base ? at[0] : NULL, base_kind, count, at + 1, input_kinds, scratch, matrix,
+                       sum_addr != 0 ? (float *)(uintptr_t)sum_addr + first : NULL, diagonal};
+        Py_ssize_t b = gram(&job);
+        if (b >= 0 && (bad < 0 || b < bad)) bad = b;
+    }
     Py_END_ALLOW_THREADS
-    result = bad_and_doubles(bad, matrix, count * count);
+    PyObject *pair = bad_and_doubles(bad, matrix, count * count);
+    if (pair != NULL) {
+        result = Py_BuildValue("(nniO)", bad, failed, err, PyTuple_GET_ITEM(pair, 1));
+        Py_DECREF(pair);
+    }
 done:
-    PyMem_Free(addrs);
+    PyMem_Free(sources);
+    PyMem_Free(at);
     PyMem_Free(input_kinds);
+    PyMem_RawFree(storage);
     PyMem_RawFree(scratch);
     PyMem_RawFree(matrix);
     Py_XDECREF(inputs);

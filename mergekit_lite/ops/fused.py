@@ -16,7 +16,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -182,7 +182,37 @@ def dare_norms(base: torch.Tensor, inputs: Sequence[torch.Tensor], keeps: Sequen
     return [(values[2 * t], values[2 * t + 1]) for t in range(len(inputs))], bad
 
 
-def linear_combination_into(out: torch.Tensor, base: torch.Tensor | None, inputs: Sequence[torch.Tensor], form: LinearForm,
+@dataclass(frozen=True)
+class Span:
+    """A stored tensor's entries as the kernel reads them itself, by stretches that stay in the level-2 cache: its
+    open file, the byte position of the first entry wanted, and its stored dtype."""
+
+    fd: int
+    position: int
+    dtype: torch.dtype
+
+
+class ReadFailed(Exception):
+    """The kernel's read of a ``Span`` failed: ``index`` numbers it as a non-finite answer does (0 the base, 1 + t
+    input t), ``errno`` is the read's (-1: the file ended first). Nothing the call wrote is to be used."""
+
+    def __init__(self, index: int, errno: int):
+        super().__init__(index, errno)
+        self.index, self.errno = index, errno
+
+
+def _operand(x: torch.Tensor | Span, n: int) -> tuple[Any, int]:
+    """(the kernel's argument, its kind) for a tensor in memory (flat, contiguous, CPU, n entries) or a span."""
+    if isinstance(x, Span):
+        if x.dtype not in KINDS:
+            raise ValueError("a span of float32 or bfloat16 entries")
+        return (x.fd, x.position), KINDS[x.dtype]
+    if x.device.type != "cpu" or not x.is_contiguous() or x.numel() != n or x.dtype not in KINDS:
+        raise ValueError("flat contiguous CPU float32/bfloat16 tensors of one length")
+    return x.data_ptr(), KINDS[x.dtype]
+
+
+def linear_combination_into(out: torch.Tensor, base: torch.Tensor | Span | None, inputs: Sequence[torch.Tensor | Span], form: LinearForm,
                             first: int = 0, masks: Sequence[torch.Tensor | None] | None = None,
                             gates: Sequence[torch.Tensor | None] | None = None) -> int:
     """``out`` (flat, float32 or bfloat16) = the form applied entry by entry to ``inputs`` (and ``base``, for task
@@ -190,42 +220,52 @@ def linear_combination_into(out: torch.Tensor, base: torch.Tensor | None, inputs
     the tensor, where a keep's draws are; ``masks``: keep-masks ``dare_norms`` wrote for these entries, used instead of
     the draws; ``gates``: the float32 values a gated keep compares, per input, for these entries). Returns -1, or the
     first input holding a NaN or infinite entry (0: the base, 1 + t: input t), whose entries the caller must then not
-    use."""
+    use. A ``Span`` in place of a tensor: the kernel reads those entries from the file itself (``ReadFailed`` where it
+    cannot)."""
     assert _fused is not None, "the native kernel is not built"
     n = out.numel()
-    tensors = [out, *inputs] + ([base] if base is not None else [])
-    if any(t.device.type != "cpu" or not t.is_contiguous() or t.numel() != n or t.dtype not in KINDS for t in tensors):
-        raise ValueError("linear_combination_into: flat contiguous CPU float32/bfloat16 tensors of one length")
+    _operand(out, n)
+    base_arg, base_kind = _operand(base, n) if base is not None else (0, 0)
+    operands = [_operand(x, n) for x in inputs]
     if len(inputs) != len(form.weights) or form.of_task_vectors != (base is not None) or (form.rounded_products and form.of_task_vectors) \
             or (form.keeps is not None and (not form.of_task_vectors or len(form.keeps) != len(inputs) or form.given_task_vectors)) or first < 0 \
             or (form.given_task_vectors and not form.of_task_vectors):
         raise ValueError("linear_combination_into: one weight per input, a base exactly for task vectors, rounded products without, keeps with "
                          "it (not with given task vectors)")
     keeps = None if form.keeps is None else _keep_args(form.keeps, n, masks_in=masks, gates=gates)
-    return _fused.linear_combination(
-        out.data_ptr(), KINDS[out.dtype], n,
-        base.data_ptr() if base is not None else 0, KINDS[base.dtype] if base is not None else 0,
-        [t.data_ptr() for t in inputs], [KINDS[t.dtype] for t in inputs], list(form.weights),
+    bad, failed, errno = _fused.linear_combination(
+        out.data_ptr(), KINDS[out.dtype], n, base_arg, base_kind,
+        [arg for arg, _ in operands], [kind for _, kind in operands], list(form.weights),
         form.divisor or 0.0, form.lam if form.lam is not None else 0.0, form.rounded_products, keeps, first, form.post_scale,
         form.given_task_vectors,
     )
+    if failed >= 0:
+        raise ReadFailed(failed, errno)
+    return bad
 
 
-def gram(base: torch.Tensor | None, inputs: Sequence[torch.Tensor], sum_into: torch.Tensor | None = None,
-         diagonal: bool = False) -> tuple[torch.Tensor, int]:
+def gram(base: torch.Tensor | Span | None, inputs: Sequence[torch.Tensor | Span], sum_into: torch.Tensor | None = None,
+         diagonal: bool = False, n: int | None = None) -> tuple[torch.Tensor, int]:
     """The float64 Gram matrix ⟨x_i, x_j⟩ of flat, contiguous float32/bfloat16 CPU tensors of one length (or of
     their differences from ``base``), each product exact and summed in float64 in a fixed order, and -1 or the first
     input with a NaN/Inf entry (as ``linear_combination_into``). ``sum_into`` (flat float32): receives x_0 + x_1 + …
-    in that order, the bytes of torch's ``copy_`` then ``add_``. ``diagonal``: only the squared norms (the rest 0)."""
+    in that order, the bytes of torch's ``copy_`` then ``add_``. ``diagonal``: only the squared norms (the rest 0).
+    Spans in place of tensors (then ``n`` says how many entries): the kernel reads them itself (``ReadFailed`` where it
+    cannot), in stretches that give the same sums."""
     assert _fused is not None, "the native kernel is not built"
-    n = inputs[0].numel()
-    tensors = [*inputs] + ([base] if base is not None else [])
-    if any(t.device.type != "cpu" or not t.is_contiguous() or t.numel() != n or t.dtype not in KINDS for t in tensors) or len(inputs) > MAX_GRAM_INPUTS \
-            or (sum_into is not None and (sum_into.dtype != torch.float32 or not sum_into.is_contiguous() or sum_into.numel() != n or sum_into.device.type != "cpu")):
-        raise ValueError("gram: at most 256 flat contiguous CPU float32/bfloat16 tensors of one length (a float32 sum of it)")
-    bad, values = _fused.gram(n, base.data_ptr() if base is not None else 0, KINDS[base.dtype] if base is not None else 0,
-                              [t.data_ptr() for t in inputs], [KINDS[t.dtype] for t in inputs], sum_into.data_ptr() if sum_into is not None else 0,
-                              diagonal)
+    if n is None:
+        first = inputs[0]
+        assert isinstance(first, torch.Tensor), "n, for spans"
+        n = first.numel()
+    if not 0 < len(inputs) <= MAX_GRAM_INPUTS or (sum_into is not None and (sum_into.dtype != torch.float32 or not sum_into.is_contiguous()
+                                                                            or sum_into.numel() != n or sum_into.device.type != "cpu")):
+        raise ValueError("gram: 1 to 256 inputs (a float32 sum of their length)")
+    base_arg, base_kind = _operand(base, n) if base is not None else (0, 0)
+    operands = [_operand(x, n) for x in inputs]
+    bad, failed, errno, values = _fused.gram(n, base_arg, base_kind, [arg for arg, _ in operands], [kind for _, kind in operands],
+                                             sum_into.data_ptr() if sum_into is not None else 0, diagonal)
+    if failed >= 0:
+        raise ReadFailed(failed, errno)
     return torch.tensor(values, dtype=torch.float64).view(len(inputs), len(inputs)), bad
 
 
