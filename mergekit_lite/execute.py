@@ -279,7 +279,7 @@ class RereadTaskVectors(TaskVectorSource):
             bad = fused.linear_combination_into(flat[start:stop], stored[0], [summed[start:stop]], form)
             return 0 if bad == 0 else -1  # an overflowed sum goes through IEEE arithmetic as torch's (the inputs were checked)
 
-        _each_stored_chunk(sources, True, combine, self.plan.compute_dtype, spans=True)
+        _each_stored_chunk(sources, True, combine, self.plan.compute_dtype)
         self.keep_output(out)
         return True
 
@@ -409,7 +409,7 @@ class ReadWeightInputs(WeightInputs):
             gates = [gate_flat[start:stop] if g else None for g in gated] if gate_flat is not None and gated else None
             return fused.linear_combination_into(flat[start:stop], first_base, inputs, form, gates=gates)
 
-        _each_stored_chunk(sources, has_base, combine, self.plan.compute_dtype, spans=True)
+        _each_stored_chunk(sources, has_base, combine, self.plan.compute_dtype)
         return out
 
 
@@ -510,30 +510,21 @@ def _stored_sources(plan: Plan, refs: Sequence[TensorRef], numel: int, device: t
     return sources
 
 
-def _each_stored_chunk(sources: Sequence[StoredSource], has_base: bool, work: Callable[[int, int, list[Any]], int],
-                       compute_dtype: torch.dtype, spans: bool = False) -> None:
-    """``work(start, stop, stored)`` for every chunk of FUSED_CHUNK_ENTRIES entries (on the threads in turn), ``stored``
-    each source's entries [start, stop) as stored, read into this thread's reused buffers, or (``spans``) where they
-    are in their files, for the kernel to read itself (a stretch at a time, while it stays in the level-2 cache:
-    Model Stock K = 8 at 250M 2.85-3.16 -> 2.71-3.38 s, the Gram pass 1.39-1.47 -> 1.03-1.15 s in-process). ``work``
-    returns the kernel's answer: -1, or the input with a NaN/Inf entry (0 the base, the first source where
-    ``has_base``; 1 + t input t), refused as the torch path refuses it; a read the kernel could not make, with the
-    reader's own error."""
+def _each_stored_chunk(sources: Sequence[StoredSource], has_base: bool, work: Callable[[int, int, list[fused.Span]], int],
+                       compute_dtype: torch.dtype) -> None:
+    """``work(start, stop, spans)`` for every chunk of FUSED_CHUNK_ENTRIES entries (on the threads in turn), ``spans``
+    where each source's entries [start, stop) are in its file: the kernel reads them itself, a stretch at a time, while
+    it stays in the level-2 cache (against whole chunks read into buffers first: Model Stock K = 8 at 250M ~3.0 ->
+    ~2.8 s, its Gram pass 1.39-1.47 -> 1.03-1.15 s in-process). ``work`` returns the kernel's answer: -1, or the input
+    with a NaN/Inf entry (0 the base, the first source where ``has_base``; 1 + t input t), refused as the torch path
+    refuses it; a read the kernel could not make is refused with the reader's own error."""
     numel = sources[0][0].info(sources[0][1]).numel
-    where = [(*ckpt.file_span(name), dtype) for ckpt, name, dtype in sources] if spans else []
+    where = [(*ckpt.file_span(name), dtype) for ckpt, name, dtype in sources]
 
     def chunk(span: tuple[int, int]) -> None:
         start, stop = span
-        stored: list[Any] = []
-        if spans:
-            stored = [fused.Span(fd, position + start * dtype.itemsize, dtype) for fd, position, dtype in where]
-        else:
-            for i, (ckpt, name, dtype) in enumerate(sources):
-                buffer = scratch(f"fused_input{i}", (stop - start) * dtype.itemsize, torch.uint8)
-                ckpt.read_into(name, start * dtype.itemsize, memoryview(buffer.numpy()))
-                stored.append(buffer.view(dtype))
         try:
-            bad = work(start, stop, stored)
+            bad = work(start, stop, [fused.Span(fd, position + start * dtype.itemsize, dtype) for fd, position, dtype in where])
         except fused.ReadFailed as failure:
             _refuse_unreadable(sources[failure.index if has_base else failure.index - 1], start, stop, failure.errno)
         if bad >= 0:
@@ -565,7 +556,7 @@ def _gram_of_stored(sources: Sequence[StoredSource], has_base: bool, compute_dty
         partial[start], bad = fused.gram(base, inputs, None if sum_into is None else sum_into[start:stop], diagonal, n=stop - start)
         return bad
 
-    _each_stored_chunk(sources, has_base, chunk_gram, compute_dtype, spans=True)
+    _each_stored_chunk(sources, has_base, chunk_gram, compute_dtype)
     count = len(sources) - int(has_base)
     total = torch.zeros((count, count), dtype=torch.float64)
     for start in sorted(partial):
@@ -582,10 +573,10 @@ def _dare_norms_of_stored(sources: Sequence[StoredSource], form: fused.LinearFor
     assert keeps is not None
     partial: dict[int, list[tuple[float, float]]] = {}
 
-    def chunk_norms(start: int, stop: int, stored: list[torch.Tensor]) -> int:
+    def chunk_norms(start: int, stop: int, stored: list[fused.Span]) -> int:
         size = fused.mask_bytes(stop - start)
         chunk_masks = masks[start] = [None if k.draws is None else torch.empty(size, dtype=torch.uint8) for k in keeps]
-        partial[start], bad = fused.dare_norms(stored[0], stored[1:], keeps, first=start, masks_out=chunk_masks)
+        partial[start], bad = fused.dare_norms(stored[0], stored[1:], keeps, first=start, masks_out=chunk_masks, n=stop - start)
         return bad
 
     _each_stored_chunk(sources, True, chunk_norms, compute_dtype)
@@ -684,7 +675,7 @@ def fused_output(plan: Plan, job: TensorJob, form: fused.LinearForm, sources: li
         base, inputs = (stored[0], stored[1:]) if job.base is not None else (None, stored)
         return fused.linear_combination_into(flat[start:stop], base, inputs, form, first=start, masks=masks.pop(start, None))
 
-    _each_stored_chunk(sources, job.base is not None, combine, plan.compute_dtype, spans=True)
+    _each_stored_chunk(sources, job.base is not None, combine, plan.compute_dtype)
     return out
 
 

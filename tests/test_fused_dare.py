@@ -300,7 +300,8 @@ def _spans_of(tmp_path, tensors: list[torch.Tensor], lead: int = 13) -> tuple[li
 @pytest.mark.parametrize("n", [1, 1000, 16384, 16385, 40_003])
 def test_the_kernel_reading_files_itself_gives_the_bytes_it_gives_from_memory(tmp_path, n):
     """Spans instead of tensors: the kernel reads stretches of the files itself (16 Ki entries at a time); the Gram
-    matrix, the sum, the combination (DARE's draws, masks in and out, a gate included) are those from memory."""
+    matrix, the sum, DARE's norms and the masks they write, the combination (DARE's draws, masks read back, a gate
+    included) are those from memory."""
     base = values(n, torch.bfloat16, 0)
     inputs = [values(n, torch.bfloat16, 1), values(n, torch.float32, 2), values(n, torch.bfloat16, 3)]
     spans, fds = _spans_of(tmp_path, [base, *inputs])
@@ -318,14 +319,16 @@ def test_the_kernel_reading_files_itself_gives_the_bytes_it_gives_from_memory(tm
             gates = [None, gate, None] if form.keeps is not None and form.keeps[1].gate_min is not None else None
             outs = [torch.empty(n, dtype=torch.bfloat16) for _ in range(2)]
             masks = [[None if k.draws is None else torch.zeros(fused.mask_bytes(n), dtype=torch.uint8) for k in keeps] for _ in range(2)]
-            norms = [fused.dare_norms(base, inputs, keeps, first=7, masks_out=masks[0])]
+            norms = [fused.dare_norms(base, inputs, keeps, first=7, masks_out=masks[0]),
+                     fused.dare_norms(spans[0], spans[1:], keeps, first=7, masks_out=masks[1], n=n)]
+            assert norms[0] == norms[1] and all(a is None or torch.equal(a, b) for a, b in zip(*masks))
             assert fused.linear_combination_into(outs[0], base, inputs, form, first=7, gates=gates) == -1
             assert fused.linear_combination_into(outs[1], spans[0], spans[1:], form, first=7, gates=gates) == -1
             assert torch.equal(bits(outs[0]), bits(outs[1]))
             if form.keeps is keeps:  # the masks the norms pass wrote, read back in stretches
                 again = torch.empty(n, dtype=torch.bfloat16)
                 assert fused.linear_combination_into(again, spans[0], spans[1:], form, first=7, masks=masks[0]) == -1
-                assert torch.equal(bits(again), bits(outs[0])) and norms
+                assert torch.equal(bits(again), bits(outs[0]))
         mixed = torch.empty(n, dtype=torch.bfloat16)  # a sum in memory beside a base in a file (Model Stock's output pass)
         given = LinearForm((1.0,), 8.0, 1.0, post_scale=0.7, given_task_vectors=True)
         fused.linear_combination_into(mixed, spans[0], [inputs[1]], given)

@@ -739,10 +739,11 @@ __attribute__((target("avx2,fma"))) static void l1_lanes_avx2(const float *x, co
  * sum |tau| * keep), each |tau| exact in float64 and added in sixteen lanes (entry j to lane j mod 16, in order),
  * the lanes then added pairwise: a fixed order. lanes: 2 * LANES * count doubles of scratch; norms: 2 * count
  * doubles (before, after per input), added to. Returns as combine_body does. */
-static inline __attribute__((always_inline)) Py_ssize_t norms_body(const Job *job, double *lanes, double *norms, int avx2) {
+/* each input's sixteen lanes before and after its draws (lanes[2 * LANES * t ...]) go on adding the entries' |tau|
+ * (zeroed and totalled by the caller: a call's stretches add to the same lanes, in order) */
+static inline __attribute__((always_inline)) Py_ssize_t norms_body(const Job *job, double *lanes, int avx2) {
     float b[BLOCK], x[BLOCK], keep[BLOCK];
     Py_ssize_t first_bad = -1;
-    memset(lanes, 0, sizeof(double) * 2 * LANES * (size_t)job->count);
     for (Py_ssize_t t = 0; t < job->count; t++)
         if (job->keeps[t].draws) stream_at(&job->keeps[t].stream, job->keeps[t].state, job->keeps[t].inc, (uint64_t)job->first);
     for (Py_ssize_t i0 = 0; i0 < job->n; i0 += BLOCK) {
@@ -767,24 +768,20 @@ static inline __attribute__((always_inline)) Py_ssize_t norms_body(const Job *jo
         }
     }
     (void)avx2;
-    for (Py_ssize_t t = 0; t < job->count; t++) {
-        norms[2 * t] += lanes_total(lanes + 2 * LANES * t);
-        norms[2 * t + 1] += lanes_total(lanes + 2 * LANES * t + LANES);
-    }
     return first_bad;
 }
 
-static Py_ssize_t norms_generic(const Job *job, double *lanes, double *norms) { return norms_body(job, lanes, norms, 0); }
+static Py_ssize_t norms_generic(const Job *job, double *lanes) { return norms_body(job, lanes, 0); }
 
 #if X86_DISPATCH
-__attribute__((target("avx2,fma"))) static Py_ssize_t norms_avx2(const Job *job, double *lanes, double *norms) { return norms_body(job, lanes, norms, 1); }
+__attribute__((target("avx2,fma"))) static Py_ssize_t norms_avx2(const Job *job, double *lanes) { return norms_body(job, lanes, 1); }
 #endif
 
-static Py_ssize_t dare_norms_of(const Job *job, double *lanes, double *norms) {
+static Py_ssize_t dare_norms_of(const Job *job, double *lanes) {
 #if X86_DISPATCH
-    if (use_avx2()) return norms_avx2(job, lanes, norms);
+    if (use_avx2()) return norms_avx2(job, lanes);
 #endif
-    return norms_generic(job, lanes, norms);
+    return norms_generic(job, lanes);
 }
 
 static int parse_kind(PyObject *value, int *kind) {
@@ -795,16 +792,6 @@ static int parse_kind(PyObject *value, int *kind) {
         return 0;
     }
     *kind = (int)k;
-    return 1;
-}
-
-/* addrs[t], kinds_out[t] from the sequences inputs (addresses) and kinds; 0 with an exception set on a bad one */
-static int parse_inputs(PyObject *inputs, PyObject *kinds, Py_ssize_t count, const void **addrs, int *kinds_out) {
-    for (Py_ssize_t t = 0; t < count; t++) {
-        unsigned long long a = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(inputs, t));
-        if (PyErr_Occurred() || !parse_kind(PySequence_Fast_GET_ITEM(kinds, t), &kinds_out[t])) return 0;
-        addrs[t] = (const void *)(uintptr_t)a;
-    }
     return 1;
 }
 
@@ -1098,57 +1085,87 @@ done:
 }
 
 PyDoc_STRVAR(dare_norms_doc,
-    "dare_norms(n, base, base_kind, inputs, kinds, keeps, first) -> (int, list[float])\n\n"
+    "dare_norms(n, base, base_kind, inputs, kinds, keeps, first) -> (int, int, int, list[float])\n\n"
     "Per input, the L1 norms of tau = x - base over entries [0, n) before and after its keep draws (as\n"
     "linear_combination's keeps; the scale is not applied): [before_0, after_0, before_1, ...], each |tau| exact in\n"
-    "float64, summed in a fixed order; and -1, or the first input with a NaN/Inf entry (0 the base, 1 + t input t).\n"
-    "The GIL is released while it runs.");
+    "float64, summed in a fixed order. The base and inputs as linear_combination's (addresses or file spans). Returns\n"
+    "(bad, failed, err, norms) as gram does. The GIL is released while it runs.");
 
 static PyObject *dare_norms(PyObject *self, PyObject *args) {
-    unsigned long long base_addr;
+    PyObject *base_obj;
     int base_kind;
     Py_ssize_t n, first;
     PyObject *inputs_obj, *kinds_obj, *keeps_obj;
-    if (!PyArg_ParseTuple(args, "nKiOOOn", &n, &base_addr, &base_kind, &inputs_obj, &kinds_obj, &keeps_obj, &first)) return NULL;
-    if ((base_kind != KIND_F32 && base_kind != KIND_BF16) || n < 0 || first < 0 || base_addr == 0) {
-        PyErr_SetString(PyExc_ValueError, "unknown storage kind, negative count or first, or no base");
+    if (!PyArg_ParseTuple(args, "nOiOOOn", &n, &base_obj, &base_kind, &inputs_obj, &kinds_obj, &keeps_obj, &first)) return NULL;
+    if ((base_kind != KIND_F32 && base_kind != KIND_BF16) || n < 0 || first < 0) {
+        PyErr_SetString(PyExc_ValueError, "unknown storage kind, negative count or first");
         return NULL;
     }
     PyObject *inputs = PySequence_Fast(inputs_obj, "inputs must be a sequence");
     PyObject *kinds = inputs ? PySequence_Fast(kinds_obj, "kinds must be a sequence") : NULL;
     PyObject *result = NULL;
-    const void **addrs = NULL;
+    Source *sources = NULL;
+    const void **at = NULL;
     int *input_kinds = NULL;
-    Keep *keeps = NULL;
+    Keep *keeps = NULL, *stretch_keeps = NULL;
     double *lanes = NULL, *norms = NULL;
+    char *storage = NULL;
     if (kinds == NULL) goto done;
     Py_ssize_t count = PySequence_Fast_GET_SIZE(inputs);
     if (count < 1 || count > MAX_INPUTS || PySequence_Fast_GET_SIZE(kinds) != count) {
         PyErr_SetString(PyExc_ValueError, "inputs and kinds must have the same length (1 to 4096)");
         goto done;
     }
-    addrs = PyMem_Malloc((size_t)count * sizeof(*addrs));
+    sources = PyMem_Malloc((size_t)(count + 1) * sizeof(*sources)); /* the base first */
+    at = PyMem_Malloc((size_t)(count + 1) * sizeof(*at));
     input_kinds = PyMem_Malloc((size_t)count * sizeof(*input_kinds));
-    lanes = PyMem_RawMalloc((size_t)count * 2 * LANES * sizeof(double));
+    stretch_keeps = PyMem_Malloc((size_t)count * sizeof(*stretch_keeps));
+    lanes = PyMem_RawCalloc((size_t)count * 2 * LANES, sizeof(double));
     norms = PyMem_RawCalloc((size_t)count * 2, sizeof(double));
-    if (addrs == NULL || input_kinds == NULL || lanes == NULL || norms == NULL) {
+    if (sources == NULL || at == NULL || input_kinds == NULL || stretch_keeps == NULL || lanes == NULL || norms == NULL) {
         PyErr_NoMemory();
         goto done;
     }
-    if (!parse_inputs(inputs, kinds, count, addrs, input_kinds)) goto done;
+    if (!parse_source(base_obj, base_kind, &sources[0]) || !parse_sources(inputs, kinds, count, sources + 1)) goto done;
+    for (Py_ssize_t t = 0; t < count; t++) input_kinds[t] = sources[t + 1].kind;
     if ((keeps = parse_keeps(keeps_obj, count)) == NULL) goto done;
-    Job job = {NULL, KIND_F32, n, (const void *)(uintptr_t)base_addr, base_kind, count, addrs, input_kinds, NULL, 0.0f, 0.0f, 0, keeps, first, 0, 1.0f};
-    Py_ssize_t bad;
+    int no_memory;
+    storage = file_buffers(sources, count + 1, &no_memory);
+    if (no_memory) goto done;
+    Py_ssize_t stretch = storage != NULL ? READ_STRETCH : (n > 0 ? n : 1);
+    Py_ssize_t bad = -1, failed = -1;
+    int err = 0;
     Py_BEGIN_ALLOW_THREADS
-    bad = dare_norms_of(&job, lanes, norms);
+    for (Py_ssize_t start = 0; start < n; start += stretch) {
+        Py_ssize_t m = n - start < stretch ? n - start : stretch;
+        if ((failed = stretch_at(sources, count + 1, start, m, at, &err)) >= 0) break;
+        for (Py_ssize_t t = 0; t < count; t++) { /* the stretch's part of each mask written (stretches start at multiples of 8) */
+            stretch_keeps[t] = keeps[t];
+            if (keeps[t].bits_out != NULL) stretch_keeps[t].bits_out = keeps[t].bits_out + start / 8;
+        }
+        Job job = {NULL, KIND_F32, m, at[0], base_kind, count, at + 1, input_kinds, NULL, 0.0f, 0.0f, 0, stretch_keeps, first + start, 0, 1.0f, 0};
+        Py_ssize_t b = dare_norms_of(&job, lanes);
+        if (b >= 0 && (bad < 0 || b < bad)) bad = b;
+    }
     Py_END_ALLOW_THREADS
-    result = bad_and_doubles(bad, norms, count * 2);
+    for (Py_ssize_t t = 0; t < count; t++) {
+        norms[2 * t] = lanes_total(lanes + 2 * LANES * t);
+        norms[2 * t + 1] = lanes_total(lanes + 2 * LANES * t + LANES);
+    }
+    PyObject *pair = bad_and_doubles(bad, norms, count * 2);
+    if (pair != NULL) {
+        result = Py_BuildValue("(nniO)", bad, failed, err, PyTuple_GET_ITEM(pair, 1));
+        Py_DECREF(pair);
+    }
 done:
-    PyMem_Free(addrs);
+    PyMem_Free(sources);
+    PyMem_Free(at);
     PyMem_Free(input_kinds);
     PyMem_Free(keeps);
+    PyMem_Free(stretch_keeps);
     PyMem_RawFree(lanes);
     PyMem_RawFree(norms);
+    PyMem_RawFree(storage);
     Py_XDECREF(inputs);
     Py_XDECREF(kinds);
     return result;

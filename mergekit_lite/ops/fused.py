@@ -159,29 +159,6 @@ def _keep_args(keeps: Sequence[Keep], n: int, masks_in: Sequence[torch.Tensor | 
     return args
 
 
-def _checked(tensors: Sequence[torch.Tensor], n: int, what: str) -> None:
-    if any(t.device.type != "cpu" or not t.is_contiguous() or t.numel() != n or t.dtype not in KINDS for t in tensors):
-        raise ValueError(f"{what}: flat contiguous CPU float32/bfloat16 tensors of one length")
-
-
-def dare_norms(base: torch.Tensor, inputs: Sequence[torch.Tensor], keeps: Sequence[Keep], first: int = 0,
-               masks_out: Sequence[torch.Tensor | None] | None = None) -> tuple[list[tuple[float, float]], int]:
-    """Per input, (‖τ_t‖₁, ‖τ_t ⊙ keep_t‖₁) of τ_t = x_t − base over these entries (flat, contiguous, CPU; ``first``: the
-    flat index of entry 0 in the tensor, where the draws are), each |τ| exact in float64 and summed in the kernel's
-    fixed order; and -1 or the first input with a NaN/Inf entry (as ``linear_combination_into``). ``masks_out``: per
-    input with draws, a uint8 tensor of ``mask_bytes(n)`` that receives its keep-mask (for ``linear_combination_into``'s
-    ``masks``: the second pass reads it instead of drawing again)."""
-    assert _fused is not None, "the native kernel is not built"
-    n = base.numel()
-    _checked([base, *inputs], n, "dare_norms")
-    if len(keeps) != len(inputs) or not 0 < len(inputs) <= MAX_INPUTS:
-        raise ValueError("dare_norms: one keep per input, 1 to 4096 inputs")
-    plain = [Keep(k.draws) for k in keeps]  # the norms do not depend on the rescale
-    bad, values = _fused.dare_norms(n, base.data_ptr(), KINDS[base.dtype], [t.data_ptr() for t in inputs], [KINDS[t.dtype] for t in inputs],
-                                    _keep_args(plain, n, masks_out=masks_out), first)
-    return [(values[2 * t], values[2 * t + 1]) for t in range(len(inputs))], bad
-
-
 @dataclass(frozen=True)
 class Span:
     """A stored tensor's entries as the kernel reads them itself, by stretches that stay in the level-2 cache: its
@@ -210,6 +187,30 @@ def _operand(x: torch.Tensor | Span, n: int) -> tuple[Any, int]:
     if x.device.type != "cpu" or not x.is_contiguous() or x.numel() != n or x.dtype not in KINDS:
         raise ValueError("flat contiguous CPU float32/bfloat16 tensors of one length")
     return x.data_ptr(), KINDS[x.dtype]
+
+
+def dare_norms(base: torch.Tensor | Span, inputs: Sequence[torch.Tensor | Span], keeps: Sequence[Keep], first: int = 0,
+               masks_out: Sequence[torch.Tensor | None] | None = None, n: int | None = None) -> tuple[list[tuple[float, float]], int]:
+    """Per input, (‖τ_t‖₁, ‖τ_t ⊙ keep_t‖₁) of τ_t = x_t − base over these entries (flat, contiguous, CPU; ``first``: the
+    flat index of entry 0 in the tensor, where the draws are), each |τ| exact in float64 and summed in the kernel's
+    fixed order; and -1 or the first input with a NaN/Inf entry (as ``linear_combination_into``). ``masks_out``: per
+    input with draws, a uint8 tensor of ``mask_bytes(n)`` that receives its keep-mask (for ``linear_combination_into``'s
+    ``masks``: the second pass reads it instead of drawing again). Spans in place of tensors (then ``n`` says how many
+    entries): the kernel reads them itself (``ReadFailed`` where it cannot), with the same sums."""
+    assert _fused is not None, "the native kernel is not built"
+    if n is None:
+        assert isinstance(base, torch.Tensor), "n, for spans"
+        n = base.numel()
+    if len(keeps) != len(inputs) or not 0 < len(inputs) <= MAX_INPUTS:
+        raise ValueError("dare_norms: one keep per input, 1 to 4096 inputs")
+    base_arg, base_kind = _operand(base, n)
+    operands = [_operand(x, n) for x in inputs]
+    plain = [Keep(k.draws) for k in keeps]  # the norms do not depend on the rescale
+    bad, failed, errno, values = _fused.dare_norms(n, base_arg, base_kind, [arg for arg, _ in operands], [kind for _, kind in operands],
+                                                   _keep_args(plain, n, masks_out=masks_out), first)
+    if failed >= 0:
+        raise ReadFailed(failed, errno)
+    return [(values[2 * t], values[2 * t + 1]) for t in range(len(inputs))], bad
 
 
 def linear_combination_into(out: torch.Tensor, base: torch.Tensor | Span | None, inputs: Sequence[torch.Tensor | Span], form: LinearForm,
