@@ -540,7 +540,7 @@ def _refuse_unreadable(source: StoredSource, start: int, stop: int, err: int) ->
     ckpt, name, dtype = source
     ckpt.read_into(name, start * dtype.itemsize, memoryview(bytearray((stop - start) * dtype.itemsize)))
     what = "the file ended" if err < 0 else os.strerror(err)
-    raise CheckpointError(f"tensor {name}: could not read entries {start}-{stop}: {what}; the file may be truncated or corrupt")
+    raise CheckpointError(f"{ckpt.ref}: could not read entries {start}-{stop} of tensor {name}: {what}; the file may be truncated or corrupt")
 
 
 def _gram_of_stored(sources: Sequence[StoredSource], has_base: bool, compute_dtype: torch.dtype,

@@ -385,3 +385,22 @@ def test_a_file_truncated_during_a_merge_is_one_clear_error(demo_bf16, tmp_path,
     with pytest.raises(CheckpointError, match=r"safetensors: file ended while reading tensor .*truncated"):
         mergekit_lite.run(Recipe.model_validate(data), tmp_path / "out", progress=False)
     assert cut and not (tmp_path / "out").exists()
+
+
+def test_a_failed_kernel_read_that_reads_again_is_still_one_clear_error(demo_bf16, tmp_path, monkeypatch):
+    """Where the kernel's read failed (an I/O error) but the reader's own read of the same bytes then succeeds, the
+    merge still stops with one line naming the checkpoint, the tensor, the entries and the error."""
+    from mergekit_lite.errors import CheckpointError
+
+    monkeypatch.setattr(execute, "ROW_CHUNK_ENTRIES", 7)
+
+    def failing(*args, **kwargs):
+        raise fused.ReadFailed(1, errno.EIO)
+
+    monkeypatch.setattr(execute.fused, "linear_combination_into", failing)
+    monkeypatch.setattr(execute, "_kernel_matches", lambda *a, **k: True)
+    data = {"merge_method": "task_arithmetic", "base_model": str(demo_bf16["base"]),
+            "models": [{"model": str(demo_bf16["math"]), "parameters": {"weight": 1.0}}]}
+    with pytest.raises(CheckpointError, match=r"math: could not read entries 0-\d+ of tensor .+: Input/output error; the file may be truncated"):
+        mergekit_lite.run(Recipe.model_validate(data), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -20,10 +20,11 @@ FILTER_WISE = Param(
 )
 
 
-def model_stock_rows(source: TaskVectorSource, ctx: TensorContext) -> torch.Tensor:
+def model_stock_rows(source: TaskVectorSource, ctx: TensorContext) -> torch.Tensor | None:
     """Model Stock in one pass over row chunks (on the threads in turn): each chunk's Gram matrix (the pairwise dot
     products and norms add up over chunks, in chunk order) and the sum of the task vectors; t once every chunk is
-    seen. Never holds the K task vectors of a tensor at once (only K chunks of them per thread)."""
+    seen. Never holds the K task vectors of a tensor at once (only K chunks of them per thread). None where the native
+    kernel made the output itself (``native_scaled_sum``)."""
     count = source.count
     if count < 2:
         raise ValueError(f"model_stock needs at least 2 models besides the base for {ctx.name}, got {count}")
@@ -57,7 +58,9 @@ def model_stock_rows(source: TaskVectorSource, ctx: TensorContext) -> torch.Tens
 
 
 def _combine(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
-    return model_stock_rows(HeldTaskVectors(deltas), ctx)
+    merged = model_stock_rows(HeldTaskVectors(deltas), ctx)
+    assert merged is not None, "held task vectors have no native pass"
+    return merged
 
 
 register(
