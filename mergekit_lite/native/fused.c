@@ -579,13 +579,16 @@ __attribute__((target(AVX512))) static inline __m512 bits_avx512(const void *src
 }
 
 /* the pairs (p0 + r, q0 + c), r < R, c < C: their sixteen lanes (lanes[pair * 16], pair = p * K + q) go on adding the
- * products of the stretch's padded entries, in order */
+ * products of the stretch's padded entries, in order. upper (a tile on the diagonal, q0 == p0): only the pairs with
+ * c >= r, the others being theirs mirrored (no product made twice) */
+#define SKIPPED(r, c) (upper && (c) < (r))
 __attribute__((target(AVX512))) static inline __attribute__((always_inline)) void tile_avx512(const float *xf, Py_ssize_t stride, Py_ssize_t K,
-                                                                                            Py_ssize_t p0, int R, Py_ssize_t q0, int C,
+                                                                                            Py_ssize_t p0, int R, Py_ssize_t q0, int C, int upper,
                                                                                             Py_ssize_t padded, double *lanes) {
     __m512d acc[3][4][2];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) {
+            if (SKIPPED(r, c)) continue;
             const double *lane = lanes + (size_t)((p0 + r) * K + q0 + c) * LANES;
             acc[r][c][0] = _mm512_loadu_pd(lane);
             acc[r][c][1] = _mm512_loadu_pd(lane + 8);
@@ -596,18 +599,24 @@ __attribute__((target(AVX512))) static inline __attribute__((always_inline)) voi
             for (int r = 0; r < R; r++) row[r] = _mm512_cvtps_pd(_mm256_loadu_ps(xf + (size_t)(p0 + r) * stride + j + 8 * h));
             for (int c = 0; c < C; c++) {
                 __m512d col = _mm512_cvtps_pd(_mm256_loadu_ps(xf + (size_t)(q0 + c) * stride + j + 8 * h));
-                for (int r = 0; r < R; r++) acc[r][c][h] = _mm512_fmadd_pd(row[r], col, acc[r][c][h]);
+                for (int r = 0; r < R; r++)
+                    if (!SKIPPED(r, c)) acc[r][c][h] = _mm512_fmadd_pd(row[r], col, acc[r][c][h]);
             }
         }
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) {
+            if (SKIPPED(r, c)) continue;
             double *lane = lanes + (size_t)((p0 + r) * K + q0 + c) * LANES;
             _mm512_storeu_pd(lane, acc[r][c][0]);
             _mm512_storeu_pd(lane + 8, acc[r][c][1]);
         }
 }
 
-#define TILE_CASE(R, C) case (R) * 8 + (C): tile_avx512(xf, stride, K, p0, R, q0, C, padded, lanes); break;
+#undef SKIPPED
+#define TILE_CASE(R, C, U) case (U) * 64 + (R) * 8 + (C): tile_avx512(xf, stride, K, p0, R, q0, C, U, padded, lanes); break;
+#define TILE_CASES(U) TILE_CASE(1, 1, U) TILE_CASE(1, 2, U) TILE_CASE(1, 3, U) TILE_CASE(1, 4, U) \
+                      TILE_CASE(2, 1, U) TILE_CASE(2, 2, U) TILE_CASE(2, 3, U) TILE_CASE(2, 4, U) \
+                      TILE_CASE(3, 1, U) TILE_CASE(3, 2, U) TILE_CASE(3, 3, U) TILE_CASE(3, 4, U)
 
 /* One stored input's entries [j0, j1) of the block (a multiple of 16 of them, or the block's last) as float32 (their
  * differences from the base b, the block's float32 base), into d, added into s (t > 0) or copied there;
@@ -675,10 +684,9 @@ __attribute__((target(AVX512))) static Py_ssize_t gram_avx512(const GramJob *job
                 int R = diagonal ? 1 : (K - p0 < 3 ? (int)(K - p0) : 3);
                 for (Py_ssize_t q0 = p0; q0 < (diagonal ? p0 + 1 : K); q0 += 4) {
                     int C = diagonal ? 1 : (K - q0 < 4 ? (int)(K - q0) : 4);
-                    switch (R * 8 + C) {
-                        TILE_CASE(1, 1) TILE_CASE(1, 2) TILE_CASE(1, 3) TILE_CASE(1, 4)
-                        TILE_CASE(2, 1) TILE_CASE(2, 2) TILE_CASE(2, 3) TILE_CASE(2, 4)
-                        TILE_CASE(3, 1) TILE_CASE(3, 2) TILE_CASE(3, 3) TILE_CASE(3, 4)
+                    switch ((q0 == p0) * 64 + R * 8 + C) {
+                        TILE_CASES(0)
+                        TILE_CASES(1)
                     }
                 }
             }
