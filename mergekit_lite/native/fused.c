@@ -967,6 +967,23 @@ done:
     return keeps;
 }
 
+/* The stretch for n entries of the sources: READ_STRETCH where any is in a file (the files' buffers allocated into
+ * *storage), else all n at once; -1 with MemoryError set */
+static Py_ssize_t stretch_for(Source *sources, Py_ssize_t count, Py_ssize_t n, char **storage) {
+    int no_memory;
+    *storage = file_buffers(sources, count, &no_memory);
+    if (no_memory) return -1;
+    return *storage != NULL ? READ_STRETCH : (n > 0 ? n : 1);
+}
+
+/* stretch_at for a base slot and `count` inputs (sources[0] and at[0] unused where !has_base): -1, or the failed
+ * source numbered as a non-finite answer is (0 the base, 1 + t input t) */
+static Py_ssize_t stretch_with_base(const Source *sources, Py_ssize_t count, int has_base, Py_ssize_t first, Py_ssize_t m,
+                                    const void **at, int *err) {
+    Py_ssize_t failed = stretch_at(sources + !has_base, count + has_base, first, m, at + !has_base, err);
+    return failed >= 0 ? failed + !has_base : -1;
+}
+
 PyDoc_STRVAR(linear_combination_doc,
     "linear_combination(out, out_kind, n, base, base_kind, inputs, kinds, weights, divisor, lam, rounded[, keeps, first, post, given])\n"
     "-> (int, int, int)\n\n"
@@ -1049,21 +1066,15 @@ static PyObject *linear_combination(PyObject *self, PyObject *args) {
             goto done;
         }
     }
-    int no_memory;
-    storage = file_buffers(sources + !has_base, count + has_base, &no_memory);
-    if (no_memory) goto done;
-    Py_ssize_t stretch = storage != NULL ? READ_STRETCH : (n > 0 ? n : 1);
+    Py_ssize_t stretch = stretch_for(sources + !has_base, count + has_base, n, &storage);
+    if (stretch < 0) goto done;
     Py_ssize_t bad = -1, failed = -1;
     int err = 0;
     const size_t out_size = out_kind == KIND_BF16 ? 2 : 4;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t start = 0; start < n; start += stretch) {
         Py_ssize_t m = n - start < stretch ? n - start : stretch;
-        failed = stretch_at(sources + !has_base, count + has_base, start, m, at + !has_base, &err);
-        if (failed >= 0) {
-            failed += !has_base;
-            break;
-        }
+        if ((failed = stretch_with_base(sources, count, has_base, start, m, at, &err)) >= 0) break;
         if (keeps != NULL) /* the stretch's part of each keep's masks and gates (stretches start at multiples of 8) */
             for (Py_ssize_t t = 0; t < count; t++) {
                 stretch_keeps[t] = keeps[t];
@@ -1137,16 +1148,14 @@ static PyObject *dare_norms(PyObject *self, PyObject *args) {
     if (!parse_source(base_obj, base_kind, &sources[0]) || !parse_sources(inputs, kinds, count, sources + 1)) goto done;
     for (Py_ssize_t t = 0; t < count; t++) input_kinds[t] = sources[t + 1].kind;
     if ((keeps = parse_keeps(keeps_obj, count)) == NULL) goto done;
-    int no_memory;
-    storage = file_buffers(sources, count + 1, &no_memory);
-    if (no_memory) goto done;
-    Py_ssize_t stretch = storage != NULL ? READ_STRETCH : (n > 0 ? n : 1);
+    Py_ssize_t stretch = stretch_for(sources, count + 1, n, &storage);
+    if (stretch < 0) goto done;
     Py_ssize_t bad = -1, failed = -1;
     int err = 0;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t start = 0; start < n; start += stretch) {
         Py_ssize_t m = n - start < stretch ? n - start : stretch;
-        if ((failed = stretch_at(sources, count + 1, start, m, at, &err)) >= 0) break;
+        if ((failed = stretch_with_base(sources, count, 1, start, m, at, &err)) >= 0) break;
         for (Py_ssize_t t = 0; t < count; t++) { /* the stretch's part of each mask written (stretches start at multiples of 8) */
             stretch_keeps[t] = keeps[t];
             if (keeps[t].bits_out != NULL) stretch_keeps[t].bits_out = keeps[t].bits_out + start / 8;
@@ -1228,20 +1237,14 @@ static PyObject *gram_matrix(PyObject *self, PyObject *args) {
     if (PyErr_Occurred() || (has_base && !parse_source(base_obj, base_kind, &sources[0]))) goto done;
     if (!parse_sources(inputs, kinds, count, sources + 1)) goto done;
     for (Py_ssize_t t = 0; t < count; t++) input_kinds[t] = sources[t + 1].kind;
-    int no_memory;
-    storage = file_buffers(sources + !has_base, count + has_base, &no_memory);
-    if (no_memory) goto done;
-    Py_ssize_t stretch = storage != NULL ? READ_STRETCH : (n > 0 ? n : 1);
+    Py_ssize_t stretch = stretch_for(sources + !has_base, count + has_base, n, &storage);
+    if (stretch < 0) goto done;
     Py_ssize_t bad = -1, failed = -1;
     int err = 0;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t first = 0; first < n; first += stretch) {
         Py_ssize_t m = n - first < stretch ? n - first : stretch;
-        failed = stretch_at(sources + !has_base, count + has_base, first, m, at + !has_base, &err);
-        if (failed >= 0) {
-            failed += !has_base;
-            break;
-        }
+        if ((failed = stretch_with_base(sources, count, has_base, first, m, at, &err)) >= 0) break;
         GramJob job = {m, has_base ? at[0] : NULL, base_kind, count, at + 1, input_kinds, scratch, matrix,
                        sum_addr != 0 ? (float *)(uintptr_t)sum_addr + first : NULL, diagonal};
         Py_ssize_t b = gram(&job);
