@@ -496,9 +496,9 @@ StoredSource = tuple[Checkpoint, str, torch.dtype]
 
 def _stored_sources(plan: Plan, refs: Sequence[TensorRef], numel: int, device: torch.device,
                     most: int = fused.MAX_INPUTS) -> list[StoredSource] | None:
-    """The refs as the native kernel's inputs, where it can read them (built and on, CPU, float32 arithmetic,
-    float32/bfloat16 safetensors of ``numel`` entries, at most ``most`` of them); else None."""
-    if device.type != "cpu" or plan.compute_dtype != torch.float32 or not fused.available() or len(refs) > most:
+    """The refs as the native kernel's inputs, where it can read them (built and on, able to read files here, CPU,
+    float32 arithmetic, float32/bfloat16 safetensors of ``numel`` entries, at most ``most`` of them); else None."""
+    if device.type != "cpu" or plan.compute_dtype != torch.float32 or not fused.reads_files() or len(refs) > most:
         return None
     sources = []
     for ref in refs:

@@ -418,3 +418,20 @@ def test_kernel_needs_float32_arithmetic_and_stays_off_for_float64(demo, tmp_pat
     data["dtype"] = "float64"
     mergekit_lite.run(Recipe.model_validate(data), tmp_path / "out", progress=False)
     assert not calls
+
+
+def test_where_the_kernel_cannot_read_files_the_merge_is_torchs(demo, tmp_path, monkeypatch):
+    """A build without ``pread`` (READS_FILES 0): no pass over stored inputs goes to the kernel; the merge is the
+    torch path's, byte for byte."""
+    monkeypatch.setattr(execute, "ROW_CHUNK_ENTRIES", 7)
+    monkeypatch.setattr(fused._fused, "READS_FILES", 0)
+    assert fused.available() and not fused.reads_files()
+    spans = []
+    original = fused.linear_combination_into
+    monkeypatch.setattr(fused, "linear_combination_into",
+                        lambda out, base, inputs, form, **k: spans.extend(x for x in [base, *inputs] if isinstance(x, fused.Span)) or original(out, base, inputs, form, **k))
+    without = _run(demo, tmp_path / "without", "task_arithmetic", {"lambda": 0.8}, monkeypatch, native_on=True)
+    assert not spans
+    torch_out = _run(demo, tmp_path / "torch", "task_arithmetic", {"lambda": 0.8}, monkeypatch, native_on=False)
+    assert without.keys() == torch_out.keys()
+    assert all(torch.equal(bits(without[name]), bits(torch_out[name])) for name in without)

@@ -1458,5 +1458,11 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fused", "Fused entr
 
 PyMODINIT_FUNC PyInit__fused(void) {
     fill_keep_of_byte();
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    /* whether file sources can be read here (pread); without it only inputs in memory */
+    if (m != NULL && PyModule_AddIntConstant(m, "READS_FILES", HAVE_PREAD) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -125,6 +125,11 @@ def available() -> bool:
     return _fused is not None and sys.byteorder == "little" and os.environ.get("MERGEKIT_LITE_NATIVE", "1") != "0"
 
 
+def reads_files() -> bool:
+    """Whether the kernel can read ``Span``s itself (``pread``; not on every OS): every pass over stored inputs does."""
+    return available() and bool(getattr(_fused, "READS_FILES", 0))
+
+
 def handles(dtype: torch.dtype) -> bool:
     return dtype in KINDS
 
