@@ -803,8 +803,8 @@ static int parse_kind(PyObject *value, int *kind) {
     return 1;
 }
 
-/* (bad, [values[0], ..., values[count - 1]]) as Python objects; NULL with an exception set */
-static PyObject *bad_and_doubles(Py_ssize_t bad, const double *values, Py_ssize_t count) {
+/* (bad, failed, err, [values[0], ..., values[count - 1]]) as Python objects; NULL with an exception set */
+static PyObject *answer_with_doubles(Py_ssize_t bad, Py_ssize_t failed, int err, const double *values, Py_ssize_t count) {
     PyObject *list = PyList_New(count);
     if (list == NULL) return NULL;
     for (Py_ssize_t i = 0; i < count; i++) {
@@ -815,7 +815,7 @@ static PyObject *bad_and_doubles(Py_ssize_t bad, const double *values, Py_ssize_
         }
         PyList_SET_ITEM(list, i, v);
     }
-    return Py_BuildValue("(nN)", bad, list);
+    return Py_BuildValue("(nniN)", bad, failed, err, list);
 }
 
 /* ---- inputs in memory or in files: the kernel reads a file's stretches itself, small enough to stay in the level-2
@@ -861,6 +861,24 @@ static int parse_sources(PyObject *items, PyObject *kinds, Py_ssize_t count, Sou
         if (!parse_kind(PySequence_Fast_GET_ITEM(kinds, t), &kind) || !parse_source(PySequence_Fast_GET_ITEM(items, t), kind, &sources[t])) return 0;
     }
     return 1;
+}
+
+/* Whether a base is given: 0 (an int) for none; -1 with an exception set */
+static int base_given(PyObject *base_obj) {
+    if (!PyLong_Check(base_obj)) return 1;
+    unsigned long long a = PyLong_AsUnsignedLongLong(base_obj);
+    return PyErr_Occurred() ? -1 : a != 0;
+}
+
+/* keeps as they apply to the stretch from entry `start` of the call (a multiple of 8): each one's keep-masks and
+ * gate from there */
+static void keeps_from(const Keep *keeps, Py_ssize_t count, Py_ssize_t start, Keep *out) {
+    for (Py_ssize_t t = 0; t < count; t++) {
+        out[t] = keeps[t];
+        if (keeps[t].bits_in != NULL) out[t].bits_in = keeps[t].bits_in + start / 8;
+        if (keeps[t].bits_out != NULL) out[t].bits_out = keeps[t].bits_out + start / 8;
+        if (keeps[t].gate != NULL) out[t].gate = keeps[t].gate + start;
+    }
 }
 
 /* One allocation for the buffers of the file sources (NULL, no exception, where there are none; NULL with
@@ -1015,8 +1033,8 @@ static PyObject *linear_combination(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "KinOiOOOddp|OnOp", &out_addr, &out_kind, &n, &base_obj, &base_kind, &inputs_obj, &kinds_obj,
                           &weights_obj, &divisor, &lam, &rounded, &keeps_obj, &first, &post_obj, &given))
         return NULL;
-    int has_base = !(PyLong_Check(base_obj) && PyLong_AsUnsignedLongLong(base_obj) == 0);
-    if (PyErr_Occurred()) return NULL;
+    int has_base = base_given(base_obj);
+    if (has_base < 0) return NULL;
     double post = post_obj == Py_None ? 1.0 : PyFloat_AsDouble(post_obj);
     if (post == -1.0 && PyErr_Occurred()) return NULL;
     if ((keeps_obj != Py_None && (!has_base || rounded || first < 0 || given)) || (given && !has_base)) {
@@ -1075,13 +1093,7 @@ static PyObject *linear_combination(PyObject *self, PyObject *args) {
     for (Py_ssize_t start = 0; start < n; start += stretch) {
         Py_ssize_t m = n - start < stretch ? n - start : stretch;
         if ((failed = stretch_with_base(sources, count, has_base, start, m, at, &err)) >= 0) break;
-        if (keeps != NULL) /* the stretch's part of each keep's masks and gates (stretches start at multiples of 8) */
-            for (Py_ssize_t t = 0; t < count; t++) {
-                stretch_keeps[t] = keeps[t];
-                if (keeps[t].bits_in != NULL) stretch_keeps[t].bits_in = keeps[t].bits_in + start / 8;
-                if (keeps[t].bits_out != NULL) stretch_keeps[t].bits_out = keeps[t].bits_out + start / 8;
-                if (keeps[t].gate != NULL) stretch_keeps[t].gate = keeps[t].gate + start;
-            }
+        if (keeps != NULL) keeps_from(keeps, count, start, stretch_keeps);
         Job job = {(char *)(uintptr_t)out_addr + (size_t)start * out_size, out_kind, m, has_base ? at[0] : NULL, base_kind, count, at + 1,
                    input_kinds, ws, (float)divisor, (float)lam, rounded, stretch_keeps, first + start, post_obj != Py_None, (float)post, given};
         Py_ssize_t b = combine(&job);
@@ -1156,10 +1168,7 @@ static PyObject *dare_norms(PyObject *self, PyObject *args) {
     for (Py_ssize_t start = 0; start < n; start += stretch) {
         Py_ssize_t m = n - start < stretch ? n - start : stretch;
         if ((failed = stretch_with_base(sources, count, 1, start, m, at, &err)) >= 0) break;
-        for (Py_ssize_t t = 0; t < count; t++) { /* the stretch's part of each mask written (stretches start at multiples of 8) */
-            stretch_keeps[t] = keeps[t];
-            if (keeps[t].bits_out != NULL) stretch_keeps[t].bits_out = keeps[t].bits_out + start / 8;
-        }
+        keeps_from(keeps, count, start, stretch_keeps);
         Job job = {NULL, KIND_F32, m, at[0], base_kind, count, at + 1, input_kinds, NULL, 0.0f, 0.0f, 0, stretch_keeps, first + start, 0, 1.0f, 0};
         Py_ssize_t b = dare_norms_of(&job, lanes);
         if (b >= 0 && (bad < 0 || b < bad)) bad = b;
@@ -1169,11 +1178,7 @@ static PyObject *dare_norms(PyObject *self, PyObject *args) {
         norms[2 * t] = lanes_total(lanes + 2 * LANES * t);
         norms[2 * t + 1] = lanes_total(lanes + 2 * LANES * t + LANES);
     }
-    PyObject *pair = bad_and_doubles(bad, norms, count * 2);
-    if (pair != NULL) {
-        result = Py_BuildValue("(nniO)", bad, failed, err, PyTuple_GET_ITEM(pair, 1));
-        Py_DECREF(pair);
-    }
+    result = answer_with_doubles(bad, failed, err, norms, count * 2);
 done:
     PyMem_Free(sources);
     PyMem_Free(at);
@@ -1233,8 +1238,8 @@ static PyObject *gram_matrix(PyObject *self, PyObject *args) {
         PyErr_NoMemory();
         goto done;
     }
-    int has_base = !(PyLong_Check(base_obj) && PyLong_AsUnsignedLongLong(base_obj) == 0);
-    if (PyErr_Occurred() || (has_base && !parse_source(base_obj, base_kind, &sources[0]))) goto done;
+    int has_base = base_given(base_obj);
+    if (has_base < 0 || (has_base && !parse_source(base_obj, base_kind, &sources[0]))) goto done;
     if (!parse_sources(inputs, kinds, count, sources + 1)) goto done;
     for (Py_ssize_t t = 0; t < count; t++) input_kinds[t] = sources[t + 1].kind;
     Py_ssize_t stretch = stretch_for(sources + !has_base, count + has_base, n, &storage);
@@ -1251,11 +1256,7 @@ static PyObject *gram_matrix(PyObject *self, PyObject *args) {
         if (b >= 0 && (bad < 0 || b < bad)) bad = b;
     }
     Py_END_ALLOW_THREADS
-    PyObject *pair = bad_and_doubles(bad, matrix, count * count);
-    if (pair != NULL) {
-        result = Py_BuildValue("(nniO)", bad, failed, err, PyTuple_GET_ITEM(pair, 1));
-        Py_DECREF(pair);
-    }
+    result = answer_with_doubles(bad, failed, err, matrix, count * count);
 done:
     PyMem_Free(sources);
     PyMem_Free(at);

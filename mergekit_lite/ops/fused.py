@@ -194,6 +194,13 @@ def _operand(x: torch.Tensor | Span, n: int) -> tuple[Any, int]:
     return x.data_ptr(), KINDS[x.dtype]
 
 
+def _operands(base: torch.Tensor | Span | None, inputs: Sequence[torch.Tensor | Span], n: int) -> tuple[Any, int, list[Any], list[int]]:
+    """The kernel's base argument (0: none) and kind, then its inputs' arguments and kinds (``_operand``)."""
+    base_arg, base_kind = _operand(base, n) if base is not None else (0, 0)
+    operands = [_operand(x, n) for x in inputs]
+    return base_arg, base_kind, [arg for arg, _ in operands], [kind for _, kind in operands]
+
+
 def dare_norms(base: torch.Tensor | Span, inputs: Sequence[torch.Tensor | Span], keeps: Sequence[Keep], first: int = 0,
                masks_out: Sequence[torch.Tensor | None] | None = None, n: int | None = None) -> tuple[list[tuple[float, float]], int]:
     """Per input, (‖τ_t‖₁, ‖τ_t ⊙ keep_t‖₁) of τ_t = x_t − base over these entries (flat, contiguous, CPU; ``first``: the
@@ -208,11 +215,8 @@ def dare_norms(base: torch.Tensor | Span, inputs: Sequence[torch.Tensor | Span],
         n = base.numel()
     if len(keeps) != len(inputs) or not 0 < len(inputs) <= MAX_INPUTS:
         raise ValueError("dare_norms: one keep per input, 1 to 4096 inputs")
-    base_arg, base_kind = _operand(base, n)
-    operands = [_operand(x, n) for x in inputs]
     plain = [Keep(k.draws) for k in keeps]  # the norms do not depend on the rescale
-    bad, failed, errno, values = _fused.dare_norms(n, base_arg, base_kind, [arg for arg, _ in operands], [kind for _, kind in operands],
-                                                   _keep_args(plain, n, masks_out=masks_out), first)
+    bad, failed, errno, values = _fused.dare_norms(n, *_operands(base, inputs, n), _keep_args(plain, n, masks_out=masks_out), first)
     if failed >= 0:
         raise ReadFailed(failed, errno)
     return [(values[2 * t], values[2 * t + 1]) for t in range(len(inputs))], bad
@@ -231,8 +235,7 @@ def linear_combination_into(out: torch.Tensor, base: torch.Tensor | Span | None,
     assert _fused is not None, "the native kernel is not built"
     n = out.numel()
     _operand(out, n)
-    base_arg, base_kind = _operand(base, n) if base is not None else (0, 0)
-    operands = [_operand(x, n) for x in inputs]
+    arguments = _operands(base, inputs, n)
     if len(inputs) != len(form.weights) or form.of_task_vectors != (base is not None) or (form.rounded_products and form.of_task_vectors) \
             or (form.keeps is not None and (not form.of_task_vectors or len(form.keeps) != len(inputs) or form.given_task_vectors)) or first < 0 \
             or (form.given_task_vectors and not form.of_task_vectors):
@@ -240,8 +243,7 @@ def linear_combination_into(out: torch.Tensor, base: torch.Tensor | Span | None,
                          "it (not with given task vectors)")
     keeps = None if form.keeps is None else _keep_args(form.keeps, n, masks_in=masks, gates=gates)
     bad, failed, errno = _fused.linear_combination(
-        out.data_ptr(), KINDS[out.dtype], n, base_arg, base_kind,
-        [arg for arg, _ in operands], [kind for _, kind in operands], list(form.weights),
+        out.data_ptr(), KINDS[out.dtype], n, *arguments, list(form.weights),
         form.divisor or 0.0, form.lam if form.lam is not None else 0.0, form.rounded_products, keeps, first, form.post_scale,
         form.given_task_vectors,
     )
@@ -266,10 +268,7 @@ def gram(base: torch.Tensor | Span | None, inputs: Sequence[torch.Tensor | Span]
     if not 0 < len(inputs) <= MAX_GRAM_INPUTS or (sum_into is not None and (sum_into.dtype != torch.float32 or not sum_into.is_contiguous()
                                                                             or sum_into.numel() != n or sum_into.device.type != "cpu")):
         raise ValueError("gram: 1 to 256 inputs (a float32 sum of their length)")
-    base_arg, base_kind = _operand(base, n) if base is not None else (0, 0)
-    operands = [_operand(x, n) for x in inputs]
-    bad, failed, errno, values = _fused.gram(n, base_arg, base_kind, [arg for arg, _ in operands], [kind for _, kind in operands],
-                                             sum_into.data_ptr() if sum_into is not None else 0, diagonal)
+    bad, failed, errno, values = _fused.gram(n, *_operands(base, inputs, n), sum_into.data_ptr() if sum_into is not None else 0, diagonal)
     if failed >= 0:
         raise ReadFailed(failed, errno)
     return torch.tensor(values, dtype=torch.float64).view(len(inputs), len(inputs)), bad
