@@ -49,3 +49,37 @@ def test_advise_is_harmless_on_every_format(demo, tmp_path):
             for name in ckpt.names:
                 ckpt.advise(name)
             assert ckpt.get(ckpt.names[0]).numel() > 0
+
+
+@pytest.mark.parametrize("in_cache", [True, False])
+def test_advice_is_given_only_for_a_file_not_already_in_the_page_cache(demo, monkeypatch, in_cache):
+    import os
+
+    from mergekit_lite import checkpoint
+
+    if not hasattr(os, "posix_fadvise") or not hasattr(os, "RWF_NOWAIT"):
+        pytest.skip("no posix_fadvise or RWF_NOWAIT here")
+    advised, probed = [], []
+    real_preadv = os.preadv
+
+    def preadv(fd, buffers, position, flags=0):
+        if flags & os.RWF_NOWAIT:
+            probed.append(position)
+            if not in_cache:
+                raise BlockingIOError(11, "would block")
+        return real_preadv(fd, buffers, position, flags)
+
+    monkeypatch.setattr(checkpoint.os, "preadv", preadv)
+    monkeypatch.setattr(checkpoint.os, "posix_fadvise", lambda fd, position, length, advice: advised.append((position, length)))
+    with open_checkpoint(demo["base"]) as ckpt:
+        names = [n for n in ckpt.names if ckpt.info(n).nbytes]
+        for name in names:
+            ckpt.advise(name)
+        files = ckpt.weight_files
+    # probed once per file (at most CACHE_PROBES points), not per tensor
+    assert files and 0 < len(probed) <= checkpoint.CACHE_PROBES * len(files)
+    if in_cache:  # every point read, the file's last byte among them
+        assert len(probed) == checkpoint.CACHE_PROBES and max(probed) == os.path.getsize(files[0]) - 1
+    # a cached file gets no advice; one that is not gets it for every tensor, its exact byte range
+    assert len(advised) == (0 if in_cache else len(names))
+    assert all(length > 0 for _, length in advised)
