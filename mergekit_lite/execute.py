@@ -90,6 +90,12 @@ def _read(plan: Plan, ref: TensorRef, device: torch.device, check: bool = True, 
 _READER: ThreadPoolExecutor | None = None
 
 
+#: a job whose inputs hold fewer bytes than this reads them on the calling thread: handing a read to the reader
+#: thread and waking the caller again takes 0.1-0.3 ms on this project's VM, more than reading a small tensor
+#: (Model Stock K = 8 at 250M: 264 such hand-offs for its 33 norm vectors)
+READ_AHEAD_MIN_BYTES = 1 << 20
+
+
 def read_ahead(reads: Sequence[Callable[[], torch.Tensor]]) -> Iterator[torch.Tensor]:
     """Each read's tensor in order, the next one already being read in a background thread while the
     caller computes with this one (reads and torch kernels release the GIL): about max(read, compute)
@@ -132,7 +138,10 @@ def job_inputs(plan: Plan, job: TensorJob, device: torch.device) -> tuple[torch.
         base = _read(plan, job.base, device) if job.base is not None else None
         if plan.method.inputs_in_turn and job.base is not None:
             return base, read_ahead(reads_in_turn(plan, job.inputs, device))
-        return base, read_ahead([partial(_read, plan, ref, device) for ref in job.inputs])
+        reads = [partial(_read, plan, ref, device) for ref in job.inputs]
+        if sum(plan.checkpoints[ref.source].info(ref.name).nbytes for ref in job.inputs) < READ_AHEAD_MIN_BYTES:
+            return base, (read() for read in reads)  # small: each read costs less than handing it to the reader thread
+        return base, read_ahead(reads)
     try:
         tensors = remap_rows([_read(plan, ref, device) for ref in job.reads], job.vocab)
     except ValueError as exc:  # pragma: no cover - the plan checked the rows from the headers
@@ -512,7 +521,7 @@ def _stored_sources(plan: Plan, refs: Sequence[TensorRef], numel: int, device: t
 
 def _each_stored_chunk(sources: Sequence[StoredSource], has_base: bool, work: Callable[[int, int, list[fused.Span]], int],
                        compute_dtype: torch.dtype) -> None:
-    """``work(start, stop, spans)`` for every chunk of FUSED_CHUNK_ENTRIES entries (on the threads in turn), ``spans``
+    """``work(start, stop, spans)`` for every chunk of ``fused_chunks`` (on the threads), ``spans``
     where each source's entries [start, stop) are in its file: the kernel reads them itself, a stretch at a time, while
     it stays in the level-2 cache (against whole chunks read into buffers first: Model Stock K = 8 at 250M ~3.0 ->
     ~2.8 s, its Gram pass 1.39-1.47 -> 1.03-1.15 s in-process). ``work`` returns the kernel's answer: -1, or the input
@@ -531,7 +540,30 @@ def _each_stored_chunk(sources: Sequence[StoredSource], has_base: bool, work: Ca
             ckpt, name, _ = sources[bad if has_base else bad - 1]
             _refuse_non_finite(ckpt, name, ckpt.get(name).to(dtype=compute_dtype))
 
-    map_strided(chunk, [(start, min(numel, start + FUSED_CHUNK_ENTRIES)) for start in range(0, numel, FUSED_CHUNK_ENTRIES)])
+    map_strided(chunk, fused_chunks(numel))
+
+
+#: a tensor of fewer entries than this is one chunk of the kernel's (below it, a hand-off to the other thread costs
+#: more than half the work saves)
+FUSED_SPLIT_MIN = 1 << 16
+#: the kernel's chunks start at multiples of this where they are longer (whole vectors and blocks in each)
+FUSED_CHUNK_ALIGN = 1024
+
+
+def fused_chunks(numel: int) -> list[tuple[int, int]]:
+    """The native kernel's chunks of a tensor: at most FUSED_CHUNK_ENTRIES entries each, of about one length, an even
+    number of them from FUSED_SPLIT_MIN entries up, so that two threads get the same work (11 chunks of 2^18 kept
+    one thread waiting for a twelfth of the tensor). The chunks depend on the tensor alone, never
+    on the thread count: sums made chunk by chunk are the same on any machine."""
+    if numel <= 0:
+        return []
+    count = -(-numel // FUSED_CHUNK_ENTRIES)
+    if count % 2 and numel >= FUSED_SPLIT_MIN:
+        count += 1
+    size = -(-numel // count)
+    if size > FUSED_CHUNK_ALIGN:
+        size = -(-size // FUSED_CHUNK_ALIGN) * FUSED_CHUNK_ALIGN
+    return [(start, min(numel, start + size)) for start in range(0, numel, size)]
 
 
 def _refuse_unreadable(source: StoredSource, start: int, stop: int, err: int) -> None:

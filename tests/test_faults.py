@@ -131,10 +131,10 @@ def test_read_error_names_the_file(demo, tmp_path, monkeypatch):
             fds.add(fd)
         return fd
 
-    def failing(fd, buffers, offset):
+    def failing(fd, buffers, offset, flags=0):
         if fd in fds:
             raise OSError(errno.EIO, "Input/output error")
-        return real(fd, buffers, offset)
+        return real(fd, buffers, offset, flags)
 
     monkeypatch.setattr(checkpoint.os, "open", tracking_open)
     monkeypatch.setattr(checkpoint.os, "preadv", failing)

@@ -522,8 +522,8 @@ def test_masks_made_by_rows_read_no_input_whole(demo, tmp_path, monkeypatch):
 
 
 def test_map_strided_runs_each_item_once_with_inline_torch_and_stops_on_failure():
-    """Every item once, on thread i mod threads, torch single-threaded inside and the caller's count put back; a
-    failing item's error is raised and the other thread stops at its next item."""
+    """Every item once, taken by whichever thread is free (both take some), torch single-threaded inside and the
+    caller's count put back; a failing item's error is raised and the other thread stops at its next item."""
     import threading
 
     from mergekit_lite.ops.threads import map_strided
@@ -532,7 +532,11 @@ def test_map_strided_runs_each_item_once_with_inline_torch_and_stops_on_failure(
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        map_strided(lambda i: seen.append((i, threading.current_thread().name, torch.get_num_threads())), list(range(9)))
+        def note(i: int) -> None:
+            seen.append((i, threading.current_thread().name, torch.get_num_threads()))
+            time.sleep(0.01)  # long enough for the other thread to take items too
+
+        map_strided(note, list(range(9)))
         assert sorted(i for i, _, _ in seen) == list(range(9)) and {n for _, _, n in seen} == {1}
         assert len({name for _, name, _ in seen}) == 2 and torch.get_num_threads() == 2
         done: list[int] = []
@@ -618,3 +622,23 @@ def test_reread_methods_storing_in_the_output_dtype_round_as_converting_afterwar
     inputs.out_dtype = torch.bfloat16
     got = m.compute_inputs(inputs, ctx)
     assert len(inputs.chunks()) > 2 and got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("numel", [1, 1000, execute.FUSED_SPLIT_MIN - 1, execute.FUSED_SPLIT_MIN, 262144, 262145, 1024 * 2816, 32000 * 1024, 10**7 + 3])
+def test_the_kernels_chunks_cover_a_tensor_in_an_even_number_of_like_chunks(numel):
+    chunks = execute.fused_chunks(numel)
+    assert chunks[0][0] == 0 and chunks[-1][1] == numel and all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+    lengths = [stop - start for start, stop in chunks]
+    assert max(lengths) <= execute.FUSED_CHUNK_ENTRIES and min(lengths) > 0
+    if numel >= execute.FUSED_SPLIT_MIN:  # two threads get the same number of chunks, all but the last of one length
+        assert len(chunks) % 2 == 0 and len(set(lengths[:-1])) <= 1 and lengths[-1] <= lengths[0]
+        if lengths[0] > execute.FUSED_CHUNK_ALIGN:
+            assert all(start % execute.FUSED_CHUNK_ALIGN == 0 for start, _ in chunks)
+    else:
+        assert chunks == [(0, numel)]
+    before = torch.get_num_threads()
+    try:  # the chunks, and so the sums made chunk by chunk, do not depend on the thread count
+        torch.set_num_threads(1)
+        assert execute.fused_chunks(numel) == chunks
+    finally:
+        torch.set_num_threads(before)

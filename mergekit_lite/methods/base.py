@@ -313,7 +313,7 @@ def merged_by_row_chunks(source: TaskVectorSource, part: Callable[[int, int, sli
 
 
 def each_chunk(work: Callable[[tuple[int, int]], None], chunks: list[tuple[int, int]], device: torch.device) -> None:
-    """``work`` for every row chunk: on the CPU, chunk i on thread i mod the thread count, each thread's kernels
+    """``work`` for every row chunk: on the CPU, each chunk taken by whichever thread is free, each thread's kernels
     inline (``map_strided``: many short kernels, no hand-off per kernel); elsewhere one after another."""
     if device.type == "cpu":
         map_strided(work, chunks)

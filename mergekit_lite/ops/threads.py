@@ -60,21 +60,25 @@ def torch_threads(count: int) -> Iterator[None]:
 
 
 def map_strided(work: Callable[[Part], None], items: Sequence[Part]) -> None:
-    """``work(item)`` for every item, item i on thread i mod ``thread_count()``, each thread's torch kernels run
-    inline (one torch thread each): for many short kernels, parallel over items instead of inside each kernel,
-    where every kernel would wake the other threads (~0.1 ms each on this project's VM). A failure stops every
-    thread at its next item and is raised."""
+    """``work(item)`` for every item, each taken in order by whichever of ``thread_count()`` threads is free (a thread
+    slowed by other work takes fewer), each thread's torch kernels run inline (one torch thread each): for many short
+    kernels, parallel over items instead of inside each kernel, where every kernel would wake the other threads
+    (~0.1 ms each on this project's VM). A failure stops every thread at its next item and is raised."""
     threads = min(thread_count(), len(items))
     if threads <= 1:
         for item in items:
             work(item)
         return
     failed = threading.Event()
+    taking = threading.Lock()
+    upcoming = iter(items)
 
-    def run(first: int) -> None:
+    def run(_: int) -> None:
         with torch_threads(1):
-            for item in items[first::threads]:
-                if failed.is_set():
+            while not failed.is_set():
+                with taking:
+                    item = next(upcoming, _NONE_LEFT)
+                if item is _NONE_LEFT:
                     return
                 try:
                     work(item)
@@ -83,6 +87,9 @@ def map_strided(work: Callable[[Part], None], items: Sequence[Part]) -> None:
                     raise
 
     map_parts(run, list(range(threads)))
+
+
+_NONE_LEFT = object()
 
 
 def split_evenly(count: int, parts: int, multiple: int = 1) -> list[tuple[int, int]]:
