@@ -268,7 +268,8 @@ class RereadTaskVectors(TaskVectorSource):
         # method is done with it before its next tensor)
         total = scratch("native_sum", self.job.out.numel, self.dtype).view(self.shape)
         gram = _gram_of_stored(sources, True, self.dtype, sum_into=total.view(-1))
-        self.checked.update((t, start) for t in range(-1, self.count) for start, _ in self.chunks())  # every entry looked at
+        starts = [start for start, _ in self.chunks()]
+        self.checked.update((t, start) for t in range(-1, self.count) for start in starts)  # every entry looked at
         return total, gram
 
     def native_scaled_sum(self, total: torch.Tensor, divisor: float, post_scale: float,

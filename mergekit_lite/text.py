@@ -13,7 +13,7 @@ _BAD_CATEGORIES = ("Cc", "Cs", "Zl", "Zp")
 
 def one_line(text: str) -> str:
     """``text`` with every line break, control character and lone surrogate escaped (\\n, \\x00, \\ud800)."""
-    if all(unicodedata.category(c) not in _BAD_CATEGORIES for c in text):
+    if text.isprintable() or all(unicodedata.category(c) not in _BAD_CATEGORIES for c in text):  # the first: at C speed
         return text
     return "".join(c if unicodedata.category(c) not in _BAD_CATEGORIES else repr(c)[1:-1] for c in text)
 
