@@ -528,8 +528,7 @@ def _each_stored_chunk(sources: Sequence[StoredSource], has_base: bool, work: Ca
     ~2.8 s, its Gram pass 1.39-1.47 -> 1.03-1.15 s in-process). ``work`` returns the kernel's answer: -1, or the input
     with a NaN/Inf entry (0 the base, the first source where ``has_base``; 1 + t input t), refused as the torch path
     refuses it; a read the kernel could not make is refused with the reader's own error."""
-    numel = sources[0][0].info(sources[0][1]).numel
-    where = [(*ckpt.file_span(name), dtype) for ckpt, name, dtype in sources]
+    where = _spans_of(sources)
 
     def chunk(span: tuple[int, int]) -> None:
         start, stop = span
@@ -537,11 +536,26 @@ def _each_stored_chunk(sources: Sequence[StoredSource], has_base: bool, work: Ca
             bad = work(start, stop, [fused.Span(fd, position + start * dtype.itemsize, dtype) for fd, position, dtype in where])
         except fused.ReadFailed as failure:
             _refuse_unreadable(sources[failure.index if has_base else failure.index - 1], start, stop, failure.errno)
-        if bad >= 0:
-            ckpt, name, _ = sources[bad if has_base else bad - 1]
-            _refuse_non_finite(ckpt, name, ckpt.get(name).to(dtype=compute_dtype))
+        _refuse_if_bad(sources, has_base, bad, compute_dtype)
 
-    map_strided(chunk, fused_chunks(numel))
+    map_strided(chunk, fused_chunks(_numel_of(sources)))
+
+
+def _numel_of(sources: Sequence[StoredSource]) -> int:
+    return sources[0][0].info(sources[0][1]).numel
+
+
+def _spans_of(sources: Sequence[StoredSource]) -> list[tuple[int, int, torch.dtype]]:
+    """Each source's (descriptor, byte position of its entry 0, stored dtype)."""
+    return [(*ckpt.file_span(name), dtype) for ckpt, name, dtype in sources]
+
+
+def _refuse_if_bad(sources: Sequence[StoredSource], has_base: bool, bad: int, compute_dtype: torch.dtype) -> None:
+    """The torch path's refusal of the source the kernel found a NaN/Inf entry in (``bad`` numbered as its answers;
+    -1: none)."""
+    if bad >= 0:
+        ckpt, name, _ = sources[bad if has_base else bad - 1]
+        _refuse_non_finite(ckpt, name, ckpt.get(name).to(dtype=compute_dtype))
 
 
 #: a tensor of fewer entries than this is one chunk of the kernel's (below it, a hand-off to the other thread costs
@@ -579,21 +593,18 @@ def _refuse_unreadable(source: StoredSource, start: int, stop: int, err: int) ->
 def _gram_of_stored(sources: Sequence[StoredSource], has_base: bool, compute_dtype: torch.dtype,
                     sum_into: torch.Tensor | None = None, diagonal: bool = False) -> torch.Tensor:
     """The float64 Gram matrix of the sources (of their differences from the first, the base, where ``has_base``) by
-    the native kernel, chunk by chunk on the threads, the chunks' matrices added in chunk order (the same sum on any
-    thread count); ``sum_into`` (flat float32) receives the sum of the (differences of the) sources; ``diagonal``:
-    only the squared norms."""
-    partial: dict[int, torch.Tensor] = {}
-
-    def chunk_gram(start: int, stop: int, spans: list[fused.Span]) -> int:
-        base, inputs = (spans[0], spans[1:]) if has_base else (None, spans)
-        partial[start], bad = fused.gram(base, inputs, None if sum_into is None else sum_into[start:stop], diagonal, n=stop - start)
-        return bad
-
-    _each_stored_chunk(sources, has_base, chunk_gram, compute_dtype)
-    count = len(sources) - int(has_base)
-    total = torch.zeros((count, count), dtype=torch.float64)
-    for start in sorted(partial):
-        total.add_(partial[start])
+    the native kernel in one call: its own threads take the chunks of ``fused_chunks``, the chunks' matrices added in
+    chunk order (the same sum on any thread count); ``sum_into`` (flat float32) receives the sum of the (differences
+    of the) sources; ``diagonal``: only the squared norms. Refusals as ``_each_stored_chunk``'s."""
+    numel = _numel_of(sources)
+    spans = [fused.Span(fd, position, dtype) for fd, position, dtype in _spans_of(sources)]
+    base, inputs = (spans[0], spans[1:]) if has_base else (None, spans)
+    try:
+        total, bad = fused.gram(base, inputs, sum_into, diagonal, n=numel, chunks=fused_chunks(numel), threads=thread_count())
+    except fused.ReadFailed as failure:
+        start, stop = failure.chunk or (0, numel)
+        _refuse_unreadable(sources[failure.index if has_base else failure.index - 1], start, stop, failure.errno)
+    _refuse_if_bad(sources, has_base, bad, compute_dtype)
     return total
 
 

@@ -404,3 +404,37 @@ def test_a_failed_kernel_read_that_reads_again_is_still_one_clear_error(demo_bf1
     with pytest.raises(CheckpointError, match=r"math: could not read entries 0-\d+ of tensor .+: Input/output error; the file may be truncated"):
         mergekit_lite.run(Recipe.model_validate(data), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_the_gram_of_chunks_on_the_kernels_threads_adds_the_chunks_matrices_in_chunk_order(tmp_path, threads):
+    """One call with chunks: each chunk's matrix (and sum) is what a call on that chunk alone gives, the matrices
+    added in chunk order from zero (as torch's add_ would), on any thread count, from memory or from files."""
+    n = 40_003
+    base = values(n, torch.bfloat16, 0)
+    inputs = [values(n, torch.bfloat16, 1), values(n, torch.float32, 2), values(n, torch.bfloat16, 3)]
+    cuts = [0, 1, 999, 16_385, 16_386, 33_000, n]
+    chunks = list(zip(cuts, cuts[1:]))
+    expected_sum = torch.empty(n)
+    expected = torch.zeros(3, 3, dtype=torch.float64)
+    for start, stop in chunks:
+        part, bad = fused.gram(base[start:stop], [x[start:stop] for x in inputs], expected_sum[start:stop])
+        assert bad == -1
+        expected.add_(part)
+    spans, fds = _spans_of(tmp_path, [base, *inputs])
+    try:
+        for b, xs in ((base, inputs), (spans[0], spans[1:])):
+            got_sum = torch.empty(n)
+            got, bad = fused.gram(b, xs, got_sum, n=n, chunks=chunks, threads=threads)
+            assert bad == -1 and torch.equal(got, expected) and torch.equal(bits(got_sum), bits(expected_sum))
+        past_the_end = fused.Span(spans[-1].fd, spans[-1].position + 100, torch.bfloat16)  # the file ends in the last chunk
+        with pytest.raises(fused.ReadFailed) as failure:
+            fused.gram(None, [spans[1], past_the_end], n=n, chunks=chunks, threads=threads)
+        assert (failure.value.index, failure.value.errno, failure.value.chunk) == (2, -1, chunks[-1])
+        with pytest.raises(ValueError, match="consecutive"):
+            fused.gram(base, inputs, chunks=[(0, 10), (11, n)])
+        with pytest.raises(ValueError, match="increasing"):
+            fused.gram(base, inputs, chunks=[(0, 10), (10, n - 1)])
+    finally:
+        for fd in fds:
+            os.close(fd)

@@ -176,11 +176,12 @@ class Span:
 
 class ReadFailed(Exception):
     """The kernel's read of a ``Span`` failed: ``index`` numbers it as a non-finite answer does (0 the base, 1 + t
-    input t), ``errno`` is the read's (-1: the file ended first). Nothing the call wrote is to be used."""
+    input t), ``errno`` is the read's (-1: the file ended first), ``chunk`` the entries [start, stop) being read where
+    the call knows them. Nothing the call wrote is to be used."""
 
-    def __init__(self, index: int, errno: int):
+    def __init__(self, index: int, errno: int, chunk: tuple[int, int] | None = None):
         super().__init__(index, errno)
-        self.index, self.errno = index, errno
+        self.index, self.errno, self.chunk = index, errno, chunk
 
 
 def _operand(x: torch.Tensor | Span, n: int) -> tuple[Any, int]:
@@ -253,13 +254,16 @@ def linear_combination_into(out: torch.Tensor, base: torch.Tensor | Span | None,
 
 
 def gram(base: torch.Tensor | Span | None, inputs: Sequence[torch.Tensor | Span], sum_into: torch.Tensor | None = None,
-         diagonal: bool = False, n: int | None = None) -> tuple[torch.Tensor, int]:
+         diagonal: bool = False, n: int | None = None, chunks: Sequence[tuple[int, int]] | None = None,
+         threads: int = 1) -> tuple[torch.Tensor, int]:
     """The float64 Gram matrix ⟨x_i, x_j⟩ of flat, contiguous float32/bfloat16 CPU tensors of one length (or of
     their differences from ``base``), each product exact and summed in float64 in a fixed order, and -1 or the first
     input with a NaN/Inf entry (as ``linear_combination_into``). ``sum_into`` (flat float32): receives x_0 + x_1 + …
     in that order, the bytes of torch's ``copy_`` then ``add_``. ``diagonal``: only the squared norms (the rest 0).
     Spans in place of tensors (then ``n`` says how many entries): the kernel reads them itself (``ReadFailed`` where it
-    cannot), in stretches that give the same sums."""
+    cannot), in stretches that give the same sums. ``chunks`` (consecutive [start, stop) covering all n; None: one):
+    each chunk's matrix made on its own, on up to ``threads`` threads of the kernel's, and the matrices added in chunk
+    order: the same sums on any thread count."""
     assert _fused is not None, "the native kernel is not built"
     if n is None:
         first = inputs[0]
@@ -268,9 +272,13 @@ def gram(base: torch.Tensor | Span | None, inputs: Sequence[torch.Tensor | Span]
     if not 0 < len(inputs) <= MAX_GRAM_INPUTS or (sum_into is not None and (sum_into.dtype != torch.float32 or not sum_into.is_contiguous()
                                                                             or sum_into.numel() != n or sum_into.device.type != "cpu")):
         raise ValueError("gram: 1 to 256 inputs (a float32 sum of their length)")
-    bad, failed, errno, values = _fused.gram(n, *_operands(base, inputs, n), sum_into.data_ptr() if sum_into is not None else 0, diagonal)
+    bounds = None if chunks is None else [0, *(stop for _, stop in chunks)]
+    if chunks is not None and any(start != bounds[i] for i, (start, _) in enumerate(chunks)):
+        raise ValueError("gram: chunks must be consecutive")
+    bad, failed, errno, failed_start, failed_stop, values = _fused.gram(
+        n, *_operands(base, inputs, n), sum_into.data_ptr() if sum_into is not None else 0, diagonal, bounds, threads)
     if failed >= 0:
-        raise ReadFailed(failed, errno)
+        raise ReadFailed(failed, errno, (failed_start, failed_stop))
     return torch.tensor(values, dtype=torch.float64).view(len(inputs), len(inputs)), bad
 
 
