@@ -283,13 +283,8 @@ class RereadTaskVectors(TaskVectorSource):
                                lambda base, inputs: plus_base(base, torch_merged(inputs[0]), lam)):
             return False
         out = torch.empty(self.shape, dtype=self.job.out.dtype)
-        flat, summed = out.view(-1), total.view(-1)
-
-        def combine(start: int, stop: int, stored: list[fused.Span]) -> int:
-            bad = fused.linear_combination_into(flat[start:stop], stored[0], [summed[start:stop]], form)
-            return 0 if bad == 0 else -1  # an overflowed sum goes through IEEE arithmetic as torch's (the inputs were checked)
-
-        _each_stored_chunk(sources, True, combine, self.plan.compute_dtype)
+        bad = _combine_stored(sources, True, out.view(-1), form, in_memory=[total.view(-1)])
+        _refuse_if_bad(sources, True, 0 if bad == 0 else -1, self.plan.compute_dtype)  # an overflowed sum: IEEE arithmetic, as torch's
         self.keep_output(out)
         return True
 
@@ -411,15 +406,9 @@ class ReadWeightInputs(WeightInputs):
         if not _kernel_matches((label,), [dtype for _, _, dtype in sources], has_base, dtype, form, torch_result):
             return None
         out = torch.empty(self.shape, dtype=dtype)
-        flat = out.view(-1)
         gate_flat = gate.reshape(-1).contiguous() if gate is not None else None
-
-        def combine(start: int, stop: int, stored: list[torch.Tensor]) -> int:
-            first_base, inputs = (stored[0], stored[1:]) if has_base else (None, stored)
-            gates = [gate_flat[start:stop] if g else None for g in gated] if gate_flat is not None and gated else None
-            return fused.linear_combination_into(flat[start:stop], first_base, inputs, form, gates=gates)
-
-        _each_stored_chunk(sources, has_base, combine, self.plan.compute_dtype)
+        gates = [gate_flat if g else None for g in gated] if gate_flat is not None and gated else None
+        _refuse_if_bad(sources, has_base, _combine_stored(sources, has_base, out.view(-1), form, gates=gates), self.plan.compute_dtype)
         return out
 
 
@@ -608,6 +597,25 @@ def _gram_of_stored(sources: Sequence[StoredSource], has_base: bool, compute_dty
     return total
 
 
+def _combine_stored(sources: Sequence[StoredSource], has_base: bool, out: torch.Tensor, form: fused.LinearForm,
+                    in_memory: Sequence[torch.Tensor] = (), gates: Sequence[torch.Tensor | None] | None = None) -> int:
+    """``out`` (flat) = the form over the sources (the first the base where ``has_base``), then ``in_memory`` (flat
+    tensors of ``out``'s length), by the native kernel in one call whose own threads take the chunks of
+    ``fused_chunks`` (entrywise: the same bytes on any thread count). Returns the kernel's non-finite answer (-1, or the
+    input numbered as it numbers them) for the caller to refuse; a read it could not make is refused as
+    ``_each_stored_chunk`` refuses it."""
+    numel = out.numel()
+    spans = [fused.Span(fd, position, dtype) for fd, position, dtype in _spans_of(sources)]
+    base, inputs = (spans[0], spans[1:]) if has_base else (None, spans)
+    try:
+        return fused.linear_combination_into(out, base, [*inputs, *in_memory], form, gates=gates, chunks=fused_chunks(numel),
+                                             threads=thread_count())
+    except fused.ReadFailed as failure:
+        start, stop = failure.chunk or (0, numel)
+        _refuse_unreadable(sources[failure.index if has_base else failure.index - 1], start, stop, failure.errno)
+        raise  # not reached: the refusal raises
+
+
 def _dare_norms_of_stored(sources: Sequence[StoredSource], form: fused.LinearForm, compute_dtype: torch.dtype,
                           masks: dict[int, list[torch.Tensor | None]]) -> list[tuple[float, float]]:
     """Each task's (‖τ_t‖₁, ‖τ_t ⊙ keep_t‖₁) over the whole tensor by the native kernel (the base the first source),
@@ -714,6 +722,9 @@ def fused_output(plan: Plan, job: TensorJob, form: fused.LinearForm, sources: li
         form = form.with_norms(_dare_norms_of_stored(sources, form, plan.compute_dtype, masks))
     out = torch.empty(job.out.shape, dtype=job.out.dtype)
     flat = out.view(-1)
+    if not masks:  # no masks drawn per chunk: one call, on the kernel's own threads
+        _refuse_if_bad(sources, job.base is not None, _combine_stored(sources, job.base is not None, flat, form), plan.compute_dtype)
+        return out
 
     def combine(start: int, stop: int, stored: list[torch.Tensor]) -> int:
         base, inputs = (stored[0], stored[1:]) if job.base is not None else (None, stored)

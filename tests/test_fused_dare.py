@@ -371,17 +371,17 @@ def test_a_file_truncated_during_a_merge_is_one_clear_error(demo_bf16, tmp_path,
     data = {"merge_method": "task_arithmetic", "base_model": str(copies["base"]), "dtype": "float32",
             "models": [{"model": str(copies["math"]), "parameters": {"weight": 1.0}}, {"model": str(copies["code"]), "parameters": {"weight": 0.5}}]}
     monkeypatch.setattr(execute, "ROW_CHUNK_ENTRIES", 7)
-    original = execute._each_stored_chunk
+    original = execute._spans_of
     cut = []
 
-    def truncating(sources, *args, **kwargs):
+    def truncating(sources, *args, **kwargs):  # just before the kernel's first reads
         if not cut:
             shard = next((copies["code"]).glob("*.safetensors"))
             os.truncate(shard, 1000)
             cut.append(shard)
         return original(sources, *args, **kwargs)
 
-    monkeypatch.setattr(execute, "_each_stored_chunk", truncating)
+    monkeypatch.setattr(execute, "_spans_of", truncating)
     with pytest.raises(CheckpointError, match=r"safetensors: file ended while reading tensor .*truncated"):
         mergekit_lite.run(Recipe.model_validate(data), tmp_path / "out", progress=False)
     assert cut and not (tmp_path / "out").exists()
@@ -435,6 +435,49 @@ def test_the_gram_of_chunks_on_the_kernels_threads_adds_the_chunks_matrices_in_c
             fused.gram(base, inputs, chunks=[(0, 10), (11, n)])
         with pytest.raises(ValueError, match="increasing"):
             fused.gram(base, inputs, chunks=[(0, 10), (10, n - 1)])
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_a_combination_in_chunks_on_the_kernels_threads_is_the_one_calls_bytes(tmp_path, threads):
+    """Chunks taken by the kernel's threads: entrywise, so the bytes of one call over every entry (DARE's draws from
+    the tensor's entry 0, a gate, masks written and read back at chunk starts that are multiples of 8), from memory or
+    from files; masks with a chunk start that is not a multiple of 8 are refused."""
+    n = 40_003
+    base = values(n, torch.bfloat16, 0)
+    inputs = [values(n, torch.bfloat16, 1), values(n, torch.float32, 2), values(n, torch.bfloat16, 3)]
+    cuts = [0, 8, 1000, 16_384, 16_392, 33_000, n]
+    chunks = list(zip(cuts, cuts[1:]))
+    keeps = (Keep(draws(0.3, tensor="a"), "mul", 1.7), Keep(None), Keep(draws(0.6, tensor="b"), "div", 0.6))
+    gate = torch.randn(n)
+    forms = [LinearForm((0.5, -1.0, 2.0), 3.0, 0.8, post_scale=1.3), LinearForm((0.5, -1.0, 2.0), None, 1.0, keeps=keeps),
+             LinearForm((1.0, 1.0, 1.0), None, 0.4, keeps=(Keep(None), Keep(None, gate_min=0.1), Keep(None)))]
+    spans, fds = _spans_of(tmp_path, [base, *inputs])
+    try:
+        for form in forms:
+            gates = [None, gate, None] if form.keeps is not None and form.keeps[1].gate_min is not None else None
+            want = torch.empty(n, dtype=torch.bfloat16)
+            assert fused.linear_combination_into(want, base, inputs, form, gates=gates) == -1
+            for b, xs in ((base, inputs), (spans[0], spans[1:])):
+                got = torch.empty(n, dtype=torch.bfloat16)
+                assert fused.linear_combination_into(got, b, xs, form, gates=gates, chunks=chunks, threads=threads) == -1
+                assert torch.equal(bits(got), bits(want))
+        masks = [None if k.draws is None else torch.zeros(fused.mask_bytes(n), dtype=torch.uint8) for k in keeps]
+        fused.dare_norms(base, inputs, keeps, masks_out=masks)
+        again = torch.empty(n, dtype=torch.bfloat16)
+        assert fused.linear_combination_into(again, spans[0], spans[1:], forms[1], masks=masks, chunks=chunks, threads=threads) == -1
+        want = torch.empty(n, dtype=torch.bfloat16)
+        fused.linear_combination_into(want, base, inputs, forms[1])
+        assert torch.equal(bits(again), bits(want))
+        with pytest.raises(ValueError, match="multiples of 8"):
+            fused.linear_combination_into(again, base, inputs, forms[1], masks=masks, chunks=[(0, 9), (9, n)], threads=threads)
+        past_the_end = fused.Span(spans[-1].fd, spans[-1].position + 100, torch.bfloat16)  # the file ends in the last chunk
+        with pytest.raises(fused.ReadFailed) as failure:
+            fused.linear_combination_into(torch.empty(n), spans[0], [spans[1], past_the_end], LinearForm((1.0, 1.0), None, 1.0),
+                                          chunks=chunks, threads=threads)
+        assert (failure.value.index, failure.value.errno, failure.value.chunk) == (2, -1, chunks[-1])
     finally:
         for fd in fds:
             os.close(fd)

@@ -249,7 +249,7 @@ def test_entrywise_row_chunks_read_only_rows_and_each_once(demo, tmp_path, monke
 @pytest.mark.parametrize("method", ["task_arithmetic", "linear"])
 def test_native_kernel_reads_every_input_byte_once_in_chunks(demo, tmp_path, monkeypatch, method):
     """The native path has the kernel read each input's stored bytes from its file itself, each byte once, in
-    chunks of FUSED_CHUNK_ENTRIES entries, and reads no merged tensor whole."""
+    the chunks of ``fused_chunks`` (at most FUSED_CHUNK_ENTRIES entries), and reads no merged tensor whole."""
     from mergekit_lite import checkpoint as ckpt_module
 
     whole: list[str] = []
@@ -270,7 +270,8 @@ def test_native_kernel_reads_every_input_byte_once_in_chunks(demo, tmp_path, mon
     def recording_combination(out, base, inputs, form, **options):
         for x in [base, *inputs]:
             if isinstance(x, fused.Span):
-                read.append((x.fd, x.position, x.position + out.numel() * x.dtype.itemsize))
+                for start, stop in options.get("chunks") or [(0, out.numel())]:
+                    read.append((x.fd, x.position + start * x.dtype.itemsize, x.position + stop * x.dtype.itemsize))
         return original_combination(out, base, inputs, form, **options)
 
     monkeypatch.setattr(fused, "linear_combination_into", recording_combination)
@@ -290,7 +291,8 @@ def test_native_kernel_reads_every_input_byte_once_in_chunks(demo, tmp_path, mon
     assert len(spans) == inputs * len(merged)
     for (ref, name), chunks in spans.items():
         nbytes = merged[name]
-        assert sorted(chunks) == [(start, min(nbytes, start + 20)) for start in range(0, nbytes, 20)], (ref, name)
+        assert sorted(chunks) == [(4 * start, 4 * stop) for start, stop in execute.fused_chunks(nbytes // 4)], (ref, name)
+        assert max(stop - start for start, stop in chunks) <= 20
 
 
 @pytest.mark.parametrize(

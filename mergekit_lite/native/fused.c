@@ -1006,197 +1006,6 @@ static Py_ssize_t stretch_with_base(const Source *sources, Py_ssize_t count, int
     return failed >= 0 ? failed + !has_base : -1;
 }
 
-PyDoc_STRVAR(linear_combination_doc,
-    "linear_combination(out, out_kind, n, base, base_kind, inputs, kinds, weights, divisor, lam, rounded[, keeps, first, post, given])\n"
-    "-> (int, int, int)\n\n"
-    "Entries [0, n) at address ``out`` from the inputs (kinds: 0 float32, 1 bfloat16), each an address in memory or a\n"
-    "(file descriptor, byte position) pair of its entry 0, read by stretches. Without\n"
-    "a base (0): sum_t w_t x_t; with one: base + lam * sum_t w_t (x_t - base). Divided by ``divisor`` before\n"
-    "lam when it is not 0. rounded (no base): each product rounded before it is added, else fma.\n"
-    "keeps (task vectors only; None: none): per input (draws, state_hi, state_lo, inc_hi, inc_lo, key, ceiling, scale,\n"
-    "by): DARE's keep draws from a PCG64DXSM state (entry 0 of the tensor; ``first``: the flat index of entry 0 here)\n"
-    "and survivors multiplied (scale 1) or divided (2) by ``by``. post (None: none): the combination, after the\n"
-    "divisor, multiplied by it (rounded) before base + lam * .... given (with a base): the inputs are task vectors\n"
-    "already, base + lam * sum_t w_t x_t.\n"
-    "Returns (bad, failed, err): bad -1, or the first input with a NaN/Inf entry (0 the base, 1 + t model t); failed -1,\n"
-    "or the source whose read failed (numbered as bad; err its errno, -1 where the file ended): nothing else is to be used.\n"
-    "The addresses are the caller's to keep valid; the GIL is released while it runs.");
-
-static PyObject *linear_combination(PyObject *self, PyObject *args) {
-    unsigned long long out_addr;
-    PyObject *base_obj;
-    int out_kind, base_kind;
-    Py_ssize_t n;
-    PyObject *inputs_obj, *kinds_obj, *weights_obj;
-    double divisor, lam;
-    int rounded;
-    PyObject *keeps_obj = Py_None;
-    Py_ssize_t first = 0;
-    PyObject *post_obj = Py_None;
-    int given = 0;
-    if (!PyArg_ParseTuple(args, "KinOiOOOddp|OnOp", &out_addr, &out_kind, &n, &base_obj, &base_kind, &inputs_obj, &kinds_obj,
-                          &weights_obj, &divisor, &lam, &rounded, &keeps_obj, &first, &post_obj, &given))
-        return NULL;
-    int has_base = base_given(base_obj);
-    if (has_base < 0) return NULL;
-    double post = post_obj == Py_None ? 1.0 : PyFloat_AsDouble(post_obj);
-    if (post == -1.0 && PyErr_Occurred()) return NULL;
-    if ((keeps_obj != Py_None && (!has_base || rounded || first < 0 || given)) || (given && !has_base)) {
-        PyErr_SetString(PyExc_ValueError, "keeps need a base, fused products, first >= 0 and inputs that are not given task vectors; given task vectors a base");
-        return NULL;
-    }
-    if ((out_kind != KIND_F32 && out_kind != KIND_BF16) || (base_kind != KIND_F32 && base_kind != KIND_BF16) || n < 0) {
-        PyErr_SetString(PyExc_ValueError, "unknown storage kind or negative count");
-        return NULL;
-    }
-    PyObject *inputs = PySequence_Fast(inputs_obj, "inputs must be a sequence");
-    PyObject *kinds = inputs ? PySequence_Fast(kinds_obj, "kinds must be a sequence") : NULL;
-    PyObject *weights = kinds ? PySequence_Fast(weights_obj, "weights must be a sequence") : NULL;
-    PyObject *result = NULL;
-    Source *sources = NULL;
-    const void **at = NULL;
-    int *input_kinds = NULL;
-    float *ws = NULL;
-    Keep *keeps = NULL, *stretch_keeps = NULL;
-    char *storage = NULL;
-    if (weights == NULL) goto done;
-    Py_ssize_t count = PySequence_Fast_GET_SIZE(inputs);
-    if (count < 1 || count > MAX_INPUTS || PySequence_Fast_GET_SIZE(kinds) != count || PySequence_Fast_GET_SIZE(weights) != count) {
-        PyErr_SetString(PyExc_ValueError, "inputs, kinds and weights must have the same length (1 to 4096)");
-        goto done;
-    }
-    sources = PyMem_Malloc((size_t)(count + 1) * sizeof(*sources)); /* the base first (unused without one) */
-    at = PyMem_Malloc((size_t)(count + 1) * sizeof(*at));
-    input_kinds = PyMem_Malloc((size_t)count * sizeof(*input_kinds));
-    ws = PyMem_Malloc((size_t)count * sizeof(*ws));
-    if (sources == NULL || at == NULL || input_kinds == NULL || ws == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    if (has_base && !parse_source(base_obj, base_kind, &sources[0])) goto done;
-    if (!parse_sources(inputs, kinds, count, sources + 1)) goto done;
-    for (Py_ssize_t t = 0; t < count; t++) {
-        input_kinds[t] = sources[t + 1].kind;
-        double w = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(weights, t));
-        if (w == -1.0 && PyErr_Occurred()) goto done;
-        ws[t] = (float)w;
-    }
-    if (keeps_obj != Py_None) {
-        if ((keeps = parse_keeps(keeps_obj, count)) == NULL) goto done;
-        if ((stretch_keeps = PyMem_Malloc((size_t)count * sizeof(*stretch_keeps))) == NULL) {
-            PyErr_NoMemory();
-            goto done;
-        }
-    }
-    Py_ssize_t stretch = stretch_for(sources + !has_base, count + has_base, n, &storage);
-    if (stretch < 0) goto done;
-    Py_ssize_t bad = -1, failed = -1;
-    int err = 0;
-    const size_t out_size = out_kind == KIND_BF16 ? 2 : 4;
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t start = 0; start < n; start += stretch) {
-        Py_ssize_t m = n - start < stretch ? n - start : stretch;
-        if ((failed = stretch_with_base(sources, count, has_base, start, m, at, &err)) >= 0) break;
-        if (keeps != NULL) keeps_from(keeps, count, start, stretch_keeps);
-        Job job = {(char *)(uintptr_t)out_addr + (size_t)start * out_size, out_kind, m, has_base ? at[0] : NULL, base_kind, count, at + 1,
-                   input_kinds, ws, (float)divisor, (float)lam, rounded, stretch_keeps, first + start, post_obj != Py_None, (float)post, given};
-        Py_ssize_t b = combine(&job);
-        if (b >= 0 && (bad < 0 || b < bad)) bad = b;
-    }
-    Py_END_ALLOW_THREADS
-    result = Py_BuildValue("(nni)", bad, failed, err);
-done:
-    PyMem_Free(sources);
-    PyMem_Free(at);
-    PyMem_Free(input_kinds);
-    PyMem_Free(ws);
-    PyMem_Free(keeps);
-    PyMem_Free(stretch_keeps);
-    PyMem_RawFree(storage);
-    Py_XDECREF(inputs);
-    Py_XDECREF(kinds);
-    Py_XDECREF(weights);
-    return result;
-}
-
-PyDoc_STRVAR(dare_norms_doc,
-    "dare_norms(n, base, base_kind, inputs, kinds, keeps, first) -> (int, int, int, list[float])\n\n"
-    "Per input, the L1 norms of tau = x - base over entries [0, n) before and after its keep draws (as\n"
-    "linear_combination's keeps; the scale is not applied): [before_0, after_0, before_1, ...], each |tau| exact in\n"
-    "float64, summed in a fixed order. The base and inputs as linear_combination's (addresses or file spans). Returns\n"
-    "(bad, failed, err, norms) as gram does. The GIL is released while it runs.");
-
-static PyObject *dare_norms(PyObject *self, PyObject *args) {
-    PyObject *base_obj;
-    int base_kind;
-    Py_ssize_t n, first;
-    PyObject *inputs_obj, *kinds_obj, *keeps_obj;
-    if (!PyArg_ParseTuple(args, "nOiOOOn", &n, &base_obj, &base_kind, &inputs_obj, &kinds_obj, &keeps_obj, &first)) return NULL;
-    if ((base_kind != KIND_F32 && base_kind != KIND_BF16) || n < 0 || first < 0) {
-        PyErr_SetString(PyExc_ValueError, "unknown storage kind, negative count or first");
-        return NULL;
-    }
-    PyObject *inputs = PySequence_Fast(inputs_obj, "inputs must be a sequence");
-    PyObject *kinds = inputs ? PySequence_Fast(kinds_obj, "kinds must be a sequence") : NULL;
-    PyObject *result = NULL;
-    Source *sources = NULL;
-    const void **at = NULL;
-    int *input_kinds = NULL;
-    Keep *keeps = NULL, *stretch_keeps = NULL;
-    double *lanes = NULL, *norms = NULL;
-    char *storage = NULL;
-    if (kinds == NULL) goto done;
-    Py_ssize_t count = PySequence_Fast_GET_SIZE(inputs);
-    if (count < 1 || count > MAX_INPUTS || PySequence_Fast_GET_SIZE(kinds) != count) {
-        PyErr_SetString(PyExc_ValueError, "inputs and kinds must have the same length (1 to 4096)");
-        goto done;
-    }
-    sources = PyMem_Malloc((size_t)(count + 1) * sizeof(*sources)); /* the base first */
-    at = PyMem_Malloc((size_t)(count + 1) * sizeof(*at));
-    input_kinds = PyMem_Malloc((size_t)count * sizeof(*input_kinds));
-    stretch_keeps = PyMem_Malloc((size_t)count * sizeof(*stretch_keeps));
-    lanes = PyMem_RawCalloc((size_t)count * 2 * LANES, sizeof(double));
-    norms = PyMem_RawCalloc((size_t)count * 2, sizeof(double));
-    if (sources == NULL || at == NULL || input_kinds == NULL || stretch_keeps == NULL || lanes == NULL || norms == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    if (!parse_source(base_obj, base_kind, &sources[0]) || !parse_sources(inputs, kinds, count, sources + 1)) goto done;
-    for (Py_ssize_t t = 0; t < count; t++) input_kinds[t] = sources[t + 1].kind;
-    if ((keeps = parse_keeps(keeps_obj, count)) == NULL) goto done;
-    Py_ssize_t stretch = stretch_for(sources, count + 1, n, &storage);
-    if (stretch < 0) goto done;
-    Py_ssize_t bad = -1, failed = -1;
-    int err = 0;
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t start = 0; start < n; start += stretch) {
-        Py_ssize_t m = n - start < stretch ? n - start : stretch;
-        if ((failed = stretch_with_base(sources, count, 1, start, m, at, &err)) >= 0) break;
-        keeps_from(keeps, count, start, stretch_keeps);
-        Job job = {NULL, KIND_F32, m, at[0], base_kind, count, at + 1, input_kinds, NULL, 0.0f, 0.0f, 0, stretch_keeps, first + start, 0, 1.0f, 0};
-        Py_ssize_t b = dare_norms_of(&job, lanes);
-        if (b >= 0 && (bad < 0 || b < bad)) bad = b;
-    }
-    Py_END_ALLOW_THREADS
-    for (Py_ssize_t t = 0; t < count; t++) {
-        norms[2 * t] = lanes_total(lanes + 2 * LANES * t);
-        norms[2 * t + 1] = lanes_total(lanes + 2 * LANES * t + LANES);
-    }
-    result = answer_with_doubles(bad, failed, err, norms, count * 2);
-done:
-    PyMem_Free(sources);
-    PyMem_Free(at);
-    PyMem_Free(input_kinds);
-    PyMem_Free(keeps);
-    PyMem_Free(stretch_keeps);
-    PyMem_RawFree(lanes);
-    PyMem_RawFree(norms);
-    PyMem_RawFree(storage);
-    Py_XDECREF(inputs);
-    Py_XDECREF(kinds);
-    return result;
-}
-
 /* ---- a call's chunks on several threads: the threads (this one among them) take the next chunk whenever they are
  * free, with no Python and no interpreter lock between chunks (a chunk per Python call cost a thread hand-off and a
  * wait for the lock each: 0.1-0.6 ms on this project's VM). Each chunk's results are kept apart and put together in
@@ -1329,6 +1138,269 @@ static PyObject *chunk_answer_with_doubles(ChunkAnswers a, const double *values,
         PyList_SET_ITEM(list, i, v);
     }
     return Py_BuildValue("(nninnN)", a.bad, a.failed, a.err, a.failed_start, a.failed_stop, list);
+}
+
+PyDoc_STRVAR(linear_combination_doc,
+    "linear_combination(out, out_kind, n, base, base_kind, inputs, kinds, weights, divisor, lam, rounded[, keeps, first, post, given,\n"
+    "bounds, threads]) -> (int, int, int, int, int)\n\n"
+    "Entries [0, n) at address ``out`` from the inputs (kinds: 0 float32, 1 bfloat16), each an address in memory or a\n"
+    "(file descriptor, byte position) pair of its entry 0, read by stretches. Without\n"
+    "a base (0): sum_t w_t x_t; with one: base + lam * sum_t w_t (x_t - base). Divided by ``divisor`` before\n"
+    "lam when it is not 0. rounded (no base): each product rounded before it is added, else fma.\n"
+    "keeps (task vectors only; None: none): per input (draws, state_hi, state_lo, inc_hi, inc_lo, key, ceiling, scale,\n"
+    "by): DARE's keep draws from a PCG64DXSM state (entry 0 of the tensor; ``first``: the flat index of entry 0 here)\n"
+    "and survivors multiplied (scale 1) or divided (2) by ``by``. post (None: none): the combination, after the\n"
+    "divisor, multiplied by it (rounded) before base + lam * .... given (with a base): the inputs are task vectors\n"
+    "already, base + lam * sum_t w_t x_t. bounds (None: one chunk): chunks [bounds[c], bounds[c + 1]) taken by up to\n"
+    "``threads`` threads of the kernel's (entrywise: the same bytes on any thread count; keep-masks need chunk starts\n"
+    "at multiples of 8).\n"
+    "Returns (bad, failed, err, failed_start, failed_stop): bad -1, or the first input with a NaN/Inf entry (0 the base,\n"
+    "1 + t model t); failed -1, or the source whose read failed (numbered as bad; err its errno, -1 where the file\n"
+    "ended; in the chunk [failed_start, failed_stop)): nothing else is to be used.\n"
+    "The addresses are the caller's to keep valid; the GIL is released while it runs.");
+
+typedef struct {
+    Chunked chunked;
+    const Py_ssize_t *bounds;
+    const Source *sources; /* per thread: (count + 1) each, the base first (unused without one) */
+    const void **at;       /* per thread: (count + 1) each */
+    const Keep *keeps;     /* NULL, or the call's (count), offset per stretch into stretch_keeps */
+    Keep *stretch_keeps;   /* per thread: count each */
+    char *out;
+    int out_kind, base_kind, has_base, rounded, has_post, given;
+    Py_ssize_t count, stretch, first;
+    const int *input_kinds;
+    const float *weights;
+    float divisor, lam, post;
+    Py_ssize_t *bad, *failed;
+    int *err;
+} CombineChunks;
+
+static void combine_chunk(Chunked *chunked, int thread, Py_ssize_t c) {
+    CombineChunks *g = (CombineChunks *)chunked;
+    const Py_ssize_t start = g->bounds[c], n = g->bounds[c + 1] - start, K = g->count;
+    const Source *sources = g->sources + (size_t)thread * (size_t)(K + 1);
+    const void **at = g->at + (size_t)thread * (size_t)(K + 1);
+    Keep *stretch_keeps = g->keeps != NULL ? g->stretch_keeps + (size_t)thread * (size_t)K : NULL;
+    const size_t out_size = g->out_kind == KIND_BF16 ? 2 : 4;
+    Py_ssize_t stretch = g->stretch > 0 ? g->stretch : (n > 0 ? n : 1);
+    Py_ssize_t bad = -1, failed = -1;
+    int err = 0;
+    for (Py_ssize_t first = 0; first < n; first += stretch) {
+        Py_ssize_t m = n - first < stretch ? n - first : stretch;
+        if ((failed = stretch_with_base(sources, K, g->has_base, start + first, m, at, &err)) >= 0) {
+            __atomic_store_n(&chunked->stop, 1, __ATOMIC_RELAXED);
+            break;
+        }
+        if (g->keeps != NULL) keeps_from(g->keeps, K, start + first, stretch_keeps);
+        Job job = {g->out + (size_t)(start + first) * out_size, g->out_kind, m, g->has_base ? at[0] : NULL, g->base_kind, K, at + 1,
+                   g->input_kinds, g->weights, g->divisor, g->lam, g->rounded, stretch_keeps, g->first + start + first, g->has_post, g->post, g->given};
+        Py_ssize_t b = combine(&job);
+        if (b >= 0 && (bad < 0 || b < bad)) bad = b;
+    }
+    g->bad[c] = bad;
+    g->failed[c] = failed;
+    g->err[c] = err;
+}
+
+static PyObject *linear_combination(PyObject *self, PyObject *args) {
+    unsigned long long out_addr;
+    PyObject *base_obj;
+    int out_kind, base_kind;
+    Py_ssize_t n;
+    PyObject *inputs_obj, *kinds_obj, *weights_obj;
+    double divisor, lam;
+    int rounded;
+    PyObject *keeps_obj = Py_None;
+    Py_ssize_t first = 0;
+    PyObject *post_obj = Py_None;
+    int given = 0;
+    PyObject *bounds_obj = Py_None;
+    int threads = 1;
+    if (!PyArg_ParseTuple(args, "KinOiOOOddp|OnOpOi", &out_addr, &out_kind, &n, &base_obj, &base_kind, &inputs_obj, &kinds_obj,
+                          &weights_obj, &divisor, &lam, &rounded, &keeps_obj, &first, &post_obj, &given, &bounds_obj, &threads))
+        return NULL;
+    int has_base = base_given(base_obj);
+    if (has_base < 0) return NULL;
+    double post = post_obj == Py_None ? 1.0 : PyFloat_AsDouble(post_obj);
+    if (post == -1.0 && PyErr_Occurred()) return NULL;
+    if ((keeps_obj != Py_None && (!has_base || rounded || first < 0 || given)) || (given && !has_base)) {
+        PyErr_SetString(PyExc_ValueError, "keeps need a base, fused products, first >= 0 and inputs that are not given task vectors; given task vectors a base");
+        return NULL;
+    }
+    if ((out_kind != KIND_F32 && out_kind != KIND_BF16) || (base_kind != KIND_F32 && base_kind != KIND_BF16) || n < 0) {
+        PyErr_SetString(PyExc_ValueError, "unknown storage kind or negative count");
+        return NULL;
+    }
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    PyObject *inputs = PySequence_Fast(inputs_obj, "inputs must be a sequence");
+    PyObject *kinds = inputs ? PySequence_Fast(kinds_obj, "kinds must be a sequence") : NULL;
+    PyObject *weights = kinds ? PySequence_Fast(weights_obj, "weights must be a sequence") : NULL;
+    PyObject *result = NULL;
+    Source *sources = NULL, *per_thread = NULL;
+    const void **at = NULL;
+    int *input_kinds = NULL, *err = NULL;
+    float *ws = NULL;
+    Keep *keeps = NULL, *stretch_keeps = NULL;
+    char *storage = NULL;
+    Py_ssize_t *bounds = NULL, *bad = NULL, *failed = NULL;
+    if (weights == NULL) goto done;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(inputs);
+    if (count < 1 || count > MAX_INPUTS || PySequence_Fast_GET_SIZE(kinds) != count || PySequence_Fast_GET_SIZE(weights) != count) {
+        PyErr_SetString(PyExc_ValueError, "inputs, kinds and weights must have the same length (1 to 4096)");
+        goto done;
+    }
+    Py_ssize_t chunks = parse_bounds(bounds_obj, n, &bounds);
+    if (chunks < 0) goto done;
+    if (threads > chunks) threads = (int)chunks;
+    const size_t slots = (size_t)(count + 1);
+    sources = PyMem_Malloc(slots * sizeof(*sources)); /* the base first (unused without one) */
+    per_thread = PyMem_Malloc((size_t)threads * slots * sizeof(*per_thread));
+    at = PyMem_Malloc((size_t)threads * slots * sizeof(*at));
+    input_kinds = PyMem_Malloc((size_t)count * sizeof(*input_kinds));
+    ws = PyMem_Malloc((size_t)count * sizeof(*ws));
+    bad = PyMem_Malloc((size_t)chunks * sizeof(*bad));
+    failed = PyMem_Malloc((size_t)chunks * sizeof(*failed));
+    err = PyMem_Malloc((size_t)chunks * sizeof(*err));
+    if (sources == NULL || per_thread == NULL || at == NULL || input_kinds == NULL || ws == NULL || bad == NULL || failed == NULL || err == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (has_base && !parse_source(base_obj, base_kind, &sources[0])) goto done;
+    if (!parse_sources(inputs, kinds, count, sources + 1)) goto done;
+    for (Py_ssize_t t = 0; t < count; t++) {
+        input_kinds[t] = sources[t + 1].kind;
+        double w = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(weights, t));
+        if (w == -1.0 && PyErr_Occurred()) goto done;
+        ws[t] = (float)w;
+    }
+    if (keeps_obj != Py_None) {
+        if ((keeps = parse_keeps(keeps_obj, count)) == NULL) goto done;
+        int bits = 0;
+        for (Py_ssize_t t = 0; t < count; t++) bits |= keeps[t].bits_in != NULL || keeps[t].bits_out != NULL;
+        for (Py_ssize_t c = 0; bits && c < chunks; c++)
+            if (bounds[c] % 8 != 0) {
+                PyErr_SetString(PyExc_ValueError, "keep-masks need chunks that start at multiples of 8");
+                goto done;
+            }
+        if ((stretch_keeps = PyMem_Malloc((size_t)threads * (size_t)count * sizeof(*stretch_keeps))) == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+    }
+    Py_ssize_t files = 0;
+    for (Py_ssize_t t = !has_base; t < count + 1; t++) files += sources[t].addr == NULL;
+    if (files > 0 && (storage = PyMem_RawMalloc((size_t)threads * (size_t)files * READ_STRETCH * 4)) == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (int h = 0; h < threads; h++)
+        thread_sources(sources + !has_base, count + has_base, storage, files, h, per_thread + (size_t)h * slots + !has_base);
+    for (Py_ssize_t c = 0; c < chunks; c++) bad[c] = failed[c] = -1, err[c] = 0;
+    CombineChunks job = {{combine_chunk, chunks, 0, 0}, bounds, per_thread, at, keeps, stretch_keeps, (char *)(uintptr_t)out_addr, out_kind,
+                         base_kind, has_base, rounded, post_obj != Py_None, given, count, files > 0 ? READ_STRETCH : 0, first, input_kinds, ws,
+                         (float)divisor, (float)lam, (float)post, bad, failed, err};
+    Py_BEGIN_ALLOW_THREADS
+    run_chunks(&job.chunked, threads);
+    Py_END_ALLOW_THREADS
+    ChunkAnswers a = chunk_answers(bad, failed, err, bounds, chunks);
+    result = Py_BuildValue("(nninn)", a.bad, a.failed, a.err, a.failed_start, a.failed_stop);
+done:
+    PyMem_Free(sources);
+    PyMem_Free(per_thread);
+    PyMem_Free(at);
+    PyMem_Free(input_kinds);
+    PyMem_Free(ws);
+    PyMem_Free(keeps);
+    PyMem_Free(stretch_keeps);
+    PyMem_RawFree(storage);
+    PyMem_Free(bounds);
+    PyMem_Free(bad);
+    PyMem_Free(failed);
+    PyMem_Free(err);
+    Py_XDECREF(inputs);
+    Py_XDECREF(kinds);
+    Py_XDECREF(weights);
+    return result;
+}
+
+PyDoc_STRVAR(dare_norms_doc,
+    "dare_norms(n, base, base_kind, inputs, kinds, keeps, first) -> (int, int, int, list[float])\n\n"
+    "Per input, the L1 norms of tau = x - base over entries [0, n) before and after its keep draws (as\n"
+    "linear_combination's keeps; the scale is not applied): [before_0, after_0, before_1, ...], each |tau| exact in\n"
+    "float64, summed in a fixed order. The base and inputs as linear_combination's (addresses or file spans). Returns\n"
+    "(bad, failed, err, norms) as gram does. The GIL is released while it runs.");
+
+static PyObject *dare_norms(PyObject *self, PyObject *args) {
+    PyObject *base_obj;
+    int base_kind;
+    Py_ssize_t n, first;
+    PyObject *inputs_obj, *kinds_obj, *keeps_obj;
+    if (!PyArg_ParseTuple(args, "nOiOOOn", &n, &base_obj, &base_kind, &inputs_obj, &kinds_obj, &keeps_obj, &first)) return NULL;
+    if ((base_kind != KIND_F32 && base_kind != KIND_BF16) || n < 0 || first < 0) {
+        PyErr_SetString(PyExc_ValueError, "unknown storage kind, negative count or first");
+        return NULL;
+    }
+    PyObject *inputs = PySequence_Fast(inputs_obj, "inputs must be a sequence");
+    PyObject *kinds = inputs ? PySequence_Fast(kinds_obj, "kinds must be a sequence") : NULL;
+    PyObject *result = NULL;
+    Source *sources = NULL;
+    const void **at = NULL;
+    int *input_kinds = NULL;
+    Keep *keeps = NULL, *stretch_keeps = NULL;
+    double *lanes = NULL, *norms = NULL;
+    char *storage = NULL;
+    if (kinds == NULL) goto done;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(inputs);
+    if (count < 1 || count > MAX_INPUTS || PySequence_Fast_GET_SIZE(kinds) != count) {
+        PyErr_SetString(PyExc_ValueError, "inputs and kinds must have the same length (1 to 4096)");
+        goto done;
+    }
+    sources = PyMem_Malloc((size_t)(count + 1) * sizeof(*sources)); /* the base first */
+    at = PyMem_Malloc((size_t)(count + 1) * sizeof(*at));
+    input_kinds = PyMem_Malloc((size_t)count * sizeof(*input_kinds));
+    stretch_keeps = PyMem_Malloc((size_t)count * sizeof(*stretch_keeps));
+    lanes = PyMem_RawCalloc((size_t)count * 2 * LANES, sizeof(double));
+    norms = PyMem_RawCalloc((size_t)count * 2, sizeof(double));
+    if (sources == NULL || at == NULL || input_kinds == NULL || stretch_keeps == NULL || lanes == NULL || norms == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (!parse_source(base_obj, base_kind, &sources[0]) || !parse_sources(inputs, kinds, count, sources + 1)) goto done;
+    for (Py_ssize_t t = 0; t < count; t++) input_kinds[t] = sources[t + 1].kind;
+    if ((keeps = parse_keeps(keeps_obj, count)) == NULL) goto done;
+    Py_ssize_t stretch = stretch_for(sources, count + 1, n, &storage);
+    if (stretch < 0) goto done;
+    Py_ssize_t bad = -1, failed = -1;
+    int err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t start = 0; start < n; start += stretch) {
+        Py_ssize_t m = n - start < stretch ? n - start : stretch;
+        if ((failed = stretch_with_base(sources, count, 1, start, m, at, &err)) >= 0) break;
+        keeps_from(keeps, count, start, stretch_keeps);
+        Job job = {NULL, KIND_F32, m, at[0], base_kind, count, at + 1, input_kinds, NULL, 0.0f, 0.0f, 0, stretch_keeps, first + start, 0, 1.0f, 0};
+        Py_ssize_t b = dare_norms_of(&job, lanes);
+        if (b >= 0 && (bad < 0 || b < bad)) bad = b;
+    }
+    Py_END_ALLOW_THREADS
+    for (Py_ssize_t t = 0; t < count; t++) {
+        norms[2 * t] = lanes_total(lanes + 2 * LANES * t);
+        norms[2 * t + 1] = lanes_total(lanes + 2 * LANES * t + LANES);
+    }
+    result = answer_with_doubles(bad, failed, err, norms, count * 2);
+done:
+    PyMem_Free(sources);
+    PyMem_Free(at);
+    PyMem_Free(input_kinds);
+    PyMem_Free(keeps);
+    PyMem_Free(stretch_keeps);
+    PyMem_RawFree(lanes);
+    PyMem_RawFree(norms);
+    PyMem_RawFree(storage);
+    Py_XDECREF(inputs);
+    Py_XDECREF(kinds);
+    return result;
 }
 
 typedef struct {

@@ -225,14 +225,17 @@ def dare_norms(base: torch.Tensor | Span, inputs: Sequence[torch.Tensor | Span],
 
 def linear_combination_into(out: torch.Tensor, base: torch.Tensor | Span | None, inputs: Sequence[torch.Tensor | Span], form: LinearForm,
                             first: int = 0, masks: Sequence[torch.Tensor | None] | None = None,
-                            gates: Sequence[torch.Tensor | None] | None = None) -> int:
+                            gates: Sequence[torch.Tensor | None] | None = None, chunks: Sequence[tuple[int, int]] | None = None,
+                            threads: int = 1) -> int:
     """``out`` (flat, float32 or bfloat16) = the form applied entry by entry to ``inputs`` (and ``base``, for task
     vectors), all flat, contiguous, on the CPU and of ``out``'s length (``first``: the flat index of their entry 0 in
     the tensor, where a keep's draws are; ``masks``: keep-masks ``dare_norms`` wrote for these entries, used instead of
     the draws; ``gates``: the float32 values a gated keep compares, per input, for these entries). Returns -1, or the
     first input holding a NaN or infinite entry (0: the base, 1 + t: input t), whose entries the caller must then not
     use. A ``Span`` in place of a tensor: the kernel reads those entries from the file itself (``ReadFailed`` where it
-    cannot)."""
+    cannot). ``chunks`` (consecutive [start, stop) covering all entries; None: one): taken by up to ``threads``
+    threads of the kernel's; entrywise, so the same bytes on any thread count (keep-masks: chunk starts at multiples of
+    8)."""
     assert _fused is not None, "the native kernel is not built"
     n = out.numel()
     _operand(out, n)
@@ -243,14 +246,24 @@ def linear_combination_into(out: torch.Tensor, base: torch.Tensor | Span | None,
         raise ValueError("linear_combination_into: one weight per input, a base exactly for task vectors, rounded products without, keeps with "
                          "it (not with given task vectors)")
     keeps = None if form.keeps is None else _keep_args(form.keeps, n, masks_in=masks, gates=gates)
-    bad, failed, errno = _fused.linear_combination(
+    bad, failed, errno, failed_start, failed_stop = _fused.linear_combination(
         out.data_ptr(), KINDS[out.dtype], n, *arguments, list(form.weights),
         form.divisor or 0.0, form.lam if form.lam is not None else 0.0, form.rounded_products, keeps, first, form.post_scale,
-        form.given_task_vectors,
+        form.given_task_vectors, _bounds(chunks), threads,
     )
     if failed >= 0:
-        raise ReadFailed(failed, errno)
+        raise ReadFailed(failed, errno, (failed_start, failed_stop))
     return bad
+
+
+def _bounds(chunks: Sequence[tuple[int, int]] | None) -> list[int] | None:
+    """The kernel's chunk bounds (0, the first chunk's stop, …) of consecutive chunks; None: one chunk."""
+    if chunks is None:
+        return None
+    bounds = [0, *(stop for _, stop in chunks)]
+    if any(start != bounds[i] for i, (start, _) in enumerate(chunks)):
+        raise ValueError("chunks must be consecutive")
+    return bounds
 
 
 def gram(base: torch.Tensor | Span | None, inputs: Sequence[torch.Tensor | Span], sum_into: torch.Tensor | None = None,
@@ -272,11 +285,8 @@ def gram(base: torch.Tensor | Span | None, inputs: Sequence[torch.Tensor | Span]
     if not 0 < len(inputs) <= MAX_GRAM_INPUTS or (sum_into is not None and (sum_into.dtype != torch.float32 or not sum_into.is_contiguous()
                                                                             or sum_into.numel() != n or sum_into.device.type != "cpu")):
         raise ValueError("gram: 1 to 256 inputs (a float32 sum of their length)")
-    bounds = None if chunks is None else [0, *(stop for _, stop in chunks)]
-    if chunks is not None and any(start != bounds[i] for i, (start, _) in enumerate(chunks)):
-        raise ValueError("gram: chunks must be consecutive")
     bad, failed, errno, failed_start, failed_stop, values = _fused.gram(
-        n, *_operands(base, inputs, n), sum_into.data_ptr() if sum_into is not None else 0, diagonal, bounds, threads)
+        n, *_operands(base, inputs, n), sum_into.data_ptr() if sum_into is not None else 0, diagonal, _bounds(chunks), threads)
     if failed >= 0:
         raise ReadFailed(failed, errno, (failed_start, failed_stop))
     return torch.tensor(values, dtype=torch.float64).view(len(inputs), len(inputs)), bad
