@@ -955,3 +955,24 @@ def test_the_methods_cuts_applied_by_row_chunks_keep_the_stable_reference_entrie
     chunks = [kept.apply(x[a : a + 5].clone(), slice(a, min(a + 5, 37))) for a in range(0, 37, 5)]
     assert torch.equal(torch.cat(chunks), torch.where(want, x, torch.zeros_like(x)))
     assert torch.equal(kept.apply(x.clone()) != 0, want & (x != 0))
+
+
+@pytest.mark.parametrize("magnitudes", [False, True])
+def test_sample_brackets_are_the_sorted_samples_values_at_the_margins(magnitudes):
+    """The brackets read the sample at a few ranks only (partitioned there): the values a full sort of the sample
+    puts at those ranks, open (±inf) past its ends."""
+    import math
+
+    from mergekit_lite.ops import sparsify as sp
+
+    values = tie_prone("randn", (200_003,), seed=5).numpy()
+    fractions = [0.0, 1e-6, 0.01, 0.25, 0.5, 0.75, 0.999, 1.0]
+    got = sp.sample_brackets(values, fractions, magnitudes=magnitudes)
+    sample = values[torch.randint(values.size, (sp.BRACKET_SAMPLE,), generator=torch.Generator().manual_seed(0)).numpy()]
+    ordered = np.sort(np.abs(sample) if magnitudes else sample)
+    size = sp.BRACKET_SAMPLE
+    for q, (lo, hi) in zip(fractions, got):
+        margin = int(sp.BRACKET_SIGMAS * math.sqrt(size * q * (1 - q))) + 16
+        low, high = math.floor(q * (size - 1)) - margin, math.ceil(q * (size - 1)) + margin
+        assert lo == (-math.inf if low <= 0 else float(ordered[low])), q
+        assert hi == (math.inf if high >= size - 1 else float(ordered[high])), q

@@ -217,15 +217,22 @@ def _ranked_in_brackets(values: np.ndarray, ranks: Sequence[int]) -> list[np.flo
         return below, above, kept
 
     counted = map_parts(count, split_evenly(n, thread_count(), BRACKET_BLOCK))
-    found = []
+    selections = []
     for i, rank in enumerate(ranks):
         between = np.concatenate([piece for _, _, kept in counted for piece in kept[i]])
         below = sum(part_below[i] for part_below, _, _ in counted)
         above = sum(part_above[i] for _, part_above, _ in counted)
         if below + between.size + above != n or not 0 <= rank - below < between.size:  # NaN, or the bracket missed
             return None
-        found.append(np.partition(between, rank - below)[rank - below])
-    return found
+        selections.append((between, rank - below))
+    # each bracket's selection on a thread of its own (numpy's partition lets go of the interpreter lock): 3
+    # quartiles, 311 partitions in an Arcee Fusion merge at 250M, 0.34 s on the main thread with the other core idle
+    def select(selection: tuple[np.ndarray, int]) -> np.floating:
+        values, k = selection
+        values.partition(k)  # its own concatenated copy
+        return values[k]
+
+    return map_parts(select, selections)
 
 
 def iqr_threshold(importance: Tensor) -> Tensor:
