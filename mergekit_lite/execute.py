@@ -12,7 +12,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 import torch
 
@@ -75,7 +75,7 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
-def _refuse_non_finite(ckpt: Checkpoint, name: str, tensor: torch.Tensor) -> None:
+def _refuse_non_finite(ckpt: Checkpoint, name: str, tensor: torch.Tensor) -> NoReturn:
     bad = int((~torch.isfinite(tensor)).sum())
     raise CheckpointError(
         f"{ckpt.file_of(name)}: tensor {name} has {bad} NaN/Inf value(s); refusing to merge it "
@@ -570,7 +570,7 @@ def fused_chunks(numel: int) -> list[tuple[int, int]]:
     return [(start, min(numel, start + size)) for start in range(0, numel, size)]
 
 
-def _refuse_unreadable(source: StoredSource, start: int, stop: int, err: int) -> None:
+def _refuse_unreadable(source: StoredSource, start: int, stop: int, err: int) -> NoReturn:
     """The one-line error of a failed read of entries [start, stop) of a stored tensor: the checkpoint reader's own,
     from reading them again (errno ``err`` from the kernel's read, -1: the file ended, where that read succeeds)."""
     ckpt, name, dtype = source
@@ -613,7 +613,6 @@ def _combine_stored(sources: Sequence[StoredSource], has_base: bool, out: torch.
     except fused.ReadFailed as failure:
         start, stop = failure.chunk or (0, numel)
         _refuse_unreadable(sources[failure.index if has_base else failure.index - 1], start, stop, failure.errno)
-        raise  # not reached: the refusal raises
 
 
 def _dare_norms_of_stored(sources: Sequence[StoredSource], form: fused.LinearForm, compute_dtype: torch.dtype,
