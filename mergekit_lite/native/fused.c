@@ -807,8 +807,8 @@ static int parse_kind(PyObject *value, int *kind) {
     return 1;
 }
 
-/* (bad, failed, err, [values[0], ..., values[count - 1]]) as Python objects; NULL with an exception set */
-static PyObject *answer_with_doubles(Py_ssize_t bad, Py_ssize_t failed, int err, const double *values, Py_ssize_t count) {
+/* [values[0], ..., values[count - 1]] as a Python list; NULL with an exception set */
+static PyObject *doubles_list(const double *values, Py_ssize_t count) {
     PyObject *list = PyList_New(count);
     if (list == NULL) return NULL;
     for (Py_ssize_t i = 0; i < count; i++) {
@@ -819,7 +819,13 @@ static PyObject *answer_with_doubles(Py_ssize_t bad, Py_ssize_t failed, int err,
         }
         PyList_SET_ITEM(list, i, v);
     }
-    return Py_BuildValue("(nniN)", bad, failed, err, list);
+    return list;
+}
+
+/* (bad, failed, err, [values[0], ..., values[count - 1]]) as Python objects; NULL with an exception set */
+static PyObject *answer_with_doubles(Py_ssize_t bad, Py_ssize_t failed, int err, const double *values, Py_ssize_t count) {
+    PyObject *list = doubles_list(values, count);
+    return list == NULL ? NULL : Py_BuildValue("(nniN)", bad, failed, err, list);
 }
 
 /* ---- inputs in memory or in files: the kernel reads a file's stretches itself, small enough to stay in the level-2
@@ -1127,17 +1133,8 @@ static ChunkAnswers chunk_answers(const Py_ssize_t *bad, const Py_ssize_t *faile
 
 /* (bad, failed, err, failed_start, failed_stop, [values]) */
 static PyObject *chunk_answer_with_doubles(ChunkAnswers a, const double *values, Py_ssize_t count) {
-    PyObject *list = PyList_New(count);
-    if (list == NULL) return NULL;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *v = PyFloat_FromDouble(values[i]);
-        if (v == NULL) {
-            Py_DECREF(list);
-            return NULL;
-        }
-        PyList_SET_ITEM(list, i, v);
-    }
-    return Py_BuildValue("(nninnN)", a.bad, a.failed, a.err, a.failed_start, a.failed_stop, list);
+    PyObject *list = doubles_list(values, count);
+    return list == NULL ? NULL : Py_BuildValue("(nninnN)", a.bad, a.failed, a.err, a.failed_start, a.failed_stop, list);
 }
 
 PyDoc_STRVAR(linear_combination_doc,
@@ -1159,48 +1156,113 @@ PyDoc_STRVAR(linear_combination_doc,
     "ended; in the chunk [failed_start, failed_stop)): nothing else is to be used.\n"
     "The addresses are the caller's to keep valid; the GIL is released while it runs.");
 
-typedef struct {
+/* A call's chunks over its sources (the base first, then the inputs), each chunk read stretch by stretch on the thread
+ * that took it: what the Gram matrix and the combination share. stretch_work is the kernel on one stretch, the
+ * sources' entries [first, first + m) of the call at `at`; it returns its non-finite answer. Per chunk: the least
+ * non-finite answer, the source whose read failed (then every thread stops at its next chunk) and its errno. */
+typedef struct ChunkedReads ChunkedReads;
+struct ChunkedReads {
     Chunked chunked;
+    Py_ssize_t (*stretch_work)(ChunkedReads *job, int thread, Py_ssize_t c, Py_ssize_t first, Py_ssize_t m, const void **at);
     const Py_ssize_t *bounds;
-    const Source *sources; /* per thread: (count + 1) each, the base first (unused without one) */
-    const void **at;       /* per thread: (count + 1) each */
-    const Keep *keeps;     /* NULL, or the call's (count), offset per stretch into stretch_keeps */
-    Keep *stretch_keeps;   /* per thread: count each */
-    char *out;
-    int out_kind, base_kind, has_base, rounded, has_post, given;
-    Py_ssize_t count, stretch, first;
-    const int *input_kinds;
-    const float *weights;
-    float divisor, lam, post;
+    Source *sources;  /* per thread: (count + 1) each, the base first (unused without one) */
+    const void **at;  /* per thread: (count + 1) each */
+    char *storage;    /* the file sources' buffers, every thread's */
+    int has_base;
+    Py_ssize_t count, stretch;
     Py_ssize_t *bad, *failed;
     int *err;
-} CombineChunks;
+};
 
-static void combine_chunk(Chunked *chunked, int thread, Py_ssize_t c) {
-    CombineChunks *g = (CombineChunks *)chunked;
-    const Py_ssize_t start = g->bounds[c], n = g->bounds[c + 1] - start, K = g->count;
-    const Source *sources = g->sources + (size_t)thread * (size_t)(K + 1);
-    const void **at = g->at + (size_t)thread * (size_t)(K + 1);
-    Keep *stretch_keeps = g->keeps != NULL ? g->stretch_keeps + (size_t)thread * (size_t)K : NULL;
-    const size_t out_size = g->out_kind == KIND_BF16 ? 2 : 4;
-    Py_ssize_t stretch = g->stretch > 0 ? g->stretch : (n > 0 ? n : 1);
+static void read_chunk(Chunked *chunked, int thread, Py_ssize_t c) {
+    ChunkedReads *r = (ChunkedReads *)chunked;
+    const Py_ssize_t start = r->bounds[c], n = r->bounds[c + 1] - start;
+    const Source *sources = r->sources + (size_t)thread * (size_t)(r->count + 1);
+    const void **at = r->at + (size_t)thread * (size_t)(r->count + 1);
+    Py_ssize_t stretch = r->stretch > 0 ? r->stretch : (n > 0 ? n : 1);
     Py_ssize_t bad = -1, failed = -1;
     int err = 0;
     for (Py_ssize_t first = 0; first < n; first += stretch) {
         Py_ssize_t m = n - first < stretch ? n - first : stretch;
-        if ((failed = stretch_with_base(sources, K, g->has_base, start + first, m, at, &err)) >= 0) {
+        if ((failed = stretch_with_base(sources, r->count, r->has_base, start + first, m, at, &err)) >= 0) {
             __atomic_store_n(&chunked->stop, 1, __ATOMIC_RELAXED);
             break;
         }
-        if (g->keeps != NULL) keeps_from(g->keeps, K, start + first, stretch_keeps);
-        Job job = {g->out + (size_t)(start + first) * out_size, g->out_kind, m, g->has_base ? at[0] : NULL, g->base_kind, K, at + 1,
-                   g->input_kinds, g->weights, g->divisor, g->lam, g->rounded, stretch_keeps, g->first + start + first, g->has_post, g->post, g->given};
-        Py_ssize_t b = combine(&job);
+        Py_ssize_t b = r->stretch_work(r, thread, c, start + first, m, at);
         if (b >= 0 && (bad < 0 || b < bad)) bad = b;
     }
-    g->bad[c] = bad;
-    g->failed[c] = failed;
-    g->err[c] = err;
+    r->bad[c] = bad;
+    r->failed[c] = failed;
+    r->err[c] = err;
+}
+
+/* r set up for `chunks` chunks (bounds) of the parsed sources (count + 1 slots, the base first where has_base) on
+ * `threads` threads: each thread's copy of the sources with buffers of its own; 0 with MemoryError set (then
+ * free_chunked_reads still frees what was made) */
+static int chunked_reads(ChunkedReads *r, const Source *sources, int has_base, Py_ssize_t count, const Py_ssize_t *bounds, Py_ssize_t chunks,
+                         int threads, Py_ssize_t (*stretch_work)(ChunkedReads *, int, Py_ssize_t, Py_ssize_t, Py_ssize_t, const void **)) {
+    memset(r, 0, sizeof(*r));
+    r->chunked = (Chunked){read_chunk, chunks, 0, 0};
+    r->stretch_work = stretch_work;
+    r->bounds = bounds;
+    r->has_base = has_base;
+    r->count = count;
+    const size_t slots = (size_t)(count + 1);
+    Py_ssize_t files = 0;
+    for (Py_ssize_t t = !has_base; t < count + 1; t++) files += sources[t].addr == NULL;
+    r->stretch = files > 0 ? READ_STRETCH : 0;
+    r->sources = PyMem_Malloc((size_t)threads * slots * sizeof(*r->sources));
+    r->at = PyMem_Malloc((size_t)threads * slots * sizeof(*r->at));
+    r->bad = PyMem_Malloc((size_t)chunks * sizeof(*r->bad));
+    r->failed = PyMem_Malloc((size_t)chunks * sizeof(*r->failed));
+    r->err = PyMem_Malloc((size_t)chunks * sizeof(*r->err));
+    if (files > 0) r->storage = PyMem_RawMalloc((size_t)threads * (size_t)files * READ_STRETCH * 4);
+    if (r->sources == NULL || r->at == NULL || r->bad == NULL || r->failed == NULL || r->err == NULL || (files > 0 && r->storage == NULL)) {
+        PyErr_NoMemory();
+        return 0;
+    }
+    for (int h = 0; h < threads; h++)
+        thread_sources(sources + !has_base, count + has_base, r->storage, files, h, r->sources + (size_t)h * slots + !has_base);
+    for (Py_ssize_t c = 0; c < chunks; c++) r->bad[c] = r->failed[c] = -1, r->err[c] = 0;
+    return 1;
+}
+
+static void free_chunked_reads(ChunkedReads *r) {
+    PyMem_Free(r->sources);
+    PyMem_Free(r->at);
+    PyMem_RawFree(r->storage);
+    PyMem_Free(r->bad);
+    PyMem_Free(r->failed);
+    PyMem_Free(r->err);
+}
+
+/* the chunks' answers once they have run */
+static ChunkAnswers chunked_answers(const ChunkedReads *r) { return chunk_answers(r->bad, r->failed, r->err, r->bounds, r->chunked.chunks); }
+
+typedef struct {
+    ChunkedReads reads;
+    const Keep *keeps;     /* NULL, or the call's (count), offset per stretch into stretch_keeps */
+    Keep *stretch_keeps;   /* per thread: count each */
+    char *out;
+    int out_kind, base_kind, rounded, has_post, given;
+    Py_ssize_t first;
+    const int *input_kinds;
+    const float *weights;
+    float divisor, lam, post;
+} CombineChunks;
+
+static Py_ssize_t combine_stretch(ChunkedReads *reads, int thread, Py_ssize_t c, Py_ssize_t first, Py_ssize_t m, const void **at) {
+    CombineChunks *g = (CombineChunks *)reads;
+    const Py_ssize_t K = reads->count;
+    (void)c;
+    Keep *stretch_keeps = NULL;
+    if (g->keeps != NULL) {
+        stretch_keeps = g->stretch_keeps + (size_t)thread * (size_t)K;
+        keeps_from(g->keeps, K, first, stretch_keeps);
+    }
+    Job job = {g->out + (size_t)first * (g->out_kind == KIND_BF16 ? 2 : 4), g->out_kind, m, reads->has_base ? at[0] : NULL, g->base_kind, K, at + 1,
+               g->input_kinds, g->weights, g->divisor, g->lam, g->rounded, stretch_keeps, g->first + first, g->has_post, g->post, g->given};
+    return combine(&job);
 }
 
 static PyObject *linear_combination(PyObject *self, PyObject *args) {
@@ -1238,13 +1300,13 @@ static PyObject *linear_combination(PyObject *self, PyObject *args) {
     PyObject *kinds = inputs ? PySequence_Fast(kinds_obj, "kinds must be a sequence") : NULL;
     PyObject *weights = kinds ? PySequence_Fast(weights_obj, "weights must be a sequence") : NULL;
     PyObject *result = NULL;
-    Source *sources = NULL, *per_thread = NULL;
-    const void **at = NULL;
-    int *input_kinds = NULL, *err = NULL;
+    Source *sources = NULL;
+    int *input_kinds = NULL;
     float *ws = NULL;
     Keep *keeps = NULL, *stretch_keeps = NULL;
-    char *storage = NULL;
-    Py_ssize_t *bounds = NULL, *bad = NULL, *failed = NULL;
+    Py_ssize_t *bounds = NULL;
+    CombineChunks job;
+    memset(&job, 0, sizeof(job));
     if (weights == NULL) goto done;
     Py_ssize_t count = PySequence_Fast_GET_SIZE(inputs);
     if (count < 1 || count > MAX_INPUTS || PySequence_Fast_GET_SIZE(kinds) != count || PySequence_Fast_GET_SIZE(weights) != count) {
@@ -1254,16 +1316,10 @@ static PyObject *linear_combination(PyObject *self, PyObject *args) {
     Py_ssize_t chunks = parse_bounds(bounds_obj, n, &bounds);
     if (chunks < 0) goto done;
     if (threads > chunks) threads = (int)chunks;
-    const size_t slots = (size_t)(count + 1);
-    sources = PyMem_Malloc(slots * sizeof(*sources)); /* the base first (unused without one) */
-    per_thread = PyMem_Malloc((size_t)threads * slots * sizeof(*per_thread));
-    at = PyMem_Malloc((size_t)threads * slots * sizeof(*at));
+    sources = PyMem_Malloc((size_t)(count + 1) * sizeof(*sources)); /* the base first (unused without one) */
     input_kinds = PyMem_Malloc((size_t)count * sizeof(*input_kinds));
     ws = PyMem_Malloc((size_t)count * sizeof(*ws));
-    bad = PyMem_Malloc((size_t)chunks * sizeof(*bad));
-    failed = PyMem_Malloc((size_t)chunks * sizeof(*failed));
-    err = PyMem_Malloc((size_t)chunks * sizeof(*err));
-    if (sources == NULL || per_thread == NULL || at == NULL || input_kinds == NULL || ws == NULL || bad == NULL || failed == NULL || err == NULL) {
+    if (sources == NULL || input_kinds == NULL || ws == NULL) {
         PyErr_NoMemory();
         goto done;
     }
@@ -1289,36 +1345,34 @@ static PyObject *linear_combination(PyObject *self, PyObject *args) {
             goto done;
         }
     }
-    Py_ssize_t files = 0;
-    for (Py_ssize_t t = !has_base; t < count + 1; t++) files += sources[t].addr == NULL;
-    if (files > 0 && (storage = PyMem_RawMalloc((size_t)threads * (size_t)files * READ_STRETCH * 4)) == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    for (int h = 0; h < threads; h++)
-        thread_sources(sources + !has_base, count + has_base, storage, files, h, per_thread + (size_t)h * slots + !has_base);
-    for (Py_ssize_t c = 0; c < chunks; c++) bad[c] = failed[c] = -1, err[c] = 0;
-    CombineChunks job = {{combine_chunk, chunks, 0, 0}, bounds, per_thread, at, keeps, stretch_keeps, (char *)(uintptr_t)out_addr, out_kind,
-                         base_kind, has_base, rounded, post_obj != Py_None, given, count, files > 0 ? READ_STRETCH : 0, first, input_kinds, ws,
-                         (float)divisor, (float)lam, (float)post, bad, failed, err};
+    if (!chunked_reads(&job.reads, sources, has_base, count, bounds, chunks, threads, combine_stretch)) goto done;
+    job.keeps = keeps;
+    job.stretch_keeps = stretch_keeps;
+    job.out = (char *)(uintptr_t)out_addr;
+    job.out_kind = out_kind;
+    job.base_kind = base_kind;
+    job.rounded = rounded;
+    job.has_post = post_obj != Py_None;
+    job.given = given;
+    job.first = first;
+    job.input_kinds = input_kinds;
+    job.weights = ws;
+    job.divisor = (float)divisor;
+    job.lam = (float)lam;
+    job.post = (float)post;
     Py_BEGIN_ALLOW_THREADS
-    run_chunks(&job.chunked, threads);
+    run_chunks(&job.reads.chunked, threads);
     Py_END_ALLOW_THREADS
-    ChunkAnswers a = chunk_answers(bad, failed, err, bounds, chunks);
+    ChunkAnswers a = chunked_answers(&job.reads);
     result = Py_BuildValue("(nninn)", a.bad, a.failed, a.err, a.failed_start, a.failed_stop);
 done:
+    free_chunked_reads(&job.reads);
     PyMem_Free(sources);
-    PyMem_Free(per_thread);
-    PyMem_Free(at);
     PyMem_Free(input_kinds);
     PyMem_Free(ws);
     PyMem_Free(keeps);
     PyMem_Free(stretch_keeps);
-    PyMem_RawFree(storage);
     PyMem_Free(bounds);
-    PyMem_Free(bad);
-    PyMem_Free(failed);
-    PyMem_Free(err);
     Py_XDECREF(inputs);
     Py_XDECREF(kinds);
     Py_XDECREF(weights);
@@ -1404,43 +1458,21 @@ done:
 }
 
 typedef struct {
-    Chunked chunked;
-    const Py_ssize_t *bounds;
-    const Source *sources; /* per thread: (count + 1) each, the base first (unused without one) */
-    const void **at;       /* per thread: (count + 1) each */
+    ChunkedReads reads;
     double *scratch;       /* per thread: scratch_size each */
     size_t scratch_size;
-    int has_base, base_kind, diagonal;
-    Py_ssize_t count, stretch;
+    int base_kind, diagonal;
     const int *input_kinds;
     float *sum;
     double *matrices;      /* per chunk: count * count, from 0 */
-    Py_ssize_t *bad, *failed;
-    int *err;
 } GramChunks;
 
-static void gram_chunk(Chunked *chunked, int thread, Py_ssize_t c) {
-    GramChunks *g = (GramChunks *)chunked;
-    const Py_ssize_t start = g->bounds[c], n = g->bounds[c + 1] - start, K = g->count;
-    const Source *sources = g->sources + (size_t)thread * (size_t)(K + 1);
-    const void **at = g->at + (size_t)thread * (size_t)(K + 1);
-    Py_ssize_t stretch = g->stretch > 0 ? g->stretch : (n > 0 ? n : 1);
-    Py_ssize_t bad = -1, failed = -1;
-    int err = 0;
-    for (Py_ssize_t first = 0; first < n; first += stretch) {
-        Py_ssize_t m = n - first < stretch ? n - first : stretch;
-        if ((failed = stretch_with_base(sources, K, g->has_base, start + first, m, at, &err)) >= 0) {
-            __atomic_store_n(&chunked->stop, 1, __ATOMIC_RELAXED);
-            break;
-        }
-        GramJob job = {m, g->has_base ? at[0] : NULL, g->base_kind, K, at + 1, g->input_kinds, g->scratch + (size_t)thread * g->scratch_size,
-                       g->matrices + (size_t)c * (size_t)(K * K), g->sum != NULL ? g->sum + start + first : NULL, g->diagonal};
-        Py_ssize_t b = gram(&job);
-        if (b >= 0 && (bad < 0 || b < bad)) bad = b;
-    }
-    g->bad[c] = bad;
-    g->failed[c] = failed;
-    g->err[c] = err;
+static Py_ssize_t gram_stretch(ChunkedReads *reads, int thread, Py_ssize_t c, Py_ssize_t first, Py_ssize_t m, const void **at) {
+    GramChunks *g = (GramChunks *)reads;
+    const Py_ssize_t K = reads->count;
+    GramJob job = {m, reads->has_base ? at[0] : NULL, g->base_kind, K, at + 1, g->input_kinds, g->scratch + (size_t)thread * g->scratch_size,
+                   g->matrices + (size_t)c * (size_t)(K * K), g->sum != NULL ? g->sum + first : NULL, g->diagonal};
+    return gram(&job);
 }
 
 PyDoc_STRVAR(gram_doc,
@@ -1474,13 +1506,12 @@ static PyObject *gram_matrix(PyObject *self, PyObject *args) {
     PyObject *inputs = PySequence_Fast(inputs_obj, "inputs must be a sequence");
     PyObject *kinds = inputs ? PySequence_Fast(kinds_obj, "kinds must be a sequence") : NULL;
     PyObject *result = NULL;
-    Source *sources = NULL, *per_thread = NULL;
-    const void **at = NULL;
+    Source *sources = NULL;
     int *input_kinds = NULL;
-    char *storage = NULL;
     double *scratch = NULL, *matrices = NULL, *total = NULL;
-    Py_ssize_t *bounds = NULL, *bad = NULL, *failed = NULL;
-    int *err = NULL;
+    Py_ssize_t *bounds = NULL;
+    GramChunks job;
+    memset(&job, 0, sizeof(job));
     if (kinds == NULL) goto done;
     Py_ssize_t count = PySequence_Fast_GET_SIZE(inputs);
     if (count < 1 || count > 256 || PySequence_Fast_GET_SIZE(kinds) != count) {
@@ -1490,19 +1521,13 @@ static PyObject *gram_matrix(PyObject *self, PyObject *args) {
     Py_ssize_t chunks = parse_bounds(bounds_obj, n, &bounds);
     if (chunks < 0) goto done;
     if (threads > chunks) threads = (int)chunks;
-    const size_t slots = (size_t)(count + 1), scratch_size = (size_t)count * BLOCK + (size_t)(count * count) * LANES; /* + gram_avx512's lanes */
-    sources = PyMem_Malloc(slots * sizeof(*sources)); /* the base first (unused without one) */
-    per_thread = PyMem_Malloc((size_t)threads * slots * sizeof(*per_thread));
-    at = PyMem_Malloc((size_t)threads * slots * sizeof(*at));
+    const size_t scratch_size = (size_t)count * BLOCK + (size_t)(count * count) * LANES; /* + gram_avx512's lanes */
+    sources = PyMem_Malloc((size_t)(count + 1) * sizeof(*sources)); /* the base first (unused without one) */
     input_kinds = PyMem_Malloc((size_t)count * sizeof(*input_kinds));
     scratch = PyMem_RawMalloc((size_t)threads * scratch_size * sizeof(double));
     matrices = PyMem_RawCalloc((size_t)chunks * (size_t)(count * count), sizeof(double));
     total = PyMem_RawCalloc((size_t)(count * count), sizeof(double));
-    bad = PyMem_Malloc((size_t)chunks * sizeof(*bad));
-    failed = PyMem_Malloc((size_t)chunks * sizeof(*failed));
-    err = PyMem_Malloc((size_t)chunks * sizeof(*err));
-    if (sources == NULL || per_thread == NULL || at == NULL || input_kinds == NULL || scratch == NULL || matrices == NULL || total == NULL
-        || bad == NULL || failed == NULL || err == NULL) {
+    if (sources == NULL || input_kinds == NULL || scratch == NULL || matrices == NULL || total == NULL) {
         PyErr_NoMemory();
         goto done;
     }
@@ -1510,36 +1535,28 @@ static PyObject *gram_matrix(PyObject *self, PyObject *args) {
     if (has_base < 0 || (has_base && !parse_source(base_obj, base_kind, &sources[0]))) goto done;
     if (!parse_sources(inputs, kinds, count, sources + 1)) goto done;
     for (Py_ssize_t t = 0; t < count; t++) input_kinds[t] = sources[t + 1].kind;
-    Py_ssize_t files = 0;
-    for (Py_ssize_t t = !has_base; t < count + 1; t++) files += sources[t].addr == NULL;
-    if (files > 0 && (storage = PyMem_RawMalloc((size_t)threads * (size_t)files * READ_STRETCH * 4)) == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    for (int h = 0; h < threads; h++)
-        thread_sources(sources + !has_base, count + has_base, storage, files, h, per_thread + (size_t)h * slots + !has_base);
-    for (Py_ssize_t c = 0; c < chunks; c++) bad[c] = failed[c] = -1, err[c] = 0;
-    GramChunks job = {{gram_chunk, chunks, 0, 0}, bounds, per_thread, at, scratch, scratch_size, has_base, base_kind, diagonal, count,
-                      files > 0 ? READ_STRETCH : 0, input_kinds, sum_addr != 0 ? (float *)(uintptr_t)sum_addr : NULL, matrices, bad, failed, err};
+    if (!chunked_reads(&job.reads, sources, has_base, count, bounds, chunks, threads, gram_stretch)) goto done;
+    job.scratch = scratch;
+    job.scratch_size = scratch_size;
+    job.base_kind = base_kind;
+    job.diagonal = diagonal;
+    job.input_kinds = input_kinds;
+    job.sum = sum_addr != 0 ? (float *)(uintptr_t)sum_addr : NULL;
+    job.matrices = matrices;
     Py_BEGIN_ALLOW_THREADS
-    run_chunks(&job.chunked, threads);
+    run_chunks(&job.reads.chunked, threads);
     for (Py_ssize_t c = 0; c < chunks; c++) /* in chunk order */
         for (Py_ssize_t i = 0; i < count * count; i++) total[i] += matrices[(size_t)c * (size_t)(count * count) + (size_t)i];
     Py_END_ALLOW_THREADS
-    result = chunk_answer_with_doubles(chunk_answers(bad, failed, err, bounds, chunks), total, count * count);
+    result = chunk_answer_with_doubles(chunked_answers(&job.reads), total, count * count);
 done:
+    free_chunked_reads(&job.reads);
     PyMem_Free(sources);
-    PyMem_Free(per_thread);
-    PyMem_Free(at);
     PyMem_Free(input_kinds);
-    PyMem_RawFree(storage);
     PyMem_RawFree(scratch);
     PyMem_RawFree(matrices);
     PyMem_RawFree(total);
     PyMem_Free(bounds);
-    PyMem_Free(bad);
-    PyMem_Free(failed);
-    PyMem_Free(err);
     Py_XDECREF(inputs);
     Py_XDECREF(kinds);
     return result;
