@@ -524,7 +524,7 @@ def _each_stored_chunk(sources: Sequence[StoredSource], has_base: bool, work: Ca
         try:
             bad = work(start, stop, [fused.Span(fd, position + start * dtype.itemsize, dtype) for fd, position, dtype in where])
         except fused.ReadFailed as failure:
-            _refuse_unreadable(sources[failure.index if has_base else failure.index - 1], start, stop, failure.errno)
+            _refuse_unreadable(sources, has_base, failure, (start, stop))
         _refuse_if_bad(sources, has_base, bad, compute_dtype)
 
     map_strided(chunk, fused_chunks(_numel_of(sources)))
@@ -539,11 +539,22 @@ def _spans_of(sources: Sequence[StoredSource]) -> list[tuple[int, int, torch.dty
     return [(*ckpt.file_span(name), dtype) for ckpt, name, dtype in sources]
 
 
+def _stored_spans(sources: Sequence[StoredSource], has_base: bool) -> tuple[fused.Span | None, list[fused.Span]]:
+    """The kernel's base (None without one: the first source where ``has_base``) and inputs, as spans of entry 0."""
+    spans = [fused.Span(fd, position, dtype) for fd, position, dtype in _spans_of(sources)]
+    return (spans[0], spans[1:]) if has_base else (None, spans)
+
+
+def _source_at(sources: Sequence[StoredSource], has_base: bool, index: int) -> StoredSource:
+    """The source the kernel numbers ``index`` (0 the base, 1 + t input t)."""
+    return sources[index if has_base else index - 1]
+
+
 def _refuse_if_bad(sources: Sequence[StoredSource], has_base: bool, bad: int, compute_dtype: torch.dtype) -> None:
     """The torch path's refusal of the source the kernel found a NaN/Inf entry in (``bad`` numbered as its answers;
     -1: none)."""
     if bad >= 0:
-        ckpt, name, _ = sources[bad if has_base else bad - 1]
+        ckpt, name, _ = _source_at(sources, has_base, bad)
         _refuse_non_finite(ckpt, name, ckpt.get(name).to(dtype=compute_dtype))
 
 
@@ -570,11 +581,14 @@ def fused_chunks(numel: int) -> list[tuple[int, int]]:
     return [(start, min(numel, start + size)) for start in range(0, numel, size)]
 
 
-def _refuse_unreadable(source: StoredSource, start: int, stop: int, err: int) -> NoReturn:
-    """The one-line error of a failed read of entries [start, stop) of a stored tensor: the checkpoint reader's own,
-    from reading them again (errno ``err`` from the kernel's read, -1: the file ended, where that read succeeds)."""
-    ckpt, name, dtype = source
+def _refuse_unreadable(sources: Sequence[StoredSource], has_base: bool, failure: fused.ReadFailed, chunk: tuple[int, int]) -> NoReturn:
+    """The one-line error of the kernel's failed read of a source's entries (the failure's chunk, else ``chunk``): the
+    checkpoint reader's own, from reading them again (the kernel's errno where that read succeeds; -1: the file
+    ended)."""
+    ckpt, name, dtype = _source_at(sources, has_base, failure.index)
+    start, stop = failure.chunk or chunk
     ckpt.read_into(name, start * dtype.itemsize, memoryview(bytearray((stop - start) * dtype.itemsize)))
+    err = failure.errno
     what = "the file ended" if err < 0 else os.strerror(err)
     raise CheckpointError(f"{ckpt.ref}: could not read entries {start}-{stop} of tensor {name}: {what}; the file may be truncated or corrupt")
 
@@ -586,13 +600,11 @@ def _gram_of_stored(sources: Sequence[StoredSource], has_base: bool, compute_dty
     chunk order (the same sum on any thread count); ``sum_into`` (flat float32) receives the sum of the (differences
     of the) sources; ``diagonal``: only the squared norms. Refusals as ``_each_stored_chunk``'s."""
     numel = _numel_of(sources)
-    spans = [fused.Span(fd, position, dtype) for fd, position, dtype in _spans_of(sources)]
-    base, inputs = (spans[0], spans[1:]) if has_base else (None, spans)
+    base, inputs = _stored_spans(sources, has_base)
     try:
         total, bad = fused.gram(base, inputs, sum_into, diagonal, n=numel, chunks=fused_chunks(numel), threads=thread_count())
     except fused.ReadFailed as failure:
-        start, stop = failure.chunk or (0, numel)
-        _refuse_unreadable(sources[failure.index if has_base else failure.index - 1], start, stop, failure.errno)
+        _refuse_unreadable(sources, has_base, failure, (0, numel))
     _refuse_if_bad(sources, has_base, bad, compute_dtype)
     return total
 
@@ -605,14 +617,12 @@ def _combine_stored(sources: Sequence[StoredSource], has_base: bool, out: torch.
     input numbered as it numbers them) for the caller to refuse; a read it could not make is refused as
     ``_each_stored_chunk`` refuses it."""
     numel = out.numel()
-    spans = [fused.Span(fd, position, dtype) for fd, position, dtype in _spans_of(sources)]
-    base, inputs = (spans[0], spans[1:]) if has_base else (None, spans)
+    base, inputs = _stored_spans(sources, has_base)
     try:
         return fused.linear_combination_into(out, base, [*inputs, *in_memory], form, gates=gates, chunks=fused_chunks(numel),
                                              threads=thread_count())
     except fused.ReadFailed as failure:
-        start, stop = failure.chunk or (0, numel)
-        _refuse_unreadable(sources[failure.index if has_base else failure.index - 1], start, stop, failure.errno)
+        _refuse_unreadable(sources, has_base, failure, (0, numel))
 
 
 def _dare_norms_of_stored(sources: Sequence[StoredSource], form: fused.LinearForm, compute_dtype: torch.dtype,

@@ -891,24 +891,6 @@ static void keeps_from(const Keep *keeps, Py_ssize_t count, Py_ssize_t start, Ke
     }
 }
 
-/* One allocation for the buffers of the file sources (NULL, no exception, where there are none; NULL with
- * MemoryError set where it fails: *failed 1) */
-static char *file_buffers(Source *sources, Py_ssize_t count, int *failed) {
-    Py_ssize_t files = 0;
-    *failed = 0;
-    for (Py_ssize_t t = 0; t < count; t++) files += sources[t].addr == NULL;
-    if (files == 0) return NULL;
-    char *storage = PyMem_RawMalloc((size_t)files * READ_STRETCH * 4);
-    if (storage == NULL) {
-        *failed = 1;
-        PyErr_NoMemory();
-        return NULL;
-    }
-    for (Py_ssize_t t = 0, f = 0; t < count; t++)
-        if (sources[t].addr == NULL) sources[t].buffer = storage + (size_t)(f++) * READ_STRETCH * 4;
-    return storage;
-}
-
 /* nbytes of the file from position into dst: 0, or errno of a failed read (-1: the file ended first) */
 static int read_span(int fd, char *dst, size_t nbytes, long long position) {
 #if HAVE_PREAD
@@ -993,15 +975,6 @@ static Keep *parse_keeps(PyObject *keeps_obj, Py_ssize_t count) {
 done:
     Py_DECREF(seq);
     return keeps;
-}
-
-/* The stretch for n entries of the sources: READ_STRETCH where any is in a file (the files' buffers allocated into
- * *storage), else all n at once; -1 with MemoryError set */
-static Py_ssize_t stretch_for(Source *sources, Py_ssize_t count, Py_ssize_t n, char **storage) {
-    int no_memory;
-    *storage = file_buffers(sources, count, &no_memory);
-    if (no_memory) return -1;
-    return *storage != NULL ? READ_STRETCH : (n > 0 ? n : 1);
 }
 
 /* stretch_at for a base slot and `count` inputs (sources[0] and at[0] unused where !has_base): -1, or the failed
@@ -1386,6 +1359,27 @@ PyDoc_STRVAR(dare_norms_doc,
     "float64, summed in a fixed order. The base and inputs as linear_combination's (addresses or file spans). Returns\n"
     "(bad, failed, err, norms) as gram does. The GIL is released while it runs.");
 
+/* dare_norms on the chunked reads: one chunk, one thread, each input's lanes carried across the stretches */
+typedef struct {
+    ChunkedReads reads;
+    const Keep *keeps;
+    Keep *stretch_keeps; /* count */
+    int base_kind;
+    const int *input_kinds;
+    Py_ssize_t first;
+    double *lanes;
+} NormsChunk;
+
+static Py_ssize_t norms_stretch(ChunkedReads *reads, int thread, Py_ssize_t c, Py_ssize_t first, Py_ssize_t m, const void **at) {
+    NormsChunk *g = (NormsChunk *)reads;
+    (void)thread;
+    (void)c;
+    keeps_from(g->keeps, reads->count, first, g->stretch_keeps);
+    Job job = {NULL, KIND_F32, m, at[0], g->base_kind, reads->count, at + 1, g->input_kinds, NULL, 0.0f, 0.0f, 0, g->stretch_keeps, g->first + first,
+               0, 1.0f, 0};
+    return dare_norms_of(&job, g->lanes);
+}
+
 static PyObject *dare_norms(PyObject *self, PyObject *args) {
     PyObject *base_obj;
     int base_kind;
@@ -1400,58 +1394,56 @@ static PyObject *dare_norms(PyObject *self, PyObject *args) {
     PyObject *kinds = inputs ? PySequence_Fast(kinds_obj, "kinds must be a sequence") : NULL;
     PyObject *result = NULL;
     Source *sources = NULL;
-    const void **at = NULL;
     int *input_kinds = NULL;
     Keep *keeps = NULL, *stretch_keeps = NULL;
     double *lanes = NULL, *norms = NULL;
-    char *storage = NULL;
+    Py_ssize_t *bounds = NULL;
+    NormsChunk job;
+    memset(&job, 0, sizeof(job));
     if (kinds == NULL) goto done;
     Py_ssize_t count = PySequence_Fast_GET_SIZE(inputs);
     if (count < 1 || count > MAX_INPUTS || PySequence_Fast_GET_SIZE(kinds) != count) {
         PyErr_SetString(PyExc_ValueError, "inputs and kinds must have the same length (1 to 4096)");
         goto done;
     }
+    if (parse_bounds(Py_None, n, &bounds) < 0) goto done;
     sources = PyMem_Malloc((size_t)(count + 1) * sizeof(*sources)); /* the base first */
-    at = PyMem_Malloc((size_t)(count + 1) * sizeof(*at));
     input_kinds = PyMem_Malloc((size_t)count * sizeof(*input_kinds));
     stretch_keeps = PyMem_Malloc((size_t)count * sizeof(*stretch_keeps));
     lanes = PyMem_RawCalloc((size_t)count * 2 * LANES, sizeof(double));
     norms = PyMem_RawCalloc((size_t)count * 2, sizeof(double));
-    if (sources == NULL || at == NULL || input_kinds == NULL || stretch_keeps == NULL || lanes == NULL || norms == NULL) {
+    if (sources == NULL || input_kinds == NULL || stretch_keeps == NULL || lanes == NULL || norms == NULL) {
         PyErr_NoMemory();
         goto done;
     }
     if (!parse_source(base_obj, base_kind, &sources[0]) || !parse_sources(inputs, kinds, count, sources + 1)) goto done;
     for (Py_ssize_t t = 0; t < count; t++) input_kinds[t] = sources[t + 1].kind;
     if ((keeps = parse_keeps(keeps_obj, count)) == NULL) goto done;
-    Py_ssize_t stretch = stretch_for(sources, count + 1, n, &storage);
-    if (stretch < 0) goto done;
-    Py_ssize_t bad = -1, failed = -1;
-    int err = 0;
+    if (!chunked_reads(&job.reads, sources, 1, count, bounds, 1, 1, norms_stretch)) goto done;
+    job.keeps = keeps;
+    job.stretch_keeps = stretch_keeps;
+    job.base_kind = base_kind;
+    job.input_kinds = input_kinds;
+    job.first = first;
+    job.lanes = lanes;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t start = 0; start < n; start += stretch) {
-        Py_ssize_t m = n - start < stretch ? n - start : stretch;
-        if ((failed = stretch_with_base(sources, count, 1, start, m, at, &err)) >= 0) break;
-        keeps_from(keeps, count, start, stretch_keeps);
-        Job job = {NULL, KIND_F32, m, at[0], base_kind, count, at + 1, input_kinds, NULL, 0.0f, 0.0f, 0, stretch_keeps, first + start, 0, 1.0f, 0};
-        Py_ssize_t b = dare_norms_of(&job, lanes);
-        if (b >= 0 && (bad < 0 || b < bad)) bad = b;
-    }
+    run_chunks(&job.reads.chunked, 1);
     Py_END_ALLOW_THREADS
     for (Py_ssize_t t = 0; t < count; t++) {
         norms[2 * t] = lanes_total(lanes + 2 * LANES * t);
         norms[2 * t + 1] = lanes_total(lanes + 2 * LANES * t + LANES);
     }
-    result = answer_with_doubles(bad, failed, err, norms, count * 2);
+    ChunkAnswers a = chunked_answers(&job.reads);
+    result = answer_with_doubles(a.bad, a.failed, a.err, norms, count * 2);
 done:
+    free_chunked_reads(&job.reads);
     PyMem_Free(sources);
-    PyMem_Free(at);
     PyMem_Free(input_kinds);
     PyMem_Free(keeps);
     PyMem_Free(stretch_keeps);
     PyMem_RawFree(lanes);
     PyMem_RawFree(norms);
-    PyMem_RawFree(storage);
+    PyMem_Free(bounds);
     Py_XDECREF(inputs);
     Py_XDECREF(kinds);
     return result;
