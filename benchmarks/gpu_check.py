@@ -5,8 +5,10 @@ both wall times recorded (issue 12's GPU goal). Runs where a CUDA device is; wri
 
 Each method runs the recipe ``bench_speed.py`` writes for it (mergekit's parameters where mergekit has the method),
 once on each device, in a fresh process (``python -m mergekit_lite.cli run RECIPE OUT -q --force --device D``; each
-wall time includes start-up). Equal: every tensor bit for bit; else the largest absolute difference, and whether it
-is within 1e-6 of the largest magnitude (float32 arithmetic in another order on the GPU).
+wall time includes start-up). Equal: every tensor bit for bit; else how many entries differ, the largest absolute
+difference, whether it is within 1e-6 of the largest magnitude (float32 arithmetic in another order on the GPU),
+and the largest difference relative to its tensor's largest update |θ − θ_0|. For Arcee Fusion, how far the
+differing entries' importance lies from the threshold (an entry's selection flipped by the devices' roundings).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,22 +39,55 @@ def load(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def compare(cpu: Path, gpu: Path) -> tuple[bool, float, float]:
-    """(every tensor bit for bit, the largest |cpu − gpu|, the largest |cpu|)."""
+@dataclass
+class Comparison:
+    """How the two devices' outputs compare: bit for bit, else where and by how much."""
+
+    same: bool
+    worst: float = 0.0  # the largest |cpu − cuda|
+    scale: float = 0.0  # the largest |cpu|
+    entries: int = 0  # entries that differ
+    relative: float = 0.0  # the largest |cpu − cuda| over its tensor's largest |cpu − θ_0| (the merge's update)
+    differing: dict[str, torch.Tensor] = field(default_factory=dict)  # tensor name → flat indices that differ
+
+
+def compare(cpu: Path, gpu: Path, base: Path | None) -> Comparison:
+    """Every tensor of the two outputs, bit for bit; where they differ, the entries and their sizes."""
     a, b = load(cpu), load(gpu)
-    if a.keys() != b.keys():
-        return False, float("inf"), 0.0
-    same, worst, scale = True, 0.0, 0.0
+    if a.keys() != b.keys() or any(x.dtype != b[n].dtype or x.shape != b[n].shape for n, x in a.items()):
+        return Comparison(False, float("inf"))
+    theta0 = load(base) if base is not None else {}
+    result = Comparison(True)
     for name, x in a.items():
         y = b[name]
-        if x.dtype != y.dtype or x.shape != y.shape:
-            return False, float("inf"), 0.0
+        result.scale = max(result.scale, float(x.float().abs().max()))
         bits = torch.int16 if x.element_size() == 2 else torch.int32
-        if not torch.equal(x.view(bits), y.view(bits)):
-            same = False
-            worst = max(worst, float((x.float() - y.float()).abs().max()))
-        scale = max(scale, float(x.float().abs().max()))
-    return same, worst, scale
+        apart = x.view(bits) != y.view(bits)
+        if not apart.any():
+            continue
+        difference = float((x.float() - y.float()).abs().max())
+        update = float((x.float() - theta0[name].float()).abs().max()) if name in theta0 else float("nan")
+        result.same = False
+        result.worst = max(result.worst, difference)
+        result.relative = max(result.relative, difference / update if update > 0 else float("inf"))
+        result.entries += int(apart.sum())
+        result.differing[name] = apart.reshape(-1).nonzero().reshape(-1)
+    return result
+
+
+def arcee_flips(model: "bench_speed.Model", differing: dict[str, torch.Tensor]) -> float:
+    """Arcee Fusion's differing entries: the largest |importance − threshold| / threshold among them, importance and
+    threshold as the CPU computes them. Near 0: the devices' roundings put those entries on either side of it."""
+    from mergekit_lite.ops.selection import arcee_importance, iqr_threshold
+
+    base, other = load(model.base), load(model.finetune(1))
+    farthest = 0.0
+    for name, indices in differing.items():
+        theta0, theta1 = base[name].float(), other[name].float()
+        importance = arcee_importance(theta0, theta1.clone()).reshape(-1)
+        threshold = float(iqr_threshold(importance))
+        farthest = max(farthest, float((importance[indices] - threshold).abs().max()) / abs(threshold))
+    return farthest
 
 
 def run(recipe: Path, out: Path, device: str, timeout: float) -> tuple[float, int, str]:
@@ -82,8 +118,8 @@ def main(argv: list[str]) -> int:
     shared = [m for m in bench_speed.MERGEKIT_RECIPES if m in METHODS]
     methods = args.methods or shared + sorted(set(METHODS) - set(shared))  # mergekit's methods first
     rows = [f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}; model {args.size}, K = {args.k} (or the K a method takes)", "",
-            "| method | K | cpu wall (s) | cuda wall (s) | cpu ÷ cuda | output | largest difference | largest magnitude |",
-            "|---|---:|---:|---:|---:|---|---:|---:|"]
+            "| method | K | cpu wall (s) | cuda wall (s) | cpu ÷ cuda | output | largest difference | of its tensor's largest update | largest magnitude |",
+            "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
     args.out.write_text("\n".join(rows) + "\n")
     for method in methods:
         k = next((k for k in (args.k, 1, 2) if not bench_speed.runs_at(method, k)), None)
@@ -96,11 +132,16 @@ def main(argv: list[str]) -> int:
         cpu_time, cpu_rc, cpu_err = run(recipe, args.work / "out-cpu", "cpu", args.timeout)
         gpu_time, gpu_rc, gpu_err = run(recipe, args.work / "out-cuda", "cuda", args.timeout)
         if cpu_rc != 0 or gpu_rc != 0:
-            line = f"| {method} | {k} | {cpu_time:.2f} | {gpu_time:.2f} | — | failed: cpu {cpu_rc} {cpu_err!r}; cuda {gpu_rc} {gpu_err!r} | | |"
+            line = f"| {method} | {k} | {cpu_time:.2f} | {gpu_time:.2f} | — | failed: cpu {cpu_rc} {cpu_err!r}; cuda {gpu_rc} {gpu_err!r} | | | |"
         else:
-            same, worst, scale = compare(args.work / "out-cpu", args.work / "out-cuda")
-            verdict = "bit for bit" if same else ("within 1e-6 of the largest magnitude" if worst <= 1e-6 * max(scale, 1.0) else "DIFFERS")
-            line = f"| {method} | {k} | {cpu_time:.2f} | {gpu_time:.2f} | {cpu_time / gpu_time:.2f} | {verdict} | {worst:.3g} | {scale:.3g} |"
+            c = compare(args.work / "out-cpu", args.work / "out-cuda", model.base)
+            verdict = "bit for bit" if c.same else ("within 1e-6 of the largest magnitude" if c.worst <= 1e-6 * max(c.scale, 1.0) else "DIFFERS")
+            if not c.same:
+                verdict += f"; {c.entries} entries"
+                if method == "arcee_fusion":
+                    verdict += f", importance within {arcee_flips(model, c.differing):.2g} of the threshold (relative)"
+            line = (f"| {method} | {k} | {cpu_time:.2f} | {gpu_time:.2f} | {cpu_time / gpu_time:.2f} | {verdict} | {c.worst:.3g} | "
+                    f"{c.relative:.3g} | {c.scale:.3g} |")
         print(line, flush=True)
         with args.out.open("a") as f:
             f.write(line + "\n")

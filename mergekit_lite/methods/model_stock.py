@@ -54,7 +54,9 @@ def model_stock_rows(source: TaskVectorSource, ctx: TensorContext) -> torch.Tens
     each_chunk(sum_chunk, chunks, source.device)
     ordered = [grams[start] for start, _ in chunks]
     gram = torch.cat(ordered) if per_row else torch.stack(ordered).sum(dim=0)
-    return scale_mean(total, count, model_stock_ratio_from_gram(gram, total.dtype), filter_wise)
+    # t from the Gram matrix on the CPU, whichever device made it: the same float64 steps as the native path's
+    ratio = model_stock_ratio_from_gram(gram.cpu(), total.dtype).to(total.device)
+    return scale_mean(total, count, ratio, filter_wise)
 
 
 def _combine(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> torch.Tensor:

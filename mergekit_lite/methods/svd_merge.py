@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from ..ops.svd_merge import is_spectral, iso_c, iso_cts, tsv_merge, wudi_merge
+from ..ops.devices import divide_
 from .base import HeldTaskVectors, MergeMethod, Param, TaskVectorSource, TensorContext, register, weighted_task_vector
 from .task_arithmetic import LAMBDA, WEIGHT
 
@@ -54,7 +55,7 @@ def mean_update(deltas: Iterable[torch.Tensor]) -> torch.Tensor:
         del delta
     if total is None:
         raise ValueError("at least one task vector is required")
-    return total.div_(count)
+    return divide_(total, count)
 
 
 def spectral(kernel: Kernel) -> Callable[[Iterable[torch.Tensor], TensorContext], torch.Tensor]:

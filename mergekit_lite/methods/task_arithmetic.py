@@ -36,6 +36,7 @@ from ..ops import (
 )
 from ..ops.bitpack import pack_bits, unpack_bit_range
 from ..ops.combine import weight_sum_divisor
+from ..ops.devices import divide_
 from ..ops.fused import DareDraws, Keep, LinearForm
 from ..ops.sparsify import l1_norms
 from ..ops.threads import map_parts, split_evenly, thread_count
@@ -127,7 +128,7 @@ class Kept:
         if isinstance(self.divisor, torch.Tensor):
             out.div_(self.divisor if rows is None else self.divisor[rows])
         elif self.divisor is not None:
-            out.div_(self.divisor)
+            divide_(out, self.divisor)
         return out
 
     def pack(self) -> "Kept":
@@ -328,7 +329,7 @@ def combine_sum(sparsified: Iterable[torch.Tensor], ctx: TensorContext) -> torch
     assert total is not None, "at least one model is required"
     divisor = weight_sum_divisor(weights, ctx.params.get("normalize", False))
     if divisor is not None:
-        total.div_(divisor)
+        divide_(total, divisor)
     return total
 
 
@@ -492,7 +493,7 @@ def sum_rows(source: TaskVectorSource, sparsify_rows: RowSparsifier | None, spar
             total = trimmed.mul_(weights[t]) if total is None else total.add_(trimmed, alpha=weights[t])
             del trimmed
         assert total is not None, "at least one model is required"
-        return total.div_(divisor) if divisor is not None else total
+        return divide_(total, divisor) if divisor is not None else total
 
     return merged_by_row_chunks(source, merge_rows)
 

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .checks import _check_fraction, _check_mode, _check_stacked, _task_weights
+from .devices import divide_
 from .sparsify import magnitude_mask, topk_mask
 
 
@@ -249,7 +250,7 @@ def weighted_average(tensors: Iterable[Tensor], weights: Sequence[float], normal
         raise ValueError("weighted_average needs at least one tensor")
     divisor = weight_sum_divisor(weights, normalize)
     if divisor is not None:
-        total.div_(divisor)
+        divide_(total, divisor)
     return total
 
 

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .checks import _check_stacked
 from .combine import agreeing_magnitudes_, elected_sign, with_sign_
+from .devices import divide_
 from .sparsify import topk_count_mask
 
 #: mergekit 0.1.5's rule: below this summed energy, SCE weights fall back to uniform.
@@ -88,7 +89,7 @@ def task_variance(deltas: Tensor | Iterable[Tensor]) -> Tensor:
             mean.addcdiv_(step, count)
             data.sub_(mean)
             m2.addcmul_(step, data)
-        out.view(-1)[start:stop].copy_(m2.div_(len(tasks)))
+        out.view(-1)[start:stop].copy_(divide_(m2, len(tasks)))
     return out
 
 

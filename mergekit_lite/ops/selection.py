@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import fused
+from .devices import divide_
 from .sparsify import BRACKET_BLOCK, BRACKET_MIN, sample_brackets
 from .threads import map_parts, scratch, split_evenly, thread_count
 
@@ -68,8 +69,12 @@ def pairwise_gram(deltas: Sequence[Tensor], per_row: bool = False) -> Tensor:
 
 
 def stacked_gram(stacked: Tensor) -> Tensor:
-    """``pairwise_gram`` of task vectors already stacked [K, ...] (contiguous): the same product, no second stack."""
+    """``pairwise_gram`` of task vectors already stacked [K, ...] (contiguous): the same product, no second stack.
+    Off the CPU the products are added in float64, as the CPU's native pass adds them (``fused.gram``): float32 sums
+    in the GPU's order moved Model Stock's t, and so its outputs, by ~1e-7."""
     flat = stacked.reshape(stacked.shape[0], -1)  # [K, n]
+    if flat.device.type != "cpu":
+        flat = flat.double()
     return (flat @ flat.T).double()
 
 
@@ -120,7 +125,7 @@ def model_stock_task_vector(deltas: list[Tensor], filter_wise: bool = False) -> 
 def scale_mean(total: Tensor, count: int, ratio: Tensor, filter_wise: bool = False) -> Tensor:
     """t · (Σ τ_i) / K in place on ``total``, t one ratio or one per row (from ``model_stock_ratio``)."""
     shape = total.shape
-    total.div_(count)
+    divide_(total, count)
     rows = _rows(total, filter_wise)
     rows.mul_(ratio)
     return rows.reshape(shape)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .checks import _check_fraction
+from .devices import divide_, float64_sum
 from .threads import generator_at, map_parts, scratch, split_evenly, thread_count
 
 BREADCRUMBS_SCOPES = ("row", "tensor")
@@ -340,7 +341,11 @@ def _magnitudes(block: Tensor) -> Tensor:
 
 
 def _block_l1(block: Tensor) -> float:
-    """The sum of a block of magnitudes as ``l1_norm`` adds it: float32 sums of rows of L1_ROW entries, in float64."""
+    """The sum of a block of magnitudes as ``l1_norm`` adds it: float32 sums of rows of L1_ROW entries, in float64.
+    Off the CPU, a float64 sum: the CPU's native pass adds its norms in float64 (``fused.dare_norms``), and the L1
+    rescale's factor from float32 sums in the GPU's order moved the outputs by ~1e-7 (float64: the same factor)."""
+    if block.device.type != "cpu":
+        return float64_sum(block)
     whole = block.numel() - block.numel() % L1_ROW
     total = 0.0
     if whole:
@@ -708,7 +713,7 @@ def _probabilities_by_rank(n: int, density: float, epsilon: float, scale: float 
     """(density − ε) + rank/(n−1)·2ε for each rank 0 … n−1, in float64, times ``scale`` (a power of two: exact)."""
     by_rank = torch.arange(n, dtype=torch.float64, device=device)
     if n > 1:
-        by_rank.div_(n - 1)
+        divide_(by_rank, n - 1)
     else:
         by_rank.zero_()
     by_rank.mul_(2 * epsilon).add_(density - epsilon)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .vocab import is_vocabulary_tensor
+from .devices import divide_
 
 #: Lookup tables indexed by position or segment (not linear maps), by the end of their name.
 POSITION_TABLE_SUFFIXES = (
@@ -238,6 +239,6 @@ def wudi_merge(deltas: Iterable[Tensor], steps: int = 300, lr: float = 1e-5, tas
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         bias1 = 1 - beta1**step
         bias2 = 1 - beta2**step
-        torch.sqrt(exp_avg_sq, out=denom).div_(math.sqrt(bias2)).add_(ADAM_EPS)
+        divide_(torch.sqrt(exp_avg_sq, out=denom), math.sqrt(bias2)).add_(ADAM_EPS)
         merged.addcdiv_(exp_avg, denom, value=-lr / bias1)
     return merged

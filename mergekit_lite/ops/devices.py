@@ -1,0 +1,31 @@
+"""Arithmetic that rounds the same on every device: what ``--device cuda`` needs to give the CPU's bits.
+
+torch's CUDA kernels divide by a number as a multiplication by its reciprocal (one bit apart from the CPU's
+quotient in about a third of entries), and add up a reduction in another order than the CPU. The helpers here
+take the CPU's path on the CPU and, elsewhere, the operations that round as the CPU's do.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+#: dtypes whose number operand torch rounds to the tensor's own dtype on the CPU (a 0-d tensor of it divides alike)
+_SAME_ROUNDING = (torch.float32, torch.float64)
+
+
+def divide_(x: Tensor, divisor: float) -> Tensor:
+    """x / divisor in place, each quotient correctly rounded on every device (on the CPU: ``x.div_(divisor)``).
+
+    CUDA's ``div_`` by a Python number multiplies by 1/divisor; by a 0-d tensor on x's device it divides. The CPU
+    rounds the number to x's dtype first, so the 0-d tensor is made in that dtype (float32 and float64; other
+    dtypes keep torch's own rule)."""
+    if x.device.type == "cpu" or x.dtype not in _SAME_ROUNDING:
+        return x.div_(divisor)
+    return x.div_(torch.tensor(divisor, dtype=x.dtype, device=x.device))
+
+
+def float64_sum(x: Tensor) -> float:
+    """Σ x in float64 (each entry widened first): within float64's rounding of the exact sum whatever the order a
+    device adds in, so two devices' sums agree to ~1e-15 where float32 sums differ by ~1e-7."""
+    return float(x.sum(dtype=torch.float64))
