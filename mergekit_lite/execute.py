@@ -765,7 +765,10 @@ def producer(plan: Plan, device: torch.device) -> Callable[[TensorInfo], torch.T
 
 
 def compute_tensor(plan: Plan, job: TensorJob, device: torch.device) -> torch.Tensor:
-    """One output tensor, on the CPU in its output dtype: copied, or the method's result."""
+    """One output tensor, on the CPU in its output dtype: copied, or the method's result (on the CPU for a method
+    that must be, ``MergeMethod.cpu_only``)."""
+    if plan.method.cpu_only:
+        device = torch.device("cpu")
     if not job.merge:
         if job.vocab is not None:  # the copied input's rows, re-mapped
             return next(job_inputs(plan, job, device)[1]).to(device="cpu", dtype=job.out.dtype)

@@ -281,6 +281,8 @@ RECIPES = [
     ("linear", {}),
     ("linear", {"normalize": False}),
     ("arcee_fusion", {}),
+    # the L1 rescale's norms: float64 sums on both paths (the native pass's, ``_block_l1``'s), the same factor
+    ("dare_linear", {"density": 0.5, "rescale": True}),
 ]
 
 

@@ -392,6 +392,9 @@ class MergeMethod:
     output: str = "model"
     #: pairs of parameters a recipe may not give together (two ways to say one thing)
     exclusive: tuple[tuple[str, str], ...] = ()
+    #: computed on the CPU whatever ``--device`` says: a result that a GPU's roundings would change beyond its last
+    #: bits (a selection decided by a float32 quantity that is mostly rounding error), so every device gives the CPU's
+    cpu_only: bool = False
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)

@@ -24,8 +24,3 @@ def divide_(x: Tensor, divisor: float) -> Tensor:
         return x.div_(divisor)
     return x.div_(torch.tensor(divisor, dtype=x.dtype, device=x.device))
 
-
-def float64_sum(x: Tensor) -> float:
-    """Σ x in float64 (each entry widened first): within float64's rounding of the exact sum whatever the order a
-    device adds in, so two devices' sums agree to ~1e-15 where float32 sums differ by ~1e-7."""
-    return float(x.sum(dtype=torch.float64))
