@@ -959,7 +959,7 @@ def test_the_methods_cuts_applied_by_row_chunks_keep_the_stable_reference_entrie
 
 @pytest.mark.parametrize("magnitudes", [False, True])
 def test_sample_brackets_are_the_sorted_samples_values_at_the_margins(magnitudes):
-    """The brackets read the sample at a few ranks only (partitioned there): the values a full sort of the sample
+    """The brackets read the sample at a few ranks only (selected there): the values a full sort of the sample
     puts at those ranks, open (±inf) past its ends."""
     import math
 
@@ -976,3 +976,23 @@ def test_sample_brackets_are_the_sorted_samples_values_at_the_margins(magnitudes
         low, high = math.floor(q * (size - 1)) - margin, math.ceil(q * (size - 1)) + margin
         assert lo == (-math.inf if low <= 0 else float(ordered[low])), q
         assert hi == (math.inf if high >= size - 1 else float(ordered[high])), q
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), zeros=st.floats(0, 0.9), distinct=st.sampled_from([3, 50, 10**6]), size=st.integers(256, 70_000),
+       nan=st.booleans())
+def test_sample_order_values_are_a_sorts_values_at_the_ranks(seed, zeros, distinct, size, nan):
+    """``_order_values`` (a sorted sub-sample's brackets, one native counting pass, the insides sorted) gives the
+    values a full sort puts at each rank: with many equal values (an importance's zeros, a bfloat16's few values),
+    with NaN (the fallback: a partition of everything), at the ends."""
+    from mergekit_lite.ops import sparsify as sp
+
+    rng = np.random.default_rng(seed)
+    values = (rng.integers(0, distinct, size) / distinct).astype(np.float32)
+    values[rng.random(size) < zeros] = 0.0
+    if nan:
+        values[rng.integers(0, size)] = np.nan
+    ranks = sorted({0, size - 1, *rng.integers(0, size, 6).tolist()})
+    want = np.sort(values)[ranks]  # NaN sorts last, as a partition puts it
+    got = sp._order_values(values.copy(), ranks)
+    assert np.array_equal(np.array(got, dtype=np.float32), want, equal_nan=True)

@@ -6,6 +6,7 @@ reference quirks each function follows or departs from.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import sys
@@ -182,13 +183,23 @@ BRACKET_SIGMAS = 5.0
 BRACKET_BLOCK = 1 << 16
 
 
+@functools.lru_cache(maxsize=8)
+def _sample_positions(n: int) -> np.ndarray:
+    """BRACKET_SAMPLE fixed-seed positions in [0, n), ascending (read-only): made once per tensor size (0.25 ms each;
+    a model has a few sizes, each many times). Ascending, the gather walks the values forward (the sample's order
+    does not change its quantiles)."""
+    positions = np.sort(torch.randint(n, (BRACKET_SAMPLE,), generator=torch.Generator().manual_seed(0)).numpy())
+    positions.flags.writeable = False
+    return positions
+
+
 def sample_brackets(values: np.ndarray, fractions: Sequence[float], magnitudes: bool = False) -> list[tuple[float, float]]:
     """For each fraction q: [lo, hi] around the value with a fraction q of ``values`` below it (of |values| with
     ``magnitudes``), from a fixed-seed sample of BRACKET_SAMPLE entries, BRACKET_SIGMAS standard deviations of the
     sample quantile wide on each side; open (±inf) past the sample's ends. The true value falls inside almost always;
     callers check and fall back."""
     n = values.size
-    sample = values[torch.randint(n, (BRACKET_SAMPLE,), generator=torch.Generator().manual_seed(0)).numpy()]
+    sample = values[_sample_positions(n)]
     sample = np.abs(sample) if magnitudes else sample.copy()
     ends = []
     for q in fractions:
@@ -198,10 +209,49 @@ def sample_brackets(values: np.ndarray, fractions: Sequence[float], magnitudes: 
     # only the sample's values at these ranks are read: partitioned there, each holds what a full sort would put
     # there (a sort of the 2^16 entries took ~1.3 ms per tensor, on the main thread)
     wanted = sorted({min(low, BRACKET_SAMPLE - 1) for low, _ in ends if low > 0} | {max(high, 0) for _, high in ends if high < BRACKET_SAMPLE - 1})
-    if wanted:
-        sample.partition(wanted)
-    return [(-math.inf if low <= 0 else float(sample[min(low, BRACKET_SAMPLE - 1)]),
-             math.inf if high >= BRACKET_SAMPLE - 1 else float(sample[max(high, 0)])) for low, high in ends]
+    at = dict(zip(wanted, _order_values(sample, wanted)))
+    return [(-math.inf if low <= 0 else float(at[min(low, BRACKET_SAMPLE - 1)]),
+             math.inf if high >= BRACKET_SAMPLE - 1 else float(at[max(high, 0)])) for low, high in ends]
+
+
+#: ``_order_values``: every this-many-th entry of the sample is sorted for its brackets
+SAMPLE_SUB_STEP = 16
+#: ``_order_values``: half-width of a bracket in standard deviations of the sub-sample's quantile (a bracket that
+#: misses costs a partition of the whole sample, no more)
+SAMPLE_SUB_SIGMAS = 4.0
+
+
+def _order_values(sample: np.ndarray, ranks: Sequence[int]) -> list[float]:
+    """The values at 0-based ``ranks`` of ``sample`` sorted ascending (``sample``'s order is changed): each among
+    the few entries inside a bracket from a sorted sub-sample (every SAMPLE_SUB_STEP-th entry of a random sample
+    is one), counted and gathered in one native pass, then sorted. The same values as a partition of all of
+    it, which is the fallback (no kernel, NaN, a missed or crowded bracket). 2^16 entries at 7 ranks: 1.3 ms
+    partitioned, 0.35 ms this way."""
+    from . import fused  # fused imports this module: at call time, not import time
+
+    n = sample.size
+    if not ranks:
+        return []
+    found = None
+    if n >= 16 * SAMPLE_SUB_STEP and sample.dtype in (np.float32, np.float64) and fused.available():
+        sub = np.sort(sample[::SAMPLE_SUB_STEP])
+        m = sub.size
+        brackets = []
+        for rank in ranks:
+            q = rank / (n - 1)
+            margin = int(SAMPLE_SUB_SIGMAS * math.sqrt(m * q * (1 - q))) + 2
+            low, high = math.floor(q * (m - 1)) - margin, math.ceil(q * (m - 1)) + margin
+            brackets.append((-math.inf if low <= 0 else sub[low], math.inf if high >= m - 1 else sub[high]))
+        counted = fused.bracket_counts(np.ascontiguousarray(sample), brackets, n)
+        if counted is not None and all(below + inside.size + above == n and 0 <= rank - below < inside.size
+                                       for rank, (below, above, inside) in zip(ranks, counted)):
+            # sorted, not partitioned: numpy's partition slows down ~50× on many equal values (an importance's
+            # zeros: 1.3 ms against a sort's 0.08 ms for 16,711 entries), and each bracket holds a few thousand
+            found = [np.sort(inside)[rank - below] for rank, (below, _, inside) in zip(ranks, counted)]
+    if found is None:
+        sample.partition(list(ranks))
+        found = [sample[rank] for rank in ranks]
+    return found
 
 
 def _bracketed(flat: Tensor, ks: Sequence[int]) -> list[_Bracket | None]:
