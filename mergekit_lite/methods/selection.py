@@ -9,6 +9,7 @@ is not listed, as mergekit does), and decide entry by entry how much of the othe
 
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import torch
@@ -17,7 +18,8 @@ from ..errors import RecipeError
 from ..ops.selection import arcee_fusion, arcee_importance, iqr_threshold, nearswap
 from ..ops.fused import Keep, LinearForm
 from ..ops.spherical import assembled_rows
-from .base import MergeMethod, Param, TensorContext, WeightInputs, register
+from ..ops.threads import scratch
+from .base import MergeMethod, Param, TensorContext, WeightInputs, each_chunk, register
 
 NEARSWAP_T = Param(
     "t", float, None,
@@ -60,8 +62,22 @@ def _arcee_fusion_inputs(inputs: WeightInputs, ctx: TensorContext) -> torch.Tens
     if len(inputs.shape) < 2 or len(chunks) == 1:  # a vector's softmax spans all of it: whole tensors
         return arcee_fusion(inputs.read(base_at), inputs.read(other_at))
     on_cpu = inputs.device.type == "cpu"
-    importance = assembled_rows(lambda start, stop: arcee_importance(inputs.rows(base_at, start, stop), inputs.rows(other_at, start, stop)),
-                                chunks, inputs.shape, parallel=on_cpu)
+
+    def importance_of(chunk: tuple[int, int], out: torch.Tensor | None = None) -> torch.Tensor:
+        return arcee_importance(inputs.rows(base_at, *chunk), inputs.rows(other_at, *chunk), out=out)
+
+    # each chunk's importance written in place, in this thread's reused buffer: a fresh whole tensor per tensor was
+    # page-faulted anew, and each chunk copied into it (250M, in one process, medians of 7: 2.22 → 2.08 s)
+    first = importance_of(chunks[0])
+    numel = math.prod(inputs.shape)
+    importance = (scratch("arcee importance", numel, first.dtype) if on_cpu else first.new_empty(numel)).view(inputs.shape)
+    importance[chunks[0][0] : chunks[0][1]] = first
+    del first
+
+    def store_importance(chunk: tuple[int, int]) -> None:
+        importance_of(chunk, importance[chunk[0] : chunk[1]])
+
+    each_chunk(store_importance, chunks[1:], inputs.device)
     threshold = iqr_threshold(importance).to(importance.device)
 
     def taken(base: torch.Tensor, other: torch.Tensor, importance_rows: torch.Tensor) -> torch.Tensor:

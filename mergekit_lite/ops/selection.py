@@ -150,12 +150,12 @@ def nearswap(base: Tensor, other: Tensor, t: float) -> Tensor:
 
 
 # -- Arcee Fusion -------------------------------------------------------------------------------
-def arcee_importance(base: Tensor, other: Tensor) -> Tensor:
+def arcee_importance(base: Tensor, other: Tensor, out: Tensor | None = None) -> Tensor:
     """|θ_other − θ_base| · KL(p ‖ q) per entry, p = softmax(θ_other) + 1e-8, q = softmax(θ_base) + 1e-8
     along the last dimension (the KL divergence of each row, broadcast over its entries).
 
     ``other`` is overwritten with θ_other − θ_base (the task vector the caller keeps); ``base``
-    is left as it is. Returns a new tensor.
+    is left as it is. Returns a new tensor, or ``out`` (the inputs' shape and dtype) written.
     """
     p = F.softmax(other, dim=-1).add_(ARCEE_EPS)
     q = F.softmax(base, dim=-1).add_(ARCEE_EPS)
@@ -163,7 +163,7 @@ def arcee_importance(base: Tensor, other: Tensor) -> Tensor:
     kl = q.log_().mul_(p).sum(dim=-1, keepdim=True)
     del p, q
     delta = other.sub_(base)
-    return delta.abs().mul_(kl)
+    return torch.abs(delta, out=out).mul_(kl) if out is not None else delta.abs().mul_(kl)
 
 
 def quartile_positions(n: int) -> tuple[int, int, int]:
