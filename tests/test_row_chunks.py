@@ -593,17 +593,21 @@ def test_window_bytes_counts_one_window_per_checkpoint_of_row_chunked_jobs(demo,
         plan.close()
 
 
+@pytest.mark.parametrize("device", [None, torch.device("cpu")])
 @pytest.mark.parametrize("parallel", [False, True])
-def test_rows_assembled_in_the_output_dtype_equal_the_whole_result_converted(parallel):
-    """Row chunks stored straight into a bfloat16 tensor round as converting the assembled float32 tensor does."""
+def test_rows_assembled_in_the_output_dtype_equal_the_whole_result_converted(parallel, device):
+    """Row chunks stored straight into a bfloat16 tensor round as converting the assembled float32 tensor does,
+    whether the first chunk tells the device or the caller does (then every chunk, the first too, is a part's)."""
     from mergekit_lite.ops.spherical import assembled_rows
 
     gen = torch.Generator().manual_seed(2)
     whole = torch.randn(37, 11, generator=gen) * 1e3
     chunks = row_chunks((37, 11), 40)
     assert len(chunks) > 2
-    got = assembled_rows(lambda a, b: whole[a:b].clone(), chunks, (37, 11), parallel, torch.bfloat16)
+    made = []
+    got = assembled_rows(lambda a, b: made.append(a) or whole[a:b].clone(), chunks, (37, 11), parallel, torch.bfloat16, device)
     assert got.dtype == torch.bfloat16 and torch.equal(got, whole.to(torch.bfloat16))
+    assert sorted(made) == [start for start, _ in chunks]
 
 
 @pytest.mark.parametrize("method", ["multislerp", "slerp", "karcher", "arcee_fusion"])

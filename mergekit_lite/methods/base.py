@@ -210,6 +210,7 @@ class WeightInputs:
     count: int
     shape: tuple[int, ...]
     device: torch.device  # where the tensors handed out live
+    dtype: torch.dtype  # the dtype of the tensors handed out (the compute dtype)
     #: the dtype the caller stores the output in (None: not known); a method that assembles its output chunk by
     #: chunk may store the chunks in it directly, the same rounding as converting the whole output afterwards
     out_dtype: torch.dtype | None = None
@@ -251,6 +252,7 @@ class HeldWeightInputs(WeightInputs):
         self.count = len(self.tensors)
         self.shape = tuple(self.tensors[0].shape) if self.tensors else ()
         self.device = self.tensors[0].device if self.tensors else torch.device("cpu")
+        self.dtype = self.tensors[0].dtype if self.tensors else torch.float32
         self.entries = ROW_CHUNK_ENTRIES if entries is None else entries
 
     def read(self, i: int) -> torch.Tensor:

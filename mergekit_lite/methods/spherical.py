@@ -75,7 +75,7 @@ def _nuslerp_inputs(inputs: WeightInputs, ctx: TensorContext) -> torch.Tensor:
         merged = nuslerp(t, a, b, flatten=False) if factors is None else a.mul_(factors[0]).add_(b.mul_(factors[1]))
         return merged if base is None else merged.add_(base)
 
-    return assembled_rows(interpolated, chunks, inputs.shape, on_cpu, inputs.out_dtype)
+    return assembled_rows(interpolated, chunks, inputs.shape, on_cpu, inputs.out_dtype, inputs.device)
 
 
 def _nuslerp_whole(tensors: list[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
@@ -101,7 +101,7 @@ def _karcher_inputs(inputs: WeightInputs, ctx: TensorContext) -> torch.Tensor:
     """The Karcher mean in two passes over row chunks (the Gram matrix, then the weighted sum), holding no whole input."""
     alphas = [1.0 / inputs.count] * inputs.count
     return karcher_mean_by_rows(inputs.rows, inputs.count, inputs.chunks(), inputs.shape, alphas, max_iter=ctx.params["max_iter"], tol=ctx.params["tol"],
-                                parallel=inputs.device.type == "cpu", dtype=inputs.out_dtype)
+                                parallel=inputs.device.type == "cpu", dtype=inputs.out_dtype, device=inputs.device)
 
 
 def _multislerp_inputs(inputs: WeightInputs, ctx: TensorContext) -> torch.Tensor:
@@ -158,7 +158,7 @@ def _multislerp_inputs(inputs: WeightInputs, ctx: TensorContext) -> torch.Tensor
             rows = combined(fallback, (inputs.rows(i, start, stop) for i in others), base)
             return rows if base is None else rows.add_(base)
 
-        return assembled_rows(fallback_chunk, chunks, inputs.shape, parallel=on_cpu, dtype=inputs.out_dtype)
+        return assembled_rows(fallback_chunk, chunks, inputs.shape, parallel=on_cpu, dtype=inputs.out_dtype, device=inputs.device)
     factor = scale / mean_norm
     form = LinearForm(tuple(a), None, 1.0 if base_index is not None else None, post_scale=factor)
     native = inputs.native_combination(others, form, "multislerp", lambda base, rows: combined(a, rows, base, factor), base=base_index)
@@ -168,7 +168,7 @@ def _multislerp_inputs(inputs: WeightInputs, ctx: TensorContext) -> torch.Tensor
     def scaled_chunk(start: int, stop: int) -> torch.Tensor:
         return combined(a, (inputs.rows(i, start, stop) for i in others), base_rows(start, stop), factor)
 
-    return assembled_rows(scaled_chunk, chunks, inputs.shape, parallel=on_cpu, dtype=inputs.out_dtype)
+    return assembled_rows(scaled_chunk, chunks, inputs.shape, parallel=on_cpu, dtype=inputs.out_dtype, device=inputs.device)
 
 
 register(

@@ -74,7 +74,7 @@ def _slerp_inputs(inputs: WeightInputs, ctx: TensorContext) -> torch.Tensor:
     def interpolated(start: int, stop: int) -> torch.Tensor:
         return combine(inputs.rows(pair[0], start, stop), inputs.rows(pair[1], start, stop))
 
-    return assembled_rows(interpolated, chunks, inputs.shape, parallel=on_cpu, dtype=inputs.out_dtype)
+    return assembled_rows(interpolated, chunks, inputs.shape, parallel=on_cpu, dtype=inputs.out_dtype, device=inputs.device)
 
 
 register(

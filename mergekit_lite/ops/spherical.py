@@ -168,29 +168,36 @@ def _each(work: Callable[[tuple[int, int]], None], chunks: Sequence[tuple[int, i
 
 
 def assembled_rows(part: Callable[[int, int], Tensor], chunks: Sequence[tuple[int, int]], shape: Sequence[int],
-                   parallel: bool = False, dtype: torch.dtype | None = None) -> Tensor:
+                   parallel: bool = False, dtype: torch.dtype | None = None, device: torch.device | None = None) -> Tensor:
     """The tensor whose rows [start, stop) ``part(start, stop)`` makes, chunk by chunk (one chunk: its result as it
-    is); ``parallel``: after the first, the chunks of CPU rows on the threads in turn (``part`` must allow it);
-    ``dtype``: stored in that dtype as they come (the rounding of converting the whole tensor, without holding it)."""
+    is); ``parallel``: the chunks of CPU rows on the threads in turn (``part`` must allow it); ``dtype``: stored in
+    that dtype as they come (the rounding of converting the whole tensor, without holding it). With ``dtype`` and
+    ``device`` both given, the whole tensor is made first and every chunk runs on the threads; else the first
+    chunk, alone, tells its dtype and device."""
     if len(chunks) == 1:
         return part(*chunks[0])
-    first = part(*chunks[0])  # its dtype and device make the whole tensor's
-    whole = torch.empty(tuple(shape), dtype=dtype or first.dtype, device=first.device)
-    whole[chunks[0][0] : chunks[0][1]] = first
-    del first
 
     def store(chunk: tuple[int, int]) -> None:
         whole[chunk[0] : chunk[1]] = part(*chunk)
 
+    if dtype is not None and device is not None:
+        whole = torch.empty(tuple(shape), dtype=dtype, device=device)
+        _each(store, chunks, parallel and whole.device.type == "cpu")
+        return whole
+    first = part(*chunks[0])  # its dtype and device make the whole tensor's
+    whole = torch.empty(tuple(shape), dtype=dtype or first.dtype, device=first.device)
+    whole[chunks[0][0] : chunks[0][1]] = first
+    del first
     _each(store, chunks[1:], parallel and whole.device.type == "cpu")
     return whole
 
 
 def karcher_mean_by_rows(rows: Rows, count: int, chunks: Sequence[tuple[int, int]], shape: Sequence[int],
                          alphas: Sequence[float], *, max_iter: int = 10, tol: float = 1e-5, parallel: bool = False,
-                         dtype: torch.dtype | None = None) -> Tensor:
+                         dtype: torch.dtype | None = None, device: torch.device | None = None) -> Tensor:
     """``karcher_coefficients`` applied: one pass over row chunks for the Gram matrix, then one for Σ_j c_j x_j
-    (``parallel``, CPU rows: each pass's chunks on the threads in turn). Holds the output and a chunk of each input."""
+    (``parallel``, CPU rows: each pass's chunks on the threads in turn). Holds the output and a chunk of each input.
+    ``dtype``, ``device``: as ``assembled_rows``'s."""
     if count == 1:
         return assembled_rows(lambda start, stop: rows(0, start, stop), chunks, shape)
     coefficients = karcher_coefficients(gram_by_rows(rows, count, chunks, parallel), alphas, max_iter=max_iter, tol=tol)
@@ -204,7 +211,7 @@ def karcher_mean_by_rows(rows: Rows, count: int, chunks: Sequence[tuple[int, int
         assert total is not None
         return total
 
-    return assembled_rows(combined, chunks, shape, parallel, dtype)
+    return assembled_rows(combined, chunks, shape, parallel, dtype, device)
 
 
 def multislerp_terms(norms: Sequence[float], weights: Sequence[float], *, normalize_weights: bool = True, eps: float = 1e-8) -> tuple[list[float], list[float], float]:
