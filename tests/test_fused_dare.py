@@ -481,3 +481,20 @@ def test_a_combination_in_chunks_on_the_kernels_threads_is_the_one_calls_bytes(t
     finally:
         for fd in fds:
             os.close(fd)
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 1023, 1024, 5000, 300_001])
+def test_abs_sums_are_dare_norms_floats_for_the_same_task_vector(n):
+    """The L1 norms of a task vector already made (``fused.abs_sums``, the torch path's ``l1_norms``) are the very
+    floats of the native DARE pass's norms for the base and input it came from: the same lanes, the same order."""
+    base, x = values(n, torch.float32, 1), values(n, torch.float32, 2)
+    keep = Keep(draws(0.37, tensor="a"))
+    norms, bad = fused.dare_norms(base, [x], [keep], first=0)
+    assert bad == -1
+    mask = dare_mask((n,), 0.37, generator_for(0, "m", "a"), 0, split=False)
+    tau = x - base
+    assert fused.abs_sums(tau, mask) == tuple(norms[0])
+    assert fused.abs_sums(tau)[0] == norms[0][0]
+    from mergekit_lite.ops.sparsify import l1_norm, l1_norms
+
+    assert l1_norms(tau, mask) == tuple(norms[0]) and l1_norm(tau) == norms[0][0] and l1_norm(tau, mask) == norms[0][1]

@@ -796,6 +796,68 @@ static Py_ssize_t dare_norms_of(const Job *job, double *lanes) {
     return norms_generic(job, lanes);
 }
 
+/* sum |x_j| and sum |x_j| * keep_j of n float32 (keep: n bools, NULL: all kept) into sixteen lanes: the additions of
+ * norms_body for a task vector already made, so the same lanes, and so the same totals, as dare_norms's */
+static inline __attribute__((always_inline)) void abs_sums_body(const float *x, const unsigned char *keep, Py_ssize_t n, double *before,
+                                                                double *after, int avx2) {
+    float a[BLOCK], k[BLOCK];
+    for (Py_ssize_t i0 = 0; i0 < n; i0 += BLOCK) {
+        Py_ssize_t m = n - i0 < BLOCK ? n - i0 : BLOCK;
+        Py_ssize_t padded = (m + LANES - 1) / LANES * LANES;
+        for (Py_ssize_t j = 0; j < m; j++) a[j] = fabsf(x[i0 + j]);
+        if (keep == NULL)
+            for (Py_ssize_t j = 0; j < m; j++) k[j] = 1.0f;
+        else
+            for (Py_ssize_t j = 0; j < m; j++) k[j] = keep[i0 + j] ? 1.0f : 0.0f;
+        for (Py_ssize_t j = m; j < padded; j++) a[j] = k[j] = 0.0f;
+#if X86_DISPATCH
+        if (avx2)
+            l1_lanes_avx2(a, k, padded, before, after);
+        else
+#endif
+            l1_lanes_generic(a, k, padded, before, after);
+    }
+    (void)avx2;
+}
+
+static void abs_sums_generic(const float *x, const unsigned char *keep, Py_ssize_t n, double *before, double *after) {
+    abs_sums_body(x, keep, n, before, after, 0);
+}
+
+#if X86_DISPATCH
+__attribute__((target("avx2,fma"))) static void abs_sums_avx2(const float *x, const unsigned char *keep, Py_ssize_t n, double *before, double *after) {
+    abs_sums_body(x, keep, n, before, after, 1);
+}
+#endif
+
+PyDoc_STRVAR(abs_sums_doc,
+    "abs_sums(x, n, keep) -> (float, float)\n\n"
+    "For n float32 at address x: (sum |x_j|, sum |x_j| * keep_j), keep the address of n bools (0: every entry kept),\n"
+    "each |x_j| exact in float64 and added in dare_norms's order (entry j to lane j mod 16, the lanes then pairwise):\n"
+    "dare_norms's two floats for the same task vector. The GIL is released while it runs.");
+
+static PyObject *abs_sums(PyObject *self, PyObject *args) {
+    unsigned long long x_addr, keep_addr;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "KnK", &x_addr, &n, &keep_addr)) return NULL;
+    if (n < 0 || (n > 0 && x_addr == 0)) {
+        PyErr_SetString(PyExc_ValueError, "a negative count, or no values");
+        return NULL;
+    }
+    const float *x = (const float *)(uintptr_t)x_addr;
+    const unsigned char *keep = (const unsigned char *)(uintptr_t)keep_addr;
+    double before[LANES] = {0.0}, after[LANES] = {0.0};
+    Py_BEGIN_ALLOW_THREADS
+#if X86_DISPATCH
+    if (use_avx2())
+        abs_sums_avx2(x, keep, n, before, after);
+    else
+#endif
+        abs_sums_generic(x, keep, n, before, after);
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("(dd)", lanes_total(before), lanes_total(after));
+}
+
 static int parse_kind(PyObject *value, int *kind) {
     long k = PyLong_AsLong(value);
     if (k == -1 && PyErr_Occurred()) return 0;
@@ -1736,6 +1798,7 @@ static PyMethodDef methods[] = {
     {"linear_combination", linear_combination, METH_VARARGS, linear_combination_doc},
     {"gram", gram_matrix, METH_VARARGS, gram_doc},
     {"dare_norms", dare_norms, METH_VARARGS, dare_norms_doc},
+    {"abs_sums", abs_sums, METH_VARARGS, abs_sums_doc},
     {"bracket_counts", bracket_counts, METH_VARARGS, bracket_counts_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -223,6 +223,17 @@ def dare_norms(base: torch.Tensor | Span, inputs: Sequence[torch.Tensor | Span],
     return [(values[2 * t], values[2 * t + 1]) for t in range(len(inputs))], bad
 
 
+def abs_sums(x: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[float, float]:
+    """(Σ|x|, Σ|x|·keep) of a contiguous CPU float32 tensor (``keep``: a contiguous bool tensor of its size, None:
+    all kept), in float64 in ``dare_norms``'s order: the same two floats as that pass's for the same task vector."""
+    assert _fused is not None, "the native kernel is not built"
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous():
+        raise ValueError("abs_sums: a contiguous CPU float32 tensor")
+    if keep is not None and (keep.device.type != "cpu" or keep.dtype != torch.bool or not keep.is_contiguous() or keep.numel() != x.numel()):
+        raise ValueError("abs_sums: a contiguous CPU bool keep-mask of the tensor's size")
+    return _fused.abs_sums(x.data_ptr(), x.numel(), 0 if keep is None else keep.data_ptr())
+
+
 def linear_combination_into(out: torch.Tensor, base: torch.Tensor | Span | None, inputs: Sequence[torch.Tensor | Span], form: LinearForm,
                             first: int = 0, masks: Sequence[torch.Tensor | None] | None = None,
                             gates: Sequence[torch.Tensor | None] | None = None, chunks: Sequence[tuple[int, int]] | None = None,
