@@ -202,7 +202,6 @@ class RereadTaskVectors(TaskVectorSource):
     def __init__(self, plan: Plan, job: TensorJob, device: torch.device, entries: int):
         assert job.base is not None
         self.plan, self.job, self.device = plan, job, device
-        self.dtype = plan.compute_dtype
         self.count = len(job.inputs)
         self.shape = tuple(job.out.shape)
         self.dtype = plan.compute_dtype

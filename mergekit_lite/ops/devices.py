@@ -1,8 +1,9 @@
 """Arithmetic that rounds the same on every device: what ``--device cuda`` needs to give the CPU's bits.
 
 torch's CUDA kernels divide by a number as a multiplication by its reciprocal (one bit apart from the CPU's
-quotient in about a third of entries), and add up a reduction in another order than the CPU. The helpers here
-take the CPU's path on the CPU and, elsewhere, the operations that round as the CPU's do.
+quotient in many entries); ``divide_`` takes the CPU's path on the CPU and, elsewhere, a division that rounds as
+the CPU's does. (Reductions that a result hangs on add up in another order on a GPU: those are made in float64 on
+every device instead, the L1 rescale's norms and Model Stock's Gram matrix, so that their float32 uses agree.)
 """
 
 from __future__ import annotations
@@ -23,4 +24,3 @@ def divide_(x: Tensor, divisor: float) -> Tensor:
     if x.device.type == "cpu" or x.dtype not in _SAME_ROUNDING:
         return x.div_(divisor)
     return x.div_(torch.tensor(divisor, dtype=x.dtype, device=x.device))
-
