@@ -272,6 +272,17 @@ class RereadTaskVectors(TaskVectorSource):
         self.checked.update((t, start) for t in range(-1, self.count) for start in starts)  # every entry looked at
         return total, gram
 
+    def native_dare_masks(self, keeps: Sequence[fused.Keep]) -> tuple[list[tuple[float, float]], list[torch.Tensor]] | None:
+        assert self.job.base is not None
+        sources = _stored_sources(self.plan, [self.job.base, *self.job.inputs], self.job.out.numel, self.device)
+        if sources is None:
+            return None
+        masks = [torch.empty(fused.mask_bytes(self.job.out.numel), dtype=torch.uint8) for _ in keeps]  # each chunk's bits in place
+        form = fused.LinearForm((1.0,) * len(keeps), None, 1.0, keeps=tuple(keeps))
+        norms = _dare_norms_of_stored(sources, form, self.dtype, {}, whole=masks)
+        self.checked.update((t, start) for t in range(-1, self.count) for start, _ in self.chunks())  # every entry looked at
+        return norms, masks
+
     def native_scaled_sum(self, total: torch.Tensor, divisor: float, post_scale: float,
                           torch_merged: Callable[[torch.Tensor], torch.Tensor]) -> bool:
         sources = _stored_sources(self.plan, [self.job.base], self.job.out.numel, self.device) if fused.handles(self.job.out.dtype) else None
@@ -627,17 +638,22 @@ def _combine_stored(sources: Sequence[StoredSource], has_base: bool, out: torch.
 
 
 def _dare_norms_of_stored(sources: Sequence[StoredSource], form: fused.LinearForm, compute_dtype: torch.dtype,
-                          masks: dict[int, list[torch.Tensor | None]]) -> list[tuple[float, float]]:
+                          masks: dict[int, list[torch.Tensor | None]], whole: Sequence[torch.Tensor] | None = None) -> list[tuple[float, float]]:
     """Each task's (‖τ_t‖₁, ‖τ_t ⊙ keep_t‖₁) over the whole tensor by the native kernel (the base the first source),
     chunk by chunk on the threads, the chunks' norms added in chunk order (the same sums on any thread count). Each
-    chunk's keep-masks go into ``masks`` (one bit per entry: K/32 of a float32 copy), for the second pass."""
+    chunk's keep-masks go into ``masks`` (one bit per entry: K/32 of a float32 copy), for the second pass: views of
+    ``whole`` (each task's mask of the whole tensor, every task drawing) where given (chunks start at multiples of 8
+    entries: at whole bytes)."""
     keeps = form.keeps
     assert keeps is not None
     partial: dict[int, list[tuple[float, float]]] = {}
 
     def chunk_norms(start: int, stop: int, stored: list[fused.Span]) -> int:
         size = fused.mask_bytes(stop - start)
-        chunk_masks = masks[start] = [None if k.draws is None else torch.empty(size, dtype=torch.uint8) for k in keeps]
+        if whole is not None:
+            chunk_masks = masks[start] = [mask[start // 8 : start // 8 + size] for mask in whole]
+        else:
+            chunk_masks = masks[start] = [None if k.draws is None else torch.empty(size, dtype=torch.uint8) for k in keeps]
         partial[start], bad = fused.dare_norms(stored[0], stored[1:], keeps, first=start, masks_out=chunk_masks, n=stop - start)
         return bad
 

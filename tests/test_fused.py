@@ -437,3 +437,32 @@ def test_where_the_kernel_cannot_read_files_the_merge_is_torchs(demo, tmp_path, 
     torch_out = _run(demo, tmp_path / "torch", "task_arithmetic", {"lambda": 0.8}, monkeypatch, native_on=False)
     assert without.keys() == torch_out.keys()
     assert all(torch.equal(bits(without[name]), bits(torch_out[name])) for name in without)
+
+
+@pytest.mark.parametrize("fixture", ["demo", "demo_bf16"])
+def test_dare_ties_first_phase_by_the_kernel_gives_the_torch_phases_bytes(request, tmp_path, monkeypatch, fixture):
+    """DARE-TIES with the L1 rescale: its masks and norms drawn by the kernel in one pass over the stored bytes
+    (``native_dare_masks``: its draws are ``dare_mask``'s, its norms the same floats) give the bytes of the torch
+    phase 1, chunk by chunk; the election of phase 2 is torch's either way."""
+    demo = request.getfixturevalue(fixture)
+    monkeypatch.setattr(execute, "FUSED_CHUNK_ENTRIES", 48)  # uneven kernel chunks, on both threads
+    monkeypatch.setattr(execute, "two_phase_min_entries", lambda: 7)  # every tensor of 7+ entries in two phases
+    monkeypatch.setattr(base_module, "ROW_CHUNK_ENTRIES", 40)
+    made = []  # per call: whether the kernel made the masks
+    original = execute.RereadTaskVectors.native_dare_masks
+
+    def native_dare_masks(self, keeps):
+        found = original(self, keeps)
+        made.append(found is not None)
+        return found
+
+    monkeypatch.setattr(execute.RereadTaskVectors, "native_dare_masks", native_dare_masks)
+    params = {"density": 0.4, "rescale": True}
+    torch_out = _run(demo, tmp_path / "torch", "dare_ties", params, monkeypatch, native_on=False)
+    assert made and not any(made)  # asked, and declined: the kernel is off
+    made.clear()
+    native_out = _run(demo, tmp_path / "native", "dare_ties", params, monkeypatch, native_on=True)
+    assert made and all(made)  # the kernel's first phase, for every two-phase tensor
+    assert torch_out.keys() == native_out.keys()
+    for name in torch_out:
+        assert torch.equal(bits(torch_out[name]), bits(native_out[name])), name

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 import torch
 
 from ..errors import RecipeError
-from ..ops.fused import LinearForm
+from ..ops.fused import Keep, LinearForm
 from ..ops.threads import map_strided, scratch
 
 
@@ -131,6 +131,12 @@ class TaskVectorSource:
         """(Σ_t τ_t in the compute dtype, the float64 Gram matrix of the τ_t) made by the native kernel in one pass
         over the stored bytes (the sum with torch's roundings; each product exact, summed in float64 in the kernel's
         order); None where the kernel cannot read the inputs (the caller makes them with torch)."""
+        return None
+
+    def native_dare_masks(self, keeps: Sequence[Keep]) -> tuple[list[tuple[float, float]], list[torch.Tensor]] | None:
+        """Each task's (‖τ_t‖₁, ‖τ_t ⊙ keep_t‖₁) and its whole keep-mask (one bit per entry, least significant bit
+        first) for the native kernel's DARE ``keeps`` (draws, an L1 rescale), in one pass over the stored bytes; None
+        where the kernel cannot read the inputs."""
         return None
 
     def native_scaled_sum(self, total: torch.Tensor, divisor: float, post_scale: float,

@@ -95,6 +95,7 @@ class Kept:
     cut: TopCut | None = None  # in place of a mask: the entries of largest |τ| by a threshold (magnitude trims)
     drop: TopCut | None = None  # in place of a mask too: the entries of largest |τ| taken out (Breadcrumbs' outliers)
     packed: torch.Tensor | None = None  # the keep-mask packed 8 entries per byte (``pack``), in place of ``mask``
+    little: bool = False  # ``packed`` least significant bit first (the native kernel's masks), not ``pack_bits``'s order
     shape: tuple[int, ...] = ()
     nothing: bool = False  # no entry kept
     l1_before: float | None = None  # ‖τ‖₁ before masking, for the L1 rescale (factor set on the whole tensor)
@@ -147,9 +148,9 @@ class Kept:
             assert self.mask is not None
             return self.mask if rows is None else self.mask[rows]
         if rows is None or not self.shape:
-            return unpack_bit_range(self.packed, 0, math.prod(self.shape)).reshape(self.shape)
+            return unpack_bit_range(self.packed, 0, math.prod(self.shape), self.little).reshape(self.shape)
         per_row = math.prod(self.shape[1:])
-        return unpack_bit_range(self.packed, rows.start * per_row, rows.stop * per_row).reshape(shape)
+        return unpack_bit_range(self.packed, rows.start * per_row, rows.stop * per_row, self.little).reshape(shape)
 
 
 #: below this L1 norm (before or after masking) the L1 rescale leaves τ unchanged (as ``rescale_to_l1``)
@@ -412,6 +413,9 @@ def fix_what_each_task_keeps(source: TaskVectorSource, sparsify_rows: RowSparsif
 
         return trim_whole
 
+    native = _native_dare_keeps(source, sparsify_rows, ctx)
+    if native is not None:
+        return lambda t, start, stop, rows: native[t].apply(source.rows(t, start, stop), rows, in_place=in_place)
     per_row = math.prod(source.shape[1:]) if source.shape else 1
     kept: dict[tuple[int, int], Kept] = {}  # L1 rescale: (task, chunk start) → the chunk's rule, made in phase 1
     factors: list[float | None] = [None] * source.count
@@ -451,6 +455,24 @@ def fix_what_each_task_keeps(source: TaskVectorSource, sparsify_rows: RowSparsif
         return rows_kept.apply(delta, in_place=in_place)
 
     return trim_by_rule
+
+
+def _native_dare_keeps(source: TaskVectorSource, sparsify_rows: RowSparsifier | None, ctx: TensorContext) -> list[Kept] | None:
+    """DARE's phase 1 with the L1 rescale by the native kernel, where it reads the inputs: each task's keep-mask
+    (its draws: ``dare_mask``'s) and its norms before and after them in one pass over the stored bytes, on the
+    kernel's threads. Each task's Kept: its whole mask packed (the kernel's bit order) and its L1 factor. None where
+    the rule is not DARE's, the rescale not the L1 one, a task keeps all or nothing, or the kernel cannot read."""
+    if sparsify_rows is not random_rows or not ctx.params.get("rescale", False) or ctx.params.get("rescale_rule", "l1") != "l1":
+        return None
+    form = dare_linear_form(ctx)
+    if form is None or form.keeps is None or any(keep.draws is None for keep in form.keeps):
+        return None
+    found = source.native_dare_masks(form.keeps)
+    if found is None:
+        return None
+    norms, masks = found
+    return [Kept(packed=mask, little=True, shape=tuple(source.shape), factor=before / after if before >= L1_EPS and after >= L1_EPS else None)
+            for (before, after), mask in zip(norms, masks)]
 
 
 def elect_rows(source: TaskVectorSource, sparsify_rows: RowSparsifier | None, sparsify: Sparsifier, ctx: TensorContext) -> torch.Tensor | None:

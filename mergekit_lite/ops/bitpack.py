@@ -40,13 +40,15 @@ def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> to
     return bits.reshape(-1)[:numel].bool().reshape(shape)
 
 
-def unpack_bit_range(packed: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Entries [start, stop) of the flattened mask that ``pack_bits`` packed, as a 1-D bool tensor."""
+def unpack_bit_range(packed: torch.Tensor, start: int, stop: int, little: bool = False) -> torch.Tensor:
+    """Entries [start, stop) of the flattened mask that ``pack_bits`` packed, as a 1-D bool tensor; ``little``: a
+    mask packed least significant bit first (the native kernel's keep-masks) instead."""
     first, last = start // 8, packed_size(stop)
     window = packed[first:last]
     if window.device.type == "cpu":
-        bits = torch.from_numpy(np.unpackbits(window.numpy()).view(np.bool_))
+        bits = torch.from_numpy(np.unpackbits(window.numpy(), bitorder="little" if little else "big").view(np.bool_))
     else:
-        bits = ((window.unsqueeze(1) >> _SHIFTS.to(window.device)) & 1).reshape(-1).bool()
+        shifts = _SHIFTS.flip(0) if little else _SHIFTS
+        bits = ((window.unsqueeze(1) >> shifts.to(window.device)) & 1).reshape(-1).bool()
     offset = start - 8 * first
     return bits[offset : offset + (stop - start)]
