@@ -747,6 +747,20 @@ __attribute__((target("avx2,fma"))) static void l1_lanes_avx2(const float *x, co
 }
 #endif
 
+/* the m magnitudes x and keeps of a block, padded with zeros to a multiple of LANES (both buffers hold it), added to
+ * the lanes: the one place the L1 norms' additions are made */
+static inline __attribute__((always_inline)) void add_l1_lanes(float *x, float *keep, Py_ssize_t m, double *before, double *after, int avx2) {
+    Py_ssize_t padded = (m + LANES - 1) / LANES * LANES;
+    for (Py_ssize_t j = m; j < padded; j++) x[j] = keep[j] = 0.0f;
+#if X86_DISPATCH
+    if (avx2)
+        l1_lanes_avx2(x, keep, padded, before, after);
+    else
+#endif
+        l1_lanes_generic(x, keep, padded, before, after);
+    (void)avx2;
+}
+
 /* DARE's first pass: per input, the L1 norms of tau = x - base before and after its keep draws (sum |tau| and
  * sum |tau| * keep), each |tau| exact in float64 and added in sixteen lanes (entry j to lane j mod 16, in order),
  * the lanes then added pairwise: a fixed order. lanes: 2 * LANES * count doubles of scratch; norms: 2 * count
@@ -760,7 +774,6 @@ static inline __attribute__((always_inline)) Py_ssize_t norms_body(const Job *jo
         if (job->keeps[t].draws) stream_at(&job->keeps[t].stream, job->keeps[t].state, job->keeps[t].inc, (uint64_t)job->first);
     for (Py_ssize_t i0 = 0; i0 < job->n; i0 += BLOCK) {
         Py_ssize_t m = job->n - i0 < BLOCK ? job->n - i0 : BLOCK;
-        Py_ssize_t padded = (m + LANES - 1) / LANES * LANES;
         size_t bsize = job->base_kind == KIND_BF16 ? 2 : 4;
         if (to_float((const char *)job->base + (size_t)i0 * bsize, job->base_kind, m, b) && first_bad < 0) first_bad = 0;
         for (Py_ssize_t t = 0; t < job->count; t++) {
@@ -769,17 +782,10 @@ static inline __attribute__((always_inline)) Py_ssize_t norms_body(const Job *jo
                 first_bad = t + 1;
             keep_block(&job->keeps[t], job->first, i0, m, keep, avx2);
             for (Py_ssize_t j = 0; j < m; j++) x[j] = fabsf(x[j] - b[j]);
-            for (Py_ssize_t j = m; j < padded; j++) x[j] = keep[j] = 0.0f;
-            double *before = lanes + 2 * LANES * t, *after = before + LANES;
-#if X86_DISPATCH
-            if (avx2)
-                l1_lanes_avx2(x, keep, padded, before, after);
-            else
-#endif
-                l1_lanes_generic(x, keep, padded, before, after);
+            double *before = lanes + 2 * LANES * t;
+            add_l1_lanes(x, keep, m, before, before + LANES, avx2);
         }
     }
-    (void)avx2;
     return first_bad;
 }
 
@@ -803,21 +809,13 @@ static inline __attribute__((always_inline)) void abs_sums_body(const float *x, 
     float a[BLOCK], k[BLOCK];
     for (Py_ssize_t i0 = 0; i0 < n; i0 += BLOCK) {
         Py_ssize_t m = n - i0 < BLOCK ? n - i0 : BLOCK;
-        Py_ssize_t padded = (m + LANES - 1) / LANES * LANES;
         for (Py_ssize_t j = 0; j < m; j++) a[j] = fabsf(x[i0 + j]);
         if (keep == NULL)
             for (Py_ssize_t j = 0; j < m; j++) k[j] = 1.0f;
         else
             for (Py_ssize_t j = 0; j < m; j++) k[j] = keep[i0 + j] ? 1.0f : 0.0f;
-        for (Py_ssize_t j = m; j < padded; j++) a[j] = k[j] = 0.0f;
-#if X86_DISPATCH
-        if (avx2)
-            l1_lanes_avx2(a, k, padded, before, after);
-        else
-#endif
-            l1_lanes_generic(a, k, padded, before, after);
+        add_l1_lanes(a, k, m, before, after, avx2);
     }
-    (void)avx2;
 }
 
 static void abs_sums_generic(const float *x, const unsigned char *keep, Py_ssize_t n, double *before, double *after) {
