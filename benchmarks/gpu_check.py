@@ -7,8 +7,7 @@ Each method runs the recipe ``bench_speed.py`` writes for it (mergekit's paramet
 once on each device, in a fresh process (``python -m mergekit_lite.cli run RECIPE OUT -q --force --device D``; each
 wall time includes start-up). Equal: every tensor bit for bit; else how many entries differ, the largest absolute
 difference, whether it is within 1e-6 of the largest magnitude (float32 arithmetic in another order on the GPU),
-and the largest difference relative to its tensor's largest update |θ − θ_0|. For Arcee Fusion, how far the
-differing entries' importance lies from the threshold (an entry's selection flipped by the devices' roundings).
+and the largest difference relative to its tensor's largest update |θ − θ_0|.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ import argparse
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,7 +47,6 @@ class Comparison:
     scale: float = 0.0  # the largest |cpu|
     entries: int = 0  # entries that differ
     relative: float = 0.0  # the largest |cpu − cuda| over its tensor's largest |cpu − θ_0| (the merge's update)
-    differing: dict[str, torch.Tensor] = field(default_factory=dict)  # tensor name → flat indices that differ
 
 
 def compare(cpu: Path, gpu: Path, base: Path | None) -> Comparison:
@@ -71,23 +69,7 @@ def compare(cpu: Path, gpu: Path, base: Path | None) -> Comparison:
         result.worst = max(result.worst, difference)
         result.relative = max(result.relative, difference / update if update > 0 else float("inf"))
         result.entries += int(apart.sum())
-        result.differing[name] = apart.reshape(-1).nonzero().reshape(-1)
     return result
-
-
-def arcee_flips(model: "bench_speed.Model", differing: dict[str, torch.Tensor]) -> float:
-    """Arcee Fusion's differing entries: the largest |importance − threshold| / threshold among them, importance and
-    threshold as the CPU computes them. Near 0: the devices' roundings put those entries on either side of it."""
-    from mergekit_lite.ops.selection import arcee_importance, iqr_threshold
-
-    base, other = load(model.base), load(model.finetune(1))
-    farthest = 0.0
-    for name, indices in differing.items():
-        theta0, theta1 = base[name].float(), other[name].float()
-        importance = arcee_importance(theta0, theta1.clone()).reshape(-1)
-        threshold = float(iqr_threshold(importance))
-        farthest = max(farthest, float((importance[indices] - threshold).abs().max()) / abs(threshold))
-    return farthest
 
 
 def run(recipe: Path, out: Path, device: str, timeout: float) -> tuple[float, int, str]:
@@ -138,8 +120,6 @@ def main(argv: list[str]) -> int:
             verdict = "bit for bit" if c.same else ("within 1e-6 of the largest magnitude" if c.worst <= 1e-6 * max(c.scale, 1.0) else "DIFFERS")
             if not c.same:
                 verdict += f"; {c.entries} entries"
-                if method == "arcee_fusion":
-                    verdict += f", importance within {arcee_flips(model, c.differing):.2g} of the threshold (relative)"
             line = (f"| {method} | {k} | {cpu_time:.2f} | {gpu_time:.2f} | {cpu_time / gpu_time:.2f} | {verdict} | {c.worst:.3g} | "
                     f"{c.relative:.3g} | {c.scale:.3g} |")
         print(line, flush=True)

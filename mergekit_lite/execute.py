@@ -278,8 +278,7 @@ class RereadTaskVectors(TaskVectorSource):
         if sources is None:
             return None
         masks = [torch.empty(fused.mask_bytes(self.job.out.numel), dtype=torch.uint8) for _ in keeps]  # each chunk's bits in place
-        form = fused.LinearForm((1.0,) * len(keeps), None, 1.0, keeps=tuple(keeps))
-        norms = _dare_norms_of_stored(sources, form, self.dtype, {}, whole=masks)
+        norms = _dare_norms_of_stored(sources, keeps, self.dtype, whole=masks)
         self.checked.update((t, start) for t in range(-1, self.count) for start, _ in self.chunks())  # every entry looked at
         return norms, masks
 
@@ -637,28 +636,29 @@ def _combine_stored(sources: Sequence[StoredSource], has_base: bool, out: torch.
         _refuse_unreadable(sources, has_base, failure, (0, numel))
 
 
-def _dare_norms_of_stored(sources: Sequence[StoredSource], form: fused.LinearForm, compute_dtype: torch.dtype,
-                          masks: dict[int, list[torch.Tensor | None]], whole: Sequence[torch.Tensor] | None = None) -> list[tuple[float, float]]:
+def _dare_norms_of_stored(sources: Sequence[StoredSource], keeps: Sequence[fused.Keep], compute_dtype: torch.dtype,
+                          masks: dict[int, list[torch.Tensor | None]] | None = None,
+                          whole: Sequence[torch.Tensor] | None = None) -> list[tuple[float, float]]:
     """Each task's (‖τ_t‖₁, ‖τ_t ⊙ keep_t‖₁) over the whole tensor by the native kernel (the base the first source),
     chunk by chunk on the threads, the chunks' norms added in chunk order (the same sums on any thread count). Each
-    chunk's keep-masks go into ``masks`` (one bit per entry: K/32 of a float32 copy), for the second pass: views of
-    ``whole`` (each task's mask of the whole tensor, every task drawing) where given (chunks start at multiples of 8
-    entries: at whole bytes)."""
-    keeps = form.keeps
-    assert keeps is not None
+    chunk's keep-masks (one bit per entry: K/32 of a float32 copy), for the second pass: into ``masks`` by chunk
+    start, or written in place into ``whole`` (each task's mask of the whole tensor, every task drawing; chunks start
+    at multiples of 8 entries: at whole bytes)."""
     partial: dict[int, list[tuple[float, float]]] = {}
 
     def chunk_norms(start: int, stop: int, stored: list[fused.Span]) -> int:
         size = fused.mask_bytes(stop - start)
         if whole is not None:
-            chunk_masks = masks[start] = [mask[start // 8 : start // 8 + size] for mask in whole]
+            chunk_masks: list[torch.Tensor | None] = [mask[start // 8 : start // 8 + size] for mask in whole]
         else:
-            chunk_masks = masks[start] = [None if k.draws is None else torch.empty(size, dtype=torch.uint8) for k in keeps]
+            chunk_masks = [None if k.draws is None else torch.empty(size, dtype=torch.uint8) for k in keeps]
+        if masks is not None:
+            masks[start] = chunk_masks
         partial[start], bad = fused.dare_norms(stored[0], stored[1:], keeps, first=start, masks_out=chunk_masks, n=stop - start)
         return bad
 
     _each_stored_chunk(sources, True, chunk_norms, compute_dtype)
-    before, after = [0.0] * len(form.keeps), [0.0] * len(form.keeps)
+    before, after = [0.0] * len(keeps), [0.0] * len(keeps)
     for start in sorted(partial):
         for t, (b, a) in enumerate(partial[start]):
             before[t] += b
@@ -745,7 +745,8 @@ def fused_output(plan: Plan, job: TensorJob, form: fused.LinearForm, sources: li
     An L1 rescale (DARE) takes a pass before: each task's norms by chunk, added up in chunk order (any thread count)."""
     masks: dict[int, list[torch.Tensor | None]] = {}  # chunk start → each task's keep-mask, drawn in the norms pass
     if form.needs_norms:
-        form = form.with_norms(_dare_norms_of_stored(sources, form, plan.compute_dtype, masks))
+        assert form.keeps is not None
+        form = form.with_norms(_dare_norms_of_stored(sources, form.keeps, plan.compute_dtype, masks))
     out = torch.empty(job.out.shape, dtype=job.out.dtype)
     flat = out.view(-1)
     if not masks:  # no masks drawn per chunk: one call, on the kernel's own threads

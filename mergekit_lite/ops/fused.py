@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .sparsify import UNIFORM_SCALE, tie_key
+from .draws import UNIFORM_SCALE, tie_key
 
 try:
     from .. import _fused

@@ -19,6 +19,8 @@ from torch import Tensor
 
 from .checks import _check_fraction
 from .devices import divide_
+from .draws import UNIFORM_SCALE, tie_key, tie_words
+from .fused import abs_sums, available as native_available, bracket_counts
 from .threads import generator_at, map_parts, scratch, split_evenly, thread_count
 
 BREADCRUMBS_SCOPES = ("row", "tensor")
@@ -227,13 +229,11 @@ def _order_values(sample: np.ndarray, ranks: Sequence[int]) -> list[float]:
     is one), counted and gathered in one native pass, then sorted. The same values as a partition of all of
     it, which is the fallback (no kernel, NaN, a missed or crowded bracket). 2^16 entries at 7 ranks: 1.3 ms
     partitioned, 0.35 ms this way."""
-    from . import fused  # fused imports this module: at call time, not import time
-
     n = sample.size
     if not ranks:
         return []
     found = None
-    if n >= 16 * SAMPLE_SUB_STEP and sample.dtype in (np.float32, np.float64) and fused.available():
+    if n >= 16 * SAMPLE_SUB_STEP and sample.dtype in (np.float32, np.float64) and native_available():
         sub = np.sort(sample[::SAMPLE_SUB_STEP])
         m = sub.size
         brackets = []
@@ -242,7 +242,7 @@ def _order_values(sample: np.ndarray, ranks: Sequence[int]) -> list[float]:
             margin = int(SAMPLE_SUB_SIGMAS * math.sqrt(m * q * (1 - q))) + 2
             low, high = math.floor(q * (m - 1)) - margin, math.ceil(q * (m - 1)) + margin
             brackets.append((-math.inf if low <= 0 else sub[low], math.inf if high >= m - 1 else sub[high]))
-        counted = fused.bracket_counts(np.ascontiguousarray(sample), brackets, n)
+        counted = bracket_counts(np.ascontiguousarray(sample), brackets, n)
         if counted is not None and all(below + inside.size + above == n and 0 <= rank - below < inside.size
                                        for rank, (below, above, inside) in zip(ranks, counted)):
             # sorted, not partitioned: numpy's partition slows down ~50× on many equal values (an importance's
@@ -411,12 +411,10 @@ def _block_l1(block: Tensor) -> float:
 def _native_l1(flat: Tensor, kept: Tensor | None) -> tuple[float, float] | None:
     """(Σ|x|, Σ|x|·keep) of a flat CPU float32 tensor by the native kernel (float64, in its native DARE pass's
     order: 0.05 ms per 2^20 entries against 0.15 ms for ``_block_l1``'s float64 rows); None where it does not apply."""
-    from . import fused  # fused imports this module: at call time, not import time
-
-    if (flat.device.type != "cpu" or flat.dtype != torch.float32 or not flat.is_contiguous() or not fused.available()
+    if (flat.device.type != "cpu" or flat.dtype != torch.float32 or not flat.is_contiguous() or not native_available()
             or (kept is not None and (kept.dtype != torch.bool or not kept.is_contiguous() or kept.device.type != "cpu"))):
         return None
-    return fused.abs_sums(flat, kept)
+    return abs_sums(flat, kept)
 
 
 def l1_norm(x: Tensor, keep: Tensor | None = None) -> float:
@@ -472,8 +470,6 @@ DRAW_BLOCK = 1 << 20
 #: draws longer than this are split over the threads: a thread hand-off costs ~90 µs on this project's VM, so
 #: 2^19 entries (0.5 ms) drawn on two threads took as long as on one; 2^21 entries 2.2× less
 SPLIT_DRAWS = 1 << 21
-#: a 32-bit uniform u stands for u / 2^32
-UNIFORM_SCALE = float(1 << 32)
 
 
 def dare_mask(shape: torch.Size | tuple[int, ...], density: float, generator: np.random.Generator, first: int = 0, split: bool = True) -> Tensor:
@@ -532,27 +528,6 @@ def _draw_kept_in_order(generator: np.random.Generator, ceiling: int, key: int, 
             ties = np.flatnonzero(h == high)
             if ties.size:
                 out[done + ties] = tie_words(key, first + done + ties) < low
-
-
-def tie_key(generator: np.random.Generator) -> int:
-    """The 64-bit key of a generator's tie words: its 128-bit state and increment folded together
-    (state ⊕ state >> 64 ⊕ increment, modulo 2^64), read where the generator is, without drawing."""
-    state = generator.bit_generator.state["state"]
-    return (state["state"] ^ (state["state"] >> 64) ^ state["inc"]) & 0xFFFFFFFFFFFFFFFF
-
-
-_MIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
-
-
-def tie_words(key: int, positions: np.ndarray) -> np.ndarray:
-    """L_j, the low halves of DARE's 32-bit uniforms at the entries ``positions`` where they are needed: the low
-    16 bits of SplitMix64 (Steele et al., 2014) of key + (j + 1)·0x9E3779B97F4A7C15. A hash of the position, so
-    any entry's L_j is found without drawing the ones before it."""
-    z = (np.asarray(positions, dtype=np.uint64) + np.uint64(1)) * _MIX[0] + np.uint64(key)
-    z = (z ^ (z >> np.uint64(30))) * _MIX[1]
-    z = (z ^ (z >> np.uint64(27))) * _MIX[2]
-    z ^= z >> np.uint64(31)
-    return (z & np.uint64(0xFFFF)).astype(np.uint16)
 
 
 def _skip_words(generator: np.random.Generator, entries: int, per_output: int = 2) -> None:
