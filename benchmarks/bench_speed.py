@@ -624,7 +624,17 @@ def profile_once(recipe: Path, out: Path, prof: Path, log) -> None:
 
     shutil.rmtree(out, ignore_errors=True)
     prof.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [str(VENV_PYTHON), "-m", "cProfile", "-o", str(prof), "-m", "mergekit_lite.cli", "run", str(recipe), str(out), "--force", "-q"]
+    # not `-m cProfile -m mergekit_lite.cli`: the console entry ends the process with os._exit, before cProfile writes
+    program = (
+        "import cProfile, sys\n"
+        "from mergekit_lite.cli import main\n"
+        "profile = cProfile.Profile()\n"
+        "profile.enable()\n"
+        "try:\n    main(sys.argv[2:])\nexcept SystemExit:\n    pass\n"
+        "profile.disable()\n"
+        "profile.dump_stats(sys.argv[1])\n"
+    )
+    cmd = [str(VENV_PYTHON), "-c", program, str(prof), "run", str(recipe), str(out), "--force", "-q"]
     log("profiling: " + " ".join(shlex.quote(c) for c in cmd))
     subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     stats = pstats.Stats(str(prof), stream=sys.stderr)

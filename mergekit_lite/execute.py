@@ -793,6 +793,9 @@ def compute_tensor(plan: Plan, job: TensorJob, device: torch.device) -> torch.Te
         stored = plan.checkpoints[job.inputs[0].source].get(job.inputs[0].name)
         return stored.to(job.out.dtype) if stored.dtype != job.out.dtype else stored
     try:
+        unchanged = _unchanged_input(plan, job)
+        if unchanged is not None:
+            return unchanged
         if _entrywise_in_row_chunks(plan, job):
             return entrywise_output(plan, job, device)
         if plan.method.compute_inputs is not None and job.vocab is None:
@@ -805,6 +808,32 @@ def compute_tensor(plan: Plan, job: TensorJob, device: torch.device) -> torch.Te
     except ValueError as exc:  # a kernel's argument check: a parameter value this tensor cannot take
         raise RecipeError(f"tensor {job.name}: {exc}") from None
     return out.to(device="cpu", dtype=job.out.dtype)
+
+
+#: stored dtype -> the compute dtypes that hold each of its values exactly
+_HOLDS_EXACTLY = {
+    torch.bfloat16: {torch.bfloat16, torch.float32, torch.float64},
+    torch.float16: {torch.float16, torch.float32, torch.float64},
+    torch.float32: {torch.float32, torch.float64},
+}
+
+
+def _unchanged_input(plan: Plan, job: TensorJob) -> torch.Tensor | None:
+    """The stored input itself, checked for NaN/Inf, where the method's output is that input unchanged
+    (``MergeMethod.unchanged``) and the way through the compute dtype would give the same bytes (the stored dtype is
+    the output's and the compute dtype holds it exactly): no working copy of the tensor (a passthrough merge
+    otherwise held two whole output buffers). None where that does not apply."""
+    unchanged = plan.method.unchanged
+    if unchanged is None or job.vocab is not None or len(job.inputs) != 1 or not unchanged(context(plan, job).model_params):
+        return None
+    info = plan.info(job.inputs[0])
+    if info.dtype != job.out.dtype or plan.compute_dtype not in _HOLDS_EXACTLY.get(info.dtype, ()):
+        return None
+    ckpt = plan.checkpoints[job.inputs[0].source]
+    stored = ckpt.get(job.inputs[0].name)
+    if not _all_finite(stored):
+        _refuse_non_finite(ckpt, job.inputs[0].name, stored.to(plan.compute_dtype))
+    return stored
 
 
 def write_jobs(plan: Plan, device: torch.device, names: Sequence[str], places: dict[str, Placement]) -> int:

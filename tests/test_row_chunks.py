@@ -9,12 +9,13 @@ tiny, so chunks of one to a few rows, uneven at the end) and must give identical
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import mergekit_lite
 from mergekit_lite import Recipe, execute
@@ -22,7 +23,7 @@ from mergekit_lite.checkpoint import open_checkpoint
 from mergekit_lite.methods.base import METHODS, row_chunks
 from mergekit_lite.ops import fused
 
-from helpers import load_state, ta_recipe
+from helpers import DEMO_TASKS, load_state, ta_recipe
 
 WEIGHTS = (1.0, 0.5, -0.25)
 
@@ -209,13 +210,50 @@ def test_entrywise_row_chunks_give_the_whole_tensor_bits(request, tmp_path, monk
     calls = []
     monkeypatch.setattr(execute, "entrywise_output", lambda *a, real=execute.entrywise_output: calls.append(1) or real(*a))
     chunked = _merge(demo, tmp_path / "chunked", method, params)
-    assert calls  # the chunked path ran
+    unchanged = method == "passthrough" and params.get("scale", 1.0) == 1.0  # the stored tensors handed on (next test)
+    assert bool(calls) != unchanged  # the chunked path ran
     dense = _dense(demo, method, params)
     assert set(whole) == set(chunked) == set(dense)
     for name in whole:
         assert torch.equal(whole[name], chunked[name]), name
         tol = dict(rtol=8e-3, atol=1e-5) if dense[name].dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)  # one bf16 rounding apart at most
         torch.testing.assert_close(chunked[name].float(), dense[name].float(), **tol, msg=name)
+
+
+@pytest.mark.parametrize("fixture", ["demo", "demo_bf16"])
+def test_passthrough_at_scale_one_hands_on_the_stored_tensors(request, tmp_path, monkeypatch, fixture):
+    """Passthrough at scale 1 writes each stored tensor itself (no working copy): the input's very bytes, a NaN
+    still refused; a compute dtype that would round the inputs takes the method's own path."""
+    demo = request.getfixturevalue(fixture)
+    handed: list[bool] = []
+    real = execute._unchanged_input
+
+    def spy(*args):
+        tensor = real(*args)
+        handed.append(tensor is not None)
+        return tensor
+
+    monkeypatch.setattr(execute, "_unchanged_input", spy)
+    merged = _merge(demo, tmp_path / "out", "passthrough", {})
+    first = load_state(demo[DEMO_TASKS[0]])
+    assert handed and all(handed) and set(merged) == set(first)
+    for name, tensor in merged.items():
+        assert tensor.dtype == first[name].dtype and torch.equal(tensor.view(torch.uint8), first[name].view(torch.uint8)), name
+    if fixture == "demo":  # float32 inputs through a bfloat16 compute dtype: rounded, as mergekit's dtype does
+        handed.clear()
+        rounded = _merge(demo, tmp_path / "rounded", "passthrough", {}, dtype="bfloat16")
+        assert handed and not any(handed)
+        for name, tensor in rounded.items():
+            assert torch.equal(tensor.float(), first[name].bfloat16().float()), name
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(demo[DEMO_TASKS[0]], poisoned)
+    shard = sorted(poisoned.glob("*.safetensors"))[0]
+    state = load_file(str(shard))
+    name = sorted(state)[0]
+    state[name].view(-1)[0] = float("nan")
+    save_file(state, str(shard))
+    with pytest.raises(mergekit_lite.MergeKitLiteError, match=f"tensor {name} has 1 NaN/Inf"):
+        _merge({**demo, DEMO_TASKS[0]: poisoned}, tmp_path / "refused", "passthrough", {})
 
 
 def test_entrywise_row_chunks_read_only_rows_and_each_once(demo, tmp_path, monkeypatch):

@@ -403,6 +403,9 @@ class MergeMethod:
     #: computed on the CPU whatever ``--device`` says: a result that a GPU's roundings would change beyond its last
     #: bits (a selection decided by a float32 quantity that is mostly rounding error), so every device gives the CPU's
     cpu_only: bool = False
+    #: whether, with these per-model parameters, the output is the single model's tensor unchanged (passthrough at
+    #: scale 1): the executor then hands on the stored tensor itself, no working copy made
+    unchanged: Callable[[list[dict[str, Any]]], bool] | None = None
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
