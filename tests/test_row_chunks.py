@@ -504,7 +504,7 @@ def test_multislerp_refuses_weights_that_sum_to_zero_and_falls_back_where_direct
 @pytest.mark.parametrize("method,params", [("karcher", {"max_iter": 5}), ("multislerp", {})])
 def test_reread_weight_methods_equal_their_held_form_whatever_the_base_position(demo, tmp_path, method, params):
     """The executor reads karcher's and multislerp's inputs again (base first); the held form gives the same bits."""
-    from mergekit_lite.methods.base import HeldWeightInputs, METHODS, TensorContext
+    from mergekit_lite.methods.base import HeldWeightInputs, METHODS
 
     data = ta_recipe(demo, merge_method=method, parameters=params)
     data["models"].append({"model": str(demo["base"])})  # the base listed last, as an input

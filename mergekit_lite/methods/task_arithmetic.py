@@ -221,7 +221,7 @@ def sparsify_outliers(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContext
 
 def sparsify_della(delta: torch.Tensor, p: dict[str, Any], ctx: TensorContext, t: int) -> Kept:
     """DELLA's MagPrune: keep each entry with a probability that grows with its magnitude's rank in its row."""
-    density, epsilon = p["density"], p["epsilon"]
+    density = p["density"]
     if density >= 1:
         return Kept()
     if density <= 0:
