@@ -321,16 +321,22 @@ def test_declarations() -> None:
     assert plus.passes({"scope": "tensor"}, torch.float32) == 1 and plus.passes({"scope": "model"}, torch.float32) == 2
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
 @pytest.mark.parametrize("block", [1 << 17, 4096])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("count", [1, 2, 3, 8])
-def test_task_variance_is_torch_var_bit_for_bit(count, dtype, block, monkeypatch):
+def test_task_variance_is_torch_var_bit_for_bit(count, dtype, block, native, monkeypatch):
     """The select step ranks the variances, so ties at its threshold depend on their last bit: the running
     (Welford) variance must round as torch.var over the stacked task vectors does (whole, or a few thousand
-    entries at a time with a shorter last block; of a matrix too)."""
-    from mergekit_lite.ops import sce
+    entries at a time with a shorter last block; of a matrix too); float32 by the native kernel too, its entries
+    split over the threads."""
+    from mergekit_lite.ops import fused, sce
     from mergekit_lite.ops.sce import task_variance
 
+    if native and not fused.available():
+        pytest.skip("the native kernel is not built")
+    monkeypatch.setattr(sce, "native_available", lambda: native)
+    monkeypatch.setattr(sce, "VARIANCE_SPLIT_MIN", 1000)
     monkeypatch.setattr(sce, "VARIANCE_BLOCK", block)
     torch.manual_seed(count)
     scales = torch.logspace(-6, 2, 9).repeat_interleave(5000)

@@ -7,7 +7,7 @@
  * Also the float64 Gram matrix of stored inputs (slerp, Model Stock, Multi-SLERP), summed in its own fixed order, and
  * DARE: its keep draws (numpy's PCG64DXSM words and the tie words of ops/sparsify.dare_mask, bit for bit), the L1
  * norms of its first pass, and the masked, rescaled task vectors of its combination; and the one-pass bracket counts
- * of exact order statistics.
+ * of exact order statistics; SCE's variance across tasks (torch.var's float64 Welford updates, bit for bit).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -854,6 +854,92 @@ static PyObject *abs_sums(PyObject *self, PyObject *args) {
         abs_sums_generic(x, keep, n, before, after);
     Py_END_ALLOW_THREADS
     return Py_BuildValue("(dd)", lanes_total(before), lanes_total(after));
+}
+
+/* SCE's variance across tasks (ops/sce.task_variance): for each of n entries, Welford's update in float64 over the
+ * tasks' float32 values in order (mean = x_0, m2 = +0; then per task: step = x - mean, mean += step / count,
+ * m2 += step * (x - mean), each product and quotient rounded on its own), then m2 / tasks rounded to float32: torch's
+ * own operations in torch's order, so torch.var's numbers bit for bit. VARIANCE_BLOCK entries at a time, each task
+ * through the block (the running means and sums stay in registers and the L1 cache). */
+#define VARIANCE_BLOCK 512
+static inline __attribute__((always_inline)) void variance_body(const float *const *x, Py_ssize_t tasks, Py_ssize_t n, float *out) {
+    double mean[VARIANCE_BLOCK], m2[VARIANCE_BLOCK];
+    for (Py_ssize_t i0 = 0; i0 < n; i0 += VARIANCE_BLOCK) {
+        Py_ssize_t m = n - i0 < VARIANCE_BLOCK ? n - i0 : VARIANCE_BLOCK;
+        const float *first = x[0] + i0;
+        for (Py_ssize_t j = 0; j < m; j++) {
+            mean[j] = (double)first[j];
+            m2[j] = 0.0;
+        }
+        for (Py_ssize_t t = 1; t < tasks; t++) {
+            const float *xt = x[t] + i0;
+            const double count = (double)(t + 1);
+            for (Py_ssize_t j = 0; j < m; j++) {
+                double data = (double)xt[j];
+                double step = data - mean[j];
+                mean[j] = mean[j] + step / count;
+                data = data - mean[j];
+                m2[j] = m2[j] + step * data;
+            }
+        }
+        const double divisor = (double)tasks;
+        for (Py_ssize_t j = 0; j < m; j++) out[i0 + j] = (float)(m2[j] / divisor);
+    }
+}
+
+static void variance_generic(const float *const *x, Py_ssize_t tasks, Py_ssize_t n, float *out) { variance_body(x, tasks, n, out); }
+
+#if X86_DISPATCH
+__attribute__((target("avx2,fma"))) static void variance_avx2(const float *const *x, Py_ssize_t tasks, Py_ssize_t n, float *out) {
+    variance_body(x, tasks, n, out);
+}
+#endif
+
+PyDoc_STRVAR(task_variance_doc,
+    "task_variance(inputs, n, out)\n\n"
+    "The population variance across tasks of each of n entries: inputs the addresses of the tasks' n float32 values,\n"
+    "out the address of n float32 (see ops/sce.task_variance: torch.var's arithmetic, bit for bit). The GIL is\n"
+    "released while it runs.");
+
+static PyObject *task_variance(PyObject *self, PyObject *args) {
+    PyObject *inputs_obj;
+    Py_ssize_t n;
+    unsigned long long out_addr;
+    if (!PyArg_ParseTuple(args, "OnK", &inputs_obj, &n, &out_addr)) return NULL;
+    PyObject *seq = PySequence_Fast(inputs_obj, "inputs must be a sequence of addresses");
+    if (seq == NULL) return NULL;
+    Py_ssize_t tasks = PySequence_Fast_GET_SIZE(seq);
+    if (tasks < 1 || tasks > MAX_INPUTS || n < 0 || (n > 0 && out_addr == 0)) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "task_variance: 1 to 4096 inputs, n >= 0, an output");
+        return NULL;
+    }
+    const float **x = PyMem_Malloc((size_t)tasks * sizeof(float *));
+    if (x == NULL) {
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t t = 0; t < tasks; t++) {
+        x[t] = (const float *)(uintptr_t)PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(seq, t));
+        if (PyErr_Occurred() || (n > 0 && x[t] == NULL)) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "task_variance: a null input");
+            PyMem_Free(x);
+            Py_DECREF(seq);
+            return NULL;
+        }
+    }
+    Py_DECREF(seq);
+    float *out = (float *)(uintptr_t)out_addr;
+    Py_BEGIN_ALLOW_THREADS
+#if X86_DISPATCH
+    if (use_avx2())
+        variance_avx2(x, tasks, n, out);
+    else
+#endif
+        variance_generic(x, tasks, n, out);
+    Py_END_ALLOW_THREADS
+    PyMem_Free(x);
+    Py_RETURN_NONE;
 }
 
 static int parse_kind(PyObject *value, int *kind) {
@@ -1798,6 +1884,7 @@ static PyMethodDef methods[] = {
     {"dare_norms", dare_norms, METH_VARARGS, dare_norms_doc},
     {"abs_sums", abs_sums, METH_VARARGS, abs_sums_doc},
     {"bracket_counts", bracket_counts, METH_VARARGS, bracket_counts_doc},
+    {"task_variance", task_variance, METH_VARARGS, task_variance_doc},
     {NULL, NULL, 0, NULL},
 };
 

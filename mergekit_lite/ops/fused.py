@@ -7,7 +7,8 @@ Whether the kernel gives the torch path's bytes on this machine is checked on a 
 (``execute._kernel_matches``); the torch path stays the reference. ``gram`` makes float64 Gram matrices (slerp,
 Model Stock, Multi-SLERP's norms). DARE-linear's form keeps part of each task vector (``Keep``: ``dare_mask``'s
 draws, made in the kernel, and a rescale); its L1 rescale takes a first pass, ``dare_norms``. ``bracket_counts`` serves
-exact order statistics (``ops.selection``). Set MERGEKIT_LITE_NATIVE=0 to use torch alone.
+exact order statistics (``ops.selection``), ``task_variance_into`` SCE's variance across tasks. Set
+MERGEKIT_LITE_NATIVE=0 to use torch alone.
 """
 
 from __future__ import annotations
@@ -319,3 +320,16 @@ def bracket_counts(values: np.ndarray, brackets: Sequence[tuple[float, float]], 
     if any(inside > room for _, _, inside in counted):
         return None
     return [(below, above, out[:inside]) for (below, above, inside), out in zip(counted, outs)]
+
+
+def task_variance_into(out: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``out`` (float32, contiguous, CPU) = the population variance across ``inputs`` (the tasks' float32 values,
+    contiguous, CPU, out's size) entry by entry, with ``torch.var``'s float64 arithmetic (``ops.sce.task_variance``)."""
+    assert _fused is not None, "the native kernel is not built"
+    n = out.numel()
+    if out.dtype != torch.float32 or not out.is_contiguous() or out.device.type != "cpu":
+        raise ValueError("task_variance_into: a contiguous float32 CPU output")
+    if not inputs or any(x.dtype != torch.float32 or not x.is_contiguous() or x.device.type != "cpu" or x.numel() != n for x in inputs):
+        raise ValueError("task_variance_into: contiguous float32 CPU inputs of the output's size")
+    _fused.task_variance([x.data_ptr() for x in inputs], n, out.data_ptr())
+    return out

@@ -15,7 +15,9 @@ from torch import Tensor
 from .checks import _check_stacked
 from .combine import agreeing_magnitudes_, elected_sign, with_sign_
 from .devices import divide_
+from .fused import available as native_available, task_variance_into
 from .sparsify import topk_count_mask
+from .threads import map_parts, split_evenly, thread_count
 
 #: mergekit 0.1.5's rule: below this summed energy, SCE weights fall back to uniform.
 SCE_ENERGY_FLOOR = 1e-6
@@ -61,7 +63,8 @@ def task_variance(deltas: Tensor | Iterable[Tensor]) -> Tensor:
     The arithmetic of ``torch.var(stack, dim=0, unbiased=False)`` on the CPU (Welford's update in float64,
     then the division and one rounding to the dtype), so the numbers, and the entries the select step
     keeps, are torch.var's bit for bit, without a stack and 2–13× faster than its reduction over dim 0.
-    Each entry's update is its own, so VARIANCE_BLOCK entries are taken through every task at a time.
+    Each entry's update is its own, so VARIANCE_BLOCK entries are taken through every task at a time. Float32 on
+    the CPU goes through the native kernel (``_native_variance``): the same operations, one pass per block.
     """
     tasks = list(deltas)  # a stacked tensor hands out its rows
     if not tasks:
@@ -72,6 +75,8 @@ def task_variance(deltas: Tensor | Iterable[Tensor]) -> Tensor:
     out = torch.empty(first.shape, dtype=first.dtype, device=first.device)
     flats = [t.reshape(-1) for t in tasks]
     n = out.numel()
+    if _native_variance(flats, out.view(-1)):
+        return out
     block = max(1, min(n, VARIANCE_BLOCK) if first.device.type == "cpu" else n)
     buffers = [torch.empty(block, dtype=torch.float64, device=first.device) for _ in range(4)]
     counts = [torch.tensor(float(count), dtype=torch.float64, device=first.device) for count in range(2, len(tasks) + 1)]
@@ -91,6 +96,22 @@ def task_variance(deltas: Tensor | Iterable[Tensor]) -> Tensor:
             m2.addcmul_(step, data)
         out.view(-1)[start:stop].copy_(divide_(m2, len(tasks)))
     return out
+
+
+#: entries below which the native variance runs on one thread (a hand-off costs more than it saves)
+VARIANCE_SPLIT_MIN = 1 << 16
+
+
+def _native_variance(flats: list[Tensor], out: Tensor) -> bool:
+    """``task_variance`` of float32 CPU task vectors by the native kernel (the same float64 operations in the same
+    order: the same numbers), parts of the entries on the CPU threads; False where it does not apply."""
+    if not native_available() or out.dtype != torch.float32 or out.device.type != "cpu" or any(f.dtype != torch.float32 or f.device.type != "cpu" for f in flats):
+        return False
+    inputs = [f.contiguous() for f in flats]
+    n = out.numel()
+    parts = split_evenly(n, thread_count() if n >= 2 * VARIANCE_SPLIT_MIN else 1)
+    map_parts(lambda part: task_variance_into(out[part[0] : part[1]], [x[part[0] : part[1]] for x in inputs]), parts)
+    return True
 
 
 def top_variance_mask(variance: Tensor, fraction: float) -> Tensor:
