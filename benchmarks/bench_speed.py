@@ -915,7 +915,7 @@ def main(argv: list[str]) -> int:
                         f"{size} K={k} {method} [{rep + 1}/{args.repeats}]: {ours_part}; {mk_part}; "
                         f"floor read {reads[-1]:.2f}s + write {writes[-1]:.2f}s; start-up {startups[-1]:.2f}s, dry run {dry_walls[-1]:.2f}s; "
                         f"other CPU load just before: ours {', '.join(f'{b:.0%}' for b in busy[-1:])}"
-                        + (f", mergekit {mk_busy[-1]:.0%}" if mk_busy else "")
+                        + (f", mergekit {mk_busy[-1]:.0%}" if mk_busy and rep < args.mergekit_repeats else "")
                     )
                 check = mk_check = agree = ""
                 if not error and method == "task_arithmetic":

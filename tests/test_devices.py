@@ -48,11 +48,14 @@ def test_the_reciprocal_that_cuda_multiplies_by_is_not_the_quotient():
     assert 1_000 < apart < 9_000
 
 
-def test_a_cpu_only_method_ignores_the_device_it_is_handed(demo):
-    """Arcee Fusion is ``cpu_only``: handed the meta device (no values at all), each tensor is still the CPU's."""
-    assert METHODS["arcee_fusion"].cpu_only and not METHODS["slerp"].cpu_only
-    data = ta_recipe(demo, merge_method="arcee_fusion", parameters={})
-    data["models"] = [{"model": data["models"][0]["model"]}]
+@pytest.mark.parametrize("method", ["arcee_fusion", "tsv_m", "iso_c", "iso_cts"])
+def test_a_cpu_only_method_ignores_the_device_it_is_handed(demo, method):
+    """Arcee Fusion and the float32-SVD merges are ``cpu_only``: handed the meta device (no values at all), each
+    tensor is still the CPU's."""
+    assert METHODS[method].cpu_only and not METHODS["slerp"].cpu_only
+    data = ta_recipe(demo, merge_method=method, parameters={})
+    if method == "arcee_fusion":
+        data["models"] = [{"model": data["models"][0]["model"]}]
     plan = mergekit_lite.plan(Recipe.model_validate(data))
     try:
         merged = [job for job in plan.jobs if job.merge]

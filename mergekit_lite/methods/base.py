@@ -401,7 +401,8 @@ class MergeMethod:
     #: pairs of parameters a recipe may not give together (two ways to say one thing)
     exclusive: tuple[tuple[str, str], ...] = ()
     #: computed on the CPU whatever ``--device`` says: a result that a GPU's roundings would change beyond its last
-    #: bits (a selection decided by a float32 quantity that is mostly rounding error), so every device gives the CPU's
+    #: bits (a selection decided by a float32 quantity that is mostly rounding error; a float32 SVD, whose singular
+    #: vectors a GPU's algorithm rounds otherwise), so every device gives the CPU's
     cpu_only: bool = False
     #: whether, with these per-model parameters, the output is the single model's tensor unchanged (passthrough at
     #: scale 1): the executor then hands on the stored tensor itself, no working copy made

@@ -123,6 +123,9 @@ register(
         # θ_0, the task vector being decomposed and its SVD (U, Vᵀ), the gathered U and Vᵀ, the polar
         # factors and the product, not all at once: none of it grows with K (6.15 / 6.97 / 7.06 with the output measured at
         # K = 2 / 4 / 8 in the fourteenth session; 5.5 failed bench_memory at K = 4 and 8 before that session's changes too)
+        # on the CPU whatever --device says: the GPU's float32 SVDs put the merged weights up to 4.6e-6 (Iso-C), 3.0e-5
+        # (TSV-M) and 6.7e-5 (Iso-CTS) away from the CPU's (H200, 40M, K = 4); float64 SVDs on both would double the CPU's time
+        cpu_only=True,
         working_copies=lambda n: 6,
     )
 )
@@ -135,6 +138,9 @@ register(
         paper="https://arxiv.org/abs/2502.04959",
         # θ_0, the running sum and the task vector being read, its SVD (U, Vᵀ) and the product: 5.51
         # and 5.44 measured with the output at K = 2 and 4
+        # on the CPU whatever --device says: the GPU's float32 SVDs put the merged weights up to 4.6e-6 (Iso-C), 3.0e-5
+        # (TSV-M) and 6.7e-5 (Iso-CTS) away from the CPU's (H200, 40M, K = 4); float64 SVDs on both would double the CPU's time
+        cpu_only=True,
         working_copies=lambda n: 5.5,
     )
 )
@@ -148,6 +154,9 @@ register(
         paper="https://arxiv.org/abs/2502.04959",
         # large tensors: θ_0, the sum, one task vector at a time (each read twice: for the sum, then
         # projected), the SVDs and the gathered singular vectors; small ones hold the K task vectors
+        # on the CPU whatever --device says: the GPU's float32 SVDs put the merged weights up to 4.6e-6 (Iso-C), 3.0e-5
+        # (TSV-M) and 6.7e-5 (Iso-CTS) away from the CPU's (H200, 40M, K = 4); float64 SVDs on both would double the CPU's time
+        cpu_only=True,
         working_copies=lambda n: 5.5,
     )
 )
