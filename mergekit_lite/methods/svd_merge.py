@@ -37,6 +37,11 @@ ISO_LAMBDA = replace(LAMBDA, default_grid=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0,
 
 Kernel = Callable[[Iterator[torch.Tensor], TensorContext], torch.Tensor]
 
+#: TSV-M, Iso-C and Iso-CTS run on the CPU whatever --device says: the GPU's float32 SVDs put the merged weights up to
+#: 4.6e-6 (Iso-C), 3.0e-5 (TSV-M) and 6.7e-5 (Iso-CTS) away from the CPU's (H200, 40M, K = 4); float64 SVDs on both
+#: devices would double the CPU's time. WUDI (no SVD) runs where it is sent, within 1e-6 of the CPU.
+ON_THE_CPU = True
+
 
 def _weighted(deltas: Iterable[torch.Tensor], ctx: TensorContext) -> Iterator[torch.Tensor]:
     """w_t·τ_t in place, one at a time."""
@@ -123,9 +128,7 @@ register(
         # θ_0, the task vector being decomposed and its SVD (U, Vᵀ), the gathered U and Vᵀ, the polar
         # factors and the product, not all at once: none of it grows with K (6.15 / 6.97 / 7.06 with the output measured at
         # K = 2 / 4 / 8 in the fourteenth session; 5.5 failed bench_memory at K = 4 and 8 before that session's changes too)
-        # on the CPU whatever --device says: the GPU's float32 SVDs put the merged weights up to 4.6e-6 (Iso-C), 3.0e-5
-        # (TSV-M) and 6.7e-5 (Iso-CTS) away from the CPU's (H200, 40M, K = 4); float64 SVDs on both would double the CPU's time
-        cpu_only=True,
+        cpu_only=ON_THE_CPU,
         working_copies=lambda n: 6,
     )
 )
@@ -138,9 +141,7 @@ register(
         paper="https://arxiv.org/abs/2502.04959",
         # θ_0, the running sum and the task vector being read, its SVD (U, Vᵀ) and the product: 5.51
         # and 5.44 measured with the output at K = 2 and 4
-        # on the CPU whatever --device says: the GPU's float32 SVDs put the merged weights up to 4.6e-6 (Iso-C), 3.0e-5
-        # (TSV-M) and 6.7e-5 (Iso-CTS) away from the CPU's (H200, 40M, K = 4); float64 SVDs on both would double the CPU's time
-        cpu_only=True,
+        cpu_only=ON_THE_CPU,
         working_copies=lambda n: 5.5,
     )
 )
@@ -154,9 +155,7 @@ register(
         paper="https://arxiv.org/abs/2502.04959",
         # large tensors: θ_0, the sum, one task vector at a time (each read twice: for the sum, then
         # projected), the SVDs and the gathered singular vectors; small ones hold the K task vectors
-        # on the CPU whatever --device says: the GPU's float32 SVDs put the merged weights up to 4.6e-6 (Iso-C), 3.0e-5
-        # (TSV-M) and 6.7e-5 (Iso-CTS) away from the CPU's (H200, 40M, K = 4); float64 SVDs on both would double the CPU's time
-        cpu_only=True,
+        cpu_only=ON_THE_CPU,
         working_copies=lambda n: 5.5,
     )
 )
