@@ -123,7 +123,7 @@ class Kept:
         if self.l1_before is not None and self.factor is None:
             assert rows is None, "the L1 factor is fixed on the whole tensor first"
             after = self.l1_after if self.l1_after is not None else l1_norm(out)
-            self.l1_before, self.factor = (None, None) if self.l1_before < L1_EPS or after < L1_EPS else (None, self.l1_before / after)
+            self.l1_before, self.factor = None, l1_factor(self.l1_before, after)
         if self.factor is not None:
             out.mul_(self.factor)
         if isinstance(self.divisor, torch.Tensor):
@@ -155,6 +155,12 @@ class Kept:
 
 #: below this L1 norm (before or after masking) the L1 rescale leaves τ unchanged (as ``rescale_to_l1``)
 L1_EPS = 1e-7
+
+
+def l1_factor(before: float, after: float) -> float | None:
+    """The L1 rescale's factor ‖τ‖₁ / ‖τ ⊙ keep‖₁ from a whole tensor's two norms; None (τ left as it is) where
+    either is below L1_EPS."""
+    return before / after if before >= L1_EPS and after >= L1_EPS else None
 Sparsifier = Callable[[torch.Tensor, dict[str, Any], TensorContext, int], Kept]
 
 
@@ -446,7 +452,7 @@ def fix_what_each_task_keeps(source: TaskVectorSource, sparsify_rows: RowSparsif
                 if pair is not None:
                     before[t] += pair[0]
                     after[t] += pair[1]
-        factors = [b / a if b >= L1_EPS and a >= L1_EPS else None for b, a in zip(before, after)]
+        factors = [l1_factor(b, a) for b, a in zip(before, after)]
 
     def trim_by_rule(t: int, start: int, stop: int, rows: slice | None) -> torch.Tensor:
         delta = source.rows(t, start, stop)
@@ -471,7 +477,7 @@ def _native_dare_keeps(source: TaskVectorSource, sparsify_rows: RowSparsifier | 
     if found is None:
         return None
     norms, masks = found
-    return [Kept(packed=mask, little=True, shape=tuple(source.shape), factor=before / after if before >= L1_EPS and after >= L1_EPS else None)
+    return [Kept(packed=mask, little=True, shape=tuple(source.shape), factor=l1_factor(before, after))
             for (before, after), mask in zip(norms, masks)]
 
 
